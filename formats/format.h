@@ -1,0 +1,135 @@
+/*
+ * The format driver interface.
+ *
+ * A driver translates guest offsets of one image (one layer of a chain) into
+ * host offsets and allocation status, and owns that image's metadata. It
+ * knows nothing of the layers below it: the chain layer (image.h) asks the
+ * next layer down where this one reports IMG_UNALLOC.
+ *
+ * All offsets and lengths are in bytes. A driver never prints; it returns
+ * -errno and records a message with sx_error() naming the image's path.
+ *
+ * New fields are only ever added at the end.
+ */
+#ifndef SIPHON_FORMATS_FORMAT_H
+#define SIPHON_FORMATS_FORMAT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct img;
+struct sio_file;
+
+/* Where the bytes of a guest range of one layer live. */
+enum img_status {
+	IMG_UNALLOC = 0,	/* not in this layer: read the layer below */
+	IMG_DATA,		/* at host_off in file */
+	IMG_ZERO,		/* reads as zeros (host_off valid if allocated) */
+	IMG_COMPRESSED,		/* use read_compressed(); one cluster */
+};
+
+struct img_extent {
+	enum img_status status;
+	uint64_t len;		 /* bytes from the queried offset, > 0 */
+	struct sio_file *file;	 /* IMG_DATA (and ZERO with host_valid) */
+	uint64_t host_off;	 /* valid when host_valid */
+	bool host_valid;
+};
+
+/* One name/value line for `siphon info` (format-specific facts). */
+struct img_info_item {
+	char key[48];
+	char value[208];
+};
+
+struct img_driver {
+	/* Required. "qcow2", "raw". */
+	const char *name;
+
+	/* Required. Bytes of private state allocated for img->priv. */
+	size_t priv_size;
+
+	/*
+	 * Required. How sure the driver is that buf (the first len bytes of
+	 * the file, len <= 4096, fewer for small files) is its format:
+	 * 0 no, 1 maybe (raw), 100 certain.
+	 */
+	int (*probe)(const uint8_t *buf, size_t len);
+
+	/*
+	 * Required. img->file, img->path, img->writable are set. Read and
+	 * check the metadata; set img->size, img->backing_name and
+	 * img->backing_fmt (malloc'd, or NULL), img->cluster_size (the
+	 * allocation unit; 512 for raw).
+	 */
+	int (*open)(struct img *img);
+
+	/* Required. Free img->priv's contents. Must not fail. */
+	void (*close)(struct img *img);
+
+	/*
+	 * Required. Status of [off, off + len) in this layer: fills *ext for
+	 * the longest prefix with one status (and, for IMG_DATA, contiguous
+	 * host offsets). off < img->size; len > 0 and clipped to the size.
+	 */
+	int (*block_status)(struct img *img, uint64_t off, uint64_t len,
+			    struct img_extent *ext);
+
+	/*
+	 * Optional (required if block_status can return IMG_COMPRESSED).
+	 * Decompress the cluster containing guest offset off into buf
+	 * (img->cluster_size bytes).
+	 */
+	int (*read_compressed)(struct img *img, uint64_t off, void *buf);
+
+	/*
+	 * Optional. Format-specific lines for `siphon info`; returns how many
+	 * items were stored (at most n).
+	 */
+	int (*info)(struct img *img, struct img_info_item *items, int n);
+
+	/* ---- write path: Optional, NULL for read-only drivers ---- */
+
+	/*
+	 * Allocate up to nclusters contiguous host clusters for the guest
+	 * clusters starting at off (cluster aligned), refcounted but not yet
+	 * linked. *host_off and *got (>= 1) describe the run.
+	 */
+	int (*alloc_run)(struct img *img, uint64_t off, uint64_t nclusters,
+			 uint64_t *host_off, uint64_t *got);
+
+	/*
+	 * Link guest clusters [off, off + n clusters) to host clusters
+	 * starting at host_off (from alloc_run, data already written). The
+	 * data is made durable before the L2 entries are (batched: the
+	 * driver may defer until flush).
+	 */
+	int (*commit_run)(struct img *img, uint64_t off, uint64_t nclusters,
+			  uint64_t host_off);
+
+	/*
+	 * Guest write of any 512-aligned range, with copy-on-write from the
+	 * chain for partial clusters. Synchronous.
+	 */
+	int (*pwrite)(struct img *img, const void *buf, uint64_t len,
+		      uint64_t off);
+
+	/* Make [off, off + len) read as zeros (never exposing backing data). */
+	int (*write_zeroes)(struct img *img, uint64_t off, uint64_t len,
+			    unsigned flags);
+
+	/* Discard; reads as zeros afterwards if a backing file exists. */
+	int (*discard)(struct img *img, uint64_t off, uint64_t len);
+
+	/* Rewrite the backing reference (name NULL: remove). */
+	int (*set_backing)(struct img *img, const char *name, const char *fmt);
+
+	/* Everything written so far durable, metadata included. */
+	int (*flush)(struct img *img);
+};
+
+extern const struct img_driver img_driver_raw;
+extern const struct img_driver img_driver_qcow2;
+
+#endif

@@ -1,0 +1,166 @@
+/*
+ * io/ — the only place that does data and metadata I/O, on io_uring.
+ *
+ * Three pieces:
+ *  - sio_file: an open file or block device, opened O_DIRECT where the
+ *    filesystem allows it (buffered otherwise, e.g. tmpfs), with the offset
+ *    and length alignment that direct I/O demands on it.
+ *  - synchronous helpers (sio_pread, sio_pwrite, sio_fsync, ...) for metadata
+ *    and tools. They run on a small io_uring private to the calling thread,
+ *    created on first use and torn down when the thread exits, so they never
+ *    run anybody else's completion callbacks. They accept any offset, length
+ *    and buffer: unaligned requests on a direct file go through an aligned
+ *    bounce buffer (writes read-modify-write the partial edge blocks, so the
+ *    caller must not write the same block from two places at once).
+ *  - sio_queue: an asynchronous queue for the bulk data path, one per engine
+ *    thread. Requests carry a completion callback that runs from
+ *    sio_queue_run() on the owning thread. Async requests must be aligned to
+ *    the file's alignment (-EINVAL otherwise).
+ *
+ * Reads are never short: a short read is resubmitted for the rest, and the
+ * part past end of file reads as zeros (images read past EOF as zeros).
+ * Writes are never short: the rest is resubmitted; a write that makes no
+ * progress fails with -EIO (or the kernel's error, e.g. -ENOSPC).
+ *
+ * When io_uring cannot be set up (kernel too old, disabled by sysctl
+ * kernel.io_uring_disabled, blocked by seccomp), every function fails with
+ * the kernel's errno and records a message that says io_uring is unavailable
+ * and why; there is no silent fallback.
+ *
+ * Threads: a sio_file may be used from any thread; a sio_queue only from the
+ * thread that runs it.
+ */
+#ifndef SIPHON_IO_IO_H
+#define SIPHON_IO_IO_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+/* Alignment of every buffer sio_buf_alloc() returns. */
+#define SIO_BUF_ALIGN 4096
+
+enum sio_open_flags {
+	SIO_RDONLY = 0,
+	SIO_RDWR = 1 << 0,
+	SIO_CREATE = 1 << 1,	/* create if missing (with SIO_RDWR) */
+	SIO_EXCL = 1 << 2,	/* with SIO_CREATE: fail if it exists */
+	SIO_TRUNC = 1 << 3,	/* with SIO_RDWR: truncate to 0 */
+	SIO_BUFFERED = 1 << 4,	/* never use O_DIRECT */
+	SIO_OPEN_MASK = (1 << 5) - 1,
+};
+
+struct sio_file {
+	int fd;
+	char *path;		/* as given to sio_file_open, owned */
+	bool direct;		/* opened with O_DIRECT */
+	bool writable;
+	bool is_blockdev;
+	uint32_t align;		/* offset/length alignment for async I/O (1 if buffered) */
+	uint32_t mem_align;	/* buffer alignment for async I/O (1 if buffered) */
+};
+
+/*
+ * Open path. Tries O_DIRECT unless SIO_BUFFERED; falls back to buffered I/O
+ * where the filesystem refuses O_DIRECT (EINVAL). Returns 0 and *out, or
+ * -errno with a message naming the path.
+ */
+int sio_file_open(const char *path, unsigned flags, struct sio_file **out);
+
+/* Close and free. NULL is a no-op. */
+void sio_file_close(struct sio_file *f);
+
+/* Size in bytes (st_size, or the device size for block devices). */
+int sio_file_size(struct sio_file *f, uint64_t *size);
+
+/* ftruncate (regular files only). */
+int sio_file_truncate(struct sio_file *f, uint64_t size);
+
+/* An aligned buffer of len bytes (len rounded up to SIO_BUF_ALIGN), or NULL. */
+void *sio_buf_alloc(size_t len);
+void sio_buf_free(void *buf);
+
+/* Synchronous helpers: 0 on success (never short), -errno on failure. */
+int sio_pread(struct sio_file *f, void *buf, size_t len, uint64_t off);
+int sio_pwrite(struct sio_file *f, const void *buf, size_t len, uint64_t off);
+int sio_fsync(struct sio_file *f);
+int sio_fdatasync(struct sio_file *f);
+/* fallocate(2) with mode (0, FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE, ...). */
+int sio_fallocate(struct sio_file *f, int mode, uint64_t off, uint64_t len);
+
+/*
+ * Asynchronous queue.
+ */
+enum sio_op {
+	SIO_OP_READ = 1,
+	SIO_OP_WRITE,
+	SIO_OP_FSYNC,
+	SIO_OP_FDATASYNC,
+	SIO_OP_FALLOCATE,
+};
+
+struct sio_req;
+typedef void (*sio_done_fn)(struct sio_req *req, int res);
+
+/*
+ * A request, owned by the caller until its callback runs. Fill the public
+ * fields, then sio_queue_submit(). res passed to done is 0 (or, for reads and
+ * writes, the full length) on success, -errno on failure.
+ */
+struct sio_req {
+	enum sio_op op;
+	struct sio_file *file;
+	void *buf;		/* single buffer, or NULL to use iov */
+	const struct iovec *iov;
+	int iovcnt;
+	uint64_t off;
+	uint64_t len;		/* bytes for READ/WRITE/FALLOCATE */
+	int mode;		/* FALLOCATE mode */
+	sio_done_fn done;
+	void *priv;		/* caller's */
+
+	/* private to io/ */
+	uint64_t _done_bytes;
+	struct sio_req *_next;
+	struct iovec _iov_tmp[1];
+};
+
+struct sio_queue;
+
+/* A queue with room for depth requests in flight (rounded to a power of 2). */
+int sio_queue_create(unsigned depth, struct sio_queue **out);
+
+/* Waits for every request in flight, runs their callbacks, frees. NULL ok. */
+void sio_queue_destroy(struct sio_queue *q);
+
+/*
+ * Queue req. It is handed to the kernel at the next sio_queue_run() (or
+ * earlier when the submission ring is full). Never blocks on completions.
+ * Returns 0, or -EINVAL for a misaligned direct request.
+ */
+int sio_queue_submit(struct sio_queue *q, struct sio_req *req);
+
+/*
+ * Submit what is queued, then wait until at least min_complete requests have
+ * completed (0: do not wait), running each callback. Callbacks may submit new
+ * requests. Returns the number of callbacks run, or -errno.
+ */
+int sio_queue_run(struct sio_queue *q, unsigned min_complete);
+
+/* Requests submitted whose callback has not run yet. */
+unsigned sio_queue_inflight(const struct sio_queue *q);
+
+/*
+ * Fault injection, for tests only: the next `count` requests (sync or async)
+ * of kind op (SIO_OP_READ or SIO_OP_WRITE) on a file whose path ends with
+ * path_suffix and that touch [off, off + len) fail with -err. after: let this
+ * many matching requests pass first. Process-wide; sio_fault_clear() removes
+ * every rule. Also settable from the environment for the tools:
+ * SIPHON_FAULT="read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]]".
+ */
+int sio_fault_add(enum sio_op op, const char *path_suffix, uint64_t off,
+		  uint64_t len, int err, unsigned count, unsigned after);
+void sio_fault_clear(void);
+
+#endif
