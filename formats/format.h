@@ -37,6 +37,12 @@ struct img_extent {
 	bool host_valid;
 };
 
+/* Flags of write_zeroes. */
+enum img_wz_flags {
+	/* Fail with -ENOTSUP rather than write zero data (v2 qcow2, raw). */
+	IMG_WZ_NO_FALLBACK = 1 << 0,
+};
+
 /* One name/value line for `siphon info` (format-specific facts). */
 struct img_info_item {
 	char key[48];
@@ -115,7 +121,10 @@ struct img_driver {
 	int (*pwrite)(struct img *img, const void *buf, uint64_t len,
 		      uint64_t off);
 
-	/* Make [off, off + len) read as zeros (never exposing backing data). */
+	/*
+	 * Make [off, off + len) read as zeros, never exposing backing data
+	 * (zero clusters rather than unallocation). flags: img_wz_flags.
+	 */
 	int (*write_zeroes)(struct img *img, uint64_t off, uint64_t len,
 			    unsigned flags);
 

@@ -69,12 +69,12 @@ const struct img_driver *img_probe_file(const char *path, int *err);
  * Chain status: like drv->block_status, but an unallocated run of a layer
  * is resolved in the layers below, down to (not including) `stop` (NULL:
  * the whole chain). *depth is the layer that decides (0 = img).
- * When no layer holds the range, ext->status is IMG_UNALLOC and *depth is
- * the layer where the search ended: the bottom layer, `stop`'s parent, or
- * a layer whose backing file ends before off. Without `stop` (or when the
- * search ended above it) the range reads as zeros; when it reached `stop`,
- * the data is in `stop` or below. ext->len is clipped so that the whole run
- * has one answer.
+ * When no layer above `stop` holds the range, ext->status is IMG_UNALLOC
+ * and *depth tells why: stop->depth when the search reached `stop` (the
+ * data is in `stop` or below); otherwise the depth of the layer where the
+ * search ended, the bottom layer or a layer whose backing file ends before
+ * off, and the range reads as zeros. ext->len is clipped so that the whole
+ * run has one answer.
  */
 int img_chain_status(struct img *img, struct img *stop, uint64_t off,
 		     uint64_t len, struct img_extent *ext, unsigned *depth);

@@ -1,0 +1,111 @@
+/*
+ * The stream engine: pull every cluster the top image does not hold from its
+ * backing chain (down to `base`) into the top image, then drop the backing
+ * reference (or point it at `base`).
+ *
+ * The engine is a state machine driven by its owner's thread: stream_pump()
+ * plans and submits work on the owner's sio_queue without ever waiting, the
+ * completions run from the owner's sio_queue_run(), and stream_finish()
+ * flushes and, when the cursor has reached the end, finalizes the header.
+ * stream_run() is that loop for owners with nothing else to do (the tool,
+ * incremental calls).
+ *
+ * The cursor is a cluster index of the top image: every cluster below
+ * `cur` is local (or needs nothing), `end` is the number of clusters.
+ *
+ * Crash safety comes from the driver's contract (format.h): data is written
+ * into freshly allocated host clusters and linked only by commit_run, whose
+ * L2 updates reach the disk after the data does. At any instant the image
+ * reads the same as the chain did.
+ *
+ * Threads: everything runs on the owner's thread, except
+ * stream_request_abort(), stream_set_speed() and stream_get_progress(),
+ * which may be called from any thread.
+ */
+#ifndef SIPHON_ENGINE_STREAM_H
+#define SIPHON_ENGINE_STREAM_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct img;
+struct sio_queue;
+
+struct stream_opts {
+	struct img *top; /* opened read-write, with its chain */
+	struct img *base; /* a layer of top's chain, or NULL: everything */
+	struct sio_queue *q; /* the owner's queue */
+	unsigned max_inflight; /* extents in flight (0: default) */
+	uint64_t extent_bytes; /* bytes per extent (0: default) */
+	uint64_t speed; /* bytes/s copied, 0 = unlimited */
+	uint64_t flush_bytes; /* commit metadata every this many bytes */
+};
+
+#define STREAM_DEFAULT_INFLIGHT 8
+#define STREAM_DEFAULT_EXTENT (1024 * 1024)
+#define STREAM_DEFAULT_FLUSH (256ull * 1024 * 1024)
+
+struct stream_progress {
+	uint64_t cur; /* clusters below cur are local */
+	uint64_t end; /* number of clusters of the top image */
+	uint64_t bytes_copied; /* data read from the chain and written */
+	uint64_t bytes_skipped; /* already local in the top */
+	uint64_t bytes_zero; /* read as zero: not written as data */
+	uint64_t rate; /* bytes copied per second, recent */
+	bool finalized; /* backing dropped (or set to base) */
+};
+
+struct stream;
+
+/*
+ * A stream over o->top from cluster 0. Checks that base is in top's chain
+ * (-EINVAL otherwise) and that top is writable (-EROFS).
+ */
+int stream_create(const struct stream_opts *o, struct stream **out);
+
+/* Free. The caller has drained the queue (stream_inflight() == 0). */
+void stream_destroy(struct stream *s);
+
+/* Move the cursor (cluster index <= end); only while nothing is in flight. */
+int stream_seek(struct stream *s, uint64_t cur);
+
+/*
+ * Plan and submit work: at most max_inflight extents, within the speed
+ * limit, and not past `limit` (a cluster index; the increment's end). Never
+ * waits. Returns 0, or the stream's error once it has failed.
+ * *wait_ns: when throttled with nothing in flight, how long to sleep before
+ * pumping again (0 otherwise).
+ */
+int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns);
+
+/* Extents submitted whose work has not finished. */
+unsigned stream_inflight(const struct stream *s);
+
+/* True when the planner has passed `limit` or end, or was aborted/failed. */
+bool stream_planned(const struct stream *s, uint64_t limit);
+
+/*
+ * With nothing in flight: flush the top and, when the cursor is at end and
+ * the stream did not fail, finalize (rewrite the backing reference, flush).
+ * Returns 0, or -errno (the stream's first error wins).
+ */
+int stream_finish(struct stream *s);
+
+/*
+ * Pump and complete until the cursor reaches `limit` (or end), the stream is
+ * aborted, or fails; then stream_finish(). Returns 0 when done or limit
+ * reached, -ECANCELED when aborted, -errno on failure.
+ * max_bytes bounds the bytes copied in this call (0: no bound).
+ */
+int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes);
+
+/* Ask the stream to stop; in-flight work completes. Any thread. */
+void stream_request_abort(struct stream *s);
+
+/* Change the speed limit (bytes/s, 0 = unlimited). Any thread. */
+void stream_set_speed(struct stream *s, uint64_t speed);
+
+/* A snapshot of the progress counters. Any thread. */
+void stream_get_progress(struct stream *s, struct stream_progress *p);
+
+#endif
