@@ -43,6 +43,18 @@ enum img_wz_flags {
 	IMG_WZ_NO_FALLBACK = 1 << 0,
 };
 
+/* What to create: see img_create() in image.h. */
+struct img_create_opts {
+	uint64_t size;		  /* virtual size in bytes */
+	const char *backing;	  /* backing file name to store, or NULL */
+	const char *backing_fmt;  /* its format, or NULL */
+	uint32_t cluster_size;	  /* 0: the format's default */
+	unsigned refcount_bits;	  /* 0: default (16) */
+	bool compat_v2;		  /* qcow2 version 2 (compat=0.10) */
+	bool extended_l2;	  /* qcow2 subclusters */
+	bool lazy_refcounts;	  /* qcow2 compatible bit 0 */
+};
+
 /* One name/value line for `siphon info` (format-specific facts). */
 struct img_info_item {
 	char key[48];
@@ -136,6 +148,12 @@ struct img_driver {
 
 	/* Everything written so far durable, metadata included. */
 	int (*flush)(struct img *img);
+
+	/*
+	 * Optional. Write a new, empty image into f (opened read-write,
+	 * empty) as o describes. Validates o: -EINVAL with a message.
+	 */
+	int (*create)(struct sio_file *f, const struct img_create_opts *o);
 };
 
 extern const struct img_driver img_driver_raw;

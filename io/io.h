@@ -98,6 +98,13 @@ enum sio_op {
 	SIO_OP_FSYNC,
 	SIO_OP_FDATASYNC,
 	SIO_OP_FALLOCATE,
+	/*
+	 * Wait until file->fd (any pollable fd: eventfd, timerfd, ...) is
+	 * readable; res is the revents mask (POLLIN). One shot: submit it
+	 * again to wait again. Lets an engine thread that sleeps in
+	 * sio_queue_run() also wake for commands or timers.
+	 */
+	SIO_OP_POLL,
 };
 
 struct sio_req;
@@ -115,7 +122,12 @@ struct sio_req {
 	const struct iovec *iov;
 	int iovcnt;
 	uint64_t off;
-	uint64_t len;		/* bytes for READ/WRITE/FALLOCATE */
+	/*
+	 * Bytes for READ/WRITE/FALLOCATE, at most INT_MAX for READ/WRITE.
+	 * With iov: len 0 means the sum of the iov lengths; a smaller len
+	 * uses only the first len bytes; a larger one is -EINVAL.
+	 */
+	uint64_t len;
 	int mode;		/* FALLOCATE mode */
 	sio_done_fn done;
 	void *priv;		/* caller's */
@@ -144,7 +156,8 @@ int sio_queue_submit(struct sio_queue *q, struct sio_req *req);
 /*
  * Submit what is queued, then wait until at least min_complete requests have
  * completed (0: do not wait), running each callback. Callbacks may submit new
- * requests. Returns the number of callbacks run, or -errno.
+ * requests. Returns the number of callbacks run (fewer than min_complete
+ * only when nothing else is pending), or -errno.
  */
 int sio_queue_run(struct sio_queue *q, unsigned min_complete);
 
@@ -155,9 +168,12 @@ unsigned sio_queue_inflight(const struct sio_queue *q);
  * Fault injection, for tests only: the next `count` requests (sync or async)
  * of kind op (SIO_OP_READ or SIO_OP_WRITE) on a file whose path ends with
  * path_suffix and that touch [off, off + len) fail with -err. after: let this
- * many matching requests pass first. Process-wide; sio_fault_clear() removes
- * every rule. Also settable from the environment for the tools:
- * SIPHON_FAULT="read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]]".
+ * many matching requests pass first. count 0: every matching request until
+ * cleared; len 0: from off to end of file. Process-wide; sio_fault_clear()
+ * removes every rule. Also settable from the environment for the tools:
+ * SIPHON_FAULT="read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]]" (several
+ * rules separated by ';'; ERRNO a number or a name such as EIO; a malformed
+ * value fails every read and write with -EINVAL).
  */
 int sio_fault_add(enum sio_op op, const char *path_suffix, uint64_t off,
 		  uint64_t len, int err, unsigned count, unsigned after);

@@ -1,1 +1,509 @@
-/* stub: to be written */
+/*
+ * The asynchronous queue: one io_uring per engine thread, requests with
+ * completion callbacks, batched submission.
+ *
+ * A request is in exactly one of these places until its callback runs:
+ *  - the backlog (q->backlog_*): queued, no SQE yet, because the ring had
+ *    no room (more requests than depth) or because a short transfer or
+ *    EAGAIN sent it back for another round;
+ *  - the ring: it owns one SQE, prepared or in the kernel (q->in_ring
+ *    counts these, never more than q->depth, so the completion ring, twice
+ *    as large, cannot overflow);
+ *  - the finished list (q->finished_*): done without the kernel (an injected
+ *    fault, a zero-length request); its result waits in _done_bytes.
+ * q->pending counts all three: the requests whose callback has not run.
+ *
+ * sio_queue_submit() never talks to the kernel: it takes an SQE if there is
+ * room, else it appends to the backlog. sio_queue_run() hands the batch over
+ * with one io_uring_submit_and_wait() per round.
+ *
+ * A transfer resumes where the last one stopped: _done_bytes counts the bytes
+ * moved so far. With an iovec the caller's array is passed to the kernel as
+ * is for whole elements; a partly consumed (or, by len, partly wanted)
+ * element goes alone through _iov_tmp. So no allocation per request.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <liburing.h>
+
+#include "common/checked.h"
+#include "common/error.h"
+#include "io/fault.h"
+#include "io/io.h"
+#include "io/ring.h"
+
+/* Largest single transfer handed to the kernel; it caps near 2 GiB. */
+#define QUEUE_MAX_IO (1U << 30)
+
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
+
+struct sio_queue {
+	struct io_uring ring;
+	unsigned depth;
+	unsigned in_ring;
+	unsigned pending;
+	struct sio_req *backlog_head, *backlog_tail;
+	struct sio_req *finished_head, *finished_tail;
+};
+
+static void list_append(struct sio_req **head, struct sio_req **tail,
+			struct sio_req *req)
+{
+	req->_next = NULL;
+	if (*tail)
+		(*tail)->_next = req;
+	else
+		*head = req;
+	*tail = req;
+}
+
+static struct sio_req *list_pop(struct sio_req **head, struct sio_req **tail)
+{
+	struct sio_req *req = *head;
+
+	if (req) {
+		*head = req->_next;
+		if (!*head)
+			*tail = NULL;
+		req->_next = NULL;
+	}
+	return req;
+}
+
+static bool is_rw(const struct sio_req *req)
+{
+	return req->op == SIO_OP_READ || req->op == SIO_OP_WRITE;
+}
+
+static uint64_t iov_total(const struct sio_req *req)
+{
+	uint64_t sum = 0;
+	int i;
+
+	for (i = 0; i < req->iovcnt; i++)
+		sum += req->iov[i].iov_len;
+	return sum;
+}
+
+/* Bytes a read or write moves: len, or with an iovec and len 0, its sum. */
+static uint64_t req_len(const struct sio_req *req)
+{
+	if (!req->buf && req->iov && req->len == 0)
+		return iov_total(req);
+	return req->len;
+}
+
+/* Zero [from, len) of the request's memory: the part past end of file. */
+static void zero_tail(struct sio_req *req, uint64_t from, uint64_t len)
+{
+	uint64_t pos = 0, n, skip;
+	int i;
+
+	if (req->buf) {
+		memset((char *)req->buf + from, 0, len - from);
+		return;
+	}
+	for (i = 0; i < req->iovcnt && pos < len; i++) {
+		n = sx_min(req->iov[i].iov_len, len - pos);
+		if (pos + n > from) {
+			skip = from > pos ? from - pos : 0;
+			memset((char *)req->iov[i].iov_base + skip, 0,
+			       n - skip);
+		}
+		pos += n;
+	}
+}
+
+/*
+ * Point sqe at the next part of the iovec transfer: the caller's whole
+ * elements from the resume point, or the one partial element alone.
+ */
+static void prep_iov(struct io_uring_sqe *sqe, struct sio_req *req,
+		     uint64_t len)
+{
+	uint64_t pos = 0, left = len - req->_done_bytes, got = 0;
+	const struct iovec *first;
+	int i = 0, n = 0;
+
+	while (pos + req->iov[i].iov_len <= req->_done_bytes) {
+		pos += req->iov[i].iov_len;
+		i++;
+	}
+	first = &req->iov[i];
+	if (pos == req->_done_bytes) {
+		while (i + n < req->iovcnt && n < IOV_MAX &&
+		       got + req->iov[i + n].iov_len <= left &&
+		       got + req->iov[i + n].iov_len <= QUEUE_MAX_IO) {
+			got += req->iov[i + n].iov_len;
+			n++;
+		}
+	}
+	if (n == 0) {
+		req->_iov_tmp[0].iov_base =
+			(char *)first->iov_base + (req->_done_bytes - pos);
+		req->_iov_tmp[0].iov_len = (size_t)sx_min(
+			sx_min(first->iov_len - (req->_done_bytes - pos), left),
+			QUEUE_MAX_IO);
+		first = req->_iov_tmp;
+		n = 1;
+	}
+	if (req->op == SIO_OP_READ)
+		io_uring_prep_readv(sqe, req->file->fd, first, (unsigned)n,
+				    req->off + req->_done_bytes);
+	else
+		io_uring_prep_writev(sqe, req->file->fd, first, (unsigned)n,
+				     req->off + req->_done_bytes);
+}
+
+static void prep(struct io_uring_sqe *sqe, struct sio_req *req)
+{
+	int fd = req->file->fd;
+	uint64_t len, off;
+	unsigned n;
+
+	switch (req->op) {
+	case SIO_OP_READ:
+	case SIO_OP_WRITE:
+		len = req_len(req);
+		if (!req->buf) {
+			prep_iov(sqe, req, len);
+			break;
+		}
+		off = req->off + req->_done_bytes;
+		n = (unsigned)sx_min(len - req->_done_bytes, QUEUE_MAX_IO);
+		if (req->op == SIO_OP_READ)
+			io_uring_prep_read(sqe, fd,
+					   (char *)req->buf + req->_done_bytes,
+					   n, off);
+		else
+			io_uring_prep_write(sqe, fd,
+					    (char *)req->buf + req->_done_bytes,
+					    n, off);
+		break;
+	case SIO_OP_FSYNC:
+		io_uring_prep_fsync(sqe, fd, 0);
+		break;
+	case SIO_OP_FDATASYNC:
+		io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+		break;
+	case SIO_OP_FALLOCATE:
+		io_uring_prep_fallocate(sqe, fd, req->mode, req->off, req->len);
+		break;
+	case SIO_OP_POLL:
+		io_uring_prep_poll_add(sqe, fd, POLLIN);
+		break;
+	}
+	io_uring_sqe_set_data(sqe, req);
+}
+
+/* Give req an SQE now if the ring has room, else put it in the backlog. */
+static void enqueue(struct sio_queue *q, struct sio_req *req)
+{
+	struct io_uring_sqe *sqe = NULL;
+
+	if (q->in_ring < q->depth && !q->backlog_head)
+		sqe = io_uring_get_sqe(&q->ring);
+	if (!sqe) {
+		list_append(&q->backlog_head, &q->backlog_tail, req);
+		return;
+	}
+	prep(sqe, req);
+	q->in_ring++;
+}
+
+/* Move backlog into the ring while it has room, oldest first. */
+static void fill_ring(struct sio_queue *q)
+{
+	struct io_uring_sqe *sqe;
+
+	while (q->backlog_head && q->in_ring < q->depth) {
+		sqe = io_uring_get_sqe(&q->ring);
+		if (!sqe)
+			break;
+		prep(sqe, list_pop(&q->backlog_head, &q->backlog_tail));
+		q->in_ring++;
+	}
+}
+
+static void finish_now(struct sio_queue *q, struct sio_req *req, int res)
+{
+	/* _done_bytes is free once a request is finished: it keeps res. */
+	req->_done_bytes = (uint64_t)(int64_t)res;
+	list_append(&q->finished_head, &q->finished_tail, req);
+}
+
+static int check_aligned(const struct sio_req *req, uint64_t len)
+{
+	const struct sio_file *f = req->file;
+	int i;
+
+	if (!f->direct)
+		return 0;
+	if (!sx_is_aligned(req->off, f->align) || !sx_is_aligned(len, f->align))
+		return -EINVAL;
+	if (req->buf)
+		return sx_is_aligned((uintptr_t)req->buf, f->mem_align)
+			       ? 0
+			       : -EINVAL;
+	for (i = 0; i < req->iovcnt; i++) {
+		if (!sx_is_aligned((uintptr_t)req->iov[i].iov_base,
+				   f->mem_align) ||
+		    !sx_is_aligned(req->iov[i].iov_len, f->align))
+			return -EINVAL;
+	}
+	return 0;
+}
+
+static int validate(const struct sio_req *req, uint64_t *lenp)
+{
+	const char *path = req->file ? req->file->path : "sio_queue_submit";
+	uint64_t len = 0, end;
+
+	if (!req->file || !req->done)
+		return sx_error(-EINVAL, "%s: request without file or callback",
+				path);
+	switch (req->op) {
+	case SIO_OP_READ:
+	case SIO_OP_WRITE:
+		if (!req->buf && (!req->iov || req->iovcnt <= 0))
+			return sx_error(-EINVAL, "%s: request without memory",
+					path);
+		len = req_len(req);
+		if (!req->buf && len > iov_total(req))
+			return sx_error(-EINVAL,
+					"%s: len %" PRIu64
+					" is more than the iovec holds",
+					path, len);
+		if (len > INT_MAX)
+			return sx_error(-EINVAL,
+					"%s: request of %" PRIu64
+					" bytes is too large",
+					path, len);
+		if (req->op == SIO_OP_WRITE && !req->file->writable)
+			return sx_error(-EBADF,
+					"%s: write: file is open read-only",
+					path);
+		if (check_aligned(req, len) < 0)
+			return sx_error(-EINVAL,
+					"%s: misaligned direct request "
+					"(%" PRIu64 " bytes at offset %" PRIu64
+					", alignment %u, memory %u)",
+					path, len, req->off, req->file->align,
+					req->file->mem_align);
+		break;
+	case SIO_OP_FALLOCATE:
+		len = req->len;
+		break;
+	case SIO_OP_FSYNC:
+	case SIO_OP_FDATASYNC:
+	case SIO_OP_POLL:
+		break;
+	default:
+		return sx_error(-EINVAL, "%s: unknown request op %d", path,
+				(int)req->op);
+	}
+	/* off means nothing to FSYNC, FDATASYNC and POLL. */
+	if ((is_rw(req) || req->op == SIO_OP_FALLOCATE) &&
+	    (sx_add(req->off, len, &end) < 0 || end > INT64_MAX))
+		return sx_error(-EOVERFLOW,
+				"%s: request of %" PRIu64
+				" bytes at offset %" PRIu64 " overflows",
+				path, len, req->off);
+	*lenp = len;
+	return 0;
+}
+
+int sio_queue_create(unsigned depth, struct sio_queue **out)
+{
+	struct sio_queue *q;
+	int ret;
+
+	if (!out || depth == 0)
+		return sx_error(-EINVAL, "sio_queue_create: bad argument");
+	q = calloc(1, sizeof(*q));
+	if (!q)
+		return sx_error(-ENOMEM, "sio_queue_create: out of memory");
+	ret = sio_ring_init(&q->ring, depth, "sio_queue_create");
+	if (ret < 0) {
+		free(q);
+		return ret;
+	}
+	q->depth = q->ring.sq.ring_entries;
+	*out = q;
+	return 0;
+}
+
+int sio_queue_submit(struct sio_queue *q, struct sio_req *req)
+{
+	uint64_t len = 0;
+	int ret;
+
+	if (!q || !req)
+		return sx_error(-EINVAL, "sio_queue_submit: NULL argument");
+	ret = validate(req, &len);
+	if (ret < 0)
+		return ret;
+	req->_done_bytes = 0;
+	req->_next = NULL;
+	q->pending++;
+	if (is_rw(req)) {
+		/* An injected fault completes through the callback. */
+		ret = sio_fault_check(req->file, req->op, req->off, len);
+		if (ret < 0 || len == 0) {
+			finish_now(q, req, ret);
+			return 0;
+		}
+	}
+	enqueue(q, req);
+	return 0;
+}
+
+/*
+ * Judge one completion. Returns true when req is finished (*res is what its
+ * callback gets), false when it went back for another round.
+ */
+static bool complete_one(struct sio_queue *q, struct sio_req *req, int res,
+			 int *out)
+{
+	const struct sio_file *f = req->file;
+	uint64_t len, pos;
+
+	if (res == -EAGAIN || res == -EINTR)
+		goto again;
+	if (res < 0 || !is_rw(req)) {
+		*out = res;
+		return true;
+	}
+	len = req_len(req);
+	pos = req->_done_bytes + (uint64_t)res;
+	if (req->op == SIO_OP_READ) {
+		/* A direct read only ends off the grid at end of file. */
+		if (res == 0 ||
+		    (f->direct && !sx_is_aligned(req->off + pos, f->align))) {
+			zero_tail(req, pos, len);
+			pos = len;
+		}
+	} else if (f->direct) {
+		/* Rewrite a partial block rather than misalign. */
+		pos = sx_align_down(req->off + pos, f->align) - req->off;
+	}
+	if (pos <= req->_done_bytes) {
+		*out = -EIO; /* a write that made no progress */
+		return true;
+	}
+	req->_done_bytes = pos;
+	if (pos >= len) {
+		*out = (int)len;
+		return true;
+	}
+again:
+	enqueue(q, req);
+	return false;
+}
+
+static void run_callback(struct sio_queue *q, struct sio_req *req, int res)
+{
+	q->pending--;
+	req->_next = NULL;
+	req->done(req, res);
+}
+
+/* Callbacks of the requests finished without the kernel. */
+static unsigned run_finished(struct sio_queue *q)
+{
+	struct sio_req *req;
+	unsigned ran = 0;
+
+	while ((req = list_pop(&q->finished_head, &q->finished_tail))) {
+		run_callback(q, req, (int)(int64_t)req->_done_bytes);
+		ran++;
+	}
+	return ran;
+}
+
+/* Reap what the kernel has completed, running callbacks. */
+static unsigned reap(struct sio_queue *q)
+{
+	struct io_uring_cqe *cqe;
+	struct sio_req *req;
+	unsigned ran = 0;
+	int res;
+
+	while (io_uring_peek_cqe(&q->ring, &cqe) == 0) {
+		req = io_uring_cqe_get_data(cqe);
+		res = cqe->res;
+		/* Free the slot first: the callback may submit more. */
+		io_uring_cqe_seen(&q->ring, cqe);
+		q->in_ring--;
+		if (complete_one(q, req, res, &res)) {
+			run_callback(q, req, res);
+			ran++;
+		}
+	}
+	return ran;
+}
+
+int sio_queue_run(struct sio_queue *q, unsigned min_complete)
+{
+	unsigned ran = 0, want;
+	int ret;
+
+	if (!q)
+		return sx_error(-EINVAL, "sio_queue_run: NULL queue");
+	for (;;) {
+		ran += run_finished(q);
+		fill_ring(q);
+		want = 0;
+		/* Only wait for what is in the ring: each gives one CQE. */
+		if (ran < min_complete)
+			want = (unsigned)sx_min(min_complete - ran, q->in_ring);
+		ret = io_uring_submit_and_wait(&q->ring, want);
+		if (ret < 0 && ret != -EINTR && ret != -EAGAIN &&
+		    ret != -EBUSY && ret != -ETIME)
+			return sx_error(ret, "io_uring_submit_and_wait: %s",
+					strerror(-ret));
+		ran += reap(q);
+		if (ran >= min_complete && !q->finished_head)
+			break;
+		if (ran < min_complete && !q->finished_head && !q->in_ring &&
+		    !q->backlog_head)
+			break; /* nothing left that could complete */
+	}
+	/* Hand over what the callbacks queued without waiting for it. */
+	fill_ring(q);
+	ret = io_uring_submit(&q->ring);
+	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
+		return sx_error(ret, "io_uring_submit: %s", strerror(-ret));
+	return (int)sx_min(ran, INT_MAX);
+}
+
+unsigned sio_queue_inflight(const struct sio_queue *q)
+{
+	return q ? q->pending : 0;
+}
+
+void sio_queue_destroy(struct sio_queue *q)
+{
+	unsigned errors = 0;
+
+	if (!q)
+		return;
+	/*
+	 * Giving up early would free memory the kernel may still write, so
+	 * only a ring that keeps failing is abandoned.
+	 */
+	while (q->pending && errors < 1000) {
+		if (sio_queue_run(q, q->pending) < 0)
+			errors++;
+	}
+	io_uring_queue_exit(&q->ring);
+	free(q);
+}

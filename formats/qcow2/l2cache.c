@@ -1,1 +1,244 @@
-/* stub: to be written */
+/*
+ * A bounded LRU cache of L2 table slices.
+ *
+ * The cache holds at most nslots slices of slice_size bytes, however large
+ * the image; slice buffers are allocated the first time a slot is used.
+ * Slices are found through a small chained hash table keyed by the slice's
+ * host offset, and kept on a doubly linked LRU list (head = most recently
+ * used). The bytes are the on-disk bytes: the cache does not interpret them.
+ *
+ * Invariants: a slot is on the LRU list and in exactly one hash chain iff
+ * it is used; nused <= nslots; a dirty slot is written back (store) before
+ * its buffer is reused. Not thread-safe: the caller serialises.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/checked.h"
+#include "qcow2.h"
+
+#define NONE QCOW2_L2CACHE_NONE
+
+static uint32_t hash_key(const struct qcow2_l2cache *c, uint64_t key)
+{
+	uint64_t h = (key / c->slice_size) * 0x9e3779b97f4a7c15ull;
+
+	return (uint32_t)(h >> (64 - c->hash_bits));
+}
+
+int qcow2_l2cache_init(struct qcow2_l2cache *c, size_t slice_size,
+		       uint32_t nslots, qcow2_l2cache_io_fn load,
+		       qcow2_l2cache_io_fn store, void *opaque)
+{
+	uint32_t i, nb;
+
+	memset(c, 0, sizeof(*c));
+	if (!sx_is_pow2(slice_size) || slice_size < 512 || !nslots ||
+	    nslots >= NONE / 2 || !load)
+		return -EINVAL;
+	c->hash_bits = 1;
+	while ((1u << c->hash_bits) < nslots * 2u)
+		c->hash_bits++;
+	nb = 1u << c->hash_bits;
+	c->slots = calloc(nslots, sizeof(*c->slots));
+	c->buckets = malloc(nb * sizeof(*c->buckets));
+	if (!c->slots || !c->buckets) {
+		free(c->slots);
+		free(c->buckets);
+		memset(c, 0, sizeof(*c));
+		return -ENOMEM;
+	}
+	for (i = 0; i < nb; i++)
+		c->buckets[i] = NONE;
+	c->slice_size = slice_size;
+	c->nslots = nslots;
+	c->lru_head = NONE;
+	c->lru_tail = NONE;
+	c->load = load;
+	c->store = store;
+	c->opaque = opaque;
+	return 0;
+}
+
+void qcow2_l2cache_fini(struct qcow2_l2cache *c)
+{
+	uint32_t i;
+
+	if (!c || !c->slots)
+		return;
+	for (i = 0; i < c->nslots; i++)
+		free(c->slots[i].data);
+	free(c->slots);
+	free(c->buckets);
+	memset(c, 0, sizeof(*c));
+}
+
+static void lru_unlink(struct qcow2_l2cache *c, uint32_t i)
+{
+	struct qcow2_l2slot *s = &c->slots[i];
+
+	if (s->prev != NONE)
+		c->slots[s->prev].next = s->next;
+	else
+		c->lru_head = s->next;
+	if (s->next != NONE)
+		c->slots[s->next].prev = s->prev;
+	else
+		c->lru_tail = s->prev;
+	s->prev = s->next = NONE;
+}
+
+static void lru_push_head(struct qcow2_l2cache *c, uint32_t i)
+{
+	struct qcow2_l2slot *s = &c->slots[i];
+
+	s->prev = NONE;
+	s->next = c->lru_head;
+	if (c->lru_head != NONE)
+		c->slots[c->lru_head].prev = i;
+	c->lru_head = i;
+	if (c->lru_tail == NONE)
+		c->lru_tail = i;
+}
+
+static void hash_remove(struct qcow2_l2cache *c, uint32_t i)
+{
+	uint32_t *p = &c->buckets[hash_key(c, c->slots[i].key)];
+
+	while (*p != NONE) {
+		if (*p == i) {
+			*p = c->slots[i].hnext;
+			break;
+		}
+		p = &c->slots[*p].hnext;
+	}
+	c->slots[i].hnext = NONE;
+}
+
+static void hash_insert(struct qcow2_l2cache *c, uint32_t i)
+{
+	uint32_t b = hash_key(c, c->slots[i].key);
+
+	c->slots[i].hnext = c->buckets[b];
+	c->buckets[b] = i;
+}
+
+static uint32_t lookup(const struct qcow2_l2cache *c, uint64_t key)
+{
+	uint32_t i = c->buckets[hash_key(c, key)];
+
+	while (i != NONE && c->slots[i].key != key)
+		i = c->slots[i].hnext;
+	return i;
+}
+
+static void release(struct qcow2_l2cache *c, uint32_t i)
+{
+	lru_unlink(c, i);
+	hash_remove(c, i);
+	c->slots[i].used = false;
+	c->slots[i].dirty = false;
+	c->nused--;
+}
+
+/* A free slot: an unused one, or the LRU one evicted (after write-back). */
+static int take_slot(struct qcow2_l2cache *c, uint32_t *out)
+{
+	uint32_t i;
+	int ret;
+
+	if (c->nused < c->nslots) {
+		for (i = 0; i < c->nslots; i++) {
+			if (!c->slots[i].used)
+				break;
+		}
+	} else {
+		i = c->lru_tail;
+		if (c->slots[i].dirty) {
+			if (!c->store)
+				return -EIO;
+			ret = c->store(c->opaque, c->slots[i].key,
+				       c->slots[i].data, c->slice_size);
+			if (ret)
+				return ret;
+		}
+		release(c, i);
+		c->evictions++;
+	}
+	if (!c->slots[i].data) {
+		c->slots[i].data = malloc(c->slice_size);
+		if (!c->slots[i].data)
+			return -ENOMEM;
+	}
+	*out = i;
+	return 0;
+}
+
+int qcow2_l2cache_get(struct qcow2_l2cache *c, uint64_t key, bool for_write,
+		      uint8_t **data)
+{
+	uint32_t i;
+	int ret;
+
+	if (!sx_is_aligned(key, c->slice_size))
+		return -EINVAL;
+	i = lookup(c, key);
+	if (i != NONE) {
+		c->hits++;
+		lru_unlink(c, i);
+		lru_push_head(c, i);
+		goto found;
+	}
+	c->misses++;
+	ret = take_slot(c, &i);
+	if (ret)
+		return ret;
+	ret = c->load(c->opaque, key, c->slots[i].data, c->slice_size);
+	if (ret)
+		return ret;
+	c->slots[i].key = key;
+	c->slots[i].used = true;
+	c->slots[i].dirty = false;
+	c->nused++;
+	hash_insert(c, i);
+	lru_push_head(c, i);
+found:
+	if (for_write)
+		c->slots[i].dirty = true;
+	*data = c->slots[i].data;
+	return 0;
+}
+
+int qcow2_l2cache_flush(struct qcow2_l2cache *c)
+{
+	uint32_t i;
+	int ret;
+
+	for (i = 0; i < c->nslots; i++) {
+		struct qcow2_l2slot *s = &c->slots[i];
+
+		if (!s->used || !s->dirty)
+			continue;
+		if (!c->store)
+			return -EIO;
+		ret = c->store(c->opaque, s->key, s->data, c->slice_size);
+		if (ret)
+			return ret;
+		s->dirty = false;
+	}
+	return 0;
+}
+
+void qcow2_l2cache_drop(struct qcow2_l2cache *c, uint64_t off, uint64_t len)
+{
+	uint32_t i;
+
+	for (i = 0; i < c->nslots; i++) {
+		struct qcow2_l2slot *s = &c->slots[i];
+
+		if (s->used && s->key >= off && s->key - off < len)
+			release(c, i);
+	}
+}

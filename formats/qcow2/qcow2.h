@@ -1,0 +1,390 @@
+/*
+ * qcow2 driver internals, private to formats/qcow2/.
+ *
+ * The driver is split by concern: header.c parses and validates the header,
+ * its extensions and the feature-name table; cluster.c decodes L1/L2 entries
+ * and answers block_status; l2cache.c keeps a bounded LRU cache of L2 slices;
+ * compress.c inflates one compressed cluster; refcount.c knows the refcount
+ * geometry and reads refcounts; qcow2.c is the vtable glue.
+ *
+ * Invariants kept once qcow2_open() succeeded:
+ *  - every header field has been range-checked; the struct qcow2_header holds
+ *    host-endian copies, hdr_raw the header bytes as read (unknown trailing
+ *    header bytes included) so that a later header rewrite can preserve them;
+ *  - exts[] lists every header extension in file order with its raw payload,
+ *    unknown ones included, so a rewrite can keep them verbatim;
+ *  - l1[] holds the whole active L1 table, host-endian; its entries are only
+ *    checked when used (an unused corrupt entry does not prevent open);
+ *  - L2 slices in the cache hold the on-disk (big-endian) bytes, so a later
+ *    write path can modify and write them back as they are.
+ *
+ * Thread safety: block_status and read_compressed take s->lock around every
+ * use of the L1 table and the L2 cache.
+ */
+#ifndef SIPHON_FORMATS_QCOW2_QCOW2_H
+#define SIPHON_FORMATS_QCOW2_QCOW2_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "formats/format.h"
+
+struct img;
+struct sio_file;
+
+#define QCOW2_MAGIC 0x514649fbu /* "QFI\xfb" */
+
+#define QCOW2_V2_HEADER_LEN 72u
+#define QCOW2_V3_HEADER_LEN 104u
+
+#define QCOW2_MIN_CLUSTER_BITS 9u
+#define QCOW2_MAX_CLUSTER_BITS 21u
+#define QCOW2_MIN_EXT_L2_CLUSTER_BITS 14u
+
+/* Limits qemu applies too: refusing larger tables bounds our memory. */
+#define QCOW2_MAX_L1_BYTES (32u << 20)
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
+#define QCOW2_MAX_SNAPSHOTS 65536u
+#define QCOW2_MAX_BACKING_NAME 1023u
+#define QCOW2_MAX_EXT_NAME 4095u
+
+/* Incompatible feature bits. */
+#define QCOW2_INCOMPAT_DIRTY (1ull << 0)
+#define QCOW2_INCOMPAT_CORRUPT (1ull << 1)
+#define QCOW2_INCOMPAT_DATA_FILE (1ull << 2)
+#define QCOW2_INCOMPAT_COMPRESSION (1ull << 3)
+#define QCOW2_INCOMPAT_EXTL2 (1ull << 4)
+#define QCOW2_INCOMPAT_MASK ((1ull << 5) - 1)
+
+/* Compatible feature bits. */
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
+
+/* Autoclear feature bits. */
+#define QCOW2_AUTOCLEAR_BITMAPS (1ull << 0)
+#define QCOW2_AUTOCLEAR_DATA_FILE_RAW (1ull << 1)
+#define QCOW2_AUTOCLEAR_MASK ((1ull << 2) - 1)
+
+/* Header extension magics. */
+#define QCOW2_EXT_END 0x00000000u
+#define QCOW2_EXT_BACKING_FMT 0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
+#define QCOW2_EXT_BITMAPS 0x23852875u
+#define QCOW2_EXT_CRYPTO 0x0537be77u
+#define QCOW2_EXT_DATA_FILE 0x44415441u
+
+#define QCOW2_COMPRESSION_ZLIB 0
+#define QCOW2_COMPRESSION_ZSTD 1
+
+/* L1 and standard L2 entry layout. */
+#define QCOW2_OFLAG_COPIED (1ull << 63)
+#define QCOW2_OFLAG_COMPRESSED (1ull << 62)
+#define QCOW2_OFLAG_ZERO (1ull << 0)
+#define QCOW2_L1E_OFFSET_MASK 0x00fffffffffffe00ull
+#define QCOW2_L2E_OFFSET_MASK 0x00fffffffffffe00ull
+#define QCOW2_REFT_OFFSET_MASK 0xfffffffffffffe00ull
+
+#define QCOW2_SUBCLUSTERS 32u
+#define QCOW2_COMPRESSED_SECTOR 512u
+
+/* The header fields, host-endian. v2 images get v3 defaults for the rest. */
+struct qcow2_header {
+	uint32_t magic;
+	uint32_t version;
+	uint64_t backing_file_offset;
+	uint32_t backing_file_size;
+	uint32_t cluster_bits;
+	uint64_t size;
+	uint32_t crypt_method;
+	uint32_t l1_size;
+	uint64_t l1_table_offset;
+	uint64_t refcount_table_offset;
+	uint32_t refcount_table_clusters;
+	uint32_t nb_snapshots;
+	uint64_t snapshots_offset;
+	uint64_t incompatible_features;
+	uint64_t compatible_features;
+	uint64_t autoclear_features;
+	uint32_t refcount_order;
+	uint32_t header_length;
+	uint8_t compression_type;
+};
+
+/* One header extension, in file order. Unknown ones are kept verbatim. */
+struct qcow2_ext {
+	uint32_t magic;
+	uint32_t len; /* payload bytes, without padding */
+	uint8_t *data; /* len bytes (malloc'd, NULL when len is 0) */
+};
+
+/* One entry of the feature-name table extension. */
+struct qcow2_feature {
+	uint8_t type; /* 0 incompatible, 1 compatible, 2 autoclear */
+	uint8_t bit;
+	char name[47]; /* 46 bytes on disk, NUL added */
+};
+
+/*
+ * Bounded LRU cache of L2 table slices, keyed by the host offset of the
+ * slice. Generic over its I/O so it can be unit-tested: load() fills a
+ * slice on a miss, store() (optional, for the write path) writes back a
+ * dirty one before it is evicted or on flush.
+ */
+typedef int (*qcow2_l2cache_io_fn)(void *opaque, uint64_t key, void *buf,
+				   size_t len);
+
+struct qcow2_l2slot {
+	uint64_t key;
+	uint8_t *data; /* slice_size bytes, allocated on first use */
+	uint32_t prev, next; /* LRU list: head is the most recently used */
+	uint32_t hnext; /* hash chain */
+	bool used;
+	bool dirty;
+};
+
+struct qcow2_l2cache {
+	size_t slice_size;
+	uint32_t nslots;
+	uint32_t nused;
+	struct qcow2_l2slot *slots;
+	uint32_t *buckets;
+	uint32_t hash_bits;
+	uint32_t lru_head;
+	uint32_t lru_tail;
+	qcow2_l2cache_io_fn load;
+	qcow2_l2cache_io_fn store;
+	void *opaque;
+	uint64_t hits;
+	uint64_t misses;
+	uint64_t evictions;
+};
+
+#define QCOW2_L2CACHE_NONE UINT32_MAX
+#define QCOW2_L2CACHE_DEFAULT_BYTES (4u << 20)
+#define QCOW2_L2CACHE_MAX_SLICE (32u << 10)
+#define QCOW2_L2CACHE_MIN_SLOTS 4u
+
+/* Refcount geometry and the refcount table (host-endian, loaded whole). */
+struct qcow2_refcount {
+	unsigned order; /* refcount_bits = 1 << order */
+	unsigned bits;
+	uint64_t block_entries; /* refcounts per refcount block */
+	uint64_t table_offset;
+	uint64_t table_entries;
+	uint64_t *table;
+};
+
+/* The kinds of cluster an L2 entry can describe. */
+enum qcow2_ctype {
+	QCOW2_C_UNALLOC = 0, /* offset 0: read the layer below */
+	QCOW2_C_ZERO_PLAIN, /* reads zero, no host cluster */
+	QCOW2_C_ZERO_ALLOC, /* reads zero, host cluster kept */
+	QCOW2_C_NORMAL, /* data at host_off */
+	QCOW2_C_COMPRESSED, /* compressed at coff, csize bytes */
+};
+
+/*
+ * A decoded L2 entry. For extended L2, alloc/zero are the subcluster
+ * bitmaps; for standard L2 they are synthesised (all or nothing) so that
+ * callers can treat both layouts alike, one unit per subcluster.
+ */
+struct qcow2_l2e {
+	enum qcow2_ctype type;
+	bool copied;
+	uint64_t host_off; /* NORMAL and ZERO_ALLOC: cluster aligned */
+	uint64_t coff; /* COMPRESSED: host byte offset */
+	uint64_t csize; /* COMPRESSED: bytes to read from coff */
+	uint32_t alloc; /* extended L2: allocated subclusters */
+	uint32_t zero; /* extended L2: reads-as-zero subclusters */
+};
+
+/* Per-image state: img->priv. */
+struct qcow2 {
+	struct qcow2_header hdr;
+	uint8_t *hdr_raw; /* header bytes [0, header_length) as on disk */
+
+	struct qcow2_ext *exts;
+	size_t n_exts;
+	struct qcow2_feature *features;
+	size_t n_features;
+
+	/* geometry */
+	unsigned cluster_bits;
+	uint64_t cluster_size;
+	bool extended_l2;
+	unsigned l2_entry_size; /* 8, or 16 with extended L2 */
+	unsigned l2_bits; /* log2(entries per L2 table) */
+	uint64_t l2_entries;
+	uint64_t
+		subcluster_size; /* cluster_size / 32 (extended), else cluster */
+	unsigned csize_shift; /* compressed descriptor layout */
+	uint64_t csize_mask;
+	uint64_t coff_mask;
+
+	/* state */
+	uint64_t *l1; /* l1_size entries, host-endian */
+	uint64_t l1_size;
+	uint64_t file_size; /* image file size seen at open (refreshed) */
+	uint64_t data_file_size; /* external data file, or = file_size */
+	struct sio_file *data_file; /* external data file (owned) or NULL */
+	char *data_file_name; /* as stored in the extension */
+	char *data_file_path; /* resolved path */
+	bool dirty;
+	bool corrupt;
+	bool has_bitmaps;
+	struct qcow2_refcount rc;
+	struct qcow2_l2cache l2cache;
+	bool lock_init;
+	pthread_mutex_t lock;
+};
+
+/* ---- qcow2.c ---- */
+
+/* Refresh s->file_size (and the data file's) from the files. */
+int qcow2_refresh_file_size(struct img *img, struct qcow2 *s);
+
+/* ---- header.c ---- */
+
+/*
+ * Parse and validate cluster 0 (buf, len bytes: at least the header, up to
+ * one cluster) of an image whose file is file_size bytes long. Fills s->hdr,
+ * s->hdr_raw, the geometry, exts[] and features[]; sets img->size,
+ * img->cluster_size, img->backing_name and img->backing_fmt. Does not touch
+ * I/O. -EINVAL (corrupt), -ENOTSUP (unsupported feature), -EROFS (corrupt
+ * bit on a writable open), -ENOMEM; a message names img->path.
+ */
+int qcow2_parse_header(struct img *img, struct qcow2 *s, const uint8_t *buf,
+		       size_t len, uint64_t file_size);
+
+/* Set the cluster/L2 geometry derived from cluster_bits and extended L2. */
+void qcow2_set_geometry(struct qcow2 *s, unsigned cluster_bits,
+			bool extended_l2);
+
+/* The feature-table name of (type, bit), or NULL. */
+const char *qcow2_feature_name(const struct qcow2 *s, unsigned type,
+			       unsigned bit);
+
+/* The first extension with magic, or NULL. */
+const struct qcow2_ext *qcow2_find_ext(const struct qcow2 *s, uint32_t magic);
+
+/* Free what qcow2_parse_header allocated in s (not img's strings). */
+void qcow2_header_free(struct qcow2 *s);
+
+/* ---- cluster.c ---- */
+
+/*
+ * Decode one L2 entry (word: the first 64 bits, bitmap: the second word of
+ * an extended entry, 0 otherwise). Pure: no I/O and no range check against
+ * the file. Returns 0, or -EINVAL with *why set to a static reason.
+ */
+int qcow2_l2e_decode(const struct qcow2 *s, uint64_t word, uint64_t bitmap,
+		     struct qcow2_l2e *out, const char **why);
+
+/*
+ * The status of unit `sc` (a subcluster index; 0 for standard L2) of a
+ * decoded entry. *host is the host offset of the unit when *host_valid.
+ */
+enum img_status qcow2_l2e_unit_status(const struct qcow2 *s,
+				      const struct qcow2_l2e *e, unsigned sc,
+				      uint64_t *host, bool *host_valid);
+
+/* Decode a compressed descriptor (the entry without flag bits 62/63). */
+void qcow2_decode_compressed(const struct qcow2 *s, uint64_t word,
+			     uint64_t *coff, uint64_t *csize);
+
+/* Load the active L1 table (after qcow2_parse_header). */
+int qcow2_load_l1(struct img *img, struct qcow2 *s);
+
+/*
+ * Look up the L2 entry of the cluster containing guest offset off.
+ * Takes no lock: callers hold s->lock.
+ */
+int qcow2_get_l2e(struct img *img, struct qcow2 *s, uint64_t off,
+		  struct qcow2_l2e *out);
+
+/* drv->block_status. */
+int qcow2_block_status(struct img *img, uint64_t off, uint64_t len,
+		       struct img_extent *ext);
+
+/* ---- l2cache.c ---- */
+
+/*
+ * A cache of at most nslots slices of slice_size bytes each (a power of
+ * two, >= 512). Slice memory is allocated on first use, so a small image
+ * costs little. Returns 0 or -EINVAL/-ENOMEM.
+ */
+int qcow2_l2cache_init(struct qcow2_l2cache *c, size_t slice_size,
+		       uint32_t nslots, qcow2_l2cache_io_fn load,
+		       qcow2_l2cache_io_fn store, void *opaque);
+
+/* Free everything (dirty slices are dropped: flush first). NULL-safe. */
+void qcow2_l2cache_fini(struct qcow2_l2cache *c);
+
+/*
+ * The slice at host offset key (slice aligned). *data stays valid until the
+ * next get/flush/drop on the cache. for_write marks the slice dirty. On a
+ * miss the least recently used slice is evicted (written back first when
+ * dirty). Returns 0, or the load/store error.
+ */
+int qcow2_l2cache_get(struct qcow2_l2cache *c, uint64_t key, bool for_write,
+		      uint8_t **data);
+
+/* Write back every dirty slice. */
+int qcow2_l2cache_flush(struct qcow2_l2cache *c);
+
+/* Forget the slices in [off, off + len) without writing them back. */
+void qcow2_l2cache_drop(struct qcow2_l2cache *c, uint64_t off, uint64_t len);
+
+/* ---- compress.c ---- */
+
+/*
+ * Inflate src (src_len bytes, possibly followed by padding) into exactly
+ * dst_len bytes. type: QCOW2_COMPRESSION_ZLIB (raw deflate) or _ZSTD.
+ * Returns 0, or -EIO (corrupt data or wrong output size), -ENOTSUP
+ * (unknown type), -ENOMEM, with *why set to a static reason. No message.
+ */
+int qcow2_decompress(int type, const void *src, size_t src_len, void *dst,
+		     size_t dst_len, const char **why);
+
+/* drv->read_compressed. */
+int qcow2_read_compressed(struct img *img, uint64_t off, void *buf);
+
+/* ---- refcount.c ---- */
+
+/*
+ * Check the refcount geometry (order, table location) and load the
+ * refcount table. After qcow2_parse_header.
+ */
+int qcow2_refcount_init(struct img *img, struct qcow2 *s);
+void qcow2_refcount_free(struct qcow2 *s);
+
+/* Refcount entry idx of a refcount block in on-disk layout. */
+uint64_t qcow2_refcount_entry_get(const uint8_t *block, unsigned order,
+				  uint64_t idx);
+void qcow2_refcount_entry_set(uint8_t *block, unsigned order, uint64_t idx,
+			      uint64_t value);
+
+/* The refcount of the host cluster with index cluster (host_off >> bits). */
+int qcow2_refcount_get(struct img *img, struct qcow2 *s, uint64_t cluster,
+		       uint64_t *refcount);
+
+/* ---- header_write.c ---- */
+
+/*
+ * Build cluster 0 into buf (cs bytes): h's fields over hdr_raw (the header
+ * as read, header_length bytes, so unknown trailing fields survive; NULL
+ * for a new image), then exts in order (END entries skipped), the end
+ * marker and the backing name (NULL: none; backing_file_offset/size are
+ * derived). -ENOSPC when it does not fit, -ENAMETOOLONG, -EINVAL.
+ */
+int qcow2_build_cluster0(const struct qcow2_header *h, const uint8_t *hdr_raw,
+			 const struct qcow2_ext *exts, size_t n_exts,
+			 const char *backing, uint8_t *buf, size_t cs);
+
+/* ---- create.c ---- */
+
+/* drv->create. */
+int qcow2_create(struct sio_file *f, const struct img_create_opts *o);
+
+#endif

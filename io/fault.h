@@ -1,0 +1,29 @@
+/*
+ * Fault injection, private to io/: the hook that file.c and queue.c call
+ * before they issue a read or a write. See sio_fault_add() in io.h.
+ */
+#ifndef SIPHON_IO_FAULT_H
+#define SIPHON_IO_FAULT_H
+
+#include <stdint.h>
+
+#include "io/io.h"
+
+/*
+ * 0 when the request may go ahead, or -err when a rule says it fails (the
+ * rule's count is consumed). Records a message naming the path. The first
+ * call in the process loads SIPHON_FAULT; a malformed SIPHON_FAULT makes
+ * every read and write fail with -EINVAL, so a typo cannot pass a test.
+ * Thread safe.
+ */
+int sio_fault_check(const struct sio_file *f, enum sio_op op, uint64_t off,
+		    uint64_t len);
+
+/*
+ * Add the rules of spec, in SIPHON_FAULT syntax: one or more
+ * "read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]]" separated by ';'.
+ * Returns 0, -EINVAL for a malformed spec (no rule added), or -ENOMEM.
+ */
+int sio_fault_parse(const char *spec);
+
+#endif
