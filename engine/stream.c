@@ -103,6 +103,11 @@ struct stream {
 	_Atomic bool finalized;
 	uint64_t rate_t0;
 	uint64_t rate_b0;
+
+	void (*progress)(void *opaque, const struct stream_progress *p);
+	void *progress_opaque;
+	uint64_t progress_ns;
+	uint64_t progress_last;
 };
 
 static uint64_t now_ns(void)
@@ -182,6 +187,9 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 	s->plan_budget = UINT64_MAX;
 	s->zero_clusters = o->top->drv->write_zeroes != NULL;
 	atomic_store(&s->speed, o->speed);
+	s->progress = o->progress;
+	s->progress_opaque = o->progress_opaque;
+	s->progress_ns = (o->progress_ms ? o->progress_ms : 500) * 1000000ull;
 	s->rate_t0 = now_ns();
 	*out = s;
 	return 0;
@@ -775,6 +783,21 @@ int stream_finish(struct stream *s)
 	return 0;
 }
 
+static void report(struct stream *s, bool force)
+{
+	struct stream_progress p;
+	uint64_t t;
+
+	if (!s->progress)
+		return;
+	t = now_ns();
+	if (!force && t - s->progress_last < s->progress_ns)
+		return;
+	s->progress_last = t;
+	stream_get_progress(s, &p);
+	s->progress(s->progress_opaque, &p);
+}
+
 int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes)
 {
 	uint64_t wait;
@@ -783,6 +806,7 @@ int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes)
 	s->plan_budget = max_bytes ? max_bytes : UINT64_MAX;
 	for (;;) {
 		stream_pump(s, limit, &wait);
+		report(s, false);
 		if (s->since_flush >= s->flush_bytes && !s->err) {
 			ret = s->top->drv->flush(s->top);
 			if (ret < 0)
@@ -807,6 +831,7 @@ int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes)
 	}
 	s->plan_budget = UINT64_MAX;
 	ret = stream_finish(s);
+	report(s, true);
 	if (ret < 0)
 		return ret;
 	if (atomic_load(&s->abort))

@@ -31,20 +31,6 @@
 struct img;
 struct sio_queue;
 
-struct stream_opts {
-	struct img *top; /* opened read-write, with its chain */
-	struct img *base; /* a layer of top's chain, or NULL: everything */
-	struct sio_queue *q; /* the owner's queue */
-	unsigned max_inflight; /* extents in flight (0: default) */
-	uint64_t extent_bytes; /* bytes per extent (0: default) */
-	uint64_t speed; /* bytes/s copied, 0 = unlimited */
-	uint64_t flush_bytes; /* commit metadata every this many bytes */
-};
-
-#define STREAM_DEFAULT_INFLIGHT 8
-#define STREAM_DEFAULT_EXTENT (1024 * 1024)
-#define STREAM_DEFAULT_FLUSH (256ull * 1024 * 1024)
-
 struct stream_progress {
 	uint64_t cur; /* clusters below cur are local */
 	uint64_t end; /* number of clusters of the top image */
@@ -54,6 +40,27 @@ struct stream_progress {
 	uint64_t rate; /* bytes copied per second, recent */
 	bool finalized; /* backing dropped (or set to base) */
 };
+
+struct stream_opts {
+	struct img *top; /* opened read-write, with its chain */
+	struct img *base; /* a layer of top's chain, or NULL: everything */
+	struct sio_queue *q; /* the owner's queue */
+	unsigned max_inflight; /* extents in flight (0: default) */
+	uint64_t extent_bytes; /* bytes per extent (0: default) */
+	uint64_t speed; /* bytes/s copied, 0 = unlimited */
+	uint64_t flush_bytes; /* commit metadata every this many bytes */
+	/*
+	 * Called by stream_run() on the owner's thread about every
+	 * progress_ms (0: 500 ms) and once at the end. Optional.
+	 */
+	void (*progress)(void *opaque, const struct stream_progress *p);
+	void *progress_opaque;
+	unsigned progress_ms;
+};
+
+#define STREAM_DEFAULT_INFLIGHT 8
+#define STREAM_DEFAULT_EXTENT (1024 * 1024)
+#define STREAM_DEFAULT_FLUSH (256ull * 1024 * 1024)
 
 struct stream;
 
