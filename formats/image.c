@@ -1,1 +1,577 @@
-/* stub: to be written */
+/*
+ * Images and backing chains: open a layer by path and format, follow its
+ * backing references down to the base, answer chain-wide status and reads.
+ *
+ * Invariants:
+ *  - only the top (depth 0) may be writable; every backing layer is opened
+ *    read-only, and with an absolute path;
+ *  - a backing name resolves relative to the directory of the image that
+ *    names it, never relative to the current directory;
+ *  - no file appears twice in a chain (compared by device and inode, so a
+ *    loop is caught whatever the names look like), and a chain has at most
+ *    IMG_MAX_DEPTH layers below the top;
+ *  - drv->close runs only for layers whose drv->open succeeded;
+ *  - a writable open holds qemu-compatible image locks (io/lock.h) on the
+ *    top as a writer and on every backing layer as a reader, taken before
+ *    the driver reads any metadata; read-only opens (info, map, dump) take
+ *    none, like `qemu-img -U`, so they can look at images in use.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/checked.h"
+#include "common/error.h"
+#include "formats/format.h"
+#include "formats/image.h"
+#include "io/io.h"
+#include "io/lock.h"
+
+/* How much of a file the probes see. */
+#define PROBE_LEN 4096
+
+/* Probe order does not matter (best score wins); raw is the fallback. */
+static const struct img_driver *const drivers[] = {
+	&img_driver_qcow2,
+	&img_driver_raw,
+};
+
+#define N_DRIVERS (sizeof(drivers) / sizeof(drivers[0]))
+
+const struct img_driver *img_find_driver(const char *name)
+{
+	size_t i;
+
+	if (!name)
+		return NULL;
+	for (i = 0; i < N_DRIVERS; i++) {
+		if (drivers[i]->name && !strcmp(drivers[i]->name, name) &&
+		    drivers[i]->open)
+			return drivers[i];
+	}
+	return NULL;
+}
+
+/*
+ * Pick the driver for an open file from its first bytes. A driver that is
+ * still a stub (no probe or open) never wins.
+ */
+static int probe_open_file(struct sio_file *f, const struct img_driver **out)
+{
+	uint8_t buf[PROBE_LEN];
+	const struct img_driver *best = &img_driver_raw;
+	int best_score = 0;
+	uint64_t size;
+	size_t len, i;
+	int ret;
+
+	ret = sio_file_size(f, &size);
+	if (ret < 0)
+		return ret;
+	len = (size_t)sx_min(size, PROBE_LEN);
+	if (len) {
+		ret = sio_pread(f, buf, len, 0);
+		if (ret < 0)
+			return ret;
+	}
+	for (i = 0; i < N_DRIVERS; i++) {
+		int score;
+
+		if (!drivers[i]->probe || !drivers[i]->open)
+			continue;
+		score = drivers[i]->probe(buf, len);
+		if (score > best_score) {
+			best_score = score;
+			best = drivers[i];
+		}
+	}
+	*out = best;
+	return 0;
+}
+
+const struct img_driver *img_probe_file(const char *path, int *err)
+{
+	const struct img_driver *drv = NULL;
+	struct sio_file *f = NULL;
+	int ret;
+
+	if (!path) {
+		ret = sx_error(-EINVAL, "no image path given");
+		goto out;
+	}
+	ret = sio_file_open(path, SIO_RDONLY | SIO_BUFFERED, &f);
+	if (ret < 0)
+		goto out;
+	ret = probe_open_file(f, &drv);
+out:
+	sio_file_close(f);
+	if (err)
+		*err = ret < 0 ? ret : 0;
+	return ret < 0 ? NULL : drv;
+}
+
+/* Free one layer (not the ones below it). */
+static void layer_free(struct img *img, bool opened)
+{
+	if (!img)
+		return;
+	if (opened && img->drv && img->drv->close)
+		img->drv->close(img);
+	free(img->priv);
+	sio_file_close(img->file);
+	free(img->path);
+	free(img->backing_name);
+	free(img->backing_fmt);
+	free(img);
+}
+
+void img_close(struct img *img)
+{
+	while (img) {
+		struct img *next = img->backing;
+
+		layer_free(img, true);
+		img = next;
+	}
+}
+
+/*
+ * Open one layer. drv is the named driver, or NULL to probe (then *probed is
+ * set). The file is opened before probing so that a missing file reports
+ * -ENOENT from sio_file_open, with its path.
+ */
+static int layer_open(const char *path, const struct img_driver *drv,
+		      bool writable, bool buffered, bool lock, unsigned depth,
+		      struct img **out)
+{
+	unsigned sflags = SIO_RDONLY;
+	struct img *img;
+	int ret;
+
+	img = calloc(1, sizeof(*img));
+	if (!img)
+		return sx_error(-ENOMEM, "%s: out of memory", path);
+	img->path = strdup(path);
+	if (!img->path) {
+		ret = sx_error(-ENOMEM, "%s: out of memory", path);
+		goto fail;
+	}
+	img->writable = writable;
+	img->depth = depth;
+
+	if (writable)
+		sflags |= SIO_RDWR;
+	if (buffered)
+		sflags |= SIO_BUFFERED;
+	ret = sio_file_open(path, sflags, &img->file);
+	if (ret < 0)
+		goto fail;
+	if (writable)
+		ret = sio_file_lock(img->file, SIO_LOCK_WRITER_PERM,
+				    SIO_LOCK_WRITER_UNSHARED);
+	else if (lock)
+		ret = sio_file_lock(img->file, SIO_LOCK_READER_PERM,
+				    SIO_LOCK_READER_UNSHARED);
+	if (ret < 0)
+		goto fail;
+
+	if (!drv) {
+		ret = probe_open_file(img->file, &drv);
+		if (ret < 0)
+			goto fail;
+	}
+	img->drv = drv;
+	if (drv->priv_size) {
+		img->priv = calloc(1, drv->priv_size);
+		if (!img->priv) {
+			ret = sx_error(-ENOMEM, "%s: out of memory", path);
+			goto fail;
+		}
+	}
+	ret = drv->open(img);
+	if (ret < 0)
+		goto fail;
+	if (img->backing_name && !img->backing_name[0]) {
+		free(img->backing_name);
+		img->backing_name = NULL;
+	}
+	*out = img;
+	return 0;
+
+fail:
+	/*
+	 * The driver cleans up after its own failed open; what it reported
+	 * through the struct before failing is ours to free.
+	 */
+	layer_free(img, false);
+	return ret;
+}
+
+/* Collapse "//" and "/./" so that messages show readable paths. */
+static void path_tidy(char *p)
+{
+	char *r = p, *w = p;
+
+	while (*r) {
+		if (r[0] == '/' && r[1] == '/') {
+			r++;
+			continue;
+		}
+		if (r[0] == '/' && r[1] == '.' && (r[2] == '/' || !r[2]) &&
+		    r != p) {
+			r += 2;
+			continue;
+		}
+		*w++ = *r++;
+	}
+	*w = '\0';
+	if (w - p > 1 && w[-1] == '/')
+		w[-1] = '\0';
+}
+
+/*
+ * The absolute path of backing file `name` named by the image at `parent`:
+ * relative names are relative to parent's directory.
+ */
+static int resolve_backing(const char *parent, const char *name, char **out)
+{
+	char cwd[4096];
+	const char *slash;
+	int dirlen, ret;
+	char *p = NULL;
+
+	if (name[0] == '/') {
+		p = strdup(name);
+		if (!p)
+			return sx_error(-ENOMEM, "%s: out of memory", parent);
+		goto done;
+	}
+
+	slash = strrchr(parent, '/');
+	dirlen = slash ? (int)(slash - parent) : 0;
+	if (parent[0] == '/') {
+		ret = asprintf(&p, "%.*s/%s", dirlen, parent, name);
+	} else {
+		if (!getcwd(cwd, sizeof(cwd)))
+			return sx_error(-errno,
+					"%s: cannot resolve backing "
+					"file '%s': getcwd: %s",
+					parent, name, strerror(errno));
+		if (slash)
+			ret = asprintf(&p, "%s/%.*s/%s", cwd, dirlen, parent,
+				       name);
+		else
+			ret = asprintf(&p, "%s/%s", cwd, name);
+	}
+	if (ret < 0)
+		return sx_error(-ENOMEM, "%s: out of memory", parent);
+done:
+	path_tidy(p);
+	*out = p;
+	return 0;
+}
+
+struct file_id {
+	dev_t dev;
+	ino_t ino;
+};
+
+/* Open the layers below top, one at a time, refusing loops and depth. */
+static int open_chain(struct img *top, bool buffered)
+{
+	struct file_id ids[IMG_MAX_DEPTH + 1];
+	unsigned nids = 0;
+	struct img *cur = top;
+	struct stat st;
+	int ret = 0;
+
+	if (fstat(top->file->fd, &st) < 0)
+		return sx_error(-errno, "%s: fstat: %s", top->path,
+				strerror(errno));
+	ids[nids++] = (struct file_id){st.st_dev, st.st_ino};
+
+	while (cur->backing_name) {
+		const struct img_driver *drv = NULL;
+		struct img *next = NULL;
+		char *path = NULL;
+		unsigned i;
+
+		if (cur->depth + 1 > IMG_MAX_DEPTH)
+			return sx_error(-ELOOP,
+					"%s: backing chain is deeper "
+					"than %d layers (at '%s')",
+					top->path, IMG_MAX_DEPTH,
+					cur->backing_name);
+
+		ret = resolve_backing(cur->path, cur->backing_name, &path);
+		if (ret < 0)
+			return ret;
+		if (stat(path, &st) < 0) {
+			int err = errno;
+
+			if (err == ENOENT)
+				ret = sx_error(-ENOENT,
+					       "%s: backing file "
+					       "'%s' (%s) not found",
+					       cur->path, cur->backing_name,
+					       path);
+			else
+				ret = sx_error(-err,
+					       "%s: backing file '%s' "
+					       "(%s): %s",
+					       cur->path, cur->backing_name,
+					       path, strerror(err));
+			goto next_out;
+		}
+		for (i = 0; i < nids; i++) {
+			if (ids[i].dev == st.st_dev &&
+			    ids[i].ino == st.st_ino) {
+				ret = sx_error(-ELOOP,
+					       "%s: backing file '%s' "
+					       "(%s) is already in the chain: "
+					       "loop",
+					       cur->path, cur->backing_name,
+					       path);
+				goto next_out;
+			}
+		}
+
+		if (cur->backing_fmt) {
+			drv = img_find_driver(cur->backing_fmt);
+			if (!drv) {
+				ret = sx_error(-ENOTSUP,
+					       "%s: backing file "
+					       "'%s' has unsupported format "
+					       "'%s'",
+					       cur->path, cur->backing_name,
+					       cur->backing_fmt);
+				goto next_out;
+			}
+		}
+		ret = layer_open(path, drv, false, buffered, top->writable,
+				 cur->depth + 1, &next);
+		if (ret < 0)
+			goto next_out;
+		cur->backing_fmt_probed = !drv;
+		cur->backing = next;
+
+		/* The file we opened may differ from the one we stat'ed. */
+		if (fstat(next->file->fd, &st) < 0) {
+			ret = sx_error(-errno, "%s: fstat: %s", next->path,
+				       strerror(errno));
+			goto next_out;
+		}
+		for (i = 0; i < nids; i++) {
+			if (ids[i].dev == st.st_dev &&
+			    ids[i].ino == st.st_ino) {
+				ret = sx_error(-ELOOP,
+					       "%s: backing file '%s' "
+					       "(%s) is already in the chain: "
+					       "loop",
+					       cur->path, cur->backing_name,
+					       path);
+				goto next_out;
+			}
+		}
+		ids[nids++] = (struct file_id){st.st_dev, st.st_ino};
+		cur = next;
+	next_out:
+		free(path);
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
+int img_create(const char *path, const char *fmt,
+	       const struct img_create_opts *o)
+{
+	const struct img_driver *drv = img_find_driver(fmt ? fmt : "");
+	struct sio_file *f = NULL;
+	int ret;
+
+	if (!drv)
+		return sx_error(EINVAL, "%s: unknown format '%s'", path,
+				fmt ? fmt : "");
+	if (!drv->create)
+		return sx_error(ENOTSUP, "%s: format %s cannot create images",
+				path, drv->name);
+	ret = sio_file_open(path, SIO_RDWR | SIO_CREATE, &f);
+	if (ret < 0)
+		return ret;
+	ret = sio_file_lock(f, SIO_LOCK_WRITER_PERM, SIO_LOCK_WRITER_UNSHARED);
+	if (ret == 0)
+		ret = drv->create(f, o);
+	sio_file_close(f);
+	return ret;
+}
+
+int img_open(const char *path, const char *fmt, unsigned flags,
+	     struct img **out)
+{
+	const struct img_driver *drv = NULL;
+	bool buffered = flags & IMG_OPEN_BUFFERED;
+	struct img *top = NULL;
+	int ret;
+
+	if (!path || !out)
+		return sx_error(-EINVAL, "img_open: no path or result");
+	if (flags & ~(unsigned)IMG_OPEN_MASK)
+		return sx_error(-EINVAL, "%s: unknown open flags 0x%x", path,
+				flags & ~(unsigned)IMG_OPEN_MASK);
+	if (fmt) {
+		drv = img_find_driver(fmt);
+		if (!drv)
+			return sx_error(-EINVAL, "%s: unknown format '%s'",
+					path, fmt);
+	}
+
+	ret = layer_open(path, drv, flags & IMG_OPEN_RDWR, buffered, false, 0,
+			 &top);
+	if (ret < 0)
+		return ret;
+	if (!(flags & IMG_OPEN_NO_BACKING)) {
+		ret = open_chain(top, buffered);
+		if (ret < 0)
+			goto out;
+	}
+	*out = top;
+out:
+	if (ret < 0)
+		img_close(top);
+	return ret;
+}
+
+int img_chain_status(struct img *img, struct img *stop, uint64_t off,
+		     uint64_t len, struct img_extent *ext, unsigned *depth)
+{
+	struct img *cur = img;
+	struct img_extent e;
+	unsigned d = 0;
+	int ret;
+
+	if (!img || !ext || !depth || !len)
+		return sx_error(-EINVAL, "img_chain_status: bad arguments");
+	if (off >= img->size)
+		return sx_error(-EINVAL,
+				"%s: status at %llu, past the end "
+				"(%llu)",
+				img->path, (unsigned long long)off,
+				(unsigned long long)img->size);
+	len = sx_min(len, img->size - off);
+
+	for (;;) {
+		struct img *next;
+
+		memset(&e, 0, sizeof(e));
+		ret = cur->drv->block_status(cur, off, len, &e);
+		if (ret < 0)
+			return ret;
+		if (e.len == 0)
+			return sx_error(-EIO, "%s: no status at %llu",
+					cur->path, (unsigned long long)off);
+		/* One answer for the whole run, whatever layer gave it. */
+		len = sx_min(len, e.len);
+		e.len = len;
+		if (e.status != IMG_UNALLOC)
+			break;
+		next = cur->backing;
+		if (!next || next == stop || off >= next->size)
+			break;
+		len = sx_min(len, next->size - off);
+		cur = next;
+		d++;
+	}
+	*ext = e;
+	*depth = d;
+	return 0;
+}
+
+/* The layer depth levels below img. */
+static struct img *layer_at(struct img *img, unsigned depth)
+{
+	while (img && depth--)
+		img = img->backing;
+	return img;
+}
+
+int img_pread(struct img *img, void *buf, uint64_t len, uint64_t off)
+{
+	uint8_t *p = buf;
+	uint8_t *cbuf = NULL;
+	size_t cbuf_size = 0;
+	int ret = 0;
+
+	if (!img || (!buf && len))
+		return sx_error(-EINVAL, "img_pread: bad arguments");
+	if (!sx_range_within(off, len, img->size))
+		return sx_error(-EINVAL,
+				"%s: read [%llu, +%llu) past the end "
+				"(%llu)",
+				img->path, (unsigned long long)off,
+				(unsigned long long)len,
+				(unsigned long long)img->size);
+
+	while (len) {
+		struct img_extent e;
+		struct img *layer;
+		unsigned depth;
+		uint64_t n, in;
+
+		ret = img_chain_status(img, NULL, off, len, &e, &depth);
+		if (ret < 0)
+			goto out;
+		n = e.len;
+		switch (e.status) {
+		case IMG_DATA:
+			ret = sio_pread(e.file, p, n, e.host_off);
+			if (ret < 0)
+				goto out;
+			break;
+		case IMG_COMPRESSED:
+			layer = layer_at(img, depth);
+			if (!layer->drv->read_compressed) {
+				ret = sx_error(-EIO,
+					       "%s: compressed cluster "
+					       "but no decompressor",
+					       layer->path);
+				goto out;
+			}
+			if (cbuf_size < layer->cluster_size) {
+				free(cbuf);
+				cbuf_size = layer->cluster_size;
+				cbuf = malloc(cbuf_size);
+				if (!cbuf) {
+					ret = sx_error(-ENOMEM,
+						       "%s: out of "
+						       "memory",
+						       layer->path);
+					goto out;
+				}
+			}
+			ret = layer->drv->read_compressed(layer, off, cbuf);
+			if (ret < 0)
+				goto out;
+			/* The extent may run on, but one cluster is decoded. */
+			in = off & (layer->cluster_size - 1);
+			n = sx_min(n, layer->cluster_size - in);
+			memcpy(p, cbuf + in, n);
+			break;
+		case IMG_ZERO:
+		case IMG_UNALLOC:
+		default:
+			memset(p, 0, n);
+			break;
+		}
+		p += n;
+		off += n;
+		len -= n;
+	}
+out:
+	free(cbuf);
+	return ret;
+}

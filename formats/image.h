@@ -56,6 +56,16 @@ struct img {
 int img_open(const char *path, const char *fmt, unsigned flags,
 	     struct img **out);
 
+/*
+ * Create an image at path in format fmt ("qcow2", "raw") as o describes,
+ * replacing an existing file (which must not be in use: the writer lock is
+ * taken before anything is truncated). o->backing is stored as given; it is
+ * not opened here. Returns 0, or -errno with a message: -EINVAL (bad
+ * options), -ENOTSUP (format cannot create), -EBUSY (in use), ...
+ */
+int img_create(const char *path, const char *fmt,
+	       const struct img_create_opts *o);
+
 /* Close an image and every layer below it. NULL is a no-op. */
 void img_close(struct img *img);
 

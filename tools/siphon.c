@@ -1,5 +1,174 @@
+/*
+ * `siphon`: the command-line front end. Dispatches `siphon CMD ARGS...` to a
+ * command from the table below and owns what they share: error printing,
+ * usage errors, exit codes (0 ok, 1 error, 2 usage), global --help/--version.
+ *
+ * New commands slot in as a cmd_<name>.c defining a struct siphon_cmd plus
+ * one line in `commands`.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
-int main(void)
+#include <string.h>
+
+#include "common/error.h"
+#include "cmd.h"
+
+#ifndef SIPHON_VERSION
+#define SIPHON_VERSION "unknown"
+#endif
+
+static const struct siphon_cmd *const commands[] = {
+	&cmd_info,
+	&cmd_map,
+	&cmd_dump,
+	&cmd_stream,
+};
+
+#define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
+
+const char tool_exit_help[] = "Exit codes:\n"
+			      "  0  success\n"
+			      "  1  error (bad or unsupported image, I/O "
+			      "error, missing file, ...)\n"
+			      "  2  usage error (bad option or argument)\n";
+
+int tool_fail(int err)
 {
-	return 1;
+	const char *msg = sx_last_error();
+
+	if (err > 0)
+		err = -err;
+	/* A stale message from an earlier, handled failure must not show. */
+	if (!msg[0] || sx_last_errno() != -err)
+		msg = strerror(-err);
+	fflush(stdout);
+	fprintf(stderr, "siphon: %s\n", msg);
+	return TOOL_ERR;
+}
+
+int tool_usage(const struct siphon_cmd *cmd, const char *fmt, ...)
+{
+	va_list ap;
+
+	fflush(stdout);
+	fprintf(stderr, "siphon %s: ", cmd->name);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\nTry 'siphon help %s'.\n", cmd->name);
+	return TOOL_USAGE;
+}
+
+bool tool_parse_output(const char *arg, enum tool_output *out)
+{
+	if (!strcmp(arg, "human")) {
+		*out = TOOL_OUT_HUMAN;
+		return true;
+	}
+	if (!strcmp(arg, "json")) {
+		*out = TOOL_OUT_JSON;
+		return true;
+	}
+	return false;
+}
+
+const char *tool_human_size(uint64_t v, char *buf, size_t len)
+{
+	static const char *const units[] = {"B",   "KiB", "MiB", "GiB",
+					    "TiB", "PiB", "EiB"};
+	unsigned u = 0;
+	double x = (double)v;
+
+	while (x >= 1024 && u < 6) {
+		x /= 1024;
+		u++;
+	}
+	if (u == 0)
+		snprintf(buf, len, "%" PRIu64 " B", v);
+	else if (x == (double)(uint64_t)x)
+		snprintf(buf, len, "%" PRIu64 " %s", (uint64_t)x, units[u]);
+	else
+		snprintf(buf, len, "%.3g %s", x, units[u]);
+	return buf;
+}
+
+static const struct siphon_cmd *find_cmd(const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < N_COMMANDS; i++)
+		if (!strcmp(commands[i]->name, name))
+			return commands[i];
+	return NULL;
+}
+
+static void usage(FILE *out)
+{
+	size_t i;
+
+	fprintf(out, "Usage: siphon [--help | --version] COMMAND [ARGS...]\n"
+		     "       siphon help COMMAND\n\n"
+		     "Disk images and their backing chains.\n\n"
+		     "Commands:\n");
+	for (i = 0; i < N_COMMANDS; i++)
+		fprintf(out, "  %-8s %s\n", commands[i]->name,
+			commands[i]->summary);
+	fprintf(out, "\nEvery command takes --help.\n\n%s", tool_exit_help);
+}
+
+int main(int argc, char **argv)
+{
+	const struct siphon_cmd *cmd;
+
+	if (argc < 2) {
+		usage(stderr);
+		return TOOL_USAGE;
+	}
+	if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+		usage(stdout);
+		return TOOL_OK;
+	}
+	if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "-V")) {
+		printf("siphon %s\n", SIPHON_VERSION);
+		return TOOL_OK;
+	}
+	if (!strcmp(argv[1], "help")) {
+		if (argc == 2) {
+			usage(stdout);
+			return TOOL_OK;
+		}
+		cmd = find_cmd(argv[2]);
+		if (!cmd || argc > 3) {
+			fprintf(stderr,
+				"siphon: unknown command '%s'\n"
+				"Try 'siphon --help'.\n",
+				argv[2]);
+			return TOOL_USAGE;
+		}
+		cmd->help(stdout);
+		return TOOL_OK;
+	}
+	if (argv[1][0] == '-') {
+		fprintf(stderr,
+			"siphon: unknown option '%s'\n"
+			"Try 'siphon --help'.\n",
+			argv[1]);
+		return TOOL_USAGE;
+	}
+	cmd = find_cmd(argv[1]);
+	if (!cmd) {
+		fprintf(stderr,
+			"siphon: unknown command '%s'\n"
+			"Try 'siphon --help'.\n",
+			argv[1]);
+		return TOOL_USAGE;
+	}
+	/* Commands parse their own options from a fresh getopt state. */
+	optind = 0;
+	opterr = 0;
+	return cmd->run(cmd, argc - 1, argv + 1);
 }
