@@ -2,11 +2,35 @@
  * siphon — stream disk images from their backing chain into the local image.
  *
  * Public API. Every function returns int: >= 0 on success, -errno on
- * failure. A failing call also records a message for the calling thread,
- * read with siphon_get_error().
+ * failure, and leaves its outputs untouched on failure. A failing call also
+ * records a message for the calling thread, read with siphon_get_error().
+ *
+ * The model: a domain (siphon_domain, one per VMM or tool) holds disks,
+ * attached by the absolute path of their top image, which is also their
+ * name. Each attached disk has one worker thread that owns all of its I/O;
+ * API calls may come from any thread and are handed to that worker.
+ *
+ * A disk streams in one of two modes (the block-streaming proposal):
+ *  - CONTINUOUS: the whole disk, in the background, until done, aborted or
+ *    failed; the end is announced by an event (callback or event fd).
+ *  - incremental: each siphon_block_stream() call without the flag moves an
+ *    opaque cursor by a bounded step; the call that brings the cursor to its
+ *    end finalizes the disk (the backing reference is dropped, or set to the
+ *    base) exactly as CONTINUOUS does.
+ *
+ * Cursors are opaque 64-bit values. 0 means "open a new incremental stream";
+ * every other cursor belongs to one stream of one disk, and a cursor from
+ * another disk or stream is refused with -EINVAL. cur / end (as reported by
+ * siphon_get_block_stream_info) approximates the fraction done.
+ *
+ * Structs that cross the API start with a `size` member that the caller sets
+ * to sizeof(the struct it was compiled with); they only grow at the end.
  */
 #ifndef SIPHON_H
 #define SIPHON_H
+
+#include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -22,6 +46,16 @@ extern "C" {
 #define SIPHON_VERSION_MINOR 1
 #define SIPHON_VERSION_PATCH 0
 
+/* Longest disk path, terminating NUL included (the proposal's PATH_MAX). */
+#define SIPHON_PATH_MAX 1024
+
+/* Longest error message carried in events and extended info, NUL included. */
+#define SIPHON_MESSAGE_MAX 256
+
+/* Defaults of an incremental step (struct siphon_block_stream_params). */
+#define SIPHON_STREAM_DEFAULT_MAX_BYTES (64ull * 1024 * 1024)
+#define SIPHON_STREAM_DEFAULT_MAX_CLUSTERS 65536ull
+
 /*
  * The library's version as MAJOR * 10000 + MINOR * 100 + PATCH. Thread safe.
  */
@@ -33,6 +67,273 @@ SIPHON_API int siphon_version(void);
  * Thread safe: each thread has its own message.
  */
 SIPHON_API const char *siphon_get_error(void);
+
+/* ------------------------------------------------------------------------
+ * Domains and events
+ */
+
+typedef struct siphon_domain siphon_domain;
+
+enum siphon_event_kind {
+	SIPHON_EVENT_STREAM_COMPLETED = 1, /* finalized: backing dropped */
+	SIPHON_EVENT_STREAM_CANCELLED = 2, /* aborted (abort, detach, close) */
+	SIPHON_EVENT_STREAM_FAILED = 3, /* stopped by an error */
+};
+
+/* A stream ended. One event per stream, CONTINUOUS or incremental. */
+struct siphon_event {
+	size_t size; /* caller: sizeof(struct siphon_event) */
+	int kind; /* enum siphon_event_kind */
+	int error; /* positive errno; 0 when completed */
+	char path[SIPHON_PATH_MAX]; /* the disk */
+	char message[SIPHON_MESSAGE_MAX]; /* why it failed, or "" */
+	uint64_t bytes_copied; /* by the whole stream */
+};
+
+/*
+ * Event callback. Called on the domain's event thread (one per domain with a
+ * callback, never a disk's worker), one event at a time, with no siphon lock
+ * held: it may call any siphon function except siphon_domain_close() on its
+ * own domain (-EDEADLK). ev is valid only during the call.
+ */
+typedef void (*siphon_event_fn)(siphon_domain *dom,
+				const struct siphon_event *ev, void *opaque);
+
+struct siphon_domain_opts {
+	size_t size; /* sizeof(struct siphon_domain_opts) */
+	siphon_event_fn event_cb; /* NULL: events are queued for the event fd */
+	void *event_opaque; /* passed to event_cb */
+	unsigned queue_depth; /* per-disk I/O queue depth, 0: default */
+};
+
+/*
+ * Create a domain. opts may be NULL (defaults: no callback, events queued).
+ * With a callback, every event goes to the callback and the event fd never
+ * becomes readable; without one, events queue until read with
+ * siphon_domain_next_event().
+ * Returns 0 and *out. Errors: -EINVAL (out NULL, opts->size too small or
+ * larger than this library knows with non-zero unknown bytes), -ENOMEM,
+ * -EMFILE/-ENFILE (no fd for the event fd), -EAGAIN (no thread).
+ * Ownership: the caller owns *out and frees it with siphon_domain_close().
+ * Thread safe.
+ */
+SIPHON_API int siphon_domain_create(const struct siphon_domain_opts *opts,
+				    siphon_domain **out);
+
+/*
+ * Abort every running stream (cleanly: in-flight work completes, images are
+ * flushed and consistent), wait for them, deliver the remaining events to
+ * the callback if there is one, detach every disk and free the domain. NULL
+ * is a no-op. Must not race with other calls on the same domain; must not be
+ * called from the domain's event callback (it returns without closing).
+ */
+SIPHON_API void siphon_domain_close(siphon_domain *dom);
+
+/*
+ * A file descriptor that polls readable (POLLIN) while events are queued.
+ * Returns the fd (>= 0). Errors: -EINVAL (dom NULL). Ownership: the domain
+ * owns the fd; do not read or close it. Thread safe.
+ */
+SIPHON_API int siphon_domain_event_fd(siphon_domain *dom);
+
+/*
+ * Take the oldest queued event into *ev (ev->size set by the caller; at
+ * most ev->size bytes are written). Returns 1 when an event was stored, 0
+ * when none is queued. Errors: -EINVAL (dom or ev NULL, ev->size smaller
+ * than the first version of the struct). Thread safe.
+ */
+SIPHON_API int siphon_domain_next_event(siphon_domain *dom,
+					struct siphon_event *ev);
+
+/* ------------------------------------------------------------------------
+ * Disks
+ */
+
+enum siphon_attach_flags {
+	SIPHON_ATTACH_BUFFERED = 1 << 0, /* never O_DIRECT */
+	SIPHON_ATTACH_MASK = (1 << 1) - 1,
+};
+
+struct siphon_attach_opts {
+	size_t size; /* sizeof(struct siphon_attach_opts) */
+	const char *format; /* "qcow2", "raw", or NULL: probe */
+	unsigned flags; /* enum siphon_attach_flags */
+};
+
+/*
+ * Attach the image at path: the top is opened read-write (and locked against
+ * other writers), its backing chain read-only, and the disk's worker thread
+ * started. path must be absolute and shorter than SIPHON_PATH_MAX; the exact
+ * string is the disk's name in every later call. opts may be NULL.
+ * Returns 0. Errors: -EINVAL (NULL, relative path, bad opts, unknown flags),
+ * -ENAMETOOLONG, -EEXIST (a disk of that name is attached), -ENOENT (a file
+ * of the chain is missing), -ELOOP, -ENOTSUP, -EACCES, -EROFS, -EBUSY or
+ * -EAGAIN (locked by another writer), -ENOMEM, and any error opening the
+ * image (the message names the file). Thread safe.
+ */
+SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
+				  const struct siphon_attach_opts *opts);
+
+/*
+ * Detach the disk: a stream on it is aborted cleanly first (a CANCELLED
+ * event follows), then its worker stops and the images are closed. flags:
+ * none yet, must be 0. Returns 0. Errors: -EINVAL (NULL, bad path, flags),
+ * -ENAMETOOLONG, -ENOENT (not attached), -EDEADLK (called from the event
+ * callback while that disk's stream is being torn down by close). Thread safe.
+ */
+SIPHON_API int siphon_disk_detach(siphon_domain *dom, const char *path,
+				  unsigned flags);
+
+/* ------------------------------------------------------------------------
+ * Streaming
+ */
+
+enum siphon_stream_flags {
+	SIPHON_STREAM_CONTINUOUS = 1 << 0,
+	SIPHON_STREAM_MASK = (1 << 1) - 1,
+};
+
+struct siphon_block_stream_params {
+	size_t size; /* sizeof(struct siphon_block_stream_params) */
+	const char *base; /* stream down to this layer of the chain: data
+			       above it is copied, the top ends up backed by
+			       it. NULL: the whole chain, backing dropped. */
+	uint64_t bandwidth; /* bytes/s copied, 0: unlimited */
+	uint64_t max_bytes; /* incremental: bytes copied per call (about;
+			       one extent more at most), 0: default */
+	uint64_t max_clusters; /* incremental: clusters scanned per call,
+				  0: default */
+};
+
+/*
+ * siphon_block_stream_ex() with default params (whole chain, unlimited).
+ */
+SIPHON_API int siphon_block_stream(siphon_domain *dom, const char *path,
+				   uint64_t *cursor, unsigned flags);
+
+/*
+ * Stream the disk at path.
+ *
+ * With SIPHON_STREAM_CONTINUOUS: start streaming the whole disk on its
+ * worker and return at once; cursor may be NULL, otherwise it receives the
+ * stream's start cursor. The end comes as an event.
+ *
+ * Without: one bounded increment. *cursor == 0 opens an incremental stream
+ * (the disk shows in siphon_get_block_stream_info from then on, with its
+ * end) and sets *cursor to its start, copying nothing. Any other *cursor
+ * must come from this stream: one step is copied from there (at most
+ * max_bytes copied, max_clusters scanned) and *cursor is set to the new
+ * position. The step that reaches the end finalizes the disk; then *cursor
+ * equals the end that info reported, and the stream is over (a COMPLETED
+ * event is queued). A cursor behind the stream's position rescans from
+ * there (cheap: local clusters are skipped). params (may be NULL) are read
+ * when a stream opens; bandwidth also on every step.
+ *
+ * Returns 0. Errors: -EINVAL (NULL dom/path, relative path, unknown flags,
+ * bad params->size, incremental with cursor NULL, a cursor of another disk
+ * or stream, past the end or ahead of the stream, base not in the chain),
+ * -ENAMETOOLONG, -ENOENT (not attached), -EBUSY (a stream already runs on
+ * the disk, or an incremental stream is open and *cursor is 0, or an
+ * incremental step while a CONTINUOUS stream runs), -ENOTSUP (the top's
+ * format cannot be written), -EROFS, -ECANCELED (the incremental stream was
+ * aborted during the step), -EFBIG (too many clusters for a cursor), -EIO,
+ * -ENOSPC and other I/O errors (the incremental stream then ends as FAILED).
+ * Thread safe; an incremental step blocks the calling thread, not others.
+ */
+SIPHON_API int
+siphon_block_stream_ex(siphon_domain *dom, const char *path, uint64_t *cursor,
+		       unsigned flags,
+		       const struct siphon_block_stream_params *params);
+
+enum siphon_abort_flags {
+	SIPHON_ABORT_ASYNC = 1 << 0, /* return at once; the event follows */
+	SIPHON_ABORT_MASK = (1 << 1) - 1,
+};
+
+/*
+ * Abort the stream of the disk at path (CONTINUOUS, or an open incremental
+ * stream). Without SIPHON_ABORT_ASYNC, returns once the stream has stopped
+ * and the image is flushed and consistent; with it, at once. A CANCELLED
+ * event follows (COMPLETED if the stream finished first).
+ * Returns 0. Errors: -EINVAL (NULL, bad path, unknown flags),
+ * -ENAMETOOLONG, -ENOENT (not attached), -ESRCH (no stream on the disk).
+ * Thread safe.
+ */
+SIPHON_API int siphon_block_stream_abort(siphon_domain *dom, const char *path,
+					 unsigned flags);
+
+/*
+ * Change the bandwidth limit of the disk's stream (bytes/s, 0: unlimited),
+ * effective for the next extents. flags: must be 0.
+ * Returns 0. Errors: -EINVAL, -ENAMETOOLONG, -ENOENT (not attached), -ESRCH
+ * (no stream). Thread safe.
+ */
+SIPHON_API int siphon_block_stream_set_speed(siphon_domain *dom,
+					     const char *path, uint64_t bps,
+					     unsigned flags);
+
+/* The proposal's info struct. */
+struct siphon_block_stream_info {
+	char path[SIPHON_PATH_MAX];
+	uint64_t cur; /* 0 <= cur <= end; cur/end approximates progress */
+	uint64_t end; /* final cursor position: completion */
+};
+
+/*
+ * Fill info[0 .. min(nr, count)) with the domain's active streams (running
+ * CONTINUOUS streams and open incremental ones), in attach order. info may
+ * be NULL when nr is 0. flags: must be 0.
+ * Returns count, the number of active streams (may exceed nr). Errors:
+ * -EINVAL (dom NULL, info NULL with nr > 0, flags). Thread safe: a snapshot.
+ */
+SIPHON_API int
+siphon_get_block_stream_info(siphon_domain *dom,
+			     struct siphon_block_stream_info *info, unsigned nr,
+			     unsigned flags);
+
+enum siphon_stream_state {
+	SIPHON_STREAM_RUNNING = 1, /* CONTINUOUS running, incremental open */
+	SIPHON_STREAM_COMPLETED = 2, /* finalized */
+	SIPHON_STREAM_CANCELLED = 3,
+	SIPHON_STREAM_FAILED = 4,
+};
+
+enum siphon_info_flags {
+	/* Also list the last, ended stream of each disk without one running. */
+	SIPHON_INFO_ALL = 1 << 0,
+	SIPHON_INFO_MASK = (1 << 1) - 1,
+};
+
+struct siphon_block_stream_info_ex {
+	size_t size; /* caller: sizeof(the struct) */
+	char path[SIPHON_PATH_MAX];
+	char base[SIPHON_PATH_MAX]; /* "" when streaming the whole chain */
+	int state; /* enum siphon_stream_state */
+	unsigned flags; /* SIPHON_STREAM_CONTINUOUS or 0 */
+	int error; /* positive errno once FAILED, else 0 */
+	char message[SIPHON_MESSAGE_MAX];
+	uint64_t cur; /* cursors, as in the proposal's info */
+	uint64_t end;
+	uint64_t bytes_copied; /* read from the chain and written */
+	uint64_t bytes_skipped; /* already local */
+	uint64_t bytes_zero; /* zeros: not written as data */
+	uint64_t rate; /* bytes/s copied, recent */
+	uint64_t bandwidth; /* the limit, 0: unlimited */
+};
+
+/*
+ * Like siphon_get_block_stream_info, with more per stream. The array's
+ * element size is info[0].size (set by the caller; at least the first
+ * version's size); each element's size member is set to the bytes written.
+ * flags: SIPHON_INFO_ALL adds the ended streams.
+ * Returns the number of matching streams (may exceed nr). Errors: -EINVAL
+ * (dom NULL, info NULL with nr > 0, info[0].size too small, flags).
+ * Thread safe: a snapshot.
+ */
+SIPHON_API int
+siphon_get_block_stream_info_ex(siphon_domain *dom,
+				struct siphon_block_stream_info_ex *info,
+				unsigned nr, unsigned flags);
 
 #ifdef __cplusplus
 }

@@ -672,6 +672,16 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 	*wait_ns = 0;
 	if (limit > s->end)
 		limit = s->end;
+	/*
+	 * Bound the metadata the driver holds back, and what a crash leaves
+	 * to copy again.
+	 */
+	if (s->since_flush >= s->flush_bytes && !s->err) {
+		s->since_flush = 0;
+		ret = s->top->drv->flush(s->top);
+		if (ret < 0)
+			goto out;
+	}
 	while (!s->err && !atomic_load(&s->abort) && s->planner < limit &&
 	       s->inflight < s->max_inflight && s->plan_budget) {
 		max = sx_min(limit - s->planner, s->extent_bytes / s->cs);
@@ -807,12 +817,6 @@ int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes)
 	for (;;) {
 		stream_pump(s, limit, &wait);
 		report(s, false);
-		if (s->since_flush >= s->flush_bytes && !s->err) {
-			ret = s->top->drv->flush(s->top);
-			if (ret < 0)
-				stream_fail(s, ret);
-			s->since_flush = 0;
-		}
 		if (s->inflight) {
 			ret = sio_queue_run(s->q, 1);
 			if (ret < 0)

@@ -79,7 +79,8 @@ int stream_seek(struct stream *s, uint64_t cur);
 /*
  * Plan and submit work: at most max_inflight extents, within the speed
  * limit, and not past `limit` (a cluster index; the increment's end). Never
- * waits. Returns 0, or the stream's error once it has failed.
+ * waits for I/O, but flushes the top (synchronously) every flush_bytes
+ * copied. Returns 0, or the stream's error once it has failed.
  * *wait_ns: when throttled with nothing in flight, how long to sleep before
  * pumping again (0 otherwise).
  */

@@ -140,7 +140,14 @@ struct img_driver {
 	int (*write_zeroes)(struct img *img, uint64_t off, uint64_t len,
 			    unsigned flags);
 
-	/* Discard; reads as zeros afterwards if a backing file exists. */
+	/*
+	 * Advisory discard of the whole clusters in [off, off + len) (the
+	 * image's last cluster counts as whole when the range reaches the
+	 * end); partial clusters are left alone. Never exposes backing data:
+	 * with a backing file the clusters become zero clusters (qcow2 v3;
+	 * nothing happens on v2), without one they are unallocated. Their
+	 * host space is freed either way.
+	 */
 	int (*discard)(struct img *img, uint64_t off, uint64_t len);
 
 	/* Rewrite the backing reference (name NULL: remove). */

@@ -40,6 +40,7 @@
 #include "common/error.h"
 #include "io/fault.h"
 #include "io/io.h"
+#include "io/iolog.h"
 #include "io/ring.h"
 
 /* One request at a time; a few spare entries cost nothing. */
@@ -441,6 +442,8 @@ int sio_pwrite(struct sio_file *f, const void *buf, size_t len, uint64_t off)
 		sx_error(ret,
 			 "%s: write of %zu bytes at offset %" PRIu64 ": %s",
 			 f->path, len, off, strerror(-ret));
+	else
+		ret = sio_iolog_write(f, buf, NULL, 0, len, off);
 out:
 	return ret;
 }
@@ -461,6 +464,8 @@ static int sync_simple(struct sio_file *f, enum sio_op op, int mode,
 	} while (ret == -EINTR || ret == -EAGAIN);
 	if (ret < 0)
 		sx_error(ret, "%s: %s: %s", f->path, what, strerror(-ret));
+	else
+		ret = sio_iolog_op(f, op, mode, off, len);
 out:
 	return ret;
 }
@@ -650,7 +655,7 @@ int sio_file_truncate(struct sio_file *f, uint64_t size)
 	if (ftruncate(f->fd, (off_t)size) < 0)
 		return sx_error(-errno, "%s: truncate to %" PRIu64 ": %s",
 				f->path, size, strerror(errno));
-	return 0;
+	return sio_iolog_op(f, SIO_IOLOG_TRUNCATE, 0, size, 0);
 }
 
 void *sio_buf_alloc(size_t len)

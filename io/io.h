@@ -179,4 +179,10 @@ int sio_fault_add(enum sio_op op, const char *path_suffix, uint64_t off,
 		  uint64_t len, int err, unsigned count, unsigned after);
 void sio_fault_clear(void);
 
+/*
+ * Write log, for crash tests: with SIPHON_IO_LOG=PATH in the environment,
+ * every successful write, fsync, fdatasync, fallocate and truncate on a file
+ * opened writable is appended to PATH (format in io/iolog.h).
+ */
+
 #endif

@@ -36,6 +36,7 @@
 #include "common/error.h"
 #include "io/fault.h"
 #include "io/io.h"
+#include "io/iolog.h"
 #include "io/ring.h"
 
 /* Largest single transfer handed to the kernel; it caps near 2 GiB. */
@@ -429,6 +430,30 @@ static unsigned run_finished(struct sio_queue *q)
 	return ran;
 }
 
+/* Record a finished request in the write log (io/iolog.h), if one is kept. */
+static int log_done(const struct sio_req *req, int res)
+{
+	int ret = 0;
+
+	if (!sio_iolog_wanted(req->file))
+		return res;
+	switch (req->op) {
+	case SIO_OP_WRITE:
+		ret = sio_iolog_write(req->file, req->buf, req->iov,
+				      req->iovcnt, req_len(req), req->off);
+		break;
+	case SIO_OP_FSYNC:
+	case SIO_OP_FDATASYNC:
+	case SIO_OP_FALLOCATE:
+		ret = sio_iolog_op(req->file, (int)req->op, req->mode, req->off,
+				   req->len);
+		break;
+	default:
+		break;
+	}
+	return ret < 0 ? ret : res;
+}
+
 /* Reap what the kernel has completed, running callbacks. */
 static unsigned reap(struct sio_queue *q)
 {
@@ -444,6 +469,8 @@ static unsigned reap(struct sio_queue *q)
 		io_uring_cqe_seen(&q->ring, cqe);
 		q->in_ring--;
 		if (complete_one(q, req, res, &res)) {
+			if (res >= 0)
+				res = log_done(req, res);
 			run_callback(q, req, res);
 			ran++;
 		}

@@ -37,6 +37,9 @@ extern const struct siphon_cmd cmd_info;
 extern const struct siphon_cmd cmd_map;
 extern const struct siphon_cmd cmd_dump;
 extern const struct siphon_cmd cmd_stream;
+extern const struct siphon_cmd cmd_create;
+extern const struct siphon_cmd cmd_rebase;
+extern const struct siphon_cmd cmd_io;
 
 /* Text of the exit-code section shared by every command's help. */
 extern const char tool_exit_help[];
@@ -54,6 +57,13 @@ int tool_usage(const struct siphon_cmd *cmd, const char *fmt, ...)
 
 /* Parse --output's argument; false if unknown. */
 bool tool_parse_output(const char *arg, enum tool_output *out);
+
+/*
+ * Parse a byte count: decimal digits, then optionally one binary suffix
+ * (k/K, m/M, g/G, t/T) and "B" or "iB". Returns 0 and *out, or -EINVAL
+ * (malformed) / -ERANGE (does not fit in 63 bits); *out untouched then.
+ */
+int tool_parse_bytes(const char *s, uint64_t *out);
 
 /* "1.5 GiB"-style rendering of a byte count into buf. */
 const char *tool_human_size(uint64_t v, char *buf, size_t len);

@@ -35,7 +35,11 @@ cleanup() {
 trap cleanup EXIT
 
 step() {
-	printf '\n\033[1m== %s\033[0m\n' "$*"
+	if [[ -t 1 ]]; then
+		printf '\n\033[1m== %s\033[0m\n' "$*"
+	else
+		printf '\n== %s\n' "$*"
+	fi
 }
 
 show() {
@@ -64,7 +68,6 @@ ls -ls "$work"
 
 step "siphon info"
 show "$siphon" info top.qcow2
-show "$siphon" info --output=json top.qcow2
 
 step "siphon map (which layer holds each range)"
 show "$siphon" map top.qcow2

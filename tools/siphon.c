@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <stdint.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -26,6 +27,9 @@ static const struct siphon_cmd *const commands[] = {
 	&cmd_map,
 	&cmd_dump,
 	&cmd_stream,
+	&cmd_create,
+	&cmd_rebase,
+	&cmd_io,
 };
 
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
@@ -74,6 +78,52 @@ bool tool_parse_output(const char *arg, enum tool_output *out)
 		return true;
 	}
 	return false;
+}
+
+int tool_parse_bytes(const char *s, uint64_t *out)
+{
+	uint64_t v = 0, mult = 1;
+	const char *p = s;
+
+	if (!s || *p < '0' || *p > '9')
+		return -EINVAL;
+	for (; *p >= '0' && *p <= '9'; p++) {
+		if (v > (INT64_MAX - (uint64_t)(*p - '0')) / 10)
+			return -ERANGE;
+		v = v * 10 + (uint64_t)(*p - '0');
+	}
+	switch (*p) {
+	case 'k':
+	case 'K':
+		mult = 1ULL << 10;
+		break;
+	case 'm':
+	case 'M':
+		mult = 1ULL << 20;
+		break;
+	case 'g':
+	case 'G':
+		mult = 1ULL << 30;
+		break;
+	case 't':
+	case 'T':
+		mult = 1ULL << 40;
+		break;
+	default:
+		break;
+	}
+	if (mult > 1)
+		p++;
+	if (mult > 1 && p[0] == 'i' && p[1] == 'B')
+		p += 2;
+	else if (*p == 'B')
+		p++;
+	if (*p)
+		return -EINVAL;
+	if (v > INT64_MAX / mult)
+		return -ERANGE;
+	*out = v * mult;
+	return 0;
 }
 
 const char *tool_human_size(uint64_t v, char *buf, size_t len)

@@ -9,6 +9,14 @@
  * fast. block_status walks units: subclusters with extended L2, clusters
  * otherwise, and merges neighbours that have the same status (and, for data,
  * contiguous host offsets).
+ *
+ * Write path: qcow2_l2_set changes one L2 entry in the cache (marking the
+ * slice dirty), creating the L2 table first when the L1 entry is empty. A
+ * new table is zero-filled on disk before use (a reused cluster may hold
+ * garbage, and slices that are never dirtied are read back from disk); its
+ * L1 entry is only changed in memory and reaches the disk in
+ * qcow2_l1_flush, after the L2 writes are synced. L1 and L2 entries that
+ * the writer creates carry COPIED (refcount 1).
  */
 #define _GNU_SOURCE
 #include <endian.h>
@@ -425,4 +433,131 @@ fail:
 out:
 	pthread_mutex_unlock(&s->lock);
 	return ret;
+}
+
+/* ---- write path ---- */
+
+static void l1_mark_dirty(struct qcow2 *s, uint64_t i)
+{
+	struct qcow2_wstate *w = &s->w;
+
+	if (w->l1_dirty_lo >= w->l1_dirty_hi) {
+		w->l1_dirty_lo = i;
+		w->l1_dirty_hi = i + 1;
+		return;
+	}
+	w->l1_dirty_lo = sx_min(w->l1_dirty_lo, i);
+	w->l1_dirty_hi = sx_max(w->l1_dirty_hi, i + 1);
+}
+
+/* The L2 table of L1 entry l1_idx, ready to be written; created if absent. */
+static int l2_table_for_write(struct img *img, struct qcow2 *s,
+			      uint64_t l1_idx, uint64_t *l2_off)
+{
+	uint64_t e = s->l1[l1_idx], off = e & QCOW2_L1E_OFFSET_MASK;
+	uint64_t host, got, rc;
+	int ret;
+
+	if (!off) {
+		ret = qcow2_alloc_clusters(img, s, 1, &host, &got);
+		if (ret)
+			return ret;
+		qcow2_l2cache_drop(&s->l2cache, host, s->cluster_size);
+		ret = sio_pwrite(img->file, s->w.zero_cluster, s->cluster_size,
+				 host);
+		if (ret) {
+			qcow2_rc_update(img, s, host >> s->cluster_bits, -1);
+			return sx_error(ret,
+					"%s: cannot write a new L2 table: %s",
+					img->path, strerror(-ret));
+		}
+		/* Synced with the L2 writes, before the L1 entry. */
+		s->w.l2_unsynced = true;
+		s->l1[l1_idx] = host | QCOW2_OFLAG_COPIED;
+		l1_mark_dirty(s, l1_idx);
+		*l2_off = host;
+		return 0;
+	}
+	if (!sx_is_aligned(off, s->cluster_size))
+		return sx_error(-EINVAL, "%s: L2 table offset 0x%llx unaligned",
+				img->path, (unsigned long long)off);
+	if (!(e & QCOW2_OFLAG_COPIED)) {
+		/* Without snapshots only a stale flag can be missing. */
+		ret = qcow2_refcount_get(img, s, off >> s->cluster_bits, &rc);
+		if (ret)
+			return ret;
+		if (rc != 1)
+			return sx_error(
+				-ENOTSUP,
+				"%s: L2 table at 0x%llx is shared (refcount %llu); shared tables cannot be written",
+				img->path, (unsigned long long)off,
+				(unsigned long long)rc);
+		s->l1[l1_idx] = e | QCOW2_OFLAG_COPIED;
+		l1_mark_dirty(s, l1_idx);
+	}
+	ret = qcow2_check_overlap(img, s, off, s->cluster_size, "an L2 table");
+	if (ret)
+		return ret;
+	*l2_off = off;
+	return 0;
+}
+
+int qcow2_l2_set(struct img *img, struct qcow2 *s, uint64_t guest_off,
+		 uint64_t word, uint64_t bitmap)
+{
+	uint64_t cluster = guest_off >> s->cluster_bits;
+	uint64_t l1_idx = cluster >> s->l2_bits;
+	uint64_t per_slice = s->l2cache.slice_size / s->l2_entry_size;
+	uint64_t in_table = cluster & (s->l2_entries - 1);
+	uint64_t l2_off = 0, key;
+	uint8_t *slice, *p;
+	int ret;
+
+	if (l1_idx >= s->l1_size)
+		return sx_error(-EINVAL,
+				"%s: guest offset 0x%llx beyond the L1 table",
+				img->path, (unsigned long long)guest_off);
+	ret = l2_table_for_write(img, s, l1_idx, &l2_off);
+	if (ret)
+		return ret;
+	key = l2_off + (in_table / per_slice) * s->l2cache.slice_size;
+	ret = qcow2_l2cache_get(&s->l2cache, key, true, &slice);
+	if (ret)
+		return sx_error(ret, "%s: cannot load L2 table at 0x%llx: %s",
+				img->path, (unsigned long long)l2_off,
+				strerror(-ret));
+	p = slice + (in_table % per_slice) * s->l2_entry_size;
+	word = htobe64(word);
+	memcpy(p, &word, 8);
+	if (s->extended_l2) {
+		bitmap = htobe64(bitmap);
+		memcpy(p + 8, &bitmap, 8);
+	}
+	return 0;
+}
+
+int qcow2_l1_flush(struct img *img, struct qcow2 *s)
+{
+	struct qcow2_wstate *w = &s->w;
+	uint64_t lo = w->l1_dirty_lo, hi = w->l1_dirty_hi, i;
+	uint64_t *be;
+	int ret;
+
+	if (lo >= hi)
+		return 0;
+	be = malloc((hi - lo) * 8);
+	if (!be)
+		return -ENOMEM;
+	for (i = lo; i < hi; i++)
+		be[i - lo] = htobe64(s->l1[i]);
+	ret = sio_pwrite(img->file, be, (hi - lo) * 8,
+			 s->hdr.l1_table_offset + lo * 8);
+	free(be);
+	if (!ret)
+		ret = sio_fdatasync(img->file);
+	if (ret)
+		return sx_error(ret, "%s: cannot write the L1 table: %s",
+				img->path, strerror(-ret));
+	w->l1_dirty_lo = w->l1_dirty_hi = 0;
+	return 0;
 }

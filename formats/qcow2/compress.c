@@ -99,13 +99,53 @@ int qcow2_decompress(int type, const void *src, size_t src_len, void *dst,
 	}
 }
 
+int qcow2_read_compressed_entry(struct img *img, struct qcow2 *s,
+				const struct qcow2_l2e *e, uint64_t off,
+				void *buf)
+{
+	const char *why = "";
+	uint8_t *src = NULL;
+	uint64_t csize;
+	int ret;
+
+	/* The sector count may run past EOF for the last cluster: clip. */
+	if (e->coff >= s->file_size) {
+		ret = qcow2_refresh_file_size(img, s);
+		if (ret)
+			return ret;
+	}
+	if (e->coff >= s->file_size)
+		return sx_error(
+			-EINVAL,
+			"%s: compressed cluster at 0x%llx is beyond the end of the file (guest offset 0x%llx)",
+			img->path, (unsigned long long)e->coff,
+			(unsigned long long)off);
+	csize = sx_min(e->csize, s->file_size - e->coff);
+
+	src = malloc(csize);
+	if (!src)
+		return -ENOMEM;
+	/* On failure sio_pread's message (naming the file) stands. */
+	ret = sio_pread(img->file, src, csize, e->coff);
+	if (ret)
+		goto out;
+	ret = qcow2_decompress(s->hdr.compression_type, src, csize, buf,
+			       s->cluster_size, &why);
+	if (ret)
+		ret = sx_error(
+			ret,
+			"%s: compressed cluster at 0x%llx (guest offset 0x%llx): %s",
+			img->path, (unsigned long long)e->coff,
+			(unsigned long long)off, why);
+out:
+	free(src);
+	return ret;
+}
+
 int qcow2_read_compressed(struct img *img, uint64_t off, void *buf)
 {
 	struct qcow2 *s = img->priv;
 	struct qcow2_l2e e;
-	const char *why = "";
-	uint8_t *src = NULL;
-	uint64_t csize, file_size;
 	int ret;
 
 	if (off >= img->size)
@@ -116,35 +156,14 @@ int qcow2_read_compressed(struct img *img, uint64_t off, void *buf)
 	pthread_mutex_lock(&s->lock);
 	/* The lookup checked e.coff against the file size. */
 	ret = qcow2_get_l2e(img, s, off, &e);
-	file_size = s->file_size;
-	pthread_mutex_unlock(&s->lock);
-	if (ret)
-		return ret;
-	if (e.type != QCOW2_C_COMPRESSED)
-		return sx_error(
+	if (!ret && e.type != QCOW2_C_COMPRESSED)
+		ret = sx_error(
 			-EINVAL,
 			"%s: cluster at guest offset 0x%llx is not compressed",
 			img->path, (unsigned long long)off);
-
-	/* The sector count may run past EOF for the last cluster: clip. */
-	csize = sx_min(e.csize, file_size - e.coff);
-
-	src = malloc(csize);
-	if (!src)
-		return -ENOMEM;
-	/* On failure sio_pread's message (naming the file) stands. */
-	ret = sio_pread(img->file, src, csize, e.coff);
-	if (ret)
-		goto out;
-	ret = qcow2_decompress(s->hdr.compression_type, src, csize, buf,
-			       s->cluster_size, &why);
-	if (ret)
-		ret = sx_error(
-			ret,
-			"%s: compressed cluster at 0x%llx (guest offset 0x%llx): %s",
-			img->path, (unsigned long long)e.coff,
-			(unsigned long long)off, why);
-out:
-	free(src);
+	/* Under the lock: a writer may move the cluster meanwhile. */
+	if (!ret)
+		ret = qcow2_read_compressed_entry(img, s, &e, off, buf);
+	pthread_mutex_unlock(&s->lock);
 	return ret;
 }

@@ -7,6 +7,11 @@
  * only needs to check what lives in tables (L1/L2 entries). Extensions are
  * kept in file order with their raw bytes so that a header rewrite can
  * reproduce unknown ones verbatim.
+ *
+ * For writing it also refuses what the write path does not handle (internal
+ * snapshots, external data files, a dirty image), clears the autoclear bits
+ * it does not maintain before the first write, and rewrites the backing
+ * reference (set_backing) as one write of a rebuilt cluster 0.
  */
 #define _GNU_SOURCE
 #include <endian.h>
@@ -18,6 +23,7 @@
 #include "common/checked.h"
 #include "common/error.h"
 #include "formats/image.h"
+#include "io/io.h"
 #include "qcow2.h"
 
 static uint32_t get_be32(const uint8_t *p)
@@ -526,4 +532,158 @@ int qcow2_parse_header(struct img *img, struct qcow2 *s, const uint8_t *buf,
 	s->file_size = file_size;
 	s->data_file_size = file_size;
 	return 0;
+}
+
+int qcow2_check_writable(struct img *img, struct qcow2 *s)
+{
+	const struct qcow2_header *h = &s->hdr;
+
+	if (h->nb_snapshots)
+		return sx_error(
+			-ENOTSUP,
+			"%s: images with internal snapshots cannot be written (shared clusters); delete them with qemu-img snapshot -d",
+			img->path);
+	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
+		return sx_error(
+			-ENOTSUP,
+			"%s: images with an external data file cannot be written",
+			img->path);
+	if (h->incompatible_features & QCOW2_INCOMPAT_DIRTY)
+		return sx_error(
+			-EUCLEAN,
+			"%s: image is dirty (lazy refcounts): repair with 'qemu-img check -r all %s' first",
+			img->path, img->path);
+	return 0;
+}
+
+int qcow2_clear_autoclear(struct img *img, struct qcow2 *s)
+{
+	struct qcow2_header *h = &s->hdr;
+	uint64_t keep = h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+	uint64_t be;
+	int ret;
+
+	/*
+	 * Bitmaps are not updated by this writer, and unknown autoclear
+	 * features must be dropped by anyone who does not understand them:
+	 * clear both before the first write.
+	 */
+	if (h->version < 3 || h->autoclear_features == keep)
+		return 0;
+	be = htobe64(keep);
+	ret = sio_pwrite(img->file, &be, 8, 88);
+	if (!ret)
+		ret = sio_fdatasync(img->file);
+	if (ret)
+		return sx_error(ret,
+				"%s: cannot clear the autoclear feature bits: %s",
+				img->path, strerror(-ret));
+	h->autoclear_features = keep;
+	memcpy(s->hdr_raw + 88, &be, 8);
+	return 0;
+}
+
+static void free_exts(struct qcow2_ext *exts, size_t n)
+{
+	size_t i;
+
+	for (i = 0; exts && i < n; i++)
+		free(exts[i].data);
+	free(exts);
+}
+
+/* Copy of one extension, payload duplicated. */
+static int ext_dup(struct qcow2_ext *dst, uint32_t magic, const void *data,
+		   uint32_t len)
+{
+	dst->magic = magic;
+	dst->len = len;
+	dst->data = NULL;
+	if (!len)
+		return 0;
+	dst->data = malloc(len);
+	if (!dst->data)
+		return -ENOMEM;
+	memcpy(dst->data, data, len);
+	return 0;
+}
+
+int qcow2_set_backing(struct img *img, const char *name, const char *fmt)
+{
+	struct qcow2 *s = img->priv;
+	struct qcow2_ext *exts = NULL;
+	char *new_name = NULL, *new_fmt = NULL;
+	size_t n = 0, i;
+	uint8_t *buf = NULL;
+	int ret;
+
+	if (!img->writable || !s->w.on)
+		return sx_error(-EROFS, "%s: image is not open for writing",
+				img->path);
+	if (!name)
+		fmt = NULL; /* no backing file, no backing format */
+	if (fmt && strlen(fmt) > QCOW2_MAX_BACKING_NAME)
+		return sx_error(-ENAMETOOLONG, "%s: backing format too long",
+				img->path);
+	pthread_mutex_lock(&s->lock);
+	exts = calloc(s->n_exts + 1, sizeof(*exts));
+	buf = sio_buf_alloc(s->cluster_size);
+	if ((name && !(new_name = strdup(name))) ||
+	    (fmt && !(new_fmt = strdup(fmt))) || !exts || !buf) {
+		ret = sx_error(-ENOMEM, "%s: out of memory", img->path);
+		goto out;
+	}
+	/* The backing format first, then every other extension in order. */
+	if (fmt) {
+		ret = ext_dup(&exts[n++], QCOW2_EXT_BACKING_FMT, fmt,
+			      (uint32_t)strlen(fmt));
+		if (ret)
+			goto out;
+	}
+	for (i = 0; i < s->n_exts; i++) {
+		if (s->exts[i].magic == QCOW2_EXT_BACKING_FMT)
+			continue;
+		ret = ext_dup(&exts[n++], s->exts[i].magic, s->exts[i].data,
+			      s->exts[i].len);
+		if (ret)
+			goto out;
+	}
+	ret = qcow2_build_cluster0(&s->hdr, s->hdr_raw, exts, n, name, buf,
+				   s->cluster_size);
+	if (ret) {
+		ret = sx_error(ret, "%s: cannot rewrite the header: %s",
+			       img->path, ret == -ENOSPC
+						  ? "the backing file name does not fit in the first cluster"
+						  : strerror(-ret));
+		goto out;
+	}
+	/* One write of cluster 0: the old or the new header, never a mix. */
+	ret = sio_pwrite(img->file, buf, s->cluster_size, 0);
+	if (!ret)
+		ret = sio_fdatasync(img->file);
+	if (ret) {
+		ret = sx_error(ret, "%s: cannot write the header: %s",
+			       img->path, strerror(-ret));
+		goto out;
+	}
+	s->hdr.backing_file_offset = get_be64(buf + 8);
+	s->hdr.backing_file_size = get_be32(buf + 16);
+	memcpy(s->hdr_raw, buf, s->hdr.header_length);
+	free_exts(s->exts, s->n_exts);
+	s->exts = exts;
+	s->n_exts = n;
+	exts = NULL;
+	free(img->backing_name);
+	img->backing_name = new_name;
+	new_name = NULL;
+	free(img->backing_fmt);
+	img->backing_fmt = new_fmt;
+	new_fmt = NULL;
+out:
+	pthread_mutex_unlock(&s->lock);
+	free_exts(exts, n);
+	free(new_name);
+	free(new_fmt);
+	sio_buf_free(buf);
+	return ret;
 }

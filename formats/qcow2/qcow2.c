@@ -9,8 +9,9 @@
  * no close (calling close anyway is harmless). The image-level strings set
  * on success belong to struct img (the chain layer frees them).
  *
- * This driver is read-only for now; the write-path fields of the vtable stay
- * NULL until the allocation code lands.
+ * Opened for writing (img->writable), open also refuses what the write path
+ * cannot write (header.c: qcow2_check_writable), sets up the write state
+ * (flush.c) and gives the L2 cache its store hook; close flushes first.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -67,6 +68,11 @@ static void qcow2_close(struct img *img)
 
 	if (!s)
 		return;
+	if (s->lock_init)
+		pthread_mutex_lock(&s->lock);
+	qcow2_write_close(img, s);
+	if (s->lock_init)
+		pthread_mutex_unlock(&s->lock);
 	qcow2_l2cache_fini(&s->l2cache);
 	free(s->l1);
 	s->l1 = NULL;
@@ -116,7 +122,7 @@ static int init_cache(struct img *img, struct qcow2 *s)
 	/* No more slots than the image can ever have slices. */
 	nslots = sx_max(sx_min(nslots, total), QCOW2_L2CACHE_MIN_SLOTS);
 	return qcow2_l2cache_init(&s->l2cache, slice, (uint32_t)nslots, l2_load,
-				  NULL, img);
+				  img->writable ? qcow2_l2_store : NULL, img);
 }
 
 static int qcow2_open(struct img *img)
@@ -161,6 +167,11 @@ static int qcow2_open(struct img *img)
 	ret = qcow2_parse_header(img, s, buf, len, file_size);
 	if (ret)
 		goto out;
+	if (img->writable) {
+		ret = qcow2_check_writable(img, s);
+		if (ret)
+			goto out;
+	}
 	ret = qcow2_load_l1(img, s);
 	if (ret)
 		goto out;
@@ -175,6 +186,8 @@ static int qcow2_open(struct img *img)
 		if (ret)
 			goto out;
 	}
+	if (img->writable)
+		ret = qcow2_write_open(img, s);
 out:
 	free(buf);
 	if (ret) {
@@ -296,4 +309,12 @@ const struct img_driver img_driver_qcow2 = {
 	.block_status = qcow2_block_status,
 	.read_compressed = qcow2_read_compressed,
 	.info = qcow2_info,
+	.alloc_run = qcow2_alloc_run,
+	.commit_run = qcow2_commit_run,
+	.pwrite = qcow2_pwrite,
+	.write_zeroes = qcow2_write_zeroes,
+	.discard = qcow2_discard,
+	.set_backing = qcow2_set_backing,
+	.flush = qcow2_flush,
+	.create = qcow2_create,
 };

@@ -5,7 +5,10 @@
  * its extensions and the feature-name table; cluster.c decodes L1/L2 entries
  * and answers block_status; l2cache.c keeps a bounded LRU cache of L2 slices;
  * compress.c inflates one compressed cluster; refcount.c knows the refcount
- * geometry and reads refcounts; qcow2.c is the vtable glue.
+ * geometry, reads and updates refcounts and allocates host clusters;
+ * write.c holds the guest-facing write operations; flush.c the
+ * crash-consistent flush order; header_write.c builds cluster 0; create.c
+ * makes new images; qcow2.c is the vtable glue.
  *
  * Invariants kept once qcow2_open() succeeded:
  *  - every header field has been range-checked; the struct qcow2_header holds
@@ -18,8 +21,9 @@
  *  - L2 slices in the cache hold the on-disk (big-endian) bytes, so a later
  *    write path can modify and write them back as they are.
  *
- * Thread safety: block_status and read_compressed take s->lock around every
- * use of the L1 table and the L2 cache.
+ * Thread safety: block_status, read_compressed and every write-path entry
+ * point take s->lock around every use of the L1 table, the L2 cache and the
+ * refcount state.
  */
 #ifndef SIPHON_FORMATS_QCOW2_QCOW2_H
 #define SIPHON_FORMATS_QCOW2_QCOW2_H
@@ -175,6 +179,47 @@ struct qcow2_refcount {
 	uint64_t *table;
 };
 
+/*
+ * Write path: a small LRU cache of refcount blocks (on-disk layout), bounded
+ * in bytes like the L2 cache. A dirty block may be written back at any time:
+ * it only ever holds increases (leaks at worst) and decreases whose reference
+ * removal is already durable.
+ */
+struct qcow2_rcslot {
+	uint64_t t_idx; /* refcount table index of the block */
+	uint8_t *data; /* cluster_size bytes, allocated on first use */
+	uint64_t stamp; /* LRU clock */
+	bool used;
+	bool dirty;
+};
+
+#define QCOW2_RCACHE_BYTES (1u << 20)
+#define QCOW2_RCACHE_MIN_SLOTS 4u
+#define QCOW2_RCACHE_MAX_SLOTS 64u
+
+/* A refcount decrease waiting until the reference removal is durable. */
+struct qcow2_free {
+	uint64_t cluster; /* host cluster index */
+	uint64_t count; /* clusters from there */
+};
+
+/* Everything the write path keeps between flushes. */
+struct qcow2_wstate {
+	bool on; /* image opened for writing, state initialised */
+	struct qcow2_rcslot *rc_slots;
+	unsigned rc_nslots;
+	uint64_t rc_tick;
+	uint64_t rt_dirty_lo, rt_dirty_hi; /* refcount table entries [lo, hi) */
+	uint64_t l1_dirty_lo, l1_dirty_hi; /* L1 entries [lo, hi) */
+	bool data_dirty; /* data written since the last data fdatasync */
+	bool rc_unsynced; /* refcount blocks written, not yet synced */
+	bool l2_unsynced; /* L2 slices / new tables written, not yet synced */
+	uint64_t free_hint; /* first cluster index worth scanning */
+	struct qcow2_free *frees; /* deferred decreases */
+	size_t n_frees, cap_frees;
+	uint8_t *zero_cluster; /* cluster_size zero bytes (aligned) */
+};
+
 /* The kinds of cluster an L2 entry can describe. */
 enum qcow2_ctype {
 	QCOW2_C_UNALLOC = 0, /* offset 0: read the layer below */
@@ -235,6 +280,7 @@ struct qcow2 {
 	bool has_bitmaps;
 	struct qcow2_refcount rc;
 	struct qcow2_l2cache l2cache;
+	struct qcow2_wstate w;
 	bool lock_init;
 	pthread_mutex_t lock;
 };
@@ -350,6 +396,11 @@ int qcow2_decompress(int type, const void *src, size_t src_len, void *dst,
 /* drv->read_compressed. */
 int qcow2_read_compressed(struct img *img, uint64_t off, void *buf);
 
+/* read_compressed for a decoded entry e; the caller holds s->lock. */
+int qcow2_read_compressed_entry(struct img *img, struct qcow2 *s,
+				const struct qcow2_l2e *e, uint64_t off,
+				void *buf);
+
 /* ---- refcount.c ---- */
 
 /*
@@ -386,5 +437,97 @@ int qcow2_build_cluster0(const struct qcow2_header *h, const uint8_t *hdr_raw,
 
 /* drv->create. */
 int qcow2_create(struct sio_file *f, const struct img_create_opts *o);
+
+/* ---- write path (refcount.c) ---- */
+
+/* Set up / free the refcount-block cache and the deferred-free list. */
+int qcow2_rc_init_write(struct img *img, struct qcow2 *s);
+void qcow2_rc_fini_write(struct qcow2 *s);
+
+/*
+ * Add delta (+1 or -1) to the refcount of host cluster index cluster, in
+ * memory (the block becomes dirty). +1 creates the refcount block (and
+ * grows the table) when needed. -EINVAL on overflow of the refcount width,
+ * -EIO when a refcount would drop below zero.
+ */
+int qcow2_rc_update(struct img *img, struct qcow2 *s, uint64_t cluster,
+		    int delta);
+
+/*
+ * First-fit allocation of up to n contiguous free host clusters from the
+ * free hint, growing the file at the end. *host, *got (>= 1): the run,
+ * refcounted in memory. Fewer than n only when the free run is shorter.
+ */
+int qcow2_alloc_clusters(struct img *img, struct qcow2 *s, uint64_t n,
+			 uint64_t *host, uint64_t *got);
+
+/*
+ * Queue a decrease of every host cluster that [off, off + len) touches,
+ * applied by qcow2_rc_apply_frees once the reference removal is durable.
+ */
+int qcow2_free_deferred(struct img *img, struct qcow2 *s, uint64_t off,
+			uint64_t len);
+int qcow2_rc_apply_frees(struct img *img, struct qcow2 *s);
+
+/* Write dirty refcount blocks, sync, then dirty table entries, sync. */
+int qcow2_rc_flush(struct img *img, struct qcow2 *s);
+
+/*
+ * -EIO with a message when [off, off + len) overlaps the header, the L1
+ * table, the refcount table or a refcount block.
+ */
+int qcow2_check_overlap(struct img *img, struct qcow2 *s, uint64_t off,
+			uint64_t len, const char *what);
+
+/* ---- write path (cluster.c) ---- */
+
+/*
+ * Set the L2 entry of the guest cluster containing guest_off (bitmap: the
+ * second word for extended L2), in the cache; creates the L2 table when
+ * the L1 entry is empty. Caller holds s->lock.
+ */
+int qcow2_l2_set(struct img *img, struct qcow2 *s, uint64_t guest_off,
+		 uint64_t word, uint64_t bitmap);
+
+/* Write the dirty L1 entries and sync. */
+int qcow2_l1_flush(struct img *img, struct qcow2 *s);
+
+/* ---- write path (header.c) ---- */
+
+/* Refuse images the write path cannot write (-ENOTSUP, -EUCLEAN). */
+int qcow2_check_writable(struct img *img, struct qcow2 *s);
+
+/* Clear unknown autoclear bits and the bitmaps bit on disk (v3). */
+int qcow2_clear_autoclear(struct img *img, struct qcow2 *s);
+
+/* drv->set_backing. */
+int qcow2_set_backing(struct img *img, const char *name, const char *fmt);
+
+/* ---- write path (flush.c) ---- */
+
+/* Set up / tear down the write state of an image opened for writing. */
+int qcow2_write_open(struct img *img, struct qcow2 *s);
+void qcow2_write_close(struct img *img, struct qcow2 *s);
+
+/* The L2 cache's store hook: orders data and refcounts first. */
+int qcow2_l2_store(void *opaque, uint64_t key, void *buf, size_t len);
+
+/* The full flush order; caller holds s->lock. */
+int qcow2_flush_locked(struct img *img, struct qcow2 *s);
+
+/* drv->flush. */
+int qcow2_flush(struct img *img);
+
+/* ---- write path (write.c) ---- */
+
+int qcow2_alloc_run(struct img *img, uint64_t off, uint64_t nclusters,
+		    uint64_t *host_off, uint64_t *got);
+int qcow2_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
+		     uint64_t host_off);
+int qcow2_pwrite(struct img *img, const void *buf, uint64_t len,
+		 uint64_t off);
+int qcow2_write_zeroes(struct img *img, uint64_t off, uint64_t len,
+		       unsigned flags);
+int qcow2_discard(struct img *img, uint64_t off, uint64_t len);
 
 #endif

@@ -1,14 +1,27 @@
 /*
- * qcow2 refcounts: geometry, the refcount table, and reading one refcount.
+ * qcow2 refcounts: geometry, the refcount table, reading and updating
+ * refcounts, and host cluster allocation.
  *
  * refcount_bits = 1 << refcount_order (1..64). Entries of 8 bits or more are
  * big-endian; narrower ones are packed LSB-first within each byte. The
  * table is contiguous, loaded whole at open (bounded like qemu does at 8 MiB)
  * and kept host-endian; a table entry of 0 means the whole block is free.
  *
- * The write path will extend this file (allocation, refcount updates in the
- * crash-consistent order of QCOW2-NOTES.md): the entry accessors below work
- * on a block in on-disk layout in both directions for that reason.
+ * Write path. Refcount blocks live in a small LRU cache (bounded in bytes);
+ * table entries are changed in memory and remembered as a dirty range.
+ * Invariants:
+ *  - a table entry of 0 means no cluster of its range is in use, so a new
+ *    block for that range can describe itself: it goes in the first cluster
+ *    of its own range;
+ *  - every cluster handed out is refcounted in memory before it is returned;
+ *  - a table entry reaches the disk only after the block it points at is
+ *    durable (qcow2_rc_flush writes blocks, syncs, then the entries);
+ *  - decreases are queued (qcow2_free_deferred) and applied only after the
+ *    L2/L1 change that dropped the reference is durable, so a cluster is
+ *    never reused while an on-disk table may still point at it;
+ *  - the table grows by writing a new table (covering itself and the new
+ *    blocks it needs) elsewhere, syncing, switching the two header fields in
+ *    one write, syncing, and only then freeing the old table.
  */
 #define _GNU_SOURCE
 #include <endian.h>
@@ -62,6 +75,9 @@ void qcow2_refcount_entry_set(uint8_t *block, unsigned order, uint64_t idx,
 		value >>= 8;
 	}
 }
+
+static int rc_get_cached(struct img *img, struct qcow2 *s, uint64_t cluster,
+			 uint64_t *refcount);
 
 void qcow2_refcount_free(struct qcow2 *s)
 {
@@ -129,6 +145,11 @@ int qcow2_refcount_get(struct img *img, struct qcow2 *s, uint64_t cluster,
 		       uint64_t *refcount)
 {
 	struct qcow2_refcount *rc = &s->rc;
+
+	/* Opened for writing: the cache is newer than the disk. */
+	if (s->w.on)
+		return rc_get_cached(img, s, cluster, refcount);
+
 	uint64_t t_idx = cluster / rc->block_entries;
 	uint64_t b_idx = cluster % rc->block_entries;
 	uint64_t block, byte_off, pos;
@@ -168,5 +189,550 @@ int qcow2_refcount_get(struct img *img, struct qcow2 *s, uint64_t cluster,
 	/* buf holds the entry at index b_idx modulo the entries in a byte. */
 	*refcount = qcow2_refcount_entry_get(
 		buf, rc->order, rc->bits >= 8 ? 0 : b_idx % (8 / rc->bits));
+	return 0;
+}
+
+/* ---- write path ---- */
+
+static uint64_t rc_max(const struct qcow2 *s)
+{
+	return s->rc.bits == 64 ? UINT64_MAX : (1ull << s->rc.bits) - 1;
+}
+
+static void rt_mark_dirty(struct qcow2 *s, uint64_t lo, uint64_t hi)
+{
+	struct qcow2_wstate *w = &s->w;
+
+	if (w->rt_dirty_lo >= w->rt_dirty_hi) {
+		w->rt_dirty_lo = lo;
+		w->rt_dirty_hi = hi;
+		return;
+	}
+	w->rt_dirty_lo = sx_min(w->rt_dirty_lo, lo);
+	w->rt_dirty_hi = sx_max(w->rt_dirty_hi, hi);
+}
+
+int qcow2_rc_init_write(struct img *img, struct qcow2 *s)
+{
+	struct qcow2_wstate *w = &s->w;
+	uint64_t n = QCOW2_RCACHE_BYTES / s->cluster_size;
+
+	(void)img;
+	n = sx_max(sx_min(n, QCOW2_RCACHE_MAX_SLOTS), QCOW2_RCACHE_MIN_SLOTS);
+	w->rc_slots = calloc(n, sizeof(*w->rc_slots));
+	if (!w->rc_slots)
+		return -ENOMEM;
+	w->rc_nslots = (unsigned)n;
+	w->free_hint = 1;
+	return 0;
+}
+
+void qcow2_rc_fini_write(struct qcow2 *s)
+{
+	struct qcow2_wstate *w = &s->w;
+	unsigned i;
+
+	for (i = 0; w->rc_slots && i < w->rc_nslots; i++)
+		sio_buf_free(w->rc_slots[i].data);
+	free(w->rc_slots);
+	w->rc_slots = NULL;
+	w->rc_nslots = 0;
+	free(w->frees);
+	w->frees = NULL;
+	w->n_frees = w->cap_frees = 0;
+}
+
+static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+	return a < b + blen && b < a + alen;
+}
+
+int qcow2_check_overlap(struct img *img, struct qcow2 *s, uint64_t off,
+			uint64_t len, const char *what)
+{
+	struct qcow2_refcount *rc = &s->rc;
+	uint64_t l1_bytes = 0, i;
+	const char *hit = NULL;
+
+	if (sx_align_up(s->l1_size * 8, s->cluster_size, &l1_bytes))
+		return -EOVERFLOW;
+	if (overlaps(off, len, 0, s->cluster_size))
+		hit = "header";
+	else if (s->l1_size &&
+		 overlaps(off, len, s->hdr.l1_table_offset, l1_bytes))
+		hit = "L1 table";
+	else if (overlaps(off, len, rc->table_offset, rc->table_entries * 8))
+		hit = "refcount table";
+	for (i = 0; !hit && i < rc->table_entries; i++) {
+		uint64_t b = rc->table[i] & QCOW2_REFT_OFFSET_MASK;
+
+		if (b && overlaps(off, len, b, s->cluster_size))
+			hit = "refcount block";
+	}
+	if (!hit)
+		return 0;
+	return sx_error(
+		-EIO,
+		"%s: refusing to write %s at 0x%llx (%llu bytes): it overlaps the %s (corrupt image?)",
+		img->path, what, (unsigned long long)off,
+		(unsigned long long)len, hit);
+}
+
+static int rc_write_slot(struct img *img, struct qcow2 *s,
+			 struct qcow2_rcslot *slot)
+{
+	uint64_t off = s->rc.table[slot->t_idx] & QCOW2_REFT_OFFSET_MASK;
+	int ret;
+
+	ret = sio_pwrite(img->file, slot->data, s->cluster_size, off);
+	if (ret)
+		return sx_error(ret,
+				"%s: cannot write refcount block at 0x%llx: %s",
+				img->path, (unsigned long long)off,
+				strerror(-ret));
+	slot->dirty = false;
+	s->w.rc_unsynced = true;
+	return 0;
+}
+
+/*
+ * The cached block of table index t (whose table entry is non-zero, or
+ * which is being created: fresh = zero-filled, dirty). The pointer stays
+ * valid until the next rc_slot call.
+ */
+static int rc_slot(struct img *img, struct qcow2 *s, uint64_t t, bool fresh,
+		   struct qcow2_rcslot **out)
+{
+	struct qcow2_wstate *w = &s->w;
+	struct qcow2_rcslot *slot = NULL, *victim = NULL;
+	uint64_t off;
+	unsigned i;
+	int ret;
+
+	for (i = 0; i < w->rc_nslots; i++) {
+		struct qcow2_rcslot *c = &w->rc_slots[i];
+
+		if (c->used && c->t_idx == t) {
+			slot = c;
+			break;
+		}
+		if (!c->used) {
+			if (!victim || victim->used)
+				victim = c;
+		} else if (!victim || (victim->used && c->stamp < victim->stamp)) {
+			victim = c;
+		}
+	}
+	if (slot) {
+		slot->stamp = ++w->rc_tick;
+		if (fresh) {
+			memset(slot->data, 0, s->cluster_size);
+			slot->dirty = true;
+		}
+		*out = slot;
+		return 0;
+	}
+	if (victim->used && victim->dirty) {
+		ret = rc_write_slot(img, s, victim);
+		if (ret)
+			return ret;
+	}
+	victim->used = false;
+	if (!victim->data) {
+		victim->data = sio_buf_alloc(s->cluster_size);
+		if (!victim->data)
+			return -ENOMEM;
+	}
+	off = s->rc.table[t] & QCOW2_REFT_OFFSET_MASK;
+	if (fresh) {
+		memset(victim->data, 0, s->cluster_size);
+	} else {
+		if (!off || !sx_is_aligned(off, s->cluster_size))
+			return sx_error(
+				-EINVAL,
+				"%s: refcount block offset 0x%llx invalid (refcount table index %llu)",
+				img->path, (unsigned long long)off,
+				(unsigned long long)t);
+		ret = sio_pread(img->file, victim->data, s->cluster_size, off);
+		if (ret)
+			return ret;
+	}
+	victim->t_idx = t;
+	victim->used = true;
+	victim->dirty = fresh;
+	victim->stamp = ++w->rc_tick;
+	*out = victim;
+	return 0;
+}
+
+static int rc_get_cached(struct img *img, struct qcow2 *s, uint64_t cluster,
+			 uint64_t *refcount)
+{
+	uint64_t t = cluster / s->rc.block_entries;
+	struct qcow2_rcslot *slot;
+	int ret;
+
+	if (t >= s->rc.table_entries || !s->rc.table[t]) {
+		*refcount = 0;
+		return 0;
+	}
+	ret = rc_slot(img, s, t, false, &slot);
+	if (ret)
+		return ret;
+	*refcount = qcow2_refcount_entry_get(slot->data, s->rc.order,
+					     cluster % s->rc.block_entries);
+	return 0;
+}
+
+/*
+ * Grow the refcount table so that it has entry t (t >= table_entries).
+ * Every cluster from t's range up is free (nothing beyond the table is in
+ * use), so the new table and the blocks that describe it go at the start
+ * of t's range.
+ */
+static int rc_grow_table(struct img *img, struct qcow2 *s, uint64_t t)
+{
+	struct qcow2_refcount *rc = &s->rc;
+	uint64_t cs = s->cluster_size, E = rc->block_entries;
+	uint64_t per_cl = cs / 8, old_n = rc->table_entries;
+	uint64_t old_off = rc->table_offset;
+	uint64_t old_cl = old_n / per_cl;
+	uint64_t new_n, nt, nb = 0, p = t * E, first = t, last, i, x;
+	uint64_t *table = NULL;
+	uint8_t *buf = NULL, hdr[12];
+	unsigned k;
+	int ret;
+
+	new_n = sx_max(t + 1, old_n + old_n / 2);
+	for (;;) {
+		uint64_t nb2;
+
+		nt = (new_n + per_cl - 1) / per_cl;
+		for (;;) {
+			last = (p + nt + nb - 1) / E;
+			nb2 = last - first + 1;
+			if (nb2 == nb)
+				break;
+			nb = nb2;
+		}
+		if (last < new_n)
+			break;
+		new_n = last + 1;
+	}
+	new_n = nt * per_cl;
+	if (nt * cs > QCOW2_MAX_REFTABLE_BYTES || nt > UINT32_MAX)
+		return sx_error(
+			-EFBIG,
+			"%s: the refcount table would exceed %u MiB; the image is too large for its cluster size and refcount width",
+			img->path, QCOW2_MAX_REFTABLE_BYTES >> 20);
+
+	table = calloc(new_n, 8);
+	buf = sio_buf_alloc((nt + nb) * cs);
+	if (!table || !buf) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	memset(buf, 0, (nt + nb) * cs);
+	memcpy(table, rc->table, old_n * 8);
+	for (i = 0; i < nb; i++)
+		table[first + i] = (p + nt + i) * cs;
+	for (i = 0; i < new_n; i++) {
+		uint64_t be = htobe64(table[i]);
+
+		memcpy(buf + i * 8, &be, 8);
+	}
+	/* The new table and blocks are in use: refcount 1 in the new blocks. */
+	for (x = p; x < p + nt + nb; x++)
+		qcow2_refcount_entry_set(buf + (nt + x / E - first) * cs,
+					 rc->order, x % E, 1);
+
+	/* Every block the new table points at is durable before it is live. */
+	for (k = 0; k < s->w.rc_nslots; k++) {
+		struct qcow2_rcslot *c = &s->w.rc_slots[k];
+
+		if (c->used && c->dirty) {
+			ret = rc_write_slot(img, s, c);
+			if (ret)
+				goto out;
+		}
+	}
+	ret = sio_pwrite(img->file, buf, (nt + nb) * cs, p * cs);
+	if (ret)
+		goto out;
+	ret = sio_fdatasync(img->file);
+	if (ret)
+		goto out;
+	s->w.rc_unsynced = false;
+
+	/* One write switches refcount_table_offset and _clusters. */
+	{
+		uint64_t off_be = htobe64(p * cs);
+		uint32_t ncl_be = htobe32((uint32_t)nt);
+
+		memcpy(hdr, &off_be, 8);
+		memcpy(hdr + 8, &ncl_be, 4);
+	}
+	ret = sio_pwrite(img->file, hdr, sizeof(hdr), 48);
+	if (ret)
+		goto out;
+	ret = sio_fdatasync(img->file);
+	if (ret)
+		goto out;
+
+	memcpy(s->hdr_raw + 48, hdr, sizeof(hdr));
+	s->hdr.refcount_table_offset = p * cs;
+	s->hdr.refcount_table_clusters = (uint32_t)nt;
+	free(rc->table);
+	rc->table = table;
+	table = NULL;
+	rc->table_offset = p * cs;
+	rc->table_entries = new_n;
+	s->w.rt_dirty_lo = s->w.rt_dirty_hi = 0;
+
+	/* The header no longer points at the old table: free it now. */
+	for (i = 0; i < old_cl; i++) {
+		ret = qcow2_rc_update(img, s, old_off / cs + i, -1);
+		if (ret)
+			goto out;
+	}
+out:
+	free(table);
+	sio_buf_free(buf);
+	if (ret)
+		ret = sx_error(ret, "%s: cannot grow the refcount table: %s",
+			       img->path, strerror(-ret));
+	return ret;
+}
+
+/*
+ * Make sure the range of table index t has a block: grow the table, or
+ * create a block that describes itself in the first cluster of its range.
+ */
+static int rc_ensure_block(struct img *img, struct qcow2 *s, uint64_t t)
+{
+	struct qcow2_rcslot *slot;
+	uint64_t off;
+	int ret;
+
+	if (t >= s->rc.table_entries) {
+		ret = rc_grow_table(img, s, t);
+		if (ret)
+			return ret;
+	}
+	if (s->rc.table[t])
+		return 0;
+	if (sx_mul(t * s->rc.block_entries, s->cluster_size, &off) ||
+	    off > QCOW2_L2E_OFFSET_MASK)
+		return sx_error(-EFBIG, "%s: image file too large", img->path);
+	ret = qcow2_check_overlap(img, s, off, s->cluster_size,
+				  "a new refcount block");
+	if (ret)
+		return ret;
+	s->rc.table[t] = off;
+	rt_mark_dirty(s, t, t + 1);
+	ret = rc_slot(img, s, t, true, &slot);
+	if (ret) {
+		s->rc.table[t] = 0;
+		return ret;
+	}
+	qcow2_refcount_entry_set(slot->data, s->rc.order, 0, 1);
+	return 0;
+}
+
+int qcow2_rc_update(struct img *img, struct qcow2 *s, uint64_t cluster,
+		    int delta)
+{
+	uint64_t t = cluster / s->rc.block_entries;
+	uint64_t idx = cluster % s->rc.block_entries, v;
+	struct qcow2_rcslot *slot;
+	int ret;
+
+	if (delta > 0) {
+		ret = rc_ensure_block(img, s, t);
+		if (ret)
+			return ret;
+	} else if (t >= s->rc.table_entries || !s->rc.table[t]) {
+		return sx_error(
+			-EIO,
+			"%s: freeing host cluster 0x%llx that has no refcount block (corrupt image?)",
+			img->path, (unsigned long long)(cluster * s->cluster_size));
+	}
+	ret = rc_slot(img, s, t, false, &slot);
+	if (ret)
+		return ret;
+	v = qcow2_refcount_entry_get(slot->data, s->rc.order, idx);
+	if (delta > 0 && v >= rc_max(s))
+		return sx_error(
+			-EINVAL,
+			"%s: refcount of host cluster 0x%llx would overflow %u-bit refcounts",
+			img->path, (unsigned long long)(cluster * s->cluster_size),
+			s->rc.bits);
+	if (delta < 0 && v == 0)
+		return sx_error(
+			-EIO,
+			"%s: refcount of host cluster 0x%llx would drop below zero (corrupt image?)",
+			img->path, (unsigned long long)(cluster * s->cluster_size));
+	v = delta > 0 ? v + 1 : v - 1;
+	qcow2_refcount_entry_set(slot->data, s->rc.order, idx, v);
+	slot->dirty = true;
+	if (v == 0 && cluster < s->w.free_hint)
+		s->w.free_hint = cluster;
+	return 0;
+}
+
+int qcow2_alloc_clusters(struct img *img, struct qcow2 *s, uint64_t n,
+			 uint64_t *host, uint64_t *got)
+{
+	uint64_t E = s->rc.block_entries, c = sx_max(s->w.free_hint, 1);
+	uint64_t start, run = 0, t, i;
+	struct qcow2_rcslot *slot;
+	int ret;
+
+	if (!n)
+		return -EINVAL;
+	/* First fit: the first free cluster from the hint. */
+	for (;;) {
+		t = c / E;
+		ret = rc_ensure_block(img, s, t);
+		if (ret)
+			return ret;
+		ret = rc_slot(img, s, t, false, &slot);
+		if (ret)
+			return ret;
+		for (i = c % E; i < E; i++) {
+			if (!qcow2_refcount_entry_get(slot->data, s->rc.order,
+						      i))
+				break;
+		}
+		if (i < E)
+			break;
+		c = (t + 1) * E;
+	}
+	start = t * E + i;
+	/* Extend while free; stop at a range without a block (it needs one). */
+	for (c = start; run < n; c++, run++) {
+		if (c / E != t) {
+			t = c / E;
+			if (t >= s->rc.table_entries || !s->rc.table[t])
+				break;
+			ret = rc_slot(img, s, t, false, &slot);
+			if (ret)
+				return ret;
+		}
+		if (qcow2_refcount_entry_get(slot->data, s->rc.order, c % E))
+			break;
+	}
+	if (start * s->cluster_size > QCOW2_L2E_OFFSET_MASK)
+		return sx_error(-EFBIG, "%s: image file too large", img->path);
+	ret = qcow2_check_overlap(img, s, start * s->cluster_size,
+				  run * s->cluster_size, "a new cluster");
+	if (ret)
+		return ret;
+	for (i = 0; i < run; i++) {
+		ret = qcow2_rc_update(img, s, start + i, 1);
+		if (ret) {
+			/* Undo what was taken; the rest was never touched. */
+			while (i--)
+				qcow2_rc_update(img, s, start + i, -1);
+			return ret;
+		}
+	}
+	s->w.free_hint = start + run;
+	*host = start * s->cluster_size;
+	*got = run;
+	return 0;
+}
+
+int qcow2_free_deferred(struct img *img, struct qcow2 *s, uint64_t off,
+			uint64_t len)
+{
+	struct qcow2_wstate *w = &s->w;
+	uint64_t first = off >> s->cluster_bits;
+	uint64_t count = ((off + len - 1) >> s->cluster_bits) - first + 1;
+
+	(void)img;
+	if (!len)
+		return 0;
+	if (w->n_frees && w->frees[w->n_frees - 1].cluster +
+					  w->frees[w->n_frees - 1].count ==
+				  first) {
+		w->frees[w->n_frees - 1].count += count;
+		return 0;
+	}
+	if (w->n_frees == w->cap_frees) {
+		size_t cap = w->cap_frees ? w->cap_frees * 2 : 16;
+		struct qcow2_free *f = realloc(w->frees, cap * sizeof(*f));
+
+		if (!f)
+			return -ENOMEM;
+		w->frees = f;
+		w->cap_frees = cap;
+	}
+	w->frees[w->n_frees].cluster = first;
+	w->frees[w->n_frees].count = count;
+	w->n_frees++;
+	return 0;
+}
+
+int qcow2_rc_apply_frees(struct img *img, struct qcow2 *s)
+{
+	struct qcow2_wstate *w = &s->w;
+	int ret = 0;
+
+	while (w->n_frees) {
+		struct qcow2_free *f = &w->frees[w->n_frees - 1];
+
+		while (f->count) {
+			ret = qcow2_rc_update(img, s, f->cluster + f->count - 1,
+					      -1);
+			if (ret)
+				return ret;
+			f->count--;
+		}
+		w->n_frees--;
+	}
+	return ret;
+}
+
+int qcow2_rc_flush(struct img *img, struct qcow2 *s)
+{
+	struct qcow2_wstate *w = &s->w;
+	uint64_t lo = w->rt_dirty_lo, hi = w->rt_dirty_hi, i;
+	uint64_t *be = NULL;
+	unsigned k;
+	int ret;
+
+	for (k = 0; k < w->rc_nslots; k++) {
+		struct qcow2_rcslot *c = &w->rc_slots[k];
+
+		if (c->used && c->dirty) {
+			ret = rc_write_slot(img, s, c);
+			if (ret)
+				return ret;
+		}
+	}
+	if (w->rc_unsynced) {
+		ret = sio_fdatasync(img->file);
+		if (ret)
+			return ret;
+		w->rc_unsynced = false;
+	}
+	if (lo >= hi)
+		return 0;
+	/* The blocks these entries point at are durable now. */
+	be = malloc((hi - lo) * 8);
+	if (!be)
+		return -ENOMEM;
+	for (i = lo; i < hi; i++)
+		be[i - lo] = htobe64(s->rc.table[i]);
+	ret = sio_pwrite(img->file, be, (hi - lo) * 8,
+			 s->rc.table_offset + lo * 8);
+	free(be);
+	if (!ret)
+		ret = sio_fdatasync(img->file);
+	if (ret)
+		return sx_error(ret, "%s: cannot write the refcount table: %s",
+				img->path, strerror(-ret));
+	w->rt_dirty_lo = w->rt_dirty_hi = 0;
 	return 0;
 }

@@ -1,0 +1,314 @@
+/*
+ * The per-disk worker: one thread per attached disk that owns all of the
+ * disk's I/O (its img chain, its sio_queue, its stream), because the format
+ * drivers are not thread safe and a queue belongs to one thread.
+ *
+ * Other threads reach it through a command list (disk->cmds, under
+ * disk->cmd_lock) and an eventfd (disk->cmd_fd). The worker sleeps only in
+ * sio_queue_run(), with a SIO_OP_POLL on that eventfd always armed, so a
+ * command, an abort or a stop wakes it even while I/O is in flight; a
+ * throttled stream with nothing in flight arms a second poll on a timerfd.
+ * One turn of the loop is: handle commands; drive the stream; wait.
+ *
+ * Guest I/O (next issue) fits as more command kinds whose completion runs
+ * from the queue, with the stream pumped between them.
+ *
+ * Invariants: the command eventfd is drained before the list is taken, so a
+ * command posted after that always leaves the fd readable for the next
+ * poll; the worker exits only with no stream job and both polls reaped, so
+ * sio_queue_destroy() never waits for a poll that cannot fire.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+
+#include "domain.h"
+#include "formats/image.h"
+
+/* Names for the polled fds in io/ messages. */
+static char cmd_name[] = "(disk command eventfd)";
+static char timer_name[] = "(disk timerfd)";
+
+/* The disk whose worker is this thread, if any. */
+static _Thread_local struct disk *tls_disk;
+
+void disk_wake(struct disk *d)
+{
+	uint64_t one = 1;
+
+	/* Only fails with EAGAIN on a counter at its max: still readable. */
+	if (write(d->cmd_fd, &one, sizeof(one)) < 0) {
+	}
+}
+
+static void drain_fd(int fd)
+{
+	uint64_t v;
+
+	if (read(fd, &v, sizeof(v)) < 0) {
+		/* EAGAIN: nothing to drain */
+	}
+}
+
+static void cmd_poll_done(struct sio_req *req, int res)
+{
+	struct disk *d = req->priv;
+
+	(void)res;
+	d->cmd_armed = false;
+	d->cmd_ready = true;
+}
+
+static void timer_poll_done(struct sio_req *req, int res)
+{
+	struct disk *d = req->priv;
+
+	(void)res;
+	d->timer_armed = false;
+	drain_fd(d->timer_fd);
+}
+
+static int arm_poll(struct disk *d, struct sio_req *req, struct sio_file *f,
+		    sio_done_fn done)
+{
+	memset(req, 0, sizeof(*req));
+	req->op = SIO_OP_POLL;
+	req->file = f;
+	req->done = done;
+	req->priv = d;
+	return sio_queue_submit(d->q, req);
+}
+
+void disk_arm_timer(struct disk *d, uint64_t ns)
+{
+	struct itimerspec its = {0};
+
+	if (d->timer_armed)
+		return;
+	if (ns == 0)
+		ns = 1;
+	its.it_value.tv_sec = (time_t)(ns / 1000000000ull);
+	its.it_value.tv_nsec = (long)(ns % 1000000000ull);
+	if (timerfd_settime(d->timer_fd, 0, &its, NULL) < 0)
+		return;
+	if (arm_poll(d, &d->timer_poll, &d->timer_file, timer_poll_done) == 0)
+		d->timer_armed = true;
+}
+
+static void cmd_done_wake(struct disk_cmd *cmd)
+{
+	struct disk *d = cmd->priv;
+
+	pthread_mutex_lock(&d->cmd_lock);
+	cmd->done = true;
+	pthread_cond_broadcast(&d->cmd_cond);
+	pthread_mutex_unlock(&d->cmd_lock);
+}
+
+int disk_cmd_post(struct disk *d, struct disk_cmd *cmd)
+{
+	pthread_mutex_lock(&d->cmd_lock);
+	if (d->cmd_closed) {
+		pthread_mutex_unlock(&d->cmd_lock);
+		return sx_error(ENOENT, "%s: disk is being detached", d->path);
+	}
+	cmd->next = NULL;
+	*d->cmds_tail = cmd;
+	d->cmds_tail = &cmd->next;
+	pthread_mutex_unlock(&d->cmd_lock);
+	disk_wake(d);
+	return 0;
+}
+
+int disk_cmd_call(struct disk *d, struct disk_cmd *cmd)
+{
+	int ret;
+
+	/* Nothing runs on a worker that calls back in today; keep it so. */
+	if (tls_disk == d)
+		return sx_error(EDEADLK, "%s: call from the disk's own worker",
+				d->path);
+	cmd->done = false;
+	cmd->complete = cmd_done_wake;
+	cmd->priv = d;
+	ret = disk_cmd_post(d, cmd);
+	if (ret < 0)
+		return ret;
+	pthread_mutex_lock(&d->cmd_lock);
+	while (!cmd->done)
+		pthread_cond_wait(&d->cmd_cond, &d->cmd_lock);
+	pthread_mutex_unlock(&d->cmd_lock);
+	if (cmd->ret < 0)
+		return sx_error(cmd->ret, "%s", cmd->msg);
+	return cmd->ret;
+}
+
+static void cmd_finish(struct disk_cmd *cmd, int ret)
+{
+	cmd->ret = ret;
+	if (ret < 0)
+		snprintf(cmd->msg, sizeof(cmd->msg), "%s",
+			 sx_last_error()[0] ? sx_last_error() : strerror(-ret));
+	cmd->complete(cmd);
+}
+
+/* Take the whole list; with close, refuse every later post. */
+static struct disk_cmd *take_cmds(struct disk *d, bool close)
+{
+	struct disk_cmd *list;
+
+	pthread_mutex_lock(&d->cmd_lock);
+	list = d->cmds;
+	d->cmds = NULL;
+	d->cmds_tail = &d->cmds;
+	if (close)
+		d->cmd_closed = true;
+	pthread_mutex_unlock(&d->cmd_lock);
+	return list;
+}
+
+static void handle_cmds(struct disk *d)
+{
+	struct disk_cmd *cmd, *next;
+	bool stop = atomic_load(&d->stop);
+
+	for (cmd = take_cmds(d, stop); cmd; cmd = next) {
+		next = cmd->next;
+		sx_error_clear();
+		if (stop) {
+			cmd_finish(cmd, sx_error(ENOENT,
+						 "%s: disk is being detached",
+						 d->path));
+			continue;
+		}
+		switch (cmd->kind) {
+		case DISK_CMD_STREAM_START:
+		case DISK_CMD_STREAM_STEP:
+			stream_cmd_run(d, cmd);
+			cmd_finish(cmd, cmd->ret);
+			break;
+		default:
+			cmd_finish(cmd, sx_error(EINVAL, "unknown command %d",
+						 (int)cmd->kind));
+			break;
+		}
+	}
+}
+
+static void worker_loop(struct disk *d)
+{
+	int ret;
+
+	for (;;) {
+		if (d->cmd_ready) {
+			d->cmd_ready = false;
+			drain_fd(d->cmd_fd);
+			handle_cmds(d);
+		}
+		if (!d->cmd_armed &&
+		    arm_poll(d, &d->cmd_poll, &d->cmd_file, cmd_poll_done) == 0)
+			d->cmd_armed = true;
+		if (atomic_load(&d->stop) && d->job)
+			atomic_store(&d->job->abort, true);
+		if (d->job && d->job->abort && !d->job->continuous)
+			stream_job_reap(d);
+		if (d->job && d->job->continuous)
+			stream_job_pump(d);
+		if (atomic_load(&d->stop) && !d->job)
+			break;
+		ret = sio_queue_run(d->q, 1);
+		if (ret < 0 && d->job)
+			stream_job_fail(d, ret);
+	}
+}
+
+/* Reap both polls: make their fds readable and wait for them. */
+static void drain_polls(struct disk *d)
+{
+	struct itimerspec its = {.it_value = {.tv_nsec = 1}};
+	unsigned tries = 0;
+
+	while ((d->cmd_armed || d->timer_armed) && tries++ < 1000) {
+		if (d->cmd_armed)
+			disk_wake(d);
+		if (d->timer_armed)
+			timerfd_settime(d->timer_fd, 0, &its, NULL);
+		sio_queue_run(d->q, 1);
+	}
+}
+
+static void *disk_main(void *arg)
+{
+	struct disk *d = arg;
+	int ret;
+
+	tls_disk = d;
+	/* The ring is made here: it may only be used by its creator. */
+	ret = sio_queue_create(d->dom->queue_depth, &d->q);
+	pthread_mutex_lock(&d->cmd_lock);
+	d->init_ret = ret;
+	if (ret < 0)
+		snprintf(d->init_msg, sizeof(d->init_msg), "%s",
+			 sx_last_error());
+	pthread_cond_broadcast(&d->cmd_cond);
+	pthread_mutex_unlock(&d->cmd_lock);
+	if (ret < 0)
+		return NULL;
+
+	d->cmd_ready = true; /* a command may predate the first poll */
+	worker_loop(d);
+
+	/* Refuse commands posted since, then let their callers go. */
+	handle_cmds(d);
+	drain_polls(d);
+	sio_queue_destroy(d->q);
+	d->q = NULL;
+	img_close(d->img);
+	d->img = NULL;
+	return NULL;
+}
+
+int disk_start(struct disk *d)
+{
+	int ret;
+
+	d->cmd_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (d->cmd_fd < 0)
+		return sx_error(errno, "eventfd: %s", strerror(errno));
+	d->timer_fd =
+		timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+	if (d->timer_fd < 0)
+		return sx_error(errno, "timerfd: %s", strerror(errno));
+	d->cmd_file = (struct sio_file){
+		.fd = d->cmd_fd, .path = cmd_name, .align = 1, .mem_align = 1};
+	d->timer_file = (struct sio_file){.fd = d->timer_fd,
+					  .path = timer_name,
+					  .align = 1,
+					  .mem_align = 1};
+	d->init_ret = 1;
+	ret = -pthread_create(&d->thread, NULL, disk_main, d);
+	if (ret < 0)
+		return sx_error(ret, "%s: cannot start the disk's thread: %s",
+				d->path, strerror(-ret));
+	pthread_mutex_lock(&d->cmd_lock);
+	while (d->init_ret == 1)
+		pthread_cond_wait(&d->cmd_cond, &d->cmd_lock);
+	ret = d->init_ret;
+	pthread_mutex_unlock(&d->cmd_lock);
+	if (ret < 0) {
+		pthread_join(d->thread, NULL);
+		return sx_error(ret, "%s: %s", d->path, d->init_msg);
+	}
+	return 0;
+}
+
+void disk_stop(struct disk *d)
+{
+	atomic_store(&d->stop, true);
+	disk_wake(d);
+	pthread_join(d->thread, NULL);
+}

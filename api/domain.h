@@ -1,0 +1,203 @@
+/*
+ * The domain's private state, shared by api/domain.c (handles, lifetimes,
+ * events), api/disk_thread.c (the per-disk worker and its command queue) and
+ * api/stream_api.c (the stream calls).
+ *
+ * Threads and ownership:
+ *  - Each attached disk has one worker thread. It alone touches the disk's
+ *    img chain, sio_queue and stream engine object; everything else reaches
+ *    the disk by posting a disk_cmd.
+ *  - dom->lock protects the disk list, every disk's refs, job and last
+ *    fields and the fields of a published job marked (L), and the event
+ *    queue. stream_get_progress(), stream_request_abort() and
+ *    stream_set_speed() on job->s are called under it, which keeps job->s
+ *    alive: the worker unpublishes a job under dom->lock before freeing it.
+ *  - disk->cmd_lock protects the command list, cmd_closed and cmd->done.
+ *  - Lock order: dom->lock, then disk->cmd_lock. No lock is held while
+ *    calling the event callback or waiting for the worker.
+ *  - A disk is freed when its last reference goes; the list holds one, each
+ *    call that found the disk holds one while it uses it.
+ */
+#ifndef SIPHON_API_DOMAIN_H
+#define SIPHON_API_DOMAIN_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/error.h"
+#include "engine/stream.h"
+#include "io/io.h"
+#include "siphon.h"
+
+struct img;
+
+/* Cursors: (cluster << CURSOR_TAG_BITS) | tag, tag != 0; 0 = "open". */
+#define CURSOR_TAG_BITS 16
+#define CURSOR_TAG_MASK ((1u << CURSOR_TAG_BITS) - 1)
+#define CURSOR_MAX_CLUSTERS (UINT64_MAX >> CURSOR_TAG_BITS)
+
+#define DISK_DEFAULT_QUEUE_DEPTH 64
+
+static inline uint64_t cursor_encode(uint64_t cluster, uint16_t tag)
+{
+	return cluster << CURSOR_TAG_BITS | tag;
+}
+
+/* What a finished (or running) stream reports through info_ex. */
+struct job_report {
+	int state; /* enum siphon_stream_state */
+	bool continuous;
+	uint16_t tag;
+	int error; /* positive errno */
+	char message[SIPHON_MESSAGE_MAX];
+	char base[SIPHON_PATH_MAX];
+	uint64_t speed;
+	struct stream_progress progress;
+};
+
+struct stream_job {
+	uint64_t id;
+	struct stream *s; /* (L) valid while published */
+	struct img *base; /* a layer of the chain, or NULL */
+	bool continuous;
+	uint16_t tag;
+	uint64_t speed; /* (L) */
+	_Atomic bool abort;
+	char base_path[SIPHON_PATH_MAX];
+
+	/* worker only */
+	uint64_t end; /* clusters */
+	int err; /* the worker's own error (queue, flush) */
+	char errmsg[SIPHON_MESSAGE_MAX];
+};
+
+enum disk_cmd_kind {
+	DISK_CMD_STREAM_START = 1, /* CONTINUOUS */
+	DISK_CMD_STREAM_STEP, /* one incremental call */
+};
+
+/*
+ * A request for the worker. The poster owns it; the worker sets ret (and
+ * msg on failure), then calls complete() with no lock held, after which it
+ * never touches the command again.
+ */
+struct disk_cmd {
+	enum disk_cmd_kind kind;
+	struct disk_cmd *next;
+
+	/* stream commands */
+	uint64_t cursor; /* in/out */
+	uint64_t bandwidth;
+	bool set_bandwidth; /* a step: apply bandwidth */
+	uint64_t max_bytes;
+	uint64_t max_clusters;
+	const char *base; /* NULL: whole chain */
+
+	int ret;
+	char msg[SX_ERROR_MAX];
+	void (*complete)(struct disk_cmd *cmd);
+	void *priv;
+	bool done; /* disk->cmd_lock: for disk_cmd_call() */
+};
+
+struct disk {
+	struct siphon_domain *dom;
+	struct disk *next; /* dom->disks, attach order */
+	char *path;
+	unsigned refs; /* dom->lock */
+
+	/* dom->lock */
+	struct stream_job *job; /* running or open stream, or NULL */
+	bool has_last;
+	struct job_report last; /* the last stream that ended */
+
+	/* worker */
+	pthread_t thread;
+	struct img *img;
+	struct sio_queue *q;
+	int cmd_fd; /* eventfd: commands posted, stop, abort */
+	int timer_fd; /* timerfd: throttled stream wakes up */
+	struct sio_file cmd_file, timer_file; /* for SIO_OP_POLL */
+	struct sio_req cmd_poll, timer_poll;
+	bool cmd_armed, timer_armed, cmd_ready;
+	int init_ret; /* cmd_lock: worker start-up, 1 while pending */
+	char init_msg[SX_ERROR_MAX];
+
+	pthread_mutex_t cmd_lock;
+	pthread_cond_t cmd_cond;
+	struct disk_cmd *cmds, **cmds_tail; /* cmd_lock */
+	bool cmd_closed; /* cmd_lock: worker gone */
+	_Atomic bool stop;
+};
+
+struct event_node {
+	struct event_node *next;
+	struct siphon_event ev;
+};
+
+struct siphon_domain {
+	pthread_mutex_t lock;
+	pthread_cond_t job_cond; /* a job ended */
+	struct disk *disks;
+	uint64_t next_job_id;
+	uint16_t next_tag;
+	unsigned queue_depth;
+
+	/* events, under lock */
+	struct event_node *ev_head, **ev_tail;
+	int event_fd; /* readable while ev_head (no callback) */
+	siphon_event_fn event_cb; /* NULL: queue for the fd */
+	void *event_opaque;
+	pthread_t event_thread;
+	pthread_cond_t event_cond;
+	bool event_thread_started;
+	bool event_stop;
+};
+
+/* api/domain.c */
+int dom_check_path(const char *path);
+/* Find the attached disk named path and take a reference: -ENOENT. */
+int dom_get_disk(struct siphon_domain *dom, const char *path,
+		 struct disk **out);
+void dom_put_disk(struct disk *d);
+/* Queue n (malloc'd; NULL: dropped, out of memory). Under dom->lock. */
+void dom_push_event_locked(struct siphon_domain *dom, struct event_node *n);
+/*
+ * Copy a caller's options struct of any version into dst: a shorter one
+ * gets zeros for what it does not know, a longer one must hold zeros in the
+ * fields this library does not know (-EINVAL). src NULL: all zeros.
+ */
+int dom_copy_opts(void *dst, size_t dst_size, const void *src, size_t src_size,
+		  size_t min_size, const char *what);
+/* A new job id and non-zero cursor tag; under dom->lock. */
+void dom_new_job_ids(struct siphon_domain *dom, uint64_t *id, uint16_t *tag);
+
+/* api/disk_thread.c */
+int disk_start(struct disk *d);
+/* Abort what runs, stop the worker, join it, close the images. */
+void disk_stop(struct disk *d);
+/* Wake the worker (after setting a flag it checks). Any thread. */
+void disk_wake(struct disk *d);
+/*
+ * Post cmd and wait for the worker to complete it; re-records the worker's
+ * message on this thread. Returns cmd->ret, -ENOENT if the disk is being
+ * detached.
+ */
+int disk_cmd_call(struct disk *d, struct disk_cmd *cmd);
+/* Post without waiting; cmd->complete runs on the worker. */
+int disk_cmd_post(struct disk *d, struct disk_cmd *cmd);
+/* Worker: wake up after ns even with nothing in flight. */
+void disk_arm_timer(struct disk *d, uint64_t ns);
+
+/* api/stream_api.c, run by the worker */
+void stream_cmd_run(struct disk *d, struct disk_cmd *cmd);
+/* Worker: drive a CONTINUOUS stream one turn; ends it when done. */
+void stream_job_pump(struct disk *d);
+/* Worker: end an idle incremental stream that was aborted. */
+void stream_job_reap(struct disk *d);
+/* Worker: stop the job with an error (e.g. the queue failed). */
+void stream_job_fail(struct disk *d, int err);
+
+#endif

@@ -1,0 +1,839 @@
+/*
+ * qcow2 write path: allocating writes, copy-on-write over a backing file,
+ * write_zeroes, discard, overwriting compressed clusters, refcount-table
+ * growth, every refcount width, extended L2 subclusters, the stream
+ * engine's alloc_run/commit_run, set_backing keeping unknown extensions,
+ * and crashes simulated by failing every write from the k-th on.
+ *
+ * Each test keeps the expected guest content in memory; the image is read
+ * back through img_pread and, when qemu-img is installed, checked with
+ * `qemu-img check` (clean, or leaks only after a crash) and compared with
+ * a raw file holding the expected bytes (`qemu-img compare`).
+ */
+#define _GNU_SOURCE
+#include <check.h>
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <liburing.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common/error.h"
+#include "formats/image.h"
+#include "formats/qcow2/qcow2.h"
+#include "io/io.h"
+
+static char tmpdir[] = "/tmp/siphon-q2w-XXXXXX";
+static bool have_qemu;
+
+#define KiB 1024ull
+#define MiB (1024ull * 1024)
+
+static const char *tpath(const char *name)
+{
+	static char buf[4][512];
+	static int i;
+
+	i = (i + 1) % 4;
+	snprintf(buf[i], sizeof(buf[i]), "%s/%s", tmpdir, name);
+	return buf[i];
+}
+
+static int run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static int run(const char *fmt, ...)
+{
+	char cmd[2048];
+	va_list ap;
+	int st;
+
+	va_start(ap, fmt);
+	vsnprintf(cmd, sizeof(cmd), fmt, ap);
+	va_end(ap);
+	st = system(cmd);
+	if (st == -1 || !WIFEXITED(st))
+		return -1;
+	return WEXITSTATUS(st);
+}
+
+struct opts {
+	uint64_t size;
+	uint32_t cs;
+	unsigned rbits;
+	bool v2;
+	bool extl2;
+	const char *backing;
+	const char *backing_fmt;
+};
+
+static void create(const char *path, const struct opts *o)
+{
+	struct img_create_opts co = {0};
+	struct sio_file *f;
+
+	co.size = o->size;
+	co.cluster_size = o->cs;
+	co.refcount_bits = o->rbits;
+	co.compat_v2 = o->v2;
+	co.extended_l2 = o->extl2;
+	co.backing = o->backing;
+	co.backing_fmt = o->backing_fmt;
+	ck_assert_int_eq(sio_file_open(path, SIO_RDWR | SIO_CREATE | SIO_TRUNC,
+				       &f),
+			 0);
+	ck_assert_msg(img_driver_qcow2.create(f, &co) == 0, "%s",
+		      sx_last_error());
+	sio_file_close(f);
+}
+
+static struct img *open_rw(const char *path)
+{
+	struct img *img = NULL;
+	int ret = img_open(path, "qcow2", IMG_OPEN_RDWR, &img);
+
+	ck_assert_msg(ret == 0, "open %s: %d %s", path, ret, sx_last_error());
+	ck_assert_ptr_nonnull(img->drv->pwrite);
+	return img;
+}
+
+static void fill(uint8_t *p, size_t len, unsigned seed)
+{
+	size_t i;
+
+	for (i = 0; i < len; i++)
+		p[i] = (uint8_t)(seed * 31 + i * 7 + (i >> 9));
+}
+
+/* The expected guest content, kept alongside the image. */
+struct model {
+	uint8_t *b;
+	uint64_t size;
+};
+
+static void model_init(struct model *m, uint64_t size, const char *raw)
+{
+	m->size = size;
+	m->b = calloc(1, size);
+	ck_assert_ptr_nonnull(m->b);
+	if (raw) {
+		FILE *f = fopen(raw, "rb");
+		size_t n;
+
+		ck_assert_ptr_nonnull(f);
+		n = fread(m->b, 1, size, f);
+		(void)n;
+		fclose(f);
+	}
+}
+
+static void do_write(struct img *img, struct model *m, uint64_t off,
+		     uint64_t len, unsigned seed)
+{
+	uint8_t *buf = malloc(len);
+	int ret;
+
+	fill(buf, len, seed);
+	ret = img->drv->pwrite(img, buf, len, off);
+	ck_assert_msg(ret == 0, "pwrite %llu+%llu: %d %s",
+		      (unsigned long long)off, (unsigned long long)len, ret,
+		      sx_last_error());
+	memcpy(m->b + off, buf, len);
+	free(buf);
+}
+
+static void verify(struct img *img, const struct model *m)
+{
+	uint8_t *buf = malloc(m->size);
+	uint64_t i;
+
+	ck_assert_int_eq(img_pread(img, buf, m->size, 0), 0);
+	for (i = 0; i < m->size; i++)
+		if (buf[i] != m->b[i])
+			break;
+	ck_assert_msg(i == m->size, "content differs at %llu: %02x != %02x",
+		      (unsigned long long)i, buf[i], m->b[i]);
+	free(buf);
+}
+
+static int qcheck(const char *path)
+{
+	return run("qemu-img check -q '%s' >/dev/null 2>&1", path);
+}
+
+/* qemu-img check clean, and qemu's view equals the model. */
+static void oracle(const char *path, const struct model *m)
+{
+	const char *raw = tpath("expected.raw");
+	FILE *f;
+	int st;
+
+	if (!have_qemu)
+		return;
+	st = qcheck(path);
+	if (st != 0)
+		run("qemu-img check '%s' >&2", path);
+	ck_assert_msg(st == 0, "qemu-img check %s: exit %d", path, st);
+	f = fopen(raw, "wb");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_uint_eq(fwrite(m->b, 1, m->size, f), m->size);
+	fclose(f);
+	st = run("qemu-img compare -q -f raw -F qcow2 '%s' '%s'", raw, path);
+	ck_assert_msg(st == 0, "qemu-img compare %s: exit %d", path, st);
+}
+
+static void reopen_verify(const char *path, const struct model *m)
+{
+	struct img *img = NULL;
+
+	ck_assert_int_eq(img_open(path, "qcow2", 0, &img), 0);
+	verify(img, m);
+	img_close(img);
+	oracle(path, m);
+}
+
+/* ---- tests ---- */
+
+START_TEST(t_alloc_write_read)
+{
+	const char *p = tpath("a.qcow2");
+	struct opts o = {.size = 16 * MiB + 1536};
+	struct model m;
+	struct img *img;
+
+	create(p, &o);
+	model_init(&m, o.size, NULL);
+	img = open_rw(p);
+	do_write(img, &m, 0, 64 * KiB, 1);
+	do_write(img, &m, 512, 512, 2);		 /* in place */
+	do_write(img, &m, 1 * MiB + 4096, 200 * KiB, 3); /* partial ends */
+	do_write(img, &m, 8 * MiB - 512, 1024, 4);	 /* across clusters */
+	do_write(img, &m, 16 * MiB, 1536, 5);		 /* to the unaligned end */
+	verify(img, &m);
+	ck_assert_int_eq(img->drv->flush(img), 0);
+	do_write(img, &m, 3 * MiB, 3 * MiB, 6);
+	verify(img, &m);
+	img_close(img);
+	reopen_verify(p, &m);
+	free(m.b);
+}
+END_TEST
+
+START_TEST(t_refuse_bad_ranges)
+{
+	const char *p = tpath("r.qcow2");
+	struct opts o = {.size = 1 * MiB};
+	struct img *img;
+	uint8_t buf[1024] = {0};
+
+	create(p, &o);
+	img = open_rw(p);
+	ck_assert_int_eq(img->drv->pwrite(img, buf, 512, 100), -EINVAL);
+	ck_assert_int_eq(img->drv->pwrite(img, buf, 1024, 1 * MiB - 512),
+			 -EINVAL);
+	ck_assert_int_eq(img->drv->write_zeroes(img, 0, 512, 0x80), -EINVAL);
+	img_close(img);
+}
+END_TEST
+
+/* A raw base with a pattern, and a qcow2 overlay on it. */
+static void make_base(const char *path, uint64_t size, unsigned seed)
+{
+	uint8_t *b = malloc(size);
+	FILE *f = fopen(path, "wb");
+
+	fill(b, size, seed);
+	ck_assert_ptr_nonnull(f);
+	ck_assert_uint_eq(fwrite(b, 1, size, f), size);
+	fclose(f);
+	free(b);
+}
+
+START_TEST(t_cow_backing)
+{
+	const char *base = tpath("base.raw"), *p = tpath("cow.qcow2");
+	struct opts o = {.size = 4 * MiB, .cs = 65536};
+	struct model m;
+	struct img *img;
+
+	/* The base is shorter than the overlay: zeros past its end. */
+	make_base(base, 3 * MiB + 4096, 77);
+	o.backing = "base.raw";
+	o.backing_fmt = "raw";
+	create(p, &o);
+	model_init(&m, o.size, base);
+	img = open_rw(p);
+	ck_assert_ptr_nonnull(img->backing);
+	do_write(img, &m, 4096, 512, 1);
+	do_write(img, &m, 100 * KiB, 40 * KiB, 2);
+	do_write(img, &m, 3 * MiB, 8192, 3); /* cluster straddles base end */
+	do_write(img, &m, 4 * MiB - 1024, 1024, 4);
+	verify(img, &m);
+	img_close(img);
+	reopen_verify(p, &m);
+	free(m.b);
+}
+END_TEST
+
+START_TEST(t_write_zeroes)
+{
+	const char *base = tpath("zb.raw"), *p = tpath("z.qcow2");
+	struct opts o = {.size = 2 * MiB + 512, .cs = 65536};
+	struct model m;
+	struct img *img;
+
+	make_base(base, o.size, 9);
+	o.backing = "zb.raw";
+	o.backing_fmt = "raw";
+	create(p, &o);
+	model_init(&m, o.size, base);
+	img = open_rw(p);
+	do_write(img, &m, 0, 256 * KiB, 1);
+	/* Whole allocated clusters (kept), whole unallocated, partial. */
+	ck_assert_int_eq(img->drv->write_zeroes(img, 64 * KiB, 128 * KiB, 0),
+			 0);
+	ck_assert_int_eq(img->drv->write_zeroes(img, 1 * MiB, 192 * KiB,
+						IMG_WZ_NO_FALLBACK),
+			 0);
+	ck_assert_int_eq(img->drv->write_zeroes(img, 300 * KiB, 4096, 0), 0);
+	/* The last, partial cluster counts as whole. */
+	ck_assert_int_eq(img->drv->write_zeroes(img, 2 * MiB, 512, 0), 0);
+	memset(m.b + 64 * KiB, 0, 128 * KiB);
+	memset(m.b + 1 * MiB, 0, 192 * KiB);
+	memset(m.b + 300 * KiB, 0, 4096);
+	memset(m.b + 2 * MiB, 0, 512);
+	/* Writes into zero-allocated and zero clusters. */
+	do_write(img, &m, 64 * KiB + 512, 512, 2);
+	do_write(img, &m, 1 * MiB + 4096, 512, 3);
+	verify(img, &m);
+	img_close(img);
+	reopen_verify(p, &m);
+	free(m.b);
+}
+END_TEST
+
+START_TEST(t_write_zeroes_v2)
+{
+	const char *base = tpath("z2b.raw"), *p = tpath("z2.qcow2");
+	struct opts o = {.size = 1 * MiB, .cs = 65536, .v2 = true};
+	struct model m;
+	struct img *img;
+
+	make_base(base, o.size, 5);
+	o.backing = "z2b.raw";
+	o.backing_fmt = "raw";
+	create(p, &o);
+	model_init(&m, o.size, base);
+	img = open_rw(p);
+	ck_assert_int_eq(img->drv->write_zeroes(img, 0, 64 * KiB,
+						IMG_WZ_NO_FALLBACK),
+			 -ENOTSUP);
+	ck_assert_int_eq(img->drv->write_zeroes(img, 0, 192 * KiB, 0), 0);
+	memset(m.b, 0, 192 * KiB);
+	/* discard on v2 with a backing file: nothing may show through. */
+	ck_assert_int_eq(img->drv->discard(img, 0, 1 * MiB), 0);
+	verify(img, &m);
+	img_close(img);
+	reopen_verify(p, &m);
+	free(m.b);
+}
+END_TEST
+
+START_TEST(t_discard)
+{
+	const char *base = tpath("db.raw"), *p = tpath("d.qcow2");
+	const char *q = tpath("d2.qcow2");
+	struct opts o = {.size = 2 * MiB, .cs = 65536};
+	struct model m;
+	struct img *img;
+
+	/* With a backing file: zero clusters. */
+	make_base(base, o.size, 3);
+	o.backing = "db.raw";
+	o.backing_fmt = "raw";
+	create(p, &o);
+	model_init(&m, o.size, base);
+	img = open_rw(p);
+	do_write(img, &m, 0, 512 * KiB, 1);
+	ck_assert_int_eq(img->drv->discard(img, 64 * KiB, 128 * KiB), 0);
+	memset(m.b + 64 * KiB, 0, 128 * KiB);
+	/* Partial clusters: no-op. Unallocated ones: zeroed too. */
+	ck_assert_int_eq(img->drv->discard(img, 300 * KiB, 4096), 0);
+	ck_assert_int_eq(img->drv->discard(img, 1 * MiB, 64 * KiB), 0);
+	memset(m.b + 1 * MiB, 0, 64 * KiB);
+	ck_assert_int_eq(img->drv->flush(img), 0);
+	/* Freed clusters get reused after the flush applied the frees. */
+	do_write(img, &m, 1536 * KiB, 128 * KiB, 2);
+	verify(img, &m);
+	img_close(img);
+	reopen_verify(p, &m);
+	free(m.b);
+
+	/* Without a backing file: unallocated. */
+	o.backing = o.backing_fmt = NULL;
+	create(q, &o);
+	model_init(&m, o.size, NULL);
+	img = open_rw(q);
+	do_write(img, &m, 0, 1 * MiB, 4);
+	ck_assert_int_eq(img->drv->discard(img, 0, 2 * MiB), 0);
+	memset(m.b, 0, 1 * MiB);
+	verify(img, &m);
+	img_close(img);
+	reopen_verify(q, &m);
+	free(m.b);
+}
+END_TEST
+
+START_TEST(t_compressed)
+{
+	const char *raw = tpath("c.raw"), *p = tpath("c.qcow2");
+	const char *types[] = {"zlib", "zstd"};
+	struct model m;
+	struct img *img;
+	int i;
+
+	if (!have_qemu)
+		return;
+	for (i = 0; i < 2; i++) {
+		make_base(raw, 1 * MiB, 11);
+		ck_assert_int_eq(
+			run("qemu-img convert -c -O qcow2 -o cluster_size=65536,compression_type=%s '%s' '%s'",
+			    types[i], raw, p),
+			0);
+		model_init(&m, 1 * MiB, raw);
+		img = open_rw(p);
+		do_write(img, &m, 64 * KiB + 512, 4096, 1);
+		do_write(img, &m, 0, 64 * KiB, 2);
+		do_write(img, &m, 512 * KiB - 512, 1024, 3);
+		ck_assert_int_eq(img->drv->write_zeroes(img, 192 * KiB,
+							64 * KiB, 0),
+				 0);
+		memset(m.b + 192 * KiB, 0, 64 * KiB);
+		ck_assert_int_eq(img->drv->discard(img, 256 * KiB, 64 * KiB),
+				 0);
+		memset(m.b + 256 * KiB, 0, 64 * KiB);
+		verify(img, &m);
+		img_close(img);
+		reopen_verify(p, &m);
+		free(m.b);
+	}
+}
+END_TEST
+
+START_TEST(t_reftable_growth)
+{
+	const char *p = tpath("g.qcow2");
+	struct opts o = {.size = 8 * MiB, .cs = 512, .rbits = 64};
+	struct model m;
+	struct img *img;
+	struct qcow2 *s;
+	uint64_t off, t0;
+
+	create(p, &o);
+	model_init(&m, o.size, NULL);
+	img = open_rw(p);
+	s = img->priv;
+	t0 = s->rc.table_offset;
+	for (off = 0; off < 6 * MiB; off += 96 * KiB)
+		do_write(img, &m, off, 64 * KiB, (unsigned)(off >> 10));
+	ck_assert_int_eq(img->drv->flush(img), 0);
+	ck_assert_uint_ne(s->rc.table_offset, t0);
+	verify(img, &m);
+	img_close(img);
+	reopen_verify(p, &m);
+	free(m.b);
+}
+END_TEST
+
+START_TEST(t_refcount_widths)
+{
+	static const unsigned widths[] = {1, 2, 4, 8, 16, 32, 64};
+	char name[32];
+	struct model m;
+	unsigned i;
+
+	for (i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) {
+		struct opts o = {.size = 4 * MiB, .cs = 4096,
+				 .rbits = widths[i]};
+		const char *p;
+		struct img *img;
+
+		snprintf(name, sizeof(name), "w%u.qcow2", widths[i]);
+		p = tpath(name);
+		create(p, &o);
+		model_init(&m, o.size, NULL);
+		img = open_rw(p);
+		do_write(img, &m, 0, 1 * MiB, 1);
+		do_write(img, &m, 2 * MiB + 512, 700 * KiB, 2);
+		ck_assert_int_eq(img->drv->discard(img, 256 * KiB, 256 * KiB),
+				 0);
+		memset(m.b + 256 * KiB, 0, 256 * KiB);
+		ck_assert_int_eq(img->drv->flush(img), 0);
+		do_write(img, &m, 3 * MiB, 512 * KiB, 3);
+		verify(img, &m);
+		img_close(img);
+		reopen_verify(p, &m);
+		free(m.b);
+	}
+}
+END_TEST
+
+START_TEST(t_extl2)
+{
+	const char *base = tpath("eb.raw"), *p = tpath("e.qcow2");
+	struct opts o = {.size = 4 * MiB, .cs = 65536, .extl2 = true};
+	struct model m;
+	struct img *img;
+	struct img_extent e;
+
+	make_base(base, o.size, 21);
+	o.backing = "eb.raw";
+	o.backing_fmt = "raw";
+	create(p, &o);
+	model_init(&m, o.size, base);
+	img = open_rw(p);
+	/* Subcluster 1 only (2 KiB each): the rest stays unallocated. */
+	do_write(img, &m, 2048 + 512, 512, 1);
+	ck_assert_int_eq(img->drv->block_status(img, 0, 64 * KiB, &e), 0);
+	ck_assert_int_eq(e.status, IMG_UNALLOC);
+	ck_assert_uint_eq(e.len, 2048);
+	ck_assert_int_eq(img->drv->block_status(img, 2048, 64 * KiB, &e), 0);
+	ck_assert_int_eq(e.status, IMG_DATA);
+	ck_assert_uint_eq(e.len, 2048);
+	/* Partial subclusters on both sides, in an allocated cluster. */
+	do_write(img, &m, 6 * 2048 + 1024, 3 * 2048, 2);
+	/* Whole subclusters zeroed, partial ones written as zeros. */
+	ck_assert_int_eq(img->drv->write_zeroes(img, 128 * KiB + 1024,
+						8 * 2048, 0),
+			 0);
+	memset(m.b + 128 * KiB + 1024, 0, 8 * 2048);
+	do_write(img, &m, 1 * MiB, 200 * KiB, 3);
+	ck_assert_int_eq(img->drv->discard(img, 1 * MiB, 64 * KiB), 0);
+	memset(m.b + 1 * MiB, 0, 64 * KiB);
+	verify(img, &m);
+	img_close(img);
+	reopen_verify(p, &m);
+	free(m.b);
+}
+END_TEST
+
+START_TEST(t_stream_runs)
+{
+	const char *p = tpath("s.qcow2");
+	struct opts o = {.size = 8 * MiB, .cs = 65536};
+	struct model m;
+	struct img *img;
+	uint64_t off = 0, host, got, total = 0;
+	uint8_t *buf = sio_buf_alloc(2 * MiB);
+
+	create(p, &o);
+	model_init(&m, o.size, NULL);
+	img = open_rw(p);
+	while (off < 2 * MiB) {
+		ck_assert_int_eq(img->drv->alloc_run(img, off, 16, &host, &got),
+				 0);
+		ck_assert_uint_ge(got, 1);
+		fill(buf, got * 65536, (unsigned)off);
+		ck_assert_int_eq(sio_pwrite(img->file, buf, got * 65536, host),
+				 0);
+		ck_assert_int_eq(img->drv->commit_run(img, off, got, host), 0);
+		memcpy(m.b + off, buf, got * 65536);
+		off += got * 65536;
+		total++;
+	}
+	/* Contiguous runs: 2 MiB in two allocations of 16 clusters. */
+	ck_assert_uint_eq(total, 2);
+	/* A cluster written meanwhile keeps the newer data. */
+	do_write(img, &m, 4 * MiB, 65536, 9);
+	ck_assert_int_eq(img->drv->alloc_run(img, 4 * MiB, 1, &host, &got), 0);
+	ck_assert_int_eq(img->drv->commit_run(img, 4 * MiB, 1, host), 0);
+	ck_assert_int_eq(img->drv->flush(img), 0);
+	verify(img, &m);
+	img_close(img);
+	reopen_verify(p, &m);
+	free(m.b);
+	sio_buf_free(buf);
+}
+END_TEST
+
+START_TEST(t_set_backing)
+{
+	const char *p = tpath("h.qcow2"), *base = tpath("hb.raw");
+	static const uint8_t unknown[5] = {1, 2, 3, 4, 5};
+	struct opts o = {.size = 1 * MiB, .backing = "old.raw",
+			 .backing_fmt = "raw"};
+	struct qcow2_ext *exts;
+	struct img *img = NULL;
+	struct qcow2 *s;
+	uint8_t *c0;
+	size_t i;
+	bool seen = false;
+
+	make_base(base, 1 * MiB, 1);
+	make_base(tpath("old.raw"), 1 * MiB, 2);
+	create(p, &o);
+	/* Add an unknown extension by rebuilding cluster 0. */
+	ck_assert_int_eq(img_open(p, "qcow2",
+				  IMG_OPEN_RDWR | IMG_OPEN_NO_BACKING, &img),
+			 0);
+	s = img->priv;
+	exts = calloc(s->n_exts + 1, sizeof(*exts));
+	memcpy(exts, s->exts, s->n_exts * sizeof(*exts));
+	exts[s->n_exts].magic = 0x12345678;
+	exts[s->n_exts].len = sizeof(unknown);
+	exts[s->n_exts].data = (uint8_t *)unknown;
+	c0 = calloc(1, s->cluster_size);
+	ck_assert_int_eq(qcow2_build_cluster0(&s->hdr, s->hdr_raw, exts,
+					      s->n_exts + 1, "old.raw", c0,
+					      s->cluster_size),
+			 0);
+	ck_assert_int_eq(sio_pwrite(img->file, c0, s->cluster_size, 0), 0);
+	free(exts);
+	free(c0);
+	img_close(img);
+
+	img = open_rw(p);
+	ck_assert_int_eq(img->drv->set_backing(img, "hb.raw", "raw"), 0);
+	ck_assert_str_eq(img->backing_name, "hb.raw");
+	img_close(img);
+
+	ck_assert_int_eq(img_open(p, "qcow2", 0, &img), 0);
+	s = img->priv;
+	ck_assert_str_eq(img->backing_name, "hb.raw");
+	ck_assert_str_eq(img->backing_fmt, "raw");
+	ck_assert_uint_eq(s->exts[0].magic, QCOW2_EXT_BACKING_FMT);
+	for (i = 0; i < s->n_exts; i++) {
+		if (s->exts[i].magic != 0x12345678)
+			continue;
+		seen = true;
+		ck_assert_uint_eq(s->exts[i].len, sizeof(unknown));
+		ck_assert_mem_eq(s->exts[i].data, unknown, sizeof(unknown));
+	}
+	ck_assert(seen);
+	img_close(img);
+	if (have_qemu) {
+		ck_assert_int_eq(qcheck(p), 0);
+		ck_assert_int_eq(
+			run("qemu-img info '%s' | grep -q '^backing file: hb.raw'",
+			    p),
+			0);
+	}
+
+	/* Remove the backing file; a too long name does not fit. */
+	img = open_rw(p);
+	ck_assert_int_eq(img->drv->set_backing(img, NULL, "raw"), 0);
+	ck_assert_ptr_null(img->backing_name);
+	ck_assert_ptr_null(img->backing_fmt);
+	img_close(img);
+	ck_assert_int_eq(img_open(p, "qcow2", 0, &img), 0);
+	ck_assert_ptr_null(img->backing_name);
+	ck_assert_ptr_null(img->backing);
+	img_close(img);
+	if (have_qemu)
+		ck_assert_int_eq(qcheck(p), 0);
+}
+END_TEST
+
+START_TEST(t_set_backing_nospace)
+{
+	const char *p = tpath("n.qcow2");
+	struct opts o = {.size = 1 * MiB, .cs = 512};
+	struct img *img;
+	char name[600];
+
+	create(p, &o);
+	img = open_rw(p);
+	memset(name, 'x', sizeof(name) - 1);
+	name[sizeof(name) - 1] = '\0';
+	ck_assert_int_eq(img->drv->set_backing(img, name, "raw"), -ENOSPC);
+	ck_assert_ptr_null(img->backing_name);
+	img_close(img);
+}
+END_TEST
+
+/* Write a qcow2 header field (big-endian) in place. */
+static void poke64(const char *path, off_t off, uint64_t v)
+{
+	int fd = open(path, O_WRONLY);
+
+	v = htobe64(v);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pwrite(fd, &v, 8, off), 8);
+	close(fd);
+}
+
+START_TEST(t_open_checks)
+{
+	const char *p = tpath("o.qcow2");
+	struct opts o = {.size = 1 * MiB};
+	struct img *img = NULL;
+
+	create(p, &o);
+	poke64(p, 72, QCOW2_INCOMPAT_DIRTY);
+	ck_assert_int_eq(img_open(p, "qcow2", IMG_OPEN_RDWR, &img), -EUCLEAN);
+	ck_assert_ptr_nonnull(strstr(sx_last_error(), "qemu-img check -r all"));
+	ck_assert_int_eq(img_open(p, "qcow2", 0, &img), 0);
+	img_close(img);
+
+	/* Unknown autoclear bits and the bitmaps bit are cleared. */
+	create(p, &o);
+	poke64(p, 88, 0x8000000000000001ull);
+	img = open_rw(p);
+	ck_assert_uint_eq(((struct qcow2 *)img->priv)->hdr.autoclear_features,
+			  0);
+	img_close(img);
+	ck_assert_int_eq(img_open(p, "qcow2", 0, &img), 0);
+	ck_assert_uint_eq(((struct qcow2 *)img->priv)->hdr.autoclear_features,
+			  0);
+	img_close(img);
+
+	if (have_qemu) {
+		create(p, &o);
+		ck_assert_int_eq(run("qemu-img snapshot -c snap '%s'", p), 0);
+		ck_assert_int_eq(img_open(p, "qcow2", IMG_OPEN_RDWR, &img),
+				 -ENOTSUP);
+		ck_assert_ptr_nonnull(strstr(sx_last_error(), "snapshot -d"));
+	}
+}
+END_TEST
+
+/*
+ * Crash simulation: every write from the k-th on fails, as if the process
+ * died there (syncs have no effect then). The image must check clean or
+ * with leaks only and read either the old or the new content.
+ */
+START_TEST(t_crash_prefixes)
+{
+	const char *base = tpath("kb.raw"), *p = tpath("k.qcow2");
+	struct opts o = {.size = 2 * MiB, .cs = 4096, .rbits = 16};
+	struct model old, m;
+	unsigned k, done = 0;
+
+	if (!have_qemu)
+		return;
+	make_base(base, o.size, 4);
+	o.backing = "kb.raw";
+	o.backing_fmt = "raw";
+	for (k = 0; k < 400 && !done; k++) {
+		struct img *img;
+		uint8_t *buf = malloc(300 * KiB);
+		int ret, st;
+
+		create(p, &o);
+		model_init(&old, o.size, base);
+		img = open_rw(p);
+		/* A first, durable state. */
+		do_write(img, &old, 0, 64 * KiB, 1);
+		ck_assert_int_eq(img->drv->discard(img, 0, 16 * KiB), 0);
+		memset(old.b, 0, 16 * KiB);
+		ck_assert_int_eq(img->drv->flush(img), 0);
+		model_init(&m, o.size, NULL);
+		memcpy(m.b, old.b, o.size);
+
+		sio_fault_add(SIO_OP_WRITE, "/k.qcow2", 0, 0, EIO, 0, k);
+		fill(buf, 300 * KiB, 7);
+		/* m: what each attempted operation would leave. */
+		memcpy(m.b + 32 * KiB + 512, buf, 300 * KiB);
+		ret = img->drv->pwrite(img, buf, 300 * KiB, 32 * KiB + 512);
+		if (!ret) {
+			memset(m.b + 1 * MiB, 0, 64 * KiB);
+			ret = img->drv->write_zeroes(img, 1 * MiB, 64 * KiB,
+						     0);
+		}
+		if (!ret) {
+			memset(m.b + 16 * KiB, 0, 16 * KiB);
+			ret = img->drv->discard(img, 16 * KiB, 16 * KiB);
+		}
+		if (!ret)
+			ret = img->drv->flush(img);
+		if (!ret)
+			done = 1; /* k writes were enough for everything */
+		img_close(img);
+		sio_fault_clear();
+
+		st = qcheck(p);
+		if (st != 0 && st != 3)
+			run("qemu-img check '%s' >&2", p);
+		ck_assert_msg(st == 0 || st == 3, "k=%u: qemu-img check %d",
+			      k, st);
+		{
+			struct img *r = NULL;
+			uint8_t *got = malloc(o.size);
+			uint64_t c;
+
+			ck_assert_int_eq(img_open(p, "qcow2", 0, &r), 0);
+			ck_assert_int_eq(img_pread(r, got, o.size, 0), 0);
+			for (c = 0; c < o.size; c += 512) {
+				bool is_old = !memcmp(got + c, old.b + c, 512);
+				bool is_new = !memcmp(got + c, m.b + c, 512);
+
+				ck_assert_msg(is_old || is_new,
+					      "k=%u: sector %llu neither old nor new",
+					      k, (unsigned long long)c / 512);
+			}
+			img_close(r);
+			free(got);
+		}
+		free(old.b);
+		free(m.b);
+		free(buf);
+	}
+	ck_assert(done);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+	Suite *s = suite_create("qcow2_write");
+	TCase *tc = tcase_create("write");
+
+	tcase_set_timeout(tc, 300);
+	tcase_add_test(tc, t_alloc_write_read);
+	tcase_add_test(tc, t_refuse_bad_ranges);
+	tcase_add_test(tc, t_cow_backing);
+	tcase_add_test(tc, t_write_zeroes);
+	tcase_add_test(tc, t_write_zeroes_v2);
+	tcase_add_test(tc, t_discard);
+	tcase_add_test(tc, t_compressed);
+	tcase_add_test(tc, t_reftable_growth);
+	tcase_add_test(tc, t_refcount_widths);
+	tcase_add_test(tc, t_extl2);
+	tcase_add_test(tc, t_stream_runs);
+	tcase_add_test(tc, t_set_backing);
+	tcase_add_test(tc, t_set_backing_nospace);
+	tcase_add_test(tc, t_open_checks);
+	tcase_add_test(tc, t_crash_prefixes);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int main(void)
+{
+	struct io_uring ring;
+	SRunner *sr;
+	char cmd[64];
+	int failed;
+
+	if (io_uring_queue_init(4, &ring, 0) < 0) {
+		fprintf(stderr, "io_uring unavailable: skipping\n");
+		return 77;
+	}
+	io_uring_queue_exit(&ring);
+	if (!mkdtemp(tmpdir)) {
+		perror("mkdtemp");
+		return 1;
+	}
+	have_qemu = system("qemu-img --version >/dev/null 2>&1") == 0;
+	sr = srunner_create(suite());
+	srunner_run_all(sr, CK_ENV);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
+	if (system(cmd) != 0)
+		fprintf(stderr, "could not remove %s\n", tmpdir);
+	return failed ? 1 : 0;
+}
