@@ -35,6 +35,12 @@ struct img_extent {
 	struct sio_file *file;	 /* IMG_DATA (and ZERO with host_valid) */
 	uint64_t host_off;	 /* valid when host_valid */
 	bool host_valid;
+	/*
+	 * IMG_DATA only: the host file's own status (holes) is worth asking
+	 * for whether the run reads as zeros. qcow2 sets it for images that
+	 * look metadata-preallocated, as qemu does (its BLOCK_RECURSE).
+	 */
+	bool host_refine;
 };
 
 /* Flags of write_zeroes. */

@@ -480,7 +480,12 @@ int img_chain_status(struct img *img, struct img *stop, uint64_t off,
 		if (e.status != IMG_UNALLOC)
 			break;
 		next = cur->backing;
-		if (!next || next == stop || off >= next->size)
+		if (next && next == stop) {
+			/* Reached stop: the data is in stop or below. */
+			d++;
+			break;
+		}
+		if (!next || off >= next->size)
 			break;
 		len = sx_min(len, next->size - off);
 		cur = next;

@@ -7,10 +7,10 @@
  * entries merged when depth/present/zero/data agree and their offsets (if
  * any) are contiguous. The status -> flags rules are in map_entry_at().
  *
- * One qemu quirk is reproduced on purpose: in a qcow2 file that looks
- * metadata-preallocated (far more clusters than blocks on disk), qemu also
- * asks the host file about data clusters, and a hole there reads as zeros
- * ("zero": true, "data": true) with the run clipped to the host extent.
+ * One qemu quirk is reproduced on purpose: where the driver says a data run
+ * is worth refining (ext.host_refine: qcow2 files that look metadata-
+ * preallocated), the host file is asked too, and a hole there reads as
+ * zeros ("zero": true, "data": true) with the run clipped to the hole.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -42,32 +42,9 @@ struct map_entry {
 	const char *file; /* path of the file holding offset, or NULL */
 };
 
-enum prealloc_state { PREALLOC_UNKNOWN = 0, PREALLOC_NO, PREALLOC_YES };
-
 struct map_state {
 	struct img *img;
-	enum prealloc_state prealloc[IMG_MAX_DEPTH + 1];
 };
-
-/*
- * qemu's test: the clusters the file spans reach 10/9 of (and at least two
- * more than) the clusters it occupies on disk. qemu counts refcounted
- * clusters; for files qemu or siphon wrote those are the clusters up to EOF.
- */
-static bool looks_preallocated(struct img *layer)
-{
-	uint64_t real, threshold, count;
-	struct stat st;
-
-	if (strcmp(layer->drv->name, "qcow2") || !layer->cluster_size ||
-	    fstat(layer->file->fd, &st) < 0)
-		return false;
-	real = (uint64_t)st.st_blocks * 512 / layer->cluster_size;
-	threshold = sx_max(real * 10 / 9, real + 2);
-	count = ((uint64_t)st.st_size + layer->cluster_size - 1) /
-		layer->cluster_size;
-	return count >= threshold;
-}
 
 /* What the host file says about a data run (see the top comment). */
 static void refine_from_host(struct map_entry *me, const struct img_extent *e)
@@ -105,9 +82,9 @@ static void refine_from_host(struct map_entry *me, const struct img_extent *e)
 static int map_entry_at(struct map_state *ms, uint64_t off,
 			struct map_entry *me)
 {
-	struct img *img = ms->img, *layer;
+	struct img *img = ms->img;
 	struct img_extent e;
-	unsigned depth, i;
+	unsigned depth;
 	int ret;
 
 	ret = img_chain_status(img, NULL, off,
@@ -123,16 +100,7 @@ static int map_entry_at(struct map_state *ms, uint64_t off,
 		me->present = true;
 		me->data = true;
 		me->has_offset = e.host_valid;
-		if (!e.host_valid || !e.file || depth > IMG_MAX_DEPTH)
-			break;
-		if (ms->prealloc[depth] == PREALLOC_UNKNOWN) {
-			for (layer = img, i = 0; i < depth; i++)
-				layer = layer->backing;
-			ms->prealloc[depth] = looks_preallocated(layer)
-						      ? PREALLOC_YES
-						      : PREALLOC_NO;
-		}
-		if (ms->prealloc[depth] == PREALLOC_YES)
+		if (e.host_valid && e.file && e.host_refine)
 			refine_from_host(me, &e);
 		break;
 	case IMG_COMPRESSED:

@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "common/checked.h"
 #include "common/error.h"
@@ -327,6 +328,40 @@ static bool run_add(struct run *r, enum img_status st, bool host_valid,
 	return true;
 }
 
+/*
+ * qemu's judgement of metadata preallocation: the image refcounts at least
+ * 10/9 of (and two more than) the clusters its file occupies on disk. Such
+ * images have data clusters over host holes, and qemu then asks the host
+ * file whether a data run reads as zeros. Decided once per open, with
+ * s->lock held; counting stops as soon as the threshold is met.
+ */
+static bool looks_preallocated(struct img *img, struct qcow2 *s)
+{
+	uint64_t real, threshold, n = 0, c, end;
+	struct stat st;
+
+	if (s->prealloc)
+		return s->prealloc == 2;
+	s->prealloc = 1;
+	if (fstat(img->file->fd, &st) < 0)
+		return false;
+	real = (uint64_t)st.st_blocks * 512 / s->cluster_size;
+	threshold = sx_max(real * 10 / 9, real + 2);
+	end = ((uint64_t)st.st_size + s->cluster_size - 1) >> s->cluster_bits;
+	if (end < threshold)
+		return false; /* not even every cluster of the file would do */
+	for (c = 0; c < end && n < threshold; c++) {
+		uint64_t rc;
+
+		if (qcow2_refcount_get(img, s, c, &rc) < 0)
+			return false;
+		n += rc > 0;
+	}
+	if (n >= threshold)
+		s->prealloc = 2;
+	return s->prealloc == 2;
+}
+
 int qcow2_block_status(struct img *img, uint64_t off, uint64_t len,
 		       struct img_extent *ext)
 {
@@ -423,6 +458,8 @@ fail:
 		goto out;
 	ret = 0;
 	memset(ext, 0, sizeof(*ext));
+	if (r.st == IMG_DATA && !s->data_file)
+		ext->host_refine = looks_preallocated(img, s);
 	ext->status = r.st;
 	ext->len = r.len;
 	ext->host_valid = r.host_valid;
@@ -451,8 +488,8 @@ static void l1_mark_dirty(struct qcow2 *s, uint64_t i)
 }
 
 /* The L2 table of L1 entry l1_idx, ready to be written; created if absent. */
-static int l2_table_for_write(struct img *img, struct qcow2 *s,
-			      uint64_t l1_idx, uint64_t *l2_off)
+static int l2_table_for_write(struct img *img, struct qcow2 *s, uint64_t l1_idx,
+			      uint64_t *l2_off)
 {
 	uint64_t e = s->l1[l1_idx], off = e & QCOW2_L1E_OFFSET_MASK;
 	uint64_t host, got, rc;

@@ -191,6 +191,15 @@ int qcow2_create(struct sio_file *f, const struct img_create_opts *o)
 	}
 	memset(buf, 0, cs);
 	ret = qcow2_build_cluster0(&h, NULL, exts, n_exts, o->backing, buf, cs);
+	if (ret == -ENOSPC && !o->compat_v2) {
+		/*
+		 * The feature-name table is a courtesy: leave it out where it
+		 * does not fit (512-byte clusters with a backing file), as
+		 * qemu does.
+		 */
+		ret = qcow2_build_cluster0(&h, NULL, exts, n_exts - 1,
+					   o->backing, buf, cs);
+	}
 	if (ret < 0) {
 		char why[SX_ERROR_MAX];
 

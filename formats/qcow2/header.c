@@ -575,9 +575,9 @@ int qcow2_clear_autoclear(struct img *img, struct qcow2 *s)
 	if (!ret)
 		ret = sio_fdatasync(img->file);
 	if (ret)
-		return sx_error(ret,
-				"%s: cannot clear the autoclear feature bits: %s",
-				img->path, strerror(-ret));
+		return sx_error(
+			ret, "%s: cannot clear the autoclear feature bits: %s",
+			img->path, strerror(-ret));
 	h->autoclear_features = keep;
 	memcpy(s->hdr_raw + 88, &be, 8);
 	return 0;
@@ -651,10 +651,11 @@ int qcow2_set_backing(struct img *img, const char *name, const char *fmt)
 	ret = qcow2_build_cluster0(&s->hdr, s->hdr_raw, exts, n, name, buf,
 				   s->cluster_size);
 	if (ret) {
-		ret = sx_error(ret, "%s: cannot rewrite the header: %s",
-			       img->path, ret == -ENOSPC
-						  ? "the backing file name does not fit in the first cluster"
-						  : strerror(-ret));
+		ret = sx_error(
+			ret, "%s: cannot rewrite the header: %s", img->path,
+			ret == -ENOSPC
+				? "the backing file name does not fit in the first cluster"
+				: strerror(-ret));
 		goto out;
 	}
 	/* One write of cluster 0: the old or the new header, never a mix. */

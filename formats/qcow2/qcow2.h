@@ -278,6 +278,8 @@ struct qcow2 {
 	bool dirty;
 	bool corrupt;
 	bool has_bitmaps;
+	/* Metadata-preallocated, as qemu judges it: 0 unknown, 1 no, 2 yes. */
+	int prealloc;
 	struct qcow2_refcount rc;
 	struct qcow2_l2cache l2cache;
 	struct qcow2_wstate w;
@@ -524,8 +526,7 @@ int qcow2_alloc_run(struct img *img, uint64_t off, uint64_t nclusters,
 		    uint64_t *host_off, uint64_t *got);
 int qcow2_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
 		     uint64_t host_off);
-int qcow2_pwrite(struct img *img, const void *buf, uint64_t len,
-		 uint64_t off);
+int qcow2_pwrite(struct img *img, const void *buf, uint64_t len, uint64_t off);
 int qcow2_write_zeroes(struct img *img, uint64_t off, uint64_t len,
 		       unsigned flags);
 int qcow2_discard(struct img *img, uint64_t off, uint64_t len);

@@ -286,10 +286,9 @@ static int rc_write_slot(struct img *img, struct qcow2 *s,
 
 	ret = sio_pwrite(img->file, slot->data, s->cluster_size, off);
 	if (ret)
-		return sx_error(ret,
-				"%s: cannot write refcount block at 0x%llx: %s",
-				img->path, (unsigned long long)off,
-				strerror(-ret));
+		return sx_error(
+			ret, "%s: cannot write refcount block at 0x%llx: %s",
+			img->path, (unsigned long long)off, strerror(-ret));
 	slot->dirty = false;
 	s->w.rc_unsynced = true;
 	return 0;
@@ -319,7 +318,8 @@ static int rc_slot(struct img *img, struct qcow2 *s, uint64_t t, bool fresh,
 		if (!c->used) {
 			if (!victim || victim->used)
 				victim = c;
-		} else if (!victim || (victim->used && c->stamp < victim->stamp)) {
+		} else if (!victim ||
+			   (victim->used && c->stamp < victim->stamp)) {
 			victim = c;
 		}
 	}
@@ -555,7 +555,8 @@ int qcow2_rc_update(struct img *img, struct qcow2 *s, uint64_t cluster,
 		return sx_error(
 			-EIO,
 			"%s: freeing host cluster 0x%llx that has no refcount block (corrupt image?)",
-			img->path, (unsigned long long)(cluster * s->cluster_size));
+			img->path,
+			(unsigned long long)(cluster * s->cluster_size));
 	}
 	ret = rc_slot(img, s, t, false, &slot);
 	if (ret)
@@ -565,13 +566,15 @@ int qcow2_rc_update(struct img *img, struct qcow2 *s, uint64_t cluster,
 		return sx_error(
 			-EINVAL,
 			"%s: refcount of host cluster 0x%llx would overflow %u-bit refcounts",
-			img->path, (unsigned long long)(cluster * s->cluster_size),
+			img->path,
+			(unsigned long long)(cluster * s->cluster_size),
 			s->rc.bits);
 	if (delta < 0 && v == 0)
 		return sx_error(
 			-EIO,
 			"%s: refcount of host cluster 0x%llx would drop below zero (corrupt image?)",
-			img->path, (unsigned long long)(cluster * s->cluster_size));
+			img->path,
+			(unsigned long long)(cluster * s->cluster_size));
 	v = delta > 0 ? v + 1 : v - 1;
 	qcow2_refcount_entry_set(slot->data, s->rc.order, idx, v);
 	slot->dirty = true;
@@ -653,9 +656,9 @@ int qcow2_free_deferred(struct img *img, struct qcow2 *s, uint64_t off,
 	(void)img;
 	if (!len)
 		return 0;
-	if (w->n_frees && w->frees[w->n_frees - 1].cluster +
-					  w->frees[w->n_frees - 1].count ==
-				  first) {
+	if (w->n_frees &&
+	    w->frees[w->n_frees - 1].cluster + w->frees[w->n_frees - 1].count ==
+		    first) {
 		w->frees[w->n_frees - 1].count += count;
 		return 0;
 	}

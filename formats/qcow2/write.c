@@ -153,8 +153,8 @@ static int write_cluster(struct img *img, struct qcow2 *s, const uint8_t *ubuf,
 	uint64_t cl = off & ~(cs - 1), rel = off - cl;
 	unsigned first = (unsigned)(rel / usz);
 	unsigned last = (unsigned)((rel + len - 1) / usz), u;
-	uint32_t touched = s->extended_l2 ? unit_mask(first, last)
-					  : ALL_SUBCLUSTERS;
+	uint32_t touched =
+		s->extended_l2 ? unit_mask(first, last) : ALL_SUBCLUSTERS;
 	uint64_t host, got, a, b, word, bitmap = 0;
 	struct qcow2_l2e e;
 	bool inplace;
@@ -316,7 +316,7 @@ static int zero_whole(struct img *img, struct qcow2 *s, uint64_t cl)
 			return 0;
 		ret = qcow2_l2_set(img, s, cl,
 				   keep ? e.host_off | QCOW2_OFLAG_COPIED |
-						  QCOW2_OFLAG_ZERO
+						   QCOW2_OFLAG_ZERO
 					: QCOW2_OFLAG_ZERO,
 				   0);
 	} else {
@@ -485,7 +485,8 @@ static int discard_cluster(struct img *img, struct qcow2 *s, uint64_t cl,
 		       e.zero == (backing ? ALL_SUBCLUSTERS : 0);
 		if (done)
 			return 0;
-		ret = qcow2_l2_set(img, s, cl, 0, backing ? ZERO_BITMAP_ALL : 0);
+		ret = qcow2_l2_set(img, s, cl, 0,
+				   backing ? ZERO_BITMAP_ALL : 0);
 	}
 	if (!ret)
 		ret = free_entry(img, s, &e);

@@ -83,9 +83,8 @@ static void create(const char *path, const struct opts *o)
 	co.extended_l2 = o->extl2;
 	co.backing = o->backing;
 	co.backing_fmt = o->backing_fmt;
-	ck_assert_int_eq(sio_file_open(path, SIO_RDWR | SIO_CREATE | SIO_TRUNC,
-				       &f),
-			 0);
+	ck_assert_int_eq(
+		sio_file_open(path, SIO_RDWR | SIO_CREATE | SIO_TRUNC, &f), 0);
 	ck_assert_msg(img_driver_qcow2.create(f, &co) == 0, "%s",
 		      sx_last_error());
 	sio_file_close(f);
@@ -196,6 +195,21 @@ static void reopen_verify(const char *path, const struct model *m)
 	oracle(path, m);
 }
 
+/* A tiny L2 cache, so that dirty slices get evicted (white box). */
+static void shrink_l2cache(struct img *img, uint32_t nslots)
+{
+	struct qcow2 *s = img->priv;
+	struct qcow2_l2cache *c = &s->l2cache;
+	qcow2_l2cache_io_fn load = c->load, store = c->store;
+	void *opaque = c->opaque;
+	size_t slice = c->slice_size;
+
+	ck_assert_int_eq(qcow2_l2cache_flush(c), 0);
+	qcow2_l2cache_fini(c);
+	ck_assert_int_eq(
+		qcow2_l2cache_init(c, slice, nslots, load, store, opaque), 0);
+}
+
 /* ---- tests ---- */
 
 START_TEST(t_alloc_write_read)
@@ -209,10 +223,10 @@ START_TEST(t_alloc_write_read)
 	model_init(&m, o.size, NULL);
 	img = open_rw(p);
 	do_write(img, &m, 0, 64 * KiB, 1);
-	do_write(img, &m, 512, 512, 2);		 /* in place */
+	do_write(img, &m, 512, 512, 2); /* in place */
 	do_write(img, &m, 1 * MiB + 4096, 200 * KiB, 3); /* partial ends */
-	do_write(img, &m, 8 * MiB - 512, 1024, 4);	 /* across clusters */
-	do_write(img, &m, 16 * MiB, 1536, 5);		 /* to the unaligned end */
+	do_write(img, &m, 8 * MiB - 512, 1024, 4); /* across clusters */
+	do_write(img, &m, 16 * MiB, 1536, 5); /* to the unaligned end */
 	verify(img, &m);
 	ck_assert_int_eq(img->drv->flush(img), 0);
 	do_write(img, &m, 3 * MiB, 3 * MiB, 6);
@@ -329,9 +343,9 @@ START_TEST(t_write_zeroes_v2)
 	create(p, &o);
 	model_init(&m, o.size, base);
 	img = open_rw(p);
-	ck_assert_int_eq(img->drv->write_zeroes(img, 0, 64 * KiB,
-						IMG_WZ_NO_FALLBACK),
-			 -ENOTSUP);
+	ck_assert_int_eq(
+		img->drv->write_zeroes(img, 0, 64 * KiB, IMG_WZ_NO_FALLBACK),
+		-ENOTSUP);
 	ck_assert_int_eq(img->drv->write_zeroes(img, 0, 192 * KiB, 0), 0);
 	memset(m.b, 0, 192 * KiB);
 	/* discard on v2 with a backing file: nothing may show through. */
@@ -409,9 +423,8 @@ START_TEST(t_compressed)
 		do_write(img, &m, 64 * KiB + 512, 4096, 1);
 		do_write(img, &m, 0, 64 * KiB, 2);
 		do_write(img, &m, 512 * KiB - 512, 1024, 3);
-		ck_assert_int_eq(img->drv->write_zeroes(img, 192 * KiB,
-							64 * KiB, 0),
-				 0);
+		ck_assert_int_eq(
+			img->drv->write_zeroes(img, 192 * KiB, 64 * KiB, 0), 0);
 		memset(m.b + 192 * KiB, 0, 64 * KiB);
 		ck_assert_int_eq(img->drv->discard(img, 256 * KiB, 64 * KiB),
 				 0);
@@ -457,8 +470,8 @@ START_TEST(t_refcount_widths)
 	unsigned i;
 
 	for (i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) {
-		struct opts o = {.size = 4 * MiB, .cs = 4096,
-				 .rbits = widths[i]};
+		struct opts o = {
+			.size = 4 * MiB, .cs = 4096, .rbits = widths[i]};
 		const char *p;
 		struct img *img;
 
@@ -507,9 +520,8 @@ START_TEST(t_extl2)
 	/* Partial subclusters on both sides, in an allocated cluster. */
 	do_write(img, &m, 6 * 2048 + 1024, 3 * 2048, 2);
 	/* Whole subclusters zeroed, partial ones written as zeros. */
-	ck_assert_int_eq(img->drv->write_zeroes(img, 128 * KiB + 1024,
-						8 * 2048, 0),
-			 0);
+	ck_assert_int_eq(
+		img->drv->write_zeroes(img, 128 * KiB + 1024, 8 * 2048, 0), 0);
 	memset(m.b + 128 * KiB + 1024, 0, 8 * 2048);
 	do_write(img, &m, 1 * MiB, 200 * KiB, 3);
 	ck_assert_int_eq(img->drv->discard(img, 1 * MiB, 64 * KiB), 0);
@@ -560,12 +572,38 @@ START_TEST(t_stream_runs)
 }
 END_TEST
 
+START_TEST(t_l2_eviction)
+{
+	const char *p = tpath("ev.qcow2");
+	struct opts o = {.size = 8 * MiB, .cs = 512};
+	struct model m;
+	struct img *img;
+	uint64_t off;
+
+	create(p, &o);
+	model_init(&m, o.size, NULL);
+	img = open_rw(p);
+	shrink_l2cache(img, 4);
+	/* One L2 table covers 32 KiB: touch many of them, twice. */
+	for (off = 0; off < o.size; off += 40 * KiB)
+		do_write(img, &m, off, 1024, (unsigned)(off >> 9));
+	ck_assert_int_eq(img->drv->discard(img, 0, 1 * MiB), 0);
+	memset(m.b, 0, 1 * MiB);
+	for (off = 512; off < o.size; off += 24 * KiB)
+		do_write(img, &m, off, 512, (unsigned)(off >> 9) + 1);
+	verify(img, &m);
+	img_close(img);
+	reopen_verify(p, &m);
+	free(m.b);
+}
+END_TEST
+
 START_TEST(t_set_backing)
 {
 	const char *p = tpath("h.qcow2"), *base = tpath("hb.raw");
 	static const uint8_t unknown[5] = {1, 2, 3, 4, 5};
-	struct opts o = {.size = 1 * MiB, .backing = "old.raw",
-			 .backing_fmt = "raw"};
+	struct opts o = {
+		.size = 1 * MiB, .backing = "old.raw", .backing_fmt = "raw"};
 	struct qcow2_ext *exts;
 	struct img *img = NULL;
 	struct qcow2 *s;
@@ -577,9 +615,9 @@ START_TEST(t_set_backing)
 	make_base(tpath("old.raw"), 1 * MiB, 2);
 	create(p, &o);
 	/* Add an unknown extension by rebuilding cluster 0. */
-	ck_assert_int_eq(img_open(p, "qcow2",
-				  IMG_OPEN_RDWR | IMG_OPEN_NO_BACKING, &img),
-			 0);
+	ck_assert_int_eq(
+		img_open(p, "qcow2", IMG_OPEN_RDWR | IMG_OPEN_NO_BACKING, &img),
+		0);
 	s = img->priv;
 	exts = calloc(s->n_exts + 1, sizeof(*exts));
 	memcpy(exts, s->exts, s->n_exts * sizeof(*exts));
@@ -706,10 +744,27 @@ END_TEST
  * died there (syncs have no effect then). The image must check clean or
  * with leaks only and read either the old or the new content.
  */
+/* cluster size, refcount bits, extended L2, bytes written */
+static const struct crash_cfg {
+	uint32_t cs;
+	unsigned rbits;
+	bool extl2;
+	uint64_t wlen;
+} crash_cfgs[] = {
+	{4096, 16, false, 300 * KiB},
+	{1024, 64, false, 40 * KiB},
+	{16384, 1, true, 100 * KiB},
+};
+
 START_TEST(t_crash_prefixes)
 {
+	const struct crash_cfg *cfg = &crash_cfgs[_i];
+	const uint64_t wlen = cfg->wlen;
 	const char *base = tpath("kb.raw"), *p = tpath("k.qcow2");
-	struct opts o = {.size = 2 * MiB, .cs = 4096, .rbits = 16};
+	struct opts o = {.size = 2 * MiB,
+			 .cs = cfg->cs,
+			 .rbits = cfg->rbits,
+			 .extl2 = cfg->extl2};
 	struct model old, m;
 	unsigned k, done = 0;
 
@@ -718,14 +773,15 @@ START_TEST(t_crash_prefixes)
 	make_base(base, o.size, 4);
 	o.backing = "kb.raw";
 	o.backing_fmt = "raw";
-	for (k = 0; k < 400 && !done; k++) {
+	for (k = 0; k < 4000 && !done; k++) {
 		struct img *img;
-		uint8_t *buf = malloc(300 * KiB);
+		uint8_t *buf = malloc(wlen);
 		int ret, st;
 
 		create(p, &o);
 		model_init(&old, o.size, base);
 		img = open_rw(p);
+		shrink_l2cache(img, 2);
 		/* A first, durable state. */
 		do_write(img, &old, 0, 64 * KiB, 1);
 		ck_assert_int_eq(img->drv->discard(img, 0, 16 * KiB), 0);
@@ -735,14 +791,13 @@ START_TEST(t_crash_prefixes)
 		memcpy(m.b, old.b, o.size);
 
 		sio_fault_add(SIO_OP_WRITE, "/k.qcow2", 0, 0, EIO, 0, k);
-		fill(buf, 300 * KiB, 7);
+		fill(buf, wlen, 7);
 		/* m: what each attempted operation would leave. */
-		memcpy(m.b + 32 * KiB + 512, buf, 300 * KiB);
-		ret = img->drv->pwrite(img, buf, 300 * KiB, 32 * KiB + 512);
+		memcpy(m.b + 32 * KiB + 512, buf, wlen);
+		ret = img->drv->pwrite(img, buf, wlen, 32 * KiB + 512);
 		if (!ret) {
 			memset(m.b + 1 * MiB, 0, 64 * KiB);
-			ret = img->drv->write_zeroes(img, 1 * MiB, 64 * KiB,
-						     0);
+			ret = img->drv->write_zeroes(img, 1 * MiB, 64 * KiB, 0);
 		}
 		if (!ret) {
 			memset(m.b + 16 * KiB, 0, 16 * KiB);
@@ -758,8 +813,8 @@ START_TEST(t_crash_prefixes)
 		st = qcheck(p);
 		if (st != 0 && st != 3)
 			run("qemu-img check '%s' >&2", p);
-		ck_assert_msg(st == 0 || st == 3, "k=%u: qemu-img check %d",
-			      k, st);
+		ck_assert_msg(st == 0 || st == 3, "k=%u: qemu-img check %d", k,
+			      st);
 		{
 			struct img *r = NULL;
 			uint8_t *got = malloc(o.size);
@@ -771,9 +826,10 @@ START_TEST(t_crash_prefixes)
 				bool is_old = !memcmp(got + c, old.b + c, 512);
 				bool is_new = !memcmp(got + c, m.b + c, 512);
 
-				ck_assert_msg(is_old || is_new,
-					      "k=%u: sector %llu neither old nor new",
-					      k, (unsigned long long)c / 512);
+				ck_assert_msg(
+					is_old || is_new,
+					"k=%u: sector %llu neither old nor new",
+					k, (unsigned long long)c / 512);
 			}
 			img_close(r);
 			free(got);
@@ -783,6 +839,7 @@ START_TEST(t_crash_prefixes)
 		free(buf);
 	}
 	ck_assert(done);
+	fprintf(stderr, "crash config %d: %u crash points checked\n", _i, k);
 }
 END_TEST
 
@@ -803,10 +860,12 @@ static Suite *suite(void)
 	tcase_add_test(tc, t_refcount_widths);
 	tcase_add_test(tc, t_extl2);
 	tcase_add_test(tc, t_stream_runs);
+	tcase_add_test(tc, t_l2_eviction);
 	tcase_add_test(tc, t_set_backing);
 	tcase_add_test(tc, t_set_backing_nospace);
 	tcase_add_test(tc, t_open_checks);
-	tcase_add_test(tc, t_crash_prefixes);
+	tcase_add_loop_test(tc, t_crash_prefixes, 0,
+			    sizeof(crash_cfgs) / sizeof(crash_cfgs[0]));
 	suite_add_tcase(s, tc);
 	return s;
 }
