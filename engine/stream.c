@@ -36,6 +36,7 @@
 #include "common/error.h"
 #include "formats/image.h"
 #include "io/io.h"
+#include "io/pool.h"
 #include "stream.h"
 
 enum run_kind {
@@ -75,6 +76,7 @@ struct stream {
 	struct img *top;
 	struct img *base;
 	struct sio_queue *q;
+	struct sio_pool *pool; /* extent buffers */
 	unsigned max_inflight;
 	uint64_t extent_bytes;
 	uint64_t flush_bytes;
@@ -185,6 +187,11 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 	s->flush_bytes = o->flush_bytes ? o->flush_bytes : STREAM_DEFAULT_FLUSH;
 	s->end = o->top->size / s->cs + (o->top->size % s->cs != 0);
 	s->plan_budget = UINT64_MAX;
+	s->pool = sio_pool_create(s->extent_bytes, s->max_inflight);
+	if (!s->pool) {
+		free(s);
+		return sx_error(ENOMEM, "stream: out of memory");
+	}
 	s->zero_clusters = o->top->drv->write_zeroes != NULL;
 	atomic_store(&s->speed, o->speed);
 	s->progress = o->progress;
@@ -197,6 +204,9 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 
 void stream_destroy(struct stream *s)
 {
+	if (!s)
+		return;
+	sio_pool_destroy(s->pool);
 	free(s);
 }
 
@@ -594,7 +604,7 @@ retire:
 	}
 	s->inflight--;
 	update_cursor(s);
-	sio_buf_free(ex->buf);
+	sio_pool_put(s->pool, ex->buf);
 	free(ex->reqs);
 	free(ex->runs);
 	free(ex);
@@ -611,7 +621,7 @@ static int start_copy(struct stream *s, uint64_t cl, uint64_t n)
 	ex->s = s;
 	ex->off = cl * s->cs;
 	ex->len = n * s->cs;
-	ex->buf = sio_buf_alloc(ex->len);
+	ex->buf = sio_pool_get(s->pool);
 	if (!ex->buf) {
 		free(ex);
 		return sx_error(ENOMEM, "stream: out of memory");
