@@ -8,14 +8,23 @@
  * sio_queue_run(), with a SIO_OP_POLL on that eventfd always armed, so a
  * command, an abort or a stop wakes it even while I/O is in flight; a
  * throttled stream with nothing in flight arms a second poll on a timerfd.
- * One turn of the loop is: handle commands; drive the stream; wait.
+ * One turn of the loop is: start guest requests; handle commands; start
+ * guest requests whose cluster locks dropped; drive the stream; wait.
  *
- * Guest I/O (next issue) fits as more command kinds whose completion runs
- * from the queue, with the stream pumped between them.
+ * Guest priority: guest requests are started before anything else in a
+ * turn, and while the guest has been active within GUEST_RECENT_NS the
+ * stream keeps at most GUEST_STREAM_INFLIGHT extents of at most
+ * GUEST_STREAM_EXTENT bytes in flight, so a guest request queues behind
+ * little stream I/O on the device.
+ *
+ * When a stream finalizes, the layers it made unnecessary are closed, but
+ * only once no guest request is in flight (they may be reading them); new
+ * guest requests wait meanwhile (guest_hold).
  *
  * Invariants: the command eventfd is drained before the list is taken, so a
  * command posted after that always leaves the fd readable for the next
- * poll; the worker exits only with no stream job and both polls reaped, so
+ * poll; the worker exits only with no stream job, no guest request in
+ * flight or waiting, and both polls reaped, so
  * sio_queue_destroy() never waits for a poll that cannot fire.
  */
 #define _GNU_SOURCE
@@ -35,6 +44,16 @@ static char timer_name[] = "(disk timerfd)";
 
 /* The disk whose worker is this thread, if any. */
 static _Thread_local struct disk *tls_disk;
+
+/* Guest activity this recent keeps the stream at a low queue depth. */
+#define GUEST_RECENT_NS (50ull * 1000 * 1000)
+#define GUEST_STREAM_INFLIGHT 1
+#define GUEST_STREAM_EXTENT (256u * 1024)
+
+bool disk_is_worker(const struct disk *d)
+{
+	return tls_disk == d;
+}
 
 void disk_wake(struct disk *d)
 {
@@ -124,6 +143,26 @@ int disk_cmd_post(struct disk *d, struct disk_cmd *cmd)
 	return 0;
 }
 
+int disk_guest_post(struct disk *d, struct guest_req *req)
+{
+	bool first;
+
+	pthread_mutex_lock(&d->cmd_lock);
+	if (d->cmd_closed) {
+		pthread_mutex_unlock(&d->cmd_lock);
+		return sx_error(ENOENT, "%s: disk is being detached", d->path);
+	}
+	req->next = NULL;
+	first = d->greqs == NULL;
+	*d->greqs_tail = req;
+	d->greqs_tail = &req->next;
+	pthread_mutex_unlock(&d->cmd_lock);
+	/* One wake-up covers a batch the worker has not taken yet. */
+	if (first)
+		disk_wake(d);
+	return 0;
+}
+
 int disk_cmd_call(struct disk *d, struct disk_cmd *cmd)
 {
 	int ret;
@@ -156,8 +195,9 @@ static void cmd_finish(struct disk_cmd *cmd, int ret)
 	cmd->complete(cmd);
 }
 
-/* Take the whole list; with close, refuse every later post. */
-static struct disk_cmd *take_cmds(struct disk *d, bool close)
+/* Take both lists; with close, refuse every later post. */
+static struct disk_cmd *take_cmds(struct disk *d, bool close,
+				  struct guest_req **greqs)
 {
 	struct disk_cmd *list;
 
@@ -165,18 +205,39 @@ static struct disk_cmd *take_cmds(struct disk *d, bool close)
 	list = d->cmds;
 	d->cmds = NULL;
 	d->cmds_tail = &d->cmds;
+	*greqs = d->greqs;
+	d->greqs = NULL;
+	d->greqs_tail = &d->greqs;
 	if (close)
 		d->cmd_closed = true;
 	pthread_mutex_unlock(&d->cmd_lock);
 	return list;
 }
 
+static void update_cor(struct disk *d)
+{
+	int mode = atomic_load(&d->cor_mode);
+
+	guest_set_cor(d->guest, mode == SIPHON_COR_ON ||
+					(mode == SIPHON_COR_AUTO && d->job));
+}
+
 static void handle_cmds(struct disk *d)
 {
 	struct disk_cmd *cmd, *next;
+	struct guest_req *greq, *gnext;
 	bool stop = atomic_load(&d->stop);
 
-	for (cmd = take_cmds(d, stop); cmd; cmd = next) {
+	cmd = take_cmds(d, stop, &greq);
+	update_cor(d);
+	for (; greq; greq = gnext) {
+		gnext = greq->next;
+		if (stop)
+			greq->complete(greq, -ENOENT);
+		else
+			guest_submit(d->guest, greq);
+	}
+	for (; cmd; cmd = next) {
 		next = cmd->next;
 		sx_error_clear();
 		if (stop) {
@@ -191,12 +252,54 @@ static void handle_cmds(struct disk *d)
 			stream_cmd_run(d, cmd);
 			cmd_finish(cmd, cmd->ret);
 			break;
+		case DISK_CMD_GUEST_STATS:
+			guest_get_stats(d->guest, &cmd->stats);
+			cmd_finish(cmd, 0);
+			break;
 		default:
 			cmd_finish(cmd, sx_error(EINVAL, "unknown command %d",
 						 (int)cmd->kind));
 			break;
 		}
 	}
+}
+
+void disk_swap_chain(struct disk *d, struct img *base)
+{
+	d->swap_pending = true;
+	d->swap_base = base;
+	guest_hold(d->guest, true);
+}
+
+/* Close the layers between the top and swap_base once nobody reads them. */
+static void do_swap(struct disk *d)
+{
+	struct img *top = d->img, *old = top->backing, *l;
+	unsigned depth = 1;
+
+	if (guest_inflight(d->guest))
+		return;
+	if (old != d->swap_base) {
+		for (l = old; l && l->backing != d->swap_base; l = l->backing)
+			;
+		if (l)
+			l->backing = NULL;
+		top->backing = d->swap_base;
+		img_close(old);
+		for (l = top->backing; l; l = l->backing)
+			l->depth = depth++;
+	}
+	d->swap_pending = false;
+	guest_hold(d->guest, false);
+}
+
+static void pump_stream(struct disk *d)
+{
+	bool busy = guest_busy(d->guest, GUEST_RECENT_NS);
+
+	stream_set_limits(d->job->s, busy ? GUEST_STREAM_INFLIGHT : 0,
+			  busy ? GUEST_STREAM_EXTENT : 0);
+	stream_job_pump(d);
 }
 
 static void worker_loop(struct disk *d)
@@ -212,13 +315,19 @@ static void worker_loop(struct disk *d)
 		if (!d->cmd_armed &&
 		    arm_poll(d, &d->cmd_poll, &d->cmd_file, cmd_poll_done) == 0)
 			d->cmd_armed = true;
+		if (d->swap_pending)
+			do_swap(d);
+		guest_kick(d->guest);
 		if (atomic_load(&d->stop) && d->job)
 			atomic_store(&d->job->abort, true);
 		if (d->job && d->job->abort && !d->job->continuous)
 			stream_job_reap(d);
 		if (d->job && d->job->continuous)
-			stream_job_pump(d);
-		if (atomic_load(&d->stop) && !d->job)
+			pump_stream(d);
+		if (d->swap_pending)
+			do_swap(d);
+		if (atomic_load(&d->stop) && !d->job &&
+		    guest_idle(d->guest) && !d->swap_pending)
 			break;
 		ret = sio_queue_run(d->q, 1);
 		if (ret < 0 && d->job)
@@ -249,6 +358,13 @@ static void *disk_main(void *arg)
 	tls_disk = d;
 	/* The ring is made here: it may only be used by its creator. */
 	ret = sio_queue_create(d->dom->queue_depth, &d->q);
+	if (ret >= 0) {
+		ret = guest_create(d->img, d->q, &d->guest);
+		if (ret < 0) {
+			sio_queue_destroy(d->q);
+			d->q = NULL;
+		}
+	}
 	pthread_mutex_lock(&d->cmd_lock);
 	d->init_ret = ret;
 	if (ret < 0)
@@ -267,6 +383,8 @@ static void *disk_main(void *arg)
 	drain_polls(d);
 	sio_queue_destroy(d->q);
 	d->q = NULL;
+	guest_destroy(d->guest);
+	d->guest = NULL;
 	img_close(d->img);
 	d->img = NULL;
 	return NULL;

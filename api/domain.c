@@ -364,6 +364,7 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 	d->cmd_fd = -1;
 	d->timer_fd = -1;
 	d->cmds_tail = &d->cmds;
+	d->greqs_tail = &d->greqs;
 	pthread_mutex_init(&d->cmd_lock, NULL);
 	pthread_cond_init(&d->cmd_cond, NULL);
 	d->path = strdup(path);

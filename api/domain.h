@@ -13,6 +13,9 @@
  *    stream_set_speed() on job->s are called under it, which keeps job->s
  *    alive: the worker unpublishes a job under dom->lock before freeing it.
  *  - disk->cmd_lock protects the command list, cmd_closed and cmd->done.
+ *  - Guest requests (api/guest_io.c) are posted on their own list
+ *    (disk->greqs, under cmd_lock) and handed to the disk's guest engine
+ *    (engine/guest.c) before any command or stream work: guest first.
  *  - Lock order: dom->lock, then disk->cmd_lock. No lock is held while
  *    calling the event callback or waiting for the worker.
  *  - A disk is freed when its last reference goes; the list holds one, each
@@ -27,6 +30,7 @@
 #include <stdint.h>
 
 #include "common/error.h"
+#include "engine/guest.h"
 #include "engine/stream.h"
 #include "io/io.h"
 #include "siphon.h"
@@ -76,6 +80,7 @@ struct stream_job {
 enum disk_cmd_kind {
 	DISK_CMD_STREAM_START = 1, /* CONTINUOUS */
 	DISK_CMD_STREAM_STEP, /* one incremental call */
+	DISK_CMD_GUEST_STATS, /* copy the guest engine's counters */
 };
 
 /*
@@ -94,6 +99,7 @@ struct disk_cmd {
 	uint64_t max_bytes;
 	uint64_t max_clusters;
 	const char *base; /* NULL: whole chain */
+	struct guest_stats stats; /* DISK_CMD_GUEST_STATS */
 
 	int ret;
 	char msg[SX_ERROR_MAX];
@@ -122,12 +128,17 @@ struct disk {
 	struct sio_file cmd_file, timer_file; /* for SIO_OP_POLL */
 	struct sio_req cmd_poll, timer_poll;
 	bool cmd_armed, timer_armed, cmd_ready;
+	struct guest *guest; /* guest I/O engine */
+	bool swap_pending; /* finalized: drop the old chain when idle */
+	struct img *swap_base; /* what stays below the top */
+	_Atomic int cor_mode; /* enum siphon_cor_mode */
 	int init_ret; /* cmd_lock: worker start-up, 1 while pending */
 	char init_msg[SX_ERROR_MAX];
 
 	pthread_mutex_t cmd_lock;
 	pthread_cond_t cmd_cond;
 	struct disk_cmd *cmds, **cmds_tail; /* cmd_lock */
+	struct guest_req *greqs, **greqs_tail; /* cmd_lock */
 	bool cmd_closed; /* cmd_lock: worker gone */
 	_Atomic bool stop;
 };
@@ -188,6 +199,18 @@ void disk_wake(struct disk *d);
 int disk_cmd_call(struct disk *d, struct disk_cmd *cmd);
 /* Post without waiting; cmd->complete runs on the worker. */
 int disk_cmd_post(struct disk *d, struct disk_cmd *cmd);
+/*
+ * Post a guest request; its complete() runs on the worker. -ENOENT if the
+ * disk is being detached (then complete() never runs).
+ */
+int disk_guest_post(struct disk *d, struct guest_req *req);
+/* This thread is d's worker. */
+bool disk_is_worker(const struct disk *d);
+/*
+ * Worker: the stream finalized; once no guest I/O is in flight, drop the
+ * layers above base from the open chain (guest requests wait meanwhile).
+ */
+void disk_swap_chain(struct disk *d, struct img *base);
 /* Worker: wake up after ns even with nothing in flight. */
 void disk_arm_timer(struct disk *d, uint64_t ns);
 

@@ -31,6 +31,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -334,6 +335,153 @@ SIPHON_API int
 siphon_get_block_stream_info_ex(siphon_domain *dom,
 				struct siphon_block_stream_info_ex *info,
 				unsigned nr, unsigned flags);
+
+/* ------------------------------------------------------------------------
+ * Guest I/O
+ *
+ * A VMM serves its guest's disk through these calls while the disk streams.
+ * Requests run on the disk's worker thread, ahead of stream work; while the
+ * guest is active the stream keeps little I/O in flight.
+ *
+ * Semantics: a read returns what the chain shows (the top, else the
+ * backing layers); with copy-on-read, clusters the top does not hold are
+ * written into it on the way (the read never fails because of the copy).
+ * A write lands in the top (partial clusters are completed from the chain).
+ * Nothing the guest wrote is ever replaced by a stream's or a copy-on-read's
+ * older copy. Write-zeroes makes the range read as zeros. Discard is
+ * advisory: the whole clusters in the range read as zeros afterwards (the
+ * image's last cluster counts as whole when the range reaches the end);
+ * partial clusters at its edges are left as they are. Neither ever makes
+ * backing data visible. A flush makes every write completed before it
+ * started durable, metadata included.
+ *
+ * Ranges: off and the length must be multiples of 512 (the length may
+ * instead end exactly at the end of the disk), within the disk, the length
+ * at most SIPHON_IO_MAX_BYTES; a zero length is a no-op that completes.
+ * Buffers need no alignment (misaligned ones are bounced).
+ *
+ * Overlapping requests in flight at the same time complete in any order;
+ * a write, discard or write-zeroes that overlaps an earlier one still
+ * waiting for clusters the stream is copying keeps its order behind it.
+ */
+
+typedef struct siphon_disk siphon_disk;
+
+/* Largest request, in bytes, and most iovec elements. */
+#define SIPHON_IO_MAX_BYTES (64u * 1024 * 1024)
+#define SIPHON_IO_MAX_IOV 1024
+
+enum siphon_io_flags {
+	SIPHON_IO_FUA = 1 << 0, /* write, write-zeroes: durable when done */
+	SIPHON_IO_NO_COR = 1 << 1, /* read: never copy into the top */
+	SIPHON_IO_MASK = (1 << 2) - 1,
+};
+
+enum siphon_cor_mode {
+	SIPHON_COR_AUTO = 0, /* on while a stream runs or is open (default) */
+	SIPHON_COR_ON = 1, /* always (while the disk has a backing file) */
+	SIPHON_COR_OFF = 2, /* never */
+};
+
+/*
+ * Completion of an asynchronous request: ret is 0 or -errno (-EIO and
+ * other I/O errors, -ENOSPC, -ENOMEM, -EROFS, -ENOENT when the disk was
+ * being detached). Called exactly once, on the disk's worker thread, with
+ * no siphon lock held. It must not block for long (it delays every request
+ * of the disk) and must not call the synchronous guest I/O functions of the
+ * same disk (-EDEADLK); it may submit new asynchronous requests. To wake an
+ * event loop, write to an eventfd of your own from here.
+ */
+typedef void (*siphon_io_fn)(siphon_disk *disk, int ret, void *opaque);
+
+/*
+ * A handle on the attached disk at path, for guest I/O without looking the
+ * path up each time. Returns 0 and *out. Errors: -EINVAL (NULL), -ENAMETOOLONG,
+ * -ENOENT (not attached). Ownership: release it with siphon_disk_put(),
+ * before siphon_domain_close(). After the disk is detached the handle stays
+ * valid but every request fails with -ENOENT. Thread safe.
+ */
+SIPHON_API int siphon_disk_get(siphon_domain *dom, const char *path,
+			       siphon_disk **out);
+
+/* Release a handle. NULL is a no-op. Thread safe. */
+SIPHON_API void siphon_disk_put(siphon_disk *disk);
+
+/*
+ * The disk's virtual size in bytes. Errors: -EINVAL (NULL). Thread safe.
+ */
+SIPHON_API int siphon_disk_get_size(siphon_disk *disk, uint64_t *size);
+
+/*
+ * Copy-on-read mode (enum siphon_cor_mode), for reads that start from now
+ * on. Returns 0. Errors: -EINVAL (NULL, unknown mode). Thread safe.
+ */
+SIPHON_API int siphon_disk_set_copy_on_read(siphon_disk *disk, int mode);
+
+struct siphon_disk_stats {
+	size_t size; /* caller: sizeof(struct siphon_disk_stats) */
+	uint64_t cor_bytes; /* copied into the top by copy-on-read */
+	uint64_t cor_skipped; /* reads that did not copy: busy or error */
+	uint64_t lock_waits; /* requests that waited for locked clusters */
+};
+
+/*
+ * Guest I/O counters. stats->size is set by the caller; at most that many
+ * bytes are written. Errors: -EINVAL (NULL, size too small), -ENOENT
+ * (detached), -EDEADLK (from a completion callback). Thread safe.
+ */
+SIPHON_API int siphon_disk_get_stats(siphon_disk *disk,
+				     struct siphon_disk_stats *stats);
+
+/*
+ * Asynchronous guest I/O. Each returns 0 when the request was queued (cb
+ * then runs exactly once) or -errno when it was not (cb never runs):
+ * -EINVAL (disk or cb NULL, iov NULL with iovcnt > 0, iovcnt negative or
+ * above SIPHON_IO_MAX_IOV, unknown flags or flags the operation does not
+ * take, misaligned or out-of-range offset or length, length above
+ * SIPHON_IO_MAX_BYTES), -ENOMEM, -ENOENT (disk detached).
+ * read: SIPHON_IO_NO_COR; write, write_zeroes: SIPHON_IO_FUA; discard and
+ * flush: no flags. Ownership: the iov array is copied; the buffers it
+ * points at belong to the caller and must stay valid (and, for reads,
+ * untouched) until cb runs. Thread safe: any thread, including a
+ * completion callback.
+ */
+SIPHON_API int siphon_disk_aio_read(siphon_disk *disk, const struct iovec *iov,
+				    int iovcnt, uint64_t off, unsigned flags,
+				    siphon_io_fn cb, void *opaque);
+SIPHON_API int siphon_disk_aio_write(siphon_disk *disk,
+				     const struct iovec *iov, int iovcnt,
+				     uint64_t off, unsigned flags,
+				     siphon_io_fn cb, void *opaque);
+SIPHON_API int siphon_disk_aio_flush(siphon_disk *disk, unsigned flags,
+				     siphon_io_fn cb, void *opaque);
+SIPHON_API int siphon_disk_aio_discard(siphon_disk *disk, uint64_t off,
+				       uint64_t len, unsigned flags,
+				       siphon_io_fn cb, void *opaque);
+SIPHON_API int siphon_disk_aio_write_zeroes(siphon_disk *disk, uint64_t off,
+					    uint64_t len, unsigned flags,
+					    siphon_io_fn cb, void *opaque);
+
+/*
+ * Synchronous guest I/O: the asynchronous call, waited for. Returns 0 or
+ * -errno: every error of the asynchronous call and of its completion, and
+ * -EDEADLK when called from the disk's own completion callback. Thread
+ * safe; blocks the calling thread only.
+ */
+SIPHON_API int siphon_disk_read(siphon_disk *disk, const struct iovec *iov,
+				int iovcnt, uint64_t off, unsigned flags);
+SIPHON_API int siphon_disk_write(siphon_disk *disk, const struct iovec *iov,
+				 int iovcnt, uint64_t off, unsigned flags);
+/* One flat buffer of len bytes. */
+SIPHON_API int siphon_disk_pread(siphon_disk *disk, void *buf, size_t len,
+				 uint64_t off, unsigned flags);
+SIPHON_API int siphon_disk_pwrite(siphon_disk *disk, const void *buf,
+				  size_t len, uint64_t off, unsigned flags);
+SIPHON_API int siphon_disk_flush(siphon_disk *disk, unsigned flags);
+SIPHON_API int siphon_disk_discard(siphon_disk *disk, uint64_t off,
+				   uint64_t len, unsigned flags);
+SIPHON_API int siphon_disk_write_zeroes(siphon_disk *disk, uint64_t off,
+					uint64_t len, unsigned flags);
 
 #ifdef __cplusplus
 }

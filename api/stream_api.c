@@ -65,6 +65,9 @@ static int job_new(struct disk *d, const struct disk_cmd *cmd, bool continuous)
 	so.base = base;
 	so.q = d->q;
 	so.speed = cmd->bandwidth;
+	so.lock = guest_stream_lock;
+	so.unlock = guest_stream_unlock;
+	so.lock_opaque = d->guest;
 	ret = stream_create(&so, &job->s);
 	if (ret < 0)
 		goto out;
@@ -158,6 +161,10 @@ static void job_end(struct disk *d, int ret)
 		snprintf(n->ev.message, sizeof(n->ev.message), "%s", r.message);
 		n->ev.bytes_copied = r.progress.bytes_copied;
 	}
+
+	/* Guest reads must stop seeing the dropped layers. */
+	if (r.state == SIPHON_STREAM_COMPLETED)
+		disk_swap_chain(d, job->base);
 
 	pthread_mutex_lock(&dom->lock);
 	d->job = NULL;

@@ -197,7 +197,8 @@ def fio_times(d, nbytes):
         for _ in range(nbytes // MiB):
             f.write(os.urandom(MiB))
     common = ["--ioengine=io_uring", "--direct=1", "--bs=1M",
-              "--iodepth=16", "--size=%d" % nbytes, "--output-format=json"]
+              "--iodepth=16", "--size=%d" % nbytes, "--end_fsync=1",
+              "--output-format=json"]
     drop_caches()
     t = time.monotonic()
     run(["fio", "--name=r", "--rw=read", "--filename=" + src] + common)

@@ -19,6 +19,10 @@
  * data) -> commit (the driver links the host run; its L2 updates reach the
  * disk only after the data does).
  *
+ * Locks (optional hooks, for owners that serve guest I/O too): an extent
+ * holds its range from before its reads until it retires; ZERO and PARTIAL
+ * runs, done synchronously, only check that nobody holds theirs.
+ *
  * Invariants: extents are kept in planning order; the cursor is the start of
  * the oldest unfinished extent (or the planner's position when none is in
  * flight), so every cluster below it is done. The first error wins and stops
@@ -70,6 +74,7 @@ struct extent {
 	unsigned nruns;
 	unsigned runcap;
 	uint64_t copied; /* bytes written as data */
+	void *lock; /* token of the range lock, or NULL */
 };
 
 struct stream {
@@ -79,7 +84,13 @@ struct stream {
 	struct sio_pool *pool; /* extent buffers */
 	unsigned max_inflight;
 	uint64_t extent_bytes;
+	unsigned opt_inflight; /* as created: stream_set_limits(0) */
+	uint64_t opt_extent;
 	uint64_t flush_bytes;
+	int (*lock)(void *opaque, uint64_t off, uint64_t len, void **token);
+	void (*unlock)(void *opaque, void *token);
+	void *lock_opaque;
+	bool blocked; /* the planner waits for a locked range */
 	uint32_t cs; /* top cluster size */
 	uint64_t end; /* clusters */
 
@@ -184,6 +195,15 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 	if (s->extent_bytes < s->cs)
 		s->extent_bytes = s->cs;
 	s->extent_bytes -= s->extent_bytes % s->cs;
+	s->opt_inflight = s->max_inflight;
+	s->opt_extent = s->extent_bytes;
+	if (!o->lock != !o->unlock) {
+		free(s);
+		return sx_error(EINVAL, "stream: lock hooks come in pairs");
+	}
+	s->lock = o->lock;
+	s->unlock = o->unlock;
+	s->lock_opaque = o->lock_opaque;
 	s->flush_bytes = o->flush_bytes ? o->flush_bytes : STREAM_DEFAULT_FLUSH;
 	s->end = o->top->size / s->cs + (o->top->size % s->cs != 0);
 	s->plan_budget = UINT64_MAX;
@@ -610,14 +630,19 @@ retire:
 	free(ex);
 }
 
-static int start_copy(struct stream *s, uint64_t cl, uint64_t n)
+/* The extent takes over the range lock (token may be NULL). */
+static int start_copy(struct stream *s, uint64_t cl, uint64_t n, void *token)
 {
 	struct extent *ex;
 	int ret;
 
 	ex = calloc(1, sizeof(*ex));
-	if (!ex)
+	if (!ex) {
+		if (token)
+			s->unlock(s->lock_opaque, token);
 		return sx_error(ENOMEM, "stream: out of memory");
+	}
+	ex->lock = token;
 	ex->s = s;
 	ex->off = cl * s->cs;
 	ex->len = n * s->cs;
@@ -673,13 +698,49 @@ static int fill_partial(struct stream *s, uint64_t cl)
 	return ret;
 }
 
+/*
+ * Take the lock of clusters [cl, cl + n). Returns 1 when taken (*token set;
+ * NULL without hooks), 0 when the range is busy, -errno.
+ */
+static int range_lock(struct stream *s, uint64_t cl, uint64_t n, void **token)
+{
+	uint64_t off = cl * s->cs;
+	int ret;
+
+	*token = NULL;
+	if (!s->lock)
+		return 1;
+	ret = s->lock(s->lock_opaque, off, n * s->cs, token);
+	if (ret == -EBUSY) {
+		s->blocked = true;
+		return 0;
+	}
+	if (ret < 0)
+		return sx_error(ret, "%s: cannot lock clusters: %s",
+				s->top->path, strerror(-ret));
+	return 1;
+}
+
+/* The range is free right now (for work done synchronously). */
+static int range_free(struct stream *s, uint64_t cl, uint64_t n)
+{
+	void *token;
+	int ret = range_lock(s, cl, n, &token);
+
+	if (ret > 0 && token)
+		s->unlock(s->lock_opaque, token);
+	return ret;
+}
+
 int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 {
 	enum run_kind kind;
 	uint64_t n, max, wait;
+	void *token;
 	int ret = 0;
 
 	*wait_ns = 0;
+	s->blocked = false;
 	if (limit > s->end)
 		limit = s->end;
 	/*
@@ -707,6 +768,9 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 			break;
 		case RUN_ZERO:
 			if (s->zero_clusters) {
+				ret = range_free(s, s->planner, n);
+				if (ret <= 0)
+					goto out;
 				ret = s->top->drv->write_zeroes(
 					s->top, s->planner * s->cs, n * s->cs,
 					IMG_WZ_NO_FALLBACK);
@@ -722,8 +786,14 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 			__attribute__((fallthrough));
 		case RUN_COPY:
 			n = sx_min(n, max);
+			ret = range_lock(s, s->planner, n, &token);
+			if (ret <= 0)
+				goto out;
+			ret = 0;
 			wait = copy_gate(s, n * s->cs);
 			if (wait) {
+				if (token)
+					s->unlock(s->lock_opaque, token);
 				if (!s->inflight)
 					*wait_ns = wait;
 				return 0;
@@ -733,12 +803,15 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 					sx_min(s->plan_budget, n * s->cs);
 			/* The extent owns clusters [planner, planner + n). */
 			s->planner += n;
-			ret = start_copy(s, s->planner - n, n);
+			ret = start_copy(s, s->planner - n, n, token);
 			update_cursor(s);
 			if (ret < 0)
 				goto out;
 			continue;
 		case RUN_PARTIAL:
+			ret = range_free(s, s->planner, 1);
+			if (ret <= 0)
+				goto out;
 			ret = fill_partial(s, s->planner);
 			break;
 		}
@@ -751,6 +824,22 @@ out:
 	if (ret < 0)
 		stream_fail(s, ret);
 	return s->err;
+}
+
+void stream_set_limits(struct stream *s, unsigned max_inflight,
+		       uint64_t extent_bytes)
+{
+	s->max_inflight = max_inflight ? max_inflight : s->opt_inflight;
+	if (!extent_bytes)
+		extent_bytes = s->opt_extent;
+	if (extent_bytes < s->cs)
+		extent_bytes = s->cs;
+	s->extent_bytes = extent_bytes - extent_bytes % s->cs;
+}
+
+bool stream_blocked(const struct stream *s)
+{
+	return s->blocked;
 }
 
 unsigned stream_inflight(const struct stream *s)
@@ -827,7 +916,8 @@ int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes)
 	for (;;) {
 		stream_pump(s, limit, &wait);
 		report(s, false);
-		if (s->inflight) {
+		/* A locked range frees when the owner's I/O completes. */
+		if (s->inflight || s->blocked) {
 			ret = sio_queue_run(s->q, 1);
 			if (ret < 0)
 				stream_fail(s, ret);

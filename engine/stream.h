@@ -18,6 +18,13 @@
  * L2 updates reach the disk after the data does. At any instant the image
  * reads the same as the chain did.
  *
+ * Guest I/O: an owner that also serves guest requests passes lock hooks;
+ * every extent holds a lock on its cluster range from before its reads until
+ * its commit, and a synchronous fill (zero or partial clusters) checks the
+ * range is free first. When a range is busy the planner stops there until
+ * the next pump. commit_run links only clusters still unallocated, so a
+ * guest write that got in first always stays.
+ *
  * Threads: everything runs on the owner's thread, except
  * stream_request_abort(), stream_set_speed() and stream_get_progress(),
  * which may be called from any thread.
@@ -56,6 +63,14 @@ struct stream_opts {
 	void (*progress)(void *opaque, const struct stream_progress *p);
 	void *progress_opaque;
 	unsigned progress_ms;
+	/*
+	 * Optional cluster range locks (both or neither), called on the
+	 * owner's thread. lock() returns 0 and a token, or -EBUSY when the
+	 * range is in use (-ENOMEM fails the stream); unlock() releases it.
+	 */
+	int (*lock)(void *opaque, uint64_t off, uint64_t len, void **token);
+	void (*unlock)(void *opaque, void *token);
+	void *lock_opaque;
 };
 
 #define STREAM_DEFAULT_INFLIGHT 8
@@ -85,6 +100,17 @@ int stream_seek(struct stream *s, uint64_t cur);
  * pumping again (0 otherwise).
  */
 int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns);
+
+/*
+ * Lower the load while the owner has other work (guest I/O): at most
+ * max_inflight extents of at most extent_bytes; 0 restores the value the
+ * stream was created with. Takes effect for the next extents. Owner only.
+ */
+void stream_set_limits(struct stream *s, unsigned max_inflight,
+		       uint64_t extent_bytes);
+
+/* The last pump stopped at a range locked by someone else. */
+bool stream_blocked(const struct stream *s);
 
 /* Extents submitted whose work has not finished. */
 unsigned stream_inflight(const struct stream *s);

@@ -6,7 +6,9 @@
 #
 #   base.raw (raw, 48 MiB)  <-  mid.qcow2  <-  top.qcow2
 #
-# then check that `siphon dump` reads the same guest content as qemu does.
+# then check that `siphon dump` reads the same guest content as qemu does,
+# stream the chain into top.qcow2 with progress, and verify the result with
+# qemu-img compare (against the original chain) and qemu-img check.
 # Files go to a temporary directory under $DEMO_DIR (default /var/tmp),
 # removed at the end unless DEMO_KEEP=1.
 set -euo pipefail
@@ -87,14 +89,18 @@ show "$siphon" dump top.qcow2 dump.raw
 ls -ls dump.raw
 show qemu-img compare -f raw -F qcow2 dump.raw top.qcow2
 
-# ---------------------------------------------------------------------------
-# STREAM: not implemented yet. When `siphon stream` lands, this is where the
-# demo streams top.qcow2 from its chain and shows the result:
-#
-#   show "$siphon" stream top.qcow2
-#   show "$siphon" info top.qcow2          # no backing file any more
-#   show qemu-img compare -f raw -F qcow2 dump.raw top.qcow2
-#   show qemu-img check top.qcow2
-# ---------------------------------------------------------------------------
+step "siphon stream (copy what top.qcow2 lacks from its chain, drop the backing)"
+cp --sparse=always top.qcow2 top.orig.qcow2 # the chain as it was, to compare
+show "$siphon" stream --progress top.qcow2
+show "$siphon" info top.qcow2
+if qemu-img info --output=json top.qcow2 | grep -q '"backing-filename"'; then
+	echo "stream: top.qcow2 still has a backing file" >&2
+	exit 1
+fi
 
-step "demo finished: siphon agrees with qemu on this chain"
+step "verify: the streamed image reads exactly as the chain did, and is clean"
+show qemu-img compare top.qcow2 top.orig.qcow2
+show qemu-img check top.qcow2
+show "$siphon" map top.qcow2
+
+step "demo finished: top.qcow2 is standalone and reads as its chain did"

@@ -119,6 +119,9 @@ int qcow2_write_open(struct img *img, struct qcow2 *s)
 	ret = qcow2_rc_init_write(img, s);
 	if (ret)
 		return ret;
+	ret = sio_file_size(img->file, &s->w.open_size);
+	if (ret)
+		return ret;
 	ret = qcow2_clear_autoclear(img, s);
 	if (ret)
 		return ret;
@@ -139,6 +142,7 @@ void qcow2_write_close(struct img *img, struct qcow2 *s)
 		frees = s->w.n_frees != 0;
 		if (!qcow2_flush_locked(img, s) && frees)
 			qcow2_flush_locked(img, s);
+		qcow2_trim_tail(img, s);
 		s->w.on = false;
 	}
 	qcow2_rc_fini_write(s);

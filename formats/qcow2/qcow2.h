@@ -218,6 +218,14 @@ struct qcow2_wstate {
 	struct qcow2_free *frees; /* deferred decreases */
 	size_t n_frees, cap_frees;
 	uint8_t *zero_cluster; /* cluster_size zero bytes (aligned) */
+	/*
+	 * The file is extended (fallocated) ahead of allocation, so data
+	 * writes land in allocated blocks inside the file: extending or
+	 * allocating direct writes are punted to io_uring's workers, which
+	 * serialise them per file. Trimmed back at close.
+	 */
+	uint64_t open_size; /* file size when opened for writing */
+	uint64_t grown_to; /* size extended to, 0 if never */
 };
 
 /* The kinds of cluster an L2 entry can describe. */
@@ -460,6 +468,9 @@ int qcow2_rc_update(struct img *img, struct qcow2 *s, uint64_t cluster,
  * free hint, growing the file at the end. *host, *got (>= 1): the run,
  * refcounted in memory. Fewer than n only when the free run is shorter.
  */
+/* Trim the file's sparse tail after the final flush (close). */
+void qcow2_trim_tail(struct img *img, struct qcow2 *s);
+
 int qcow2_alloc_clusters(struct img *img, struct qcow2 *s, uint64_t n,
 			 uint64_t *host, uint64_t *got);
 

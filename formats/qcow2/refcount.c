@@ -583,6 +583,50 @@ int qcow2_rc_update(struct img *img, struct qcow2 *s, uint64_t cluster,
 	return 0;
 }
 
+/* Extend the file well past end (see qcow2_wstate.grown_to). */
+static void grow_ahead(struct img *img, struct qcow2 *s, uint64_t end)
+{
+	uint64_t step, target, from;
+
+	if (end <= s->w.grown_to || end <= s->w.open_size)
+		return;
+	step = sx_min(sx_max(end / 8, 8u << 20), 128u << 20);
+	target = sx_align_down(end + step, s->cluster_size);
+	/*
+	 * Allocated blocks, not just a larger size: a direct write into a
+	 * hole needs block allocation, which io_uring hands to a worker, and
+	 * its workers run writes to one file one at a time. Best effort:
+	 * without it (no fallocate, or no room for the slack) writes are only
+	 * slower.
+	 */
+	from = sx_max(s->w.grown_to, s->w.open_size);
+	if (sio_fallocate(img->file, 0, from, target - from) == 0 ||
+	    sio_file_truncate(img->file, target) == 0)
+		s->w.grown_to = target;
+}
+
+/*
+ * Cut the tail grow_ahead() left: back to the end of the last
+ * cluster in use, never below the size the file had when opened. Runs
+ * after the final flush, so the refcounts it reads are the file's.
+ */
+void qcow2_trim_tail(struct img *img, struct qcow2 *s)
+{
+	uint64_t c, rc;
+
+	if (!s->w.grown_to)
+		return;
+	for (c = s->w.grown_to / s->cluster_size; c > 0; c--) {
+		if (qcow2_refcount_get(img, s, c - 1, &rc) < 0)
+			return;
+		if (rc)
+			break;
+	}
+	if (sio_file_truncate(img->file,
+			      sx_max(c * s->cluster_size, s->w.open_size)) == 0)
+		s->w.grown_to = 0;
+}
+
 int qcow2_alloc_clusters(struct img *img, struct qcow2 *s, uint64_t n,
 			 uint64_t *host, uint64_t *got)
 {
@@ -641,6 +685,7 @@ int qcow2_alloc_clusters(struct img *img, struct qcow2 *s, uint64_t n,
 		}
 	}
 	s->w.free_hint = start + run;
+	grow_ahead(img, s, (start + run) * s->cluster_size);
 	*host = start * s->cluster_size;
 	*got = run;
 	return 0;

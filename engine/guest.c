@@ -1,0 +1,964 @@
+/*
+ * Guest I/O on the disk's worker (see guest.h for the contract).
+ *
+ * A request becomes a struct gio while it runs:
+ *  - READ: the chain's status, piece by piece, from the top down: data is
+ *    read asynchronously straight into the guest's iovec (through an
+ *    aligned bounce buffer where direct I/O needs one), zeros are filled in,
+ *    compressed clusters are decompressed synchronously. With copy-on-read
+ *    and clusters the top does not hold, the read covers whole clusters
+ *    into one buffer under a cluster lock; the guest gets its part as soon
+ *    as the reads are done, then the clusters the top did not hold (and
+ *    that are not all zeros) are written into fresh host clusters and
+ *    linked with commit_run, which skips any cluster allocated meanwhile.
+ *    Nothing of the copy can fail the guest's read.
+ *  - WRITE: pieces the top holds as data are written in place
+ *    asynchronously; every other piece (unallocated, zero, compressed,
+ *    misaligned for direct I/O) goes through the driver's synchronous
+ *    pwrite, which copies the rest of a partial cluster from the chain.
+ *    The synchronous pieces are written before any asynchronous one is
+ *    submitted, so a bounce read-modify-write never races our own write.
+ *  - DISCARD, WRITE_ZEROES, FLUSH: the driver's synchronous operations; the
+ *    driver turns clusters into zero clusters while a backing exists.
+ *
+ * Locks: a write, discard or write-zeroes starts only when no lock overlaps
+ * its clusters and no earlier waiting request does (FIFO, so the guest's own
+ * order of overlapping writes is kept); a write holds its clusters until
+ * its asynchronous part completes. The stream and copy-on-read never wait:
+ * they try and back off. A lock is only held while I/O is in flight, so
+ * every wait ends.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cluster_lock.h"
+#include "common/checked.h"
+#include "common/error.h"
+#include "formats/image.h"
+#include "guest.h"
+#include "io/io.h"
+
+struct gio;
+
+/* One asynchronous read or write of a request. */
+struct gio_io {
+	struct sio_req req;
+	struct gio *gio;
+	uint8_t *bounce; /* aligned copy, or NULL */
+	uint64_t bounce_skip; /* reads: bytes in bounce before the data */
+	uint64_t toff; /* offset of the data in the gio's target iovec */
+	uint64_t len;
+	struct iovec one; /* the slice, when it is one element */
+	struct iovec *iov; /* the slice, malloc'd, when longer */
+	bool is_inline; /* gio->first: not freed */
+};
+
+/* Host run allocated by a copy-on-read. */
+struct cor_run {
+	uint64_t off;
+	uint64_t n;
+	uint64_t host;
+};
+
+struct gio {
+	struct guest *g;
+	struct guest_req *req; /* NULL once completed (copy-on-read goes on) */
+	const struct iovec *tiov; /* where read data goes / write data is */
+	int tiovcnt;
+	unsigned pending; /* I/O in flight, plus one while building */
+	int err;
+	bool first_used;
+	struct gio_io first;
+	struct cl_lock *lock;
+
+	/* copy-on-read */
+	bool cor;
+	bool cor_writing;
+	struct iovec cor_iov;
+	uint8_t *cbuf; /* clusters [cstart, cend) */
+	uint64_t cstart, cend;
+	uint8_t *local; /* per cluster: the top holds part of it */
+	struct cor_run *runs;
+	unsigned nruns, runcap;
+};
+
+struct guest {
+	struct img *top;
+	struct sio_queue *q;
+	struct cl_locks locks;
+	uint64_t kick_gen;
+	bool kick_hold; /* hold was released: kick everything */
+	struct guest_req *wait_head, **wait_tail;
+	unsigned nwait;
+	unsigned inflight;
+	bool cor;
+	bool hold;
+	bool dirty; /* in-place writes since the last flush */
+	uint64_t last_ns;
+	struct guest_stats st;
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static bool is_zero(const uint8_t *p, size_t len)
+{
+	static const uint8_t zeros[16];
+
+	if (len < 16)
+		return memcmp(p, zeros, len) == 0;
+	return memcmp(p, zeros, 16) == 0 && memcmp(p, p + 16, len - 16) == 0;
+}
+
+/* ---- iovec helpers ---- */
+
+/* Visit [skip, skip + n) of an iovec as flat pieces. */
+#define IOV_WALK(iov, cnt, skip, n, BODY)                                     \
+	do {                                                                  \
+		uint64_t _skip = (skip), _left = (n);                         \
+		for (int _i = 0; _i < (cnt) && _left; _i++) {                 \
+			uint64_t _l = (iov)[_i].iov_len;                      \
+			if (_skip >= _l) {                                    \
+				_skip -= _l;                                  \
+				continue;                                     \
+			}                                                     \
+			uint8_t *p_ = (uint8_t *)(iov)[_i].iov_base + _skip;  \
+			uint64_t l_ = sx_min(_l - _skip, _left);              \
+			_skip = 0;                                            \
+			_left -= l_;                                          \
+			BODY;                                                 \
+		}                                                             \
+	} while (0)
+
+static void iov_memset0(const struct iovec *iov, int cnt, uint64_t skip,
+			uint64_t n)
+{
+	IOV_WALK(iov, cnt, skip, n, memset(p_, 0, l_));
+}
+
+static void iov_from_buf(const struct iovec *iov, int cnt, uint64_t skip,
+			 const uint8_t *buf, uint64_t n)
+{
+	IOV_WALK(iov, cnt, skip, n, {
+		memcpy(p_, buf, l_);
+		buf += l_;
+	});
+}
+
+static void iov_to_buf(const struct iovec *iov, int cnt, uint64_t skip,
+		       uint8_t *buf, uint64_t n)
+{
+	IOV_WALK(iov, cnt, skip, n, {
+		memcpy(buf, p_, l_);
+		buf += l_;
+	});
+}
+
+/*
+ * The slice [skip, skip + n) of an iovec as its own iovec: *out is `one`
+ * when the slice is one element, else a malloc'd array. *aligned says
+ * whether every element suits direct I/O (addresses to mem_align, lengths
+ * to align).
+ */
+static int iov_slice(const struct iovec *iov, int cnt, uint64_t skip,
+		     uint64_t n, struct iovec *one, struct iovec **out,
+		     int *outcnt, uint32_t align, uint32_t mem_align,
+		     bool *aligned)
+{
+	struct iovec *v = NULL;
+	int k = 0, cap = 0;
+
+	*aligned = true;
+	IOV_WALK(iov, cnt, skip, n, {
+		if (k == cap) {
+			struct iovec *nv;
+
+			cap = cap ? cap * 2 : 4;
+			nv = realloc(v, (size_t)cap * sizeof(*v));
+			if (!nv) {
+				free(v);
+				return -ENOMEM;
+			}
+			v = nv;
+		}
+		v[k].iov_base = p_;
+		v[k].iov_len = l_;
+		if (!sx_is_aligned((uintptr_t)p_, mem_align) ||
+		    !sx_is_aligned(l_, align))
+			*aligned = false;
+		k++;
+	});
+	if (k == 1) {
+		*one = v[0];
+		free(v);
+		v = one;
+	}
+	*out = v;
+	*outcnt = k;
+	return 0;
+}
+
+/* ---- requests ---- */
+
+static void cluster_range(const struct guest *g, uint64_t off, uint64_t len,
+			  uint64_t *a, uint64_t *b)
+{
+	uint64_t cs = g->top->cluster_size;
+
+	*a = off - off % cs;
+	*b = off + len;
+	if (*b % cs)
+		*b += cs - *b % cs;
+}
+
+static bool needs_lock(const struct guest_req *r)
+{
+	return r->len && (r->op == GUEST_WRITE || r->op == GUEST_DISCARD ||
+			  r->op == GUEST_WRITE_ZEROES);
+}
+
+static int do_flush(struct guest *g)
+{
+	struct img *top = g->top;
+	int ret;
+
+	if (!top->drv->flush)
+		return sx_error(EROFS, "%s: cannot flush", top->path);
+	ret = top->drv->flush(top);
+	/* In-place writes change no metadata: the driver may not sync. */
+	if (ret >= 0 && g->dirty) {
+		g->dirty = false;
+		ret = sio_fdatasync(top->file);
+		if (ret < 0)
+			g->dirty = true;
+	}
+	return ret;
+}
+
+static struct gio *gio_new(struct guest *g, struct guest_req *req)
+{
+	struct gio *gio = calloc(1, sizeof(*gio));
+
+	if (!gio)
+		return NULL;
+	gio->g = g;
+	gio->req = req;
+	gio->tiov = req->iov;
+	gio->tiovcnt = req->iovcnt;
+	gio->pending = 1;
+	g->inflight++;
+	return gio;
+}
+
+static void gio_free(struct gio *gio)
+{
+	struct guest *g = gio->g;
+
+	cl_unlock(&g->locks, gio->lock);
+	sio_buf_free(gio->cbuf);
+	free(gio->local);
+	free(gio->runs);
+	g->inflight--;
+	free(gio);
+}
+
+static void req_complete(struct gio *gio, int ret)
+{
+	struct guest_req *req = gio->req;
+
+	gio->req = NULL;
+	if (req)
+		req->complete(req, ret);
+}
+
+static void gio_put(struct gio *gio);
+
+static void gio_io_done(struct sio_req *sreq, int res)
+{
+	struct gio_io *io = sreq->priv;
+	struct gio *gio = io->gio;
+
+	if (res < 0) {
+		if (!gio->err)
+			gio->err = res;
+	} else if (io->bounce && sreq->op == SIO_OP_READ) {
+		iov_from_buf(gio->tiov, gio->tiovcnt, io->toff,
+			     io->bounce + io->bounce_skip, io->len);
+	}
+	sio_buf_free(io->bounce);
+	if (io->iov != &io->one)
+		free(io->iov);
+	if (!io->is_inline)
+		free(io);
+	gio_put(gio);
+}
+
+static struct gio_io *gio_io_get(struct gio *gio)
+{
+	struct gio_io *io;
+
+	if (!gio->first_used) {
+		gio->first_used = true;
+		io = &gio->first;
+		memset(io, 0, sizeof(*io));
+		io->is_inline = true;
+	} else {
+		io = calloc(1, sizeof(*io));
+		if (!io)
+			return NULL;
+	}
+	io->gio = gio;
+	return io;
+}
+
+/*
+ * Submit a read (into the target iovec at toff) or a write (from it) of n
+ * bytes at host offset host of f. Host ranges not aligned for direct I/O
+ * are only accepted for reads (rounded out into a bounce buffer).
+ */
+static int gio_add_io(struct gio *gio, enum sio_op op, struct sio_file *f,
+		      uint64_t host, uint64_t toff, uint64_t n)
+{
+	struct gio_io *io = gio_io_get(gio);
+	struct sio_req *r;
+	bool aligned = false;
+	int ret, cnt;
+
+	if (!io)
+		return sx_error(ENOMEM, "guest I/O: out of memory");
+	r = &io->req;
+	io->toff = toff;
+	io->len = n;
+	if (sx_is_aligned(host | n, f->align)) {
+		ret = iov_slice(gio->tiov, gio->tiovcnt, toff, n, &io->one,
+				&io->iov, &cnt, f->align, f->mem_align,
+				&aligned);
+		if (ret < 0)
+			goto fail;
+	}
+	if (aligned) {
+		r->iov = io->iov;
+		r->iovcnt = cnt;
+		r->off = host;
+		r->len = n;
+	} else {
+		uint64_t h0 = host - host % f->align, h1 = host + n;
+
+		if (io->iov && io->iov != &io->one)
+			free(io->iov);
+		io->iov = NULL;
+		if (h1 % f->align)
+			h1 += f->align - h1 % f->align;
+		if (op == SIO_OP_WRITE && (h0 != host || h1 != host + n)) {
+			ret = -EINVAL;
+			goto fail;
+		}
+		io->bounce = sio_buf_alloc(h1 - h0);
+		if (!io->bounce) {
+			ret = -ENOMEM;
+			goto fail;
+		}
+		io->bounce_skip = host - h0;
+		if (op == SIO_OP_WRITE)
+			iov_to_buf(gio->tiov, gio->tiovcnt, toff, io->bounce,
+				   n);
+		r->buf = io->bounce;
+		r->off = h0;
+		r->len = h1 - h0;
+	}
+	r->op = op;
+	r->file = f;
+	r->done = gio_io_done;
+	r->priv = io;
+	gio->pending++;
+	ret = sio_queue_submit(gio->g->q, r);
+	if (ret < 0) {
+		gio->pending--;
+		goto fail;
+	}
+	return 0;
+fail:
+	sio_buf_free(io->bounce);
+	if (io->iov && io->iov != &io->one)
+		free(io->iov);
+	if (!io->is_inline)
+		free(io);
+	return sx_error(ret, "%s: guest %s at host offset %llu: %s", f->path,
+			op == SIO_OP_READ ? "read" : "write",
+			(unsigned long long)host, strerror(-ret));
+}
+
+/* ---- reads ---- */
+
+static struct img *layer_at(struct img *top, unsigned depth)
+{
+	while (top && depth--)
+		top = top->backing;
+	return top;
+}
+
+/* Read [roff, roff + rlen) of the chain into the gio's target iovec. */
+static int read_pieces(struct gio *gio, uint64_t roff, uint64_t rlen)
+{
+	struct img *top = gio->g->top, *layer;
+	uint64_t pos = roff, end = roff + rlen, cs = top->cluster_size;
+	struct img_extent e;
+	uint8_t *zbuf = NULL;
+	unsigned depth;
+	int ret = 0;
+
+	while (pos < end) {
+		uint64_t toff = pos - roff;
+
+		ret = img_chain_status(top, NULL, pos, end - pos, &e, &depth);
+		if (ret < 0)
+			break;
+		switch (e.status) {
+		case IMG_DATA:
+			ret = gio_add_io(gio, SIO_OP_READ, e.file, e.host_off,
+					 toff, e.len);
+			break;
+		case IMG_COMPRESSED: {
+			uint64_t ccs, coff;
+
+			layer = layer_at(top, depth);
+			ccs = layer->cluster_size;
+			if (!zbuf)
+				zbuf = sio_buf_alloc(ccs);
+			if (!zbuf) {
+				ret = sx_error(ENOMEM, "guest read: no memory");
+				break;
+			}
+			/* A compressed cluster may start before pos. */
+			coff = pos % ccs;
+			e.len = sx_min(e.len, ccs - coff);
+			ret = layer->drv->read_compressed(layer, pos - coff,
+							  zbuf);
+			if (ret >= 0)
+				iov_from_buf(gio->tiov, gio->tiovcnt, toff,
+					     zbuf + coff, e.len);
+			break;
+		}
+		case IMG_ZERO:
+		case IMG_UNALLOC:
+		default:
+			iov_memset0(gio->tiov, gio->tiovcnt, toff, e.len);
+			break;
+		}
+		if (ret < 0)
+			break;
+		if (gio->cor && depth == 0 && e.status != IMG_UNALLOC) {
+			uint64_t c0 = (pos - gio->cstart) / cs;
+			uint64_t c1 = (pos + e.len - 1 - gio->cstart) / cs;
+
+			memset(gio->local + c0, 1, c1 - c0 + 1);
+		}
+		pos += e.len;
+	}
+	sio_buf_free(zbuf);
+	return ret;
+}
+
+static bool top_lacks(struct guest *g, uint64_t off, uint64_t len)
+{
+	struct img *top = g->top;
+	uint64_t pos = off, end = off + len;
+	struct img_extent e;
+
+	while (pos < end) {
+		if (top->drv->block_status(top, pos, end - pos, &e) < 0)
+			return false;
+		if (e.status == IMG_UNALLOC)
+			return true;
+		pos += e.len;
+	}
+	return false;
+}
+
+/*
+ * Turn the read into a copy-on-read if the top lacks some of its clusters
+ * and nobody holds them: the read then covers whole clusters into cbuf.
+ */
+static void cor_prepare(struct gio *gio)
+{
+	struct guest *g = gio->g;
+	struct guest_req *req = gio->req;
+	struct img *top = g->top;
+	uint64_t a, b, ncl;
+
+	if (!top_lacks(g, req->off, req->len))
+		return;
+	cluster_range(g, req->off, req->len, &a, &b);
+	if (cl_lock_try(&g->locks, a, b, &gio->lock) < 0) {
+		g->st.cor_skipped++;
+		return;
+	}
+	ncl = (b - a) / top->cluster_size;
+	gio->cbuf = sio_buf_alloc(b - a);
+	gio->local = calloc(ncl, 1);
+	if (!gio->cbuf || !gio->local) {
+		sio_buf_free(gio->cbuf);
+		free(gio->local);
+		gio->cbuf = NULL;
+		gio->local = NULL;
+		cl_unlock(&g->locks, gio->lock);
+		gio->lock = NULL;
+		g->st.cor_skipped++;
+		return;
+	}
+	gio->cor = true;
+	gio->cstart = a;
+	gio->cend = b;
+	if (b > top->size)
+		memset(gio->cbuf + (top->size - a), 0, b - top->size);
+	gio->cor_iov.iov_base = gio->cbuf;
+	gio->cor_iov.iov_len = b - a;
+	gio->tiov = &gio->cor_iov;
+	gio->tiovcnt = 1;
+}
+
+static int cor_add_run(struct gio *gio, uint64_t off, uint64_t n,
+		       uint64_t host)
+{
+	if (gio->nruns == gio->runcap) {
+		unsigned cap = gio->runcap ? gio->runcap * 2 : 4;
+		struct cor_run *r = realloc(gio->runs, cap * sizeof(*r));
+
+		if (!r)
+			return sx_error(ENOMEM, "copy-on-read: no memory");
+		gio->runs = r;
+		gio->runcap = cap;
+	}
+	gio->runs[gio->nruns++] = (struct cor_run){off, n, host};
+	return 0;
+}
+
+/* Write the clusters the top lacked into fresh host clusters. */
+static void cor_write(struct gio *gio)
+{
+	struct img *top = gio->g->top;
+	uint64_t cs = top->cluster_size, ncl = (gio->cend - gio->cstart) / cs;
+	uint64_t i = 0, j, host, got;
+	int ret = 0;
+
+	gio->cor_writing = true;
+	gio->pending = 1;
+	while (i < ncl && ret >= 0) {
+		if (gio->local[i] || is_zero(gio->cbuf + i * cs, cs)) {
+			i++;
+			continue;
+		}
+		for (j = i + 1; j < ncl; j++)
+			if (gio->local[j] || is_zero(gio->cbuf + j * cs, cs))
+				break;
+		while (i < j && ret >= 0) {
+			uint64_t goff = gio->cstart + i * cs;
+
+			ret = top->drv->alloc_run(top, goff, j - i, &host,
+						  &got);
+			if (ret < 0)
+				break;
+			ret = cor_add_run(gio, goff, got, host);
+			if (ret < 0)
+				break;
+			if (sx_is_aligned(host | (got * cs), top->file->align))
+				ret = gio_add_io(gio, SIO_OP_WRITE, top->file,
+						 host, i * cs, got * cs);
+			else
+				ret = sio_pwrite(top->file, gio->cbuf + i * cs,
+						 got * cs, host);
+			i += got;
+		}
+	}
+	if (ret < 0 && !gio->err)
+		gio->err = ret;
+	gio_put(gio);
+}
+
+/* The copy is written: link it (clusters allocated meanwhile are kept). */
+static void cor_commit(struct gio *gio)
+{
+	struct guest *g = gio->g;
+	struct img *top = g->top;
+	unsigned i;
+	int ret = gio->err;
+
+	for (i = 0; i < gio->nruns && ret >= 0; i++) {
+		ret = top->drv->commit_run(top, gio->runs[i].off,
+					   gio->runs[i].n, gio->runs[i].host);
+		if (ret >= 0)
+			g->st.cor_bytes += gio->runs[i].n * top->cluster_size;
+	}
+	/*
+	 * A failed copy leaks the clusters it allocated (qemu-img check
+	 * reports them as leaks); the guest's read already succeeded.
+	 */
+	if (ret < 0)
+		g->st.cor_skipped++;
+	gio_free(gio);
+}
+
+static void read_done(struct gio *gio)
+{
+	struct guest_req *req = gio->req;
+	bool copy = gio->cor && !gio->err;
+
+	if (copy)
+		iov_from_buf(req->iov, req->iovcnt, 0,
+			     gio->cbuf + (req->off - gio->cstart), req->len);
+	req_complete(gio, gio->err);
+	if (copy) {
+		cor_write(gio);
+		return;
+	}
+	if (gio->cor)
+		gio->g->st.cor_skipped++;
+	gio_free(gio);
+}
+
+static void write_done(struct gio *gio)
+{
+	int ret = gio->err;
+
+	if (ret >= 0 && (gio->req->flags & GUEST_F_FUA))
+		ret = do_flush(gio->g);
+	req_complete(gio, ret);
+	gio_free(gio);
+}
+
+static void gio_put(struct gio *gio)
+{
+	if (--gio->pending)
+		return;
+	if (gio->cor_writing)
+		cor_commit(gio);
+	else if (gio->req && gio->req->op == GUEST_READ)
+		read_done(gio);
+	else
+		write_done(gio);
+}
+
+static void read_start(struct guest *g, struct guest_req *req)
+{
+	struct gio *gio = gio_new(g, req);
+	int ret;
+
+	if (!gio) {
+		req->complete(req, -ENOMEM);
+		return;
+	}
+	if (g->cor && !(req->flags & GUEST_F_NO_COR) && g->top->backing &&
+	    g->top->writable && g->top->drv->alloc_run &&
+	    g->top->drv->commit_run)
+		cor_prepare(gio);
+	if (gio->cor)
+		ret = read_pieces(gio, gio->cstart,
+				  sx_min(gio->cend, g->top->size) -
+					  gio->cstart);
+	else
+		ret = read_pieces(gio, req->off, req->len);
+	if (ret < 0 && !gio->err)
+		gio->err = ret;
+	gio_put(gio);
+}
+
+/* ---- writes ---- */
+
+struct wpiece {
+	uint64_t pos;
+	uint64_t n;
+	uint64_t host;
+};
+
+static int write_sync(struct guest *g, struct guest_req *req, uint64_t pos,
+		      uint64_t n)
+{
+	struct img *top = g->top;
+	uint8_t *buf;
+	int ret;
+
+	if (!top->drv->pwrite)
+		return sx_error(EROFS, "%s: format %s cannot be written",
+				top->path, top->drv->name);
+	buf = malloc(n);
+	if (!buf)
+		return sx_error(ENOMEM, "guest write: out of memory");
+	iov_to_buf(req->iov, req->iovcnt, pos - req->off, buf, n);
+	ret = top->drv->pwrite(top, buf, n, pos);
+	free(buf);
+	return ret;
+}
+
+static void write_start(struct guest *g, struct guest_req *req)
+{
+	struct img *top = g->top;
+	struct gio *gio = gio_new(g, req);
+	struct wpiece *pc = NULL, *np;
+	unsigned npc = 0, cap = 0, i;
+	uint64_t pos, end, a, b;
+	struct img_extent e;
+	int ret = 0;
+
+	if (!gio) {
+		req->complete(req, -ENOMEM);
+		return;
+	}
+	if (!top->writable) {
+		ret = sx_error(EROFS, "%s: read-only", top->path);
+		goto out;
+	}
+	cluster_range(g, req->off, req->len, &a, &b);
+	ret = cl_lock_try(&g->locks, a, b, &gio->lock);
+	if (ret < 0)
+		goto out;
+	for (pos = req->off, end = req->off + req->len; pos < end;
+	     pos += e.len) {
+		ret = top->drv->block_status(top, pos, end - pos, &e);
+		if (ret < 0)
+			goto out;
+		if (e.status != IMG_DATA || !e.host_valid ||
+		    !sx_is_aligned(e.host_off | e.len, top->file->align)) {
+			ret = write_sync(g, req, pos, e.len);
+			if (ret < 0)
+				goto out;
+			continue;
+		}
+		if (npc == cap) {
+			cap = cap ? cap * 2 : 4;
+			np = realloc(pc, cap * sizeof(*pc));
+			if (!np) {
+				ret = sx_error(ENOMEM, "guest write: no memory");
+				goto out;
+			}
+			pc = np;
+		}
+		pc[npc++] = (struct wpiece){pos, e.len, e.host_off};
+	}
+	for (i = 0; i < npc && ret >= 0; i++) {
+		g->dirty = true;
+		ret = gio_add_io(gio, SIO_OP_WRITE, top->file, pc[i].host,
+				 pc[i].pos - req->off, pc[i].n);
+	}
+out:
+	free(pc);
+	if (ret < 0 && !gio->err)
+		gio->err = ret;
+	gio_put(gio);
+}
+
+static void sync_op(struct guest *g, struct guest_req *req)
+{
+	struct img *top = g->top;
+	int ret;
+
+	switch (req->op) {
+	case GUEST_FLUSH:
+		ret = do_flush(g);
+		break;
+	case GUEST_DISCARD:
+		if (!top->writable)
+			ret = sx_error(EROFS, "%s: read-only", top->path);
+		else
+			ret = top->drv->discard
+				      ? top->drv->discard(top, req->off,
+							  req->len)
+				      : 0; /* advisory */
+		break;
+	case GUEST_WRITE_ZEROES:
+		if (!top->writable || !top->drv->write_zeroes)
+			ret = sx_error(EROFS, "%s: cannot write zeroes",
+				       top->path);
+		else
+			ret = top->drv->write_zeroes(top, req->off, req->len,
+						     0);
+		if (ret >= 0 && (req->flags & GUEST_F_FUA))
+			ret = do_flush(g);
+		break;
+	default:
+		ret = sx_error(EINVAL, "unknown guest op %d", (int)req->op);
+		break;
+	}
+	req->complete(req, ret < 0 ? ret : 0);
+}
+
+static void start(struct guest *g, struct guest_req *req)
+{
+	if (req->len && req->off + req->len > g->top->size) {
+		req->complete(req, sx_error(EINVAL, "%s: beyond the end",
+					    g->top->path));
+		return;
+	}
+	switch (req->op) {
+	case GUEST_READ:
+		if (!req->len)
+			req->complete(req, 0);
+		else
+			read_start(g, req);
+		break;
+	case GUEST_WRITE:
+		if (!req->len)
+			req->complete(req, 0);
+		else
+			write_start(g, req);
+		break;
+	default:
+		sync_op(g, req);
+		break;
+	}
+}
+
+/* ---- waiting ---- */
+
+/* Overlaps a waiting request before `stop` that needs a lock. */
+static bool waiter_overlap(struct guest *g, struct guest_req *stop,
+			   uint64_t a, uint64_t b)
+{
+	struct guest_req *w;
+	uint64_t wa, wb;
+
+	for (w = g->wait_head; w && w != stop; w = w->next) {
+		if (!needs_lock(w))
+			continue;
+		cluster_range(g, w->off, w->len, &wa, &wb);
+		if (wa < b && a < wb)
+			return true;
+	}
+	return false;
+}
+
+static bool must_wait(struct guest *g, struct guest_req *req,
+		      struct guest_req *stop)
+{
+	uint64_t a, b;
+
+	if (g->hold)
+		return true;
+	if (!needs_lock(req))
+		return false;
+	cluster_range(g, req->off, req->len, &a, &b);
+	return cl_locks_busy(&g->locks, a, b) ||
+	       waiter_overlap(g, stop, a, b);
+}
+
+void guest_submit(struct guest *g, struct guest_req *req)
+{
+	g->last_ns = now_ns();
+	req->next = NULL;
+	if (must_wait(g, req, NULL)) {
+		g->st.waits++;
+		*g->wait_tail = req;
+		g->wait_tail = &req->next;
+		g->nwait++;
+		return;
+	}
+	start(g, req);
+}
+
+void guest_kick(struct guest *g)
+{
+	struct guest_req **pp, *req;
+
+	if (!g->wait_head || g->hold)
+		return;
+	if (g->locks.generation == g->kick_gen && !g->kick_hold)
+		return;
+	g->kick_gen = g->locks.generation;
+	g->kick_hold = false;
+	pp = &g->wait_head;
+	while ((req = *pp)) {
+		if (must_wait(g, req, req)) {
+			pp = &req->next;
+			continue;
+		}
+		*pp = req->next;
+		if (!*pp)
+			g->wait_tail = pp;
+		g->nwait--;
+		req->next = NULL;
+		/* Completions only post: the list stays as it is. */
+		start(g, req);
+	}
+}
+
+/* ---- the rest ---- */
+
+int guest_create(struct img *top, struct sio_queue *q, struct guest **out)
+{
+	struct guest *g = calloc(1, sizeof(*g));
+
+	if (!g)
+		return sx_error(ENOMEM, "out of memory");
+	g->top = top;
+	g->q = q;
+	g->wait_tail = &g->wait_head;
+	*out = g;
+	return 0;
+}
+
+void guest_destroy(struct guest *g)
+{
+	free(g);
+}
+
+void guest_set_cor(struct guest *g, bool on)
+{
+	g->cor = on;
+}
+
+void guest_hold(struct guest *g, bool hold)
+{
+	if (g->hold && !hold)
+		g->kick_hold = true;
+	g->hold = hold;
+}
+
+unsigned guest_inflight(const struct guest *g)
+{
+	return g->inflight;
+}
+
+bool guest_idle(const struct guest *g)
+{
+	return !g->inflight && !g->wait_head;
+}
+
+bool guest_busy(const struct guest *g, uint64_t recent_ns)
+{
+	return g->inflight || g->wait_head || now_ns() - g->last_ns < recent_ns;
+}
+
+void guest_get_stats(const struct guest *g, struct guest_stats *st)
+{
+	*st = g->st;
+}
+
+int guest_stream_lock(void *opaque, uint64_t off, uint64_t len, void **token)
+{
+	struct guest *g = opaque;
+	struct cl_lock *l;
+	int ret;
+
+	/* A waiting guest write goes first: the stream comes back later. */
+	if (waiter_overlap(g, NULL, off, off + len))
+		return -EBUSY;
+	ret = cl_lock_try(&g->locks, off, off + len, &l);
+	if (ret < 0)
+		return ret;
+	*token = l;
+	return 0;
+}
+
+void guest_stream_unlock(void *opaque, void *token)
+{
+	struct guest *g = opaque;
+
+	cl_unlock(&g->locks, token);
+}

@@ -1,0 +1,101 @@
+/*
+ * Guest I/O on one disk: reads, writes, flush, discard and write-zeroes of a
+ * top image and its backing chain, served on the disk's worker thread next
+ * to the stream engine (engine/stream.c), with copy-on-read.
+ *
+ * Requests come in with guest_submit() and finish with their complete()
+ * callback, called on the worker thread, from guest_submit() itself or from
+ * a completion of the worker's sio_queue. The engine never waits for I/O:
+ * reads of data and in-place writes of allocated clusters go through the
+ * queue; writes that allocate (copy-on-write), discard, write-zeroes and
+ * flush call the format driver synchronously.
+ *
+ * Safety next to a stream: the engine owns the disk's cluster locks
+ * (cluster_lock.h) and hands the stream its lock hooks (guest_stream_lock,
+ * guest_stream_unlock). A guest write, discard or write-zeroes whose
+ * clusters are locked waits in a FIFO and starts when the locks drop (the
+ * owner calls guest_kick()); copy-on-read only takes free clusters and
+ * otherwise leaves the read plain.
+ *
+ * Threads: everything here runs on the worker thread.
+ */
+#ifndef SIPHON_ENGINE_GUEST_H
+#define SIPHON_ENGINE_GUEST_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+struct img;
+struct sio_queue;
+
+enum guest_op {
+	GUEST_READ = 1,
+	GUEST_WRITE,
+	GUEST_FLUSH,
+	GUEST_DISCARD,
+	GUEST_WRITE_ZEROES,
+};
+
+enum guest_flags {
+	GUEST_F_FUA = 1 << 0, /* durable (flushed) before completion */
+	GUEST_F_NO_COR = 1 << 1, /* this read never copies */
+};
+
+struct guest_req {
+	enum guest_op op;
+	unsigned flags; /* enum guest_flags */
+	const struct iovec *iov; /* READ, WRITE: len bytes in all */
+	int iovcnt;
+	uint64_t off; /* 512-aligned */
+	uint64_t len; /* 512-aligned or up to the end of the image */
+	/* Called once on the worker thread; ret 0 or -errno. */
+	void (*complete)(struct guest_req *req, int ret);
+	void *priv;
+	struct guest_req *next; /* free for the owner until submitted */
+};
+
+struct guest_stats {
+	uint64_t cor_bytes; /* copied into the top by copy-on-read */
+	uint64_t cor_skipped; /* reads that could not copy (busy, error) */
+	uint64_t waits; /* requests that waited for a lock */
+};
+
+struct guest;
+
+int guest_create(struct img *top, struct sio_queue *q, struct guest **out);
+
+/* Free; the owner has drained everything (guest_idle()). NULL ok. */
+void guest_destroy(struct guest *g);
+
+/* Start (or queue) a request. Its complete() runs exactly once. */
+void guest_submit(struct guest *g, struct guest_req *req);
+
+/* Copy-on-read for the next reads. */
+void guest_set_cor(struct guest *g, bool on);
+
+/*
+ * Hold new requests (queued, not started) while hold is true, e.g. while
+ * the owner swaps the backing chain; guest_kick() starts them once false.
+ */
+void guest_hold(struct guest *g, bool hold);
+
+/* Start waiting requests whose locks dropped. Cheap when nothing did. */
+void guest_kick(struct guest *g);
+
+/* Requests started and not completed, copy-on-read work included. */
+unsigned guest_inflight(const struct guest *g);
+
+/* Nothing in flight and nothing waiting. */
+bool guest_idle(const struct guest *g);
+
+/* Guest requests were seen within the last recent_ns (or are in flight). */
+bool guest_busy(const struct guest *g, uint64_t recent_ns);
+
+void guest_get_stats(const struct guest *g, struct guest_stats *st);
+
+/* Lock hooks for struct stream_opts (opaque: the struct guest). */
+int guest_stream_lock(void *opaque, uint64_t off, uint64_t len, void **token);
+void guest_stream_unlock(void *opaque, void *token);
+
+#endif
