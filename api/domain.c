@@ -384,6 +384,7 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 	ret = img_open(path, o.format, oflags, &d->img);
 	if (ret < 0)
 		goto out;
+	d->size = d->img->size;
 	ret = disk_start(d);
 	if (ret < 0)
 		goto out;

@@ -112,6 +112,7 @@ struct disk {
 	struct siphon_domain *dom;
 	struct disk *next; /* dom->disks, attach order */
 	char *path;
+	uint64_t size; /* virtual size: set at attach, never changed */
 	unsigned refs; /* dom->lock */
 
 	/* dom->lock */

@@ -59,8 +59,7 @@ SIPHON_API int siphon_disk_get_size(siphon_disk *disk, uint64_t *size)
 {
 	if (!disk || !size)
 		return sx_error(EINVAL, "disk or size is NULL");
-	/* Set at attach, never changed: no lock needed. */
-	*size = to_disk(disk)->img->size;
+	*size = to_disk(disk)->size;
 	return 0;
 }
 
@@ -134,7 +133,7 @@ static void api_complete(struct guest_req *g, int ret)
 static int check_range(struct disk *d, enum guest_op op, uint64_t off,
 		       uint64_t len)
 {
-	uint64_t size = d->img->size;
+	uint64_t size = d->size;
 
 	if (len > SIPHON_IO_MAX_BYTES)
 		return sx_error(EINVAL, "%s: %s of %llu bytes: more than %u",

@@ -403,7 +403,14 @@ static int dump_image(struct img *img, const char *out_path, bool force)
 	} else {
 		flags = SIO_RDWR | SIO_CREATE | SIO_EXCL;
 	}
-	ret = sio_file_open(out_path, flags, &d.out);
+	/*
+	 * The output is written once, front to back, and made durable by one
+	 * fdatasync at the end: through the page cache the kernel merges it
+	 * into large writeback. Measured on this VM (1 GiB, page cache
+	 * dropped, timed to the end of sync): 1.9-2.0 s buffered against
+	 * 2.4-2.7 s O_DIRECT. The image side stays O_DIRECT.
+	 */
+	ret = sio_file_open(out_path, flags | SIO_BUFFERED, &d.out);
 	if (ret < 0)
 		return ret;
 	created = true;

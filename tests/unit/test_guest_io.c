@@ -1,0 +1,563 @@
+/*
+ * Guest I/O API (api/guest_io.c, engine/guest.c): every call and its
+ * errors, reads and writes against qemu-io on the same chain, and qemu's
+ * copy-on-read scenarios (allocated clusters never rewritten, zero-length
+ * reads, the last partial cluster, subclusters, reads that span allocated
+ * and unallocated clusters, copy-on-read off).
+ *
+ * Images are made with qemu-img/qemu-io in a fresh directory; the oracle
+ * for content is qemu-img compare against a raw copy that received the same
+ * writes through qemu-io, for layout qemu-img map. Exits 77 when io_uring
+ * or qemu-img is unavailable.
+ */
+#define _GNU_SOURCE
+#include <check.h>
+#include <errno.h>
+#include <liburing.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "siphon.h"
+
+static char tmpdir[] = "/tmp/siphon-guest-XXXXXX";
+
+static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int sh(const char *fmt, ...)
+{
+	char cmd[4096];
+	va_list ap;
+	int rc;
+
+	va_start(ap, fmt);
+	vsnprintf(cmd, sizeof(cmd), fmt, ap);
+	va_end(ap);
+	rc = system(cmd);
+	return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}
+
+#define RUN(...) ck_assert_msg(sh(__VA_ARGS__) == 0, "command failed")
+
+/*
+ * name.base.raw (4 MiB of 0x11, a zero hole at 1 MiB) <- name.qcow2
+ * (cluster 64 KiB, size given; 0x22 written at [0, 64K) and [512K, 576K)),
+ * plus name.ref.raw, what the chain reads. Extra qemu-img create options in
+ * opts. Returns the top's path (static).
+ */
+static const char *make_chain(const char *name, const char *size,
+			      const char *opts)
+{
+	static char top[512];
+	const char *d = tmpdir;
+
+	RUN("cd %s && qemu-img create -q -f raw %s.base.raw 4M && "
+	    "qemu-io -f raw -c 'write -P 0x11 0 4M' "
+	    "-c 'write -z 1M 128k' %s.base.raw >/dev/null && "
+	    "qemu-img create -q -f qcow2 -o cluster_size=65536%s "
+	    "-b %s.base.raw -F raw %s.qcow2 %s && "
+	    "qemu-io -f qcow2 -c 'write -P 0x22 0 64k' "
+	    "-c 'write -P 0x22 512k 64k' %s.qcow2 >/dev/null && "
+	    "qemu-img convert -f qcow2 -O raw %s.qcow2 %s.ref.raw",
+	    d, name, name, opts, name, name, size, name, name, name);
+	snprintf(top, sizeof(top), "%s/%s.qcow2", d, name);
+	return top;
+}
+
+/* Map entry of the top covering off: "depth offset" (offset or -1). */
+static void map_at(const char *path, uint64_t off, char *out, size_t n)
+{
+	char cmd[1024];
+	FILE *p;
+
+	snprintf(cmd, sizeof(cmd),
+		 "qemu-img map -f qcow2 --output=json %s | python3 -c '"
+		 "import json,sys\n"
+		 "for e in json.load(sys.stdin):\n"
+		 "  if e[\"start\"] <= %llu < e[\"start\"] + e[\"length\"]:\n"
+		 "    print(e[\"depth\"], e.get(\"offset\", -1), e[\"data\"])'",
+		 path, (unsigned long long)off);
+	p = popen(cmd, "r");
+	ck_assert_ptr_nonnull(p);
+	out[0] = '\0';
+	if (!fgets(out, (int)n, p))
+		out[0] = '\0';
+	pclose(p);
+}
+
+struct fixture {
+	siphon_domain *dom;
+	siphon_disk *disk;
+};
+
+static void open_disk(struct fixture *f, const char *path)
+{
+	ck_assert_int_eq(siphon_domain_create(NULL, &f->dom), 0);
+	ck_assert_int_eq(siphon_disk_attach(f->dom, path, NULL), 0);
+	ck_assert_int_eq(siphon_disk_get(f->dom, path, &f->disk), 0);
+}
+
+static void close_disk(struct fixture *f)
+{
+	siphon_disk_put(f->disk);
+	siphon_domain_close(f->dom);
+}
+
+static void dummy_cb(siphon_disk *disk, int ret, void *opaque)
+{
+	(void)disk;
+	(void)ret;
+	(void)opaque;
+}
+
+START_TEST(test_errors)
+{
+	const char *top = make_chain("err", "4M", "");
+	struct siphon_disk_stats st = {.size = 4};
+	struct fixture f;
+	siphon_disk *h = NULL;
+	uint8_t buf[4096];
+	struct iovec v = {buf, sizeof(buf)};
+	uint64_t size = 0;
+
+	open_disk(&f, top);
+	ck_assert_int_eq(siphon_disk_get(NULL, top, &h), -EINVAL);
+	ck_assert_int_eq(siphon_disk_get(f.dom, NULL, &h), -EINVAL);
+	ck_assert_int_eq(siphon_disk_get(f.dom, "rel", &h), -EINVAL);
+	ck_assert_int_eq(siphon_disk_get(f.dom, "/no/such", &h), -ENOENT);
+	ck_assert_ptr_null(h);
+	siphon_disk_put(NULL);
+	ck_assert_int_eq(siphon_disk_get_size(f.disk, &size), 0);
+	ck_assert_uint_eq(size, 4u << 20);
+	ck_assert_int_eq(siphon_disk_get_size(NULL, &size), -EINVAL);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, 7), -EINVAL);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(NULL, 0), -EINVAL);
+	ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), -EINVAL);
+	ck_assert_int_eq(siphon_disk_get_stats(f.disk, NULL), -EINVAL);
+
+	ck_assert_int_eq(siphon_disk_pread(NULL, buf, 512, 0, 0), -EINVAL);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, 100, 0),
+			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 100, 0, 0), -EINVAL);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 1024, size - 512, 0),
+			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, size, 0),
+			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, 0, 1u << 7),
+			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, 0,
+					   SIPHON_IO_FUA),
+			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_pwrite(f.disk, buf, 512, 0,
+					    SIPHON_IO_NO_COR),
+			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_flush(f.disk, SIPHON_IO_FUA), -EINVAL);
+	ck_assert_int_eq(siphon_disk_discard(f.disk, 0, 512, SIPHON_IO_FUA),
+			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_discard(f.disk, 1, 512, 0), -EINVAL);
+	ck_assert_int_eq(siphon_disk_write_zeroes(f.disk, 0, size + 512, 0),
+			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_read(f.disk, NULL, 1, 0, 0), -EINVAL);
+	ck_assert_int_eq(siphon_disk_read(f.disk, &v, -1, 0, 0), -EINVAL);
+	ck_assert_int_eq(siphon_disk_read(f.disk, &v, SIPHON_IO_MAX_IOV + 1,
+					  0, 0),
+			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_aio_read(f.disk, &v, 1, 0, 0, NULL, NULL),
+			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_aio_flush(NULL, 0, dummy_cb, NULL),
+			 -EINVAL);
+	/* Too long for one request. */
+	ck_assert_int_eq(siphon_disk_write_zeroes(f.disk, 0,
+						  SIPHON_IO_MAX_BYTES + 512ull,
+						  0),
+			 -EINVAL);
+
+	/* A detached disk: the handle stays, requests fail. */
+	ck_assert_int_eq(siphon_disk_detach(f.dom, top, 0), 0);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, 0, 0), -ENOENT);
+	ck_assert_int_eq(siphon_disk_aio_flush(f.disk, 0, dummy_cb, NULL),
+			 -ENOENT);
+	st.size = sizeof(st);
+	ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), -ENOENT);
+	close_disk(&f);
+}
+END_TEST
+
+/* Reads match the chain; writes, zeroes and discards match qemu-io's. */
+START_TEST(test_read_write)
+{
+	const char *top = make_chain("rw", "4M", "");
+	const uint64_t len = 3 * 65536 + 1024;
+	struct siphon_disk_stats st = {.size = sizeof(st)};
+	uint8_t *buf = malloc(4 << 20), *ref = malloc(4 << 20), *raw;
+	char refpath[600];
+	struct iovec v[3];
+	struct fixture f;
+	FILE *fp;
+	int i;
+
+	snprintf(refpath, sizeof(refpath), "%s/rw.ref.raw", tmpdir);
+	fp = fopen(refpath, "r");
+	ck_assert_int_eq(fread(ref, 1, 4 << 20, fp), 4 << 20);
+	fclose(fp);
+	open_disk(&f, top);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_OFF),
+			 0);
+	/* Whole disk, then misaligned vectored pieces across pieces. */
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 4 << 20, 0, 0), 0);
+	ck_assert_mem_eq(buf, ref, 4 << 20);
+	raw = malloc(len + 16);
+	v[0] = (struct iovec){raw + 1, 1536};
+	v[1] = (struct iovec){raw + 1537, 65536};
+	v[2] = (struct iovec){raw + 67073, len - 1536 - 65536};
+	ck_assert_int_eq(siphon_disk_read(f.disk, v, 3, 512 * 1024 - 512, 0),
+			 0);
+	ck_assert_mem_eq(raw + 1, ref + 512 * 1024 - 512, len);
+	/* A zero-length read is a no-op. */
+	ck_assert_int_eq(siphon_disk_read(f.disk, v, 0, 65536, 0), 0);
+
+	/* Writes: in place, partial over backing, vectored misaligned. */
+	memset(buf, 0x33, 65536);
+	ck_assert_int_eq(siphon_disk_pwrite(f.disk, buf, 4096, 4096, 0), 0);
+	ck_assert_int_eq(siphon_disk_pwrite(f.disk, buf, 512,
+					    2 * 65536 + 1024, 0),
+			 0);
+	for (i = 0; i < 3; i++)
+		memset(v[i].iov_base, 0x44 + i, v[i].iov_len);
+	ck_assert_int_eq(siphon_disk_write(f.disk, v, 3, 3 * 65536 + 512,
+					   SIPHON_IO_FUA),
+			 0);
+	ck_assert_int_eq(siphon_disk_write_zeroes(f.disk, 1536 * 1024, 65536 +
+								       1024,
+						  0),
+			 0);
+	ck_assert_int_eq(siphon_disk_discard(f.disk, 2 << 20, 128 * 1024, 0),
+			 0);
+	ck_assert_int_eq(siphon_disk_flush(f.disk, 0), 0);
+	ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), 0);
+	ck_assert_uint_eq(st.size, sizeof(st));
+	ck_assert_uint_eq(st.cor_bytes, 0);
+	close_disk(&f);
+
+	RUN("cd %s && qemu-io -f raw -c 'write -P 0x33 4096 4096' "
+	    "-c 'write -P 0x33 %d 512' -c 'write -P 0x44 %d 1536' "
+	    "-c 'write -P 0x45 %d 65536' -c 'write -P 0x46 %d %llu' "
+	    "-c 'write -z %d %d' -c 'write -z %d %d' rw.ref.raw >/dev/null",
+	    tmpdir, 2 * 65536 + 1024, 3 * 65536 + 512, 3 * 65536 + 2048,
+	    4 * 65536 + 2048, (unsigned long long)(len - 1536 - 65536),
+	    1536 * 1024, 65536 + 1024, 2 << 20, 128 * 1024);
+	RUN("cd %s && qemu-img check -q rw.qcow2 && "
+	    "qemu-img compare -q -f qcow2 -F raw rw.qcow2 rw.ref.raw",
+	    tmpdir);
+	free(raw);
+	free(buf);
+	free(ref);
+}
+END_TEST
+
+struct aio_state {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int left;
+	int errors;
+};
+
+static void aio_cb(siphon_disk *disk, int ret, void *opaque)
+{
+	struct aio_state *s = opaque;
+
+	(void)disk;
+	pthread_mutex_lock(&s->lock);
+	if (ret < 0)
+		s->errors++;
+	if (--s->left == 0)
+		pthread_cond_signal(&s->cond);
+	pthread_mutex_unlock(&s->lock);
+}
+
+START_TEST(test_aio)
+{
+	const char *top = make_chain("aio", "4M", "");
+	struct aio_state s = {PTHREAD_MUTEX_INITIALIZER,
+			      PTHREAD_COND_INITIALIZER, 0, 0};
+	static uint8_t bufs[64][8192];
+	struct iovec v[64];
+	struct fixture f;
+	int i;
+
+	open_disk(&f, top);
+	s.left = 64 + 2;
+	for (i = 0; i < 64; i++) {
+		v[i] = (struct iovec){bufs[i], sizeof(bufs[i])};
+		memset(bufs[i], i, sizeof(bufs[i]));
+		ck_assert_int_eq(siphon_disk_aio_write(f.disk, &v[i], 1,
+						       (uint64_t)i * 32768, 0,
+						       aio_cb, &s),
+				 0);
+	}
+	ck_assert_int_eq(siphon_disk_aio_discard(f.disk, 3 << 20, 65536, 0,
+						 aio_cb, &s),
+			 0);
+	ck_assert_int_eq(siphon_disk_aio_write_zeroes(f.disk, 62 * 65536,
+						      4096, SIPHON_IO_FUA,
+						      aio_cb, &s),
+			 0);
+	pthread_mutex_lock(&s.lock);
+	while (s.left)
+		pthread_cond_wait(&s.cond, &s.lock);
+	pthread_mutex_unlock(&s.lock);
+	ck_assert_int_eq(s.errors, 0);
+	s.left = 65;
+	for (i = 0; i < 64; i++) {
+		memset(bufs[i], 0xee, sizeof(bufs[i]));
+		ck_assert_int_eq(siphon_disk_aio_read(f.disk, &v[i], 1,
+						      (uint64_t)i * 32768, 0,
+						      aio_cb, &s),
+				 0);
+	}
+	ck_assert_int_eq(siphon_disk_aio_flush(f.disk, 0, aio_cb, &s), 0);
+	pthread_mutex_lock(&s.lock);
+	while (s.left)
+		pthread_cond_wait(&s.cond, &s.lock);
+	pthread_mutex_unlock(&s.lock);
+	ck_assert_int_eq(s.errors, 0);
+	for (i = 0; i < 64; i++) {
+		uint8_t want[8192];
+
+		memset(want, i, sizeof(want));
+		ck_assert_mem_eq(bufs[i], want, sizeof(want));
+	}
+	close_disk(&f);
+	RUN("qemu-img check -q %s", top);
+}
+END_TEST
+
+/*
+ * qemu's copy-on-read scenarios: a read spanning allocated and unallocated
+ * clusters copies only the unallocated ones (the allocated cluster keeps its
+ * host offset); the data matches the chain; then copy-on-read off and auto
+ * (no stream) copy nothing.
+ */
+START_TEST(test_cor)
+{
+	const char *top = make_chain("cor", "4M", "");
+	struct siphon_disk_stats st = {.size = sizeof(st)};
+	char before[128], after[128], m[128];
+	uint8_t *buf = malloc(1 << 20);
+	struct fixture f;
+
+	map_at(top, 0, before, sizeof(before));
+	ck_assert_str_ne(before, "");
+	open_disk(&f, top);
+	/* Auto without a stream: nothing copied. */
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 1 << 20, 2 << 20, 0),
+			 0);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_OFF),
+			 0);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 1 << 20, 2 << 20, 0),
+			 0);
+	ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), 0);
+	ck_assert_uint_eq(st.cor_bytes, 0);
+	/* On: [0, 256K) holds allocated cluster 0 and unallocated ones. */
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_ON),
+			 0);
+	/*
+	 * The copy goes on after the read completes and a read that meets
+	 * it does not copy: let each one finish first.
+	 */
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 65536, 0, 0), 0);
+	usleep(100000);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 4096,
+					   256 * 1024 - 4096, 0),
+			 0);
+	usleep(100000);
+	/* Unaligned to clusters, spanning 0x22 at 512K. */
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 448 * 1024 + 1024,
+					   100 * 1024, 0),
+			 0);
+	usleep(100000);
+	/* Zeros in the backing are not copied as data. */
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 1 << 20, 128 * 1024,
+					   0),
+			 0);
+	usleep(100000);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 0, 65536 * 2, 0), 0);
+	ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), 0);
+	/* Clusters 3, then 1-2 and 4-7, then 9-15 (16-17 are zeros). */
+	ck_assert_uint_eq(st.cor_bytes, 14 * 65536);
+	close_disk(&f);
+
+	map_at(top, 0, after, sizeof(after));
+	ck_assert_str_eq(before, after);
+	map_at(top, 512 * 1024, after, sizeof(after));
+	map_at(top, 512 * 1024, m, sizeof(m));
+	ck_assert_str_eq(after, m);
+	ck_assert_int_eq(strncmp(after, "0 ", 2), 0);
+	map_at(top, 192 * 1024, m, sizeof(m));
+	ck_assert_int_eq(strncmp(m, "0 ", 2), 0); /* copied */
+	map_at(top, 1 << 20, m, sizeof(m));
+	ck_assert_int_eq(strncmp(m, "1 ", 2), 0); /* zeros: left alone */
+	map_at(top, 2 << 20, m, sizeof(m));
+	ck_assert_int_eq(strncmp(m, "1 ", 2), 0); /* off: not copied */
+	RUN("cd %s && qemu-img check -q cor.qcow2 && "
+	    "qemu-img compare -q -f qcow2 -F raw cor.qcow2 cor.ref.raw",
+	    tmpdir);
+	free(buf);
+}
+END_TEST
+
+/* The last cluster is partial: a read across it copies it whole. */
+START_TEST(test_cor_last_partial)
+{
+	const char *top = make_chain("tail", "4193792", "");
+	uint8_t *buf = malloc(1 << 20);
+	uint64_t size = 0;
+	struct fixture f;
+	char m[128];
+
+	open_disk(&f, top);
+	ck_assert_int_eq(siphon_disk_get_size(f.disk, &size), 0);
+	ck_assert_uint_eq(size, 4193792);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_ON),
+			 0);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 128 * 1024,
+					   size - 128 * 1024, 0),
+			 0);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, size - 512, 0),
+			 0);
+	close_disk(&f);
+	map_at(top, size - 512, m, sizeof(m));
+	ck_assert_int_eq(strncmp(m, "0 ", 2), 0);
+	RUN("cd %s && qemu-img check -q tail.qcow2 && "
+	    "qemu-img compare -q -f qcow2 -F raw tail.qcow2 tail.ref.raw",
+	    tmpdir);
+	free(buf);
+}
+END_TEST
+
+/*
+ * Subclusters: a cluster of which the top holds one subcluster is never
+ * overwritten by copy-on-read; reads and partial writes still match.
+ */
+START_TEST(test_cor_subclusters)
+{
+	const char *top = make_chain("sub", "4M", ",extended_l2=on");
+	uint8_t *buf = malloc(1 << 20);
+	char before[128], after[128];
+	struct fixture f;
+
+	RUN("cd %s && qemu-io -f qcow2 -c 'write -P 0x55 %d 2048' sub.qcow2 "
+	    ">/dev/null && qemu-io -f raw -c 'write -P 0x55 %d 2048' "
+	    "sub.ref.raw >/dev/null",
+	    tmpdir, 1024 * 1024 + 65536 * 4 + 2048,
+	    1024 * 1024 + 65536 * 4 + 2048);
+	map_at(top, 1024 * 1024 + 65536 * 4 + 2048, before, sizeof(before));
+	open_disk(&f, top);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_ON),
+			 0);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 1 << 20, 1 << 20, 0),
+			 0);
+	memset(buf, 0x66, 4096);
+	ck_assert_int_eq(siphon_disk_pwrite(f.disk, buf, 1024,
+					    3 * 1024 * 1024 + 5 * 1024, 0),
+			 0);
+	close_disk(&f);
+	map_at(top, 1024 * 1024 + 65536 * 4 + 2048, after, sizeof(after));
+	ck_assert_str_eq(before, after);
+	RUN("cd %s && qemu-io -f raw -c 'write -P 0x66 %d 1024' sub.ref.raw "
+	    ">/dev/null && qemu-img check -q sub.qcow2 && "
+	    "qemu-img compare -q -f qcow2 -F raw sub.qcow2 sub.ref.raw",
+	    tmpdir, 3 * 1024 * 1024 + 5 * 1024);
+	free(buf);
+}
+END_TEST
+
+/* Copy-on-read while a stream runs (auto), and the stream finishes. */
+START_TEST(test_cor_with_stream)
+{
+	const char *top = make_chain("cs", "4M", "");
+	struct siphon_event ev = {.size = sizeof(ev)};
+	uint8_t *buf = malloc(4 << 20), *ref = malloc(4 << 20);
+	struct siphon_block_stream_params p = {.size = sizeof(p),
+					       .bandwidth = 2 << 20};
+	char refpath[600];
+	struct fixture f;
+	FILE *fp;
+	int i;
+
+	snprintf(refpath, sizeof(refpath), "%s/cs.ref.raw", tmpdir);
+	fp = fopen(refpath, "r");
+	ck_assert_int_eq(fread(ref, 1, 4 << 20, fp), 4 << 20);
+	fclose(fp);
+	open_disk(&f, top);
+	ck_assert_int_eq(siphon_block_stream_ex(f.dom, top, NULL,
+						SIPHON_STREAM_CONTINUOUS, &p),
+			 0);
+	for (i = 0; i < 4; i++) {
+		ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 4 << 20, 0, 0),
+				 0);
+		ck_assert_mem_eq(buf, ref, 4 << 20);
+	}
+	ck_assert_int_eq(siphon_block_stream_set_speed(f.dom, top, 0, 0), 0);
+	while (siphon_domain_next_event(f.dom, &ev) == 0)
+		usleep(10000);
+	ck_assert_int_eq(ev.kind, SIPHON_EVENT_STREAM_COMPLETED);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 4 << 20, 0, 0), 0);
+	ck_assert_mem_eq(buf, ref, 4 << 20);
+	close_disk(&f);
+	RUN("cd %s && qemu-img check -q cs.qcow2 && "
+	    "qemu-img compare -q -f qcow2 -F raw cs.qcow2 cs.ref.raw && "
+	    "! qemu-img info cs.qcow2 | grep -q backing",
+	    tmpdir);
+	free(buf);
+	free(ref);
+}
+END_TEST
+
+static Suite *guest_suite(void)
+{
+	Suite *s = suite_create("guest_io");
+	TCase *tc = tcase_create("guest_io");
+
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, test_errors);
+	tcase_add_test(tc, test_read_write);
+	tcase_add_test(tc, test_aio);
+	tcase_add_test(tc, test_cor);
+	tcase_add_test(tc, test_cor_last_partial);
+	tcase_add_test(tc, test_cor_subclusters);
+	tcase_add_test(tc, test_cor_with_stream);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int main(void)
+{
+	struct io_uring ring;
+	SRunner *sr;
+	int failed;
+
+	if (io_uring_queue_init(4, &ring, 0) < 0) {
+		fprintf(stderr, "io_uring unavailable: skipped\n");
+		return 77;
+	}
+	io_uring_queue_exit(&ring);
+	if (sh("qemu-img --version >/dev/null 2>&1 && "
+	       "qemu-io --version >/dev/null 2>&1")) {
+		fprintf(stderr, "qemu-img/qemu-io missing: skipped\n");
+		return 77;
+	}
+	if (!mkdtemp(tmpdir)) {
+		perror("mkdtemp");
+		return 1;
+	}
+	sr = srunner_create(guest_suite());
+	srunner_run_all(sr, CK_ENV);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	sh("rm -rf %s", tmpdir);
+	return failed ? 1 : 0;
+}
