@@ -326,6 +326,8 @@ static void worker_loop(struct disk *d)
 			pump_stream(d);
 		if (d->swap_pending)
 			do_swap(d);
+		/* The pump and the swap may have dropped locks or a hold. */
+		guest_kick(d->guest);
 		if (atomic_load(&d->stop) && !d->job &&
 		    guest_idle(d->guest) && !d->swap_pending)
 			break;

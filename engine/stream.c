@@ -74,6 +74,7 @@ struct extent {
 	unsigned nruns;
 	unsigned runcap;
 	uint64_t copied; /* bytes written as data */
+	bool committed; /* commit_run was called for its runs */
 	void *lock; /* token of the range lock, or NULL */
 };
 
@@ -105,6 +106,7 @@ struct stream {
 
 	int err;
 	char errmsg[SX_ERROR_MAX];
+	uint64_t failed_at; /* first cluster of failed work, or UINT64_MAX */
 
 	_Atomic bool abort;
 	_Atomic uint64_t speed;
@@ -207,6 +209,7 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 	s->flush_bytes = o->flush_bytes ? o->flush_bytes : STREAM_DEFAULT_FLUSH;
 	s->end = o->top->size / s->cs + (o->top->size % s->cs != 0);
 	s->plan_budget = UINT64_MAX;
+	s->failed_at = UINT64_MAX;
 	s->pool = sio_pool_create(s->extent_bytes, s->max_inflight);
 	if (!s->pool) {
 		free(s);
@@ -338,7 +341,10 @@ static uint64_t copy_gate(struct stream *s, uint64_t bytes)
 
 static void update_cursor(struct stream *s)
 {
-	atomic_store(&s->cur, s->head ? s->head->off / s->cs : s->planner);
+	uint64_t cur = s->head ? s->head->off / s->cs : s->planner;
+
+	/* Work that failed is not done: the cursor never passes it. */
+	atomic_store(&s->cur, sx_min(cur, s->failed_at));
 }
 
 static void count_copied(struct stream *s, uint64_t bytes)
@@ -592,10 +598,12 @@ static void ex_finish(struct extent *ex)
 	int ret = 0;
 
 	if (ex->err || !ex->writing)
-		goto retire;
+		goto failed;
 	for (r = 0; r < ex->nruns && ret >= 0; r++)
 		ret = top->drv->commit_run(top, ex->runs[r].off, ex->runs[r].n,
 					   ex->runs[r].host);
+	/* A commit that failed half way may have linked some: keep them. */
+	ex->committed = ex->nruns > 0;
 	for (i = 0; i < ncl && ret >= 0; i++) {
 		uint64_t goff = ex->off + i * s->cs;
 
@@ -608,10 +616,21 @@ static void ex_finish(struct extent *ex)
 	}
 	if (ret < 0) {
 		stream_fail(s, ret);
-		goto retire;
+		goto failed;
 	}
 	count_copied(s, ex->copied);
 	atomic_fetch_add(&s->bytes_zero, zero);
+	goto retire;
+failed:
+	/*
+	 * Host clusters allocated for writes that failed were never linked:
+	 * give them back, or a failed stream (ENOSPC) would leak them.
+	 */
+	if (!ex->committed && top->drv->release_run)
+		for (r = 0; r < ex->nruns; r++)
+			top->drv->release_run(top, ex->runs[r].host,
+					      ex->runs[r].n);
+	s->failed_at = sx_min(s->failed_at, ex->off / s->cs);
 retire:
 	/* Unlink: usually the head. */
 	for (pp = &s->head; *pp != ex; pp = &(*pp)->next)

@@ -23,17 +23,17 @@ struct sio_file;
 
 /* Where the bytes of a guest range of one layer live. */
 enum img_status {
-	IMG_UNALLOC = 0,	/* not in this layer: read the layer below */
-	IMG_DATA,		/* at host_off in file */
-	IMG_ZERO,		/* reads as zeros (host_off valid if allocated) */
-	IMG_COMPRESSED,		/* use read_compressed(); one cluster */
+	IMG_UNALLOC = 0, /* not in this layer: read the layer below */
+	IMG_DATA, /* at host_off in file */
+	IMG_ZERO, /* reads as zeros (host_off valid if allocated) */
+	IMG_COMPRESSED, /* use read_compressed(); one cluster */
 };
 
 struct img_extent {
 	enum img_status status;
-	uint64_t len;		 /* bytes from the queried offset, > 0 */
-	struct sio_file *file;	 /* IMG_DATA (and ZERO with host_valid) */
-	uint64_t host_off;	 /* valid when host_valid */
+	uint64_t len; /* bytes from the queried offset, > 0 */
+	struct sio_file *file; /* IMG_DATA (and ZERO with host_valid) */
+	uint64_t host_off; /* valid when host_valid */
 	bool host_valid;
 	/*
 	 * IMG_DATA only: the host file's own status (holes) is worth asking
@@ -51,14 +51,14 @@ enum img_wz_flags {
 
 /* What to create: see img_create() in image.h. */
 struct img_create_opts {
-	uint64_t size;		  /* virtual size in bytes */
-	const char *backing;	  /* backing file name to store, or NULL */
-	const char *backing_fmt;  /* its format, or NULL */
-	uint32_t cluster_size;	  /* 0: the format's default */
-	unsigned refcount_bits;	  /* 0: default (16) */
-	bool compat_v2;		  /* qcow2 version 2 (compat=0.10) */
-	bool extended_l2;	  /* qcow2 subclusters */
-	bool lazy_refcounts;	  /* qcow2 compatible bit 0 */
+	uint64_t size; /* virtual size in bytes */
+	const char *backing; /* backing file name to store, or NULL */
+	const char *backing_fmt; /* its format, or NULL */
+	uint32_t cluster_size; /* 0: the format's default */
+	unsigned refcount_bits; /* 0: default (16) */
+	bool compat_v2; /* qcow2 version 2 (compat=0.10) */
+	bool extended_l2; /* qcow2 subclusters */
+	bool lazy_refcounts; /* qcow2 compatible bit 0 */
 };
 
 /* One name/value line for `siphon info` (format-specific facts). */
@@ -131,6 +131,13 @@ struct img_driver {
 	 */
 	int (*commit_run)(struct img *img, uint64_t off, uint64_t nclusters,
 			  uint64_t host_off);
+
+	/*
+	 * Optional (recommended with alloc_run). Give back host clusters from
+	 * alloc_run that were never committed (their data write failed).
+	 */
+	void (*release_run)(struct img *img, uint64_t host_off,
+			    uint64_t nclusters);
 
 	/*
 	 * Guest write of any 512-aligned range, with copy-on-write from the

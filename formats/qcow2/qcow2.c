@@ -311,6 +311,7 @@ const struct img_driver img_driver_qcow2 = {
 	.info = qcow2_info,
 	.alloc_run = qcow2_alloc_run,
 	.commit_run = qcow2_commit_run,
+	.release_run = qcow2_release_run,
 	.pwrite = qcow2_pwrite,
 	.write_zeroes = qcow2_write_zeroes,
 	.discard = qcow2_discard,

@@ -535,6 +535,8 @@ int qcow2_flush(struct img *img);
 
 int qcow2_alloc_run(struct img *img, uint64_t off, uint64_t nclusters,
 		    uint64_t *host_off, uint64_t *got);
+/* drv->release_run: give back clusters from alloc_run never committed. */
+void qcow2_release_run(struct img *img, uint64_t host_off, uint64_t nclusters);
 int qcow2_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
 		     uint64_t host_off);
 int qcow2_pwrite(struct img *img, const void *buf, uint64_t len, uint64_t off);

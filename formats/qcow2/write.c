@@ -547,6 +547,21 @@ int qcow2_alloc_run(struct img *img, uint64_t off, uint64_t nclusters,
 	return 0;
 }
 
+void qcow2_release_run(struct img *img, uint64_t host_off, uint64_t nclusters)
+{
+	struct qcow2 *s = img->priv;
+	uint64_t i;
+
+	/*
+	 * Nothing points at these clusters, so the decrease may reach the
+	 * disk at once: no deferral as for freed clusters.
+	 */
+	pthread_mutex_lock(&s->lock);
+	for (i = 0; i < nclusters; i++)
+		qcow2_rc_update(img, s, (host_off >> s->cluster_bits) + i, -1);
+	pthread_mutex_unlock(&s->lock);
+}
+
 int qcow2_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
 		     uint64_t host_off)
 {
