@@ -3,7 +3,8 @@
 # Everything the project tests, as the README's test command: install the
 # packages (root on Debian 12; skipped when not root or SIPHON_NO_APT=1),
 # build and run every meson test (unit + integration) in a normal build, then
-# again in an ASan/UBSan build. Exits non-zero if any suite fails.
+# again in an ASan/UBSan build, then the threaded API suite under TSan.
+# Exits non-zero if any suite fails.
 #
 # Build directories (reused when they exist): build/ and build-asan/, or
 # $SIPHON_BUILD and $SIPHON_BUILD_ASAN. Extra arguments go to `meson test`
@@ -17,6 +18,7 @@ source tools/deps.sh
 
 build=${SIPHON_BUILD:-build}
 build_asan=${SIPHON_BUILD_ASAN:-build-asan}
+build_tsan=${SIPHON_BUILD_TSAN:-build-tsan}
 
 siphon_install_deps
 
@@ -45,10 +47,16 @@ run_suite() {
 test_args=("$@")
 run_suite normal "$build"
 run_suite asan "$build_asan" -Db_sanitize=address,undefined -Db_lundef=false
+# ThreadSanitizer for what runs threads: the API (one worker per disk),
+# unless the caller chose suites.
+if ((${#test_args[@]} == 0)); then
+	test_args=(--suite api)
+	run_suite tsan "$build_tsan" -Db_sanitize=thread
+fi
 
 echo
 if ((${#failed[@]})); then
 	echo "run-all: FAILED: ${failed[*]}"
 	exit 1
 fi
-echo "run-all: all suites passed (normal and ASan/UBSan)"
+echo "run-all: all suites passed (normal, ASan/UBSan, TSan)"

@@ -157,10 +157,14 @@ static int take_slot(struct qcow2_l2cache *c, uint32_t *out)
 	} else {
 		i = c->lru_tail;
 		if (c->slots[i].dirty) {
-			if (!c->store)
-				return -EIO;
-			ret = c->store(c->opaque, c->slots[i].key,
-				       c->slots[i].data, c->slice_size);
+			/*
+			 * Write back every dirty slice, not just this one: the
+			 * store has to order data and refcounts before any L2
+			 * write (fdatasyncs), and paying that once per batch
+			 * instead of once per slice is what keeps a long
+			 * stream over many L2 tables fast.
+			 */
+			ret = qcow2_l2cache_flush(c);
 			if (ret)
 				return ret;
 		}
