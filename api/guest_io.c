@@ -222,13 +222,11 @@ SIPHON_API int siphon_disk_aio_read(siphon_disk *disk, const struct iovec *iov,
 				    int iovcnt, uint64_t off, unsigned flags,
 				    siphon_io_fn cb, void *opaque)
 {
-	return submit(disk, GUEST_READ, iov, iovcnt, off, 0, flags, cb,
-		      opaque);
+	return submit(disk, GUEST_READ, iov, iovcnt, off, 0, flags, cb, opaque);
 }
 
-SIPHON_API int siphon_disk_aio_write(siphon_disk *disk,
-				     const struct iovec *iov, int iovcnt,
-				     uint64_t off, unsigned flags,
+SIPHON_API int siphon_disk_aio_write(siphon_disk *disk, const struct iovec *iov,
+				     int iovcnt, uint64_t off, unsigned flags,
 				     siphon_io_fn cb, void *opaque)
 {
 	return submit(disk, GUEST_WRITE, iov, iovcnt, off, 0, flags, cb,

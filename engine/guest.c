@@ -121,21 +121,21 @@ static bool is_zero(const uint8_t *p, size_t len)
 /* ---- iovec helpers ---- */
 
 /* Visit [skip, skip + n) of an iovec as flat pieces. */
-#define IOV_WALK(iov, cnt, skip, n, BODY)                                     \
-	do {                                                                  \
-		uint64_t _skip = (skip), _left = (n);                         \
-		for (int _i = 0; _i < (cnt) && _left; _i++) {                 \
-			uint64_t _l = (iov)[_i].iov_len;                      \
-			if (_skip >= _l) {                                    \
-				_skip -= _l;                                  \
-				continue;                                     \
-			}                                                     \
-			uint8_t *p_ = (uint8_t *)(iov)[_i].iov_base + _skip;  \
-			uint64_t l_ = sx_min(_l - _skip, _left);              \
-			_skip = 0;                                            \
-			_left -= l_;                                          \
-			BODY;                                                 \
-		}                                                             \
+#define IOV_WALK(iov, cnt, skip, n, BODY)                                    \
+	do {                                                                 \
+		uint64_t _skip = (skip), _left = (n);                        \
+		for (int _i = 0; _i < (cnt) && _left; _i++) {                \
+			uint64_t _l = (iov)[_i].iov_len;                     \
+			if (_skip >= _l) {                                   \
+				_skip -= _l;                                 \
+				continue;                                    \
+			}                                                    \
+			uint8_t *p_ = (uint8_t *)(iov)[_i].iov_base + _skip; \
+			uint64_t l_ = sx_min(_l - _skip, _left);             \
+			_skip = 0;                                           \
+			_left -= l_;                                         \
+			BODY;                                                \
+		}                                                            \
 	} while (0)
 
 static void iov_memset0(const struct iovec *iov, int cnt, uint64_t skip,
@@ -525,8 +525,7 @@ static void cor_prepare(struct gio *gio)
 	gio->tiovcnt = 1;
 }
 
-static int cor_add_run(struct gio *gio, uint64_t off, uint64_t n,
-		       uint64_t host)
+static int cor_add_run(struct gio *gio, uint64_t off, uint64_t n, uint64_t host)
 {
 	if (gio->nruns == gio->runcap) {
 		unsigned cap = gio->runcap ? gio->runcap * 2 : 4;
@@ -735,7 +734,8 @@ static void write_start(struct guest *g, struct guest_req *req)
 			cap = cap ? cap * 2 : 4;
 			np = realloc(pc, cap * sizeof(*pc));
 			if (!np) {
-				ret = sx_error(ENOMEM, "guest write: no memory");
+				ret = sx_error(ENOMEM,
+					       "guest write: no memory");
 				goto out;
 			}
 			pc = np;
@@ -818,8 +818,8 @@ static void start(struct guest *g, struct guest_req *req)
 /* ---- waiting ---- */
 
 /* Overlaps a waiting request before `stop` that needs a lock. */
-static bool waiter_overlap(struct guest *g, struct guest_req *stop,
-			   uint64_t a, uint64_t b)
+static bool waiter_overlap(struct guest *g, struct guest_req *stop, uint64_t a,
+			   uint64_t b)
 {
 	struct guest_req *w;
 	uint64_t wa, wb;
@@ -844,8 +844,7 @@ static bool must_wait(struct guest *g, struct guest_req *req,
 	if (!needs_lock(req))
 		return false;
 	cluster_range(g, req->off, req->len, &a, &b);
-	return cl_locks_busy(&g->locks, a, b) ||
-	       waiter_overlap(g, stop, a, b);
+	return cl_locks_busy(&g->locks, a, b) || waiter_overlap(g, stop, a, b);
 }
 
 void guest_submit(struct guest *g, struct guest_req *req)

@@ -643,6 +643,8 @@ retire:
 	}
 	s->inflight--;
 	update_cursor(s);
+	if (ex->lock)
+		s->unlock(s->lock_opaque, ex->lock);
 	sio_pool_put(s->pool, ex->buf);
 	free(ex->reqs);
 	free(ex->runs);

@@ -44,21 +44,22 @@
 enum sio_open_flags {
 	SIO_RDONLY = 0,
 	SIO_RDWR = 1 << 0,
-	SIO_CREATE = 1 << 1,	/* create if missing (with SIO_RDWR) */
-	SIO_EXCL = 1 << 2,	/* with SIO_CREATE: fail if it exists */
-	SIO_TRUNC = 1 << 3,	/* with SIO_RDWR: truncate to 0 */
-	SIO_BUFFERED = 1 << 4,	/* never use O_DIRECT */
+	SIO_CREATE = 1 << 1, /* create if missing (with SIO_RDWR) */
+	SIO_EXCL = 1 << 2, /* with SIO_CREATE: fail if it exists */
+	SIO_TRUNC = 1 << 3, /* with SIO_RDWR: truncate to 0 */
+	SIO_BUFFERED = 1 << 4, /* never use O_DIRECT */
 	SIO_OPEN_MASK = (1 << 5) - 1,
 };
 
 struct sio_file {
 	int fd;
-	char *path;		/* as given to sio_file_open, owned */
-	bool direct;		/* opened with O_DIRECT */
+	char *path; /* as given to sio_file_open, owned */
+	bool direct; /* opened with O_DIRECT */
 	bool writable;
 	bool is_blockdev;
-	uint32_t align;		/* offset/length alignment for async I/O (1 if buffered) */
-	uint32_t mem_align;	/* buffer alignment for async I/O (1 if buffered) */
+	uint32_t
+		align; /* offset/length alignment for async I/O (1 if buffered) */
+	uint32_t mem_align; /* buffer alignment for async I/O (1 if buffered) */
 };
 
 /*
@@ -84,6 +85,20 @@ void sio_buf_free(void *buf);
 /* Synchronous helpers: 0 on success (never short), -errno on failure. */
 int sio_pread(struct sio_file *f, void *buf, size_t len, uint64_t off);
 int sio_pwrite(struct sio_file *f, const void *buf, size_t len, uint64_t off);
+
+/* One write of a batch (sio_pwrite_many). */
+struct sio_wvec {
+	const void *buf;
+	size_t len;
+	uint64_t off;
+};
+
+/*
+ * n independent writes to distinct ranges of f, in flight together (one
+ * device round trip instead of n). Same contract as sio_pwrite for each;
+ * the first error wins and the other writes may or may not have happened.
+ */
+int sio_pwrite_many(struct sio_file *f, const struct sio_wvec *v, unsigned n);
 int sio_fsync(struct sio_file *f);
 int sio_fdatasync(struct sio_file *f);
 /* fallocate(2) with mode (0, FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE, ...). */
@@ -118,7 +133,7 @@ typedef void (*sio_done_fn)(struct sio_req *req, int res);
 struct sio_req {
 	enum sio_op op;
 	struct sio_file *file;
-	void *buf;		/* single buffer, or NULL to use iov */
+	void *buf; /* single buffer, or NULL to use iov */
 	const struct iovec *iov;
 	int iovcnt;
 	uint64_t off;
@@ -128,9 +143,9 @@ struct sio_req {
 	 * uses only the first len bytes; a larger one is -EINVAL.
 	 */
 	uint64_t len;
-	int mode;		/* FALLOCATE mode */
+	int mode; /* FALLOCATE mode */
 	sio_done_fn done;
-	void *priv;		/* caller's */
+	void *priv; /* caller's */
 
 	/* private to io/ */
 	uint64_t _done_bytes;

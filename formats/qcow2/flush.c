@@ -66,6 +66,34 @@ int qcow2_l2_store(void *opaque, uint64_t key, void *buf, size_t len)
 	return 0;
 }
 
+int qcow2_l2_store_many(void *opaque, const uint64_t *keys,
+			uint8_t *const *bufs, unsigned n, size_t len)
+{
+	struct img *img = opaque;
+	struct qcow2 *s = img->priv;
+	struct sio_wvec v[64];
+	unsigned i;
+	int ret;
+
+	if (n > 64)
+		return -EINVAL;
+	ret = order_before_l2(img, s);
+	if (ret)
+		return ret;
+	for (i = 0; i < n; i++) {
+		ret = qcow2_check_overlap(img, s, keys[i], len, "an L2 table");
+		if (ret)
+			return ret;
+		v[i] = (struct sio_wvec){bufs[i], len, keys[i]};
+	}
+	ret = sio_pwrite_many(img->file, v, n);
+	if (ret)
+		return sx_error(ret, "%s: cannot write L2 tables: %s",
+				img->path, strerror(-ret));
+	s->w.l2_unsynced = true;
+	return 0;
+}
+
 int qcow2_flush_locked(struct img *img, struct qcow2 *s)
 {
 	int ret;

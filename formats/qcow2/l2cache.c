@@ -215,10 +215,43 @@ found:
 	return 0;
 }
 
+/* Batches of at most this many slices per store_many() call. */
+#define STORE_BATCH 64
+
+static int flush_batched(struct qcow2_l2cache *c)
+{
+	uint64_t keys[STORE_BATCH];
+	uint8_t *bufs[STORE_BATCH];
+	uint32_t slots[STORE_BATCH];
+	uint32_t i = 0, n, k;
+	int ret;
+
+	while (i < c->nslots) {
+		for (n = 0; i < c->nslots && n < STORE_BATCH; i++) {
+			if (!c->slots[i].used || !c->slots[i].dirty)
+				continue;
+			keys[n] = c->slots[i].key;
+			bufs[n] = c->slots[i].data;
+			slots[n++] = i;
+		}
+		if (!n)
+			break;
+		ret = c->store_many(c->opaque, keys, bufs, n, c->slice_size);
+		if (ret)
+			return ret;
+		for (k = 0; k < n; k++)
+			c->slots[slots[k]].dirty = false;
+	}
+	return 0;
+}
+
 int qcow2_l2cache_flush(struct qcow2_l2cache *c)
 {
 	uint32_t i;
 	int ret;
+
+	if (c->store_many)
+		return flush_batched(c);
 
 	for (i = 0; i < c->nslots; i++) {
 		struct qcow2_l2slot *s = &c->slots[i];

@@ -118,11 +118,16 @@ static int init_cache(struct img *img, struct qcow2 *s)
 	size_t slice = sx_min(s->cluster_size, QCOW2_L2CACHE_MAX_SLICE);
 	uint64_t nslots = QCOW2_L2CACHE_DEFAULT_BYTES / slice;
 	uint64_t total = s->l1_size * (s->cluster_size / slice);
+	int ret;
 
 	/* No more slots than the image can ever have slices. */
 	nslots = sx_max(sx_min(nslots, total), QCOW2_L2CACHE_MIN_SLOTS);
-	return qcow2_l2cache_init(&s->l2cache, slice, (uint32_t)nslots, l2_load,
-				  img->writable ? qcow2_l2_store : NULL, img);
+
+	ret = qcow2_l2cache_init(&s->l2cache, slice, (uint32_t)nslots, l2_load,
+				 img->writable ? qcow2_l2_store : NULL, img);
+	if (ret == 0 && img->writable)
+		s->l2cache.store_many = qcow2_l2_store_many;
+	return ret;
 }
 
 static int qcow2_open(struct img *img)

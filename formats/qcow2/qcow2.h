@@ -158,6 +158,12 @@ struct qcow2_l2cache {
 	uint32_t lru_tail;
 	qcow2_l2cache_io_fn load;
 	qcow2_l2cache_io_fn store;
+	/*
+	 * Optional: write back n slices at once (keys[i], bufs[i]); used
+	 * by flush instead of n store() calls.
+	 */
+	int (*store_many)(void *opaque, const uint64_t *keys,
+			  uint8_t *const *bufs, unsigned n, size_t len);
 	void *opaque;
 	uint64_t hits;
 	uint64_t misses;
@@ -524,6 +530,9 @@ void qcow2_write_close(struct img *img, struct qcow2 *s);
 
 /* The L2 cache's store hook: orders data and refcounts first. */
 int qcow2_l2_store(void *opaque, uint64_t key, void *buf, size_t len);
+/* The L2 cache's batched write-back (store_many): one ordering, n writes. */
+int qcow2_l2_store_many(void *opaque, const uint64_t *keys,
+			uint8_t *const *bufs, unsigned n, size_t len);
 
 /* The full flush order; caller holds s->lock. */
 int qcow2_flush_locked(struct img *img, struct qcow2 *s);

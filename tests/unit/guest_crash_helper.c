@@ -89,8 +89,8 @@ int main(int argc, char **argv)
 	    siphon_disk_attach(dom, argv[1], NULL) < 0 ||
 	    siphon_disk_get(dom, argv[1], &disk) < 0 ||
 	    siphon_disk_get_size(disk, &disk_size) < 0 ||
-	    siphon_block_stream_ex(dom, argv[1], NULL,
-				   SIPHON_STREAM_CONTINUOUS, &p) < 0) {
+	    siphon_block_stream_ex(dom, argv[1], NULL, SIPHON_STREAM_CONTINUOUS,
+				   &p) < 0) {
 		fprintf(stderr, "setup: %s\n", siphon_get_error());
 		return 1;
 	}

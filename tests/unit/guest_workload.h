@@ -89,8 +89,7 @@ static inline void wl_fill(uint8_t *buf, const struct wl_op *op)
  * What the op does to the model. Discard zeros the whole clusters (of cs
  * bytes) inside the range only.
  */
-static inline void wl_apply(uint8_t *model, const struct wl_op *op,
-			    uint64_t cs)
+static inline void wl_apply(uint8_t *model, const struct wl_op *op, uint64_t cs)
 {
 	uint64_t a, b;
 

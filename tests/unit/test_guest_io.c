@@ -139,21 +139,18 @@ START_TEST(test_errors)
 	ck_assert_int_eq(siphon_disk_get_stats(f.disk, NULL), -EINVAL);
 
 	ck_assert_int_eq(siphon_disk_pread(NULL, buf, 512, 0, 0), -EINVAL);
-	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, 100, 0),
-			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, 100, 0), -EINVAL);
 	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 100, 0, 0), -EINVAL);
 	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 1024, size - 512, 0),
 			 -EINVAL);
-	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, size, 0),
-			 -EINVAL);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, size, 0), -EINVAL);
 	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, 0, 1u << 7),
 			 -EINVAL);
-	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, 0,
-					   SIPHON_IO_FUA),
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, 0, SIPHON_IO_FUA),
 			 -EINVAL);
-	ck_assert_int_eq(siphon_disk_pwrite(f.disk, buf, 512, 0,
-					    SIPHON_IO_NO_COR),
-			 -EINVAL);
+	ck_assert_int_eq(
+		siphon_disk_pwrite(f.disk, buf, 512, 0, SIPHON_IO_NO_COR),
+		-EINVAL);
 	ck_assert_int_eq(siphon_disk_flush(f.disk, SIPHON_IO_FUA), -EINVAL);
 	ck_assert_int_eq(siphon_disk_discard(f.disk, 0, 512, SIPHON_IO_FUA),
 			 -EINVAL);
@@ -162,17 +159,16 @@ START_TEST(test_errors)
 			 -EINVAL);
 	ck_assert_int_eq(siphon_disk_read(f.disk, NULL, 1, 0, 0), -EINVAL);
 	ck_assert_int_eq(siphon_disk_read(f.disk, &v, -1, 0, 0), -EINVAL);
-	ck_assert_int_eq(siphon_disk_read(f.disk, &v, SIPHON_IO_MAX_IOV + 1,
-					  0, 0),
-			 -EINVAL);
+	ck_assert_int_eq(
+		siphon_disk_read(f.disk, &v, SIPHON_IO_MAX_IOV + 1, 0, 0),
+		-EINVAL);
 	ck_assert_int_eq(siphon_disk_aio_read(f.disk, &v, 1, 0, 0, NULL, NULL),
 			 -EINVAL);
 	ck_assert_int_eq(siphon_disk_aio_flush(NULL, 0, dummy_cb, NULL),
 			 -EINVAL);
 	/* Too long for one request. */
-	ck_assert_int_eq(siphon_disk_write_zeroes(f.disk, 0,
-						  SIPHON_IO_MAX_BYTES + 512ull,
-						  0),
+	ck_assert_int_eq(siphon_disk_write_zeroes(
+				 f.disk, 0, SIPHON_IO_MAX_BYTES + 512ull, 0),
 			 -EINVAL);
 
 	/* A detached disk: the handle stays, requests fail. */
@@ -222,18 +218,16 @@ START_TEST(test_read_write)
 	/* Writes: in place, partial over backing, vectored misaligned. */
 	memset(buf, 0x33, 65536);
 	ck_assert_int_eq(siphon_disk_pwrite(f.disk, buf, 4096, 4096, 0), 0);
-	ck_assert_int_eq(siphon_disk_pwrite(f.disk, buf, 512,
-					    2 * 65536 + 1024, 0),
-			 0);
+	ck_assert_int_eq(
+		siphon_disk_pwrite(f.disk, buf, 512, 2 * 65536 + 1024, 0), 0);
 	for (i = 0; i < 3; i++)
 		memset(v[i].iov_base, 0x44 + i, v[i].iov_len);
-	ck_assert_int_eq(siphon_disk_write(f.disk, v, 3, 3 * 65536 + 512,
-					   SIPHON_IO_FUA),
-			 0);
-	ck_assert_int_eq(siphon_disk_write_zeroes(f.disk, 1536 * 1024, 65536 +
-								       1024,
-						  0),
-			 0);
+	ck_assert_int_eq(
+		siphon_disk_write(f.disk, v, 3, 3 * 65536 + 512, SIPHON_IO_FUA),
+		0);
+	ck_assert_int_eq(
+		siphon_disk_write_zeroes(f.disk, 1536 * 1024, 65536 + 1024, 0),
+		0);
 	ck_assert_int_eq(siphon_disk_discard(f.disk, 2 << 20, 128 * 1024, 0),
 			 0);
 	ck_assert_int_eq(siphon_disk_flush(f.disk, 0), 0);
@@ -298,12 +292,12 @@ START_TEST(test_aio)
 						       aio_cb, &s),
 				 0);
 	}
-	ck_assert_int_eq(siphon_disk_aio_discard(f.disk, 3 << 20, 65536, 0,
-						 aio_cb, &s),
-			 0);
-	ck_assert_int_eq(siphon_disk_aio_write_zeroes(f.disk, 62 * 65536,
-						      4096, SIPHON_IO_FUA,
-						      aio_cb, &s),
+	ck_assert_int_eq(
+		siphon_disk_aio_discard(f.disk, 3 << 20, 65536, 0, aio_cb, &s),
+		0);
+	ck_assert_int_eq(siphon_disk_aio_write_zeroes(f.disk, 62 * 65536, 4096,
+						      SIPHON_IO_FUA, aio_cb,
+						      &s),
 			 0);
 	pthread_mutex_lock(&s.lock);
 	while (s.left)
@@ -370,9 +364,8 @@ START_TEST(test_cor)
 	 */
 	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 65536, 0, 0), 0);
 	usleep(100000);
-	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 4096,
-					   256 * 1024 - 4096, 0),
-			 0);
+	ck_assert_int_eq(
+		siphon_disk_pread(f.disk, buf, 4096, 256 * 1024 - 4096, 0), 0);
 	usleep(100000);
 	/* Unaligned to clusters, spanning 0x22 at 512K. */
 	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 448 * 1024 + 1024,
@@ -380,8 +373,7 @@ START_TEST(test_cor)
 			 0);
 	usleep(100000);
 	/* Zeros in the backing are not copied as data. */
-	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 1 << 20, 128 * 1024,
-					   0),
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 1 << 20, 128 * 1024, 0),
 			 0);
 	usleep(100000);
 	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 0, 65536 * 2, 0), 0);
@@ -426,8 +418,7 @@ START_TEST(test_cor_last_partial)
 	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 128 * 1024,
 					   size - 128 * 1024, 0),
 			 0);
-	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, size - 512, 0),
-			 0);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 512, size - 512, 0), 0);
 	close_disk(&f);
 	map_at(top, size - 512, m, sizeof(m));
 	ck_assert_int_eq(strncmp(m, "0 ", 2), 0);
@@ -501,7 +492,9 @@ START_TEST(test_cor_with_stream)
 				 0);
 		ck_assert_mem_eq(buf, ref, 4 << 20);
 	}
-	ck_assert_int_eq(siphon_block_stream_set_speed(f.dom, top, 0, 0), 0);
+	/* Copy-on-read may have left the stream nothing to do already. */
+	i = siphon_block_stream_set_speed(f.dom, top, 0, 0);
+	ck_assert(i == 0 || i == -ESRCH);
 	while (siphon_domain_next_event(f.dom, &ev) == 0)
 		usleep(10000);
 	ck_assert_int_eq(ev.kind, SIPHON_EVENT_STREAM_COMPLETED);
