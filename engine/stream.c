@@ -41,6 +41,7 @@
 #include "formats/image.h"
 #include "io/io.h"
 #include "io/pool.h"
+#include "inflate.h"
 #include "stream.h"
 
 enum run_kind {
@@ -83,6 +84,7 @@ struct stream {
 	struct img *base;
 	struct sio_queue *q;
 	struct sio_pool *pool; /* extent buffers */
+	struct inflater *inflater; /* started on the first compressed piece */
 	unsigned max_inflight;
 	uint64_t extent_bytes;
 	unsigned opt_inflight; /* as created: stream_set_limits(0) */
@@ -229,6 +231,7 @@ void stream_destroy(struct stream *s)
 {
 	if (!s)
 		return;
+	inflater_destroy(s->inflater);
 	sio_pool_destroy(s->pool);
 	free(s);
 }
@@ -450,6 +453,24 @@ static void ex_io_done(struct sio_req *req, int res)
 		ex_finish(ex);
 }
 
+/* A decompressed piece arrived (see inflate.h). */
+static void ex_piece_done(void *opaque, int res, const char *msg)
+{
+	struct extent *ex = opaque;
+
+	if (res < 0 && !ex->err) {
+		ex->err = res;
+		sx_error(res, "%s", msg[0] ? msg : strerror(-res));
+		stream_fail(ex->s, res);
+	}
+	if (--ex->pending)
+		return;
+	if (!ex->writing && !ex->err)
+		ex_start_write(ex);
+	else
+		ex_finish(ex);
+}
+
 /* Read every piece of [ex->off, ex->off + ex->len) the chain holds. */
 static int ex_plan_reads(struct extent *ex)
 {
@@ -459,7 +480,6 @@ static int ex_plan_reads(struct extent *ex)
 	struct img_extent e;
 	struct img *layer;
 	unsigned depth;
-	uint8_t *cbuf = NULL;
 	int ret = 0;
 
 	if (lim < ex->off + ex->len)
@@ -481,20 +501,22 @@ static int ex_plan_reads(struct extent *ex)
 
 			layer = layer_at(s->top, depth);
 			ccs = layer->cluster_size;
-			if (!cbuf)
-				cbuf = sio_buf_alloc(ccs);
-			if (!cbuf) {
-				ret = sx_error(ENOMEM, "stream: out of memory");
-				break;
-			}
 			/* A compressed cluster may start before pos. */
 			coff = pos % ccs;
 			clen = sx_min(e.len, ccs - coff);
 			e.len = clen;
-			ret = layer->drv->read_compressed(layer, pos - coff,
-							  cbuf);
+			/*
+			 * Decompress on the inflater's thread, so the
+			 * device keeps working while the CPU does.
+			 */
+			if (!s->inflater)
+				ret = inflater_create(s->q, &s->inflater);
 			if (ret >= 0)
-				memcpy(dst, cbuf + coff, clen);
+				ret = inflater_submit(s->inflater, layer,
+						      pos - coff, coff, clen,
+						      dst, ex_piece_done, ex);
+			if (ret >= 0)
+				ex->pending++;
 			break;
 		}
 		case IMG_ZERO:
@@ -508,7 +530,6 @@ static int ex_plan_reads(struct extent *ex)
 		pos += e.len;
 	}
 out:
-	sio_buf_free(cbuf);
 	return ret;
 }
 
