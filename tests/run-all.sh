@@ -47,10 +47,10 @@ run_suite() {
 test_args=("$@")
 run_suite normal "$build"
 run_suite asan "$build_asan" -Db_sanitize=address,undefined -Db_lundef=false
-# ThreadSanitizer for what runs threads: the API (one worker per disk),
-# unless the caller chose suites.
+# ThreadSanitizer for what runs threads: the API (one worker per disk) and
+# guest I/O from several threads, unless the caller chose suites.
 if ((${#test_args[@]} == 0)); then
-	test_args=(--suite api)
+	test_args=(--suite api --suite guest)
 	run_suite tsan "$build_tsan" -Db_sanitize=thread
 fi
 
