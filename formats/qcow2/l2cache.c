@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "common/checked.h"
+#include "io/io.h"
 #include "qcow2.h"
 
 #define NONE QCOW2_L2CACHE_NONE
@@ -69,7 +70,7 @@ void qcow2_l2cache_fini(struct qcow2_l2cache *c)
 	if (!c || !c->slots)
 		return;
 	for (i = 0; i < c->nslots; i++)
-		free(c->slots[i].data);
+		sio_buf_free(c->slots[i].data);
 	free(c->slots);
 	free(c->buckets);
 	memset(c, 0, sizeof(*c));
@@ -172,7 +173,8 @@ static int take_slot(struct qcow2_l2cache *c, uint32_t *out)
 		c->evictions++;
 	}
 	if (!c->slots[i].data) {
-		c->slots[i].data = malloc(c->slice_size);
+		/* Aligned, so O_DIRECT loads and write-backs need no bounce. */
+		c->slots[i].data = sio_buf_alloc(c->slice_size);
 		if (!c->slots[i].data)
 			return -ENOMEM;
 	}
