@@ -55,6 +55,12 @@ int tool_fail(int err);
 int tool_usage(const struct siphon_cmd *cmd, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 
+/*
+ * The usage error for getopt's answer c (':' for a missing argument, else
+ * an unknown option), naming argv[optind - 1]. Returns TOOL_USAGE.
+ */
+int tool_bad_option(const struct siphon_cmd *cmd, int c, char **argv);
+
 /* Parse --output's argument; false if unknown. */
 bool tool_parse_output(const char *arg, enum tool_output *out);
 

@@ -497,12 +497,8 @@ static int dump_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		case 'h':
 			dump_help(stdout);
 			return TOOL_OK;
-		case ':':
-			return tool_usage(cmd, "option '%s' needs an argument",
-					  argv[optind - 1]);
 		default:
-			return tool_usage(cmd, "unknown option '%s'",
-					  argv[optind - 1]);
+			return tool_bad_option(cmd, c, argv);
 		}
 	}
 	if (argc - optind != 2)

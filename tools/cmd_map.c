@@ -252,12 +252,8 @@ static int map_run(const struct siphon_cmd *cmd, int argc, char **argv)
 		case 'h':
 			map_help(stdout);
 			return TOOL_OK;
-		case ':':
-			return tool_usage(cmd, "option '%s' needs an argument",
-					  argv[optind - 1]);
 		default:
-			return tool_usage(cmd, "unknown option '%s'",
-					  argv[optind - 1]);
+			return tool_bad_option(cmd, c, argv);
 		}
 	}
 	if (argc - optind != 1)

@@ -264,7 +264,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	int progress = -1, c, ret, rc = TOOL_ERR;
 	uint64_t v;
 
-	while ((c = getopt_long(argc, argv, "f:b:s:q:e:o:h", opts, NULL)) !=
+	while ((c = getopt_long(argc, argv, "+:f:b:s:q:e:o:h", opts, NULL)) !=
 	       -1) {
 		switch (c) {
 		case 'f':
@@ -306,7 +306,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 			stream_help(stdout);
 			return TOOL_OK;
 		default:
-			return tool_usage(cmd, "unknown option");
+			return tool_bad_option(cmd, c, argv);
 		}
 	}
 	if (optind != argc - 1)

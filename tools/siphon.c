@@ -23,13 +23,8 @@
 #endif
 
 static const struct siphon_cmd *const commands[] = {
-	&cmd_info,
-	&cmd_map,
-	&cmd_dump,
-	&cmd_stream,
-	&cmd_create,
-	&cmd_rebase,
-	&cmd_io,
+	&cmd_info,   &cmd_map,	  &cmd_dump, &cmd_stream,
+	&cmd_create, &cmd_rebase, &cmd_io,
 };
 
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
@@ -65,6 +60,14 @@ int tool_usage(const struct siphon_cmd *cmd, const char *fmt, ...)
 	va_end(ap);
 	fprintf(stderr, "\nTry 'siphon help %s'.\n", cmd->name);
 	return TOOL_USAGE;
+}
+
+int tool_bad_option(const struct siphon_cmd *cmd, int c, char **argv)
+{
+	if (c == ':')
+		return tool_usage(cmd, "option '%s' needs an argument",
+				  argv[optind - 1]);
+	return tool_usage(cmd, "unknown option '%s'", argv[optind - 1]);
 }
 
 bool tool_parse_output(const char *arg, enum tool_output *out)

@@ -576,22 +576,13 @@ int qcow2_l2_set(struct img *img, struct qcow2 *s, uint64_t guest_off,
 int qcow2_l1_flush(struct img *img, struct qcow2 *s)
 {
 	struct qcow2_wstate *w = &s->w;
-	uint64_t lo = w->l1_dirty_lo, hi = w->l1_dirty_hi, i;
-	uint64_t *be;
+	uint64_t lo = w->l1_dirty_lo, hi = w->l1_dirty_hi;
 	int ret;
 
 	if (lo >= hi)
 		return 0;
-	be = malloc((hi - lo) * 8);
-	if (!be)
-		return -ENOMEM;
-	for (i = lo; i < hi; i++)
-		be[i - lo] = htobe64(s->l1[i]);
-	ret = sio_pwrite(img->file, be, (hi - lo) * 8,
-			 s->hdr.l1_table_offset + lo * 8);
-	free(be);
-	if (!ret)
-		ret = sio_fdatasync(img->file);
+	ret = qcow2_write_table_range(img, s->l1, lo, hi,
+				      s->hdr.l1_table_offset);
 	if (ret)
 		return sx_error(ret, "%s: cannot write the L1 table: %s",
 				img->path, strerror(-ret));

@@ -20,6 +20,7 @@
  * refcounts; the slice is synced in step 3 of the next flush, before L1.
  */
 #define _GNU_SOURCE
+#include <endian.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +44,24 @@ static int order_before_l2(struct img *img, struct qcow2 *s)
 		s->w.data_dirty = false;
 	}
 	return qcow2_rc_flush(img, s);
+}
+
+int qcow2_write_table_range(struct img *img, const uint64_t *table, uint64_t lo,
+			    uint64_t hi, uint64_t table_offset)
+{
+	uint64_t *be, i;
+	int ret;
+
+	be = malloc((hi - lo) * 8);
+	if (!be)
+		return -ENOMEM;
+	for (i = lo; i < hi; i++)
+		be[i - lo] = htobe64(table[i]);
+	ret = sio_pwrite(img->file, be, (hi - lo) * 8, table_offset + lo * 8);
+	free(be);
+	if (!ret)
+		ret = sio_fdatasync(img->file);
+	return ret;
 }
 
 int qcow2_l2_store(void *opaque, uint64_t key, void *buf, size_t len)

@@ -529,6 +529,13 @@ int qcow2_write_open(struct img *img, struct qcow2 *s);
 void qcow2_write_close(struct img *img, struct qcow2 *s);
 
 /* The L2 cache's store hook: orders data and refcounts first. */
+/*
+ * Write entries [lo, hi) of a host-endian table of 64-bit entries (L1,
+ * refcount table) to its big-endian copy at table_offset, then fdatasync.
+ * 0 or -errno, no message.
+ */
+int qcow2_write_table_range(struct img *img, const uint64_t *table, uint64_t lo,
+			    uint64_t hi, uint64_t table_offset);
 int qcow2_l2_store(void *opaque, uint64_t key, void *buf, size_t len);
 /* The L2 cache's batched write-back (store_many): one ordering, n writes. */
 int qcow2_l2_store_many(void *opaque, const uint64_t *keys,

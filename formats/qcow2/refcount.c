@@ -745,8 +745,7 @@ int qcow2_rc_apply_frees(struct img *img, struct qcow2 *s)
 int qcow2_rc_flush(struct img *img, struct qcow2 *s)
 {
 	struct qcow2_wstate *w = &s->w;
-	uint64_t lo = w->rt_dirty_lo, hi = w->rt_dirty_hi, i;
-	uint64_t *be = NULL;
+	uint64_t lo = w->rt_dirty_lo, hi = w->rt_dirty_hi;
 	unsigned k;
 	int ret;
 
@@ -768,16 +767,8 @@ int qcow2_rc_flush(struct img *img, struct qcow2 *s)
 	if (lo >= hi)
 		return 0;
 	/* The blocks these entries point at are durable now. */
-	be = malloc((hi - lo) * 8);
-	if (!be)
-		return -ENOMEM;
-	for (i = lo; i < hi; i++)
-		be[i - lo] = htobe64(s->rc.table[i]);
-	ret = sio_pwrite(img->file, be, (hi - lo) * 8,
-			 s->rc.table_offset + lo * 8);
-	free(be);
-	if (!ret)
-		ret = sio_fdatasync(img->file);
+	ret = qcow2_write_table_range(img, s->rc.table, lo, hi,
+				      s->rc.table_offset);
 	if (ret)
 		return sx_error(ret, "%s: cannot write the refcount table: %s",
 				img->path, strerror(-ret));
