@@ -60,6 +60,30 @@ static void raw_close(struct img *img)
 }
 
 /*
+ * The last run that lseek reported, [lo, hi) with one status. The stream
+ * planner and the reader ask about neighbouring ranges of a run many times;
+ * answering from here saves two lseeks each (thousands on a sparse 1 TiB
+ * base). Only for read-only images: a backing file is locked against
+ * writers, and a writable raw image changes under its own writes.
+ */
+struct raw_state {
+	uint64_t lo;
+	uint64_t hi;
+	enum img_status status;
+	bool valid;
+};
+
+static void remember(struct img *img, uint64_t lo, uint64_t hi,
+		     enum img_status status)
+{
+	struct raw_state *r = img->priv;
+
+	if (img->writable)
+		return;
+	*r = (struct raw_state){lo, hi, status, true};
+}
+
+/*
  * Status of [off, off + len). SEEK_DATA from off tells whether off is in a
  * hole (the result is beyond off) and SEEK_HOLE where its data ends.
  */
@@ -70,12 +94,19 @@ static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 	off_t data, hole;
 	uint64_t run;
 
+	struct raw_state *r = img->priv;
+
 	ext->file = img->file;
 	ext->host_off = off;
 	ext->host_valid = true;
 
 	if (img->file->is_blockdev)
 		goto all_data;
+	if (r->valid && off >= r->lo && off < r->hi) {
+		ext->status = r->status;
+		ext->len = sx_min(r->hi - off, len);
+		return 0;
+	}
 
 	data = lseek(fd, (off_t)off, SEEK_DATA);
 	if (data < 0) {
@@ -83,6 +114,7 @@ static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 			/* No data from off to the end of the file. */
 			ext->status = IMG_ZERO;
 			ext->len = len;
+			remember(img, off, img->size, IMG_ZERO);
 			return 0;
 		}
 		/* EINVAL/ENOTSUP etc: no information, pretend no holes. */
@@ -91,6 +123,7 @@ static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 	if ((uint64_t)data > off) {
 		ext->status = IMG_ZERO;
 		ext->len = sx_min((uint64_t)data - off, len);
+		remember(img, off, (uint64_t)data, IMG_ZERO);
 		return 0;
 	}
 
@@ -100,6 +133,7 @@ static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 	run = (uint64_t)hole - off;
 	ext->status = IMG_DATA;
 	ext->len = sx_min(run, len);
+	remember(img, off, (uint64_t)hole, IMG_DATA);
 	return 0;
 
 all_data:
@@ -179,7 +213,7 @@ static int raw_create(struct sio_file *f, const struct img_create_opts *o)
 
 const struct img_driver img_driver_raw = {
 	.name = "raw",
-	.priv_size = 0,
+	.priv_size = sizeof(struct raw_state),
 	.probe = raw_probe,
 	.open = raw_open,
 	.close = raw_close,
