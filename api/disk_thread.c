@@ -328,8 +328,8 @@ static void worker_loop(struct disk *d)
 			do_swap(d);
 		/* The pump and the swap may have dropped locks or a hold. */
 		guest_kick(d->guest);
-		if (atomic_load(&d->stop) && !d->job &&
-		    guest_idle(d->guest) && !d->swap_pending)
+		if (atomic_load(&d->stop) && !d->job && guest_idle(d->guest) &&
+		    !d->swap_pending)
 			break;
 		ret = sio_queue_run(d->q, 1);
 		if (ret < 0 && d->job)

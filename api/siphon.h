@@ -449,9 +449,8 @@ SIPHON_API int siphon_disk_get_stats(siphon_disk *disk,
 SIPHON_API int siphon_disk_aio_read(siphon_disk *disk, const struct iovec *iov,
 				    int iovcnt, uint64_t off, unsigned flags,
 				    siphon_io_fn cb, void *opaque);
-SIPHON_API int siphon_disk_aio_write(siphon_disk *disk,
-				     const struct iovec *iov, int iovcnt,
-				     uint64_t off, unsigned flags,
+SIPHON_API int siphon_disk_aio_write(siphon_disk *disk, const struct iovec *iov,
+				     int iovcnt, uint64_t off, unsigned flags,
 				     siphon_io_fn cb, void *opaque);
 SIPHON_API int siphon_disk_aio_flush(siphon_disk *disk, unsigned flags,
 				     siphon_io_fn cb, void *opaque);

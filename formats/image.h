@@ -23,29 +23,29 @@
 #define IMG_MAX_DEPTH 64
 
 enum img_open_flags {
-	IMG_OPEN_RDWR = 1 << 0,	     /* top read-write (chain stays read-only) */
-	IMG_OPEN_NO_BACKING = 1 << 1,/* do not open the backing chain */
-	IMG_OPEN_BUFFERED = 1 << 2,  /* never O_DIRECT */
+	IMG_OPEN_RDWR = 1 << 0, /* top read-write (chain stays read-only) */
+	IMG_OPEN_NO_BACKING = 1 << 1, /* do not open the backing chain */
+	IMG_OPEN_BUFFERED = 1 << 2, /* never O_DIRECT */
 	IMG_OPEN_MASK = (1 << 3) - 1,
 };
 
 struct img {
 	const struct img_driver *drv;
-	void *priv;			/* drv->priv_size bytes, zeroed */
+	void *priv; /* drv->priv_size bytes, zeroed */
 	struct sio_file *file;
-	char *path;			/* as opened (absolute for backing layers) */
+	char *path; /* as opened (absolute for backing layers) */
 	bool writable;
-	unsigned depth;			/* 0 = top */
+	unsigned depth; /* 0 = top */
 
 	/* set by drv->open */
-	uint64_t size;			/* virtual size in bytes */
+	uint64_t size; /* virtual size in bytes */
 	uint32_t cluster_size;
-	char *backing_name;		/* as stored in the image, or NULL */
-	char *backing_fmt;		/* as stored, or NULL */
+	char *backing_name; /* as stored in the image, or NULL */
+	char *backing_fmt; /* as stored, or NULL */
 
 	/* set by the chain layer */
-	struct img *backing;		/* next layer down, or NULL */
-	bool backing_fmt_probed;	/* backing format was probed */
+	struct img *backing; /* next layer down, or NULL */
+	bool backing_fmt_probed; /* backing format was probed */
 };
 
 /*
