@@ -61,6 +61,18 @@ int tool_usage(const struct siphon_cmd *cmd, const char *fmt, ...)
  */
 int tool_bad_option(const struct siphon_cmd *cmd, int c, char **argv);
 
+struct img;
+
+/*
+ * The shape of the read-only commands over one image (info, map): parse
+ * -f/--format, --output and -h (cmd->help), open IMAGE read-only with its
+ * chain, run fn (told whether the top's format was probed), flush stdout,
+ * report errors. Returns the exit code.
+ */
+int tool_run_on_image(const struct siphon_cmd *cmd, int argc, char **argv,
+		      int (*fn)(struct img *img, bool probed,
+				enum tool_output out));
+
 /* Parse --output's argument; false if unknown. */
 bool tool_parse_output(const char *arg, enum tool_output *out);
 

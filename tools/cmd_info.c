@@ -9,7 +9,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
@@ -209,45 +208,7 @@ static void info_help(FILE *f)
 
 static int info_run(const struct siphon_cmd *cmd, int argc, char **argv)
 {
-	static const struct option opts[] = {
-		{"format", required_argument, NULL, 'f'},
-		{"output", required_argument, NULL, 'o'},
-		{"help", no_argument, NULL, 'h'},
-		{NULL, 0, NULL, 0},
-	};
-	enum tool_output out = TOOL_OUT_HUMAN;
-	const char *fmt = NULL;
-	struct img *img = NULL;
-	int c, ret;
-
-	while ((c = getopt_long(argc, argv, "+:f:h", opts, NULL)) != -1) {
-		switch (c) {
-		case 'f':
-			fmt = optarg;
-			break;
-		case 'o':
-			if (!tool_parse_output(optarg, &out))
-				return tool_usage(cmd, "unknown output '%s'",
-						  optarg);
-			break;
-		case 'h':
-			info_help(stdout);
-			return TOOL_OK;
-		default:
-			return tool_bad_option(cmd, c, argv);
-		}
-	}
-	if (argc - optind != 1)
-		return tool_usage(cmd, "expected one IMAGE");
-
-	ret = img_open(argv[optind], fmt, 0, &img);
-	if (ret < 0)
-		return tool_fail(ret);
-	ret = info_image(img, fmt == NULL, out);
-	img_close(img);
-	if (fflush(stdout) != 0 && ret >= 0)
-		ret = sx_error(-errno, "stdout: %s", strerror(errno));
-	return ret < 0 ? tool_fail(ret) : TOOL_OK;
+	return tool_run_on_image(cmd, argc, argv, info_image);
 }
 
 const struct siphon_cmd cmd_info = {

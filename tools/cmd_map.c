@@ -14,7 +14,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
@@ -175,8 +174,9 @@ static void print_entry(const struct map_entry *me, enum tool_output out,
 	       me->file ? me->file : (me->has_offset ? "" : "-"));
 }
 
-static int map_image(struct img *img, enum tool_output out)
+static int map_image(struct img *img, bool probed, enum tool_output out)
 {
+	(void)probed; /* map looks the same either way */
 	struct map_entry cur = {0}, next;
 	struct map_state ms = {.img = img};
 	bool first = true;
@@ -228,45 +228,7 @@ static void map_help(FILE *f)
 
 static int map_run(const struct siphon_cmd *cmd, int argc, char **argv)
 {
-	static const struct option opts[] = {
-		{"format", required_argument, NULL, 'f'},
-		{"output", required_argument, NULL, 'o'},
-		{"help", no_argument, NULL, 'h'},
-		{NULL, 0, NULL, 0},
-	};
-	enum tool_output out = TOOL_OUT_HUMAN;
-	const char *fmt = NULL;
-	struct img *img = NULL;
-	int c, ret;
-
-	while ((c = getopt_long(argc, argv, "+:f:h", opts, NULL)) != -1) {
-		switch (c) {
-		case 'f':
-			fmt = optarg;
-			break;
-		case 'o':
-			if (!tool_parse_output(optarg, &out))
-				return tool_usage(cmd, "unknown output '%s'",
-						  optarg);
-			break;
-		case 'h':
-			map_help(stdout);
-			return TOOL_OK;
-		default:
-			return tool_bad_option(cmd, c, argv);
-		}
-	}
-	if (argc - optind != 1)
-		return tool_usage(cmd, "expected one IMAGE");
-
-	ret = img_open(argv[optind], fmt, 0, &img);
-	if (ret < 0)
-		return tool_fail(ret);
-	ret = map_image(img, out);
-	img_close(img);
-	if (fflush(stdout) != 0 && ret >= 0)
-		ret = sx_error(-errno, "stdout: %s", strerror(errno));
-	return ret < 0 ? tool_fail(ret) : TOOL_OK;
+	return tool_run_on_image(cmd, argc, argv, map_image);
 }
 
 const struct siphon_cmd cmd_map = {

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "common/error.h"
+#include "formats/image.h"
 #include "cmd.h"
 
 #ifndef SIPHON_VERSION
@@ -68,6 +69,51 @@ int tool_bad_option(const struct siphon_cmd *cmd, int c, char **argv)
 		return tool_usage(cmd, "option '%s' needs an argument",
 				  argv[optind - 1]);
 	return tool_usage(cmd, "unknown option '%s'", argv[optind - 1]);
+}
+
+int tool_run_on_image(const struct siphon_cmd *cmd, int argc, char **argv,
+		      int (*fn)(struct img *img, bool probed,
+				enum tool_output out))
+{
+	static const struct option opts[] = {
+		{"format", required_argument, NULL, 'f'},
+		{"output", required_argument, NULL, 'o'},
+		{"help", no_argument, NULL, 'h'},
+		{NULL, 0, NULL, 0},
+	};
+	enum tool_output out = TOOL_OUT_HUMAN;
+	const char *fmt = NULL;
+	struct img *img = NULL;
+	int c, ret;
+
+	while ((c = getopt_long(argc, argv, "+:f:h", opts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			fmt = optarg;
+			break;
+		case 'o':
+			if (!tool_parse_output(optarg, &out))
+				return tool_usage(cmd, "unknown output '%s'",
+						  optarg);
+			break;
+		case 'h':
+			cmd->help(stdout);
+			return TOOL_OK;
+		default:
+			return tool_bad_option(cmd, c, argv);
+		}
+	}
+	if (argc - optind != 1)
+		return tool_usage(cmd, "expected one IMAGE");
+
+	ret = img_open(argv[optind], fmt, 0, &img);
+	if (ret < 0)
+		return tool_fail(ret);
+	ret = fn(img, fmt == NULL, out);
+	img_close(img);
+	if (fflush(stdout) != 0 && ret >= 0)
+		ret = sx_error(-errno, "stdout: %s", strerror(errno));
+	return ret < 0 ? tool_fail(ret) : TOOL_OK;
 }
 
 bool tool_parse_output(const char *arg, enum tool_output *out)
