@@ -95,7 +95,11 @@ static void on_progress(void *opaque, const struct stream_progress *p)
 		fputc(i < fill ? '#' : '.', stderr);
 	fprintf(stderr, "] %5.1f%%  %s copied  %7.1f MiB/s", pct,
 		tool_human_size(p->bytes_copied, done, sizeof(done)),
-		(double)p->rate / 1048576.0);
+		/* The engine's rate needs half a second; average before. */
+		(p->rate    ? (double)p->rate
+		 : secs > 0 ? (double)p->bytes_copied / secs
+			    : 0.0) /
+			1048576.0);
 	if (eta >= 0)
 		fprintf(stderr, "  ETA %02d:%02d", (int)eta / 60,
 			(int)eta % 60);
