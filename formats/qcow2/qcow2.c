@@ -116,7 +116,9 @@ static int open_data_file(struct img *img, struct qcow2 *s)
 static int init_cache(struct img *img, struct qcow2 *s)
 {
 	size_t slice = sx_min(s->cluster_size, QCOW2_L2CACHE_MAX_SLICE);
-	uint64_t nslots = QCOW2_L2CACHE_DEFAULT_BYTES / slice;
+	uint64_t nslots = (img->writable ? QCOW2_L2CACHE_WRITE_BYTES
+					 : QCOW2_L2CACHE_DEFAULT_BYTES) /
+			  slice;
 	uint64_t total = s->l1_size * (s->cluster_size / slice);
 	int ret;
 

@@ -171,7 +171,13 @@ struct qcow2_l2cache {
 };
 
 #define QCOW2_L2CACHE_NONE UINT32_MAX
-#define QCOW2_L2CACHE_DEFAULT_BYTES (16u << 20)
+#define QCOW2_L2CACHE_DEFAULT_BYTES (4u << 20)
+/*
+ * Writable images get more: every eviction of a dirty slice costs an
+ * ordered write-back batch (fdatasyncs), and a stream over many L2 tables
+ * dirties one slice after another.
+ */
+#define QCOW2_L2CACHE_WRITE_BYTES (16u << 20)
 #define QCOW2_L2CACHE_MAX_SLICE (32u << 10)
 #define QCOW2_L2CACHE_MIN_SLOTS 4u
 
