@@ -28,6 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "testutil.h"
 #include "api/domain.h"
 #include "formats/format.h"
 #include "siphon.h"
@@ -47,22 +48,6 @@ static char *tpath(const char *name)
 	snprintf(p, sizeof(buf[0]), "%s/%s", tmpdir, name);
 	return p;
 }
-
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...)
-{
-	char cmd[4096];
-	va_list ap;
-	int rc;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	rc = system(cmd);
-	return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
-
-#define RUN(...) ck_assert_msg(sh(__VA_ARGS__) == 0, "command failed")
 
 /*
  * name.base.raw (mib MiB, mostly data) <- name.qcow2 (a few local clusters,

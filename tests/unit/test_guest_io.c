@@ -22,25 +22,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "testutil.h"
 #include "siphon.h"
 
 static char tmpdir[] = "/tmp/siphon-guest-XXXXXX";
-
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...)
-{
-	char cmd[4096];
-	va_list ap;
-	int rc;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	rc = system(cmd);
-	return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
-
-#define RUN(...) ck_assert_msg(sh(__VA_ARGS__) == 0, "command failed")
 
 /*
  * name.base.raw (4 MiB of 0x11, a zero hole at 1 MiB) <- name.qcow2

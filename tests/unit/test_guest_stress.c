@@ -30,6 +30,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "testutil.h"
 #include "guest_workload.h"
 #include "siphon.h"
 
@@ -40,22 +41,6 @@
 static char tmpdir[] = "/tmp/siphon-gstress-XXXXXX";
 static uint64_t seed;
 static const char *helper;
-
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...)
-{
-	char cmd[8192];
-	va_list ap;
-	int rc;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	rc = system(cmd);
-	return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
-
-#define RUN(...) ck_assert_msg(sh(__VA_ARGS__) == 0, "command failed")
 
 static void load(const char *path, uint8_t *buf, uint64_t len)
 {

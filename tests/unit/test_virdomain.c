@@ -23,23 +23,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "testutil.h"
 #include "virdomain_stream.h"
 
 static char tmpdir[] = "/tmp/siphon-test-virdomain-XXXXXX";
-
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...)
-{
-	char cmd[4096];
-	va_list ap;
-	int rc;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	rc = system(cmd);
-	return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
 
 /* name.base.raw (data) <- name.qcow2; name.ref.raw: what the chain reads. */
 static int make_disk(const char *name, unsigned mib, char *top, size_t len)
