@@ -42,6 +42,7 @@
 #include "io/io.h"
 #include "io/pool.h"
 #include "inflate.h"
+#include "meta_ahead.h"
 #include "stream.h"
 
 enum run_kind {
@@ -85,6 +86,7 @@ struct stream {
 	struct sio_queue *q;
 	struct sio_pool *pool; /* extent buffers */
 	struct inflater *inflater; /* started on the first compressed piece */
+	struct meta_ahead *ahead; /* L2 read-ahead, or NULL */
 	unsigned max_inflight;
 	uint64_t extent_bytes;
 	unsigned opt_inflight; /* as created: stream_set_limits(0) */
@@ -217,6 +219,11 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 		free(s);
 		return sx_error(ENOMEM, "stream: out of memory");
 	}
+	if (meta_ahead_create(o->top, o->base, o->q, &s->ahead) < 0) {
+		sio_pool_destroy(s->pool);
+		free(s);
+		return -ENOMEM;
+	}
 	s->zero_clusters = o->top->drv->write_zeroes != NULL;
 	atomic_store(&s->speed, o->speed);
 	s->progress = o->progress;
@@ -232,13 +239,14 @@ void stream_destroy(struct stream *s)
 	if (!s)
 		return;
 	inflater_destroy(s->inflater);
+	meta_ahead_destroy(s->ahead);
 	sio_pool_destroy(s->pool);
 	free(s);
 }
 
 int stream_seek(struct stream *s, uint64_t cur)
 {
-	if (s->inflight)
+	if (stream_inflight(s))
 		return sx_error(EBUSY, "%s: stream busy", s->top->path);
 	if (cur > s->end)
 		return sx_error(EINVAL, "%s: cursor %llu past end %llu",
@@ -795,8 +803,11 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 		if (ret < 0)
 			goto out;
 	}
+	if (!s->err && !atomic_load(&s->abort))
+		meta_ahead_pump(s->ahead, s->planner * s->cs);
 	while (!s->err && !atomic_load(&s->abort) && s->planner < limit &&
 	       s->inflight < s->max_inflight && s->plan_budget) {
+		meta_ahead_pump(s->ahead, s->planner * s->cs);
 		max = sx_min(limit - s->planner, s->extent_bytes / s->cs);
 		ret = classify(s, s->planner, limit - s->planner, &kind, &n);
 		if (ret < 0)
@@ -886,7 +897,7 @@ bool stream_blocked(const struct stream *s)
 
 unsigned stream_inflight(const struct stream *s)
 {
-	return s->inflight;
+	return s->inflight + meta_ahead_inflight(s->ahead);
 }
 
 bool stream_planned(const struct stream *s, uint64_t limit)
@@ -901,7 +912,7 @@ int stream_finish(struct stream *s)
 	const char *name = NULL, *fmt = NULL;
 	int ret;
 
-	if (s->inflight)
+	if (stream_inflight(s))
 		return sx_error(EBUSY, "%s: stream busy", top->path);
 	ret = top->drv->flush(top);
 	if (ret < 0)
@@ -959,7 +970,7 @@ int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes)
 		stream_pump(s, limit, &wait);
 		report(s, false);
 		/* A locked range frees when the owner's I/O completes. */
-		if (s->inflight || s->blocked) {
+		if (stream_inflight(s) || s->blocked) {
 			ret = sio_queue_run(s->q, 1);
 			if (ret < 0)
 				stream_fail(s, ret);

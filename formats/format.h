@@ -43,6 +43,18 @@ struct img_extent {
 	bool host_refine;
 };
 
+/*
+ * A metadata read that block_status will need, planned ahead of use so the
+ * caller can do it asynchronously (see meta_want and meta_fill).
+ */
+struct img_meta_req {
+	struct sio_file *file;
+	uint64_t host_off;
+	uint64_t len;
+	uint64_t guest_off; /* the first guest byte the metadata describes */
+	uint64_t tag; /* the driver's, for meta_fill */
+};
+
 /* Flags of write_zeroes. */
 enum img_wz_flags {
 	/* Fail with -ENOTSUP rather than write zero data (v2 qcow2, raw). */
@@ -174,6 +186,28 @@ struct img_driver {
 	 * empty) as o describes. Validates o: -EINVAL with a message.
 	 */
 	int (*create)(struct sio_file *f, const struct img_create_opts *o);
+
+	/* ---- metadata read-ahead: Optional ---- */
+
+	/*
+	 * The metadata that block_status will need for guest offsets from off
+	 * on and that is not cached: up to n reads, in guest order, that the
+	 * caller may do asynchronously and hand to meta_fill. *next is where
+	 * a later call should go on (the scan may stop early; img->size when
+	 * it reached the end). Returns how many reqs were filled. Never fails:
+	 * anything doubtful is left for block_status to find and report.
+	 */
+	unsigned (*meta_want)(struct img *img, uint64_t off,
+			      struct img_meta_req *reqs, unsigned n,
+			      uint64_t *next);
+
+	/*
+	 * Install a read planned by meta_want (buf holds req->len bytes read
+	 * from req->host_off). Ignored when the metadata may have changed
+	 * since the read was planned or is cached already. Never fails.
+	 */
+	void (*meta_fill)(struct img *img, const struct img_meta_req *req,
+			  const void *buf);
 };
 
 extern const struct img_driver img_driver_raw;

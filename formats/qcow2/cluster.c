@@ -474,6 +474,79 @@ out:
 
 /* ---- write path ---- */
 
+/* Most L1 entries one meta_want call looks at, so a call stays short. */
+#define META_SCAN_L1 4096u
+
+unsigned qcow2_meta_want(struct img *img, uint64_t off,
+			 struct img_meta_req *reqs, unsigned n, uint64_t *next)
+{
+	struct qcow2 *s = img->priv;
+	uint64_t slice = s->l2cache.slice_size;
+	uint64_t per_slice = slice / s->l2_entry_size;
+	uint64_t slice_span = per_slice << s->cluster_bits;
+	uint64_t cluster, l1_idx, l1_end, key, in_table;
+	unsigned got = 0;
+
+	*next = img->size;
+	if (off >= img->size)
+		return 0;
+	cluster = off >> s->cluster_bits;
+	l1_idx = cluster >> s->l2_bits;
+	/* From the slice holding off. */
+	in_table = (cluster & (s->l2_entries - 1)) / per_slice * per_slice;
+	l1_end = sx_min(s->l1_size, l1_idx + META_SCAN_L1);
+
+	pthread_mutex_lock(&s->lock);
+	for (; l1_idx < l1_end && got < n; l1_idx++, in_table = 0) {
+		uint64_t l2_off = s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK;
+		uint64_t guest = l1_idx << (s->l2_bits + s->cluster_bits);
+
+		if (!l2_off || !sx_is_aligned(l2_off, s->cluster_size) ||
+		    l2_off + s->cluster_size > s->file_size)
+			continue; /* nothing to read, or for block_status */
+		for (; in_table < s->l2_entries && got < n;
+		     in_table += per_slice) {
+			uint64_t g = guest + (in_table << s->cluster_bits);
+
+			if (g >= img->size)
+				break;
+			key = l2_off + in_table * s->l2_entry_size;
+			if (qcow2_l2cache_has(&s->l2cache, key))
+				continue;
+			reqs[got++] = (struct img_meta_req){
+				.file = img->file,
+				.host_off = key,
+				.len = slice,
+				.guest_off = g,
+				.tag = s->l2cache.gen,
+			};
+			*next = g + slice_span;
+		}
+		if (got == n && in_table < s->l2_entries)
+			break; /* the next call goes on inside this table */
+	}
+	if (got < n)
+		*next = l1_idx < s->l1_size
+				? l1_idx << (s->l2_bits + s->cluster_bits)
+				: img->size;
+	pthread_mutex_unlock(&s->lock);
+	*next = sx_min(sx_max(*next, off), img->size);
+	return got;
+}
+
+void qcow2_meta_fill(struct img *img, const struct img_meta_req *req,
+		     const void *buf)
+{
+	struct qcow2 *s = img->priv;
+
+	if (req->len != s->l2cache.slice_size)
+		return;
+	pthread_mutex_lock(&s->lock);
+	/* An error making room is the next block_status's to meet. */
+	(void)qcow2_l2cache_insert(&s->l2cache, req->host_off, buf, req->tag);
+	pthread_mutex_unlock(&s->lock);
+}
+
 static void l1_mark_dirty(struct qcow2 *s, uint64_t i)
 {
 	struct qcow2_wstate *w = &s->w;

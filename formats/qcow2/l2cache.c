@@ -135,12 +135,22 @@ static uint32_t lookup(const struct qcow2_l2cache *c, uint64_t key)
 	return i;
 }
 
+/* A key's slice on disk changed: reads of it planned before are stale. */
+static void mark_stale(struct qcow2_l2cache *c, uint64_t key)
+{
+	c->stale_gen[(key / c->slice_size) % QCOW2_L2CACHE_STALE_BUCKETS] =
+		++c->gen;
+}
+
 static void release(struct qcow2_l2cache *c, uint32_t i)
 {
+	if (c->slots[i].written)
+		mark_stale(c, c->slots[i].key);
 	lru_unlink(c, i);
 	hash_remove(c, i);
 	c->slots[i].used = false;
 	c->slots[i].dirty = false;
+	c->slots[i].written = false;
 	c->nused--;
 }
 
@@ -182,6 +192,18 @@ static int take_slot(struct qcow2_l2cache *c, uint32_t *out)
 	return 0;
 }
 
+/* Make slot i hold key (data already in place) as the most recent. */
+static void install(struct qcow2_l2cache *c, uint32_t i, uint64_t key)
+{
+	c->slots[i].key = key;
+	c->slots[i].used = true;
+	c->slots[i].dirty = false;
+	c->slots[i].written = false;
+	c->nused++;
+	hash_insert(c, i);
+	lru_push_head(c, i);
+}
+
 int qcow2_l2cache_get(struct qcow2_l2cache *c, uint64_t key, bool for_write,
 		      uint8_t **data)
 {
@@ -204,15 +226,10 @@ int qcow2_l2cache_get(struct qcow2_l2cache *c, uint64_t key, bool for_write,
 	ret = c->load(c->opaque, key, c->slots[i].data, c->slice_size);
 	if (ret)
 		return ret;
-	c->slots[i].key = key;
-	c->slots[i].used = true;
-	c->slots[i].dirty = false;
-	c->nused++;
-	hash_insert(c, i);
-	lru_push_head(c, i);
+	install(c, i, key);
 found:
 	if (for_write)
-		c->slots[i].dirty = true;
+		c->slots[i].dirty = c->slots[i].written = true;
 	*data = c->slots[i].data;
 	return 0;
 }
@@ -274,10 +291,42 @@ void qcow2_l2cache_drop(struct qcow2_l2cache *c, uint64_t off, uint64_t len)
 {
 	uint32_t i;
 
+	for (i = 0; i < QCOW2_L2CACHE_STALE_BUCKETS; i++)
+		c->stale_gen[i] = c->gen + 1;
+	c->gen++;
+
 	for (i = 0; i < c->nslots; i++) {
 		struct qcow2_l2slot *s = &c->slots[i];
 
 		if (s->used && s->key >= off && s->key - off < len)
 			release(c, i);
 	}
+}
+
+bool qcow2_l2cache_has(const struct qcow2_l2cache *c, uint64_t key)
+{
+	return lookup(c, key) != NONE;
+}
+
+int qcow2_l2cache_insert(struct qcow2_l2cache *c, uint64_t key, const void *buf,
+			 uint64_t gen)
+{
+	uint32_t i;
+	int ret;
+
+	if (!sx_is_aligned(key, c->slice_size) || lookup(c, key) != NONE ||
+	    c->stale_gen[(key / c->slice_size) % QCOW2_L2CACHE_STALE_BUCKETS] >
+		    gen)
+		return 0;
+	/*
+	 * Making room may write slices back and evict them, but not this
+	 * one: it is not cached, so its bytes stay good.
+	 */
+	ret = take_slot(c, &i);
+	if (ret)
+		return ret;
+	memcpy(c->slots[i].data, buf, c->slice_size);
+	install(c, i, key);
+	c->inserts++;
+	return 1;
 }

@@ -325,4 +325,6 @@ const struct img_driver img_driver_qcow2 = {
 	.set_backing = qcow2_set_backing,
 	.flush = qcow2_flush,
 	.create = qcow2_create,
+	.meta_want = qcow2_meta_want,
+	.meta_fill = qcow2_meta_fill,
 };

@@ -138,6 +138,8 @@ struct qcow2_feature {
 typedef int (*qcow2_l2cache_io_fn)(void *opaque, uint64_t key, void *buf,
 				   size_t len);
 
+#define QCOW2_L2CACHE_STALE_BUCKETS 64u
+
 struct qcow2_l2slot {
 	uint64_t key;
 	uint8_t *data; /* slice_size bytes, allocated on first use */
@@ -145,6 +147,7 @@ struct qcow2_l2slot {
 	uint32_t hnext; /* hash chain */
 	bool used;
 	bool dirty;
+	bool written; /* dirtied since it was loaded */
 };
 
 struct qcow2_l2cache {
@@ -165,9 +168,20 @@ struct qcow2_l2cache {
 	int (*store_many)(void *opaque, const uint64_t *keys,
 			  uint8_t *const *bufs, unsigned n, size_t len);
 	void *opaque;
+	/*
+	 * Read-ahead validity. A slice that is not cached has its latest bytes
+	 * on disk, so a read of it planned then is good unless the slice was
+	 * loaded, changed, written back and evicted (or dropped) before the
+	 * read is installed. Each such event bumps gen and stamps the key's
+	 * bucket in stale_gen; qcow2_l2cache_insert() refuses bytes planned at
+	 * a generation older than their bucket's stamp.
+	 */
+	uint64_t gen;
+	uint64_t stale_gen[QCOW2_L2CACHE_STALE_BUCKETS];
 	uint64_t hits;
 	uint64_t misses;
 	uint64_t evictions;
+	uint64_t inserts; /* read-ahead slices installed */
 };
 
 #define QCOW2_L2CACHE_NONE UINT32_MAX
@@ -203,6 +217,7 @@ struct qcow2_rcslot {
 	uint64_t stamp; /* LRU clock */
 	bool used;
 	bool dirty;
+	bool written; /* dirtied since it was loaded */
 };
 
 #define QCOW2_RCACHE_BYTES (1u << 20)
@@ -372,6 +387,10 @@ int qcow2_get_l2e(struct img *img, struct qcow2 *s, uint64_t off,
 		  struct qcow2_l2e *out);
 
 /* drv->block_status. */
+unsigned qcow2_meta_want(struct img *img, uint64_t off,
+			 struct img_meta_req *reqs, unsigned n, uint64_t *next);
+void qcow2_meta_fill(struct img *img, const struct img_meta_req *req,
+		     const void *buf);
 int qcow2_block_status(struct img *img, uint64_t off, uint64_t len,
 		       struct img_extent *ext);
 
@@ -403,6 +422,19 @@ int qcow2_l2cache_flush(struct qcow2_l2cache *c);
 
 /* Forget the slices in [off, off + len) without writing them back. */
 void qcow2_l2cache_drop(struct qcow2_l2cache *c, uint64_t off, uint64_t len);
+
+/* Whether the slice at key is cached (no LRU update, no I/O). */
+bool qcow2_l2cache_has(const struct qcow2_l2cache *c, uint64_t key);
+
+/*
+ * Install a slice read ahead of use (buf: slice_size bytes read from key
+ * when the cache's generation was gen). Nothing happens if the slice is
+ * cached already or the generation moved on (the bytes may be stale).
+ * Returns 1 if installed, 0 if not, -errno if evicting a dirty slice to make
+ * room failed (the slice is then not installed).
+ */
+int qcow2_l2cache_insert(struct qcow2_l2cache *c, uint64_t key, const void *buf,
+			 uint64_t gen);
 
 /* ---- compress.c ---- */
 

@@ -1,6 +1,7 @@
 /*
  * The L2 slice cache: hits and misses, LRU eviction order, bounded
- * capacity, write-back of dirty slices, load errors. A fake loader stands in
+ * capacity, write-back of dirty slices, load errors, and slices read ahead
+ * of use (installed only while they cannot be stale). A fake loader stands in
  * for the image file and counts what the cache asks of it.
  */
 #define _GNU_SOURCE
@@ -187,6 +188,75 @@ START_TEST(test_errors_and_drop)
 }
 END_TEST
 
+/* A slice "read from disk" ahead of use: every byte says which slice. */
+static int insert(struct qcow2_l2cache *c, uint64_t idx, uint64_t gen)
+{
+	static uint8_t buf[SLICE];
+
+	memset(buf, (int)idx & 0xff, sizeof(buf));
+	return qcow2_l2cache_insert(c, idx * SLICE, buf, gen);
+}
+
+START_TEST(test_read_ahead)
+{
+	struct qcow2_l2cache c;
+	struct fake f = {0};
+	uint64_t gen;
+	uint8_t *d;
+
+	ck_assert_int_eq(
+		qcow2_l2cache_init(&c, SLICE, 2, fake_load, fake_store, &f), 0);
+
+	/* Planned and installed: the next get is a hit, no load. */
+	gen = c.gen;
+	ck_assert(!qcow2_l2cache_has(&c, 1 * SLICE));
+	ck_assert_int_eq(insert(&c, 1, gen), 1);
+	ck_assert(qcow2_l2cache_has(&c, 1 * SLICE));
+	get(&c, 1, false);
+	ck_assert_uint_eq(f.loads, 0);
+	ck_assert_uint_eq(c.hits, 1);
+
+	/* Already cached (maybe changed since): the cached bytes win. */
+	ck_assert_int_eq(qcow2_l2cache_get(&c, 1 * SLICE, true, &d), 0);
+	d[0] = 0xee;
+	ck_assert_int_eq(insert(&c, 1, c.gen), 0);
+	ck_assert_int_eq(qcow2_l2cache_get(&c, 1 * SLICE, false, &d), 0);
+	ck_assert_uint_eq(d[0], 0xee);
+
+	/*
+	 * A read of slice 1 planned now, then slice 1 (changed) is written
+	 * back and evicted: the planned bytes may predate the write.
+	 */
+	gen = c.gen;
+	get(&c, 2, false);
+	get(&c, 3, false); /* evicts 1 after writing it back */
+	ck_assert_uint_eq(f.stores, 1);
+	ck_assert(!qcow2_l2cache_has(&c, 1 * SLICE));
+	ck_assert_int_eq(insert(&c, 1, gen), 0);
+	ck_assert(!qcow2_l2cache_has(&c, 1 * SLICE));
+
+	/* Clean evictions do not make other planned reads stale. */
+	gen = c.gen;
+	get(&c, 4, false); /* evicts 2, clean */
+	ck_assert_int_eq(insert(&c, 5, gen), 1); /* evicts 3, clean */
+	get(&c, 5, false);
+	ck_assert_uint_eq(f.loads, 3); /* 2, 3, 4: not 5 */
+
+	/* Installing makes room like a load: a dirty slice is written back. */
+	ck_assert_int_eq(qcow2_l2cache_get(&c, 4 * SLICE, true, &d), 0);
+	get(&c, 5, false); /* 4 is now the LRU one */
+	ck_assert_int_eq(insert(&c, 6, c.gen), 1);
+	ck_assert_uint_eq(f.stores, 2);
+	ck_assert_uint_eq(f.last_store, 4 * SLICE);
+
+	/* A drop makes every planned read stale. */
+	gen = c.gen;
+	qcow2_l2cache_drop(&c, 100 * SLICE, SLICE);
+	ck_assert_int_eq(insert(&c, 7, gen), 0);
+	qcow2_l2cache_fini(&c);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("l2cache");
@@ -199,6 +269,7 @@ int main(void)
 	tcase_add_test(tc, test_bounded);
 	tcase_add_test(tc, test_dirty_writeback);
 	tcase_add_test(tc, test_errors_and_drop);
+	tcase_add_test(tc, test_read_ahead);
 	suite_add_tcase(s, tc);
 	sr = srunner_create(s);
 	srunner_run_all(sr, CK_ENV);
