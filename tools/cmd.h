@@ -73,6 +73,13 @@ int tool_run_on_image(const struct siphon_cmd *cmd, int argc, char **argv,
 		      int (*fn)(struct img *img, bool probed,
 				enum tool_output out));
 
+/*
+ * BACKING as every reader of IMAGE resolves it: an absolute name as it is,
+ * a relative one from IMAGE's directory. Returns a malloc'd string the
+ * caller frees, or NULL when out of memory.
+ */
+char *tool_resolve_backing(const char *image, const char *backing);
+
 /* Parse --output's argument; false if unknown. */
 bool tool_parse_output(const char *arg, enum tool_output *out);
 

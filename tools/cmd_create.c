@@ -129,19 +129,6 @@ static int parse_opts(const struct siphon_cmd *cmd, char *s,
 	return 0;
 }
 
-/* BACKING as a reader resolves it: relative to IMAGE's directory. */
-static char *resolve_backing(const char *image, const char *backing)
-{
-	const char *slash = strrchr(image, '/');
-	char *out = NULL;
-
-	if (backing[0] == '/' || !slash)
-		return strdup(backing);
-	if (asprintf(&out, "%.*s/%s", (int)(slash - image), image, backing) < 0)
-		return NULL;
-	return out;
-}
-
 static bool same_file(const char *a, const char *b)
 {
 	struct stat sa, sb;
@@ -170,7 +157,8 @@ static int create_run(const struct siphon_cmd *cmd, int argc, char **argv)
 	bool quiet = false, unsafe = false, probed = false, have_size = false;
 	int nopt = 0, c, i, ret = 0, rc = TOOL_USAGE;
 
-	while ((c = getopt_long(argc, argv, "f:b:F:uo:qh", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":f:b:F:uo:qh", opts, NULL)) !=
+	       -1) {
 		switch (c) {
 		case 'f':
 			fmt = optarg;
@@ -203,8 +191,7 @@ static int create_run(const struct siphon_cmd *cmd, int argc, char **argv)
 			rc = TOOL_OK;
 			goto out;
 		default:
-			rc = tool_usage(cmd, "unknown option '%s'",
-					argv[optind - 1]);
+			rc = tool_bad_option(cmd, c, argv);
 			goto out;
 		}
 	}
@@ -242,7 +229,7 @@ static int create_run(const struct siphon_cmd *cmd, int argc, char **argv)
 	}
 
 	if (a.backing && !unsafe) {
-		bpath = resolve_backing(path, a.backing);
+		bpath = tool_resolve_backing(path, a.backing);
 		if (!bpath) {
 			ret = -ENOMEM;
 			goto fail;

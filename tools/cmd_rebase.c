@@ -49,19 +49,6 @@ static void rebase_help(FILE *out)
 		tool_exit_help);
 }
 
-/* NEW as a reader resolves it: relative to IMAGE's directory. */
-static char *resolve_backing(const char *image, const char *backing)
-{
-	const char *slash = strrchr(image, '/');
-	char *out = NULL;
-
-	if (backing[0] == '/' || !slash)
-		return strdup(backing);
-	if (asprintf(&out, "%.*s/%s", (int)(slash - image), image, backing) < 0)
-		return NULL;
-	return out;
-}
-
 static int rebase_run(const struct siphon_cmd *cmd, int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -81,7 +68,7 @@ static int rebase_run(const struct siphon_cmd *cmd, int argc, char **argv)
 	struct stat st;
 	int c, ret = 0, rc = TOOL_ERR;
 
-	while ((c = getopt_long(argc, argv, "ub:F:f:qh", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":ub:F:f:qh", opts, NULL)) != -1) {
 		switch (c) {
 		case 'u':
 			unsafe = true;
@@ -102,8 +89,7 @@ static int rebase_run(const struct siphon_cmd *cmd, int argc, char **argv)
 			rebase_help(stdout);
 			return TOOL_OK;
 		default:
-			return tool_usage(cmd, "unknown option '%s'",
-					  argv[optind - 1]);
+			return tool_bad_option(cmd, c, argv);
 		}
 	}
 	if (!unsafe)
@@ -125,7 +111,7 @@ static int rebase_run(const struct siphon_cmd *cmd, int argc, char **argv)
 	}
 
 	if (backing && !bfmt) {
-		bpath = resolve_backing(path, backing);
+		bpath = tool_resolve_backing(path, backing);
 		if (!bpath) {
 			ret = -ENOMEM;
 			goto fail;

@@ -129,6 +129,18 @@ bool tool_parse_output(const char *arg, enum tool_output *out)
 	return false;
 }
 
+char *tool_resolve_backing(const char *image, const char *backing)
+{
+	const char *slash = strrchr(image, '/');
+	char *out = NULL;
+
+	if (backing[0] == '/' || !slash)
+		return strdup(backing);
+	if (asprintf(&out, "%.*s/%s", (int)(slash - image), image, backing) < 0)
+		return NULL;
+	return out;
+}
+
 int tool_parse_bytes(const char *s, uint64_t *out)
 {
 	uint64_t v = 0, mult = 1;

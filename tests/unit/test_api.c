@@ -16,7 +16,6 @@
 #define _GNU_SOURCE
 #include <check.h>
 #include <errno.h>
-#include <liburing.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -946,38 +945,14 @@ static Suite *api_suite(bool streaming)
 
 int main(void)
 {
-	struct io_uring ring;
-	bool streaming;
-	SRunner *sr;
-	int failed;
+	bool streaming = img_driver_qcow2.alloc_run != NULL;
+	int ret;
 
-	/* Probe without touching siphon's per-thread state (tests fork). */
-	if (io_uring_queue_init(4, &ring, 0) < 0) {
-		fprintf(stderr, "io_uring unavailable: skipped\n");
-		return 77;
-	}
-	io_uring_queue_exit(&ring);
-	if (sh("qemu-img --version >/dev/null 2>&1 && "
-	       "qemu-io --version >/dev/null 2>&1")) {
-		fprintf(stderr, "qemu-img/qemu-io missing: skipped\n");
-		return 77;
-	}
-	streaming = img_driver_qcow2.alloc_run != NULL;
-	if (!mkdtemp(tmpdir)) {
-		perror("mkdtemp");
-		return 1;
-	}
-	sr = srunner_create(api_suite(streaming));
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	sh("rm -rf %s", tmpdir);
-	if (failed)
-		return 1;
-	if (!streaming) {
+	ret = run_suite(api_suite(streaming), tmpdir, RUN_URING | RUN_QEMU);
+	if (ret == 0 && !streaming) {
 		fprintf(stderr, "qcow2 driver has no write path (alloc_run): "
 				"streaming tests skipped\n");
-		return 77;
+		ret = 77;
 	}
-	return 0;
+	return ret;
 }

@@ -3,11 +3,13 @@
  * would turn a hostile number into a small, valid-looking one, and *out left
  * untouched on failure.
  */
+#define _GNU_SOURCE
 #include <check.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "testutil.h"
 #include "common/checked.h"
 
 #define SENTINEL 0x5a5a5a5a5a5a5a5aULL
@@ -184,11 +186,5 @@ static Suite *checked_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(checked_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(checked_suite(), NULL, 0);
 }

@@ -13,6 +13,7 @@
 #include <zlib.h>
 #include <zstd.h>
 
+#include "testutil.h"
 #include "formats/qcow2/qcow2.h"
 
 static uint8_t *pattern(size_t len)
@@ -174,17 +175,11 @@ int main(void)
 {
 	Suite *s = suite_create("compress");
 	TCase *tc = tcase_create("compress");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_test(tc, test_zlib_clusters);
 	tcase_add_test(tc, test_zlib_errors);
 	tcase_add_test(tc, test_zstd_clusters);
 	tcase_add_test(tc, test_zstd_errors);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return run_suite(s, NULL, 0);
 }

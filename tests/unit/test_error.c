@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "testutil.h"
 #include "common/error.h"
 
 START_TEST(test_empty)
@@ -127,11 +128,5 @@ static Suite *error_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(error_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(error_suite(), NULL, 0);
 }

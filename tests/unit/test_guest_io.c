@@ -13,7 +13,6 @@
 #define _GNU_SOURCE
 #include <check.h>
 #include <errno.h>
-#include <liburing.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -514,28 +513,5 @@ static Suite *guest_suite(void)
 
 int main(void)
 {
-	struct io_uring ring;
-	SRunner *sr;
-	int failed;
-
-	if (io_uring_queue_init(4, &ring, 0) < 0) {
-		fprintf(stderr, "io_uring unavailable: skipped\n");
-		return 77;
-	}
-	io_uring_queue_exit(&ring);
-	if (sh("qemu-img --version >/dev/null 2>&1 && "
-	       "qemu-io --version >/dev/null 2>&1")) {
-		fprintf(stderr, "qemu-img/qemu-io missing: skipped\n");
-		return 77;
-	}
-	if (!mkdtemp(tmpdir)) {
-		perror("mkdtemp");
-		return 1;
-	}
-	sr = srunner_create(guest_suite());
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	sh("rm -rf %s", tmpdir);
-	return failed ? 1 : 0;
+	return run_suite(guest_suite(), tmpdir, RUN_URING | RUN_QEMU);
 }

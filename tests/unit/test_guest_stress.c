@@ -18,7 +18,6 @@
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <liburing.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -390,36 +389,12 @@ static Suite *stress_suite(void)
 
 int main(int argc, char **argv)
 {
-	struct io_uring ring;
 	const char *env = getenv("SIPHON_STRESS_SEED");
-	SRunner *sr;
-	int failed;
 
-	if (io_uring_queue_init(4, &ring, 0) < 0) {
-		fprintf(stderr, "io_uring unavailable: skipped\n");
-		return 77;
-	}
-	io_uring_queue_exit(&ring);
-	if (sh("qemu-img --version >/dev/null 2>&1 && "
-	       "qemu-io --version >/dev/null 2>&1")) {
-		fprintf(stderr, "qemu-img/qemu-io missing: skipped\n");
-		return 77;
-	}
 	seed = env ? strtoull(env, NULL, 0) : 20240611;
 	helper = argc > 1 ? argv[1] : getenv("GUEST_CRASH_HELPER");
 	fprintf(stderr, "seed %llu (SIPHON_STRESS_SEED)\n",
 		(unsigned long long)seed);
-	if (!mkdtemp(tmpdir)) {
-		perror("mkdtemp");
-		return 1;
-	}
-	sr = srunner_create(stress_suite());
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	if (!failed)
-		sh("rm -rf %s", tmpdir);
-	else
-		fprintf(stderr, "images kept in %s\n", tmpdir);
-	return failed ? 1 : 0;
+	return run_suite(stress_suite(), tmpdir,
+			 RUN_URING | RUN_QEMU | RUN_KEEP_FAILED);
 }

@@ -11,7 +11,6 @@
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <liburing.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +18,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "testutil.h"
 #include "common/error.h"
 #include "formats/image.h"
 #include "io/io.h"
@@ -33,20 +33,6 @@ static char *tpath(const char *name)
 
 	snprintf(p, sizeof(buf[0]), "%s/%s", tmpdir, name);
 	return p;
-}
-
-static void run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void run(const char *fmt, ...)
-{
-	char cmd[4096];
-	va_list ap;
-	int rc;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	rc = system(cmd);
-	ck_assert_msg(rc == 0, "command failed: %s", cmd);
 }
 
 /* A size-byte file with `fill` at each [off, off + len) in `data`. */
@@ -300,7 +286,7 @@ START_TEST(test_chain_relative)
 	unsigned depth;
 	char *cwd;
 
-	run("cd %s && mkdir -p rel/sub && qemu-img create -q -f raw "
+	RUN("cd %s && mkdir -p rel/sub && qemu-img create -q -f raw "
 	    "rel/sub/base.raw 1M && qemu-io -f raw -c 'write -P 0x33 0 64k' "
 	    "rel/sub/base.raw >/dev/null && cd rel && qemu-img create -q -f "
 	    "qcow2 -b sub/base.raw -F raw mid.qcow2 1M && qemu-img create -q "
@@ -364,7 +350,7 @@ START_TEST(test_chain_missing_backing)
 {
 	struct img *img = NULL;
 
-	run("cd %s && qemu-img create -q -f raw gone.raw 1M && qemu-img "
+	RUN("cd %s && qemu-img create -q -f raw gone.raw 1M && qemu-img "
 	    "create -q -f qcow2 -b gone.raw -F raw orphan.qcow2 1M && rm "
 	    "gone.raw",
 	    tmpdir);
@@ -381,7 +367,7 @@ START_TEST(test_chain_loop)
 {
 	struct img *img = NULL;
 
-	run("cd %s && qemu-img create -q -f qcow2 la.qcow2 1M && qemu-img "
+	RUN("cd %s && qemu-img create -q -f qcow2 la.qcow2 1M && qemu-img "
 	    "create -q -f qcow2 -b la.qcow2 -F qcow2 lb.qcow2 1M && qemu-img "
 	    "rebase -q -u -b lb.qcow2 -F qcow2 la.qcow2 && ln -sf la.qcow2 "
 	    "lc.qcow2",
@@ -399,7 +385,7 @@ START_TEST(test_chain_depth)
 	unsigned n = 0;
 
 	/* d0.raw <- d1 <- ... <- d65: 65 layers below d65 is one too many. */
-	run("cd %s && qemu-img create -q -f raw d0.raw 64k && prev=d0.raw && "
+	RUN("cd %s && qemu-img create -q -f raw d0.raw 64k && prev=d0.raw && "
 	    "f=raw && for i in $(seq 1 65); do qemu-img create -q -f qcow2 "
 	    "-b $prev -F $f d$i.qcow2 64k || exit 1; prev=d$i.qcow2; "
 	    "f=qcow2; done",
@@ -445,35 +431,10 @@ static Suite *image_suite(bool chains)
 
 int main(void)
 {
-	struct io_uring ring;
-	SRunner *sr;
-	char cmd[512];
-	bool chains;
-	int failed;
+	bool chains = have_qemu_tools() && img_find_driver("qcow2");
 
-	if (io_uring_queue_init(4, &ring, 0) < 0) {
-		fprintf(stderr, "io_uring unavailable: skipping\n");
-		return 77;
-	}
-	io_uring_queue_exit(&ring);
-	if (!mkdtemp(tmpdir)) {
-		perror("mkdtemp");
-		return 1;
-	}
-	chains = system("qemu-img --version >/dev/null 2>&1 && "
-			"qemu-io --version >/dev/null 2>&1") == 0 &&
-		 img_find_driver("qcow2");
 	if (!chains)
 		fprintf(stderr, "SKIP chain tests: no qemu-img/qemu-io or "
 				"no qcow2 driver\n");
-
-	sr = srunner_create(image_suite(chains));
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-	if (system(cmd) != 0)
-		fprintf(stderr, "could not remove %s\n", tmpdir);
-	return failed ? 1 : 0;
+	return run_suite(image_suite(chains), tmpdir, RUN_URING);
 }

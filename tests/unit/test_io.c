@@ -29,6 +29,7 @@
 
 #include <liburing.h>
 
+#include "testutil.h"
 #include "common/error.h"
 #include "io/fault.h"
 #include "io/io.h"
@@ -1097,19 +1098,11 @@ static int make_dir(char *out, const char *base)
 
 int main(void)
 {
-	struct io_uring ring;
 	const char *tmp = getenv("TMPDIR");
-	SRunner *sr;
-	int ret, failed;
+	int failed;
 
-	/* The host may refuse io_uring (sysctl, seccomp): skip, not fail. */
-	ret = io_uring_queue_init(2, &ring, 0);
-	if (ret < 0) {
-		fprintf(stderr, "io_uring unavailable (%s): skipping\n",
-			strerror(-ret));
+	if (!have_uring())
 		return 77;
-	}
-	io_uring_queue_exit(&ring);
 	unsetenv("SIPHON_FAULT");
 
 	if (make_dir(disk_dir, tmp && *tmp ? tmp : "/tmp") < 0)
@@ -1118,10 +1111,7 @@ int main(void)
 		nftw(disk_dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 		return 1;
 	}
-	sr = srunner_create(io_suite());
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
+	failed = run_checks(io_suite());
 	nftw(disk_dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 	nftw(shm_dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 	return failed ? 1 : 0;

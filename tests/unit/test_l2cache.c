@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "testutil.h"
 #include "formats/qcow2/qcow2.h"
 
 #define SLICE 4096u
@@ -261,8 +262,6 @@ int main(void)
 {
 	Suite *s = suite_create("l2cache");
 	TCase *tc = tcase_create("l2cache");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_test(tc, test_hit_miss);
 	tcase_add_test(tc, test_lru_eviction);
@@ -271,9 +270,5 @@ int main(void)
 	tcase_add_test(tc, test_errors_and_drop);
 	tcase_add_test(tc, test_read_ahead);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return run_suite(s, NULL, 0);
 }

@@ -8,12 +8,12 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <liburing.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "testutil.h"
 #include "common/error.h"
 #include "formats/image.h"
 #include "formats/qcow2/qcow2.h"
@@ -610,26 +610,5 @@ static Suite *suite(void)
 
 int main(void)
 {
-	struct io_uring ring;
-	SRunner *sr;
-	char cmd[64];
-	int failed;
-
-	if (io_uring_queue_init(4, &ring, 0) < 0) {
-		fprintf(stderr, "io_uring unavailable: skipping\n");
-		return 77;
-	}
-	io_uring_queue_exit(&ring);
-	if (!mkdtemp(tmpdir)) {
-		perror("mkdtemp");
-		return 1;
-	}
-	sr = srunner_create(suite());
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-	if (system(cmd) != 0)
-		fprintf(stderr, "could not remove %s\n", tmpdir);
-	return failed ? 1 : 0;
+	return run_suite(suite(), tmpdir, RUN_URING);
 }

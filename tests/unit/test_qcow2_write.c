@@ -15,7 +15,6 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <liburing.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "testutil.h"
 #include "common/error.h"
 #include "formats/image.h"
 #include "formats/qcow2/qcow2.h"
@@ -42,23 +42,6 @@ static const char *tpath(const char *name)
 	i = (i + 1) % 4;
 	snprintf(buf[i], sizeof(buf[i]), "%s/%s", tmpdir, name);
 	return buf[i];
-}
-
-static int run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static int run(const char *fmt, ...)
-{
-	char cmd[2048];
-	va_list ap;
-	int st;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	st = system(cmd);
-	if (st == -1 || !WIFEXITED(st))
-		return -1;
-	return WEXITSTATUS(st);
 }
 
 struct opts {
@@ -161,7 +144,7 @@ static void verify(struct img *img, const struct model *m)
 
 static int qcheck(const char *path)
 {
-	return run("qemu-img check -q '%s' >/dev/null 2>&1", path);
+	return sh("qemu-img check -q '%s' >/dev/null 2>&1", path);
 }
 
 /* qemu-img check clean, and qemu's view equals the model. */
@@ -175,13 +158,13 @@ static void oracle(const char *path, const struct model *m)
 		return;
 	st = qcheck(path);
 	if (st != 0)
-		run("qemu-img check '%s' >&2", path);
+		sh("qemu-img check '%s' >&2", path);
 	ck_assert_msg(st == 0, "qemu-img check %s: exit %d", path, st);
 	f = fopen(raw, "wb");
 	ck_assert_ptr_nonnull(f);
 	ck_assert_uint_eq(fwrite(m->b, 1, m->size, f), m->size);
 	fclose(f);
-	st = run("qemu-img compare -q -f raw -F qcow2 '%s' '%s'", raw, path);
+	st = sh("qemu-img compare -q -f raw -F qcow2 '%s' '%s'", raw, path);
 	ck_assert_msg(st == 0, "qemu-img compare %s: exit %d", path, st);
 }
 
@@ -415,8 +398,8 @@ START_TEST(t_compressed)
 	for (i = 0; i < 2; i++) {
 		make_base(raw, 1 * MiB, 11);
 		ck_assert_int_eq(
-			run("qemu-img convert -c -O qcow2 -o cluster_size=65536,compression_type=%s '%s' '%s'",
-			    types[i], raw, p),
+			sh("qemu-img convert -c -O qcow2 -o cluster_size=65536,compression_type=%s '%s' '%s'",
+			   types[i], raw, p),
 			0);
 		model_init(&m, 1 * MiB, raw);
 		img = open_rw(p);
@@ -656,8 +639,8 @@ START_TEST(t_set_backing)
 	if (have_qemu) {
 		ck_assert_int_eq(qcheck(p), 0);
 		ck_assert_int_eq(
-			run("qemu-img info '%s' | grep -q '^backing file: hb.raw'",
-			    p),
+			sh("qemu-img info '%s' | grep -q '^backing file: hb.raw'",
+			   p),
 			0);
 	}
 
@@ -731,7 +714,7 @@ START_TEST(t_open_checks)
 
 	if (have_qemu) {
 		create(p, &o);
-		ck_assert_int_eq(run("qemu-img snapshot -c snap '%s'", p), 0);
+		ck_assert_int_eq(sh("qemu-img snapshot -c snap '%s'", p), 0);
 		ck_assert_int_eq(img_open(p, "qcow2", IMG_OPEN_RDWR, &img),
 				 -ENOTSUP);
 		ck_assert_ptr_nonnull(strstr(sx_last_error(), "snapshot -d"));
@@ -812,7 +795,7 @@ START_TEST(t_crash_prefixes)
 
 		st = qcheck(p);
 		if (st != 0 && st != 3)
-			run("qemu-img check '%s' >&2", p);
+			sh("qemu-img check '%s' >&2", p);
 		ck_assert_msg(st == 0 || st == 3, "k=%u: qemu-img check %d", k,
 			      st);
 		{
@@ -872,27 +855,6 @@ static Suite *suite(void)
 
 int main(void)
 {
-	struct io_uring ring;
-	SRunner *sr;
-	char cmd[64];
-	int failed;
-
-	if (io_uring_queue_init(4, &ring, 0) < 0) {
-		fprintf(stderr, "io_uring unavailable: skipping\n");
-		return 77;
-	}
-	io_uring_queue_exit(&ring);
-	if (!mkdtemp(tmpdir)) {
-		perror("mkdtemp");
-		return 1;
-	}
-	have_qemu = system("qemu-img --version >/dev/null 2>&1") == 0;
-	sr = srunner_create(suite());
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-	if (system(cmd) != 0)
-		fprintf(stderr, "could not remove %s\n", tmpdir);
-	return failed ? 1 : 0;
+	have_qemu = sh("qemu-img --version >/dev/null 2>&1") == 0;
+	return run_suite(suite(), tmpdir, RUN_URING);
 }

@@ -189,9 +189,8 @@ static bool can_stream(int *skip)
 	int ret;
 
 	*skip = 0;
-	if (sh("qemu-img --version >/dev/null 2>&1 && "
-	       "qemu-io --version >/dev/null 2>&1")) {
-		fprintf(stderr, "qemu-img/qemu-io missing: skipped\n");
+	if (!have_qemu_tools()) {
+		fprintf(stderr, "qemu-img/qemu-io missing: skipping\n");
 		*skip = 1;
 		return false;
 	}
@@ -215,7 +214,6 @@ int main(void)
 {
 	Suite *s;
 	TCase *tc;
-	SRunner *sr;
 	int failed, skip;
 	pid_t pid;
 	int st;
@@ -243,10 +241,7 @@ int main(void)
 	tcase_add_test(tc, test_incremental_loop);
 	tcase_add_test(tc, test_continuous_poll_abort);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
+	failed = run_checks(s);
 	sh("rm -rf %s", tmpdir);
 	return failed ? 1 : 0;
 }
