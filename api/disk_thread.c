@@ -186,7 +186,7 @@ int disk_cmd_call(struct disk *d, struct disk_cmd *cmd)
 	return cmd->ret;
 }
 
-static void cmd_finish(struct disk_cmd *cmd, int ret)
+void disk_cmd_finish(struct disk_cmd *cmd, int ret)
 {
 	cmd->ret = ret;
 	if (ret < 0)
@@ -241,7 +241,8 @@ static void handle_cmds(struct disk *d)
 		next = cmd->next;
 		sx_error_clear();
 		if (stop) {
-			cmd_finish(cmd, sx_error(ENOENT,
+			disk_cmd_finish(cmd,
+					sx_error(ENOENT,
 						 "%s: disk is being detached",
 						 d->path));
 			continue;
@@ -249,15 +250,16 @@ static void handle_cmds(struct disk *d)
 		switch (cmd->kind) {
 		case DISK_CMD_STREAM_START:
 		case DISK_CMD_STREAM_STEP:
-			stream_cmd_run(d, cmd);
-			cmd_finish(cmd, cmd->ret);
+			if (stream_cmd_run(d, cmd))
+				disk_cmd_finish(cmd, cmd->ret);
 			break;
 		case DISK_CMD_GUEST_STATS:
 			guest_get_stats(d->guest, &cmd->stats);
-			cmd_finish(cmd, 0);
+			disk_cmd_finish(cmd, 0);
 			break;
 		default:
-			cmd_finish(cmd, sx_error(EINVAL, "unknown command %d",
+			disk_cmd_finish(cmd,
+					sx_error(EINVAL, "unknown command %d",
 						 (int)cmd->kind));
 			break;
 		}
@@ -320,9 +322,10 @@ static void worker_loop(struct disk *d)
 		guest_kick(d->guest);
 		if (atomic_load(&d->stop) && d->job)
 			atomic_store(&d->job->abort, true);
-		if (d->job && d->job->abort && !d->job->continuous)
+		if (d->job && d->job->abort && !d->job->continuous &&
+		    !d->job->step)
 			stream_job_reap(d);
-		if (d->job && d->job->continuous)
+		if (d->job && (d->job->continuous || d->job->step))
 			pump_stream(d);
 		if (d->swap_pending)
 			do_swap(d);

@@ -73,6 +73,8 @@ struct stream_job {
 
 	/* worker only */
 	uint64_t end; /* clusters */
+	struct disk_cmd *step; /* the STEP command being run, or NULL */
+	uint64_t step_limit; /* its last cluster + 1 */
 	int err; /* the worker's own error (queue, flush) */
 	char errmsg[SIPHON_MESSAGE_MAX];
 };
@@ -215,11 +217,22 @@ void disk_swap_chain(struct disk *d, struct img *base);
 /* Worker: wake up after ns even with nothing in flight. */
 void disk_arm_timer(struct disk *d, uint64_t ns);
 
+/* Worker: set cmd->ret (and msg on failure) and hand cmd back. */
+void disk_cmd_finish(struct disk_cmd *cmd, int ret);
+
 /* api/stream_api.c, run by the worker */
-void stream_cmd_run(struct disk *d, struct disk_cmd *cmd);
-/* Worker: drive a CONTINUOUS stream one turn; ends it when done. */
+/*
+ * Run a stream command. Returns true when it is done (cmd->ret set), false
+ * when it goes on as job->step: stream_job_pump() finishes it later, so
+ * the step does not hold up guest I/O.
+ */
+bool stream_cmd_run(struct disk *d, struct disk_cmd *cmd);
+/*
+ * Worker: drive a CONTINUOUS stream, or a running step, one turn; ends the
+ * step or the stream when done.
+ */
 void stream_job_pump(struct disk *d);
-/* Worker: end an idle incremental stream that was aborted. */
+/* Worker: end an idle incremental stream (no step running) that was aborted. */
 void stream_job_reap(struct disk *d);
 /* Worker: stop the job with an error (e.g. the queue failed). */
 void stream_job_fail(struct disk *d, int err);

@@ -190,16 +190,46 @@ void stream_job_fail(struct disk *d, int err)
 	stream_request_abort(job->s);
 }
 
+/* The running step reached its limit, or was aborted, or failed. */
+static void step_end(struct disk *d)
+{
+	struct stream_job *job = d->job;
+	struct disk_cmd *cmd = job->step;
+	struct stream_progress p;
+	int ret;
+
+	job->step = NULL;
+	stream_set_budget(job->s, 0);
+	sx_error_clear();
+	ret = stream_finish(job->s);
+	if (ret >= 0 && job->abort)
+		ret = sx_error(ECANCELED, "%s: stream aborted", d->path);
+	if (ret < 0) {
+		job_end(d, ret);
+		disk_cmd_finish(cmd, ret);
+		return;
+	}
+	stream_get_progress(job->s, &p);
+	cmd->cursor = cursor_encode(p.cur, job->tag);
+	if (p.finalized)
+		job_end(d, 0);
+	disk_cmd_finish(cmd, 0);
+}
+
 void stream_job_pump(struct disk *d)
 {
 	struct stream_job *job = d->job;
-	uint64_t wait = 0;
+	uint64_t wait = 0, limit = job->step ? job->step_limit : job->end;
 	int ret;
 
 	if (job->abort)
 		stream_request_abort(job->s);
-	stream_pump(job->s, job->end, &wait);
-	if (!stream_inflight(job->s) && stream_planned(job->s, job->end)) {
+	stream_pump(job->s, limit, &wait);
+	if (!stream_inflight(job->s) && stream_planned(job->s, limit)) {
+		if (job->step) {
+			step_end(d);
+			return;
+		}
 		sx_error_clear();
 		ret = stream_finish(job->s);
 		job_end(d, ret);
@@ -230,11 +260,14 @@ static int cmd_start(struct disk *d, struct disk_cmd *cmd)
 	return 0;
 }
 
+/* cmd_step(): the step runs on as the job's step. */
+#define STEP_STARTED 1
+
 static int cmd_step(struct disk *d, struct disk_cmd *cmd)
 {
 	struct stream_job *job = d->job;
 	struct stream_progress p;
-	uint64_t cl, limit;
+	uint64_t cl;
 	int ret;
 
 	if (job && job->continuous)
@@ -287,21 +320,16 @@ static int cmd_step(struct disk *d, struct disk_cmd *cmd)
 		stream_set_speed(job->s, cmd->bandwidth);
 		pthread_mutex_unlock(&d->dom->lock);
 	}
-	limit = cmd->max_clusters < job->end - cl ? cl + cmd->max_clusters
-						  : job->end;
-	ret = stream_run(job->s, limit, cmd->max_bytes);
-	if (ret < 0) {
-		job_end(d, ret);
-		return ret;
-	}
-	stream_get_progress(job->s, &p);
-	cmd->cursor = cursor_encode(p.cur, job->tag);
-	if (p.finalized)
-		job_end(d, 0);
-	return 0;
+	/* The worker pumps it between guest requests: see step_end(). */
+	job->step_limit = cmd->max_clusters < job->end - cl
+				  ? cl + cmd->max_clusters
+				  : job->end;
+	stream_set_budget(job->s, cmd->max_bytes);
+	job->step = cmd;
+	return STEP_STARTED;
 }
 
-void stream_cmd_run(struct disk *d, struct disk_cmd *cmd)
+bool stream_cmd_run(struct disk *d, struct disk_cmd *cmd)
 {
 	int ret;
 
@@ -309,7 +337,10 @@ void stream_cmd_run(struct disk *d, struct disk_cmd *cmd)
 		ret = cmd_start(d, cmd);
 	else
 		ret = cmd_step(d, cmd);
+	if (ret == STEP_STARTED)
+		return false;
 	cmd->ret = ret;
+	return true;
 }
 
 /* ---- caller side ---- */

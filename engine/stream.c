@@ -890,6 +890,11 @@ void stream_set_limits(struct stream *s, unsigned max_inflight,
 	s->extent_bytes = extent_bytes - extent_bytes % s->cs;
 }
 
+void stream_set_budget(struct stream *s, uint64_t max_bytes)
+{
+	s->plan_budget = max_bytes ? max_bytes : UINT64_MAX;
+}
+
 bool stream_blocked(const struct stream *s)
 {
 	return s->blocked;
@@ -965,7 +970,7 @@ int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes)
 	uint64_t wait;
 	int ret;
 
-	s->plan_budget = max_bytes ? max_bytes : UINT64_MAX;
+	stream_set_budget(s, max_bytes);
 	for (;;) {
 		stream_pump(s, limit, &wait);
 		report(s, false);
@@ -986,7 +991,7 @@ int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes)
 			nanosleep(&ts, NULL);
 		}
 	}
-	s->plan_budget = UINT64_MAX;
+	stream_set_budget(s, 0);
 	ret = stream_finish(s);
 	report(s, true);
 	if (ret < 0)

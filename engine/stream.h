@@ -109,6 +109,12 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns);
 void stream_set_limits(struct stream *s, unsigned max_inflight,
 		       uint64_t extent_bytes);
 
+/*
+ * Bound the bytes the planner may still copy (0: no bound), for owners that
+ * drive an increment with stream_pump() themselves; stream_run() sets it.
+ */
+void stream_set_budget(struct stream *s, uint64_t max_bytes);
+
 /* The last pump stopped at a range locked by someone else. */
 bool stream_blocked(const struct stream *s);
 

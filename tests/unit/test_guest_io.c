@@ -14,6 +14,7 @@
 #include <check.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -494,6 +495,92 @@ START_TEST(test_cor_with_stream)
 }
 END_TEST
 
+struct step_arg {
+	siphon_domain *dom;
+	const char *path;
+	uint64_t cursor;
+	int ret;
+	atomic_bool done;
+};
+
+/* One slow incremental step: 2 MiB at 1 MiB/s. */
+static void *slow_step(void *opaque)
+{
+	struct step_arg *a = opaque;
+	struct siphon_block_stream_params p = {
+		.size = sizeof(p), .bandwidth = 1 << 20, .max_bytes = 2 << 20};
+
+	a->ret = siphon_block_stream_ex(a->dom, a->path, &a->cursor, 0, &p);
+	atomic_store(&a->done, true);
+	return NULL;
+}
+
+/*
+ * An incremental step runs on the disk's worker between guest requests:
+ * guest reads and writes issued while a slow step is copying complete
+ * before the step returns, and the step's copy never overwrites them.
+ */
+START_TEST(test_step_does_not_block_guest)
+{
+	const char *top = make_chain("sg", "4M", "");
+	uint8_t *buf = malloc(65536), *ref = malloc(4 << 20);
+	struct step_arg a = {.cursor = 0};
+	struct siphon_block_stream_info info[1];
+	char refpath[600];
+	struct fixture f;
+	pthread_t th;
+	FILE *fp;
+	int i;
+
+	snprintf(refpath, sizeof(refpath), "%s/sg.ref.raw", tmpdir);
+	fp = fopen(refpath, "r");
+	ck_assert_int_eq(fread(ref, 1, 4 << 20, fp), 4 << 20);
+	fclose(fp);
+	open_disk(&f, top);
+	a.dom = f.dom;
+	a.path = top;
+	ck_assert_int_eq(siphon_block_stream(f.dom, top, &a.cursor, 0), 0);
+	ck_assert_int_eq(pthread_create(&th, NULL, slow_step, &a), 0);
+	/* Wait until the step has copied something. */
+	for (i = 0; i < 500; i++) {
+		ck_assert_int_eq(
+			siphon_get_block_stream_info(f.dom, info, 1, 0), 1);
+		if (info[0].cur > 0)
+			break;
+		usleep(2000);
+	}
+	ck_assert_int_gt(info[0].cur, 0);
+	/* A local read and a write at the far end, while the step runs. */
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 65536, 0, 0), 0);
+	ck_assert_mem_eq(buf, ref, 65536);
+	memset(buf, 0x77, 65536);
+	ck_assert_int_eq(siphon_disk_pwrite(f.disk, buf, 65536, 3 << 20, 0), 0);
+	memset(ref + (3 << 20), 0x77, 65536);
+	ck_assert_msg(!atomic_load(&a.done),
+		      "guest I/O waited for the incremental step");
+	pthread_join(th, NULL);
+	ck_assert_int_eq(a.ret, 0);
+	/* Finish the stream with unlimited default steps. */
+	for (i = 0; i < 100 && a.ret == 0; i++) {
+		a.ret = siphon_block_stream(f.dom, top, &a.cursor, 0);
+		if (siphon_get_block_stream_info(f.dom, info, 1, 0) == 0)
+			break;
+	}
+	ck_assert_int_eq(a.ret, 0);
+	ck_assert_int_eq(siphon_get_block_stream_info(f.dom, info, 1, 0), 0);
+	free(buf);
+	buf = malloc(4 << 20);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 4 << 20, 0, 0), 0);
+	ck_assert_mem_eq(buf, ref, 4 << 20);
+	close_disk(&f);
+	RUN("cd %s && qemu-img check -q sg.qcow2 && "
+	    "! qemu-img info sg.qcow2 | grep -q backing",
+	    tmpdir);
+	free(buf);
+	free(ref);
+}
+END_TEST
+
 static Suite *guest_suite(void)
 {
 	Suite *s = suite_create("guest_io");
@@ -507,6 +594,7 @@ static Suite *guest_suite(void)
 	tcase_add_test(tc, test_cor_last_partial);
 	tcase_add_test(tc, test_cor_subclusters);
 	tcase_add_test(tc, test_cor_with_stream);
+	tcase_add_test(tc, test_step_does_not_block_guest);
 	suite_add_tcase(s, tc);
 	return s;
 }
