@@ -15,7 +15,12 @@
  * turn, and while the guest has been active within GUEST_RECENT_NS the
  * stream keeps at most GUEST_STREAM_INFLIGHT extents of at most
  * GUEST_STREAM_EXTENT bytes in flight, so a guest request queues behind
- * little stream I/O on the device.
+ * little stream I/O on the device; and after each extent it pauses for
+ * GUEST_STREAM_GAP_FACTOR times as long as the extent took (at least
+ * GUEST_STREAM_GAP_MIN_NS, at most GUEST_STREAM_GAP_MAX_NS): back to back
+ * extents, even one at a time, halved the guest's IOPS. The stream keeps a
+ * share of the device under any guest load (one extent per gap at least),
+ * so it always finishes; with the guest quiet it runs at full depth.
  *
  * When a stream finalizes, the layers it made unnecessary are closed, but
  * only once no guest request is in flight (they may be reading them); new
@@ -33,6 +38,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/timerfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "domain.h"
@@ -49,6 +55,17 @@ static _Thread_local struct disk *tls_disk;
 #define GUEST_RECENT_NS (50ull * 1000 * 1000)
 #define GUEST_STREAM_INFLIGHT 1
 #define GUEST_STREAM_EXTENT (256u * 1024)
+#define GUEST_STREAM_GAP_FACTOR 4
+#define GUEST_STREAM_GAP_MIN_NS (2ull * 1000 * 1000)
+#define GUEST_STREAM_GAP_MAX_NS (20ull * 1000 * 1000)
+
+/*
+ * Pacing of the stream while the guest is busy (worker only; one worker
+ * per disk, so per thread is per disk).
+ */
+static _Thread_local bool tls_ex_busy; /* stream I/O was in flight */
+static _Thread_local uint64_t tls_ex_t0; /* since then */
+static _Thread_local uint64_t tls_next_ok; /* no new extent before */
 
 bool disk_is_worker(const struct disk *d)
 {
@@ -295,13 +312,41 @@ static void do_swap(struct disk *d)
 	guest_hold(d->guest, false);
 }
 
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 static void pump_stream(struct disk *d)
 {
 	bool busy = guest_busy(d->guest, GUEST_RECENT_NS);
+	uint64_t now = mono_ns(), gap;
 
+	if (tls_ex_busy && !stream_inflight(d->job->s)) {
+		/* The stream's I/O just drained: pause in proportion. */
+		tls_ex_busy = false;
+		gap = (now - tls_ex_t0) * GUEST_STREAM_GAP_FACTOR;
+		gap = gap < GUEST_STREAM_GAP_MIN_NS   ? GUEST_STREAM_GAP_MIN_NS
+		      : gap > GUEST_STREAM_GAP_MAX_NS ? GUEST_STREAM_GAP_MAX_NS
+						      : gap;
+		tls_next_ok = now + gap;
+	}
+	if (busy && !d->job->abort && !stream_inflight(d->job->s) &&
+	    now < tls_next_ok) {
+		disk_arm_timer(d, tls_next_ok - now);
+		return;
+	}
 	stream_set_limits(d->job->s, busy ? GUEST_STREAM_INFLIGHT : 0,
 			  busy ? GUEST_STREAM_EXTENT : 0);
 	stream_job_pump(d);
+	/* The pump may have ended the job. */
+	if (d->job && !tls_ex_busy && stream_inflight(d->job->s)) {
+		tls_ex_busy = true;
+		tls_ex_t0 = now;
+	}
 }
 
 static void worker_loop(struct disk *d)

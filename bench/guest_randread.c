@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <liburing.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,7 +28,7 @@
 #define BS 4096
 #define MAX_SAMPLES (8u << 20)
 
-static uint64_t *lat;
+static uint64_t *lat, *when; /* latency and completion time per read */
 static size_t nlat;
 static uint64_t rng = 88172645463325252ull;
 
@@ -54,14 +55,56 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-static void report(const char *what, uint64_t t0, uint64_t t1)
+static void print_stats(const char *what, uint64_t *v, size_t n, double secs)
 {
-	double secs = (double)(t1 - t0) / 1e9;
-
-	qsort(lat, nlat, sizeof(*lat), cmp_u64);
+	qsort(v, n, sizeof(*v), cmp_u64);
 	printf("%-28s iops %8.0f  p50 %7.1f us  p99 %7.1f us\n", what,
-	       (double)nlat / secs, nlat ? lat[nlat / 2] / 1e3 : 0.0,
-	       nlat ? lat[nlat * 99 / 100] / 1e3 : 0.0);
+	       secs > 0 ? (double)n / secs : 0.0, n ? v[n / 2] / 1e3 : 0.0,
+	       n ? v[n * 99 / 100] / 1e3 : 0.0);
+}
+
+/*
+ * The latencies of the reads completed in [a, b) (times since t0), into
+ * tmp; returns how many.
+ */
+static size_t window(uint64_t *tmp, uint64_t t0, uint64_t a, uint64_t b)
+{
+	size_t i, n = 0;
+
+	for (i = 0; i < nlat; i++)
+		if (when[i] - t0 >= a && when[i] - t0 < b)
+			tmp[n++] = lat[i];
+	return n;
+}
+
+/*
+ * The whole run; with GUEST_BENCH_TIMELINE=1 also p50/p99 per 250 ms, and
+ * with a stream that completed during the reads, the reads up to then.
+ */
+static void report(const char *what, uint64_t t0, uint64_t t1, uint64_t t_end)
+{
+	const char *tl = getenv("GUEST_BENCH_TIMELINE");
+	uint64_t *tmp = malloc(nlat * sizeof(*tmp) + 1), a, step = 250000000;
+	char name[64];
+	size_t n;
+
+	if (tmp && tl && *tl == '1') {
+		for (a = 0; a < t1 - t0; a += step) {
+			n = window(tmp, t0, a, a + step);
+			snprintf(name, sizeof(name), "  %5.2f-%5.2f s", a / 1e9,
+				 (a + step) / 1e9);
+			print_stats(name, tmp, n, step / 1e9);
+		}
+	}
+	if (tmp && t_end && t_end < t1) {
+		n = window(tmp, t0, 0, t_end - t0);
+		print_stats("  while the stream ran", tmp, n,
+			    (t_end - t0) / 1e9);
+		n = window(tmp, t0, t_end - t0, t1 - t0);
+		print_stats("  after the stream", tmp, n, (t1 - t_end) / 1e9);
+	}
+	free(tmp);
+	print_stats(what, lat, nlat, (double)(t1 - t0) / 1e9);
 }
 
 static int run_raw(const char *path, double secs)
@@ -100,8 +143,10 @@ static int run_raw(const char *path, double secs)
 			return 1;
 		io_uring_cqe_seen(&ring, cqe);
 		t = now_ns();
-		if (nlat < MAX_SAMPLES)
+		if (nlat < MAX_SAMPLES) {
+			when[nlat] = t;
 			lat[nlat++] = t - start[i];
+		}
 		if (t >= end)
 			break;
 		sqe = io_uring_get_sqe(&ring);
@@ -110,7 +155,7 @@ static int run_raw(const char *path, double secs)
 		start[i] = t;
 		io_uring_submit(&ring);
 	}
-	report("io_uring raw file", t0, now_ns());
+	report("io_uring raw file", t0, now_ns(), 0);
 	return 0;
 }
 
@@ -134,8 +179,10 @@ static void read_done(siphon_disk *d, int ret, void *opaque)
 	if (ret < 0)
 		fprintf(stderr, "read failed: %d\n", ret);
 	/* Runs on the disk's worker only: no lock needed for the samples. */
-	if (nlat < MAX_SAMPLES)
+	if (nlat < MAX_SAMPLES) {
+		when[nlat] = t;
 		lat[nlat++] = t - s->start;
+	}
 	if (t < end_ns && ret == 0) {
 		s->start = t;
 		if (siphon_disk_aio_read(d, &s->iov, 1,
@@ -153,7 +200,8 @@ static int run_siphon(const char *path, double secs, int stream)
 {
 	struct siphon_event ev = {.size = sizeof(ev)};
 	siphon_domain *dom;
-	uint64_t size, t0, t1, ts;
+	uint64_t size, t0, t1, t_end = 0;
+	bool got = false;
 	int i;
 
 	if (siphon_domain_create(NULL, &dom) ||
@@ -164,6 +212,14 @@ static int run_siphon(const char *path, double secs, int stream)
 		return 1;
 	}
 	disk_blocks = size / BS;
+	if (getenv("GUEST_BENCH_COR")) {
+		const char *c = getenv("GUEST_BENCH_COR");
+
+		siphon_disk_set_copy_on_read(
+			disk, !strcmp(c, "on")	  ? SIPHON_COR_ON
+			      : !strcmp(c, "off") ? SIPHON_COR_OFF
+						  : SIPHON_COR_AUTO);
+	}
 	if (stream &&
 	    siphon_block_stream(dom, path, NULL, SIPHON_STREAM_CONTINUOUS)) {
 		fprintf(stderr, "%s\n", siphon_get_error());
@@ -182,22 +238,37 @@ static int run_siphon(const char *path, double secs, int stream)
 					 &slots[i]))
 			return 1;
 	}
+	/* Watch for the stream's end while the reads run. */
 	pthread_mutex_lock(&lock);
-	while (active)
-		pthread_cond_wait(&cond, &lock);
+	while (active) {
+		struct timespec ts;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += 10000000;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_cond_timedwait(&cond, &lock, &ts);
+		if (stream && !got && siphon_domain_next_event(dom, &ev) > 0) {
+			got = true;
+			t_end = now_ns();
+		}
+	}
 	pthread_mutex_unlock(&lock);
 	t1 = now_ns();
-	report(stream ? "siphon, stream running" : "siphon, idle", t0, t1);
+	report(stream ? "siphon, stream running" : "siphon, idle", t0, t1,
+	       t_end);
 	if (stream) {
-		while (siphon_domain_next_event(dom, &ev) == 0)
+		while (!got && siphon_domain_next_event(dom, &ev) == 0)
 			usleep(10000);
-		ts = now_ns();
-		printf("%-28s %s after %.1f s (%.1f s after the reads)\n",
-		       "stream",
+		if (!got)
+			t_end = now_ns();
+		printf("%-28s %s after %.2f s (%s the reads)\n", "stream",
 		       ev.kind == SIPHON_EVENT_STREAM_COMPLETED
 			       ? "completed"
 			       : "DID NOT complete",
-		       (ts - t0) / 1e9, (ts - t1) / 1e9);
+		       (t_end - t0) / 1e9, got ? "during" : "after");
 	}
 	siphon_disk_put(disk);
 	siphon_domain_close(dom);
@@ -215,7 +286,8 @@ int main(int argc, char **argv)
 	}
 	secs = atof(argv[3]);
 	lat = malloc(MAX_SAMPLES * sizeof(*lat));
-	if (!lat)
+	when = malloc(MAX_SAMPLES * sizeof(*when));
+	if (!lat || !when)
 		return 1;
 	if (!strcmp(argv[1], "raw"))
 		return run_raw(argv[2], secs);
