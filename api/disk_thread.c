@@ -235,8 +235,11 @@ static void update_cor(struct disk *d)
 {
 	int mode = atomic_load(&d->cor_mode);
 
-	guest_set_cor(d->guest, mode == SIPHON_COR_ON ||
-					(mode == SIPHON_COR_AUTO && d->job));
+	/* With a stream running, copy-on-read may yield to guest load. */
+	guest_set_cor(d->guest,
+		      mode == SIPHON_COR_ON ||
+			      (mode == SIPHON_COR_AUTO && d->job),
+		      d->job != NULL);
 }
 
 static void handle_cmds(struct disk *d)

@@ -378,8 +378,11 @@ enum siphon_io_flags {
 };
 
 enum siphon_cor_mode {
-	SIPHON_COR_AUTO = 0, /* on while a stream runs or is open (default) */
-	SIPHON_COR_ON = 1, /* always (while the disk has a backing file) */
+	SIPHON_COR_AUTO = 0, /* on while a stream runs or is open (default);
+				copies yield to a deep guest queue then, the
+				stream copying those clusters instead */
+	SIPHON_COR_ON = 1, /* always (while the disk has a backing file); with
+			      a stream running, as AUTO */
 	SIPHON_COR_OFF = 2, /* never */
 };
 

@@ -21,14 +21,15 @@
  *  - DISCARD, WRITE_ZEROES, FLUSH: the driver's synchronous operations; the
  *    driver turns clusters into zero clusters while a backing exists.
  *
- * Copy-on-read yields to a deep guest queue: a cluster-sized read and a
- * write per 4 KiB guest read multiply the device's work (at QD 32 on a
- * virtio disk, 64 KiB reads alone double p50 latency), and a running stream
- * copies the same clusters anyway. So a read copies only while the guest
- * kept at most GUEST_COR_MAX_DEPTH requests in flight during the last
- * window (GUEST_DEPTH_WINDOW_NS, this one or the one before) and fewer
- * than GUEST_COR_MAX_COPIES copies are under way; otherwise it is a plain
- * read and counts as skipped (busy).
+ * Copy-on-read yields to a deep guest queue while a stream runs: a
+ * cluster-sized read and a write per 4 KiB guest read multiply the device's
+ * work (at QD 32 on a virtio disk, 64 KiB reads alone double p50 latency),
+ * and the stream copies the same clusters anyway. So then a read copies
+ * only while the guest kept at most GUEST_COR_MAX_DEPTH requests in flight
+ * during the last window (GUEST_DEPTH_WINDOW_NS, this one or the one
+ * before) and fewer than GUEST_COR_MAX_COPIES copies are under way;
+ * otherwise it is a plain read and counts as skipped (busy). Without a
+ * stream (copy-on-read set on by the owner) every such read copies.
  *
  * Locks: a write, discard or write-zeroes starts only when no lock overlaps
  * its clusters and no earlier waiting request does (FIFO, so the guest's own
@@ -113,6 +114,7 @@ struct guest {
 	unsigned depth_prev; /* ... and in the one before */
 	uint64_t depth_t0; /* start of this window */
 	bool cor;
+	bool cor_yield; /* a stream copies too: copies may be skipped */
 	bool hold;
 	bool dirty; /* in-place writes since the last flush */
 	uint64_t last_ns;
@@ -505,12 +507,15 @@ static bool top_lacks(struct guest *g, uint64_t off, uint64_t len)
 	return false;
 }
 
-/* The guest's queue is shallow and few copies are under way. */
+/*
+ * Copy now: always when nothing else would copy the clusters; otherwise
+ * only while the guest's queue is shallow and few copies are under way.
+ */
 static bool cor_allowed(const struct guest *g)
 {
-	return g->ncor < GUEST_COR_MAX_COPIES &&
-	       g->depth_peak <= GUEST_COR_MAX_DEPTH &&
-	       g->depth_prev <= GUEST_COR_MAX_DEPTH;
+	return !g->cor_yield || (g->ncor < GUEST_COR_MAX_COPIES &&
+				 g->depth_peak <= GUEST_COR_MAX_DEPTH &&
+				 g->depth_prev <= GUEST_COR_MAX_DEPTH);
 }
 
 /*
@@ -951,9 +956,10 @@ void guest_destroy(struct guest *g)
 	free(g);
 }
 
-void guest_set_cor(struct guest *g, bool on)
+void guest_set_cor(struct guest *g, bool on, bool may_yield)
 {
 	g->cor = on;
+	g->cor_yield = may_yield;
 }
 
 void guest_hold(struct guest *g, bool hold)

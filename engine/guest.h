@@ -71,8 +71,12 @@ void guest_destroy(struct guest *g);
 /* Start (or queue) a request. Its complete() runs exactly once. */
 void guest_submit(struct guest *g, struct guest_req *req);
 
-/* Copy-on-read for the next reads. */
-void guest_set_cor(struct guest *g, bool on);
+/*
+ * Copy-on-read for the next reads. With may_yield (a stream runs and will
+ * copy the clusters anyway) copies are skipped while the guest keeps a deep
+ * queue; without it every read of clusters the top lacks copies them.
+ */
+void guest_set_cor(struct guest *g, bool on, bool may_yield);
 
 /*
  * Hold new requests (queued, not started) while hold is true, e.g. while

@@ -315,6 +315,58 @@ START_TEST(test_aio)
 END_TEST
 
 /*
+ * Copy-on-read set on by the owner, no stream: every read of clusters the
+ * top lacks copies them, however deep the guest's queue (only a running
+ * stream, which copies them anyway, lets copy-on-read yield to load).
+ */
+START_TEST(test_cor_on_deep_queue)
+{
+	const char *top = make_chain("cdq", "4M", "");
+	struct siphon_disk_stats st = {.size = sizeof(st)};
+	struct aio_state s = {PTHREAD_MUTEX_INITIALIZER,
+			      PTHREAD_COND_INITIALIZER, 0, 0};
+	static uint8_t bufs[32][4096];
+	struct iovec v[32];
+	struct fixture f;
+	char m[128];
+	int i;
+
+	open_disk(&f, top);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_ON),
+			 0);
+	s.left = 32;
+	for (i = 0; i < 32; i++) {
+		v[i] = (struct iovec){bufs[i], sizeof(bufs[i])};
+		ck_assert_int_eq(
+			siphon_disk_aio_read(f.disk, &v[i], 1,
+					     (2u << 20) + (uint64_t)i * 65536,
+					     0, aio_cb, &s),
+			0);
+	}
+	pthread_mutex_lock(&s.lock);
+	while (s.left)
+		pthread_cond_wait(&s.cond, &s.lock);
+	pthread_mutex_unlock(&s.lock);
+	ck_assert_int_eq(s.errors, 0);
+	/* The copies finish after the guest has its data. */
+	for (i = 0; i < 1000; i++) {
+		ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), 0);
+		if (st.cor_bytes + st.cor_skipped * 65536 >= 32 * 65536)
+			break;
+		usleep(5000);
+	}
+	ck_assert_uint_eq(st.cor_skipped, 0);
+	ck_assert_uint_eq(st.cor_bytes, 32 * 65536);
+	close_disk(&f);
+	map_at(top, (2u << 20) + 31 * 65536, m, sizeof(m));
+	ck_assert_msg(m[0] == '0', "not copied: %s", m);
+	RUN("cd %s && qemu-img check -q cdq.qcow2 && "
+	    "qemu-img compare -q -f qcow2 -F raw cdq.qcow2 cdq.ref.raw",
+	    tmpdir);
+}
+END_TEST
+
+/*
  * qemu's copy-on-read scenarios: a read spanning allocated and unallocated
  * clusters copies only the unallocated ones (the allocated cluster keeps its
  * host offset); the data matches the chain; then copy-on-read off and auto
@@ -591,6 +643,7 @@ static Suite *guest_suite(void)
 	tcase_add_test(tc, test_read_write);
 	tcase_add_test(tc, test_aio);
 	tcase_add_test(tc, test_cor);
+	tcase_add_test(tc, test_cor_on_deep_queue);
 	tcase_add_test(tc, test_cor_last_partial);
 	tcase_add_test(tc, test_cor_subclusters);
 	tcase_add_test(tc, test_cor_with_stream);
