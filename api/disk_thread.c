@@ -59,14 +59,6 @@ static _Thread_local struct disk *tls_disk;
 #define GUEST_STREAM_GAP_MIN_NS (2ull * 1000 * 1000)
 #define GUEST_STREAM_GAP_MAX_NS (20ull * 1000 * 1000)
 
-/*
- * Pacing of the stream while the guest is busy (worker only; one worker
- * per disk, so per thread is per disk).
- */
-static _Thread_local bool tls_ex_busy; /* stream I/O was in flight */
-static _Thread_local uint64_t tls_ex_t0; /* since then */
-static _Thread_local uint64_t tls_next_ok; /* no new extent before */
-
 bool disk_is_worker(const struct disk *d)
 {
 	return tls_disk == d;
@@ -328,27 +320,27 @@ static void pump_stream(struct disk *d)
 	bool busy = guest_busy(d->guest, GUEST_RECENT_NS);
 	uint64_t now = mono_ns(), gap;
 
-	if (tls_ex_busy && !stream_inflight(d->job->s)) {
+	if (d->pace_inflight && !stream_inflight(d->job->s)) {
 		/* The stream's I/O just drained: pause in proportion. */
-		tls_ex_busy = false;
-		gap = (now - tls_ex_t0) * GUEST_STREAM_GAP_FACTOR;
+		d->pace_inflight = false;
+		gap = (now - d->pace_t0) * GUEST_STREAM_GAP_FACTOR;
 		gap = gap < GUEST_STREAM_GAP_MIN_NS   ? GUEST_STREAM_GAP_MIN_NS
 		      : gap > GUEST_STREAM_GAP_MAX_NS ? GUEST_STREAM_GAP_MAX_NS
 						      : gap;
-		tls_next_ok = now + gap;
+		d->pace_next = now + gap;
 	}
 	if (busy && !d->job->abort && !stream_inflight(d->job->s) &&
-	    now < tls_next_ok) {
-		disk_arm_timer(d, tls_next_ok - now);
+	    now < d->pace_next) {
+		disk_arm_timer(d, d->pace_next - now);
 		return;
 	}
 	stream_set_limits(d->job->s, busy ? GUEST_STREAM_INFLIGHT : 0,
 			  busy ? GUEST_STREAM_EXTENT : 0);
 	stream_job_pump(d);
 	/* The pump may have ended the job. */
-	if (d->job && !tls_ex_busy && stream_inflight(d->job->s)) {
-		tls_ex_busy = true;
-		tls_ex_t0 = now;
+	if (d->job && !d->pace_inflight && stream_inflight(d->job->s)) {
+		d->pace_inflight = true;
+		d->pace_t0 = now;
 	}
 }
 

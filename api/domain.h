@@ -134,6 +134,10 @@ struct disk {
 	struct guest *guest; /* guest I/O engine */
 	bool swap_pending; /* finalized: drop the old chain when idle */
 	struct img *swap_base; /* what stays below the top */
+	/* Pacing of the stream while the guest is busy (disk_thread.c). */
+	bool pace_inflight; /* stream I/O was in flight ... */
+	uint64_t pace_t0; /* ... since then */
+	uint64_t pace_next; /* no new extent before (CLOCK_MONOTONIC ns) */
 	_Atomic int cor_mode; /* enum siphon_cor_mode */
 	int init_ret; /* cmd_lock: worker start-up, 1 while pending */
 	char init_msg[SX_ERROR_MAX];

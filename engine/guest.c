@@ -636,12 +636,19 @@ static void cor_commit(struct gio *gio)
 		if (ret >= 0)
 			g->st.cor_bytes += gio->runs[i].n * top->cluster_size;
 	}
-	/*
-	 * A failed copy leaks the clusters it allocated (qemu-img check
-	 * reports them as leaks); the guest's read already succeeded.
-	 */
-	if (ret < 0)
+	if (ret < 0) {
+		/*
+		 * The guest's read already succeeded. Give back the clusters
+		 * of runs never linked (a failed write or allocation, or the
+		 * runs after a failed commit); a run whose commit failed
+		 * half way may be partly linked and is left (a leak at worst).
+		 */
+		if (top->drv->release_run)
+			for (; i < gio->nruns; i++)
+				top->drv->release_run(top, gio->runs[i].host,
+						      gio->runs[i].n);
 		g->st.cor_skipped++;
+	}
 	gio_free(gio);
 }
 

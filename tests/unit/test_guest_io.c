@@ -22,6 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "io/io.h"
 #include "testutil.h"
 #include "siphon.h"
 
@@ -367,6 +368,51 @@ START_TEST(test_cor_on_deep_queue)
 END_TEST
 
 /*
+ * A copy-on-read whose write fails: the guest still gets its data, and the
+ * clusters allocated for the copy are given back (no leak in qemu-img
+ * check), so a failed copy costs nothing but the copy.
+ */
+START_TEST(test_cor_write_error)
+{
+	const char *top = make_chain("cwe", "4M", "");
+	struct siphon_disk_stats st = {.size = sizeof(st)};
+	uint8_t *buf = malloc(65536), *ref = malloc(4 << 20);
+	char refpath[600];
+	struct fixture f;
+	FILE *fp;
+	int i;
+
+	snprintf(refpath, sizeof(refpath), "%s/cwe.ref.raw", tmpdir);
+	fp = fopen(refpath, "r");
+	ck_assert_int_eq(fread(ref, 1, 4 << 20, fp), 4 << 20);
+	fclose(fp);
+	open_disk(&f, top);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_ON),
+			 0);
+	/* The next write to the top (the copy's data) fails. */
+	ck_assert_int_eq(
+		sio_fault_add(SIO_OP_WRITE, "cwe.qcow2", 0, 0, EIO, 1, 0), 0);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 65536, 2 << 20, 0), 0);
+	ck_assert_mem_eq(buf, ref + (2 << 20), 65536);
+	for (i = 0; i < 1000; i++) {
+		ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), 0);
+		if (st.cor_skipped)
+			break;
+		usleep(5000);
+	}
+	sio_fault_clear();
+	ck_assert_uint_eq(st.cor_skipped, 1);
+	ck_assert_uint_eq(st.cor_bytes, 0);
+	close_disk(&f);
+	RUN("cd %s && qemu-img check -q cwe.qcow2 && "
+	    "qemu-img compare -q -f qcow2 -F raw cwe.qcow2 cwe.ref.raw",
+	    tmpdir);
+	free(buf);
+	free(ref);
+}
+END_TEST
+
+/*
  * qemu's copy-on-read scenarios: a read spanning allocated and unallocated
  * clusters copies only the unallocated ones (the allocated cluster keeps its
  * host offset); the data matches the chain; then copy-on-read off and auto
@@ -644,6 +690,7 @@ static Suite *guest_suite(void)
 	tcase_add_test(tc, test_aio);
 	tcase_add_test(tc, test_cor);
 	tcase_add_test(tc, test_cor_on_deep_queue);
+	tcase_add_test(tc, test_cor_write_error);
 	tcase_add_test(tc, test_cor_last_partial);
 	tcase_add_test(tc, test_cor_subclusters);
 	tcase_add_test(tc, test_cor_with_stream);
