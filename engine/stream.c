@@ -107,6 +107,10 @@ struct stream {
 	bool zero_clusters; /* top can express zeros as metadata */
 	uint64_t since_flush;
 	uint64_t next_ok_ns; /* speed limit: earliest next copy start */
+	/* Data sync ahead of a flush, on the queue (see presync_start()). */
+	struct sio_req presync;
+	bool presync_busy;
+	bool presync_done; /* everything copied before it is durable */
 
 	int err;
 	char errmsg[SX_ERROR_MAX];
@@ -782,6 +786,42 @@ static int range_free(struct stream *s, uint64_t cl, uint64_t n)
 	return ret;
 }
 
+static void presync_done(struct sio_req *req, int res)
+{
+	struct stream *s = req->priv;
+
+	s->presync_busy = false;
+	if (res < 0) {
+		sx_error(res, "%s: cannot sync data: %s", s->top->path,
+			 strerror(-res));
+		stream_fail(s, res);
+		return;
+	}
+	s->presync_done = true;
+}
+
+/*
+ * Start an fdatasync of the top on the queue. A flush begins with one, and
+ * on the owner's thread it is the long part (everything copied since the
+ * last flush reaches the media): done here first, while the owner goes on
+ * serving guest I/O and copying, it leaves the flush only the data written
+ * meanwhile and the small metadata writes.
+ */
+static void presync_start(struct stream *s)
+{
+	if (s->presync_busy || s->presync_done)
+		return;
+	s->presync = (struct sio_req){
+		.op = SIO_OP_FDATASYNC,
+		.file = s->top->file,
+		.done = presync_done,
+		.priv = s,
+	};
+	if (sio_queue_submit(s->q, &s->presync) < 0)
+		return; /* the flush will sync synchronously */
+	s->presync_busy = true;
+}
+
 int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 {
 	enum run_kind kind;
@@ -795,13 +835,18 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 		limit = s->end;
 	/*
 	 * Bound the metadata the driver holds back, and what a crash leaves
-	 * to copy again.
+	 * to copy again: sync the data on the queue first, then flush.
 	 */
 	if (s->since_flush >= s->flush_bytes && !s->err) {
-		s->since_flush = 0;
-		ret = s->top->drv->flush(s->top);
-		if (ret < 0)
-			goto out;
+		if (s->presync_done) {
+			s->presync_done = false;
+			s->since_flush = 0;
+			ret = s->top->drv->flush(s->top);
+			if (ret < 0)
+				goto out;
+		} else {
+			presync_start(s);
+		}
 	}
 	if (!s->err && !atomic_load(&s->abort))
 		meta_ahead_pump(s->ahead, s->planner * s->cs);
@@ -873,6 +918,9 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 		s->planner += n;
 		update_cursor(s);
 	}
+	/* Planned and copied: sync the data before stream_finish() flushes. */
+	if (!ret && !s->inflight && s->since_flush && stream_planned(s, limit))
+		presync_start(s);
 out:
 	if (ret < 0)
 		stream_fail(s, ret);
@@ -902,7 +950,7 @@ bool stream_blocked(const struct stream *s)
 
 unsigned stream_inflight(const struct stream *s)
 {
-	return s->inflight + meta_ahead_inflight(s->ahead);
+	return s->inflight + meta_ahead_inflight(s->ahead) + s->presync_busy;
 }
 
 bool stream_planned(const struct stream *s, uint64_t limit)
@@ -925,6 +973,7 @@ int stream_finish(struct stream *s)
 	if (s->err)
 		return sx_error(s->err, "%s", s->errmsg);
 	s->since_flush = 0;
+	s->presync_done = false;
 	if (atomic_load(&s->cur) < s->end || atomic_load(&s->finalized))
 		return 0;
 	if (s->base) {
