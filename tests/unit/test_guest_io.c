@@ -53,6 +53,21 @@ static const char *make_chain(const char *name, const char *size,
 	return top;
 }
 
+/* What the chain `name` reads (name.ref.raw, 4 MiB), malloc'd. */
+static uint8_t *load_ref(const char *name)
+{
+	uint8_t *ref = malloc(4 << 20);
+	char path[600];
+	FILE *fp;
+
+	snprintf(path, sizeof(path), "%s/%s.ref.raw", tmpdir, name);
+	fp = fopen(path, "r");
+	ck_assert_ptr_nonnull(fp);
+	ck_assert_int_eq(fread(ref, 1, 4 << 20, fp), 4 << 20);
+	fclose(fp);
+	return ref;
+}
+
 /* Map entry of the top covering off: "depth offset" (offset or -1). */
 static void map_at(const char *path, uint64_t off, char *out, size_t n)
 {
@@ -174,17 +189,12 @@ START_TEST(test_read_write)
 	const char *top = make_chain("rw", "4M", "");
 	const uint64_t len = 3 * 65536 + 1024;
 	struct siphon_disk_stats st = {.size = sizeof(st)};
-	uint8_t *buf = malloc(4 << 20), *ref = malloc(4 << 20), *raw;
-	char refpath[600];
+	uint8_t *buf = malloc(4 << 20), *ref, *raw;
 	struct iovec v[3];
 	struct fixture f;
-	FILE *fp;
 	int i;
 
-	snprintf(refpath, sizeof(refpath), "%s/rw.ref.raw", tmpdir);
-	fp = fopen(refpath, "r");
-	ck_assert_int_eq(fread(ref, 1, 4 << 20, fp), 4 << 20);
-	fclose(fp);
+	ref = load_ref("rw");
 	open_disk(&f, top);
 	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_OFF),
 			 0);
@@ -258,6 +268,16 @@ static void aio_cb(siphon_disk *disk, int ret, void *opaque)
 	pthread_mutex_unlock(&s->lock);
 }
 
+/* Wait until every request counted in s->left completed, none failing. */
+static void aio_wait(struct aio_state *s)
+{
+	pthread_mutex_lock(&s->lock);
+	while (s->left)
+		pthread_cond_wait(&s->cond, &s->lock);
+	pthread_mutex_unlock(&s->lock);
+	ck_assert_int_eq(s->errors, 0);
+}
+
 START_TEST(test_aio)
 {
 	const char *top = make_chain("aio", "4M", "");
@@ -285,11 +305,7 @@ START_TEST(test_aio)
 						      SIPHON_IO_FUA, aio_cb,
 						      &s),
 			 0);
-	pthread_mutex_lock(&s.lock);
-	while (s.left)
-		pthread_cond_wait(&s.cond, &s.lock);
-	pthread_mutex_unlock(&s.lock);
-	ck_assert_int_eq(s.errors, 0);
+	aio_wait(&s);
 	s.left = 65;
 	for (i = 0; i < 64; i++) {
 		memset(bufs[i], 0xee, sizeof(bufs[i]));
@@ -299,11 +315,7 @@ START_TEST(test_aio)
 				 0);
 	}
 	ck_assert_int_eq(siphon_disk_aio_flush(f.disk, 0, aio_cb, &s), 0);
-	pthread_mutex_lock(&s.lock);
-	while (s.left)
-		pthread_cond_wait(&s.cond, &s.lock);
-	pthread_mutex_unlock(&s.lock);
-	ck_assert_int_eq(s.errors, 0);
+	aio_wait(&s);
 	for (i = 0; i < 64; i++) {
 		uint8_t want[8192];
 
@@ -344,11 +356,7 @@ START_TEST(test_cor_on_deep_queue)
 					     0, aio_cb, &s),
 			0);
 	}
-	pthread_mutex_lock(&s.lock);
-	while (s.left)
-		pthread_cond_wait(&s.cond, &s.lock);
-	pthread_mutex_unlock(&s.lock);
-	ck_assert_int_eq(s.errors, 0);
+	aio_wait(&s);
 	/* The copies finish after the guest has its data. */
 	for (i = 0; i < 1000; i++) {
 		ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), 0);
@@ -376,16 +384,11 @@ START_TEST(test_cor_write_error)
 {
 	const char *top = make_chain("cwe", "4M", "");
 	struct siphon_disk_stats st = {.size = sizeof(st)};
-	uint8_t *buf = malloc(65536), *ref = malloc(4 << 20);
-	char refpath[600];
+	uint8_t *buf = malloc(65536), *ref;
 	struct fixture f;
-	FILE *fp;
 	int i;
 
-	snprintf(refpath, sizeof(refpath), "%s/cwe.ref.raw", tmpdir);
-	fp = fopen(refpath, "r");
-	ck_assert_int_eq(fread(ref, 1, 4 << 20, fp), 4 << 20);
-	fclose(fp);
+	ref = load_ref("cwe");
 	open_disk(&f, top);
 	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_ON),
 			 0);
@@ -554,18 +557,13 @@ START_TEST(test_cor_with_stream)
 {
 	const char *top = make_chain("cs", "4M", "");
 	struct siphon_event ev = {.size = sizeof(ev)};
-	uint8_t *buf = malloc(4 << 20), *ref = malloc(4 << 20);
+	uint8_t *buf = malloc(4 << 20), *ref;
 	struct siphon_block_stream_params p = {.size = sizeof(p),
 					       .bandwidth = 2 << 20};
-	char refpath[600];
 	struct fixture f;
-	FILE *fp;
 	int i;
 
-	snprintf(refpath, sizeof(refpath), "%s/cs.ref.raw", tmpdir);
-	fp = fopen(refpath, "r");
-	ck_assert_int_eq(fread(ref, 1, 4 << 20, fp), 4 << 20);
-	fclose(fp);
+	ref = load_ref("cs");
 	open_disk(&f, top);
 	ck_assert_int_eq(siphon_block_stream_ex(f.dom, top, NULL,
 						SIPHON_STREAM_CONTINUOUS, &p),
@@ -621,19 +619,14 @@ static void *slow_step(void *opaque)
 START_TEST(test_step_does_not_block_guest)
 {
 	const char *top = make_chain("sg", "4M", "");
-	uint8_t *buf = malloc(65536), *ref = malloc(4 << 20);
+	uint8_t *buf = malloc(65536), *ref;
 	struct step_arg a = {.cursor = 0};
 	struct siphon_block_stream_info info[1];
-	char refpath[600];
 	struct fixture f;
 	pthread_t th;
-	FILE *fp;
 	int i;
 
-	snprintf(refpath, sizeof(refpath), "%s/sg.ref.raw", tmpdir);
-	fp = fopen(refpath, "r");
-	ck_assert_int_eq(fread(ref, 1, 4 << 20, fp), 4 << 20);
-	fclose(fp);
+	ref = load_ref("sg");
 	open_disk(&f, top);
 	a.dom = f.dom;
 	a.path = top;

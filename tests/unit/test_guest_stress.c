@@ -323,7 +323,7 @@ START_TEST(test_crash)
 	uint64_t rng = seed ^ 0xc0ffee;
 	uint8_t *model = malloc(DISK_SIZE), *img = malloc(DISK_SIZE);
 	char nt[16], sd[32], raw[600];
-	unsigned round, t;
+	unsigned round, t, tries;
 
 	for (round = 0; round < rounds; round++) {
 		const char *top = make_chain("crash", "", model);
@@ -345,8 +345,26 @@ START_TEST(test_crash)
 		waitpid(pid, &status, 0);
 		ck_assert_msg(WIFSIGNALED(status),
 			      "helper exited early (status %d)", status);
-		rc = sh("qemu-img check -q %s/crash.qcow2 >/dev/null 2>&1",
-			tmpdir);
+		/*
+		 * The kernel tears a dead process's io_uring down in the
+		 * background: until it has, the image's files stay open and
+		 * locked (and requests may still be finishing). Wait for the
+		 * lock, so that what is checked is the final image.
+		 */
+		for (tries = 0;; tries++) {
+			rc = sh("qemu-img check -q %s/crash.qcow2 "
+				">%s/check.out 2>&1",
+				tmpdir, tmpdir);
+			if (rc != 1 || tries == 100 ||
+			    sh("grep -q lock %s/check.out", tmpdir) != 0)
+				break;
+			usleep(100000);
+		}
+		if (tries)
+			fprintf(stderr,
+				"round %u: image locked for %u ms "
+				"after the kill\n",
+				round, tries * 100);
 		ck_assert_msg(rc == 0 || rc == 3, "qemu-img check: %d", rc);
 		RUN("qemu-img convert -f qcow2 -O raw %s/crash.qcow2 "
 		    "%s/crash.out.raw",
