@@ -12,12 +12,16 @@
  *    that are not all zeros) are written into fresh host clusters and
  *    linked with commit_run, which skips any cluster allocated meanwhile.
  *    Nothing of the copy can fail the guest's read.
- *  - WRITE: pieces the top holds as data are written in place
- *    asynchronously; every other piece (unallocated, zero, compressed,
- *    misaligned for direct I/O) goes through the driver's synchronous
- *    pwrite, which copies the rest of a partial cluster from the chain.
- *    The synchronous pieces are written before any asynchronous one is
- *    submitted, so a bounce read-modify-write never races our own write.
+ *  - WRITE: into clusters the top lacks entirely, asynchronously (see
+ *    aw_start(): the chain's part of partial clusters is read, the guest's
+ *    laid over it, whole clusters written to fresh host clusters and
+ *    linked). Otherwise pieces the top holds as data are written in place
+ *    asynchronously, and every other piece (zero, compressed, partly
+ *    allocated, misaligned for direct I/O) goes through the driver's
+ *    synchronous pwrite, which copies the rest of a partial cluster from
+ *    the chain. The synchronous pieces are written before any asynchronous
+ *    one is submitted, so a bounce read-modify-write never races our own
+ *    write.
  *  - DISCARD, WRITE_ZEROES, FLUSH: the driver's synchronous operations; the
  *    driver turns clusters into zero clusters while a backing exists.
  *
@@ -89,9 +93,11 @@ struct gio {
 	struct gio_io first;
 	struct cl_lock *lock;
 
-	/* copy-on-read */
+	/* copy-on-read, and allocating writes (aw) which share its fields */
 	bool cor;
 	bool cor_writing;
+	bool aw;
+	bool aw_writing;
 	struct iovec cor_iov;
 	uint8_t *cbuf; /* clusters [cstart, cend) */
 	uint64_t cstart, cend;
@@ -304,6 +310,7 @@ static void req_complete(struct gio *gio, int ret)
 }
 
 static void gio_put(struct gio *gio);
+static void aw_next(struct gio *gio);
 
 static void gio_io_done(struct sio_req *sreq, int res)
 {
@@ -430,7 +437,12 @@ static struct img *layer_at(struct img *top, unsigned depth)
 }
 
 /* Read [roff, roff + rlen) of the chain into the gio's target iovec. */
-static int read_pieces(struct gio *gio, uint64_t roff, uint64_t rlen)
+/*
+ * Read the chain's [roff, roff + rlen) into the target iovec at offset
+ * pos - tbase for each guest offset pos.
+ */
+static int read_pieces(struct gio *gio, uint64_t roff, uint64_t rlen,
+		       uint64_t tbase)
 {
 	struct img *top = gio->g->top, *layer;
 	uint64_t pos = roff, end = roff + rlen, cs = top->cluster_size;
@@ -440,7 +452,7 @@ static int read_pieces(struct gio *gio, uint64_t roff, uint64_t rlen)
 	int ret = 0;
 
 	while (pos < end) {
-		uint64_t toff = pos - roff;
+		uint64_t toff = pos - tbase;
 
 		ret = img_chain_status(top, NULL, pos, end - pos, &e, &depth);
 		if (ret < 0)
@@ -684,7 +696,9 @@ static void gio_put(struct gio *gio)
 {
 	if (--gio->pending)
 		return;
-	if (gio->cor_writing)
+	if (gio->aw)
+		aw_next(gio);
+	else if (gio->cor_writing)
 		cor_commit(gio);
 	else if (gio->req && gio->req->op == GUEST_READ)
 		read_done(gio);
@@ -707,16 +721,151 @@ static void read_start(struct guest *g, struct guest_req *req)
 		cor_prepare(gio);
 	if (gio->cor)
 		ret = read_pieces(gio, gio->cstart,
-				  sx_min(gio->cend, g->top->size) -
-					  gio->cstart);
+				  sx_min(gio->cend, g->top->size) - gio->cstart,
+				  gio->cstart);
 	else
-		ret = read_pieces(gio, req->off, req->len);
+		ret = read_pieces(gio, req->off, req->len, req->off);
 	if (ret < 0 && !gio->err)
 		gio->err = ret;
 	gio_put(gio);
 }
 
 /* ---- writes ---- */
+
+/* Bytes of run r within the image. */
+static uint64_t cs_bytes(const struct img *top, const struct cor_run *r)
+{
+	return sx_min(r->n * top->cluster_size, top->size - r->off);
+}
+
+/*
+ * Allocating writes. A write into clusters that the top lacks entirely
+ * runs asynchronously: the rest of a partly written first or last cluster
+ * is read from the chain into cbuf ([cstart, cend), whole clusters), the
+ * guest's data is laid over it, whole clusters are written into fresh host
+ * clusters, then linked (commit_run) and the request completes. The
+ * clusters stay locked throughout, so nothing else can allocate them
+ * meanwhile. Other writes (partly allocated clusters, zero clusters,
+ * subcluster images with some subclusters present) take the driver's
+ * synchronous pwrite.
+ */
+static int aw_start(struct gio *gio, uint64_t a, uint64_t b)
+{
+	struct guest *g = gio->g;
+	struct guest_req *req = gio->req;
+	struct img *top = g->top;
+	uint64_t cs = top->cluster_size, lim = sx_min(b, top->size);
+	uint64_t end = req->off + req->len;
+	struct img_extent e;
+	int ret;
+
+	if (!top->drv->alloc_run || !top->drv->commit_run || !req->len)
+		return 0;
+	/* The top must lack every byte of the clusters. */
+	if (top->drv->block_status(top, a, lim - a, &e) < 0 ||
+	    e.status != IMG_UNALLOC || e.len < lim - a)
+		return 0;
+	gio->cbuf = sio_buf_alloc(b - a);
+	if (!gio->cbuf)
+		return 0;
+	gio->aw = true;
+	gio->cstart = a;
+	gio->cend = b;
+	if (b > top->size)
+		memset(gio->cbuf + (top->size - a), 0, b - top->size);
+	gio->cor_iov.iov_base = gio->cbuf;
+	gio->cor_iov.iov_len = b - a;
+	gio->tiov = &gio->cor_iov;
+	gio->tiovcnt = 1;
+	ret = 0;
+	if (req->off > a)
+		ret = read_pieces(gio, a, sx_min(cs, lim - a), a);
+	if (ret >= 0 && end < lim && (b - cs > a || req->off == a))
+		ret = read_pieces(gio, b - cs, lim - (b - cs), a);
+	return ret < 0 ? ret : 1;
+}
+
+/* The chain's part is in cbuf: add the guest's, allocate, write. */
+static void aw_write(struct gio *gio)
+{
+	struct guest_req *req = gio->req;
+	struct img *top = gio->g->top;
+	uint64_t cs = top->cluster_size, ncl = (gio->cend - gio->cstart) / cs;
+	uint64_t i = 0, host, got;
+	int ret = 0;
+
+	gio->aw_writing = true;
+	gio->pending = 1;
+	iov_to_buf(req->iov, req->iovcnt, 0,
+		   gio->cbuf + (req->off - gio->cstart), req->len);
+	while (i < ncl) {
+		uint64_t goff = gio->cstart + i * cs;
+
+		ret = top->drv->alloc_run(top, goff, ncl - i, &host, &got);
+		if (ret < 0)
+			break;
+		ret = cor_add_run(gio, goff, got, host);
+		if (ret < 0)
+			break;
+		if (sx_is_aligned(host | (got * cs), top->file->align))
+			ret = gio_add_io(gio, SIO_OP_WRITE, top->file, host,
+					 i * cs, got * cs);
+		else
+			ret = sio_pwrite(top->file, gio->cbuf + i * cs,
+					 got * cs, host);
+		if (ret < 0)
+			break;
+		i += got;
+	}
+	if (ret < 0 && !gio->err)
+		gio->err = ret;
+	gio_put(gio);
+}
+
+/* Written: link the runs, then answer the guest. */
+static void aw_commit(struct gio *gio)
+{
+	struct img *top = gio->g->top;
+	struct img_extent e;
+	unsigned i;
+	int ret = gio->err;
+
+	for (i = 0; i < gio->nruns && ret >= 0; i++) {
+		struct cor_run *r = &gio->runs[i];
+
+		ret = top->drv->commit_run(top, r->off, r->n, r->host);
+		/*
+		 * The clusters were locked, so commit_run cannot have found
+		 * them allocated and skipped them; if it did, the guest's
+		 * data is not there, and the write must not succeed.
+		 */
+		if (ret >= 0 &&
+		    (top->drv->block_status(top, r->off, cs_bytes(top, r), &e) <
+			     0 ||
+		     e.status != IMG_DATA || e.host_off != r->host))
+			ret = sx_error(
+				EIO, "%s: allocating write at %llu lost a race",
+				top->path, (unsigned long long)r->off);
+	}
+	/* Give back the runs never linked (all of them if a write failed). */
+	if (ret < 0 && top->drv->release_run)
+		for (; i < gio->nruns; i++)
+			top->drv->release_run(top, gio->runs[i].host,
+					      gio->runs[i].n);
+	if (ret < 0 && !gio->err)
+		gio->err = ret;
+	write_done(gio);
+}
+
+static void aw_next(struct gio *gio)
+{
+	if (gio->aw_writing)
+		aw_commit(gio);
+	else if (gio->err)
+		write_done(gio);
+	else
+		aw_write(gio);
+}
 
 struct wpiece {
 	uint64_t pos;
@@ -765,6 +914,11 @@ static void write_start(struct guest *g, struct guest_req *req)
 	ret = cl_lock_try(&g->locks, a, b, &gio->lock);
 	if (ret < 0)
 		goto out;
+	ret = aw_start(gio, a, b);
+	if (ret) {
+		ret = ret < 0 ? ret : 0;
+		goto out;
+	}
 	for (pos = req->off, end = req->off + req->len; pos < end;
 	     pos += e.len) {
 		ret = top->drv->block_status(top, pos, end - pos, &e);

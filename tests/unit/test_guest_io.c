@@ -416,6 +416,52 @@ START_TEST(test_cor_write_error)
 END_TEST
 
 /*
+ * Writes into clusters the top lacks (the asynchronous allocating path):
+ * partial first and last clusters keep the chain's bytes around the
+ * guest's, whole clusters are the guest's, the image's last, partial
+ * cluster works. The oracle is qemu-io doing the same writes on a copy.
+ */
+START_TEST(test_allocating_writes)
+{
+	static const struct {
+		uint64_t off, len;
+		int pat;
+	} w[] = {
+		{3997696 + 512, 1024,
+		 0xa1}, /* inside the last, partial cluster */
+		{10 * 65536 + 512, 3 * 65536 + 1024, 0xa2}, /* partial ends */
+		{20 * 65536, 65536, 0xa3}, /* one whole cluster */
+		{30 * 65536 + 65024, 512, 0xa4}, /* a cluster's last sector */
+		{40 * 65536, 2 * 65536 + 4096, 0xa5}, /* whole, then partial */
+	};
+	const char *top = make_chain("awr", "3999744", "");
+	uint8_t *buf = malloc(4 << 20);
+	struct fixture f;
+	unsigned i;
+
+	RUN("cp %s %s/awr.oracle.qcow2", top, tmpdir);
+	open_disk(&f, top);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_OFF),
+			 0);
+	for (i = 0; i < sizeof(w) / sizeof(w[0]); i++) {
+		memset(buf, w[i].pat, w[i].len);
+		ck_assert_int_eq(
+			siphon_disk_pwrite(f.disk, buf, w[i].len, w[i].off, 0),
+			0);
+		RUN("qemu-io -f qcow2 -c 'write -P %d %llu %llu' "
+		    "%s/awr.oracle.qcow2 >/dev/null",
+		    w[i].pat, (unsigned long long)w[i].off,
+		    (unsigned long long)w[i].len, tmpdir);
+	}
+	close_disk(&f);
+	RUN("cd %s && qemu-img check -q awr.qcow2 && "
+	    "qemu-img compare -q awr.qcow2 awr.oracle.qcow2",
+	    tmpdir);
+	free(buf);
+}
+END_TEST
+
+/*
  * qemu's copy-on-read scenarios: a read spanning allocated and unallocated
  * clusters copies only the unallocated ones (the allocated cluster keeps its
  * host offset); the data matches the chain; then copy-on-read off and auto
@@ -684,6 +730,7 @@ static Suite *guest_suite(void)
 	tcase_add_test(tc, test_cor);
 	tcase_add_test(tc, test_cor_on_deep_queue);
 	tcase_add_test(tc, test_cor_write_error);
+	tcase_add_test(tc, test_allocating_writes);
 	tcase_add_test(tc, test_cor_last_partial);
 	tcase_add_test(tc, test_cor_subclusters);
 	tcase_add_test(tc, test_cor_with_stream);
