@@ -7,7 +7,9 @@
  *   guest_randread siphon IMAGE SECONDS [stream]
  *
  * With "stream", a CONTINUOUS stream runs on IMAGE during the measurement
- * and the program then waits for it to complete (and says so).
+ * and the program then waits for it to complete (and says so). With
+ * GUEST_BENCH_WRITE=1 in the environment the siphon mode issues 4 KiB
+ * random writes instead (on an overlay: allocating, copy-on-write).
  * Not a test: run by bench/guest_bench.sh.
  */
 #define _GNU_SOURCE
@@ -170,6 +172,16 @@ static struct slot slots[QD];
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
 static int active;
+static bool writes; /* GUEST_BENCH_WRITE: writes instead of reads */
+
+static int submit(siphon_disk *d, struct slot *s, siphon_io_fn cb)
+{
+	uint64_t off = rnd() % disk_blocks * BS;
+
+	if (writes)
+		return siphon_disk_aio_write(d, &s->iov, 1, off, 0, cb, s);
+	return siphon_disk_aio_read(d, &s->iov, 1, off, 0, cb, s);
+}
 
 static void read_done(siphon_disk *d, int ret, void *opaque)
 {
@@ -185,9 +197,7 @@ static void read_done(siphon_disk *d, int ret, void *opaque)
 	}
 	if (t < end_ns && ret == 0) {
 		s->start = t;
-		if (siphon_disk_aio_read(d, &s->iov, 1,
-					 rnd() % disk_blocks * BS, 0, read_done,
-					 s) == 0)
+		if (submit(d, s, read_done) == 0)
 			return;
 	}
 	pthread_mutex_lock(&lock);
@@ -225,6 +235,8 @@ static int run_siphon(const char *path, double secs, int stream)
 		fprintf(stderr, "%s\n", siphon_get_error());
 		return 1;
 	}
+	writes = getenv("GUEST_BENCH_WRITE") &&
+		 !strcmp(getenv("GUEST_BENCH_WRITE"), "1");
 	t0 = now_ns();
 	end_ns = t0 + (uint64_t)(secs * 1e9);
 	active = QD;
@@ -233,9 +245,8 @@ static int run_siphon(const char *path, double secs, int stream)
 			return 1;
 		slots[i].iov.iov_len = BS;
 		slots[i].start = now_ns();
-		if (siphon_disk_aio_read(disk, &slots[i].iov, 1,
-					 rnd() % disk_blocks * BS, 0, read_done,
-					 &slots[i]))
+		memset(slots[i].iov.iov_base, 0x5a, BS);
+		if (submit(disk, &slots[i], read_done))
 			return 1;
 	}
 	/* Watch for the stream's end while the reads run. */
