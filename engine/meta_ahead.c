@@ -123,8 +123,15 @@ static bool start_one(struct meta_ahead *m, struct ma_layer *l,
 	if (!img->drv->meta_want(img, l->next, mr, 1, &l->next))
 		return false;
 	f = mr->file;
-	if (!sx_is_aligned(mr->host_off | mr->len, f->align))
-		return true; /* the driver's own read bounces: skip it */
+	if (!sx_is_aligned(mr->host_off | mr->len, f->align)) {
+		/*
+		 * Slices smaller than the file's direct-I/O alignment (tiny
+		 * clusters): every one would be; the driver's own reads
+		 * bounce. No read-ahead for this layer.
+		 */
+		l->next = img->size;
+		return false;
+	}
 	if (r->cap < mr->len) {
 		sio_buf_free(r->buf);
 		r->cap = 0;
