@@ -531,6 +531,24 @@ static bool cor_allowed(const struct guest *g)
 }
 
 /*
+ * Make cbuf (whole clusters [a, b), allocated) the target of the gio's
+ * reads; the part past the image's end reads as zeros.
+ */
+static void cbuf_target(struct gio *gio, uint64_t a, uint64_t b)
+{
+	struct img *top = gio->g->top;
+
+	gio->cstart = a;
+	gio->cend = b;
+	if (b > top->size)
+		memset(gio->cbuf + (top->size - a), 0, b - top->size);
+	gio->cor_iov.iov_base = gio->cbuf;
+	gio->cor_iov.iov_len = b - a;
+	gio->tiov = &gio->cor_iov;
+	gio->tiovcnt = 1;
+}
+
+/*
  * Turn the read into a copy-on-read if the top lacks some of its clusters
  * and nobody holds them: the read then covers whole clusters into cbuf.
  */
@@ -567,14 +585,7 @@ static void cor_prepare(struct gio *gio)
 	}
 	gio->cor = true;
 	g->ncor++;
-	gio->cstart = a;
-	gio->cend = b;
-	if (b > top->size)
-		memset(gio->cbuf + (top->size - a), 0, b - top->size);
-	gio->cor_iov.iov_base = gio->cbuf;
-	gio->cor_iov.iov_len = b - a;
-	gio->tiov = &gio->cor_iov;
-	gio->tiovcnt = 1;
+	cbuf_target(gio, a, b);
 }
 
 static int cor_add_run(struct gio *gio, uint64_t off, uint64_t n, uint64_t host)
@@ -592,12 +603,40 @@ static int cor_add_run(struct gio *gio, uint64_t off, uint64_t n, uint64_t host)
 	return 0;
 }
 
+/*
+ * Allocate a host run for up to n clusters of cbuf from cluster index i on,
+ * record it and write it; *got: clusters taken (0 on failure).
+ */
+static int cbuf_write_run(struct gio *gio, uint64_t i, uint64_t n,
+			  uint64_t *got)
+{
+	struct img *top = gio->g->top;
+	uint64_t cs = top->cluster_size, goff = gio->cstart + i * cs, host;
+	int ret;
+
+	*got = 0;
+	ret = top->drv->alloc_run(top, goff, n, &host, got);
+	if (ret < 0)
+		return ret;
+	ret = cor_add_run(gio, goff, *got, host);
+	if (ret < 0) {
+		if (top->drv->release_run)
+			top->drv->release_run(top, host, *got);
+		*got = 0;
+		return ret;
+	}
+	if (sx_is_aligned(host | (*got * cs), top->file->align))
+		return gio_add_io(gio, SIO_OP_WRITE, top->file, host, i * cs,
+				  *got * cs);
+	return sio_pwrite(top->file, gio->cbuf + i * cs, *got * cs, host);
+}
+
 /* Write the clusters the top lacked into fresh host clusters. */
 static void cor_write(struct gio *gio)
 {
 	struct img *top = gio->g->top;
 	uint64_t cs = top->cluster_size, ncl = (gio->cend - gio->cstart) / cs;
-	uint64_t i = 0, j, host, got;
+	uint64_t i = 0, j, got;
 	int ret = 0;
 
 	gio->cor_writing = true;
@@ -611,21 +650,7 @@ static void cor_write(struct gio *gio)
 			if (gio->local[j] || is_zero(gio->cbuf + j * cs, cs))
 				break;
 		while (i < j && ret >= 0) {
-			uint64_t goff = gio->cstart + i * cs;
-
-			ret = top->drv->alloc_run(top, goff, j - i, &host,
-						  &got);
-			if (ret < 0)
-				break;
-			ret = cor_add_run(gio, goff, got, host);
-			if (ret < 0)
-				break;
-			if (sx_is_aligned(host | (got * cs), top->file->align))
-				ret = gio_add_io(gio, SIO_OP_WRITE, top->file,
-						 host, i * cs, got * cs);
-			else
-				ret = sio_pwrite(top->file, gio->cbuf + i * cs,
-						 got * cs, host);
+			ret = cbuf_write_run(gio, i, j - i, &got);
 			i += got;
 		}
 	}
@@ -769,14 +794,7 @@ static int aw_start(struct gio *gio, uint64_t a, uint64_t b)
 	if (!gio->cbuf)
 		return 0;
 	gio->aw = true;
-	gio->cstart = a;
-	gio->cend = b;
-	if (b > top->size)
-		memset(gio->cbuf + (top->size - a), 0, b - top->size);
-	gio->cor_iov.iov_base = gio->cbuf;
-	gio->cor_iov.iov_len = b - a;
-	gio->tiov = &gio->cor_iov;
-	gio->tiovcnt = 1;
+	cbuf_target(gio, a, b);
 	ret = 0;
 	if (req->off > a)
 		ret = read_pieces(gio, a, sx_min(cs, lim - a), a);
@@ -791,7 +809,7 @@ static void aw_write(struct gio *gio)
 	struct guest_req *req = gio->req;
 	struct img *top = gio->g->top;
 	uint64_t cs = top->cluster_size, ncl = (gio->cend - gio->cstart) / cs;
-	uint64_t i = 0, host, got;
+	uint64_t i = 0, got;
 	int ret = 0;
 
 	gio->aw_writing = true;
@@ -799,20 +817,7 @@ static void aw_write(struct gio *gio)
 	iov_to_buf(req->iov, req->iovcnt, 0,
 		   gio->cbuf + (req->off - gio->cstart), req->len);
 	while (i < ncl) {
-		uint64_t goff = gio->cstart + i * cs;
-
-		ret = top->drv->alloc_run(top, goff, ncl - i, &host, &got);
-		if (ret < 0)
-			break;
-		ret = cor_add_run(gio, goff, got, host);
-		if (ret < 0)
-			break;
-		if (sx_is_aligned(host | (got * cs), top->file->align))
-			ret = gio_add_io(gio, SIO_OP_WRITE, top->file, host,
-					 i * cs, got * cs);
-		else
-			ret = sio_pwrite(top->file, gio->cbuf + i * cs,
-					 got * cs, host);
+		ret = cbuf_write_run(gio, i, ncl - i, &got);
 		if (ret < 0)
 			break;
 		i += got;
