@@ -446,6 +446,17 @@ static int ex_submit_all(struct extent *ex)
 static void ex_finish(struct extent *ex);
 static void ex_start_write(struct extent *ex);
 
+/* One piece of the extent's work ended: on the last, go to the next step. */
+static void ex_put(struct extent *ex)
+{
+	if (--ex->pending)
+		return;
+	if (!ex->writing && !ex->err)
+		ex_start_write(ex);
+	else
+		ex_finish(ex);
+}
+
 static void ex_io_done(struct sio_req *req, int res)
 {
 	struct extent *ex = req->priv;
@@ -457,12 +468,7 @@ static void ex_io_done(struct sio_req *req, int res)
 			 (unsigned long long)req->off, strerror(-res));
 		stream_fail(ex->s, res);
 	}
-	if (--ex->pending)
-		return;
-	if (!ex->writing && !ex->err)
-		ex_start_write(ex);
-	else
-		ex_finish(ex);
+	ex_put(ex);
 }
 
 /* A decompressed piece arrived (see inflate.h). */
@@ -475,12 +481,7 @@ static void ex_piece_done(void *opaque, int res, const char *msg)
 		sx_error(res, "%s", msg[0] ? msg : strerror(-res));
 		stream_fail(ex->s, res);
 	}
-	if (--ex->pending)
-		return;
-	if (!ex->writing && !ex->err)
-		ex_start_write(ex);
-	else
-		ex_finish(ex);
+	ex_put(ex);
 }
 
 /* Read every piece of [ex->off, ex->off + ex->len) the chain holds. */
