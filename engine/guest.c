@@ -919,16 +919,19 @@ static void write_start(struct guest *g, struct guest_req *req)
 	ret = cl_lock_try(&g->locks, a, b, &gio->lock);
 	if (ret < 0)
 		goto out;
-	ret = aw_start(gio, a, b);
-	if (ret) {
-		ret = ret < 0 ? ret : 0;
-		goto out;
-	}
 	for (pos = req->off, end = req->off + req->len; pos < end;
 	     pos += e.len) {
 		ret = top->drv->block_status(top, pos, end - pos, &e);
 		if (ret < 0)
 			goto out;
+		/* Starts where the top holds nothing: maybe all of it. */
+		if (pos == req->off && e.status == IMG_UNALLOC) {
+			ret = aw_start(gio, a, b);
+			if (ret) {
+				ret = ret < 0 ? ret : 0;
+				goto out;
+			}
+		}
 		if (e.status != IMG_DATA || !e.host_valid ||
 		    !sx_is_aligned(e.host_off | e.len, top->file->align)) {
 			ret = write_sync(g, req, pos, e.len);
