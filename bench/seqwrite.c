@@ -1,9 +1,9 @@
 /*
  * seqwrite: sequential allocating writes into an image through siphon's
  * write path, the way the stream engine writes: for each chunk, host
- * clusters from drv->alloc_run(), the data written there with asynchronous
- * sio_queue writes (several chunks in flight), drv->commit_run() once a
- * chunk's data is written, drv->flush() every --flush-every bytes and at
+ * clusters from img_alloc_run(), the data written there with asynchronous
+ * sio_queue writes (several chunks in flight), img_commit_run() once a
+ * chunk's data is written, img_flush() every --flush-every bytes and at
  * the end. Prints the throughput, the final flush included.
  *
  * Usage: seqwrite [--size 1G] [--chunk 2M] [--depth 8] [--flush-every 256M]
@@ -99,11 +99,11 @@ static void slot_done(struct slot *sl)
 	int ret = 0;
 
 	for (r = 0; r < sl->nruns && ret >= 0; r++)
-		ret = img->drv->commit_run(img, sl->runs[r].off, sl->runs[r].n,
-					   sl->runs[r].host);
+		ret = img_commit_run(img, sl->runs[r].off, sl->runs[r].n,
+				     sl->runs[r].host);
 	sq->since_flush += sl->len;
 	if (ret >= 0 && sq->flush_every && sq->since_flush >= sq->flush_every) {
-		ret = img->drv->flush(img);
+		ret = img_flush(img);
 		sq->since_flush = 0;
 	}
 	if (ret < 0 && !sq->err)
@@ -136,7 +136,7 @@ static int slot_start(struct seq *sq, struct slot *sl, uint64_t off,
 		if (sl->nruns == MAX_RUNS)
 			return sx_error(-E2BIG, "too many host runs per chunk");
 		n = (len - done + cs - 1) / cs;
-		ret = img->drv->alloc_run(img, off + done, n, &host, &got);
+		ret = img_alloc_run(img, off + done, n, &host, &got);
 		if (ret < 0)
 			return ret;
 		sl->runs[sl->nruns].off = off + done;
@@ -201,8 +201,7 @@ int main(int argc, char **argv)
 	ret = img_open(argv[optind], NULL, IMG_OPEN_RDWR, &sq.img);
 	if (ret < 0)
 		goto out;
-	if (!sq.img->drv->alloc_run || !sq.img->drv->commit_run ||
-	    !sq.img->drv->flush) {
+	if (!img_can_alloc(sq.img)) {
 		ret = sx_error(-ENOTSUP, "%s: no alloc_run/commit_run",
 			       argv[optind]);
 		goto out;
@@ -250,7 +249,7 @@ int main(int argc, char **argv)
 	}
 	ret = sq.err;
 	if (ret == 0)
-		ret = sq.img->drv->flush(sq.img);
+		ret = img_flush(sq.img);
 	if (ret < 0)
 		goto out;
 	t = now() - t0;

@@ -256,9 +256,7 @@ static int do_flush(struct guest *g)
 	struct img *top = g->top;
 	int ret;
 
-	if (!top->drv->flush)
-		return sx_error(EROFS, "%s: cannot flush", top->path);
-	ret = top->drv->flush(top);
+	ret = img_flush(top);
 	/* In-place writes change no metadata: the driver may not sync. */
 	if (ret >= 0 && g->dirty) {
 		g->dirty = false;
@@ -429,14 +427,6 @@ fail:
 
 /* ---- reads ---- */
 
-static struct img *layer_at(struct img *top, unsigned depth)
-{
-	while (top && depth--)
-		top = top->backing;
-	return top;
-}
-
-/* Read [roff, roff + rlen) of the chain into the gio's target iovec. */
 /*
  * Read the chain's [roff, roff + rlen) into the target iovec at offset
  * pos - tbase for each guest offset pos.
@@ -444,79 +434,52 @@ static struct img *layer_at(struct img *top, unsigned depth)
 static int read_pieces(struct gio *gio, uint64_t roff, uint64_t rlen,
 		       uint64_t tbase)
 {
-	struct img *top = gio->g->top, *layer;
+	struct img *top = gio->g->top;
 	uint64_t pos = roff, end = roff + rlen, cs = top->cluster_size;
-	struct img_extent e;
+	struct img_piece pc;
 	uint8_t *zbuf = NULL;
-	unsigned depth;
 	int ret = 0;
 
 	while (pos < end) {
 		uint64_t toff = pos - tbase;
 
-		ret = img_chain_status(top, NULL, pos, end - pos, &e, &depth);
+		ret = img_chain_piece(top, pos, end - pos, &pc);
 		if (ret < 0)
 			break;
-		switch (e.status) {
+		switch (pc.status) {
 		case IMG_DATA:
-			ret = gio_add_io(gio, SIO_OP_READ, e.file, e.host_off,
-					 toff, e.len);
+			ret = gio_add_io(gio, SIO_OP_READ, pc.file, pc.host_off,
+					 toff, pc.len);
 			break;
-		case IMG_COMPRESSED: {
-			uint64_t ccs, coff;
-
-			layer = layer_at(top, depth);
-			ccs = layer->cluster_size;
+		case IMG_COMPRESSED:
 			if (!zbuf)
-				zbuf = sio_buf_alloc(ccs);
+				zbuf = sio_buf_alloc(pc.layer->cluster_size);
 			if (!zbuf) {
 				ret = sx_error(ENOMEM, "guest read: no memory");
 				break;
 			}
-			/* A compressed cluster may start before pos. */
-			coff = pos % ccs;
-			e.len = sx_min(e.len, ccs - coff);
-			ret = layer->drv->read_compressed(layer, pos - coff,
-							  zbuf);
+			ret = img_read_compressed(pc.layer, pc.cluster_off,
+						  zbuf);
 			if (ret >= 0)
 				iov_from_buf(gio->tiov, gio->tiovcnt, toff,
-					     zbuf + coff, e.len);
+					     zbuf + pc.from, pc.len);
 			break;
-		}
-		case IMG_ZERO:
-		case IMG_UNALLOC:
 		default:
-			iov_memset0(gio->tiov, gio->tiovcnt, toff, e.len);
+			iov_memset0(gio->tiov, gio->tiovcnt, toff, pc.len);
 			break;
 		}
 		if (ret < 0)
 			break;
-		if (gio->cor && depth == 0 && e.status != IMG_UNALLOC) {
+		if (gio->cor && pc.top) {
 			uint64_t c0 = (pos - gio->cstart) / cs;
-			uint64_t c1 = (pos + e.len - 1 - gio->cstart) / cs;
+			uint64_t c1 = (pos + pc.len - 1 - gio->cstart) / cs;
 
 			memset(gio->local + c0, 1, c1 - c0 + 1);
 		}
-		pos += e.len;
+		pos += pc.len;
 	}
 	sio_buf_free(zbuf);
 	return ret;
-}
-
-static bool top_lacks(struct guest *g, uint64_t off, uint64_t len)
-{
-	struct img *top = g->top;
-	uint64_t pos = off, end = off + len;
-	struct img_extent e;
-
-	while (pos < end) {
-		if (top->drv->block_status(top, pos, end - pos, &e) < 0)
-			return false;
-		if (e.status == IMG_UNALLOC)
-			return true;
-		pos += e.len;
-	}
-	return false;
 }
 
 /*
@@ -559,7 +522,7 @@ static void cor_prepare(struct gio *gio)
 	struct img *top = g->top;
 	uint64_t a, b, ncl;
 
-	if (!top_lacks(g, req->off, req->len))
+	if (!img_lacks_any(top, req->off, req->len))
 		return;
 	if (!cor_allowed(g)) {
 		g->st.cor_skipped++;
@@ -615,13 +578,12 @@ static int cbuf_write_run(struct gio *gio, uint64_t i, uint64_t n,
 	int ret;
 
 	*got = 0;
-	ret = top->drv->alloc_run(top, goff, n, &host, got);
+	ret = img_alloc_run(top, goff, n, &host, got);
 	if (ret < 0)
 		return ret;
 	ret = cor_add_run(gio, goff, *got, host);
 	if (ret < 0) {
-		if (top->drv->release_run)
-			top->drv->release_run(top, host, *got);
+		img_release_run(top, host, *got);
 		*got = 0;
 		return ret;
 	}
@@ -668,8 +630,8 @@ static void cor_commit(struct gio *gio)
 	int ret = gio->err;
 
 	for (i = 0; i < gio->nruns && ret >= 0; i++) {
-		ret = top->drv->commit_run(top, gio->runs[i].off,
-					   gio->runs[i].n, gio->runs[i].host);
+		ret = img_commit_run(top, gio->runs[i].off, gio->runs[i].n,
+				     gio->runs[i].host);
 		if (ret >= 0)
 			g->st.cor_bytes += gio->runs[i].n * top->cluster_size;
 	}
@@ -680,10 +642,8 @@ static void cor_commit(struct gio *gio)
 		 * runs after a failed commit); a run whose commit failed
 		 * half way may be partly linked and is left (a leak at worst).
 		 */
-		if (top->drv->release_run)
-			for (; i < gio->nruns; i++)
-				top->drv->release_run(top, gio->runs[i].host,
-						      gio->runs[i].n);
+		for (; i < gio->nruns; i++)
+			img_release_run(top, gio->runs[i].host, gio->runs[i].n);
 		g->st.cor_skipped++;
 	}
 	gio_free(gio);
@@ -741,8 +701,7 @@ static void read_start(struct guest *g, struct guest_req *req)
 		return;
 	}
 	if (g->cor && !(req->flags & GUEST_F_NO_COR) && g->top->backing &&
-	    g->top->writable && g->top->drv->alloc_run &&
-	    g->top->drv->commit_run)
+	    img_can_alloc(g->top))
 		cor_prepare(gio);
 	if (gio->cor)
 		ret = read_pieces(gio, gio->cstart,
@@ -781,14 +740,12 @@ static int aw_start(struct gio *gio, uint64_t a, uint64_t b)
 	struct img *top = g->top;
 	uint64_t cs = top->cluster_size, lim = sx_min(b, top->size);
 	uint64_t end = req->off + req->len;
-	struct img_extent e;
 	int ret;
 
-	if (!top->drv->alloc_run || !top->drv->commit_run || !req->len)
+	if (!img_can_alloc(top) || !req->len)
 		return 0;
 	/* The top must lack every byte of the clusters. */
-	if (top->drv->block_status(top, a, lim - a, &e) < 0 ||
-	    e.status != IMG_UNALLOC || e.len < lim - a)
+	if (!img_lacks_all(top, a, lim - a))
 		return 0;
 	gio->cbuf = sio_buf_alloc(b - a);
 	if (!gio->cbuf)
@@ -838,25 +795,23 @@ static void aw_commit(struct gio *gio)
 	for (i = 0; i < gio->nruns && ret >= 0; i++) {
 		struct cor_run *r = &gio->runs[i];
 
-		ret = top->drv->commit_run(top, r->off, r->n, r->host);
+		ret = img_commit_run(top, r->off, r->n, r->host);
 		/*
 		 * The clusters were locked, so commit_run cannot have found
 		 * them allocated and skipped them; if it did, the guest's
 		 * data is not there, and the write must not succeed.
 		 */
 		if (ret >= 0 &&
-		    (top->drv->block_status(top, r->off, cs_bytes(top, r), &e) <
-			     0 ||
+		    (img_block_status(top, r->off, cs_bytes(top, r), &e) < 0 ||
 		     e.status != IMG_DATA || e.host_off != r->host))
 			ret = sx_error(
 				EIO, "%s: allocating write at %llu lost a race",
 				top->path, (unsigned long long)r->off);
 	}
 	/* Give back the runs never linked (all of them if a write failed). */
-	if (ret < 0 && top->drv->release_run)
+	if (ret < 0)
 		for (; i < gio->nruns; i++)
-			top->drv->release_run(top, gio->runs[i].host,
-					      gio->runs[i].n);
+			img_release_run(top, gio->runs[i].host, gio->runs[i].n);
 	if (ret < 0 && !gio->err)
 		gio->err = ret;
 	write_done(gio);
@@ -885,14 +840,11 @@ static int write_sync(struct guest *g, struct guest_req *req, uint64_t pos,
 	uint8_t *buf;
 	int ret;
 
-	if (!top->drv->pwrite)
-		return sx_error(EROFS, "%s: format %s cannot be written",
-				top->path, top->drv->name);
 	buf = malloc(n);
 	if (!buf)
 		return sx_error(ENOMEM, "guest write: out of memory");
 	iov_to_buf(req->iov, req->iovcnt, pos - req->off, buf, n);
-	ret = top->drv->pwrite(top, buf, n, pos);
+	ret = img_pwrite(top, buf, n, pos);
 	free(buf);
 	return ret;
 }
@@ -921,7 +873,7 @@ static void write_start(struct guest *g, struct guest_req *req)
 		goto out;
 	for (pos = req->off, end = req->off + req->len; pos < end;
 	     pos += e.len) {
-		ret = top->drv->block_status(top, pos, end - pos, &e);
+		ret = img_block_status(top, pos, end - pos, &e);
 		if (ret < 0)
 			goto out;
 		/* Starts where the top holds nothing: maybe all of it. */
@@ -976,18 +928,10 @@ static void sync_op(struct guest *g, struct guest_req *req)
 		if (!top->writable)
 			ret = sx_error(EROFS, "%s: read-only", top->path);
 		else
-			ret = top->drv->discard
-				      ? top->drv->discard(top, req->off,
-							  req->len)
-				      : 0; /* advisory */
+			ret = img_discard(top, req->off, req->len);
 		break;
 	case GUEST_WRITE_ZEROES:
-		if (!top->writable || !top->drv->write_zeroes)
-			ret = sx_error(EROFS, "%s: cannot write zeroes",
-				       top->path);
-		else
-			ret = top->drv->write_zeroes(top, req->off, req->len,
-						     0);
+		ret = img_write_zeroes(top, req->off, req->len, 0);
 		if (ret >= 0 && (req->flags & GUEST_F_FUA))
 			ret = do_flush(g);
 		break;

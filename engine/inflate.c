@@ -86,8 +86,8 @@ static void *worker(void *arg)
 		if (!z->stop && !cbuf) {
 			j->res = -ENOMEM;
 		} else if (!z->stop) {
-			j->res = j->layer->drv->read_compressed(
-				j->layer, j->cluster_off, cbuf);
+			j->res = img_read_compressed(j->layer, j->cluster_off,
+						     cbuf);
 			if (j->res >= 0) {
 				memcpy(j->dst, cbuf + j->from, j->len);
 				j->res = 0;

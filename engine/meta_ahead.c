@@ -54,7 +54,7 @@ int meta_ahead_create(struct img *top, struct img *base, struct sio_queue *q,
 
 	*out = NULL;
 	for (l = top; l && l != base; l = l->backing)
-		n += l->drv->meta_want && l->drv->meta_fill;
+		n += img_can_read_ahead(l);
 	if (!n)
 		return 0;
 	m = calloc(1, sizeof(*m));
@@ -65,7 +65,7 @@ int meta_ahead_create(struct img *top, struct img *base, struct sio_queue *q,
 		return sx_error(ENOMEM, "stream: out of memory");
 	}
 	for (l = top; l && l != base; l = l->backing)
-		if (l->drv->meta_want && l->drv->meta_fill)
+		if (img_can_read_ahead(l))
 			m->layers[m->nlayers++].img = l;
 	for (i = 0; i < META_AHEAD_READS; i++)
 		m->reads[i].m = m;
@@ -97,7 +97,7 @@ static void read_done(struct sio_req *io, int res)
 	struct img *img = r->layer->img;
 
 	if (res >= 0)
-		img->drv->meta_fill(img, &r->meta, r->buf);
+		img_meta_fill(img, &r->meta, r->buf);
 	r->busy = false;
 	r->m->inflight--;
 }
@@ -120,7 +120,7 @@ static bool start_one(struct meta_ahead *m, struct ma_layer *l,
 	struct img_meta_req *mr = &r->meta;
 	struct sio_file *f;
 
-	if (!img->drv->meta_want(img, l->next, mr, 1, &l->next))
+	if (!img_meta_want(img, l->next, mr, 1, &l->next))
 		return false;
 	f = mr->file;
 	if (!sx_is_aligned(mr->host_off | mr->len, f->align)) {

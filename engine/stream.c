@@ -160,13 +160,6 @@ static bool is_zero(const uint8_t *p, size_t len)
 	return memcmp(p, zeros, 16) == 0 && memcmp(p, p + 16, len - 16) == 0;
 }
 
-static struct img *layer_at(struct img *top, unsigned depth)
-{
-	while (top && depth--)
-		top = top->backing;
-	return top;
-}
-
 int stream_create(const struct stream_opts *o, struct stream **out)
 {
 	struct stream *s;
@@ -177,11 +170,10 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 	if (!o->top->writable)
 		return sx_error(EROFS, "%s: image is open read-only",
 				o->top->path);
-	if (!o->top->drv->alloc_run || !o->top->drv->commit_run ||
-	    !o->top->drv->set_backing || !o->top->drv->flush)
+	if (!img_can_stream(o->top))
 		return sx_error(ENOTSUP,
 				"%s: format %s cannot be streamed into",
-				o->top->path, o->top->drv->name);
+				o->top->path, img_format(o->top));
 	if (o->base) {
 		for (l = o->top->backing; l && l != o->base; l = l->backing)
 			;
@@ -228,7 +220,7 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 		free(s);
 		return -ENOMEM;
 	}
-	s->zero_clusters = o->top->drv->write_zeroes != NULL;
+	s->zero_clusters = img_has_zero_clusters(o->top);
 	atomic_store(&s->speed, o->speed);
 	s->progress = o->progress;
 	s->progress_opaque = o->progress_opaque;
@@ -490,9 +482,7 @@ static int ex_plan_reads(struct extent *ex)
 	struct stream *s = ex->s;
 	uint64_t pos = ex->off;
 	uint64_t lim = sx_min(ex->off + ex->len, s->top->size);
-	struct img_extent e;
-	struct img *layer;
-	unsigned depth;
+	struct img_piece pc;
 	int ret = 0;
 
 	if (lim < ex->off + ex->len)
@@ -500,24 +490,15 @@ static int ex_plan_reads(struct extent *ex)
 	while (pos < lim) {
 		uint8_t *dst = ex->buf + (pos - ex->off);
 
-		ret = img_chain_status(s->top, NULL, pos, lim - pos, &e,
-				       &depth);
+		ret = img_chain_piece(s->top, pos, lim - pos, &pc);
 		if (ret < 0)
 			goto out;
-		switch (e.status) {
+		switch (pc.status) {
 		case IMG_DATA:
-			ret = ex_add_io(ex, SIO_OP_READ, e.file, dst, e.len,
-					e.host_off);
+			ret = ex_add_io(ex, SIO_OP_READ, pc.file, dst, pc.len,
+					pc.host_off);
 			break;
-		case IMG_COMPRESSED: {
-			uint64_t coff, clen, ccs;
-
-			layer = layer_at(s->top, depth);
-			ccs = layer->cluster_size;
-			/* A compressed cluster may start before pos. */
-			coff = pos % ccs;
-			clen = sx_min(e.len, ccs - coff);
-			e.len = clen;
+		case IMG_COMPRESSED:
 			/*
 			 * Decompress on the inflater's thread, so the
 			 * device keeps working while the CPU does.
@@ -525,22 +506,20 @@ static int ex_plan_reads(struct extent *ex)
 			if (!s->inflater)
 				ret = inflater_create(s->q, &s->inflater);
 			if (ret >= 0)
-				ret = inflater_submit(s->inflater, layer,
-						      pos - coff, coff, clen,
-						      dst, ex_piece_done, ex);
+				ret = inflater_submit(s->inflater, pc.layer,
+						      pc.cluster_off, pc.from,
+						      pc.len, dst,
+						      ex_piece_done, ex);
 			if (ret >= 0)
 				ex->pending++;
 			break;
-		}
-		case IMG_ZERO:
-		case IMG_UNALLOC:
 		default:
-			memset(dst, 0, e.len);
+			memset(dst, 0, pc.len);
 			break;
 		}
 		if (ret < 0)
 			goto out;
-		pos += e.len;
+		pos += pc.len;
 	}
 out:
 	return ret;
@@ -596,8 +575,7 @@ static void ex_start_write(struct extent *ex)
 		while (i < j) {
 			uint64_t goff = ex->off + i * s->cs;
 
-			ret = top->drv->alloc_run(top, goff, j - i, &host,
-						  &got);
+			ret = img_alloc_run(top, goff, j - i, &host, &got);
 			if (ret < 0)
 				goto out;
 			ret = ex_add_run(ex, goff, got, host);
@@ -634,8 +612,8 @@ static void ex_finish(struct extent *ex)
 	if (ex->err || !ex->writing)
 		goto failed;
 	for (r = 0; r < ex->nruns && ret >= 0; r++)
-		ret = top->drv->commit_run(top, ex->runs[r].off, ex->runs[r].n,
-					   ex->runs[r].host);
+		ret = img_commit_run(top, ex->runs[r].off, ex->runs[r].n,
+				     ex->runs[r].host);
 	/* A commit that failed half way may have linked some: keep them. */
 	ex->committed = ex->nruns > 0;
 	for (i = 0; i < ncl && ret >= 0; i++) {
@@ -645,7 +623,7 @@ static void ex_finish(struct extent *ex)
 			continue;
 		zero += sx_min(s->cs, s->top->size - goff);
 		if (s->base)
-			ret = top->drv->write_zeroes(
+			ret = img_write_zeroes(
 				top, goff, sx_min(s->cs, top->size - goff), 0);
 	}
 	if (ret < 0) {
@@ -660,10 +638,9 @@ failed:
 	 * Host clusters allocated for writes that failed were never linked:
 	 * give them back, or a failed stream (ENOSPC) would leak them.
 	 */
-	if (!ex->committed && top->drv->release_run)
+	if (!ex->committed)
 		for (r = 0; r < ex->nruns; r++)
-			top->drv->release_run(top, ex->runs[r].host,
-					      ex->runs[r].n);
+			img_release_run(top, ex->runs[r].host, ex->runs[r].n);
 	s->failed_at = sx_min(s->failed_at, ex->off / s->cs);
 retire:
 	/* Unlink: usually the head. */
@@ -738,15 +715,12 @@ static int fill_partial(struct stream *s, uint64_t cl)
 	uint8_t *buf;
 	int ret;
 
-	if (!top->drv->pwrite)
-		return sx_error(ENOTSUP, "%s: cannot fill partial clusters",
-				top->path);
 	buf = sio_buf_alloc(s->cs);
 	if (!buf)
 		return sx_error(ENOMEM, "stream: out of memory");
 	ret = img_pread(top, buf, len, off);
 	if (ret >= 0)
-		ret = top->drv->pwrite(top, buf, len, off);
+		ret = img_pwrite(top, buf, len, off);
 	if (ret >= 0)
 		count_copied(s, len);
 	sio_buf_free(buf);
@@ -842,7 +816,7 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 		if (s->presync_done) {
 			s->presync_done = false;
 			s->since_flush = 0;
-			ret = s->top->drv->flush(s->top);
+			ret = img_flush(s->top);
 			if (ret < 0)
 				goto out;
 		} else {
@@ -870,7 +844,7 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 				ret = range_free(s, s->planner, n);
 				if (ret <= 0)
 					goto out;
-				ret = s->top->drv->write_zeroes(
+				ret = img_write_zeroes(
 					s->top, s->planner * s->cs, n * s->cs,
 					IMG_WZ_NO_FALLBACK);
 				if (ret == -ENOTSUP) {
@@ -963,12 +937,11 @@ bool stream_planned(const struct stream *s, uint64_t limit)
 int stream_finish(struct stream *s)
 {
 	struct img *top = s->top;
-	const char *name = NULL, *fmt = NULL;
 	int ret;
 
 	if (stream_inflight(s))
 		return sx_error(EBUSY, "%s: stream busy", top->path);
-	ret = top->drv->flush(top);
+	ret = img_flush(top);
 	if (ret < 0)
 		stream_fail(s, ret);
 	if (s->err)
@@ -977,21 +950,7 @@ int stream_finish(struct stream *s)
 	s->presync_done = false;
 	if (atomic_load(&s->cur) < s->end || atomic_load(&s->finalized))
 		return 0;
-	if (s->base) {
-		struct img *parent = top;
-
-		while (parent->backing != s->base)
-			parent = parent->backing;
-		/* The parent's name for base is valid from top only if the
-		 * two live in the same directory; otherwise use the path. */
-		name = s->base->path;
-		if (parent == top)
-			name = top->backing_name;
-		fmt = s->base->drv->name;
-	}
-	ret = top->drv->set_backing(top, name, fmt);
-	if (ret >= 0)
-		ret = top->drv->flush(top);
+	ret = img_rebase_onto(top, s->base);
 	if (ret < 0) {
 		stream_fail(s, ret);
 		return ret;

@@ -140,6 +140,33 @@ void img_close(struct img *img)
 }
 
 /*
+ * img->read_below: what the layers under img show at [off, off + len),
+ * zeros past a shorter backing file's end and where nothing holds data.
+ */
+static int chain_read_below(struct img *img, void *buf, uint64_t len,
+			    uint64_t off)
+{
+	struct img *b = img->backing;
+	uint64_t n = 0;
+	int ret;
+
+	if (img->backing_name && !b)
+		return sx_error(-ENOTSUP,
+				"%s: copy-on-write needs the backing file, "
+				"which is not open",
+				img->path);
+	if (img->backing_name && off < b->size)
+		n = sx_min(len, b->size - off);
+	if (n) {
+		ret = img_pread(b, buf, n, off);
+		if (ret)
+			return ret;
+	}
+	memset((uint8_t *)buf + n, 0, len - n);
+	return 0;
+}
+
+/*
  * Open one layer. drv is the named driver, or NULL to probe (then *probed is
  * set). The file is opened before probing so that a missing file reports
  * -ENOENT from sio_file_open, with its path.
@@ -162,6 +189,7 @@ static int layer_open(const char *path, const struct img_driver *drv,
 	}
 	img->writable = writable;
 	img->depth = depth;
+	img->read_below = chain_read_below;
 
 	if (writable)
 		sflags |= SIO_RDWR;
@@ -496,12 +524,57 @@ int img_chain_status(struct img *img, struct img *stop, uint64_t off,
 	return 0;
 }
 
-/* The layer depth levels below img. */
-static struct img *layer_at(struct img *img, unsigned depth)
+struct img *img_layer(struct img *img, unsigned depth)
 {
 	while (img && depth--)
 		img = img->backing;
 	return img;
+}
+
+int img_chain_piece(struct img *img, uint64_t off, uint64_t len,
+		    struct img_piece *p)
+{
+	struct img_extent e;
+	unsigned depth;
+	int ret;
+
+	ret = img_chain_status(img, NULL, off, len, &e, &depth);
+	if (ret < 0)
+		return ret;
+	memset(p, 0, sizeof(*p));
+	p->len = e.len;
+	p->depth = depth;
+	p->top = depth == 0 && e.status != IMG_UNALLOC;
+	switch (e.status) {
+	case IMG_DATA:
+		p->status = IMG_DATA;
+		p->file = e.file;
+		p->host_off = e.host_off;
+		break;
+	case IMG_COMPRESSED: {
+		struct img *layer = img_layer(img, depth);
+		uint64_t ccs = layer->cluster_size;
+
+		if (!layer->drv->read_compressed)
+			return sx_error(-EIO,
+					"%s: compressed cluster but no "
+					"decompressor",
+					layer->path);
+		/* A compressed cluster may start before off. */
+		p->status = IMG_COMPRESSED;
+		p->layer = layer;
+		p->from = off % ccs;
+		p->cluster_off = off - p->from;
+		p->len = sx_min(e.len, ccs - p->from);
+		break;
+	}
+	case IMG_ZERO:
+	case IMG_UNALLOC:
+	default:
+		p->status = IMG_ZERO;
+		break;
+	}
+	return 0;
 }
 
 int img_pread(struct img *img, void *buf, uint64_t len, uint64_t off)
@@ -522,61 +595,287 @@ int img_pread(struct img *img, void *buf, uint64_t len, uint64_t off)
 				(unsigned long long)img->size);
 
 	while (len) {
-		struct img_extent e;
-		struct img *layer;
-		unsigned depth;
-		uint64_t n, in;
+		struct img_piece pc;
 
-		ret = img_chain_status(img, NULL, off, len, &e, &depth);
+		ret = img_chain_piece(img, off, len, &pc);
 		if (ret < 0)
 			goto out;
-		n = e.len;
-		switch (e.status) {
+		switch (pc.status) {
 		case IMG_DATA:
-			ret = sio_pread(e.file, p, n, e.host_off);
-			if (ret < 0)
-				goto out;
+			ret = sio_pread(pc.file, p, pc.len, pc.host_off);
 			break;
 		case IMG_COMPRESSED:
-			layer = layer_at(img, depth);
-			if (!layer->drv->read_compressed) {
-				ret = sx_error(-EIO,
-					       "%s: compressed cluster "
-					       "but no decompressor",
-					       layer->path);
-				goto out;
-			}
-			if (cbuf_size < layer->cluster_size) {
+			if (cbuf_size < pc.layer->cluster_size) {
 				free(cbuf);
-				cbuf_size = layer->cluster_size;
+				cbuf_size = pc.layer->cluster_size;
 				cbuf = malloc(cbuf_size);
 				if (!cbuf) {
+					cbuf_size = 0;
 					ret = sx_error(-ENOMEM,
-						       "%s: out of "
-						       "memory",
-						       layer->path);
-					goto out;
+						       "%s: out of memory",
+						       pc.layer->path);
+					break;
 				}
 			}
-			ret = layer->drv->read_compressed(layer, off, cbuf);
-			if (ret < 0)
-				goto out;
-			/* The extent may run on, but one cluster is decoded. */
-			in = off & (layer->cluster_size - 1);
-			n = sx_min(n, layer->cluster_size - in);
-			memcpy(p, cbuf + in, n);
+			ret = img_read_compressed(pc.layer, pc.cluster_off,
+						  cbuf);
+			if (ret >= 0)
+				memcpy(p, cbuf + pc.from, pc.len);
 			break;
-		case IMG_ZERO:
-		case IMG_UNALLOC:
 		default:
-			memset(p, 0, n);
+			memset(p, 0, pc.len);
 			break;
 		}
-		p += n;
-		off += n;
-		len -= n;
+		if (ret < 0)
+			goto out;
+		p += pc.len;
+		off += pc.len;
+		len -= pc.len;
 	}
 out:
 	free(cbuf);
 	return ret;
+}
+
+/* ---- the facade ---- */
+
+const char *img_probe_format(const char *path, int *err)
+{
+	const struct img_driver *drv = img_probe_file(path, err);
+
+	return drv ? drv->name : NULL;
+}
+
+const char *img_format(const struct img *img)
+{
+	return img->drv->name;
+}
+
+static bool same_file(const char *a, const char *b)
+{
+	struct stat sa, sb;
+
+	if (!strcmp(a, b))
+		return true;
+	if (stat(a, &sa) < 0 || stat(b, &sb) < 0)
+		return false;
+	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+struct img *img_find_backing(struct img *top, const char *path)
+{
+	struct img *l;
+
+	for (l = top->backing; l; l = l->backing)
+		if (same_file(l->path, path))
+			return l;
+	return NULL;
+}
+
+int img_block_status(struct img *img, uint64_t off, uint64_t len,
+		     struct img_extent *ext)
+{
+	int ret;
+
+	if (!len || off >= img->size)
+		return sx_error(-EINVAL,
+				"%s: status of [%llu, +%llu) outside the "
+				"image (%llu)",
+				img->path, (unsigned long long)off,
+				(unsigned long long)len,
+				(unsigned long long)img->size);
+	memset(ext, 0, sizeof(*ext));
+	ret = img->drv->block_status(img, off, sx_min(len, img->size - off),
+				     ext);
+	if (ret >= 0 && ext->len == 0)
+		ret = sx_error(-EIO, "%s: no status at %llu", img->path,
+			       (unsigned long long)off);
+	return ret;
+}
+
+bool img_lacks_all(struct img *img, uint64_t off, uint64_t len)
+{
+	struct img_extent e;
+	uint64_t lim = sx_min(off + len, img->size);
+
+	if (off >= lim || img_block_status(img, off, lim - off, &e) < 0)
+		return false;
+	return e.status == IMG_UNALLOC && e.len >= lim - off;
+}
+
+bool img_lacks_any(struct img *img, uint64_t off, uint64_t len)
+{
+	uint64_t pos = off, end = sx_min(off + len, img->size);
+	struct img_extent e;
+
+	while (pos < end) {
+		if (img_block_status(img, pos, end - pos, &e) < 0)
+			return false;
+		if (e.status == IMG_UNALLOC)
+			return true;
+		pos += e.len;
+	}
+	return false;
+}
+
+int img_read_compressed(struct img *img, uint64_t off, void *buf)
+{
+	if (!img->drv->read_compressed)
+		return sx_error(-EIO,
+				"%s: compressed cluster but no "
+				"decompressor",
+				img->path);
+	return img->drv->read_compressed(img, off, buf);
+}
+
+int img_get_info(struct img *img, struct img_info_item *items, int n)
+{
+	return img->drv->info ? img->drv->info(img, items, n) : 0;
+}
+
+bool img_can_alloc(const struct img *img)
+{
+	return img->writable && img->drv->alloc_run && img->drv->commit_run;
+}
+
+bool img_can_stream(const struct img *img)
+{
+	return img_can_alloc(img) && img->drv->set_backing && img->drv->flush;
+}
+
+bool img_has_zero_clusters(const struct img *img)
+{
+	return img->drv->write_zeroes != NULL;
+}
+
+static int cannot(struct img *img, const char *what)
+{
+	if (!img->writable)
+		return sx_error(-EROFS, "%s: image is open read-only",
+				img->path);
+	return sx_error(-ENOTSUP, "%s: format %s cannot %s", img->path,
+			img->drv->name, what);
+}
+
+int img_alloc_run(struct img *img, uint64_t off, uint64_t nclusters,
+		  uint64_t *host_off, uint64_t *got)
+{
+	if (!img_can_alloc(img))
+		return cannot(img, "allocate clusters");
+	return img->drv->alloc_run(img, off, nclusters, host_off, got);
+}
+
+int img_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
+		   uint64_t host_off)
+{
+	if (!img_can_alloc(img))
+		return cannot(img, "link clusters");
+	return img->drv->commit_run(img, off, nclusters, host_off);
+}
+
+void img_release_run(struct img *img, uint64_t host_off, uint64_t nclusters)
+{
+	if (img->drv->release_run)
+		img->drv->release_run(img, host_off, nclusters);
+}
+
+int img_pwrite(struct img *img, const void *buf, uint64_t len, uint64_t off)
+{
+	if (!img->writable || !img->drv->pwrite)
+		return cannot(img, "be written");
+	return img->drv->pwrite(img, buf, len, off);
+}
+
+int img_write_zeroes(struct img *img, uint64_t off, uint64_t len,
+		     unsigned flags)
+{
+	if (!img->writable || !img->drv->write_zeroes)
+		return cannot(img, "write zeroes");
+	return img->drv->write_zeroes(img, off, len, flags);
+}
+
+int img_discard(struct img *img, uint64_t off, uint64_t len)
+{
+	if (!img->writable)
+		return cannot(img, "discard");
+	return img->drv->discard ? img->drv->discard(img, off, len) : 0;
+}
+
+int img_set_backing(struct img *img, const char *name, const char *fmt)
+{
+	if (!img->writable || !img->drv->set_backing)
+		return cannot(img, "change its backing file");
+	return img->drv->set_backing(img, name, fmt);
+}
+
+int img_flush(struct img *img)
+{
+	if (!img->writable || !img->drv->flush)
+		return cannot(img, "flush");
+	return img->drv->flush(img);
+}
+
+bool img_can_read_ahead(const struct img *img)
+{
+	return img->drv->meta_want && img->drv->meta_fill;
+}
+
+unsigned img_meta_want(struct img *img, uint64_t off, struct img_meta_req *reqs,
+		       unsigned n, uint64_t *next)
+{
+	if (!img_can_read_ahead(img)) {
+		*next = img->size;
+		return 0;
+	}
+	return img->drv->meta_want(img, off, reqs, n, next);
+}
+
+void img_meta_fill(struct img *img, const struct img_meta_req *req,
+		   const void *buf)
+{
+	if (img_can_read_ahead(img))
+		img->drv->meta_fill(img, req, buf);
+}
+
+int img_rebase_onto(struct img *top, struct img *base)
+{
+	const char *name = NULL, *fmt = NULL;
+	struct img *parent = top;
+	int ret;
+
+	if (base) {
+		while (parent && parent->backing != base)
+			parent = parent->backing;
+		if (!parent)
+			return sx_error(-EINVAL,
+					"%s: %s is not in its backing chain",
+					top->path, base->path);
+		/*
+		 * The parent's name for base is valid from top only if the
+		 * two live in the same directory; otherwise use the path.
+		 */
+		name = parent == top ? top->backing_name : base->path;
+		fmt = base->drv->name;
+	}
+	ret = img_set_backing(top, name, fmt);
+	if (ret >= 0)
+		ret = img_flush(top);
+	return ret;
+}
+
+void img_drop_layers(struct img *top, struct img *base)
+{
+	struct img *old = top->backing, *l;
+	unsigned depth = 1;
+
+	if (old == base)
+		return;
+	for (l = old; l && l->backing != base; l = l->backing)
+		;
+	if (l)
+		l->backing = NULL;
+	top->backing = base;
+	img_close(old);
+	for (l = top->backing; l; l = l->backing)
+		l->depth = depth++;
 }

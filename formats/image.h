@@ -30,6 +30,7 @@ enum img_open_flags {
 };
 
 struct img {
+	/* Private to formats/: above it, use the img_* calls below. */
 	const struct img_driver *drv;
 	void *priv; /* drv->priv_size bytes, zeroed */
 	struct sio_file *file;
@@ -46,6 +47,15 @@ struct img {
 	/* set by the chain layer */
 	struct img *backing; /* next layer down, or NULL */
 	bool backing_fmt_probed; /* backing format was probed */
+	/*
+	 * How a driver reads what the layers below it hold (guest bytes
+	 * [off, off + len) of the chain under img, zeros where nothing
+	 * does): set by the chain layer, so a driver never walks
+	 * img->backing itself. NULL for a layer opened without its chain
+	 * (then everything below reads as zeros).
+	 */
+	int (*read_below)(struct img *img, void *buf, uint64_t len,
+			  uint64_t off);
 };
 
 /*
@@ -94,5 +104,120 @@ int img_chain_status(struct img *img, struct img *stop, uint64_t off,
  * Unallocated everywhere reads as zeros.
  */
 int img_pread(struct img *img, void *buf, uint64_t len, uint64_t off);
+
+/*
+ * ---- The facade: the only way above formats/ to reach a driver. ----
+ *
+ * Each call checks the optional vtable entries itself, so callers never
+ * look at img->drv. Same returns and messages as the driver's entry
+ * (format.h); a missing entry is -ENOTSUP (writes) or a no-op where the
+ * entry is advisory (discard, release_run, meta_fill).
+ */
+
+/* Probe the file at path: its format's name, or NULL with -errno in *err. */
+const char *img_probe_format(const char *path, int *err);
+
+/* The format's name ("qcow2", "raw"). */
+const char *img_format(const struct img *img);
+
+/* The layer `depth` levels below img (0: img itself), or NULL. */
+struct img *img_layer(struct img *img, unsigned depth);
+
+/*
+ * The layer of top's backing chain (not top itself) that is the file at
+ * path (same path, or same device and inode), or NULL.
+ */
+struct img *img_find_backing(struct img *top, const char *path);
+
+/* This layer's status only (drv->block_status), arguments checked. */
+int img_block_status(struct img *img, uint64_t off, uint64_t len,
+		     struct img_extent *ext);
+
+/* The top holds nothing of [off, off + len) (an error counts as "holds"). */
+bool img_lacks_all(struct img *img, uint64_t off, uint64_t len);
+
+/* The top lacks some byte of [off, off + len) (an error: false). */
+bool img_lacks_any(struct img *img, uint64_t off, uint64_t len);
+
+/*
+ * Decompress the cluster of this layer that holds guest offset off into buf
+ * (img->cluster_size bytes). -EIO when the format has no compression.
+ */
+int img_read_compressed(struct img *img, uint64_t off, void *buf);
+
+/* Format-specific lines for `siphon info` (0 when the format has none). */
+int img_get_info(struct img *img, struct img_info_item *items, int n);
+
+/* Writable, with the allocation entries the copy pipeline needs. */
+bool img_can_alloc(const struct img *img);
+
+/* Writable and can be streamed into (alloc, commit, set_backing, flush). */
+bool img_can_stream(const struct img *img);
+
+/* Can express zeros as metadata (has write_zeroes). */
+bool img_has_zero_clusters(const struct img *img);
+
+int img_alloc_run(struct img *img, uint64_t off, uint64_t nclusters,
+		  uint64_t *host_off, uint64_t *got);
+int img_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
+		   uint64_t host_off);
+/* No-op when the driver cannot give clusters back (a leak at worst). */
+void img_release_run(struct img *img, uint64_t host_off, uint64_t nclusters);
+int img_pwrite(struct img *img, const void *buf, uint64_t len, uint64_t off);
+int img_write_zeroes(struct img *img, uint64_t off, uint64_t len,
+		     unsigned flags);
+/* Advisory: 0 when the format cannot discard. */
+int img_discard(struct img *img, uint64_t off, uint64_t len);
+int img_set_backing(struct img *img, const char *name, const char *fmt);
+/* -EROFS on an image that cannot be written. */
+int img_flush(struct img *img);
+
+/* Metadata read-ahead (format.h meta_want / meta_fill). */
+bool img_can_read_ahead(const struct img *img);
+unsigned img_meta_want(struct img *img, uint64_t off, struct img_meta_req *reqs,
+		       unsigned n, uint64_t *next);
+void img_meta_fill(struct img *img, const struct img_meta_req *req,
+		   const void *buf);
+
+/*
+ * One piece of a chain range as a reader must fetch it (img_chain_piece):
+ * IMG_DATA (len bytes at host_off of file), IMG_ZERO (zeros, whatever the
+ * reason) or IMG_COMPRESSED (bytes [from, from + len) of the compressed
+ * cluster of `layer` that starts at guest offset cluster_off; len never
+ * crosses that cluster's end).
+ */
+struct img_piece {
+	enum img_status status;
+	uint64_t len;
+	struct sio_file *file; /* IMG_DATA */
+	uint64_t host_off; /* IMG_DATA */
+	struct img *layer; /* IMG_COMPRESSED: the layer to decompress */
+	uint64_t cluster_off; /* IMG_COMPRESSED */
+	uint64_t from; /* IMG_COMPRESSED */
+	unsigned depth; /* the layer that decides (0 = img) */
+	bool top; /* img itself holds the piece (depth 0, allocated) */
+};
+
+/*
+ * The piece of img's chain at off (at most len bytes, off < img->size):
+ * what a reader of [off, off + len) gets first. -errno with a message.
+ */
+int img_chain_piece(struct img *img, uint64_t off, uint64_t len,
+		    struct img_piece *p);
+
+/*
+ * Chain surgery after a stream: point top's backing reference at base (a
+ * layer of its chain; NULL: no backing) in the image and flush. The name
+ * stored is the one base's parent used when that parent is top, else
+ * base's path. Returns 0 or -errno; the open chain is unchanged.
+ */
+int img_rebase_onto(struct img *top, struct img *base);
+
+/*
+ * Close the layers between top and base (base stays open, NULL: all of
+ * them), so that the open chain matches what img_rebase_onto() wrote.
+ * Nobody may be reading them.
+ */
+void img_drop_layers(struct img *top, struct img *base);
 
 #endif

@@ -246,7 +246,7 @@ static int create_run(const struct siphon_cmd *cmd, int argc, char **argv)
 		if (ret < 0)
 			goto fail;
 		if (!a.backing_fmt) {
-			a.backing_fmt = bimg->drv->name;
+			a.backing_fmt = img_format(bimg);
 			probed = true;
 		}
 		if (!have_size)

@@ -188,37 +188,26 @@ static bool can_async(struct sio_file *f, const void *buf, uint64_t len,
 	return !(off % a) && !(len % a) && !((uintptr_t)buf % ma);
 }
 
-static int read_compressed(struct dump *d, unsigned depth, uint64_t off,
-			   uint64_t n, uint8_t *dst)
+/* Bytes [p->from, p->from + p->len) of a compressed cluster into dst. */
+static int read_compressed(struct dump *d, const struct img_piece *p,
+			   uint8_t *dst)
 {
-	struct img *layer = d->img;
-	uint64_t in;
 	int ret;
 
-	while (depth--)
-		layer = layer->backing;
-	if (!layer->drv->read_compressed)
-		return sx_error(-EIO,
-				"%s: compressed cluster but no "
-				"decompressor",
-				layer->path);
-	if (d->cbuf_size < layer->cluster_size) {
+	if (d->cbuf_size < p->layer->cluster_size) {
 		free(d->cbuf);
-		d->cbuf_size = layer->cluster_size;
+		d->cbuf_size = p->layer->cluster_size;
 		d->cbuf = malloc(d->cbuf_size);
 		if (!d->cbuf) {
 			d->cbuf_size = 0;
 			return sx_error(-ENOMEM, "out of memory");
 		}
 	}
-	ret = layer->drv->read_compressed(layer, off, d->cbuf);
+	ret = img_read_compressed(p->layer, p->cluster_off, d->cbuf);
 	if (ret < 0)
 		return ret;
-	in = off & (layer->cluster_size - 1);
-	if (n > layer->cluster_size - in)
-		n = layer->cluster_size - in;
-	memcpy(dst, d->cbuf + in, n);
-	return (int)n;
+	memcpy(dst, d->cbuf + p->from, p->len);
+	return 0;
 }
 
 /*
@@ -229,6 +218,7 @@ static int chunk_plan(struct dump *d, struct chunk *c)
 {
 	uint64_t size = d->img->size, end, p, wlen;
 	struct img_extent e;
+	struct img_piece pc;
 	unsigned depth;
 	int ret;
 
@@ -259,26 +249,25 @@ static int chunk_plan(struct dump *d, struct chunk *c)
 		uint8_t *dst = c->buf + (p - c->start);
 		uint64_t n;
 
-		ret = img_chain_status(d->img, NULL, p, end - p, &e, &depth);
+		ret = img_chain_piece(d->img, p, end - p, &pc);
 		if (ret < 0)
 			goto fail;
-		n = e.len;
-		switch (e.status) {
+		n = pc.len;
+		switch (pc.status) {
 		case IMG_DATA:
-			if (can_async(e.file, dst, n, e.host_off)) {
-				ret = submit(d, c, SIO_OP_READ, e.file, dst, n,
-					     e.host_off, read_done);
+			if (can_async(pc.file, dst, n, pc.host_off)) {
+				ret = submit(d, c, SIO_OP_READ, pc.file, dst, n,
+					     pc.host_off, read_done);
 			} else {
-				ret = sio_pread(e.file, dst, n, e.host_off);
+				ret = sio_pread(pc.file, dst, n, pc.host_off);
 			}
 			if (ret < 0)
 				goto fail;
 			break;
 		case IMG_COMPRESSED:
-			ret = read_compressed(d, depth, p, n, dst);
+			ret = read_compressed(d, &pc, dst);
 			if (ret < 0)
 				goto fail;
-			n = (uint64_t)ret;
 			break;
 		default:
 			/*

@@ -43,14 +43,9 @@ static int layer_scan(struct img *img, bool probed, struct layer_info *li)
 	while (off < img->size) {
 		struct img_extent e;
 
-		memset(&e, 0, sizeof(e));
-		ret = img->drv->block_status(img, off, img->size - off, &e);
+		ret = img_block_status(img, off, img->size - off, &e);
 		if (ret < 0)
 			return ret;
-		if (!e.len)
-			return sx_error(-EIO, "%s: no status at %" PRIu64,
-					img->path, off);
-		e.len = sx_min(e.len, img->size - off);
 		if (e.status == IMG_DATA)
 			li->allocated += e.len;
 		else if (e.status == IMG_COMPRESSED)
@@ -61,8 +56,7 @@ static int layer_scan(struct img *img, bool probed, struct layer_info *li)
 		return sx_error(-errno, "%s: fstat: %s", img->path,
 				strerror(errno));
 	li->disk_size = (uint64_t)st.st_blocks * 512;
-	if (img->drv->info)
-		li->nitems = img->drv->info(img, li->items, MAX_INFO_ITEMS);
+	li->nitems = img_get_info(img, li->items, MAX_INFO_ITEMS);
 	if (li->nitems < 0)
 		return li->nitems;
 	if (li->nitems > MAX_INFO_ITEMS)
@@ -84,7 +78,7 @@ static void human_layer(struct img *img, const struct layer_info *li)
 	int i;
 
 	printf("layer %u: %s\n", img->depth, img->path);
-	printf("%sformat: %s%s\n", in, img->drv->name,
+	printf("%sformat: %s%s\n", in, img_format(img),
 	       li->probed ? " (probed)" : "");
 	print_size_line(in, "virtual size", img->size);
 	printf("%scluster size: %" PRIu32 "\n", in, img->cluster_size);
@@ -113,7 +107,7 @@ static void json_layer(struct json_out *j, struct img *img,
 	json_begin_object(j, NULL);
 	json_u64(j, "depth", img->depth);
 	json_str(j, "filename", img->path);
-	json_str(j, "format", img->drv->name);
+	json_str(j, "format", img_format(img));
 	json_bool(j, "format-probed", li->probed);
 	json_u64(j, "virtual-size", img->size);
 	json_u64(j, "cluster-size", img->cluster_size);
@@ -150,7 +144,7 @@ static int info_image(struct img *top, bool top_probed, enum tool_output out)
 		json_init(&j, stdout);
 		json_begin_object(&j, NULL);
 		json_str(&j, "filename", top->path);
-		json_str(&j, "format", top->drv->name);
+		json_str(&j, "format", img_format(top));
 		json_bool(&j, "format-probed", top_probed);
 		json_u64(&j, "virtual-size", top->size);
 		json_u64(&j, "cluster-size", top->cluster_size);
@@ -160,7 +154,7 @@ static int info_image(struct img *top, bool top_probed, enum tool_output out)
 		char buf[32];
 
 		printf("image: %s\n", top->path);
-		printf("format: %s%s\n", top->drv->name,
+		printf("format: %s%s\n", img_format(top),
 		       top_probed ? " (probed)" : "");
 		printf("virtual size: %s (%" PRIu64 " bytes)\n",
 		       tool_human_size(top->size, buf, sizeof(buf)), top->size);

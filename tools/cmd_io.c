@@ -239,30 +239,6 @@ static bool modifies(const struct io_script *sc)
 	return false;
 }
 
-static int check_write_path(struct img *img, const struct io_op *op)
-{
-	const struct img_driver *d = img->drv;
-	bool ok = true;
-
-	switch (op->kind) {
-	case IO_WRITE:
-		ok = d->pwrite;
-		break;
-	case IO_WRITE_ZEROES:
-		ok = d->write_zeroes;
-		break;
-	case IO_DISCARD:
-		ok = d->discard;
-		break;
-	default:
-		break;
-	}
-	if (!ok)
-		return sx_error(-ENOTSUP, "%s: format %s cannot do '%s'",
-				img->path, d->name, op->text);
-	return 0;
-}
-
 /* Read op's range and compare it with its pattern. */
 static int do_read(struct img *img, const struct io_op *op, uint8_t *buf)
 {
@@ -299,7 +275,7 @@ static int do_write(struct img *img, const struct io_op *op, uint8_t *buf)
 	memset(buf, op->pattern, sx_min(IO_CHUNK, op->len));
 	for (pos = 0; pos < op->len && ret >= 0; pos += n) {
 		n = sx_min(IO_CHUNK, op->len - pos);
-		ret = img->drv->pwrite(img, buf, n, op->off + pos);
+		ret = img_pwrite(img, buf, n, op->off + pos);
 	}
 	return ret;
 }
@@ -319,7 +295,7 @@ static int run_op(struct img *img, const struct io_op *op, uint8_t *buf,
 		  bool quiet)
 {
 	const char *verb = "wrote";
-	int ret;
+	int ret = 0;
 
 	if (op->kind != IO_FLUSH && op->kind != IO_SLEEP &&
 	    !sx_range_within(op->off, op->len, img->size))
@@ -327,27 +303,23 @@ static int run_op(struct img *img, const struct io_op *op, uint8_t *buf,
 				"%s: '%s': range past the end of the image "
 				"(%" PRIu64 " bytes)",
 				img->path, op->text, img->size);
-	ret = check_write_path(img, op);
-	if (ret < 0)
-		return ret;
 	switch (op->kind) {
 	case IO_WRITE:
 		ret = do_write(img, op, buf);
 		break;
 	case IO_WRITE_ZEROES:
-		ret = op->len ? img->drv->write_zeroes(img, op->off, op->len, 0)
-			      : 0;
+		ret = op->len ? img_write_zeroes(img, op->off, op->len, 0) : 0;
 		break;
 	case IO_DISCARD:
 		verb = "discard";
-		ret = op->len ? img->drv->discard(img, op->off, op->len) : 0;
+		ret = op->len ? img_discard(img, op->off, op->len) : 0;
 		break;
 	case IO_READ:
 		verb = "read";
 		ret = do_read(img, op, buf);
 		break;
 	case IO_FLUSH:
-		ret = img->drv->flush ? img->drv->flush(img) : 0;
+		ret = img_flush(img);
 		break;
 	case IO_SLEEP:
 		do_sleep(op->len);
@@ -434,14 +406,14 @@ static int io_run(const struct siphon_cmd *cmd, int argc, char **argv)
 		if (ret < 0)
 			break;
 	}
-	if (writing && img->drv->flush) {
+	if (writing) {
 		if (ret < 0) {
 			/* Keep what completed, and the first error's message. */
 			snprintf(msg, sizeof(msg), "%s", sx_last_error());
-			if (img->drv->flush(img) < 0 && msg[0])
+			if (img_flush(img) < 0 && msg[0])
 				sx_error(ret, "%s", msg);
 		} else {
-			ret = img->drv->flush(img);
+			ret = img_flush(img);
 		}
 	}
 	if (ret < 0)

@@ -61,7 +61,6 @@ static int rebase_run(const struct siphon_cmd *cmd, int argc, char **argv)
 		{NULL, 0, NULL, 0},
 	};
 	const char *fmt = NULL, *backing = NULL, *bfmt = NULL, *path;
-	const struct img_driver *bdrv;
 	struct img *img = NULL;
 	char *bpath = NULL;
 	bool unsafe = false, quiet = false, probed = false;
@@ -118,10 +117,9 @@ static int rebase_run(const struct siphon_cmd *cmd, int argc, char **argv)
 		}
 		/* Probe NEW when it is there; an absent NEW is stored bare. */
 		if (stat(bpath, &st) == 0) {
-			bdrv = img_probe_file(bpath, &ret);
-			if (!bdrv)
+			bfmt = img_probe_format(bpath, &ret);
+			if (!bfmt)
 				goto fail;
-			bfmt = bdrv->name;
 			probed = true;
 		}
 	}
@@ -129,19 +127,12 @@ static int rebase_run(const struct siphon_cmd *cmd, int argc, char **argv)
 	ret = img_open(path, fmt, IMG_OPEN_RDWR | IMG_OPEN_NO_BACKING, &img);
 	if (ret < 0)
 		goto fail;
-	if (!img->drv->set_backing) {
-		ret = sx_error(-ENOTSUP, "%s: format %s has no backing file",
-			       path, img->drv->name);
-		goto fail;
-	}
-	ret = img->drv->set_backing(img, backing, bfmt);
+	ret = img_set_backing(img, backing, bfmt);
 	if (ret < 0)
 		goto fail;
-	if (img->drv->flush) {
-		ret = img->drv->flush(img);
-		if (ret < 0)
-			goto fail;
-	}
+	ret = img_flush(img);
+	if (ret < 0)
+		goto fail;
 	if (!quiet) {
 		if (backing)
 			printf("%s: backing file is now '%s' (format %s%s)\n",

@@ -67,24 +67,11 @@ static uint32_t unit_mask(unsigned first, unsigned last)
 static int read_below(struct img *img, uint8_t *buf, uint64_t len,
 		      uint64_t goff)
 {
-	struct img *b = img->backing;
-	uint64_t n = 0;
-	int ret;
-
-	if (img->backing_name && !b)
-		return sx_error(
-			-ENOTSUP,
-			"%s: copy-on-write needs the backing file, which is not open",
-			img->path);
-	if (img->backing_name && goff < b->size)
-		n = sx_min(len, b->size - goff);
-	if (n) {
-		ret = img_pread(b, buf, n, goff);
-		if (ret)
-			return ret;
+	if (!img->read_below) {
+		memset(buf, 0, len);
+		return 0;
 	}
-	memset(buf + n, 0, len - n);
-	return 0;
+	return img->read_below(img, buf, len, goff);
 }
 
 /*

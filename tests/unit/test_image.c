@@ -267,7 +267,7 @@ START_TEST(test_rdwr_top)
 		img_open(p, "raw", IMG_OPEN_RDWR | IMG_OPEN_BUFFERED, &img), 0);
 	ck_assert(img->writable);
 	memset(buf, 0x42, sizeof(buf));
-	ck_assert_int_eq(img->drv->pwrite(img, buf, sizeof(buf), 4096), 0);
+	ck_assert_int_eq(img_pwrite(img, buf, sizeof(buf), 4096), 0);
 	memset(buf, 0, sizeof(buf));
 	ck_assert_int_eq(img_pread(img, buf, sizeof(buf), 4096), 0);
 	ck_assert_int_eq(buf[0], 0x42);

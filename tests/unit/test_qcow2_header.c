@@ -269,7 +269,7 @@ START_TEST(test_valid_v3_extensions)
 	ck_assert_ptr_null(qcow2_feature_name(s, 2, 4));
 	ck_assert_mem_eq(s->hdr_raw, ib.b, 112);
 
-	n = img->drv->info(img, items, 64);
+	n = img_get_info(img, items, 64);
 	ck_assert_int_gt(n, 10);
 	for (i = 0; i < n; i++) {
 		if (!strcmp(items[i].key, "compat"))
@@ -284,7 +284,7 @@ START_TEST(test_valid_v3_extensions)
 		}
 	}
 	ck_assert(seen);
-	ck_assert_int_eq(img->drv->info(img, items, 2), 2);
+	ck_assert_int_eq(img_get_info(img, items, 2), 2);
 	close_img(img);
 	free(path);
 	free(ib.b);

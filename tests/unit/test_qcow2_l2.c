@@ -165,7 +165,7 @@ static void expect_ext(struct img *img, uint64_t off, uint64_t len,
 		       uint64_t host)
 {
 	struct img_extent e;
-	int ret = img->drv->block_status(img, off, len, &e);
+	int ret = img_block_status(img, off, len, &e);
 
 	ck_assert_msg(ret == 0, "block_status(%llu): %d %s",
 		      (unsigned long long)off, ret, sx_last_error());
@@ -187,7 +187,7 @@ static void expect_bs_error(struct ib *ib, uint64_t off, const char *want)
 	int ret;
 
 	sx_error_clear();
-	ret = img->drv->block_status(img, off, img->size - off, &e);
+	ret = img_block_status(img, off, img->size - off, &e);
 	ck_assert_msg(ret == -EINVAL, "got %d", ret);
 	ck_assert_msg(strstr(sx_last_error(), want), "'%s' lacks '%s'",
 		      sx_last_error(), want);
@@ -607,18 +607,18 @@ START_TEST(test_read_compressed)
 	ib_grow(&ib, coff + clen); /* file ends inside the last sector */
 	memcpy(ib.b + coff, comp, clen);
 	img = open_ib(&ib);
-	ck_assert_int_eq(img->drv->block_status(img, C64K, C64K, &e), 0);
+	ck_assert_int_eq(img_block_status(img, C64K, C64K, &e), 0);
 	ck_assert_int_eq(e.status, IMG_COMPRESSED);
-	ck_assert_int_eq(img->drv->read_compressed(img, C64K + 5, out), 0);
+	ck_assert_int_eq(img_read_compressed(img, C64K + 5, out), 0);
 	ck_assert_mem_eq(out, plain, C64K);
-	ck_assert_int_eq(img->drv->read_compressed(img, 0, out), -EINVAL);
+	ck_assert_int_eq(img_read_compressed(img, 0, out), -EINVAL);
 	close_img(img);
 
 	/* Corrupt the stream. */
 	memset(ib.b + coff, 0xff, 64);
 	img = open_ib(&ib);
 	sx_error_clear();
-	ck_assert_int_eq(img->drv->read_compressed(img, C64K, out), -EIO);
+	ck_assert_int_eq(img_read_compressed(img, C64K, out), -EIO);
 	ck_assert(strstr(sx_last_error(), "guest offset 0x10000"));
 	close_img(img);
 	free(ib.b);
@@ -650,8 +650,7 @@ START_TEST(test_external_data_file)
 	/* Offset 0 with COPIED is the data file's first cluster. */
 	expect_ext(img, 0, img->size, IMG_DATA, 3 * C64K, true, 0);
 	expect_ext(img, 3 * C64K, C64K, IMG_UNALLOC, C64K, false, 0);
-	ck_assert_int_eq(
-		img->drv->block_status(img, C64K, img->size - C64K, &e), 0);
+	ck_assert_int_eq(img_block_status(img, C64K, img->size - C64K, &e), 0);
 	ck_assert_int_eq(e.status, IMG_DATA);
 	ck_assert_uint_eq(e.len, 2 * C64K);
 	ck_assert_uint_eq(e.host_off, C64K);

@@ -79,7 +79,7 @@ static struct img *open_rw(const char *path)
 	int ret = img_open(path, "qcow2", IMG_OPEN_RDWR, &img);
 
 	ck_assert_msg(ret == 0, "open %s: %d %s", path, ret, sx_last_error());
-	ck_assert_ptr_nonnull(img->drv->pwrite);
+	ck_assert(img_can_alloc(img));
 	return img;
 }
 
@@ -120,7 +120,7 @@ static void do_write(struct img *img, struct model *m, uint64_t off,
 	int ret;
 
 	fill(buf, len, seed);
-	ret = img->drv->pwrite(img, buf, len, off);
+	ret = img_pwrite(img, buf, len, off);
 	ck_assert_msg(ret == 0, "pwrite %llu+%llu: %d %s",
 		      (unsigned long long)off, (unsigned long long)len, ret,
 		      sx_last_error());
@@ -211,7 +211,7 @@ START_TEST(t_alloc_write_read)
 	do_write(img, &m, 8 * MiB - 512, 1024, 4); /* across clusters */
 	do_write(img, &m, 16 * MiB, 1536, 5); /* to the unaligned end */
 	verify(img, &m);
-	ck_assert_int_eq(img->drv->flush(img), 0);
+	ck_assert_int_eq(img_flush(img), 0);
 	do_write(img, &m, 3 * MiB, 3 * MiB, 6);
 	verify(img, &m);
 	img_close(img);
@@ -229,10 +229,9 @@ START_TEST(t_refuse_bad_ranges)
 
 	create(p, &o);
 	img = open_rw(p);
-	ck_assert_int_eq(img->drv->pwrite(img, buf, 512, 100), -EINVAL);
-	ck_assert_int_eq(img->drv->pwrite(img, buf, 1024, 1 * MiB - 512),
-			 -EINVAL);
-	ck_assert_int_eq(img->drv->write_zeroes(img, 0, 512, 0x80), -EINVAL);
+	ck_assert_int_eq(img_pwrite(img, buf, 512, 100), -EINVAL);
+	ck_assert_int_eq(img_pwrite(img, buf, 1024, 1 * MiB - 512), -EINVAL);
+	ck_assert_int_eq(img_write_zeroes(img, 0, 512, 0x80), -EINVAL);
 	img_close(img);
 }
 END_TEST
@@ -291,14 +290,13 @@ START_TEST(t_write_zeroes)
 	img = open_rw(p);
 	do_write(img, &m, 0, 256 * KiB, 1);
 	/* Whole allocated clusters (kept), whole unallocated, partial. */
-	ck_assert_int_eq(img->drv->write_zeroes(img, 64 * KiB, 128 * KiB, 0),
-			 0);
-	ck_assert_int_eq(img->drv->write_zeroes(img, 1 * MiB, 192 * KiB,
-						IMG_WZ_NO_FALLBACK),
-			 0);
-	ck_assert_int_eq(img->drv->write_zeroes(img, 300 * KiB, 4096, 0), 0);
+	ck_assert_int_eq(img_write_zeroes(img, 64 * KiB, 128 * KiB, 0), 0);
+	ck_assert_int_eq(
+		img_write_zeroes(img, 1 * MiB, 192 * KiB, IMG_WZ_NO_FALLBACK),
+		0);
+	ck_assert_int_eq(img_write_zeroes(img, 300 * KiB, 4096, 0), 0);
 	/* The last, partial cluster counts as whole. */
-	ck_assert_int_eq(img->drv->write_zeroes(img, 2 * MiB, 512, 0), 0);
+	ck_assert_int_eq(img_write_zeroes(img, 2 * MiB, 512, 0), 0);
 	memset(m.b + 64 * KiB, 0, 128 * KiB);
 	memset(m.b + 1 * MiB, 0, 192 * KiB);
 	memset(m.b + 300 * KiB, 0, 4096);
@@ -326,13 +324,12 @@ START_TEST(t_write_zeroes_v2)
 	create(p, &o);
 	model_init(&m, o.size, base);
 	img = open_rw(p);
-	ck_assert_int_eq(
-		img->drv->write_zeroes(img, 0, 64 * KiB, IMG_WZ_NO_FALLBACK),
-		-ENOTSUP);
-	ck_assert_int_eq(img->drv->write_zeroes(img, 0, 192 * KiB, 0), 0);
+	ck_assert_int_eq(img_write_zeroes(img, 0, 64 * KiB, IMG_WZ_NO_FALLBACK),
+			 -ENOTSUP);
+	ck_assert_int_eq(img_write_zeroes(img, 0, 192 * KiB, 0), 0);
 	memset(m.b, 0, 192 * KiB);
 	/* discard on v2 with a backing file: nothing may show through. */
-	ck_assert_int_eq(img->drv->discard(img, 0, 1 * MiB), 0);
+	ck_assert_int_eq(img_discard(img, 0, 1 * MiB), 0);
 	verify(img, &m);
 	img_close(img);
 	reopen_verify(p, &m);
@@ -356,13 +353,13 @@ START_TEST(t_discard)
 	model_init(&m, o.size, base);
 	img = open_rw(p);
 	do_write(img, &m, 0, 512 * KiB, 1);
-	ck_assert_int_eq(img->drv->discard(img, 64 * KiB, 128 * KiB), 0);
+	ck_assert_int_eq(img_discard(img, 64 * KiB, 128 * KiB), 0);
 	memset(m.b + 64 * KiB, 0, 128 * KiB);
 	/* Partial clusters: no-op. Unallocated ones: zeroed too. */
-	ck_assert_int_eq(img->drv->discard(img, 300 * KiB, 4096), 0);
-	ck_assert_int_eq(img->drv->discard(img, 1 * MiB, 64 * KiB), 0);
+	ck_assert_int_eq(img_discard(img, 300 * KiB, 4096), 0);
+	ck_assert_int_eq(img_discard(img, 1 * MiB, 64 * KiB), 0);
 	memset(m.b + 1 * MiB, 0, 64 * KiB);
-	ck_assert_int_eq(img->drv->flush(img), 0);
+	ck_assert_int_eq(img_flush(img), 0);
 	/* Freed clusters get reused after the flush applied the frees. */
 	do_write(img, &m, 1536 * KiB, 128 * KiB, 2);
 	verify(img, &m);
@@ -376,7 +373,7 @@ START_TEST(t_discard)
 	model_init(&m, o.size, NULL);
 	img = open_rw(q);
 	do_write(img, &m, 0, 1 * MiB, 4);
-	ck_assert_int_eq(img->drv->discard(img, 0, 2 * MiB), 0);
+	ck_assert_int_eq(img_discard(img, 0, 2 * MiB), 0);
 	memset(m.b, 0, 1 * MiB);
 	verify(img, &m);
 	img_close(img);
@@ -406,11 +403,10 @@ START_TEST(t_compressed)
 		do_write(img, &m, 64 * KiB + 512, 4096, 1);
 		do_write(img, &m, 0, 64 * KiB, 2);
 		do_write(img, &m, 512 * KiB - 512, 1024, 3);
-		ck_assert_int_eq(
-			img->drv->write_zeroes(img, 192 * KiB, 64 * KiB, 0), 0);
-		memset(m.b + 192 * KiB, 0, 64 * KiB);
-		ck_assert_int_eq(img->drv->discard(img, 256 * KiB, 64 * KiB),
+		ck_assert_int_eq(img_write_zeroes(img, 192 * KiB, 64 * KiB, 0),
 				 0);
+		memset(m.b + 192 * KiB, 0, 64 * KiB);
+		ck_assert_int_eq(img_discard(img, 256 * KiB, 64 * KiB), 0);
 		memset(m.b + 256 * KiB, 0, 64 * KiB);
 		verify(img, &m);
 		img_close(img);
@@ -436,7 +432,7 @@ START_TEST(t_reftable_growth)
 	t0 = s->rc.table_offset;
 	for (off = 0; off < 6 * MiB; off += 96 * KiB)
 		do_write(img, &m, off, 64 * KiB, (unsigned)(off >> 10));
-	ck_assert_int_eq(img->drv->flush(img), 0);
+	ck_assert_int_eq(img_flush(img), 0);
 	ck_assert_uint_ne(s->rc.table_offset, t0);
 	verify(img, &m);
 	img_close(img);
@@ -465,10 +461,9 @@ START_TEST(t_refcount_widths)
 		img = open_rw(p);
 		do_write(img, &m, 0, 1 * MiB, 1);
 		do_write(img, &m, 2 * MiB + 512, 700 * KiB, 2);
-		ck_assert_int_eq(img->drv->discard(img, 256 * KiB, 256 * KiB),
-				 0);
+		ck_assert_int_eq(img_discard(img, 256 * KiB, 256 * KiB), 0);
 		memset(m.b + 256 * KiB, 0, 256 * KiB);
-		ck_assert_int_eq(img->drv->flush(img), 0);
+		ck_assert_int_eq(img_flush(img), 0);
 		do_write(img, &m, 3 * MiB, 512 * KiB, 3);
 		verify(img, &m);
 		img_close(img);
@@ -494,20 +489,20 @@ START_TEST(t_extl2)
 	img = open_rw(p);
 	/* Subcluster 1 only (2 KiB each): the rest stays unallocated. */
 	do_write(img, &m, 2048 + 512, 512, 1);
-	ck_assert_int_eq(img->drv->block_status(img, 0, 64 * KiB, &e), 0);
+	ck_assert_int_eq(img_block_status(img, 0, 64 * KiB, &e), 0);
 	ck_assert_int_eq(e.status, IMG_UNALLOC);
 	ck_assert_uint_eq(e.len, 2048);
-	ck_assert_int_eq(img->drv->block_status(img, 2048, 64 * KiB, &e), 0);
+	ck_assert_int_eq(img_block_status(img, 2048, 64 * KiB, &e), 0);
 	ck_assert_int_eq(e.status, IMG_DATA);
 	ck_assert_uint_eq(e.len, 2048);
 	/* Partial subclusters on both sides, in an allocated cluster. */
 	do_write(img, &m, 6 * 2048 + 1024, 3 * 2048, 2);
 	/* Whole subclusters zeroed, partial ones written as zeros. */
-	ck_assert_int_eq(
-		img->drv->write_zeroes(img, 128 * KiB + 1024, 8 * 2048, 0), 0);
+	ck_assert_int_eq(img_write_zeroes(img, 128 * KiB + 1024, 8 * 2048, 0),
+			 0);
 	memset(m.b + 128 * KiB + 1024, 0, 8 * 2048);
 	do_write(img, &m, 1 * MiB, 200 * KiB, 3);
-	ck_assert_int_eq(img->drv->discard(img, 1 * MiB, 64 * KiB), 0);
+	ck_assert_int_eq(img_discard(img, 1 * MiB, 64 * KiB), 0);
 	memset(m.b + 1 * MiB, 0, 64 * KiB);
 	verify(img, &m);
 	img_close(img);
@@ -529,13 +524,12 @@ START_TEST(t_stream_runs)
 	model_init(&m, o.size, NULL);
 	img = open_rw(p);
 	while (off < 2 * MiB) {
-		ck_assert_int_eq(img->drv->alloc_run(img, off, 16, &host, &got),
-				 0);
+		ck_assert_int_eq(img_alloc_run(img, off, 16, &host, &got), 0);
 		ck_assert_uint_ge(got, 1);
 		fill(buf, got * 65536, (unsigned)off);
 		ck_assert_int_eq(sio_pwrite(img->file, buf, got * 65536, host),
 				 0);
-		ck_assert_int_eq(img->drv->commit_run(img, off, got, host), 0);
+		ck_assert_int_eq(img_commit_run(img, off, got, host), 0);
 		memcpy(m.b + off, buf, got * 65536);
 		off += got * 65536;
 		total++;
@@ -544,9 +538,9 @@ START_TEST(t_stream_runs)
 	ck_assert_uint_eq(total, 2);
 	/* A cluster written meanwhile keeps the newer data. */
 	do_write(img, &m, 4 * MiB, 65536, 9);
-	ck_assert_int_eq(img->drv->alloc_run(img, 4 * MiB, 1, &host, &got), 0);
-	ck_assert_int_eq(img->drv->commit_run(img, 4 * MiB, 1, host), 0);
-	ck_assert_int_eq(img->drv->flush(img), 0);
+	ck_assert_int_eq(img_alloc_run(img, 4 * MiB, 1, &host, &got), 0);
+	ck_assert_int_eq(img_commit_run(img, 4 * MiB, 1, host), 0);
+	ck_assert_int_eq(img_flush(img), 0);
 	verify(img, &m);
 	img_close(img);
 	reopen_verify(p, &m);
@@ -570,7 +564,7 @@ START_TEST(t_l2_eviction)
 	/* One L2 table covers 32 KiB: touch many of them, twice. */
 	for (off = 0; off < o.size; off += 40 * KiB)
 		do_write(img, &m, off, 1024, (unsigned)(off >> 9));
-	ck_assert_int_eq(img->drv->discard(img, 0, 1 * MiB), 0);
+	ck_assert_int_eq(img_discard(img, 0, 1 * MiB), 0);
 	memset(m.b, 0, 1 * MiB);
 	for (off = 512; off < o.size; off += 24 * KiB)
 		do_write(img, &m, off, 512, (unsigned)(off >> 9) + 1);
@@ -618,7 +612,7 @@ START_TEST(t_set_backing)
 	img_close(img);
 
 	img = open_rw(p);
-	ck_assert_int_eq(img->drv->set_backing(img, "hb.raw", "raw"), 0);
+	ck_assert_int_eq(img_set_backing(img, "hb.raw", "raw"), 0);
 	ck_assert_str_eq(img->backing_name, "hb.raw");
 	img_close(img);
 
@@ -646,7 +640,7 @@ START_TEST(t_set_backing)
 
 	/* Remove the backing file; a too long name does not fit. */
 	img = open_rw(p);
-	ck_assert_int_eq(img->drv->set_backing(img, NULL, "raw"), 0);
+	ck_assert_int_eq(img_set_backing(img, NULL, "raw"), 0);
 	ck_assert_ptr_null(img->backing_name);
 	ck_assert_ptr_null(img->backing_fmt);
 	img_close(img);
@@ -670,7 +664,7 @@ START_TEST(t_set_backing_nospace)
 	img = open_rw(p);
 	memset(name, 'x', sizeof(name) - 1);
 	name[sizeof(name) - 1] = '\0';
-	ck_assert_int_eq(img->drv->set_backing(img, name, "raw"), -ENOSPC);
+	ck_assert_int_eq(img_set_backing(img, name, "raw"), -ENOSPC);
 	ck_assert_ptr_null(img->backing_name);
 	img_close(img);
 }
@@ -767,9 +761,9 @@ START_TEST(t_crash_prefixes)
 		shrink_l2cache(img, 2);
 		/* A first, durable state. */
 		do_write(img, &old, 0, 64 * KiB, 1);
-		ck_assert_int_eq(img->drv->discard(img, 0, 16 * KiB), 0);
+		ck_assert_int_eq(img_discard(img, 0, 16 * KiB), 0);
 		memset(old.b, 0, 16 * KiB);
-		ck_assert_int_eq(img->drv->flush(img), 0);
+		ck_assert_int_eq(img_flush(img), 0);
 		model_init(&m, o.size, NULL);
 		memcpy(m.b, old.b, o.size);
 
@@ -777,17 +771,17 @@ START_TEST(t_crash_prefixes)
 		fill(buf, wlen, 7);
 		/* m: what each attempted operation would leave. */
 		memcpy(m.b + 32 * KiB + 512, buf, wlen);
-		ret = img->drv->pwrite(img, buf, wlen, 32 * KiB + 512);
+		ret = img_pwrite(img, buf, wlen, 32 * KiB + 512);
 		if (!ret) {
 			memset(m.b + 1 * MiB, 0, 64 * KiB);
-			ret = img->drv->write_zeroes(img, 1 * MiB, 64 * KiB, 0);
+			ret = img_write_zeroes(img, 1 * MiB, 64 * KiB, 0);
 		}
 		if (!ret) {
 			memset(m.b + 16 * KiB, 0, 16 * KiB);
-			ret = img->drv->discard(img, 16 * KiB, 16 * KiB);
+			ret = img_discard(img, 16 * KiB, 16 * KiB);
 		}
 		if (!ret)
-			ret = img->drv->flush(img);
+			ret = img_flush(img);
 		if (!ret)
 			done = 1; /* k writes were enough for everything */
 		img_close(img);
