@@ -385,6 +385,7 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 	if (ret < 0)
 		goto out;
 	d->size = d->img->size;
+	d->cluster_size = d->img->cluster_size;
 	ret = disk_start(d);
 	if (ret < 0)
 		goto out;

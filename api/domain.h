@@ -100,6 +100,8 @@ struct disk_cmd {
 	bool set_bandwidth; /* a step: apply bandwidth */
 	uint64_t max_bytes;
 	uint64_t max_clusters;
+	unsigned queue_depth; /* extents in flight, 0: default */
+	uint64_t extent_size; /* 0: default */
 	const char *base; /* NULL: whole chain */
 	struct guest_stats stats; /* DISK_CMD_GUEST_STATS */
 
@@ -115,6 +117,7 @@ struct disk {
 	struct disk *next; /* dom->disks, attach order */
 	char *path;
 	uint64_t size; /* virtual size: set at attach, never changed */
+	uint64_t cluster_size; /* the top's: set at attach, never changed */
 	unsigned refs; /* dom->lock */
 
 	/* dom->lock */

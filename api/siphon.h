@@ -204,6 +204,9 @@ struct siphon_block_stream_params {
 			       one extent more at most), 0: default */
 	uint64_t max_clusters; /* incremental: clusters scanned per call,
 				  0: default */
+	/* Since 0.1.1: fixed pipeline shape (0: the engine's default). */
+	unsigned queue_depth; /* copy extents in flight, at most 1024 */
+	uint64_t extent_size; /* bytes per copy extent, 512 B .. 64 MiB */
 };
 
 /*
@@ -320,12 +323,22 @@ struct siphon_block_stream_info_ex {
 	uint64_t bytes_zero; /* zeros: not written as data */
 	uint64_t rate; /* bytes/s copied, recent */
 	uint64_t bandwidth; /* the limit, 0: unlimited */
+	/* Since 0.1.1: progress in the top's clusters (cur/end decoded). */
+	uint64_t clusters_done; /* every cluster below this one is local */
+	uint64_t clusters; /* the top's clusters */
+	uint64_t cluster_size; /* bytes */
 };
+
+/* The size of the first version of struct siphon_block_stream_info_ex. */
+#define SIPHON_BLOCK_STREAM_INFO_EX_V1_SIZE                        \
+	(offsetof(struct siphon_block_stream_info_ex, bandwidth) + \
+	 sizeof(uint64_t))
 
 /*
  * Like siphon_get_block_stream_info, with more per stream. The array's
- * element size is info[0].size (set by the caller; at least the first
- * version's size); each element's size member is set to the bytes written.
+ * element size is info[0].size (set by the caller; at least
+ * SIPHON_BLOCK_STREAM_INFO_EX_V1_SIZE); each element's size member is set to
+ * the bytes written (a caller's older, shorter struct gets its own fields).
  * flags: SIPHON_INFO_ALL adds the ended streams.
  * Returns the number of matching streams (may exceed nr). Errors: -EINVAL
  * (dom NULL, info NULL with nr > 0, info[0].size too small, flags).

@@ -65,6 +65,8 @@ static int job_new(struct disk *d, const struct disk_cmd *cmd, bool continuous)
 	so.base = base;
 	so.q = d->q;
 	so.speed = cmd->bandwidth;
+	so.max_inflight = cmd->queue_depth;
+	so.extent_bytes = cmd->extent_size;
 	so.lock = guest_stream_lock;
 	so.unlock = guest_stream_unlock;
 	so.lock_opaque = d->guest;
@@ -376,6 +378,13 @@ siphon_block_stream_ex(siphon_domain *dom, const char *path, uint64_t *cursor,
 		return ret;
 	if (prm.base && prm.base[0] == '\0')
 		prm.base = NULL;
+	if (prm.queue_depth > 1024 ||
+	    (prm.extent_size &&
+	     (prm.extent_size < 512 || prm.extent_size > (64u << 20))))
+		return sx_error(EINVAL,
+				"%s: queue_depth takes 1..1024 and extent_size "
+				"512 B..64 MiB",
+				path);
 	if (!(flags & SIPHON_STREAM_CONTINUOUS) && !cursor)
 		return sx_error(EINVAL,
 				"%s: incremental stream without a "
@@ -387,6 +396,8 @@ siphon_block_stream_ex(siphon_domain *dom, const char *path, uint64_t *cursor,
 
 	cmd.base = prm.base;
 	cmd.bandwidth = prm.bandwidth;
+	cmd.queue_depth = prm.queue_depth;
+	cmd.extent_size = prm.extent_size;
 	cmd.set_bandwidth = params != NULL;
 	cmd.max_bytes =
 		prm.max_bytes ? prm.max_bytes : SIPHON_STREAM_DEFAULT_MAX_BYTES;
@@ -533,6 +544,9 @@ static void fill_info_ex(struct siphon_block_stream_info_ex *x,
 	x->bytes_zero = r->progress.bytes_zero;
 	x->rate = r->state == SIPHON_STREAM_RUNNING ? r->progress.rate : 0;
 	x->bandwidth = r->speed;
+	x->clusters_done = r->progress.cur;
+	x->clusters = r->progress.end;
+	x->cluster_size = d->cluster_size;
 }
 
 SIPHON_API int
@@ -558,9 +572,10 @@ siphon_get_block_stream_info_ex(siphon_domain *dom,
 		if (!info)
 			return sx_error(EINVAL, "info is NULL");
 		stride = info[0].size;
-		if (stride < sizeof(x))
+		if (stride < SIPHON_BLOCK_STREAM_INFO_EX_V1_SIZE)
 			return sx_error(EINVAL, "info size %zu too small (%zu)",
-					stride, sizeof(x));
+					stride,
+					SIPHON_BLOCK_STREAM_INFO_EX_V1_SIZE);
 	}
 	pthread_mutex_lock(&dom->lock);
 	for (d = dom->disks; d; d = d->next) {
@@ -574,8 +589,12 @@ siphon_get_block_stream_info_ex(siphon_domain *dom,
 		}
 		if (count < nr) {
 			fill_info_ex(&x, d, rp);
-			/* A newer caller's struct is longer: leave its tail. */
-			memcpy((char *)info + count * stride, &x, sizeof(x));
+			/*
+			 * A newer caller's struct is longer: leave its tail;
+			 * an older one's shorter: fill what it has.
+			 */
+			x.size = stride < sizeof(x) ? stride : sizeof(x);
+			memcpy((char *)info + count * stride, &x, x.size);
 		}
 		count++;
 	}

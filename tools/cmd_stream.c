@@ -1,49 +1,69 @@
 /*
  * `siphon stream`: offline population of an image from its backing chain.
  *
- * Opens the image read-write (its chain read-only), runs the stream engine
- * to the end on one io_uring queue, and drops the backing reference (or
- * points it at --base). On a terminal it draws a progress line on stderr;
- * with --output=json it prints JSON lines on stdout: progress events, then
- * one summary. Ctrl-C (SIGINT) or SIGTERM abort cleanly: in-flight work
- * completes, metadata is flushed, and a later run resumes where it stopped.
+ * A client of the public API, running exactly the path a VMM runs: a domain
+ * with the image attached (read-write, its chain read-only), a CONTINUOUS
+ * stream, progress from siphon_get_block_stream_info_ex() while it runs and
+ * the domain's event when it ends; the engine drops the backing reference
+ * (or points it at --base). On a terminal it draws a progress line on
+ * stderr; with --output=json it prints JSON lines on stdout: progress
+ * events, then one summary. Ctrl-C (SIGINT) or SIGTERM abort cleanly
+ * (siphon_block_stream_abort): in-flight work completes, metadata is
+ * flushed, and a later run resumes where it stopped.
+ *
+ * The signal handler only writes a byte to a pipe; the main loop polls that
+ * pipe next to the domain's event fd, so no siphon call runs in a handler.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "common/error.h"
-#include "engine/stream.h"
-#include "formats/image.h"
-#include "io/io.h"
+#include "siphon.h"
 #include "cmd.h"
 #include "json.h"
 
 /* Exit code when interrupted, as shells report a SIGINT death. */
 #define TOOL_INTERRUPTED 130
 
-static struct stream *volatile running;
+/* Written by the signal handler, polled by the main loop. */
+static int sig_pipe[2] = {-1, -1};
 
 static void on_signal(int sig)
 {
-	(void)sig;
-	/* stream_request_abort only stores to a lock-free atomic. */
-	if (running)
-		stream_request_abort(running);
+	char c = (char)sig;
+	int saved = errno;
+
+	if (write(sig_pipe[1], &c, 1) < 0) {
+		/* full: an abort is already pending */
+	}
+	errno = saved;
 }
+
+/* What the tool shows of a stream, from the extended info. */
+struct stream_progress {
+	uint64_t cur; /* clusters below cur are local */
+	uint64_t end; /* clusters of the top */
+	uint64_t bytes_copied;
+	uint64_t bytes_skipped;
+	uint64_t bytes_zero;
+	uint64_t rate;
+	bool finalized;
+};
 
 struct stream_ui {
 	enum tool_output output;
 	bool bar;
-	uint32_t cluster_size;
 	struct timespec t0;
 };
 
@@ -149,25 +169,6 @@ static int parse_size(const char *s, uint64_t *out)
 	return 0;
 }
 
-/* The layer of top's chain that is the file at path. */
-static int find_base(struct img *top, const char *path, struct img **out)
-{
-	struct stat want, st;
-	struct img *l;
-
-	if (stat(path, &want) < 0)
-		return sx_error(errno, "%s: %s", path, strerror(errno));
-	for (l = top->backing; l; l = l->backing) {
-		if (stat(l->path, &st) == 0 && st.st_dev == want.st_dev &&
-		    st.st_ino == want.st_ino) {
-			*out = l;
-			return 0;
-		}
-	}
-	return sx_error(EINVAL, "%s: not in the backing chain of %s", path,
-			top->path);
-}
-
 static void stream_help(FILE *out)
 {
 	fprintf(out,
@@ -184,8 +185,10 @@ static void stream_help(FILE *out)
 		"                        the chain); IMAGE's backing becomes BASE\n"
 		"  -s, --speed RATE      limit to RATE bytes/s (K, M, G suffixes;\n"
 		"                        0 = unlimited, the default)\n"
-		"  -q, --queue-depth N   extents in flight (default %d)\n"
-		"  -e, --extent-size SZ  bytes per extent (default %d KiB)\n"
+		"  -q, --queue-depth N   copy extents in flight, 1..1024 (default: the\n"
+		"                        engine's, 8 today)\n"
+		"  -e, --extent-size SZ  bytes per extent, 512..64M (default: the\n"
+		"                        engine's, 1M today)\n"
 		"      --progress        draw progress on stderr (default on a\n"
 		"                        terminal)\n"
 		"      --no-progress     do not\n"
@@ -196,7 +199,6 @@ static void stream_help(FILE *out)
 		"\n"
 		"%s"
 		"  130 interrupted; the image is consistent, run again to resume\n",
-		STREAM_DEFAULT_INFLIGHT, STREAM_DEFAULT_EXTENT / 1024,
 		tool_exit_help);
 }
 
@@ -243,6 +245,91 @@ static void summary(const struct stream_ui *ui, const char *path,
 			tool_human_size(p->bytes_copied, b1, sizeof(b1)));
 }
 
+/* A snapshot of the stream of disk `abs` (the last one once it ended). */
+static int get_progress(siphon_domain *dom, const char *abs,
+			struct stream_progress *p,
+			struct siphon_block_stream_info_ex *out)
+{
+	struct siphon_block_stream_info_ex x[4];
+	int n, i;
+
+	memset(x, 0, sizeof(x));
+	x[0].size = sizeof(x[0]);
+	n = siphon_get_block_stream_info_ex(dom, x, 4, SIPHON_INFO_ALL);
+	if (n < 0)
+		return n;
+	for (i = 0; i < n && i < 4; i++) {
+		if (strcmp(x[i].path, abs))
+			continue;
+		p->cur = x[i].clusters_done;
+		p->end = x[i].clusters;
+		p->bytes_copied = x[i].bytes_copied;
+		p->bytes_skipped = x[i].bytes_skipped;
+		p->bytes_zero = x[i].bytes_zero;
+		p->rate = x[i].rate;
+		p->finalized = x[i].state == SIPHON_STREAM_COMPLETED;
+		if (out)
+			*out = x[i];
+		return 1;
+	}
+	return 0;
+}
+
+/*
+ * Wait for the stream's end event, reporting progress every progress_ms
+ * and turning a signal into an abort. Returns 0 (completed), -ECANCELED
+ * (aborted), or the failure's -errno with its message recorded.
+ */
+static int wait_stream(siphon_domain *dom, const char *abs,
+		       struct stream_ui *ui, int progress_ms)
+{
+	struct siphon_event ev = {.size = sizeof(ev)};
+	struct pollfd pfd[2];
+	struct stream_progress p;
+	bool aborting = false;
+	int ret;
+
+	pfd[0].fd = siphon_domain_event_fd(dom);
+	pfd[0].events = POLLIN;
+	pfd[1].fd = sig_pipe[0];
+	pfd[1].events = POLLIN;
+	for (;;) {
+		ret = siphon_domain_next_event(dom, &ev);
+		if (ret < 0)
+			return ret;
+		if (ret > 0 && !strcmp(ev.path, abs))
+			break;
+		if (poll(pfd, 2, progress_ms) < 0 && errno != EINTR)
+			return sx_error(-errno, "poll: %s", strerror(errno));
+		if ((pfd[1].revents & POLLIN) && !aborting) {
+			char c;
+
+			if (read(sig_pipe[0], &c, 1) < 0) {
+				/* drained by an earlier read */
+			}
+			aborting = true;
+			ret = siphon_block_stream_abort(dom, abs,
+							SIPHON_ABORT_ASYNC);
+			if (ret < 0 && ret != -ESRCH)
+				return ret;
+		}
+		if (!(pfd[0].revents & POLLIN) &&
+		    get_progress(dom, abs, &p, NULL) > 0)
+			on_progress(ui, &p);
+	}
+	switch (ev.kind) {
+	case SIPHON_EVENT_STREAM_COMPLETED:
+		return 0;
+	case SIPHON_EVENT_STREAM_CANCELLED:
+		return sx_error(-ECANCELED, "%s: stream aborted", abs);
+	default:
+		return sx_error(-(ev.error ? ev.error : EIO), "%s",
+				ev.message[0]
+					? ev.message
+					: strerror(ev.error ? ev.error : EIO));
+	}
+}
+
 static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -257,28 +344,30 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
-	const char *fmt = NULL, *base_path = NULL, *path;
-	struct stream_opts so = {0};
+	struct siphon_block_stream_params prm = {.size = sizeof(prm)};
+	struct siphon_attach_opts ao = {.size = sizeof(ao)};
+	struct siphon_domain_opts dopt = {.size = sizeof(dopt)};
+	const char *path;
+	char abs[PATH_MAX], msg[SX_ERROR_MAX];
 	struct stream_ui ui = {0};
 	struct stream_progress p = {0};
-	struct sio_queue *q = NULL;
-	struct stream *s = NULL;
-	struct img *top = NULL;
+	siphon_domain *dom = NULL;
 	struct sigaction sa = {0}, old_int, old_term;
-	int progress = -1, c, ret, rc = TOOL_ERR;
+	int progress = -1, progress_ms = 500, c, ret, rc = TOOL_ERR;
+	bool attached = false, handlers = false;
 	uint64_t v;
 
 	while ((c = getopt_long(argc, argv, "+:f:b:s:q:e:o:h", opts, NULL)) !=
 	       -1) {
 		switch (c) {
 		case 'f':
-			fmt = optarg;
+			ao.format = optarg;
 			break;
 		case 'b':
-			base_path = optarg;
+			prm.base = optarg;
 			break;
 		case 's':
-			if (parse_size(optarg, &so.speed) < 0)
+			if (parse_size(optarg, &prm.bandwidth) < 0)
 				return tool_usage(cmd, "bad --speed '%s'",
 						  optarg);
 			break;
@@ -286,14 +375,14 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 			if (parse_size(optarg, &v) < 0 || v < 1 || v > 1024)
 				return tool_usage(
 					cmd, "--queue-depth takes 1..1024");
-			so.max_inflight = (unsigned)v;
+			prm.queue_depth = (unsigned)v;
 			break;
 		case 'e':
 			if (parse_size(optarg, &v) < 0 || v < 512 ||
 			    v > (64u << 20))
 				return tool_usage(
 					cmd, "--extent-size takes 512..64M");
-			so.extent_bytes = v;
+			prm.extent_size = v;
 			break;
 		case 'P':
 			progress = 1;
@@ -317,42 +406,58 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		return tool_usage(cmd, "expected one IMAGE");
 	path = argv[optind];
 	ui.bar = progress == 1 || (progress == -1 && isatty(STDERR_FILENO));
+	/* JSON without progress: only the summary. */
 	if (ui.output == TOOL_OUT_JSON && progress == 0)
-		so.progress_ms = UINT32_MAX;
+		progress_ms = -1;
+	else if (ui.output != TOOL_OUT_JSON && !ui.bar)
+		progress_ms = -1;
 
-	ret = img_open(path, fmt, IMG_OPEN_RDWR, &top);
-	if (ret < 0)
+	/* Disks are named by the absolute path of their image. */
+	if (!realpath(path, abs)) {
+		ret = sx_error(-errno, "%s: %s", path, strerror(errno));
 		goto fail;
-	if (base_path) {
-		ret = find_base(top, base_path, &so.base);
-		if (ret < 0)
-			goto fail;
 	}
-	so.max_inflight =
-		so.max_inflight ? so.max_inflight : STREAM_DEFAULT_INFLIGHT;
-	ret = sio_queue_create(so.max_inflight * 4, &q);
+	if (pipe2(sig_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
+		ret = sx_error(-errno, "pipe: %s", strerror(errno));
+		goto fail;
+	}
+	/* Room for every extent's reads and writes. */
+	if (prm.queue_depth)
+		dopt.queue_depth = prm.queue_depth * 4;
+	ret = siphon_domain_create(&dopt, &dom);
 	if (ret < 0)
 		goto fail;
-	so.top = top;
-	so.q = q;
-	so.progress = on_progress;
-	so.progress_opaque = &ui;
-	ret = stream_create(&so, &s);
+	ret = siphon_disk_attach(dom, abs, &ao);
 	if (ret < 0)
 		goto fail;
+	attached = true;
 
 	clock_gettime(CLOCK_MONOTONIC, &ui.t0);
-	running = s;
 	sa.sa_handler = on_signal;
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGINT, &sa, &old_int);
 	sigaction(SIGTERM, &sa, &old_term);
-	ret = stream_run(s, UINT64_MAX, 0);
-	sigaction(SIGINT, &old_int, NULL);
-	sigaction(SIGTERM, &old_term, NULL);
-	running = NULL;
+	handlers = true;
+	ret = siphon_block_stream_ex(dom, abs, NULL, SIPHON_STREAM_CONTINUOUS,
+				     &prm);
+	if (ret < 0)
+		goto fail;
+	if (progress_ms >= 0 && get_progress(dom, abs, &p, NULL) > 0)
+		on_progress(&ui, &p);
+	ret = wait_stream(dom, abs, &ui, progress_ms);
 
-	stream_get_progress(s, &p);
+	/* The final counters, as the engine left them; keep the message. */
+	snprintf(msg, sizeof(msg), "%s", sx_last_error());
+	/* Like every progress line, the last one is drawn in any case. */
+	if (get_progress(dom, abs, &p, NULL) > 0)
+		on_progress(&ui, &p);
+	if (ret == -ECANCELED)
+		sx_error(ret,
+			 "%s: stream aborted at cluster %" PRIu64
+			 " of %" PRIu64,
+			 abs, p.cur, p.end);
+	else if (ret < 0)
+		sx_error(ret, "%s", msg[0] ? msg : strerror(-ret));
 	summary(&ui, path, &p, ret);
 	if (ret == -ECANCELED)
 		rc = TOOL_INTERRUPTED;
@@ -364,9 +469,18 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 fail:
 	rc = tool_fail(ret);
 out:
-	stream_destroy(s);
-	sio_queue_destroy(q);
-	img_close(top);
+	if (attached && siphon_disk_detach(dom, abs, 0) < 0 && rc == TOOL_OK)
+		rc = tool_fail(-EIO);
+	siphon_domain_close(dom);
+	if (handlers) {
+		sigaction(SIGINT, &old_int, NULL);
+		sigaction(SIGTERM, &old_term, NULL);
+	}
+	if (sig_pipe[0] >= 0) {
+		close(sig_pipe[0]);
+		close(sig_pipe[1]);
+		sig_pipe[0] = sig_pipe[1] = -1;
+	}
 	return rc;
 }
 
