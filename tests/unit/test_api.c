@@ -405,6 +405,30 @@ START_TEST(test_continuous_completes)
 	ck_assert_uint_gt(x.bytes_copied, 0);
 	ck_assert_uint_gt(x.bytes_skipped, 0);
 	ck_assert_str_eq(x.base, "");
+	/* Progress in clusters: all of them local. */
+	ck_assert_uint_gt(x.clusters, 0);
+	ck_assert_uint_eq(x.clusters_done, x.clusters);
+	ck_assert_uint_eq(x.cluster_size, 65536);
+	ck_assert_uint_eq(x.size, sizeof(x));
+	/* A caller built against the first version gets its fields only. */
+	{
+		struct siphon_block_stream_info_ex v1[2];
+
+		memset(v1, 0xee, sizeof(v1));
+		v1[0].size = SIPHON_BLOCK_STREAM_INFO_EX_V1_SIZE;
+		ck_assert_int_eq(siphon_get_block_stream_info_ex(
+					 dom, v1, 1, SIPHON_INFO_ALL),
+				 1);
+		ck_assert_uint_eq(v1[0].size,
+				  SIPHON_BLOCK_STREAM_INFO_EX_V1_SIZE);
+		ck_assert_int_eq(v1[0].state, SIPHON_STREAM_COMPLETED);
+		/* Past the first version's end: untouched. */
+		ck_assert_uint_eq(v1[0].clusters_done, 0xeeeeeeeeeeeeeeeeull);
+		v1[0].size = SIPHON_BLOCK_STREAM_INFO_EX_V1_SIZE - 1;
+		ck_assert_int_eq(siphon_get_block_stream_info_ex(
+					 dom, v1, 1, SIPHON_INFO_ALL),
+				 -EINVAL);
+	}
 	/* Nothing more to stream: a new stream completes at once. */
 	ck_assert_int_eq(
 		siphon_block_stream(dom, top, NULL, SIPHON_STREAM_CONTINUOUS),
