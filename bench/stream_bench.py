@@ -11,6 +11,8 @@ repetitions each, with the page cache dropped before every run (when root):
   img-rebase   qemu-img rebase -f qcow2 -b '' -t none -T none
   img-convert  qemu-img convert -O qcow2 -t none -T none
   siphon       siphon stream
+  siphon-ref   the same with another build (--siphon-ref), e.g. the
+               previous commit's, to compare two versions in one run
 
 Every result is checked with qemu-img compare (against the original chain)
 and qemu-img check. Prints a table of median seconds, spread, MiB/s and the
@@ -20,7 +22,7 @@ siphon's peak resident memory (/usr/bin/time -v) for both cases.
 
 Usage: bench/stream_bench.py [--size 1G] [--cluster-size 64k] [--reps 3]
        [--dir /var/tmp/siphon-bench] [--siphon build/tools/siphon]
-       [--sparse-tib]
+       [--sparse-tib] [--siphon-ref OTHER/build/tools/siphon]
 """
 import argparse
 import json
@@ -230,6 +232,9 @@ def main():
     ap.add_argument("--siphon", default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "build", "tools",
         "siphon"))
+    ap.add_argument("--siphon-ref", default="",
+                    help="another siphon binary, timed the same way "
+                    "(row siphon-ref)")
     ap.add_argument("--sparse-tib", action="store_true",
                     help="also stream a 1 TiB sparse overlay with the same "
                     "amount of data")
@@ -295,6 +300,11 @@ def bench(a, d):
                            "--no-progress", top])
             rss["dense"] = max(rss.get("dense", 0), rss_kib(p.stderr))
             record("siphon", el, verify(d, top, pristine, base))
+        if a.siphon_ref and want("siphon-ref"):
+            top = fresh_top(d, pristine)
+            el, p = timed([os.path.abspath(a.siphon_ref), "stream",
+                           "--no-progress", top])
+            record("siphon-ref", el, verify(d, top, pristine, base))
 
     if a.sparse_tib and want("siphon"):
         sd = os.path.join(d, "sparse")
@@ -323,7 +333,8 @@ def bench(a, d):
     if "siphon" in med:
         s = med["siphon"]
         for peer, target in (("qsd-stream", 1.5), ("img-rebase", 1.0),
-                             ("fio-seq", 0.9), ("fio-both", 0.9)):
+                             ("fio-seq", 0.9), ("fio-both", 0.9),
+                             ("siphon-ref", 1.0)):
             if peer in med:
                 print("siphon vs %-11s %.2fx  (target >= %.1fx)" %
                       (peer, med[peer] / s, target))
