@@ -61,6 +61,13 @@ struct sync_ring {
 };
 
 static _Thread_local struct sync_ring tl_ring;
+/* Device round trips this thread waited for (sio_sync_waits()). */
+static _Thread_local uint64_t tl_sync_waits;
+
+uint64_t sio_sync_waits(void)
+{
+	return tl_sync_waits;
+}
 static pthread_key_t ring_key;
 static pthread_once_t ring_once = PTHREAD_ONCE_INIT;
 static int ring_key_err;
@@ -181,6 +188,7 @@ static int sync_op(struct io_uring *ring, enum sio_op op, int fd, void *buf,
 		io_uring_prep_nop(sqe);
 		break;
 	}
+	tl_sync_waits++;
 	do {
 		ret = io_uring_submit_and_wait(ring, 1);
 	} while (ret == -EINTR || ret == -EAGAIN || ret == -EBUSY);
@@ -471,6 +479,7 @@ static int write_batch(struct io_uring *ring, struct sio_file *f,
 				    (unsigned)v[idx[i]].len, v[idx[i]].off);
 		io_uring_sqe_set_data64(sqe, i);
 	}
+	tl_sync_waits++;
 	do {
 		sret = io_uring_submit_and_wait(ring, n);
 	} while (sret == -EINTR || sret == -EAGAIN || sret == -EBUSY);
@@ -750,6 +759,7 @@ int sio_file_truncate(struct sio_file *f, uint64_t size)
 		return sx_error(-EFBIG,
 				"%s: truncate to %" PRIu64 ": too large",
 				f->path, size);
+	tl_sync_waits++;
 	if (ftruncate(f->fd, (off_t)size) < 0)
 		return sx_error(-errno, "%s: truncate to %" PRIu64 ": %s",
 				f->path, size, strerror(errno));

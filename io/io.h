@@ -82,6 +82,14 @@ int sio_file_truncate(struct sio_file *f, uint64_t size);
 void *sio_buf_alloc(size_t len);
 void sio_buf_free(void *buf);
 
+/*
+ * How many times the calling thread has waited for the device in the
+ * synchronous helpers below (one per request or batch, truncates
+ * included). An engine thread that must never wait for I/O reads it before
+ * and after its work to prove it (or to report what still waits).
+ */
+uint64_t sio_sync_waits(void);
+
 /* Synchronous helpers: 0 on success (never short), -errno on failure. */
 int sio_pread(struct sio_file *f, void *buf, size_t len, uint64_t off);
 int sio_pwrite(struct sio_file *f, const void *buf, size_t len, uint64_t off);

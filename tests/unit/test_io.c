@@ -211,6 +211,51 @@ START_TEST(test_sync_roundtrip)
 }
 END_TEST
 
+/* Every synchronous round trip counts, and only on its own thread. */
+static void *count_in_thread(void *arg)
+{
+	struct sio_file *f = arg;
+	uint64_t w0 = sio_sync_waits();
+	unsigned char b[512];
+
+	ck_assert_int_eq(sio_pread(f, b, sizeof(b), 0), 0);
+	return (void *)(uintptr_t)(sio_sync_waits() - w0);
+}
+
+START_TEST(test_sync_waits_counted)
+{
+	struct sio_file *f = open_new(disk_dir, "waits.img", 0);
+	unsigned char *buf = sio_buf_alloc(8192);
+	struct sio_wvec v[2];
+	uint64_t w0;
+	pthread_t t;
+	void *res;
+
+	ck_assert_ptr_nonnull(buf);
+	memset(buf, 7, 8192);
+	w0 = sio_sync_waits();
+	ck_assert_int_eq(sio_pwrite(f, buf, 4096, 0), 0);
+	ck_assert_uint_eq(sio_sync_waits() - w0, 1);
+	ck_assert_int_eq(sio_pread(f, buf, 4096, 0), 0);
+	ck_assert_int_eq(sio_fdatasync(f), 0);
+	ck_assert_uint_eq(sio_sync_waits() - w0, 3);
+	/* A batch is one round trip. */
+	v[0] = (struct sio_wvec){buf, 4096, 0};
+	v[1] = (struct sio_wvec){buf + 4096, 4096, 8192};
+	ck_assert_int_eq(sio_pwrite_many(f, v, 2), 0);
+	ck_assert_uint_eq(sio_sync_waits() - w0, 4);
+	ck_assert_int_eq(sio_file_truncate(f, 16384), 0);
+	ck_assert_uint_eq(sio_sync_waits() - w0, 5);
+	/* Another thread's waits are its own. */
+	ck_assert_int_eq(pthread_create(&t, NULL, count_in_thread, f), 0);
+	ck_assert_int_eq(pthread_join(t, &res), 0);
+	ck_assert_uint_eq((uintptr_t)res, 1);
+	ck_assert_uint_eq(sio_sync_waits() - w0, 5);
+	sio_buf_free(buf);
+	sio_file_close(f);
+}
+END_TEST
+
 static void past_eof(struct sio_file *f)
 {
 	unsigned char data[1000], *buf;
@@ -1044,6 +1089,7 @@ static Suite *io_suite(void)
 	tcase_add_test(tc, test_open_flags);
 	tcase_add_test(tc, test_open_direct_buffered);
 	tcase_add_test(tc, test_sync_roundtrip);
+	tcase_add_test(tc, test_sync_waits_counted);
 	tcase_add_test(tc, test_sync_pwrite_many);
 	tcase_add_test(tc, test_sync_past_eof);
 	tcase_add_test(tc, test_sync_errors);
