@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 struct img;
+struct img_port;
 struct sio_file;
 
 /* Where the bytes of a guest range of one layer live. */
@@ -208,6 +209,34 @@ struct img_driver {
 	 */
 	void (*meta_fill)(struct img *img, const struct img_meta_req *req,
 			  const void *buf);
+
+	/* ---- metadata I/O through a port (formats/port.h): Optional ---- */
+
+	/*
+	 * Start a flush (the same order as flush) whose I/O goes through
+	 * port; done(opaque, res) runs once it ended, from the port's
+	 * completion (possibly before flush_start returns, never with the
+	 * driver's lock held). 0: done will run; -errno: it will not
+	 * (-EAGAIN: a flush is in flight already).
+	 */
+	int (*flush_start)(struct img *img, struct img_port *port,
+			   void (*done)(void *opaque, int res), void *opaque);
+
+	/*
+	 * Wait until no flush started by flush_start is in flight, running
+	 * only that flush's completions. 0, or -EAGAIN when it cannot wait
+	 * here (not on the port's thread).
+	 */
+	int (*flush_wait)(struct img *img);
+
+	/*
+	 * block_status that never reads metadata: where it would (an L2
+	 * slice not cached) it returns -EAGAIN and describes the read in
+	 * *req, for meta_fill; the caller reads it, fills, and asks again.
+	 */
+	int (*block_status_nowait)(struct img *img, uint64_t off, uint64_t len,
+				   struct img_extent *ext,
+				   struct img_meta_req *req);
 };
 
 extern const struct img_driver img_driver_raw;

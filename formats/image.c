@@ -28,6 +28,7 @@
 #include "common/error.h"
 #include "formats/format.h"
 #include "formats/image.h"
+#include "formats/port.h"
 #include "io/io.h"
 #include "io/lock.h"
 
@@ -134,6 +135,9 @@ void img_close(struct img *img)
 	while (img) {
 		struct img *next = img->backing;
 
+		/* A flush in flight still uses the layer: let it end. */
+		if (img->drv && img->drv->flush_wait)
+			(void)img->drv->flush_wait(img);
 		layer_free(img, true);
 		img = next;
 	}
@@ -803,15 +807,77 @@ int img_discard(struct img *img, uint64_t off, uint64_t len)
 
 int img_set_backing(struct img *img, const char *name, const char *fmt)
 {
+	int ret;
+
 	if (!img->writable || !img->drv->set_backing)
 		return cannot(img, "change its backing file");
+	ret = img_flush_wait(img);
+	if (ret)
+		return ret;
 	return img->drv->set_backing(img, name, fmt);
+}
+
+void img_set_port(struct img *img, struct img_port *port)
+{
+	img->port = port;
+}
+
+struct img_port *img_get_port(const struct img *img)
+{
+	return img->port ? img->port : img_port_sync();
+}
+
+int img_flush_wait(struct img *img)
+{
+	if (!img->drv->flush_wait)
+		return 0;
+	return img->drv->flush_wait(img);
+}
+
+/* A driver without flush_start: the synchronous flush, then done. */
+int img_flush_start(struct img *img, struct img_port *port,
+		    void (*done)(void *opaque, int res), void *opaque)
+{
+	int ret;
+
+	if (!img->writable || !img->drv->flush)
+		return cannot(img, "flush");
+	if (img->drv->flush_start)
+		return img->drv->flush_start(
+			img, port ? port : img_get_port(img), done, opaque);
+	ret = img->drv->flush(img);
+	if (done)
+		done(opaque, ret);
+	return 0;
+}
+
+int img_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
+			    struct img_extent *ext, struct img_meta_req *req)
+{
+	if (!len || off >= img->size)
+		return sx_error(-EINVAL,
+				"%s: status of [%llu, +%llu) outside the "
+				"image (%llu)",
+				img->path, (unsigned long long)off,
+				(unsigned long long)len,
+				(unsigned long long)img->size);
+	memset(ext, 0, sizeof(*ext));
+	if (!img->drv->block_status_nowait)
+		return img_block_status(img, off, len, ext);
+	return img->drv->block_status_nowait(
+		img, off, sx_min(len, img->size - off), ext, req);
 }
 
 int img_flush(struct img *img)
 {
+	int ret;
+
 	if (!img->writable || !img->drv->flush)
 		return cannot(img, "flush");
+	/* One flush at a time: an asynchronous one in flight ends first. */
+	ret = img_flush_wait(img);
+	if (ret)
+		return ret;
 	return img->drv->flush(img);
 }
 

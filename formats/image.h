@@ -20,6 +20,8 @@
 
 #include "format.h"
 
+struct img_port;
+
 #define IMG_MAX_DEPTH 64
 
 enum img_open_flags {
@@ -56,6 +58,12 @@ struct img {
 	 */
 	int (*read_below)(struct img *img, void *buf, uint64_t len,
 			  uint64_t off);
+	/*
+	 * The port (formats/port.h) asynchronous metadata work of this layer
+	 * goes through by default: set by the engine on the disk's queue
+	 * (img_set_port), NULL for the synchronous port.
+	 */
+	struct img_port *port;
 };
 
 /*
@@ -169,8 +177,40 @@ int img_write_zeroes(struct img *img, uint64_t off, uint64_t len,
 /* Advisory: 0 when the format cannot discard. */
 int img_discard(struct img *img, uint64_t off, uint64_t len);
 int img_set_backing(struct img *img, const char *name, const char *fmt);
-/* -EROFS on an image that cannot be written. */
+/*
+ * -EROFS on an image that cannot be written. Waits for a flush started
+ * with img_flush_start() first (running only its completions), so call it
+ * on the port's thread while one may be in flight (else -EAGAIN).
+ */
 int img_flush(struct img *img);
+
+/* The default port of img's asynchronous metadata work (NULL: synchronous). */
+void img_set_port(struct img *img, struct img_port *port);
+struct img_port *img_get_port(const struct img *img);
+
+/*
+ * Start a flush whose I/O goes through port (NULL: img's port): the same
+ * crash-safe order as img_flush(), as a continuation on the port. It makes
+ * durable what was written before the call; writes made meanwhile stay
+ * for the next flush. done(opaque, res) runs exactly once when it ended
+ * (from the port's completion, maybe before img_flush_start returns).
+ * 0: done will run; -errno: it will not (-EAGAIN: one is in flight).
+ */
+int img_flush_start(struct img *img, struct img_port *port,
+		    void (*done)(void *opaque, int res), void *opaque);
+
+/* Wait for a flush started by img_flush_start() to end (see img_flush). */
+int img_flush_wait(struct img *img);
+
+/*
+ * img_block_status that does no metadata I/O: where it would have to read
+ * (an L2 slice not cached) it returns -EAGAIN and fills *req with the
+ * read; do it (e.g. on a queue), hand it to img_meta_fill() and ask again.
+ * Formats without metadata I/O (or without this entry) answer as
+ * img_block_status.
+ */
+int img_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
+			    struct img_extent *ext, struct img_meta_req *req);
 
 /* Metadata read-ahead (format.h meta_want / meta_fill). */
 bool img_can_read_ahead(const struct img *img);

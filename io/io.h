@@ -184,6 +184,17 @@ int sio_queue_submit(struct sio_queue *q, struct sio_req *req);
  */
 int sio_queue_run(struct sio_queue *q, unsigned min_complete);
 
+/*
+ * Run only the callbacks of requests that only(req) accepts, waiting as
+ * needed, until busy(arg) is false; other requests that complete meanwhile
+ * keep their result and get their callback at the next sio_queue_run().
+ * For a synchronous caller on the owner's thread that must wait for some
+ * of its own requests without running anybody else's callbacks. Returns
+ * 0, -EAGAIN when busy(arg) holds but nothing is in flight, or -errno.
+ */
+int sio_queue_run_only(struct sio_queue *q, bool (*only)(struct sio_req *req),
+		       bool (*busy)(void *arg), void *arg);
+
 /* Requests submitted whose callback has not run yet. */
 unsigned sio_queue_inflight(const struct sio_queue *q);
 

@@ -512,6 +512,68 @@ int sio_queue_run(struct sio_queue *q, unsigned min_complete)
 	return (int)sx_min(ran, INT_MAX);
 }
 
+/* Unlink and return the first finished request that `only` accepts. */
+static struct sio_req *pop_finished_only(struct sio_queue *q,
+					 bool (*only)(struct sio_req *req))
+{
+	struct sio_req **pp = &q->finished_head, *prev = NULL, *req;
+
+	for (req = *pp; req; prev = req, pp = &req->_next, req = *pp) {
+		if (!only(req))
+			continue;
+		*pp = req->_next;
+		if (q->finished_tail == req)
+			q->finished_tail = prev;
+		req->_next = NULL;
+		return req;
+	}
+	return NULL;
+}
+
+int sio_queue_run_only(struct sio_queue *q, bool (*only)(struct sio_req *req),
+		       bool (*busy)(void *arg), void *arg)
+{
+	struct io_uring_cqe *cqe;
+	struct sio_req *req;
+	int ret, res;
+
+	if (!q || !only || !busy)
+		return sx_error(-EINVAL, "sio_queue_run_only: NULL argument");
+	while (busy(arg)) {
+		req = pop_finished_only(q, only);
+		if (req) {
+			run_callback(q, req, (int)(int64_t)req->_done_bytes);
+			continue;
+		}
+		fill_ring(q);
+		if (!q->in_ring)
+			return -EAGAIN; /* nothing in flight could end it */
+		ret = io_uring_submit_and_wait(&q->ring, 1);
+		if (ret < 0 && ret != -EINTR && ret != -EAGAIN &&
+		    ret != -EBUSY && ret != -ETIME)
+			return sx_error(ret, "io_uring_submit_and_wait: %s",
+					strerror(-ret));
+		while (io_uring_peek_cqe(&q->ring, &cqe) == 0) {
+			req = io_uring_cqe_get_data(cqe);
+			res = cqe->res;
+			io_uring_cqe_seen(&q->ring, cqe);
+			q->in_ring--;
+			if (!complete_one(q, req, res, &res))
+				continue;
+			if (res >= 0)
+				res = log_done(req, res);
+			if (only(req))
+				run_callback(q, req, res);
+			else
+				finish_now(q, req, res); /* for sio_queue_run */
+		}
+	}
+	ret = io_uring_submit(&q->ring);
+	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
+		return sx_error(ret, "io_uring_submit: %s", strerror(-ret));
+	return 0;
+}
+
 unsigned sio_queue_inflight(const struct sio_queue *q)
 {
 	return q ? q->pending : 0;

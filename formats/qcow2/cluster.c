@@ -195,9 +195,27 @@ static int check_host(struct img *img, struct qcow2 *s, bool data,
  * The L2 slice holding the entry for guest cluster `cluster` whose table is
  * at l2_off. *idx is the entry's index within the slice.
  */
+static int get_slice_req(struct img *img, struct qcow2 *s, uint64_t l2_off,
+			 uint64_t cluster, uint64_t guest, uint8_t **slice,
+			 uint64_t *idx, uint64_t *slice_entries,
+			 struct img_meta_req *req);
+
 static int get_slice(struct img *img, struct qcow2 *s, uint64_t l2_off,
 		     uint64_t cluster, uint64_t guest, uint8_t **slice,
 		     uint64_t *idx, uint64_t *slice_entries)
+{
+	return get_slice_req(img, s, l2_off, cluster, guest, slice, idx,
+			     slice_entries, NULL);
+}
+
+/*
+ * get_slice; with req, a slice that is not cached is not read: -EAGAIN
+ * and *req describes the read (for meta_fill).
+ */
+static int get_slice_req(struct img *img, struct qcow2 *s, uint64_t l2_off,
+			 uint64_t cluster, uint64_t guest, uint8_t **slice,
+			 uint64_t *idx, uint64_t *slice_entries,
+			 struct img_meta_req *req)
 {
 	uint64_t per_slice = s->l2cache.slice_size / s->l2_entry_size;
 	uint64_t in_table = cluster & (s->l2_entries - 1);
@@ -219,6 +237,18 @@ static int get_slice(struct img *img, struct qcow2 *s, uint64_t l2_off,
 			(unsigned long long)guest);
 	if (ret)
 		return ret;
+	if (req && !qcow2_l2cache_has(&s->l2cache, key)) {
+		uint64_t per_guest = per_slice << s->cluster_bits;
+
+		*req = (struct img_meta_req){
+			.file = img->file,
+			.host_off = key,
+			.len = s->l2cache.slice_size,
+			.guest_off = guest - guest % per_guest,
+			.tag = s->l2cache.gen,
+		};
+		return -EAGAIN;
+	}
 	ret = qcow2_l2cache_get(&s->l2cache, key, false, slice);
 	if (ret)
 		return sx_error(
@@ -362,8 +392,28 @@ static bool looks_preallocated(struct img *img, struct qcow2 *s)
 	return s->prealloc == 2;
 }
 
+static int block_status(struct img *img, uint64_t off, uint64_t len,
+			struct img_extent *ext, struct img_meta_req *req);
+
 int qcow2_block_status(struct img *img, uint64_t off, uint64_t len,
 		       struct img_extent *ext)
+{
+	return block_status(img, off, len, ext, NULL);
+}
+
+int qcow2_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
+			      struct img_extent *ext, struct img_meta_req *req)
+{
+	return block_status(img, off, len, ext, req);
+}
+
+/*
+ * Both block_status entries; with req, an L2 slice that is not cached ends
+ * the walk: the prefix found so far is the answer, or -EAGAIN and *req
+ * when there is none.
+ */
+static int block_status(struct img *img, uint64_t off, uint64_t len,
+			struct img_extent *ext, struct img_meta_req *req)
 {
 	struct qcow2 *s = img->priv;
 	uint64_t end, cur = off;
@@ -402,8 +452,12 @@ int qcow2_block_status(struct img *img, uint64_t off, uint64_t len,
 		}
 
 		l2_off = s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK;
-		ret = get_slice(img, s, l2_off, cluster, cur, &slice, &idx,
-				&per);
+		ret = get_slice_req(img, s, l2_off, cluster, cur, &slice, &idx,
+				    &per, req);
+		if (ret == -EAGAIN && req && r.have) {
+			ret = 0; /* the prefix is the answer */
+			break;
+		}
 		if (ret)
 			goto fail;
 

@@ -626,6 +626,13 @@ int qcow2_set_backing(struct img *img, const char *name, const char *fmt)
 		return sx_error(-ENAMETOOLONG, "%s: backing format too long",
 				img->path);
 	pthread_mutex_lock(&s->lock);
+	if (qcow2_flush_busy_locked(s)) {
+		ret = sx_error(-EAGAIN,
+			       "%s: cannot change the backing file while a "
+			       "flush is in flight; retry after it",
+			       img->path);
+		goto out;
+	}
 	exts = calloc(s->n_exts + 1, sizeof(*exts));
 	buf = sio_buf_alloc(s->cluster_size);
 	if ((name && !(new_name = strdup(name))) ||

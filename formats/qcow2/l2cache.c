@@ -9,7 +9,9 @@
  *
  * Invariants: a slot is on the LRU list and in exactly one hash chain iff
  * it is used; nused <= nslots; a dirty slot is written back (store) before
- * its buffer is reused. Not thread-safe: the caller serialises.
+ * its buffer is reused; a pinned slot (a flush is writing a copy of it) is
+ * never evicted, and while no_writeback is set nothing is written back
+ * (a flush is in flight). Not thread-safe: the caller serialises.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -146,6 +148,10 @@ static void release(struct qcow2_l2cache *c, uint32_t i)
 {
 	if (c->slots[i].written)
 		mark_stale(c, c->slots[i].key);
+	if (c->slots[i].pinned) {
+		c->slots[i].pinned = false;
+		c->npinned--;
+	}
 	lru_unlink(c, i);
 	hash_remove(c, i);
 	c->slots[i].used = false;
@@ -165,6 +171,19 @@ static int take_slot(struct qcow2_l2cache *c, uint32_t *out)
 			if (!c->slots[i].used)
 				break;
 		}
+	} else if (c->no_writeback) {
+		/*
+		 * A flush is in flight: writing a slice back now could race
+		 * with its writes. Take the least recently used clean one.
+		 */
+		for (i = c->lru_tail; i != NONE; i = c->slots[i].prev) {
+			if (!c->slots[i].dirty && !c->slots[i].pinned)
+				break;
+		}
+		if (i == NONE)
+			return -EAGAIN;
+		release(c, i);
+		c->evictions++;
 	} else {
 		i = c->lru_tail;
 		if (c->slots[i].dirty) {
@@ -199,6 +218,7 @@ static void install(struct qcow2_l2cache *c, uint32_t i, uint64_t key)
 	c->slots[i].used = true;
 	c->slots[i].dirty = false;
 	c->slots[i].written = false;
+	c->slots[i].pinned = false;
 	c->nused++;
 	hash_insert(c, i);
 	lru_push_head(c, i);
@@ -329,4 +349,68 @@ int qcow2_l2cache_insert(struct qcow2_l2cache *c, uint64_t key, const void *buf,
 	install(c, i, key);
 	c->inserts++;
 	return 1;
+}
+
+int qcow2_l2cache_snapshot(struct qcow2_l2cache *c, struct qcow2_snap *snap)
+{
+	uint32_t i, n = 0;
+
+	memset(snap, 0, sizeof(*snap));
+	for (i = 0; i < c->nslots; i++)
+		n += c->slots[i].used && c->slots[i].dirty;
+	if (!n)
+		return 0;
+	snap->keys = calloc(n, sizeof(*snap->keys));
+	snap->bufs = calloc(n, sizeof(*snap->bufs));
+	snap->slots = calloc(n, sizeof(*snap->slots));
+	if (!snap->keys || !snap->bufs || !snap->slots)
+		goto nomem;
+	for (i = 0; i < c->nslots; i++) {
+		struct qcow2_l2slot *sl = &c->slots[i];
+
+		if (!sl->used || !sl->dirty)
+			continue;
+		snap->bufs[snap->n] = sio_buf_alloc(c->slice_size);
+		if (!snap->bufs[snap->n])
+			goto nomem;
+		memcpy(snap->bufs[snap->n], sl->data, c->slice_size);
+		snap->keys[snap->n] = sl->key;
+		snap->slots[snap->n++] = i;
+	}
+	for (i = 0; i < snap->n; i++) {
+		c->slots[snap->slots[i]].dirty = false;
+		c->slots[snap->slots[i]].pinned = true;
+	}
+	c->npinned += snap->n;
+	return 0;
+nomem:
+	for (i = 0; snap->bufs && i < snap->n; i++)
+		sio_buf_free(snap->bufs[i]);
+	free(snap->keys);
+	free(snap->bufs);
+	free(snap->slots);
+	memset(snap, 0, sizeof(*snap));
+	return -ENOMEM;
+}
+
+void qcow2_l2cache_unpin(struct qcow2_l2cache *c, struct qcow2_snap *snap,
+			 bool failed)
+{
+	unsigned k;
+
+	for (k = 0; k < snap->n; k++) {
+		struct qcow2_l2slot *sl = &c->slots[snap->slots[k]];
+
+		if (sl->used && sl->pinned && sl->key == snap->keys[k]) {
+			sl->pinned = false;
+			c->npinned--;
+			if (failed)
+				sl->dirty = true;
+		}
+		sio_buf_free(snap->bufs[k]);
+	}
+	free(snap->keys);
+	free(snap->bufs);
+	free(snap->slots);
+	memset(snap, 0, sizeof(*snap));
 }

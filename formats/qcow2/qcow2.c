@@ -327,4 +327,7 @@ const struct img_driver img_driver_qcow2 = {
 	.create = qcow2_create,
 	.meta_want = qcow2_meta_want,
 	.meta_fill = qcow2_meta_fill,
+	.flush_start = qcow2_flush_start,
+	.flush_wait = qcow2_flush_wait,
+	.block_status_nowait = qcow2_block_status_nowait,
 };

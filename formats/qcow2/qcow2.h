@@ -36,6 +36,7 @@
 #include "formats/format.h"
 
 struct img;
+struct img_port;
 struct sio_file;
 
 #define QCOW2_MAGIC 0x514649fbu /* "QFI\xfb" */
@@ -148,6 +149,7 @@ struct qcow2_l2slot {
 	bool used;
 	bool dirty;
 	bool written; /* dirtied since it was loaded */
+	bool pinned; /* its bytes are being written by a flush: keep it */
 };
 
 struct qcow2_l2cache {
@@ -182,6 +184,23 @@ struct qcow2_l2cache {
 	uint64_t misses;
 	uint64_t evictions;
 	uint64_t inserts; /* read-ahead slices installed */
+	/*
+	 * An asynchronous flush is in flight: no slice may be written back
+	 * (a victim must be clean and unpinned, else -EAGAIN).
+	 */
+	bool no_writeback;
+	uint32_t npinned;
+};
+
+/*
+ * Copies of dirty cached blocks taken by a flush (flush.c): slot i of the
+ * cache held keys[i] (its host offset) whose bytes were copied to bufs[i].
+ */
+struct qcow2_snap {
+	unsigned n;
+	uint64_t *keys;
+	uint8_t **bufs;
+	uint32_t *slots;
 };
 
 #define QCOW2_L2CACHE_NONE UINT32_MAX
@@ -218,6 +237,7 @@ struct qcow2_rcslot {
 	bool used;
 	bool dirty;
 	bool written; /* dirtied since it was loaded */
+	bool pinned; /* its bytes are being written by a flush: keep it */
 };
 
 #define QCOW2_RCACHE_BYTES (1u << 20)
@@ -244,6 +264,9 @@ struct qcow2_wstate {
 	uint64_t free_hint; /* first cluster index worth scanning */
 	struct qcow2_free *frees; /* deferred decreases */
 	size_t n_frees, cap_frees;
+	/* frees[0, frees_frozen) belong to the flush in flight: no merging */
+	size_t frees_frozen;
+	struct qcow2_flush *fl; /* the flush state machine (flush.c) */
 	uint8_t *zero_cluster; /* cluster_size zero bytes (aligned) */
 	/*
 	 * The file is extended (fallocated) ahead of allocation, so data
@@ -436,6 +459,19 @@ bool qcow2_l2cache_has(const struct qcow2_l2cache *c, uint64_t key);
 int qcow2_l2cache_insert(struct qcow2_l2cache *c, uint64_t key, const void *buf,
 			 uint64_t gen);
 
+/*
+ * Copy every dirty slice into snap (fresh aligned buffers), mark them clean
+ * and pinned (never evicted) until qcow2_l2cache_unpin(). -ENOMEM.
+ */
+int qcow2_l2cache_snapshot(struct qcow2_l2cache *c, struct qcow2_snap *snap);
+
+/*
+ * End of a flush's use of snap: unpin its slots (dirty again when failed:
+ * their bytes may not be on disk) and free the copies.
+ */
+void qcow2_l2cache_unpin(struct qcow2_l2cache *c, struct qcow2_snap *snap,
+			 bool failed);
+
 /* ---- compress.c ---- */
 
 /*
@@ -525,6 +561,15 @@ int qcow2_alloc_clusters(struct img *img, struct qcow2 *s, uint64_t n,
 int qcow2_free_deferred(struct img *img, struct qcow2 *s, uint64_t off,
 			uint64_t len);
 int qcow2_rc_apply_frees(struct img *img, struct qcow2 *s);
+/* Apply frees[0, n) only (those a flush made durable), keep the rest. */
+int qcow2_rc_apply_frees_upto(struct img *img, struct qcow2 *s, size_t n);
+
+/* Refcount-block counterparts of qcow2_l2cache_snapshot / _unpin. */
+int qcow2_rc_snapshot(struct qcow2 *s, struct qcow2_snap *snap);
+void qcow2_rc_unpin(struct qcow2 *s, struct qcow2_snap *snap, bool failed);
+
+/* Whether an asynchronous flush is in flight (flush.c). */
+bool qcow2_flush_busy_locked(const struct qcow2 *s);
 
 /* Write dirty refcount blocks, sync, then dirty table entries, sync. */
 int qcow2_rc_flush(struct img *img, struct qcow2 *s);
@@ -584,6 +629,15 @@ int qcow2_flush_locked(struct img *img, struct qcow2 *s);
 
 /* drv->flush. */
 int qcow2_flush(struct img *img);
+
+/* drv->flush_start, drv->flush_wait (format.h). */
+int qcow2_flush_start(struct img *img, struct img_port *port,
+		      void (*done)(void *opaque, int res), void *opaque);
+int qcow2_flush_wait(struct img *img);
+
+/* drv->block_status_nowait (cluster.c). */
+int qcow2_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
+			      struct img_extent *ext, struct img_meta_req *req);
 
 /* ---- write path (write.c) ---- */
 

@@ -315,6 +315,8 @@ static int rc_slot(struct img *img, struct qcow2 *s, uint64_t t, bool fresh,
 			slot = c;
 			break;
 		}
+		if (c->used && c->pinned)
+			continue; /* a flush is writing a copy of it */
 		if (!c->used) {
 			if (!victim || victim->used)
 				victim = c;
@@ -332,7 +334,17 @@ static int rc_slot(struct img *img, struct qcow2 *s, uint64_t t, bool fresh,
 		*out = slot;
 		return 0;
 	}
+	if (!victim)
+		return sx_error(-EAGAIN,
+				"%s: every refcount block cached is being "
+				"flushed; retry after the flush",
+				img->path);
 	if (victim->used && victim->dirty) {
+		/*
+		 * Safe while a flush is in flight too: the victim is not
+		 * pinned, so no write of this block is in flight, and a
+		 * refcount block may reach the disk at any time.
+		 */
 		ret = rc_write_slot(img, s, victim);
 		if (ret)
 			return ret;
@@ -359,6 +371,7 @@ static int rc_slot(struct img *img, struct qcow2 *s, uint64_t t, bool fresh,
 	}
 	victim->t_idx = t;
 	victim->used = true;
+	victim->pinned = false;
 	victim->dirty = fresh;
 	victim->stamp = ++w->rc_tick;
 	*out = victim;
@@ -403,6 +416,11 @@ static int rc_grow_table(struct img *img, struct qcow2 *s, uint64_t t)
 	unsigned k;
 	int ret;
 
+	if (qcow2_flush_busy_locked(s))
+		return sx_error(-EAGAIN,
+				"%s: cannot grow the refcount table while a "
+				"flush is in flight; retry after it",
+				img->path);
 	new_n = sx_max(t + 1, old_n + old_n / 2);
 	for (;;) {
 		uint64_t nb2;
@@ -701,7 +719,7 @@ int qcow2_free_deferred(struct img *img, struct qcow2 *s, uint64_t off,
 	(void)img;
 	if (!len)
 		return 0;
-	if (w->n_frees &&
+	if (w->n_frees > w->frees_frozen &&
 	    w->frees[w->n_frees - 1].cluster + w->frees[w->n_frees - 1].count ==
 		    first) {
 		w->frees[w->n_frees - 1].count += count;
@@ -740,6 +758,95 @@ int qcow2_rc_apply_frees(struct img *img, struct qcow2 *s)
 		w->n_frees--;
 	}
 	return ret;
+}
+
+int qcow2_rc_apply_frees_upto(struct img *img, struct qcow2 *s, size_t n)
+{
+	struct qcow2_wstate *w = &s->w;
+	size_t k = sx_min(n, w->n_frees), rest = w->n_frees - k;
+	int ret = 0;
+
+	/* From the last of the n down, so a failure leaves [0, k) queued. */
+	while (k) {
+		struct qcow2_free *f = &w->frees[k - 1];
+
+		while (f->count) {
+			ret = qcow2_rc_update(img, s, f->cluster + f->count - 1,
+					      -1);
+			if (ret)
+				goto out;
+			f->count--;
+		}
+		k--;
+	}
+out:
+	memmove(w->frees + k, w->frees + w->n_frees - rest,
+		rest * sizeof(*w->frees));
+	w->n_frees = k + rest;
+	return ret;
+}
+
+int qcow2_rc_snapshot(struct qcow2 *s, struct qcow2_snap *snap)
+{
+	struct qcow2_wstate *w = &s->w;
+	unsigned i, n = 0;
+
+	memset(snap, 0, sizeof(*snap));
+	for (i = 0; i < w->rc_nslots; i++)
+		n += w->rc_slots[i].used && w->rc_slots[i].dirty;
+	if (!n)
+		return 0;
+	snap->keys = calloc(n, sizeof(*snap->keys));
+	snap->bufs = calloc(n, sizeof(*snap->bufs));
+	snap->slots = calloc(n, sizeof(*snap->slots));
+	if (!snap->keys || !snap->bufs || !snap->slots)
+		goto nomem;
+	for (i = 0; i < w->rc_nslots; i++) {
+		struct qcow2_rcslot *c = &w->rc_slots[i];
+
+		if (!c->used || !c->dirty)
+			continue;
+		snap->bufs[snap->n] = sio_buf_alloc(s->cluster_size);
+		if (!snap->bufs[snap->n])
+			goto nomem;
+		memcpy(snap->bufs[snap->n], c->data, s->cluster_size);
+		snap->keys[snap->n] =
+			s->rc.table[c->t_idx] & QCOW2_REFT_OFFSET_MASK;
+		snap->slots[snap->n++] = i;
+	}
+	for (i = 0; i < snap->n; i++) {
+		w->rc_slots[snap->slots[i]].dirty = false;
+		w->rc_slots[snap->slots[i]].pinned = true;
+	}
+	return 0;
+nomem:
+	for (i = 0; snap->bufs && i < snap->n; i++)
+		sio_buf_free(snap->bufs[i]);
+	free(snap->keys);
+	free(snap->bufs);
+	free(snap->slots);
+	memset(snap, 0, sizeof(*snap));
+	return -ENOMEM;
+}
+
+void qcow2_rc_unpin(struct qcow2 *s, struct qcow2_snap *snap, bool failed)
+{
+	unsigned k;
+
+	for (k = 0; k < snap->n; k++) {
+		struct qcow2_rcslot *c = &s->w.rc_slots[snap->slots[k]];
+
+		if (c->used && c->pinned) {
+			c->pinned = false;
+			if (failed)
+				c->dirty = true;
+		}
+		sio_buf_free(snap->bufs[k]);
+	}
+	free(snap->keys);
+	free(snap->bufs);
+	free(snap->slots);
+	memset(snap, 0, sizeof(*snap));
 }
 
 int qcow2_rc_flush(struct img *img, struct qcow2 *s)

@@ -357,7 +357,8 @@ static int zero_data(struct img *img, struct qcow2 *s, uint64_t off,
 /* Too many queued frees: apply them (a flush) to bound the memory. */
 static int bound_frees(struct img *img, struct qcow2 *s)
 {
-	if (s->w.n_frees < MAX_DEFERRED_FREES)
+	/* A flush in flight applies them when it ends. */
+	if (s->w.n_frees < MAX_DEFERRED_FREES || qcow2_flush_busy_locked(s))
 		return 0;
 	return qcow2_flush_locked(img, s);
 }

@@ -25,6 +25,7 @@
 #include "testutil.h"
 #include "common/error.h"
 #include "formats/image.h"
+#include "formats/port.h"
 #include "formats/qcow2/qcow2.h"
 #include "io/io.h"
 
@@ -820,6 +821,319 @@ START_TEST(t_crash_prefixes)
 }
 END_TEST
 
+/* ---- the flush through a port ---- */
+
+enum rec_class { R_SYNC, R_RC, R_RT, R_L2, R_L1, R_OTHER };
+
+/* A port that records each op (classified) and passes it to another. */
+struct rec_port {
+	struct img_port port;
+	struct img_port *inner;
+	struct img *img;
+	enum rec_class cls[4096];
+	bool frees_left[4096]; /* queued frees not applied yet at this op */
+	unsigned n;
+};
+
+static enum rec_class classify_write(struct img *img, uint64_t off)
+{
+	struct qcow2 *s = img->priv;
+	uint64_t i, b;
+
+	if (off >= s->hdr.l1_table_offset &&
+	    off < s->hdr.l1_table_offset + s->l1_size * 8)
+		return R_L1;
+	if (off >= s->rc.table_offset &&
+	    off < s->rc.table_offset + s->rc.table_entries * 8)
+		return R_RT;
+	for (i = 0; i < s->rc.table_entries; i++) {
+		b = s->rc.table[i] & QCOW2_REFT_OFFSET_MASK;
+		if (b && off >= b && off < b + s->cluster_size)
+			return R_RC;
+	}
+	for (i = 0; i < s->l1_size; i++) {
+		b = s->l1[i] & QCOW2_L1E_OFFSET_MASK;
+		if (b && off >= b && off < b + s->cluster_size)
+			return R_L2;
+	}
+	return R_OTHER;
+}
+
+static void rec(struct rec_port *r, enum rec_class c)
+{
+	struct qcow2 *s = r->img->priv;
+
+	ck_assert_uint_lt(r->n, 4096);
+	r->frees_left[r->n] = s->w.n_frees != 0;
+	r->cls[r->n++] = c;
+}
+
+static int rec_submit(struct img_port *port, struct img_port_op *op)
+{
+	struct rec_port *r = port->priv;
+	unsigned i;
+
+	switch (op->kind) {
+	case IMG_PORT_FDATASYNC:
+		rec(r, R_SYNC);
+		break;
+	case IMG_PORT_WRITE:
+		rec(r, classify_write(r->img, op->off));
+		break;
+	case IMG_PORT_WRITEV:
+		for (i = 0; i < op->n; i++)
+			rec(r, classify_write(r->img, op->vec[i].off));
+		break;
+	default:
+		rec(r, R_OTHER);
+	}
+	return r->inner->submit(r->inner, op);
+}
+
+static void rec_init(struct rec_port *r, struct img *img,
+		     struct img_port *inner)
+{
+	memset(r, 0, sizeof(*r));
+	r->port.submit = rec_submit;
+	r->port.priv = r;
+	r->inner = inner;
+	r->img = img;
+}
+
+static void store_res(void *opaque, int res)
+{
+	int *p = opaque;
+
+	ck_assert_int_eq(*p, 1); /* done runs once */
+	*p = res;
+}
+
+/*
+ * The recorded order keeps the crash-safe sequence: every refcount-table
+ * write after the sync that follows the last refcount-block write before
+ * it, every L2 write after the data sync and the refcount syncs, every L1
+ * write after a sync that follows the last L2 write, frees applied only
+ * after the L1 sync.
+ */
+static void check_order(const struct rec_port *r, bool data_first)
+{
+	unsigned i, syncs = 0, last_rc = 0, last_l2 = 0, sync_after_rc = 0,
+		    sync_after_l2 = 0, sync_after_rt = 0, rc = 0, rt = 0,
+		    l2 = 0, l1 = 0;
+	bool seen_rt = false;
+
+	ck_assert_uint_gt(r->n, 0);
+	if (data_first)
+		ck_assert_int_eq(r->cls[0], R_SYNC);
+	for (i = 0; i < r->n; i++) {
+		switch (r->cls[i]) {
+		case R_SYNC:
+			syncs++;
+			if (rc && last_rc < i + 1)
+				sync_after_rc = syncs;
+			if (seen_rt)
+				sync_after_rt = syncs;
+			if (l2)
+				sync_after_l2 = syncs;
+			break;
+		case R_RC:
+			ck_assert_msg(!rt && !l2 && !l1,
+				      "refcount block written after tables");
+			rc++;
+			last_rc = i + 1;
+			sync_after_rc = 0;
+			break;
+		case R_RT:
+			ck_assert_msg(!rc || sync_after_rc,
+				      "refcount table before the block sync");
+			rt++;
+			seen_rt = true;
+			sync_after_rt = 0;
+			break;
+		case R_L2:
+			ck_assert_msg(!data_first || syncs >= 1,
+				      "L2 before the data sync");
+			ck_assert_msg(!rc || sync_after_rc,
+				      "L2 before the refcount block sync");
+			ck_assert_msg(!rt || sync_after_rt,
+				      "L2 before the refcount table sync");
+			l2++;
+			last_l2 = i + 1;
+			sync_after_l2 = 0;
+			break;
+		case R_L1:
+			ck_assert_msg(!l2 || sync_after_l2,
+				      "L1 before the L2 sync");
+			l1++;
+			break;
+		case R_OTHER:
+			ck_abort_msg("unexpected op %u in a flush", i);
+		}
+	}
+	ck_assert_uint_gt(l2, 0);
+	ck_assert_uint_gt(l1, 0);
+	ck_assert_int_eq(r->cls[r->n - 1], R_SYNC);
+	(void)last_l2;
+}
+
+START_TEST(t_flush_order)
+{
+	const char *p = tpath("fo.qcow2");
+	struct opts o = {.size = 64 * MiB, .cs = 4096};
+	struct rec_port r;
+	struct model m;
+	struct img *img;
+	struct qcow2 *s;
+	unsigned i;
+	int res = 1;
+
+	create(p, &o);
+	model_init(&m, o.size, NULL);
+	img = open_rw(p);
+	s = img->priv;
+	/* A first state with data to discard later (queued frees). */
+	do_write(img, &m, 0, 256 * KiB, 1);
+	ck_assert_int_eq(img_flush(img), 0);
+	/* New L2 tables, refcount blocks, table entries, frees. */
+	for (i = 0; i < 8; i++)
+		do_write(img, &m, i * 8 * MiB + 4096, 64 * KiB, 2 + i);
+	ck_assert_int_eq(img_discard(img, 0, 64 * KiB), 0);
+	memset(m.b, 0, 64 * KiB);
+	ck_assert_uint_gt(s->w.n_frees, 0);
+	rec_init(&r, img, img_port_sync());
+	ck_assert_int_eq(img_flush_start(img, &r.port, store_res, &res), 0);
+	ck_assert_int_eq(res, 0); /* the sync port ends it inside the call */
+	check_order(&r, true);
+	/* Frees were still queued at every write, applied at the end. */
+	for (i = 0; i < r.n; i++)
+		ck_assert(r.frees_left[i]);
+	ck_assert_uint_eq(s->w.n_frees, 0);
+	img_close(img);
+	reopen_verify(p, &m);
+	free(m.b);
+}
+END_TEST
+
+/* Run q until done changed from 1, doing `between` after each completion. */
+static void drive(struct sio_queue *q, int *res, struct img *img,
+		  struct model *m, unsigned *seed)
+{
+	while (*res == 1) {
+		ck_assert_int_ge(sio_queue_run(q, 1), 0);
+		if (img && *res == 1) {
+			uint64_t off = (uint64_t)(*seed % 60) * MiB + 512;
+
+			do_write(img, m, off, 12 * KiB, (*seed)++);
+		}
+	}
+}
+
+/*
+ * An asynchronous flush on a queue with writes going on meanwhile (between
+ * its completions): the image stays consistent and reads as written.
+ */
+START_TEST(t_flush_async_concurrent)
+{
+	const char *p = tpath("fa.qcow2");
+	struct opts o = {.size = 64 * MiB, .cs = 4096};
+	struct img_port *port;
+	struct sio_queue *q;
+	struct rec_port r;
+	struct model m;
+	struct img *img;
+	unsigned round, seed = 100;
+	int res;
+
+	create(p, &o);
+	model_init(&m, o.size, NULL);
+	img = open_rw(p);
+	ck_assert_int_eq(sio_queue_create(32, &q), 0);
+	ck_assert_int_eq(img_port_queue_create(q, &port), 0);
+	img_set_port(img, port);
+	for (round = 0; round < 6; round++) {
+		do_write(img, &m, round * 9 * MiB, 40 * KiB, round);
+		ck_assert_int_eq(img_discard(img, round * 9 * MiB, 8 * KiB), 0);
+		memset(m.b + round * 9 * MiB, 0, 8 * KiB);
+		rec_init(&r, img, port);
+		res = 1;
+		ck_assert_int_eq(img_flush_start(img, &r.port, store_res, &res),
+				 0);
+		/* A second one while it is in flight is refused. */
+		ck_assert_int_eq(img_flush_start(img, NULL, store_res, &res),
+				 -EAGAIN);
+		drive(q, &res, img, &m, &seed);
+		ck_assert_msg(res == 0, "flush: %d %s", res, sx_last_error());
+		check_order(&r, true);
+		verify(img, &m);
+	}
+	/* img_flush() waits for one in flight, running only its ops. */
+	do_write(img, &m, 5 * MiB, 4 * KiB, 77);
+	res = 1;
+	ck_assert_int_eq(img_flush_start(img, NULL, store_res, &res), 0);
+	ck_assert_int_eq(img_flush(img), 0);
+	ck_assert_int_eq(res, 0);
+	img_close(img);
+	img_port_queue_destroy(port);
+	sio_queue_destroy(q);
+	reopen_verify(p, &m);
+	free(m.b);
+}
+END_TEST
+
+/* block_status without metadata I/O: -EAGAIN and the read it needs. */
+START_TEST(t_block_status_nowait)
+{
+	const char *p = tpath("bn.qcow2");
+	struct opts o = {.size = 64 * MiB, .cs = 4096};
+	struct img_extent e, want;
+	struct img_meta_req req;
+	struct model m;
+	struct img *img, *ref;
+	uint64_t off;
+	uint8_t *buf;
+	unsigned again = 0;
+	int ret;
+
+	create(p, &o);
+	model_init(&m, o.size, NULL);
+	img = open_rw(p);
+	do_write(img, &m, 0, 64 * KiB, 1);
+	do_write(img, &m, 40 * MiB, 64 * KiB, 2);
+	img_close(img);
+
+	ck_assert_int_eq(img_open(p, "qcow2", 0, &img), 0);
+	/* The reference answers from another handle: its loads stay there. */
+	ck_assert_int_eq(img_open(p, "qcow2", 0, &ref), 0);
+	buf = sio_buf_alloc(1 * MiB);
+	for (off = 0; off < o.size; off += e.len) {
+		ret = img_block_status_nowait(img, off, o.size - off, &e, &req);
+		if (ret == -EAGAIN) {
+			ck_assert_uint_le(req.len, 1 * MiB);
+			ck_assert_uint_le(req.guest_off, off);
+			ck_assert_int_eq(
+				sio_pread(req.file, buf, req.len, req.host_off),
+				0);
+			img_meta_fill(img, &req, buf);
+			ret = img_block_status_nowait(img, off, o.size - off,
+						      &e, &req);
+			ck_assert_int_eq(ret, 0);
+			again++;
+		}
+		ck_assert_int_eq(ret, 0);
+		ck_assert_int_eq(
+			img_block_status(ref, off, o.size - off, &want), 0);
+		ck_assert_int_eq(e.status, want.status);
+		ck_assert_uint_eq(e.len, want.len);
+		ck_assert_uint_eq(e.host_off, want.host_off);
+	}
+	ck_assert_uint_ge(again, 2); /* two L2 tables, neither cached */
+	sio_buf_free(buf);
+	img_close(ref);
+	img_close(img);
+	free(m.b);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("qcow2_write");
@@ -841,6 +1155,9 @@ static Suite *suite(void)
 	tcase_add_test(tc, t_set_backing);
 	tcase_add_test(tc, t_set_backing_nospace);
 	tcase_add_test(tc, t_open_checks);
+	tcase_add_test(tc, t_flush_order);
+	tcase_add_test(tc, t_flush_async_concurrent);
+	tcase_add_test(tc, t_block_status_nowait);
 	tcase_add_loop_test(tc, t_crash_prefixes, 0,
 			    sizeof(crash_cfgs) / sizeof(crash_cfgs[0]));
 	suite_add_tcase(s, tc);
