@@ -145,11 +145,11 @@ static void op_io_done(struct sio_req *req, int res)
 	struct copy_op *op = req->priv;
 
 	if (res < 0 && !op->err)
-		op_fail(op, sx_error(res, "%s: %s at offset %llu: %s",
-				     req->file->path,
-				     req->op == SIO_OP_READ ? "read" : "write",
-				     (unsigned long long)req->off,
-				     strerror(-res)));
+		op_fail(op,
+			sx_error(res, "%s: %s at offset %llu: %s",
+				 req->file->path,
+				 req->op == SIO_OP_READ ? "read" : "write",
+				 (unsigned long long)req->off, strerror(-res)));
 	op_put(op);
 }
 
@@ -394,7 +394,8 @@ static int verify_run(struct copy_op *op, const struct copy_run *r)
 		ret = img_block_status(top, pos, end - pos, &e);
 		if (ret < 0)
 			return ret;
-		if (e.status != IMG_DATA || e.host_off != r->host + pos - r->off)
+		if (e.status != IMG_DATA ||
+		    e.host_off != r->host + pos - r->off)
 			return sx_error(EIO,
 					"%s: copy at %llu lost a race: cluster "
 					"%llu was allocated meanwhile",

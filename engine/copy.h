@@ -96,7 +96,8 @@ struct copy_op {
 
 	/* Private to copy.c. */
 	struct copier *c;
-	unsigned pending; /* I/O and inflate jobs out, plus one while building */
+	unsigned
+		pending; /* I/O and inflate jobs out, plus one while building */
 	int err;
 	char *msg; /* the first failure's message (malloc'd) */
 	bool writing;
