@@ -140,6 +140,7 @@ static void op_put(struct copy_op *op)
 		op_commit(op);
 }
 
+/* A read or write of the op completed (sio_queue callback). */
 static void op_io_done(struct sio_req *req, int res)
 {
 	struct copy_op *op = req->priv;
@@ -201,6 +202,7 @@ static int op_add_io(struct copy_op *op, enum sio_op kind, struct sio_file *f,
 	return 0;
 }
 
+/* Queue the phase's requests; each one holds the op until it completes. */
 static int op_submit(struct copy_op *op)
 {
 	struct sio_queue *q = op->c->q;

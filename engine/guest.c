@@ -410,6 +410,7 @@ struct gio_inflate {
 	uint8_t buf[];
 };
 
+/* The piece is decompressed (see inflate.h): into the target iovec. */
 static void gio_inflated(void *opaque, int res, const char *msg)
 {
 	struct gio_inflate *j = opaque;
