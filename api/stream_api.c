@@ -70,6 +70,7 @@ static int job_new(struct disk *d, const struct disk_cmd *cmd, bool continuous)
 	so.lock = guest_stream_lock;
 	so.unlock = guest_stream_unlock;
 	so.lock_opaque = d->guest;
+	so.copier = guest_copier(d->guest);
 	ret = stream_create(&so, &job->s);
 	if (ret < 0)
 		goto out;

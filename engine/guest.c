@@ -2,26 +2,25 @@
  * Guest I/O on the disk's worker (see guest.h for the contract).
  *
  * A request becomes a struct gio while it runs:
- *  - READ: the chain's status, piece by piece, from the top down: data is
- *    read asynchronously straight into the guest's iovec (through an
- *    aligned bounce buffer where direct I/O needs one), zeros are filled in,
- *    compressed clusters are decompressed synchronously. With copy-on-read
- *    and clusters the top does not hold, the read covers whole clusters
- *    into one buffer under a cluster lock; the guest gets its part as soon
- *    as the reads are done, then the clusters the top did not hold (and
- *    that are not all zeros) are written into fresh host clusters and
- *    linked with commit_run, which skips any cluster allocated meanwhile.
- *    Nothing of the copy can fail the guest's read.
- *  - WRITE: into clusters the top lacks entirely, asynchronously (see
- *    aw_start(): the chain's part of partial clusters is read, the guest's
- *    laid over it, whole clusters written to fresh host clusters and
- *    linked). Otherwise pieces the top holds as data are written in place
- *    asynchronously, and every other piece (zero, compressed, partly
- *    allocated, misaligned for direct I/O) goes through the driver's
- *    synchronous pwrite, which copies the rest of a partial cluster from
- *    the chain. The synchronous pieces are written before any asynchronous
- *    one is submitted, so a bounce read-modify-write never races our own
- *    write.
+ *  - READ: the chain's pieces, from the top down: data is read
+ *    asynchronously straight into the guest's iovec (through an aligned
+ *    bounce buffer where direct I/O needs one), zeros are filled in,
+ *    compressed clusters are decompressed on the disk's inflater (off the
+ *    worker). With copy-on-read and clusters the top does not hold, the
+ *    read is one op of the copy pipeline (copy.h) over whole clusters,
+ *    under a cluster lock: the guest gets its part as soon as the chain is
+ *    read (cor_ready()), then the pipeline writes the clusters the top did
+ *    not hold (and that are not all zeros) into fresh host clusters and
+ *    links them, skipping any allocated meanwhile. Nothing of the copy can
+ *    fail the guest's read.
+ *  - WRITE: into clusters the top lacks entirely, one op of the copy
+ *    pipeline (see aw_start()). Otherwise pieces the top holds as data are
+ *    written in place asynchronously, and every other piece (zero,
+ *    compressed, partly allocated, misaligned for direct I/O) goes through
+ *    the driver's synchronous pwrite, which copies the rest of a partial
+ *    cluster from the chain. The synchronous pieces are written before any
+ *    asynchronous one is submitted, so a bounce read-modify-write never
+ *    races our own write.
  *  - DISCARD, WRITE_ZEROES, FLUSH: the driver's synchronous operations; the
  *    driver turns clusters into zero clusters while a backing exists.
  *
@@ -51,6 +50,7 @@
 #include "cluster_lock.h"
 #include "common/checked.h"
 #include "common/error.h"
+#include "copy.h"
 #include "formats/image.h"
 #include "guest.h"
 #include "io/io.h"
@@ -75,13 +75,6 @@ struct gio_io {
 	bool is_inline; /* gio->first: not freed */
 };
 
-/* Host run allocated by a copy-on-read. */
-struct cor_run {
-	uint64_t off;
-	uint64_t n;
-	uint64_t host;
-};
-
 struct gio {
 	struct guest *g;
 	struct guest_req *req; /* NULL once completed (copy-on-read goes on) */
@@ -93,23 +86,17 @@ struct gio {
 	struct gio_io first;
 	struct cl_lock *lock;
 
-	/* copy-on-read, and allocating writes (aw) which share its fields */
+	/* copy-on-read, and allocating writes: one op of copy.h */
 	bool cor;
-	bool cor_writing;
-	bool aw;
-	bool aw_writing;
-	struct iovec cor_iov;
-	uint8_t *cbuf; /* clusters [cstart, cend) */
-	uint64_t cstart, cend;
-	uint8_t *local; /* per cluster: the top holds part of it */
-	struct cor_run *runs;
-	unsigned nruns, runcap;
+	uint8_t *cbuf; /* the op's buffer */
+	struct copy_op cop;
 };
 
 struct guest {
 	struct img *top;
 	struct sio_queue *q;
 	struct cl_locks locks;
+	struct copier *copier; /* the disk's copy pipeline and inflater */
 	uint64_t kick_gen;
 	bool kick_hold; /* hold was released: kick everything */
 	struct guest_req *wait_head, **wait_tail;
@@ -133,15 +120,6 @@ static uint64_t now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static bool is_zero(const uint8_t *p, size_t len)
-{
-	static const uint8_t zeros[16];
-
-	if (len < 16)
-		return memcmp(p, zeros, len) == 0;
-	return memcmp(p, zeros, 16) == 0 && memcmp(p, p + 16, len - 16) == 0;
 }
 
 /* ---- iovec helpers ---- */
@@ -292,8 +270,6 @@ static void gio_free(struct gio *gio)
 	if (gio->cor)
 		g->ncor--;
 	sio_buf_free(gio->cbuf);
-	free(gio->local);
-	free(gio->runs);
 	g->inflight--;
 	free(gio);
 }
@@ -308,7 +284,6 @@ static void req_complete(struct gio *gio, int ret)
 }
 
 static void gio_put(struct gio *gio);
-static void aw_next(struct gio *gio);
 
 static void gio_io_done(struct sio_req *sreq, int res)
 {
@@ -427,58 +402,69 @@ fail:
 
 /* ---- reads ---- */
 
-/*
- * Read the chain's [roff, roff + rlen) into the target iovec at offset
- * pos - tbase for each guest offset pos.
- */
-static int read_pieces(struct gio *gio, uint64_t roff, uint64_t rlen,
-		       uint64_t tbase)
+/* A compressed piece of a plain read, decompressed off the worker. */
+struct gio_inflate {
+	struct gio *gio;
+	uint64_t toff; /* where it goes in the target iovec */
+	uint64_t len;
+	uint8_t buf[];
+};
+
+/* The piece is decompressed (see inflate.h): into the target iovec. */
+static void gio_inflated(void *opaque, int res, const char *msg)
+{
+	struct gio_inflate *j = opaque;
+	struct gio *gio = j->gio;
+
+	if (res < 0 && !gio->err)
+		gio->err = sx_error(res, "%s", msg[0] ? msg : strerror(-res));
+	else if (res >= 0)
+		iov_from_buf(gio->tiov, gio->tiovcnt, j->toff, j->buf, j->len);
+	free(j);
+	gio_put(gio);
+}
+
+/* Decompress piece pc on the disk's inflater into the target at toff. */
+static int gio_inflate(struct gio *gio, const struct img_piece *pc,
+		       uint64_t toff)
+{
+	struct gio_inflate *j = malloc(sizeof(*j) + pc->len);
+	int ret;
+
+	if (!j)
+		return sx_error(ENOMEM, "guest read: no memory");
+	j->gio = gio;
+	j->toff = toff;
+	j->len = pc->len;
+	ret = copier_inflate(gio->g->copier, pc, j->buf, gio_inflated, j);
+	if (ret < 0) {
+		free(j);
+		return ret;
+	}
+	gio->pending++;
+	return 0;
+}
+
+/* Read the chain's [off, off + len) into the request's iovec. */
+static int read_plain(struct gio *gio, uint64_t off, uint64_t len)
 {
 	struct img *top = gio->g->top;
-	uint64_t pos = roff, end = roff + rlen, cs = top->cluster_size;
+	uint64_t pos = off, end = off + len;
 	struct img_piece pc;
-	uint8_t *zbuf = NULL;
 	int ret = 0;
 
-	while (pos < end) {
-		uint64_t toff = pos - tbase;
-
+	for (; pos < end && ret >= 0; pos += pc.len) {
 		ret = img_chain_piece(top, pos, end - pos, &pc);
 		if (ret < 0)
 			break;
-		switch (pc.status) {
-		case IMG_DATA:
+		if (pc.status == IMG_DATA)
 			ret = gio_add_io(gio, SIO_OP_READ, pc.file, pc.host_off,
-					 toff, pc.len);
-			break;
-		case IMG_COMPRESSED:
-			if (!zbuf)
-				zbuf = sio_buf_alloc(pc.layer->cluster_size);
-			if (!zbuf) {
-				ret = sx_error(ENOMEM, "guest read: no memory");
-				break;
-			}
-			ret = img_read_compressed(pc.layer, pc.cluster_off,
-						  zbuf);
-			if (ret >= 0)
-				iov_from_buf(gio->tiov, gio->tiovcnt, toff,
-					     zbuf + pc.from, pc.len);
-			break;
-		default:
-			iov_memset0(gio->tiov, gio->tiovcnt, toff, pc.len);
-			break;
-		}
-		if (ret < 0)
-			break;
-		if (gio->cor && pc.top) {
-			uint64_t c0 = (pos - gio->cstart) / cs;
-			uint64_t c1 = (pos + pc.len - 1 - gio->cstart) / cs;
-
-			memset(gio->local + c0, 1, c1 - c0 + 1);
-		}
-		pos += pc.len;
+					 pos - off, pc.len);
+		else if (pc.status == IMG_COMPRESSED)
+			ret = gio_inflate(gio, &pc, pos - off);
+		else
+			iov_memset0(gio->tiov, gio->tiovcnt, pos - off, pc.len);
 	}
-	sio_buf_free(zbuf);
 	return ret;
 }
 
@@ -494,53 +480,28 @@ static bool cor_allowed(const struct guest *g)
 }
 
 /*
- * Make cbuf (whole clusters [a, b), allocated) the target of the gio's
- * reads; the part past the image's end reads as zeros.
- */
-static void cbuf_target(struct gio *gio, uint64_t a, uint64_t b)
-{
-	struct img *top = gio->g->top;
-
-	gio->cstart = a;
-	gio->cend = b;
-	if (b > top->size)
-		memset(gio->cbuf + (top->size - a), 0, b - top->size);
-	gio->cor_iov.iov_base = gio->cbuf;
-	gio->cor_iov.iov_len = b - a;
-	gio->tiov = &gio->cor_iov;
-	gio->tiovcnt = 1;
-}
-
-/*
  * Turn the read into a copy-on-read if the top lacks some of its clusters
- * and nobody holds them: the read then covers whole clusters into cbuf.
+ * and nobody holds them: the read then covers whole clusters [a, b), locked,
+ * into the op's buffer.
  */
-static void cor_prepare(struct gio *gio)
+static void cor_prepare(struct gio *gio, uint64_t *a, uint64_t *b)
 {
 	struct guest *g = gio->g;
 	struct guest_req *req = gio->req;
-	struct img *top = g->top;
-	uint64_t a, b, ncl;
 
-	if (!img_lacks_any(top, req->off, req->len))
+	if (!img_lacks_any(g->top, req->off, req->len))
 		return;
 	if (!cor_allowed(g)) {
 		g->st.cor_skipped++;
 		return;
 	}
-	cluster_range(g, req->off, req->len, &a, &b);
-	if (cl_lock_try(&g->locks, a, b, &gio->lock) < 0) {
+	cluster_range(g, req->off, req->len, a, b);
+	if (cl_lock_try(&g->locks, *a, *b, &gio->lock) < 0) {
 		g->st.cor_skipped++;
 		return;
 	}
-	ncl = (b - a) / top->cluster_size;
-	gio->cbuf = sio_buf_alloc(b - a);
-	gio->local = calloc(ncl, 1);
-	if (!gio->cbuf || !gio->local) {
-		sio_buf_free(gio->cbuf);
-		free(gio->local);
-		gio->cbuf = NULL;
-		gio->local = NULL;
+	gio->cbuf = sio_buf_alloc(*b - *a);
+	if (!gio->cbuf) {
 		cl_unlock(&g->locks, gio->lock);
 		gio->lock = NULL;
 		g->st.cor_skipped++;
@@ -548,122 +509,37 @@ static void cor_prepare(struct gio *gio)
 	}
 	gio->cor = true;
 	g->ncor++;
-	cbuf_target(gio, a, b);
 }
 
-static int cor_add_run(struct gio *gio, uint64_t off, uint64_t n, uint64_t host)
+/* The chain is read: the guest gets its part now, the copy goes on. */
+static int cor_ready(struct copy_op *op)
 {
-	if (gio->nruns == gio->runcap) {
-		unsigned cap = gio->runcap ? gio->runcap * 2 : 4;
-		struct cor_run *r = realloc(gio->runs, cap * sizeof(*r));
+	struct gio *gio = op->priv;
+	struct guest_req *req = gio->req;
 
-		if (!r)
-			return sx_error(ENOMEM, "copy-on-read: no memory");
-		gio->runs = r;
-		gio->runcap = cap;
-	}
-	gio->runs[gio->nruns++] = (struct cor_run){off, n, host};
+	iov_from_buf(req->iov, req->iovcnt, 0, op->buf + (req->off - op->off),
+		     req->len);
+	req_complete(gio, 0);
 	return 0;
 }
 
-/*
- * Allocate a host run for up to n clusters of cbuf from cluster index i on,
- * record it and write it; *got: clusters taken (0 on failure).
- */
-static int cbuf_write_run(struct gio *gio, uint64_t i, uint64_t n,
-			  uint64_t *got)
+/* Nothing of the copy fails the guest's read, unless the read failed. */
+static void cor_done(struct copy_op *op, int err)
 {
-	struct img *top = gio->g->top;
-	uint64_t cs = top->cluster_size, goff = gio->cstart + i * cs, host;
-	int ret;
-
-	*got = 0;
-	ret = img_alloc_run(top, goff, n, &host, got);
-	if (ret < 0)
-		return ret;
-	ret = cor_add_run(gio, goff, *got, host);
-	if (ret < 0) {
-		img_release_run(top, host, *got);
-		*got = 0;
-		return ret;
-	}
-	if (sx_is_aligned(host | (*got * cs), top->file->align))
-		return gio_add_io(gio, SIO_OP_WRITE, top->file, host, i * cs,
-				  *got * cs);
-	return sio_pwrite(top->file, gio->cbuf + i * cs, *got * cs, host);
-}
-
-/* Write the clusters the top lacked into fresh host clusters. */
-static void cor_write(struct gio *gio)
-{
-	struct img *top = gio->g->top;
-	uint64_t cs = top->cluster_size, ncl = (gio->cend - gio->cstart) / cs;
-	uint64_t i = 0, j, got;
-	int ret = 0;
-
-	gio->cor_writing = true;
-	gio->pending = 1;
-	while (i < ncl && ret >= 0) {
-		if (gio->local[i] || is_zero(gio->cbuf + i * cs, cs)) {
-			i++;
-			continue;
-		}
-		for (j = i + 1; j < ncl; j++)
-			if (gio->local[j] || is_zero(gio->cbuf + j * cs, cs))
-				break;
-		while (i < j && ret >= 0) {
-			ret = cbuf_write_run(gio, i, j - i, &got);
-			i += got;
-		}
-	}
-	if (ret < 0 && !gio->err)
-		gio->err = ret;
-	gio_put(gio);
-}
-
-/* The copy is written: link it (clusters allocated meanwhile are kept). */
-static void cor_commit(struct gio *gio)
-{
+	struct gio *gio = op->priv;
 	struct guest *g = gio->g;
-	struct img *top = g->top;
-	unsigned i;
-	int ret = gio->err;
 
-	for (i = 0; i < gio->nruns && ret >= 0; i++) {
-		ret = img_commit_run(top, gio->runs[i].off, gio->runs[i].n,
-				     gio->runs[i].host);
-		if (ret >= 0)
-			g->st.cor_bytes += gio->runs[i].n * top->cluster_size;
-	}
-	if (ret < 0) {
-		/*
-		 * The guest's read already succeeded. Give back the clusters
-		 * of runs never linked (a failed write or allocation, or the
-		 * runs after a failed commit); a run whose commit failed
-		 * half way may be partly linked and is left (a leak at worst).
-		 */
-		for (; i < gio->nruns; i++)
-			img_release_run(top, gio->runs[i].host, gio->runs[i].n);
+	req_complete(gio, err);
+	if (err < 0)
 		g->st.cor_skipped++;
-	}
+	else
+		g->st.cor_bytes += op->written;
 	gio_free(gio);
 }
 
 static void read_done(struct gio *gio)
 {
-	struct guest_req *req = gio->req;
-	bool copy = gio->cor && !gio->err;
-
-	if (copy)
-		iov_from_buf(req->iov, req->iovcnt, 0,
-			     gio->cbuf + (req->off - gio->cstart), req->len);
 	req_complete(gio, gio->err);
-	if (copy) {
-		cor_write(gio);
-		return;
-	}
-	if (gio->cor)
-		gio->g->st.cor_skipped++;
 	gio_free(gio);
 }
 
@@ -681,11 +557,7 @@ static void gio_put(struct gio *gio)
 {
 	if (--gio->pending)
 		return;
-	if (gio->aw)
-		aw_next(gio);
-	else if (gio->cor_writing)
-		cor_commit(gio);
-	else if (gio->req && gio->req->op == GUEST_READ)
+	if (gio->req && gio->req->op == GUEST_READ)
 		read_done(gio);
 	else
 		write_done(gio);
@@ -694,6 +566,7 @@ static void gio_put(struct gio *gio)
 static void read_start(struct guest *g, struct guest_req *req)
 {
 	struct gio *gio = gio_new(g, req);
+	uint64_t a = 0, b = 0;
 	int ret;
 
 	if (!gio) {
@@ -702,13 +575,20 @@ static void read_start(struct guest *g, struct guest_req *req)
 	}
 	if (g->cor && !(req->flags & GUEST_F_NO_COR) && g->top->backing &&
 	    img_can_alloc(g->top))
-		cor_prepare(gio);
-	if (gio->cor)
-		ret = read_pieces(gio, gio->cstart,
-				  sx_min(gio->cend, g->top->size) - gio->cstart,
-				  gio->cstart);
-	else
-		ret = read_pieces(gio, req->off, req->len, req->off);
+		cor_prepare(gio, &a, &b);
+	if (gio->cor) {
+		gio->cop = (struct copy_op){
+			.off = a,
+			.len = b - a,
+			.buf = gio->cbuf,
+			.ready = cor_ready,
+			.done = cor_done,
+			.priv = gio,
+		};
+		copy_start(g->copier, &gio->cop);
+		return;
+	}
+	ret = read_plain(gio, req->off, req->len);
 	if (ret < 0 && !gio->err)
 		gio->err = ret;
 	gio_put(gio);
@@ -716,115 +596,66 @@ static void read_start(struct guest *g, struct guest_req *req)
 
 /* ---- writes ---- */
 
-/* Bytes of run r within the image. */
-static uint64_t cs_bytes(const struct img *top, const struct cor_run *r)
+/* The chain's part is in the buffer: lay the guest's data over it. */
+static int aw_ready(struct copy_op *op)
 {
-	return sx_min(r->n * top->cluster_size, top->size - r->off);
+	struct gio *gio = op->priv;
+	struct guest_req *req = gio->req;
+
+	iov_to_buf(req->iov, req->iovcnt, 0, op->buf + (req->off - op->off),
+		   req->len);
+	return 0;
+}
+
+/* Written and linked (or failed, nothing leaked): answer the guest. */
+static void aw_done(struct copy_op *op, int err)
+{
+	struct gio *gio = op->priv;
+
+	if (err < 0 && !gio->err)
+		gio->err = err;
+	gio_put(gio);
 }
 
 /*
- * Allocating writes. A write into clusters that the top lacks entirely
- * runs asynchronously: the rest of a partly written first or last cluster
- * is read from the chain into cbuf ([cstart, cend), whole clusters), the
- * guest's data is laid over it, whole clusters are written into fresh host
- * clusters, then linked (commit_run) and the request completes. The
- * clusters stay locked throughout, so nothing else can allocate them
- * meanwhile. Other writes (partly allocated clusters, zero clusters,
- * subcluster images with some subclusters present) take the driver's
- * synchronous pwrite.
+ * Allocating writes. A write into clusters [a, b) that the top lacks
+ * entirely is one op of the copy pipeline: the rest of a partly written
+ * first or last cluster is read from the chain, the guest's data laid over
+ * it, every cluster written into fresh host clusters and linked, verified
+ * (COPY_VERIFY: the guest's data must be where the L2 points), then the
+ * request completes. The clusters stay locked throughout, so nothing else
+ * can allocate them meanwhile. Other writes (partly allocated clusters,
+ * zero clusters, subcluster images with some subclusters present) take
+ * the driver's synchronous pwrite. Returns 1 when the op took the write.
  */
 static int aw_start(struct gio *gio, uint64_t a, uint64_t b)
 {
 	struct guest *g = gio->g;
 	struct guest_req *req = gio->req;
 	struct img *top = g->top;
-	uint64_t cs = top->cluster_size, lim = sx_min(b, top->size);
-	uint64_t end = req->off + req->len;
-	int ret;
 
 	if (!img_can_alloc(top) || !req->len)
 		return 0;
 	/* The top must lack every byte of the clusters. */
-	if (!img_lacks_all(top, a, lim - a))
+	if (!img_lacks_all(top, a, sx_min(b, top->size) - a))
 		return 0;
 	gio->cbuf = sio_buf_alloc(b - a);
 	if (!gio->cbuf)
 		return 0;
-	gio->aw = true;
-	cbuf_target(gio, a, b);
-	ret = 0;
-	if (req->off > a)
-		ret = read_pieces(gio, a, sx_min(cs, lim - a), a);
-	if (ret >= 0 && end < lim && (b - cs > a || req->off == a))
-		ret = read_pieces(gio, b - cs, lim - (b - cs), a);
-	return ret < 0 ? ret : 1;
-}
-
-/* The chain's part is in cbuf: add the guest's, allocate, write. */
-static void aw_write(struct gio *gio)
-{
-	struct guest_req *req = gio->req;
-	struct img *top = gio->g->top;
-	uint64_t cs = top->cluster_size, ncl = (gio->cend - gio->cstart) / cs;
-	uint64_t i = 0, got;
-	int ret = 0;
-
-	gio->aw_writing = true;
-	gio->pending = 1;
-	iov_to_buf(req->iov, req->iovcnt, 0,
-		   gio->cbuf + (req->off - gio->cstart), req->len);
-	while (i < ncl) {
-		ret = cbuf_write_run(gio, i, ncl - i, &got);
-		if (ret < 0)
-			break;
-		i += got;
-	}
-	if (ret < 0 && !gio->err)
-		gio->err = ret;
-	gio_put(gio);
-}
-
-/* Written: link the runs, then answer the guest. */
-static void aw_commit(struct gio *gio)
-{
-	struct img *top = gio->g->top;
-	struct img_extent e;
-	unsigned i;
-	int ret = gio->err;
-
-	for (i = 0; i < gio->nruns && ret >= 0; i++) {
-		struct cor_run *r = &gio->runs[i];
-
-		ret = img_commit_run(top, r->off, r->n, r->host);
-		/*
-		 * The clusters were locked, so commit_run cannot have found
-		 * them allocated and skipped them; if it did, the guest's
-		 * data is not there, and the write must not succeed.
-		 */
-		if (ret >= 0 &&
-		    (img_block_status(top, r->off, cs_bytes(top, r), &e) < 0 ||
-		     e.status != IMG_DATA || e.host_off != r->host))
-			ret = sx_error(
-				EIO, "%s: allocating write at %llu lost a race",
-				top->path, (unsigned long long)r->off);
-	}
-	/* Give back the runs never linked (all of them if a write failed). */
-	if (ret < 0)
-		for (; i < gio->nruns; i++)
-			img_release_run(top, gio->runs[i].host, gio->runs[i].n);
-	if (ret < 0 && !gio->err)
-		gio->err = ret;
-	write_done(gio);
-}
-
-static void aw_next(struct gio *gio)
-{
-	if (gio->aw_writing)
-		aw_commit(gio);
-	else if (gio->err)
-		write_done(gio);
-	else
-		aw_write(gio);
+	gio->cop = (struct copy_op){
+		.off = a,
+		.len = b - a,
+		.buf = gio->cbuf,
+		.flags = COPY_WRITE_ZEROS | COPY_VERIFY,
+		.cover_off = req->off,
+		.cover_len = req->len,
+		.ready = aw_ready,
+		.done = aw_done,
+		.priv = gio,
+	};
+	gio->pending++;
+	copy_start(g->copier, &gio->cop);
+	return 1;
 }
 
 struct wpiece {
@@ -1054,9 +885,15 @@ void guest_kick(struct guest *g)
 int guest_create(struct img *top, struct sio_queue *q, struct guest **out)
 {
 	struct guest *g = calloc(1, sizeof(*g));
+	int ret;
 
 	if (!g)
 		return sx_error(ENOMEM, "out of memory");
+	ret = copier_create(top, q, &g->copier);
+	if (ret < 0) {
+		free(g);
+		return ret;
+	}
 	g->top = top;
 	g->q = q;
 	g->wait_tail = &g->wait_head;
@@ -1066,7 +903,15 @@ int guest_create(struct img *top, struct sio_queue *q, struct guest **out)
 
 void guest_destroy(struct guest *g)
 {
+	if (!g)
+		return;
+	copier_destroy(g->copier);
 	free(g);
+}
+
+struct copier *guest_copier(struct guest *g)
+{
+	return g->copier;
 }
 
 void guest_set_cor(struct guest *g, bool on, bool may_yield)

@@ -7,8 +7,11 @@
  * callback, called on the worker thread, from guest_submit() itself or from
  * a completion of the worker's sio_queue. The engine never waits for I/O:
  * reads of data and in-place writes of allocated clusters go through the
- * queue; writes that allocate (copy-on-write), discard, write-zeroes and
- * flush call the format driver synchronously.
+ * queue, compressed clusters through the disk's inflater, copy-on-read and
+ * writes into clusters the top lacks entirely through the copy pipeline
+ * (copy.h); other writes that allocate (copy-on-write of partly allocated
+ * clusters), discard, write-zeroes and flush call the format driver
+ * synchronously.
  *
  * Safety next to a stream: the engine owns the disk's cluster locks
  * (cluster_lock.h) and hands the stream its lock hooks (guest_stream_lock,
@@ -26,6 +29,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+struct copier;
 struct img;
 struct sio_queue;
 
@@ -63,6 +67,10 @@ struct guest_stats {
 
 struct guest;
 
+/*
+ * Guest I/O on top, on the worker's queue q, with the disk's copy pipeline
+ * (guest_copier()). -ENOMEM, -EINVAL with a message.
+ */
 int guest_create(struct img *top, struct sio_queue *q, struct guest **out);
 
 /* Free; the owner has drained everything (guest_idle()). NULL ok. */
@@ -97,6 +105,13 @@ bool guest_idle(const struct guest *g);
 bool guest_busy(const struct guest *g, uint64_t recent_ns);
 
 void guest_get_stats(const struct guest *g, struct guest_stats *st);
+
+/*
+ * The disk's copy pipeline (copy.h), owned by g: for struct stream_opts, so
+ * that the stream and guest I/O share one inflater. Valid until
+ * guest_destroy().
+ */
+struct copier *guest_copier(struct guest *g);
 
 /* Lock hooks for struct stream_opts (opaque: the struct guest). */
 int guest_stream_lock(void *opaque, uint64_t off, uint64_t len, void **token);

@@ -13,11 +13,12 @@
  *   PARTIAL  the top holds part of the cluster (extended L2 subclusters):
  *            fill the rest through the driver's write path (slow, rare).
  * COPY runs become extents of up to extent_bytes, several in flight at once
- * on the owner's queue: READ (every piece of the chain that makes up the
- * range, the whole chain down to the bottom, since a copied cluster must be
- * complete) -> WRITE (clusters that turned out all-zero are not written as
- * data) -> commit (the driver links the host run; its L2 updates reach the
- * disk only after the data does).
+ * on the owner's queue, each one op of the copy pipeline (copy.h): it reads
+ * every piece of the chain that makes up the range (the whole chain down to
+ * the bottom, since a copied cluster must be complete), writes the clusters
+ * that are not all zeros into fresh host clusters and links them. What is
+ * left here is policy: what to copy, how fast, zero clusters with a base
+ * (written as zero clusters after the commit), the cursor and the flushes.
  *
  * Locks (optional hooks, for owners that serve guest I/O too): an extent
  * holds its range from before its reads until it retires; ZERO and PARTIAL
@@ -38,10 +39,10 @@
 
 #include "common/checked.h"
 #include "common/error.h"
+#include "copy.h"
 #include "formats/image.h"
 #include "io/io.h"
 #include "io/pool.h"
-#include "inflate.h"
 #include "meta_ahead.h"
 #include "stream.h"
 
@@ -53,30 +54,11 @@ enum run_kind {
 	RUN_PARTIAL,
 };
 
-/* A host run allocated for part of an extent. */
-struct ex_run {
-	uint64_t off; /* guest offset */
-	uint64_t n; /* clusters */
-	uint64_t host; /* host offset */
-};
-
+/* A COPY run in flight: one copy op under its range lock. */
 struct extent {
+	struct copy_op op;
 	struct stream *s;
-	struct extent *next;
-	uint64_t off; /* guest offset, cluster aligned */
-	uint64_t len; /* whole clusters */
-	uint8_t *buf;
-	unsigned pending;
-	int err;
-	bool writing;
-	struct sio_req *reqs;
-	unsigned nreqs;
-	unsigned reqcap;
-	struct ex_run *runs;
-	unsigned nruns;
-	unsigned runcap;
-	uint64_t copied; /* bytes written as data */
-	bool committed; /* commit_run was called for its runs */
+	struct extent *next; /* planning order */
 	void *lock; /* token of the range lock, or NULL */
 };
 
@@ -85,7 +67,8 @@ struct stream {
 	struct img *base;
 	struct sio_queue *q;
 	struct sio_pool *pool; /* extent buffers */
-	struct inflater *inflater; /* started on the first compressed piece */
+	struct copier *copier; /* the disk's, or our own */
+	bool own_copier;
 	struct meta_ahead *ahead; /* L2 read-ahead, or NULL */
 	unsigned max_inflight;
 	uint64_t extent_bytes;
@@ -151,19 +134,11 @@ static void stream_fail(struct stream *s, int err)
 		 sx_last_error()[0] ? sx_last_error() : strerror(-err));
 }
 
-static bool is_zero(const uint8_t *p, size_t len)
-{
-	static const uint8_t zeros[16];
-
-	if (len < 16)
-		return memcmp(p, zeros, len) == 0;
-	return memcmp(p, zeros, 16) == 0 && memcmp(p, p + 16, len - 16) == 0;
-}
-
 int stream_create(const struct stream_opts *o, struct stream **out)
 {
 	struct stream *s;
 	struct img *l;
+	int ret = 0;
 
 	if (!o || !o->top || !o->q || !out)
 		return sx_error(EINVAL, "stream: missing top image or queue");
@@ -220,6 +195,20 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 		free(s);
 		return -ENOMEM;
 	}
+	s->copier = o->copier;
+	if (!s->copier) {
+		ret = copier_create(o->top, o->q, &s->copier);
+		s->own_copier = ret >= 0;
+	} else if (!copier_serves(s->copier, o->top, o->q)) {
+		ret = sx_error(EINVAL, "%s: the copier is another disk's",
+			       o->top->path);
+	}
+	if (ret < 0) {
+		meta_ahead_destroy(s->ahead);
+		sio_pool_destroy(s->pool);
+		free(s);
+		return ret;
+	}
 	s->zero_clusters = img_has_zero_clusters(o->top);
 	atomic_store(&s->speed, o->speed);
 	s->progress = o->progress;
@@ -234,7 +223,8 @@ void stream_destroy(struct stream *s)
 {
 	if (!s)
 		return;
-	inflater_destroy(s->inflater);
+	if (s->own_copier)
+		copier_destroy(s->copier);
 	meta_ahead_destroy(s->ahead);
 	sio_pool_destroy(s->pool);
 	free(s);
@@ -348,7 +338,7 @@ static uint64_t copy_gate(struct stream *s, uint64_t bytes)
 
 static void update_cursor(struct stream *s)
 {
-	uint64_t cur = s->head ? s->head->off / s->cs : s->planner;
+	uint64_t cur = s->head ? s->head->op.off / s->cs : s->planner;
 
 	/* Work that failed is not done: the cursor never passes it. */
 	atomic_store(&s->cur, sx_min(cur, s->failed_at));
@@ -368,179 +358,6 @@ static void count_copied(struct stream *s, uint64_t bytes)
 	}
 }
 
-static struct sio_req *ex_new_req(struct extent *ex)
-{
-	struct sio_req *r;
-
-	if (ex->nreqs == ex->reqcap) {
-		unsigned cap = ex->reqcap ? ex->reqcap * 2 : 8;
-
-		r = realloc(ex->reqs, cap * sizeof(*r));
-		if (!r)
-			return NULL;
-		ex->reqs = r;
-		ex->reqcap = cap;
-	}
-	r = &ex->reqs[ex->nreqs++];
-	memset(r, 0, sizeof(*r));
-	return r;
-}
-
-static void ex_io_done(struct sio_req *req, int res);
-
-/*
- * Issue one read or write for the extent: asynchronously when the request
- * meets the file's direct-I/O alignment, synchronously otherwise (the sync
- * helpers bounce). The request array may move while the extent is being
- * built, so requests are only submitted once it is complete: see
- * ex_submit_all().
- */
-static int ex_add_io(struct extent *ex, enum sio_op op, struct sio_file *f,
-		     uint8_t *buf, uint64_t len, uint64_t off)
-{
-	struct sio_req *r;
-
-	if (!sx_is_aligned(off | len, f->align) ||
-	    !sx_is_aligned((uintptr_t)buf, f->mem_align)) {
-		if (op == SIO_OP_READ)
-			return sio_pread(f, buf, len, off);
-		return sio_pwrite(f, buf, len, off);
-	}
-	r = ex_new_req(ex);
-	if (!r)
-		return sx_error(ENOMEM, "stream: out of memory");
-	r->op = op;
-	r->file = f;
-	r->buf = buf;
-	r->off = off;
-	r->len = len;
-	r->done = ex_io_done;
-	r->priv = ex;
-	return 0;
-}
-
-static int ex_submit_all(struct extent *ex)
-{
-	unsigned i;
-	int ret;
-
-	for (i = 0; i < ex->nreqs; i++) {
-		ex->pending++;
-		ret = sio_queue_submit(ex->s->q, &ex->reqs[i]);
-		if (ret < 0) {
-			ex->pending--;
-			return ret;
-		}
-	}
-	return 0;
-}
-
-static void ex_finish(struct extent *ex);
-static void ex_start_write(struct extent *ex);
-
-/* One piece of the extent's work ended: on the last, go to the next step. */
-static void ex_put(struct extent *ex)
-{
-	if (--ex->pending)
-		return;
-	if (!ex->writing && !ex->err)
-		ex_start_write(ex);
-	else
-		ex_finish(ex);
-}
-
-static void ex_io_done(struct sio_req *req, int res)
-{
-	struct extent *ex = req->priv;
-
-	if (res < 0 && !ex->err) {
-		ex->err = res;
-		sx_error(res, "%s: %s at offset %llu: %s", req->file->path,
-			 req->op == SIO_OP_READ ? "read" : "write",
-			 (unsigned long long)req->off, strerror(-res));
-		stream_fail(ex->s, res);
-	}
-	ex_put(ex);
-}
-
-/* A decompressed piece arrived (see inflate.h). */
-static void ex_piece_done(void *opaque, int res, const char *msg)
-{
-	struct extent *ex = opaque;
-
-	if (res < 0 && !ex->err) {
-		ex->err = res;
-		sx_error(res, "%s", msg[0] ? msg : strerror(-res));
-		stream_fail(ex->s, res);
-	}
-	ex_put(ex);
-}
-
-/* Read every piece of [ex->off, ex->off + ex->len) the chain holds. */
-static int ex_plan_reads(struct extent *ex)
-{
-	struct stream *s = ex->s;
-	uint64_t pos = ex->off;
-	uint64_t lim = sx_min(ex->off + ex->len, s->top->size);
-	struct img_piece pc;
-	int ret = 0;
-
-	if (lim < ex->off + ex->len)
-		memset(ex->buf + (lim - ex->off), 0, ex->off + ex->len - lim);
-	while (pos < lim) {
-		uint8_t *dst = ex->buf + (pos - ex->off);
-
-		ret = img_chain_piece(s->top, pos, lim - pos, &pc);
-		if (ret < 0)
-			goto out;
-		switch (pc.status) {
-		case IMG_DATA:
-			ret = ex_add_io(ex, SIO_OP_READ, pc.file, dst, pc.len,
-					pc.host_off);
-			break;
-		case IMG_COMPRESSED:
-			/*
-			 * Decompress on the inflater's thread, so the
-			 * device keeps working while the CPU does.
-			 */
-			if (!s->inflater)
-				ret = inflater_create(s->q, &s->inflater);
-			if (ret >= 0)
-				ret = inflater_submit(s->inflater, pc.layer,
-						      pc.cluster_off, pc.from,
-						      pc.len, dst,
-						      ex_piece_done, ex);
-			if (ret >= 0)
-				ex->pending++;
-			break;
-		default:
-			memset(dst, 0, pc.len);
-			break;
-		}
-		if (ret < 0)
-			goto out;
-		pos += pc.len;
-	}
-out:
-	return ret;
-}
-
-static int ex_add_run(struct extent *ex, uint64_t off, uint64_t n,
-		      uint64_t host)
-{
-	if (ex->nruns == ex->runcap) {
-		unsigned cap = ex->runcap ? ex->runcap * 2 : 4;
-		struct ex_run *r = realloc(ex->runs, cap * sizeof(*r));
-
-		if (!r)
-			return sx_error(ENOMEM, "stream: out of memory");
-		ex->runs = r;
-		ex->runcap = cap;
-	}
-	ex->runs[ex->nruns++] = (struct ex_run){off, n, host};
-	return 0;
-}
-
 /*
  * Zero clusters of a COPY extent: with no base they are left unallocated
  * (nothing will show through); with a base they become zero clusters, or
@@ -551,98 +368,37 @@ static bool zero_as_data(struct stream *s)
 	return s->base && !s->zero_clusters;
 }
 
-/* Allocate host runs for the clusters with data and write them. */
-static void ex_start_write(struct extent *ex)
+/*
+ * The extent's copy is over (copy.h): with a base, the zero clusters it did
+ * not write become zero clusters; then retire the extent.
+ */
+static void ex_done(struct copy_op *op, int err)
 {
-	struct stream *s = ex->s;
-	struct img *top = s->top;
-	uint64_t ncl = ex->len / s->cs, i = 0, j, host, got;
-	int ret = 0;
-
-	ex->writing = true;
-	ex->nreqs = 0;
-	while (i < ncl) {
-		bool zero = is_zero(ex->buf + i * s->cs, s->cs);
-
-		if (zero && !zero_as_data(s)) {
-			i++;
-			continue;
-		}
-		for (j = i + 1; j < ncl; j++)
-			if (is_zero(ex->buf + j * s->cs, s->cs) &&
-			    !zero_as_data(s))
-				break;
-		while (i < j) {
-			uint64_t goff = ex->off + i * s->cs;
-
-			ret = img_alloc_run(top, goff, j - i, &host, &got);
-			if (ret < 0)
-				goto out;
-			ret = ex_add_run(ex, goff, got, host);
-			if (ret < 0)
-				goto out;
-			ret = ex_add_io(ex, SIO_OP_WRITE, top->file,
-					ex->buf + i * s->cs, got * s->cs, host);
-			if (ret < 0)
-				goto out;
-			ex->copied += got * s->cs;
-			i += got;
-		}
-	}
-	ret = ex_submit_all(ex);
-out:
-	if (ret < 0) {
-		ex->err = ret;
-		stream_fail(s, ret);
-	}
-	if (!ex->pending)
-		ex_finish(ex);
-}
-
-/* Link what was written, mark zeros, retire the extent. */
-static void ex_finish(struct extent *ex)
-{
+	struct extent *ex = op->priv;
 	struct stream *s = ex->s;
 	struct img *top = s->top;
 	struct extent **pp;
-	uint64_t i, ncl = ex->len / s->cs, zero = 0;
-	unsigned r;
-	int ret = 0;
+	uint64_t i, n, goff, ncl = op->len / s->cs, zero = 0;
+	int ret = err;
 
-	if (ex->err || !ex->writing)
-		goto failed;
-	for (r = 0; r < ex->nruns && ret >= 0; r++)
-		ret = img_commit_run(top, ex->runs[r].off, ex->runs[r].n,
-				     ex->runs[r].host);
-	/* A commit that failed half way may have linked some: keep them. */
-	ex->committed = ex->nruns > 0;
 	for (i = 0; i < ncl && ret >= 0; i++) {
-		uint64_t goff = ex->off + i * s->cs;
-
-		if (!is_zero(ex->buf + i * s->cs, s->cs) || zero_as_data(s))
+		goff = op->off + i * s->cs;
+		if ((op->flags & COPY_WRITE_ZEROS) ||
+		    !copy_is_zero(op->buf + i * s->cs, s->cs))
 			continue;
-		zero += sx_min(s->cs, s->top->size - goff);
+		n = sx_min(s->cs, top->size - goff);
+		zero += n;
 		if (s->base)
-			ret = img_write_zeroes(
-				top, goff, sx_min(s->cs, top->size - goff), 0);
+			ret = img_write_zeroes(top, goff, n, 0);
 	}
 	if (ret < 0) {
+		/* What was committed stays; the cursor stops here. */
 		stream_fail(s, ret);
-		goto failed;
+		s->failed_at = sx_min(s->failed_at, op->off / s->cs);
+	} else {
+		count_copied(s, op->written);
+		atomic_fetch_add(&s->bytes_zero, zero);
 	}
-	count_copied(s, ex->copied);
-	atomic_fetch_add(&s->bytes_zero, zero);
-	goto retire;
-failed:
-	/*
-	 * Host clusters allocated for writes that failed were never linked:
-	 * give them back, or a failed stream (ENOSPC) would leak them.
-	 */
-	if (!ex->committed)
-		for (r = 0; r < ex->nruns; r++)
-			img_release_run(top, ex->runs[r].host, ex->runs[r].n);
-	s->failed_at = sx_min(s->failed_at, ex->off / s->cs);
-retire:
 	/* Unlink: usually the head. */
 	for (pp = &s->head; *pp != ex; pp = &(*pp)->next)
 		;
@@ -656,55 +412,46 @@ retire:
 	update_cursor(s);
 	if (ex->lock)
 		s->unlock(s->lock_opaque, ex->lock);
-	sio_pool_put(s->pool, ex->buf);
-	free(ex->reqs);
-	free(ex->runs);
+	sio_pool_put(s->pool, op->buf);
 	free(ex);
 }
 
-/* The extent takes over the range lock (token may be NULL). */
+/*
+ * Copy clusters [cl, cl + n) as one extent, which takes over the range lock
+ * (token may be NULL). A failure of the copy itself comes through ex_done()
+ * (maybe before this returns); -errno here only when nothing was started.
+ */
 static int start_copy(struct stream *s, uint64_t cl, uint64_t n, void *token)
 {
 	struct extent *ex;
-	int ret;
+	uint8_t *buf;
 
 	ex = calloc(1, sizeof(*ex));
-	if (!ex) {
+	buf = ex ? sio_pool_get(s->pool) : NULL;
+	if (!buf) {
+		free(ex);
 		if (token)
 			s->unlock(s->lock_opaque, token);
 		return sx_error(ENOMEM, "stream: out of memory");
 	}
 	ex->lock = token;
 	ex->s = s;
-	ex->off = cl * s->cs;
-	ex->len = n * s->cs;
-	ex->buf = sio_pool_get(s->pool);
-	if (!ex->buf) {
-		free(ex);
-		return sx_error(ENOMEM, "stream: out of memory");
-	}
+	ex->op = (struct copy_op){
+		.off = cl * s->cs,
+		.len = n * s->cs,
+		.buf = buf,
+		.flags = zero_as_data(s) ? COPY_WRITE_ZEROS : 0,
+		.done = ex_done,
+		.priv = ex,
+	};
 	if (s->tail)
 		s->tail->next = ex;
 	else
 		s->head = ex;
 	s->tail = ex;
 	s->inflight++;
-
-	ret = ex_plan_reads(ex);
-	if (ret >= 0)
-		ret = ex_submit_all(ex);
-	if (ret < 0) {
-		ex->err = ret;
-		stream_fail(s, ret);
-	}
-	if (!ex->pending) {
-		/* Everything was read synchronously (or failed). */
-		if (ex->err)
-			ex_finish(ex);
-		else
-			ex_start_write(ex);
-	}
-	return ret < 0 ? ret : 0;
+	copy_start(s->copier, &ex->op);
+	return 0;
 }
 
 /* Fill the parts of a partially local cluster through the write path. */

@@ -13,10 +13,10 @@
  * The cursor is a cluster index of the top image: every cluster below
  * `cur` is local (or needs nothing), `end` is the number of clusters.
  *
- * Crash safety comes from the driver's contract (format.h): data is written
- * into freshly allocated host clusters and linked only by commit_run, whose
- * L2 updates reach the disk after the data does. At any instant the image
- * reads the same as the chain did.
+ * Crash safety comes from the copy pipeline (copy.h) and the driver's
+ * contract (format.h): data is written into freshly allocated host clusters
+ * and linked only by commit_run, whose L2 updates reach the disk after the
+ * data does. At any instant the image reads the same as the chain did.
  *
  * Guest I/O: an owner that also serves guest requests passes lock hooks;
  * every extent holds a lock on its cluster range from before its reads until
@@ -35,6 +35,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+struct copier;
 struct img;
 struct sio_queue;
 
@@ -71,6 +72,12 @@ struct stream_opts {
 	int (*lock)(void *opaque, uint64_t off, uint64_t len, void **token);
 	void (*unlock)(void *opaque, void *token);
 	void *lock_opaque;
+	/*
+	 * Optional: the disk's copy pipeline (copy.h), shared with guest
+	 * I/O (one inflater per disk); it must serve top on q (-EINVAL).
+	 * NULL: the stream makes its own.
+	 */
+	struct copier *copier;
 };
 
 #define STREAM_DEFAULT_INFLIGHT 8

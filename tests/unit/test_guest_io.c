@@ -716,6 +716,71 @@ START_TEST(test_step_does_not_block_guest)
 }
 END_TEST
 
+/*
+ * A backing of compressed clusters: plain reads (vectored, misaligned),
+ * copy-on-read and an allocating write into a compressed cluster all
+ * decompress on the disk's inflater and read as qemu does.
+ */
+START_TEST(test_compressed_backing)
+{
+	const char *d = tmpdir;
+	const uint64_t len = 3 * 65536 + 1024;
+	struct siphon_disk_stats st = {.size = sizeof(st)};
+	uint8_t *buf = malloc(4 << 20), *ref, *raw;
+	char top[512], m[128];
+	struct iovec v[3];
+	struct fixture f;
+
+	RUN("cd %s && qemu-img create -q -f raw cz.src.raw 4M && "
+	    "qemu-io -f raw -c 'write -P 0x11 0 1M' -c 'write -P 0x5a 2M 1M' "
+	    "cz.src.raw >/dev/null && "
+	    "qemu-img convert -c -O qcow2 -o cluster_size=65536 cz.src.raw "
+	    "cz.base.qcow2 && "
+	    "qemu-img create -q -f qcow2 -o cluster_size=65536 "
+	    "-b cz.base.qcow2 -F qcow2 cz.qcow2 && "
+	    "qemu-io -f qcow2 -c 'write -P 0x22 0 64k' cz.qcow2 >/dev/null && "
+	    "qemu-img convert -f qcow2 -O raw cz.qcow2 cz.ref.raw && "
+	    "qemu-io -f raw -c 'write -P 0x33 %u 512' cz.ref.raw >/dev/null",
+	    d, 3 * 65536 + 1024);
+	snprintf(top, sizeof(top), "%s/cz.qcow2", d);
+	ref = load_ref("cz");
+	open_disk(&f, top);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_OFF),
+			 0);
+	raw = malloc(len + 16);
+	v[0] = (struct iovec){raw + 1, 1536};
+	v[1] = (struct iovec){raw + 1537, 65536};
+	v[2] = (struct iovec){raw + 67073, len - 1536 - 65536};
+	/* Zeros into compressed clusters; then the top and compressed. */
+	ck_assert_int_eq(siphon_disk_read(f.disk, v, 3, (2 << 20) - 512, 0), 0);
+	ck_assert_mem_eq(raw + 1, ref + (2 << 20) - 512, len);
+	ck_assert_int_eq(siphon_disk_read(f.disk, v, 2, 0, 0), 0);
+	ck_assert_mem_eq(raw + 1, ref, 1536 + 65536);
+	/* Allocating write into a compressed cluster the top lacks. */
+	memset(buf, 0x33, 512);
+	ck_assert_int_eq(
+		siphon_disk_pwrite(f.disk, buf, 512, 3 * 65536 + 1024, 0), 0);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_ON),
+			 0);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 65536, 2 << 20, 0), 0);
+	ck_assert_mem_eq(buf, ref + (2 << 20), 65536);
+	usleep(100000);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 4 << 20, 0, 0), 0);
+	ck_assert_mem_eq(buf, ref, 4 << 20);
+	ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), 0);
+	ck_assert_uint_ge(st.cor_bytes, 65536);
+	close_disk(&f);
+	map_at(top, 2 << 20, m, sizeof(m));
+	ck_assert_int_eq(strncmp(m, "0 ", 2), 0); /* copied */
+	map_at(top, 3 * 65536, m, sizeof(m));
+	ck_assert_int_eq(strncmp(m, "0 ", 2), 0); /* written */
+	check_matches_chain("cz");
+	free(raw);
+	free(ref);
+	free(buf);
+}
+END_TEST
+
 static Suite *guest_suite(void)
 {
 	Suite *s = suite_create("guest_io");
@@ -733,6 +798,7 @@ static Suite *guest_suite(void)
 	tcase_add_test(tc, test_cor_subclusters);
 	tcase_add_test(tc, test_cor_with_stream);
 	tcase_add_test(tc, test_step_does_not_block_guest);
+	tcase_add_test(tc, test_compressed_backing);
 	suite_add_tcase(s, tc);
 	return s;
 }
