@@ -24,7 +24,6 @@
 #include <unistd.h>
 
 #include "domain.h"
-#include "formats/image.h"
 
 /* The event thread of the domain running on this thread, if any. */
 static _Thread_local struct siphon_domain *tls_event_dom;
@@ -76,10 +75,9 @@ int dom_get_disk(struct siphon_domain *dom, const char *path, struct disk **out)
 
 static void disk_free(struct disk *d)
 {
-	if (d->cmd_fd >= 0)
-		close(d->cmd_fd);
-	if (d->timer_fd >= 0)
-		close(d->timer_fd);
+	edisk_close(d->eng);
+	if (d->own_worker)
+		dworker_free(d->w);
 	pthread_mutex_destroy(&d->cmd_lock);
 	pthread_cond_destroy(&d->cmd_cond);
 	free(d->path);
@@ -338,7 +336,6 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 {
 	struct siphon_attach_opts o;
 	struct disk *d = NULL;
-	unsigned oflags = IMG_OPEN_RDWR;
 	int ret;
 
 	if (!dom)
@@ -353,16 +350,12 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 	if (o.flags & ~(unsigned)SIPHON_ATTACH_MASK)
 		return sx_error(EINVAL, "%s: unknown attach flags 0x%x", path,
 				o.flags & ~(unsigned)SIPHON_ATTACH_MASK);
-	if (o.flags & SIPHON_ATTACH_BUFFERED)
-		oflags |= IMG_OPEN_BUFFERED;
 
 	d = calloc(1, sizeof(*d));
 	if (!d)
 		return sx_error(ENOMEM, "out of memory");
 	d->dom = dom;
 	d->refs = 1;
-	d->cmd_fd = -1;
-	d->timer_fd = -1;
 	d->cmds_tail = &d->cmds;
 	d->greqs_tail = &d->greqs;
 	pthread_mutex_init(&d->cmd_lock, NULL);
@@ -381,10 +374,11 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 		sx_error(ret, "%s: disk already attached", path);
 		goto out;
 	}
-	ret = img_open(path, o.format, oflags, &d->img);
+	ret = edisk_open(path, o.format, o.flags & SIPHON_ATTACH_BUFFERED,
+			 &d->eng);
 	if (ret < 0)
 		goto out;
-	d->size = d->img->size;
+	d->size = edisk_size(d->eng);
 	ret = disk_start(d);
 	if (ret < 0)
 		goto out;
@@ -408,10 +402,8 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 	}
 	d = NULL;
 out:
-	if (d) {
-		img_close(d->img);
+	if (d)
 		disk_free(d);
-	}
 	return ret;
 }
 
