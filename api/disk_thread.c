@@ -1,9 +1,11 @@
 /*
  * The disks' worker threads and their command queues.
  *
- * A worker (struct dworker) is one thread running one event loop
- * (engine/worker.h: a sio_queue with a wake-up eventfd and a timer polled
- * through it) for the disks assigned to it. A disk stays on its worker from
+ * The domain has a fixed pool of workers (struct dworker), each one thread
+ * running one event loop (engine/worker.h: a sio_queue with a wake-up
+ * eventfd and a timer polled through it) for the disks assigned to it; a
+ * new disk goes to the least loaded worker, whose thread starts with its
+ * first disk. A disk stays on its worker from
  * attach to detach, because the format drivers are not thread safe and a
  * queue belongs to one thread; this keeps every ordering rule of a disk on
  * one thread.
@@ -419,29 +421,16 @@ void dworker_free(struct dworker *w)
 	free(w);
 }
 
-/* The worker for a new disk. Under dom->lock. */
-static int pick_worker(struct disk *d)
+/* The least loaded worker of the pool, for a new disk. Under dom->lock. */
+static struct dworker *pick_worker(struct siphon_domain *dom)
 {
-	struct siphon_domain *dom = d->dom;
-	int ret;
+	unsigned i, best = 0;
 
-	if (dom->nworkers == 0) {
-		/* No pool: the disk gets a worker of its own. */
-		ret = dworker_new(dom, dom->queue_depth, &d->w);
-		if (ret < 0)
-			return ret;
-		d->own_worker = true;
-	} else {
-		unsigned i, best = 0;
-
-		/* The least loaded worker. */
-		for (i = 1; i < dom->nworkers; i++)
-			if (atomic_load(&dom->workers[i]->ndisks) <
-			    atomic_load(&dom->workers[best]->ndisks))
-				best = i;
-		d->w = dom->workers[best];
-	}
-	return 0;
+	for (i = 1; i < dom->nworkers; i++)
+		if (atomic_load(&dom->workers[i]->ndisks) <
+		    atomic_load(&dom->workers[best]->ndisks))
+			best = i;
+	return dom->workers[best];
 }
 
 int disk_start(struct disk *d)
@@ -450,9 +439,8 @@ int disk_start(struct disk *d)
 	int ret;
 
 	pthread_mutex_lock(&d->dom->lock);
-	ret = pick_worker(d);
-	if (ret >= 0)
-		ret = dworker_start_locked(d->w);
+	d->w = pick_worker(d->dom);
+	ret = dworker_start_locked(d->w);
 	if (ret >= 0)
 		atomic_fetch_add(&d->w->ndisks, 1);
 	pthread_mutex_unlock(&d->dom->lock);
@@ -488,7 +476,4 @@ void disk_stop(struct disk *d)
 	while (!d->gone)
 		pthread_cond_wait(&d->cmd_cond, &d->cmd_lock);
 	pthread_mutex_unlock(&d->cmd_lock);
-	/* Its fds stay until disk_free(): a late disk_wake() is harmless. */
-	if (d->own_worker)
-		dworker_stop(d->w);
 }

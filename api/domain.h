@@ -4,7 +4,8 @@
  * api/stream_api.c (the stream calls).
  *
  * Threads and ownership:
- *  - Each attached disk runs on one worker thread (struct dworker) for its
+ *  - The domain has a fixed pool of worker threads (struct dworker); each
+ *    attached disk runs on one of them (the least loaded at attach) for its
  *    whole life. That thread alone touches the disk's engine object
  *    (engine/disk.h: img chain, guest engine, stream, scheduler) and its
  *    queue; everything else reaches the disk by posting a disk_cmd.
@@ -146,7 +147,6 @@ struct disk {
 	struct job_report last; /* the last stream that ended */
 
 	struct dworker *w; /* set at attach, never changed */
-	bool own_worker; /* w is this disk's alone (freed with it) */
 	struct disk *wnext; /* w->joining, then w->disks */
 	struct edisk *eng; /* the worker's once the disk joined it */
 	_Atomic int cor_mode; /* enum siphon_cor_mode */
@@ -174,7 +174,7 @@ struct siphon_domain {
 	uint64_t next_job_id;
 	uint16_t next_tag;
 	unsigned queue_depth;
-	struct dworker **workers; /* the pool, or NULL: a worker per disk */
+	struct dworker **workers; /* the pool, nworkers long, fixed */
 	unsigned nworkers;
 
 	/* events, under lock */
