@@ -1,130 +1,58 @@
 /*
- * The per-disk worker: one thread per attached disk that owns all of the
- * disk's I/O (its img chain, its sio_queue, its stream), because the format
- * drivers are not thread safe and a queue belongs to one thread.
+ * The disks' worker threads and their command queues.
  *
- * Other threads reach it through a command list (disk->cmds, under
- * disk->cmd_lock) and an eventfd (disk->cmd_fd). The worker sleeps only in
- * sio_queue_run(), with a SIO_OP_POLL on that eventfd always armed, so a
- * command, an abort or a stop wakes it even while I/O is in flight; a
- * throttled stream with nothing in flight arms a second poll on a timerfd.
- * One turn of the loop is: start guest requests; handle commands; start
- * guest requests whose cluster locks dropped; drive the stream; wait.
+ * The domain has a fixed pool of workers (struct dworker), each one thread
+ * running one event loop (engine/worker.h: a sio_queue with a wake-up
+ * eventfd and a timer polled through it) for the disks assigned to it; a
+ * new disk goes to the least loaded worker, whose thread starts with its
+ * first disk. A disk stays on its worker from
+ * attach to detach, because the format drivers are not thread safe and a
+ * queue belongs to one thread; this keeps every ordering rule of a disk on
+ * one thread.
  *
- * Guest priority: guest requests are started before anything else in a
- * turn, and while the guest has been active within GUEST_RECENT_NS the
- * stream keeps at most GUEST_STREAM_INFLIGHT extents of at most
- * GUEST_STREAM_EXTENT bytes in flight, so a guest request queues behind
- * little stream I/O on the device; and after each extent it pauses for
- * GUEST_STREAM_GAP_FACTOR times as long as the extent took (at least
- * GUEST_STREAM_GAP_MIN_NS, at most GUEST_STREAM_GAP_MAX_NS): back to back
- * extents, even one at a time, halved the guest's IOPS. The stream keeps a
- * share of the device under any guest load (one extent per gap at least),
- * so it always finishes; with the guest quiet it runs at full depth.
+ * Other threads reach a disk through its command list (disk->cmds, under
+ * disk->cmd_lock) and its guest request list, then wake the worker. One
+ * turn of the loop is: take on newly attached disks; if woken, take every
+ * disk's lists (guest requests first, then commands); for every disk, swap
+ * the chain if due and start guest requests whose cluster locks dropped;
+ * drive the streams, one turn each, starting with a different disk each
+ * turn so none goes first every time; kick the guests again; let go of the
+ * disks being detached once idle; wait.
  *
- * When a stream finalizes, the layers it made unnecessary are closed, but
- * only once no guest request is in flight (they may be reading them); new
- * guest requests wait meanwhile (guest_hold).
+ * The pacing of a stream against its guest (guest first, stream paced) is
+ * the disk's scheduler's (engine/sched.h), applied by its engine object
+ * (engine/disk.h); this file only feeds it the turns.
  *
- * Invariants: the command eventfd is drained before the list is taken, so a
- * command posted after that always leaves the fd readable for the next
- * poll; the worker exits only with no stream job, no guest request in
- * flight or waiting, and both polls reaped, so
- * sio_queue_destroy() never waits for a poll that cannot fire.
+ * Invariants: the wake-up eventfd is drained before any list is taken, so a
+ * post after that always leaves it readable for the next wait; a disk is
+ * let go only with no stream job, no guest request in flight or waiting and
+ * no swap pending; a worker exits only with no disk left, and reaps its
+ * polls before destroying its queue.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
-#include <sys/timerfd.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "domain.h"
-#include "formats/image.h"
 
-/* Names for the polled fds in io/ messages. */
-static char cmd_name[] = "(disk command eventfd)";
-static char timer_name[] = "(disk timerfd)";
-
-/* The disk whose worker is this thread, if any. */
-static _Thread_local struct disk *tls_disk;
-
-/* Guest activity this recent keeps the stream at a low queue depth. */
-#define GUEST_RECENT_NS (50ull * 1000 * 1000)
-#define GUEST_STREAM_INFLIGHT 1
-#define GUEST_STREAM_EXTENT (256u * 1024)
-#define GUEST_STREAM_GAP_FACTOR 4
-#define GUEST_STREAM_GAP_MIN_NS (2ull * 1000 * 1000)
-#define GUEST_STREAM_GAP_MAX_NS (20ull * 1000 * 1000)
+/* The worker running on this thread, if any. */
+static _Thread_local struct dworker *tls_worker;
 
 bool disk_is_worker(const struct disk *d)
 {
-	return tls_disk == d;
+	return tls_worker && tls_worker == d->w;
 }
 
 void disk_wake(struct disk *d)
 {
-	uint64_t one = 1;
-
-	/* Only fails with EAGAIN on a counter at its max: still readable. */
-	if (write(d->cmd_fd, &one, sizeof(one)) < 0) {
-	}
-}
-
-static void drain_fd(int fd)
-{
-	uint64_t v;
-
-	if (read(fd, &v, sizeof(v)) < 0) {
-		/* EAGAIN: nothing to drain */
-	}
-}
-
-static void cmd_poll_done(struct sio_req *req, int res)
-{
-	struct disk *d = req->priv;
-
-	(void)res;
-	d->cmd_armed = false;
-	d->cmd_ready = true;
-}
-
-static void timer_poll_done(struct sio_req *req, int res)
-{
-	struct disk *d = req->priv;
-
-	(void)res;
-	d->timer_armed = false;
-	drain_fd(d->timer_fd);
-}
-
-static int arm_poll(struct disk *d, struct sio_req *req, struct sio_file *f,
-		    sio_done_fn done)
-{
-	memset(req, 0, sizeof(*req));
-	req->op = SIO_OP_POLL;
-	req->file = f;
-	req->done = done;
-	req->priv = d;
-	return sio_queue_submit(d->q, req);
+	ew_wake(d->w->ew);
 }
 
 void disk_arm_timer(struct disk *d, uint64_t ns)
 {
-	struct itimerspec its = {0};
-
-	if (d->timer_armed)
-		return;
-	if (ns == 0)
-		ns = 1;
-	its.it_value.tv_sec = (time_t)(ns / 1000000000ull);
-	its.it_value.tv_nsec = (long)(ns % 1000000000ull);
-	if (timerfd_settime(d->timer_fd, 0, &its, NULL) < 0)
-		return;
-	if (arm_poll(d, &d->timer_poll, &d->timer_file, timer_poll_done) == 0)
-		d->timer_armed = true;
+	ew_arm_timer(d->w->ew, ns);
 }
 
 static void cmd_done_wake(struct disk_cmd *cmd)
@@ -177,7 +105,7 @@ int disk_cmd_call(struct disk *d, struct disk_cmd *cmd)
 	int ret;
 
 	/* Nothing runs on a worker that calls back in today; keep it so. */
-	if (tls_disk == d)
+	if (disk_is_worker(d))
 		return sx_error(EDEADLK, "%s: call from the disk's own worker",
 				d->path);
 	cmd->done = false;
@@ -223,31 +151,21 @@ static struct disk_cmd *take_cmds(struct disk *d, bool close,
 	return list;
 }
 
-static void update_cor(struct disk *d)
-{
-	int mode = atomic_load(&d->cor_mode);
-
-	/* With a stream running, copy-on-read may yield to guest load. */
-	guest_set_cor(d->guest,
-		      mode == SIPHON_COR_ON ||
-			      (mode == SIPHON_COR_AUTO && d->job),
-		      d->job != NULL);
-}
-
 static void handle_cmds(struct disk *d)
 {
 	struct disk_cmd *cmd, *next;
 	struct guest_req *greq, *gnext;
 	bool stop = atomic_load(&d->stop);
+	uint64_t now = ew_now();
 
 	cmd = take_cmds(d, stop, &greq);
-	update_cor(d);
+	edisk_set_cor_mode(d->eng, atomic_load(&d->cor_mode));
 	for (; greq; greq = gnext) {
 		gnext = greq->next;
 		if (stop)
 			greq->complete(greq, -ENOENT);
 		else
-			guest_submit(d->guest, greq);
+			edisk_guest_submit(d->eng, greq, now);
 	}
 	for (; cmd; cmd = next) {
 		next = cmd->next;
@@ -266,7 +184,7 @@ static void handle_cmds(struct disk *d)
 				disk_cmd_finish(cmd, cmd->ret);
 			break;
 		case DISK_CMD_GUEST_STATS:
-			guest_get_stats(d->guest, &cmd->stats);
+			edisk_guest_stats(d->eng, &cmd->stats);
 			disk_cmd_finish(cmd, 0);
 			break;
 		default:
@@ -278,138 +196,9 @@ static void handle_cmds(struct disk *d)
 	}
 }
 
-void disk_swap_chain(struct disk *d, struct img *base)
+/* Report a joining disk's start-up to disk_start(). */
+static void join_done(struct disk *d, int ret)
 {
-	d->swap_pending = true;
-	d->swap_base = base;
-	guest_hold(d->guest, true);
-}
-
-/* Close the layers between the top and swap_base once nobody reads them. */
-static void do_swap(struct disk *d)
-{
-	struct img *top = d->img, *old = top->backing, *l;
-	unsigned depth = 1;
-
-	if (guest_inflight(d->guest))
-		return;
-	if (old != d->swap_base) {
-		for (l = old; l && l->backing != d->swap_base; l = l->backing)
-			;
-		if (l)
-			l->backing = NULL;
-		top->backing = d->swap_base;
-		img_close(old);
-		for (l = top->backing; l; l = l->backing)
-			l->depth = depth++;
-	}
-	d->swap_pending = false;
-	guest_hold(d->guest, false);
-}
-
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static void pump_stream(struct disk *d)
-{
-	bool busy = guest_busy(d->guest, GUEST_RECENT_NS);
-	uint64_t now = mono_ns(), gap;
-
-	if (d->pace_inflight && !stream_inflight(d->job->s)) {
-		/* The stream's I/O just drained: pause in proportion. */
-		d->pace_inflight = false;
-		gap = (now - d->pace_t0) * GUEST_STREAM_GAP_FACTOR;
-		gap = gap < GUEST_STREAM_GAP_MIN_NS   ? GUEST_STREAM_GAP_MIN_NS
-		      : gap > GUEST_STREAM_GAP_MAX_NS ? GUEST_STREAM_GAP_MAX_NS
-						      : gap;
-		d->pace_next = now + gap;
-	}
-	if (busy && !d->job->abort && !stream_inflight(d->job->s) &&
-	    now < d->pace_next) {
-		disk_arm_timer(d, d->pace_next - now);
-		return;
-	}
-	stream_set_limits(d->job->s, busy ? GUEST_STREAM_INFLIGHT : 0,
-			  busy ? GUEST_STREAM_EXTENT : 0);
-	stream_job_pump(d);
-	/* The pump may have ended the job. */
-	if (d->job && !d->pace_inflight && stream_inflight(d->job->s)) {
-		d->pace_inflight = true;
-		d->pace_t0 = now;
-	}
-}
-
-static void worker_loop(struct disk *d)
-{
-	int ret;
-
-	for (;;) {
-		if (d->cmd_ready) {
-			d->cmd_ready = false;
-			drain_fd(d->cmd_fd);
-			handle_cmds(d);
-		}
-		if (!d->cmd_armed &&
-		    arm_poll(d, &d->cmd_poll, &d->cmd_file, cmd_poll_done) == 0)
-			d->cmd_armed = true;
-		if (d->swap_pending)
-			do_swap(d);
-		guest_kick(d->guest);
-		if (atomic_load(&d->stop) && d->job)
-			atomic_store(&d->job->abort, true);
-		if (d->job && d->job->abort && !d->job->continuous &&
-		    !d->job->step)
-			stream_job_reap(d);
-		if (d->job && (d->job->continuous || d->job->step))
-			pump_stream(d);
-		if (d->swap_pending)
-			do_swap(d);
-		/* The pump and the swap may have dropped locks or a hold. */
-		guest_kick(d->guest);
-		if (atomic_load(&d->stop) && !d->job && guest_idle(d->guest) &&
-		    !d->swap_pending)
-			break;
-		ret = sio_queue_run(d->q, 1);
-		if (ret < 0 && d->job)
-			stream_job_fail(d, ret);
-	}
-}
-
-/* Reap both polls: make their fds readable and wait for them. */
-static void drain_polls(struct disk *d)
-{
-	struct itimerspec its = {.it_value = {.tv_nsec = 1}};
-	unsigned tries = 0;
-
-	while ((d->cmd_armed || d->timer_armed) && tries++ < 1000) {
-		if (d->cmd_armed)
-			disk_wake(d);
-		if (d->timer_armed)
-			timerfd_settime(d->timer_fd, 0, &its, NULL);
-		sio_queue_run(d->q, 1);
-	}
-}
-
-static void *disk_main(void *arg)
-{
-	struct disk *d = arg;
-	int ret;
-
-	tls_disk = d;
-	/* The ring is made here: it may only be used by its creator. */
-	ret = sio_queue_create(d->dom->queue_depth, &d->q);
-	if (ret >= 0) {
-		ret = guest_create(d->img, d->q, &d->guest);
-		if (ret < 0) {
-			sio_queue_destroy(d->q);
-			d->q = NULL;
-		}
-	}
 	pthread_mutex_lock(&d->cmd_lock);
 	d->init_ret = ret;
 	if (ret < 0)
@@ -417,53 +206,263 @@ static void *disk_main(void *arg)
 			 sx_last_error());
 	pthread_cond_broadcast(&d->cmd_cond);
 	pthread_mutex_unlock(&d->cmd_lock);
+}
+
+/* Take on the disks attached since the last turn. */
+static void take_joining(struct dworker *w)
+{
+	struct disk *d, *next, **tail;
+	int ret;
+
+	pthread_mutex_lock(&w->lock);
+	d = w->joining;
+	w->joining = NULL;
+	pthread_mutex_unlock(&w->lock);
+	for (tail = &w->disks; *tail; tail = &(*tail)->wnext)
+		;
+	for (; d; d = next) {
+		next = d->wnext;
+		d->wnext = NULL;
+		ret = edisk_bind(d->eng, ew_queue(w->ew));
+		if (ret < 0) {
+			join_done(d, ret);
+			continue;
+		}
+		*tail = d;
+		tail = &d->wnext;
+		join_done(d, 0);
+		/* Commands may already wait for it. */
+		handle_cmds(d);
+	}
+}
+
+/* The disk's part of a turn before the streams run. */
+static void disk_turn(struct disk *d)
+{
+	edisk_kick(d->eng);
+	if (atomic_load(&d->stop) && d->job)
+		atomic_store(&d->job->abort, true);
+	if (d->job && d->job->abort && !d->job->continuous && !d->job->step)
+		stream_job_reap(d);
+}
+
+static bool has_stream_work(const struct disk *d)
+{
+	return d->job && (d->job->continuous || d->job->step);
+}
+
+/* One pump for every disk with stream work, from a rotating start. */
+static void pump_streams(struct dworker *w)
+{
+	struct disk *d, *first;
+	unsigned n = 0, i, start;
+	uint64_t now = ew_now();
+
+	for (d = w->disks; d; d = d->wnext)
+		n++;
+	if (!n)
+		return;
+	start = w->rr++ % n;
+	for (first = w->disks, i = 0; i < start; i++)
+		first = first->wnext;
+	d = first;
+	do {
+		if (has_stream_work(d))
+			stream_job_pump(d, now);
+		d = d->wnext ? d->wnext : w->disks;
+	} while (d != first);
+}
+
+/* Let go of a stopped, idle disk: refuse what is left, close it. */
+static void retire(struct disk *d)
+{
+	handle_cmds(d);
+	edisk_close(d->eng);
+	d->eng = NULL;
+	atomic_fetch_sub(&d->w->ndisks, 1);
+	pthread_mutex_lock(&d->cmd_lock);
+	d->gone = true;
+	pthread_cond_broadcast(&d->cmd_cond);
+	pthread_mutex_unlock(&d->cmd_lock);
+}
+
+static bool worker_done(struct dworker *w)
+{
+	bool done;
+
+	pthread_mutex_lock(&w->lock);
+	done = w->stop && !w->joining && !w->disks;
+	pthread_mutex_unlock(&w->lock);
+	return done;
+}
+
+static void worker_loop(struct dworker *w)
+{
+	struct disk *d, **pp;
+	int ret;
+
+	for (;;) {
+		take_joining(w);
+		if (ew_take_wake(w->ew))
+			for (d = w->disks; d; d = d->wnext)
+				handle_cmds(d);
+		for (d = w->disks; d; d = d->wnext)
+			disk_turn(d);
+		pump_streams(w);
+		/* The pumps and the swaps may have dropped locks or a hold. */
+		for (pp = &w->disks; (d = *pp);) {
+			edisk_kick(d->eng);
+			if (atomic_load(&d->stop) && !d->job &&
+			    edisk_idle(d->eng)) {
+				*pp = d->wnext;
+				retire(d);
+				continue;
+			}
+			pp = &d->wnext;
+		}
+		if (worker_done(w))
+			break;
+		ret = ew_wait(w->ew);
+		if (ret < 0)
+			for (d = w->disks; d; d = d->wnext)
+				if (d->job)
+					stream_job_fail(d, ret);
+	}
+}
+
+static void *worker_main(void *arg)
+{
+	struct dworker *w = arg;
+	int ret;
+
+	tls_worker = w;
+	/* The ring is made here: it may only be used by its creator. */
+	ret = ew_bind(w->ew, w->depth);
+	pthread_mutex_lock(&w->lock);
+	w->init_ret = ret;
+	if (ret < 0)
+		snprintf(w->init_msg, sizeof(w->init_msg), "%s",
+			 sx_last_error());
+	pthread_cond_broadcast(&w->cond);
+	pthread_mutex_unlock(&w->lock);
 	if (ret < 0)
 		return NULL;
-
-	d->cmd_ready = true; /* a command may predate the first poll */
-	worker_loop(d);
-
-	/* Refuse commands posted since, then let their callers go. */
-	handle_cmds(d);
-	drain_polls(d);
-	sio_queue_destroy(d->q);
-	d->q = NULL;
-	guest_destroy(d->guest);
-	d->guest = NULL;
-	img_close(d->img);
-	d->img = NULL;
+	worker_loop(w);
+	ew_unbind(w->ew);
 	return NULL;
+}
+
+int dworker_new(struct siphon_domain *dom, unsigned depth, struct dworker **out)
+{
+	struct dworker *w = calloc(1, sizeof(*w));
+	int ret;
+
+	if (!w)
+		return sx_error(ENOMEM, "out of memory");
+	ret = ew_create(&w->ew);
+	if (ret < 0) {
+		free(w);
+		return ret;
+	}
+	w->dom = dom;
+	w->depth = depth;
+	pthread_mutex_init(&w->lock, NULL);
+	pthread_cond_init(&w->cond, NULL);
+	*out = w;
+	return 0;
+}
+
+/* Start w's thread if it does not run yet. Under dom->lock. */
+static int dworker_start_locked(struct dworker *w)
+{
+	int ret;
+
+	if (w->started)
+		return 0;
+	w->init_ret = 1;
+	w->stop = false;
+	ret = -pthread_create(&w->thread, NULL, worker_main, w);
+	if (ret < 0)
+		return sx_error(ret, "cannot start a worker thread: %s",
+				strerror(-ret));
+	pthread_mutex_lock(&w->lock);
+	while (w->init_ret == 1)
+		pthread_cond_wait(&w->cond, &w->lock);
+	ret = w->init_ret;
+	pthread_mutex_unlock(&w->lock);
+	if (ret < 0) {
+		pthread_join(w->thread, NULL);
+		return sx_error(ret, "%s", w->init_msg);
+	}
+	w->started = true;
+	return 0;
+}
+
+void dworker_stop(struct dworker *w)
+{
+	if (!w->started)
+		return;
+	pthread_mutex_lock(&w->lock);
+	w->stop = true;
+	pthread_mutex_unlock(&w->lock);
+	ew_wake(w->ew);
+	pthread_join(w->thread, NULL);
+	w->started = false;
+}
+
+void dworker_free(struct dworker *w)
+{
+	if (!w)
+		return;
+	dworker_stop(w);
+	ew_destroy(w->ew);
+	pthread_cond_destroy(&w->cond);
+	pthread_mutex_destroy(&w->lock);
+	free(w);
+}
+
+/* The least loaded worker of the pool, for a new disk. Under dom->lock. */
+static struct dworker *pick_worker(struct siphon_domain *dom)
+{
+	unsigned i, best = 0;
+
+	for (i = 1; i < dom->nworkers; i++)
+		if (atomic_load(&dom->workers[i]->ndisks) <
+		    atomic_load(&dom->workers[best]->ndisks))
+			best = i;
+	return dom->workers[best];
 }
 
 int disk_start(struct disk *d)
 {
+	struct dworker *w;
 	int ret;
 
-	d->cmd_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (d->cmd_fd < 0)
-		return sx_error(errno, "eventfd: %s", strerror(errno));
-	d->timer_fd =
-		timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
-	if (d->timer_fd < 0)
-		return sx_error(errno, "timerfd: %s", strerror(errno));
-	d->cmd_file = (struct sio_file){
-		.fd = d->cmd_fd, .path = cmd_name, .align = 1, .mem_align = 1};
-	d->timer_file = (struct sio_file){.fd = d->timer_fd,
-					  .path = timer_name,
-					  .align = 1,
-					  .mem_align = 1};
+	pthread_mutex_lock(&d->dom->lock);
+	d->w = pick_worker(d->dom);
+	ret = dworker_start_locked(d->w);
+	if (ret >= 0)
+		atomic_fetch_add(&d->w->ndisks, 1);
+	pthread_mutex_unlock(&d->dom->lock);
+	if (ret < 0) {
+		snprintf(d->init_msg, sizeof(d->init_msg), "%s",
+			 sx_last_error());
+		return sx_error(ret, "%s: %s", d->path, d->init_msg);
+	}
+	w = d->w;
 	d->init_ret = 1;
-	ret = -pthread_create(&d->thread, NULL, disk_main, d);
-	if (ret < 0)
-		return sx_error(ret, "%s: cannot start the disk's thread: %s",
-				d->path, strerror(-ret));
+	pthread_mutex_lock(&w->lock);
+	d->wnext = w->joining;
+	w->joining = d;
+	pthread_mutex_unlock(&w->lock);
+	ew_wake(w->ew);
 	pthread_mutex_lock(&d->cmd_lock);
 	while (d->init_ret == 1)
 		pthread_cond_wait(&d->cmd_cond, &d->cmd_lock);
 	ret = d->init_ret;
 	pthread_mutex_unlock(&d->cmd_lock);
 	if (ret < 0) {
-		pthread_join(d->thread, NULL);
+		atomic_fetch_sub(&w->ndisks, 1);
 		return sx_error(ret, "%s: %s", d->path, d->init_msg);
 	}
 	return 0;
@@ -473,5 +472,8 @@ void disk_stop(struct disk *d)
 {
 	atomic_store(&d->stop, true);
 	disk_wake(d);
-	pthread_join(d->thread, NULL);
+	pthread_mutex_lock(&d->cmd_lock);
+	while (!d->gone)
+		pthread_cond_wait(&d->cmd_cond, &d->cmd_lock);
+	pthread_mutex_unlock(&d->cmd_lock);
 }

@@ -24,7 +24,6 @@
 #include <unistd.h>
 
 #include "domain.h"
-#include "formats/image.h"
 
 /* The event thread of the domain running on this thread, if any. */
 static _Thread_local struct siphon_domain *tls_event_dom;
@@ -76,10 +75,7 @@ int dom_get_disk(struct siphon_domain *dom, const char *path, struct disk **out)
 
 static void disk_free(struct disk *d)
 {
-	if (d->cmd_fd >= 0)
-		close(d->cmd_fd);
-	if (d->timer_fd >= 0)
-		close(d->timer_fd);
+	edisk_close(d->eng);
 	pthread_mutex_destroy(&d->cmd_lock);
 	pthread_cond_destroy(&d->cmd_cond);
 	free(d->path);
@@ -228,6 +224,48 @@ int dom_copy_opts(void *dst, size_t dst_size, const void *src, size_t src_size,
 	return 0;
 }
 
+/*
+ * The worker pool: n workers (0: one per online CPU), threads started on
+ * first use. -errno; what was made stays for free_pool().
+ */
+static int make_pool(struct siphon_domain *dom, unsigned n)
+{
+	/* Shared by many disks: room for several disks' I/O in the ring. */
+	unsigned depth = dom->queue_depth * 4;
+	long cpus;
+	int ret;
+
+	if (n == 0) {
+		cpus = sysconf(_SC_NPROCESSORS_ONLN);
+		n = cpus < 1			? 1
+		    : cpus > SIPHON_MAX_WORKERS ? SIPHON_MAX_WORKERS
+						: (unsigned)cpus;
+	}
+	if (depth > 4096 || depth < dom->queue_depth)
+		depth = dom->queue_depth > 4096 ? dom->queue_depth : 4096;
+	dom->workers = calloc(n, sizeof(*dom->workers));
+	if (!dom->workers)
+		return sx_error(ENOMEM, "out of memory");
+	for (; dom->nworkers < n; dom->nworkers++) {
+		ret = dworker_new(dom, depth, &dom->workers[dom->nworkers]);
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
+/* Stop and free the pool: no disk is left on it. */
+static void free_pool(struct siphon_domain *dom)
+{
+	unsigned i;
+
+	for (i = 0; i < dom->nworkers; i++)
+		dworker_free(dom->workers[i]);
+	free(dom->workers);
+	dom->workers = NULL;
+	dom->nworkers = 0;
+}
+
 SIPHON_API int siphon_domain_create(const struct siphon_domain_opts *opts,
 				    siphon_domain **out)
 {
@@ -242,9 +280,13 @@ SIPHON_API int siphon_domain_create(const struct siphon_domain_opts *opts,
 			    sizeof(size_t), "domain opts");
 	if (ret < 0)
 		return ret;
+	if (o.workers > SIPHON_MAX_WORKERS)
+		return sx_error(EINVAL, "domain opts: %u workers: more than %d",
+				o.workers, SIPHON_MAX_WORKERS);
 	dom = calloc(1, sizeof(*dom));
 	if (!dom)
 		return sx_error(ENOMEM, "out of memory");
+	dom->event_fd = -1;
 	pthread_mutex_init(&dom->lock, NULL);
 	pthread_cond_init(&dom->job_cond, NULL);
 	pthread_cond_init(&dom->event_cond, NULL);
@@ -253,6 +295,9 @@ SIPHON_API int siphon_domain_create(const struct siphon_domain_opts *opts,
 	dom->event_opaque = o.event_opaque;
 	dom->queue_depth =
 		o.queue_depth ? o.queue_depth : DISK_DEFAULT_QUEUE_DEPTH;
+	ret = make_pool(dom, o.workers);
+	if (ret < 0)
+		goto out;
 	/*
 	 * Cursor tags start at a random point so that a cursor kept from
 	 * another domain (or an earlier run) is most likely refused.
@@ -280,6 +325,7 @@ SIPHON_API int siphon_domain_create(const struct siphon_domain_opts *opts,
 	ret = 0;
 out:
 	if (dom) {
+		free_pool(dom);
 		if (dom->event_fd >= 0)
 			close(dom->event_fd);
 		pthread_cond_destroy(&dom->event_cond);
@@ -320,6 +366,7 @@ SIPHON_API void siphon_domain_close(siphon_domain *dom)
 		pthread_mutex_unlock(&dom->lock);
 		pthread_join(dom->event_thread, NULL);
 	}
+	free_pool(dom);
 	while ((n = dom->ev_head)) {
 		dom->ev_head = n->next;
 		free(n);
@@ -338,7 +385,6 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 {
 	struct siphon_attach_opts o;
 	struct disk *d = NULL;
-	unsigned oflags = IMG_OPEN_RDWR;
 	int ret;
 
 	if (!dom)
@@ -353,16 +399,12 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 	if (o.flags & ~(unsigned)SIPHON_ATTACH_MASK)
 		return sx_error(EINVAL, "%s: unknown attach flags 0x%x", path,
 				o.flags & ~(unsigned)SIPHON_ATTACH_MASK);
-	if (o.flags & SIPHON_ATTACH_BUFFERED)
-		oflags |= IMG_OPEN_BUFFERED;
 
 	d = calloc(1, sizeof(*d));
 	if (!d)
 		return sx_error(ENOMEM, "out of memory");
 	d->dom = dom;
 	d->refs = 1;
-	d->cmd_fd = -1;
-	d->timer_fd = -1;
 	d->cmds_tail = &d->cmds;
 	d->greqs_tail = &d->greqs;
 	pthread_mutex_init(&d->cmd_lock, NULL);
@@ -381,11 +423,12 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 		sx_error(ret, "%s: disk already attached", path);
 		goto out;
 	}
-	ret = img_open(path, o.format, oflags, &d->img);
+	ret = edisk_open(path, o.format, o.flags & SIPHON_ATTACH_BUFFERED,
+			 &d->eng);
 	if (ret < 0)
 		goto out;
-	d->size = d->img->size;
-	d->cluster_size = d->img->cluster_size;
+	d->size = edisk_size(d->eng);
+	d->cluster_size = edisk_cluster_size(d->eng);
 	ret = disk_start(d);
 	if (ret < 0)
 		goto out;
@@ -409,10 +452,8 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 	}
 	d = NULL;
 out:
-	if (d) {
-		img_close(d->img);
+	if (d)
 		disk_free(d);
-	}
 	return ret;
 }
 

@@ -4,9 +4,11 @@
  * api/stream_api.c (the stream calls).
  *
  * Threads and ownership:
- *  - Each attached disk has one worker thread. It alone touches the disk's
- *    img chain, sio_queue and stream engine object; everything else reaches
- *    the disk by posting a disk_cmd.
+ *  - The domain has a fixed pool of worker threads (struct dworker); each
+ *    attached disk runs on one of them (the least loaded at attach) for its
+ *    whole life. That thread alone touches the disk's engine object
+ *    (engine/disk.h: img chain, guest engine, stream, scheduler) and its
+ *    queue; everything else reaches the disk by posting a disk_cmd.
  *  - dom->lock protects the disk list, every disk's refs, job and last
  *    fields and the fields of a published job marked (L), and the event
  *    queue. stream_get_progress(), stream_request_abort() and
@@ -30,12 +32,11 @@
 #include <stdint.h>
 
 #include "common/error.h"
+#include "engine/disk.h"
 #include "engine/guest.h"
 #include "engine/stream.h"
-#include "io/io.h"
+#include "engine/worker.h"
 #include "siphon.h"
-
-struct img;
 
 /* Cursors: (cluster << CURSOR_TAG_BITS) | tag, tag != 0; 0 = "open". */
 #define CURSOR_TAG_BITS 16
@@ -63,8 +64,7 @@ struct job_report {
 
 struct stream_job {
 	uint64_t id;
-	struct stream *s; /* (L) valid while published */
-	struct img *base; /* a layer of the chain, or NULL */
+	struct stream *s; /* (L) valid while published; the edisk's */
 	bool continuous;
 	uint16_t tag;
 	uint64_t speed; /* (L) */
@@ -112,6 +112,30 @@ struct disk_cmd {
 	bool done; /* disk->cmd_lock: for disk_cmd_call() */
 };
 
+/*
+ * A worker thread: one event loop (engine/worker.h) running the disks
+ * assigned to it, each for its whole life.
+ */
+struct dworker {
+	struct siphon_domain *dom;
+	struct ew *ew;
+	pthread_t thread;
+	bool started; /* dom->lock (attach side): thread running */
+	unsigned depth; /* its queue's depth */
+	_Atomic unsigned ndisks; /* assigned and not retired */
+
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	struct disk *joining; /* lock: disks to take on */
+	int init_ret; /* lock: 1 while starting, then 0 or -errno */
+	char init_msg[SX_ERROR_MAX];
+	bool stop; /* lock: exit once no disk is left */
+
+	/* the worker thread only */
+	struct disk *disks;
+	unsigned rr; /* round robin: the disk whose stream goes first */
+};
+
 struct disk {
 	struct siphon_domain *dom;
 	struct disk *next; /* dom->disks, attach order */
@@ -125,25 +149,13 @@ struct disk {
 	bool has_last;
 	struct job_report last; /* the last stream that ended */
 
-	/* worker */
-	pthread_t thread;
-	struct img *img;
-	struct sio_queue *q;
-	int cmd_fd; /* eventfd: commands posted, stop, abort */
-	int timer_fd; /* timerfd: throttled stream wakes up */
-	struct sio_file cmd_file, timer_file; /* for SIO_OP_POLL */
-	struct sio_req cmd_poll, timer_poll;
-	bool cmd_armed, timer_armed, cmd_ready;
-	struct guest *guest; /* guest I/O engine */
-	bool swap_pending; /* finalized: drop the old chain when idle */
-	struct img *swap_base; /* what stays below the top */
-	/* Pacing of the stream while the guest is busy (disk_thread.c). */
-	bool pace_inflight; /* stream I/O was in flight ... */
-	uint64_t pace_t0; /* ... since then */
-	uint64_t pace_next; /* no new extent before (CLOCK_MONOTONIC ns) */
+	struct dworker *w; /* set at attach, never changed */
+	struct disk *wnext; /* w->joining, then w->disks */
+	struct edisk *eng; /* the worker's once the disk joined it */
 	_Atomic int cor_mode; /* enum siphon_cor_mode */
-	int init_ret; /* cmd_lock: worker start-up, 1 while pending */
+	int init_ret; /* cmd_lock: joining the worker, 1 while pending */
 	char init_msg[SX_ERROR_MAX];
+	bool gone; /* cmd_lock: the worker has let go of the disk */
 
 	pthread_mutex_t cmd_lock;
 	pthread_cond_t cmd_cond;
@@ -165,6 +177,8 @@ struct siphon_domain {
 	uint64_t next_job_id;
 	uint16_t next_tag;
 	unsigned queue_depth;
+	struct dworker **workers; /* the pool, nworkers long, fixed */
+	unsigned nworkers;
 
 	/* events, under lock */
 	struct event_node *ev_head, **ev_tail;
@@ -196,8 +210,19 @@ int dom_copy_opts(void *dst, size_t dst_size, const void *src, size_t src_size,
 void dom_new_job_ids(struct siphon_domain *dom, uint64_t *id, uint16_t *tag);
 
 /* api/disk_thread.c */
+/* A worker for dom with a queue of depth (its thread starts on first use). */
+int dworker_new(struct siphon_domain *dom, unsigned depth,
+		struct dworker **out);
+/* Stop its thread (no disk left on it) and join it. */
+void dworker_stop(struct dworker *w);
+/* Stop and free. NULL ok. */
+void dworker_free(struct dworker *w);
+/* Assign d (d->eng opened) to a worker and wait until it runs there. */
 int disk_start(struct disk *d);
-/* Abort what runs, stop the worker, join it, close the images. */
+/*
+ * Abort what runs, wait until the worker has let go of the disk (its
+ * images closed, d->eng NULL).
+ */
 void disk_stop(struct disk *d);
 /* Wake the worker (after setting a flag it checks). Any thread. */
 void disk_wake(struct disk *d);
@@ -216,11 +241,6 @@ int disk_cmd_post(struct disk *d, struct disk_cmd *cmd);
 int disk_guest_post(struct disk *d, struct guest_req *req);
 /* This thread is d's worker. */
 bool disk_is_worker(const struct disk *d);
-/*
- * Worker: the stream finalized; once no guest I/O is in flight, drop the
- * layers above base from the open chain (guest requests wait meanwhile).
- */
-void disk_swap_chain(struct disk *d, struct img *base);
 /* Worker: wake up after ns even with nothing in flight. */
 void disk_arm_timer(struct disk *d, uint64_t ns);
 
@@ -235,10 +255,11 @@ void disk_cmd_finish(struct disk_cmd *cmd, int ret);
  */
 bool stream_cmd_run(struct disk *d, struct disk_cmd *cmd);
 /*
- * Worker: drive a CONTINUOUS stream, or a running step, one turn; ends the
- * step or the stream when done.
+ * Worker: drive a CONTINUOUS stream, or a running step, one turn at time
+ * now, as the disk's scheduler allows; ends the step or the stream when
+ * done.
  */
-void stream_job_pump(struct disk *d);
+void stream_job_pump(struct disk *d, uint64_t now);
 /* Worker: end an idle incremental stream (no step running) that was aborted. */
 void stream_job_reap(struct disk *d);
 /* Worker: stop the job with an error (e.g. the queue failed). */

@@ -19,7 +19,6 @@
 #include <string.h>
 
 #include "domain.h"
-#include "formats/image.h"
 
 struct api_req {
 	struct guest_req g;

@@ -7,8 +7,11 @@
  *
  * The model: a domain (siphon_domain, one per VMM or tool) holds disks,
  * attached by the absolute path of their top image, which is also their
- * name. Each attached disk has one worker thread that owns all of its I/O;
- * API calls may come from any thread and are handed to that worker.
+ * name. Each attached disk is assigned to one of the domain's worker
+ * threads (a fixed pool, see siphon_domain_opts.workers), which owns all of
+ * its I/O for its whole life; API calls may come from any thread and are
+ * handed to that worker. A worker runs many disks; streams of its disks
+ * share it in turn.
  *
  * A disk streams in one of two modes (the block-streaming proposal):
  *  - CONTINUOUS: the whole disk, in the background, until done, aborted or
@@ -105,16 +108,26 @@ struct siphon_domain_opts {
 	siphon_event_fn event_cb; /* NULL: events are queued for the event fd */
 	void *event_opaque; /* passed to event_cb */
 	unsigned queue_depth; /* per-disk I/O queue depth, 0: default */
+	/*
+	 * Worker threads that run the domain's disks (each disk stays on one
+	 * for its life), 0: the number of online CPUs. At most
+	 * SIPHON_MAX_WORKERS (-EINVAL above).
+	 */
+	unsigned workers;
 };
+
+#define SIPHON_MAX_WORKERS 1024
 
 /*
  * Create a domain. opts may be NULL (defaults: no callback, events queued).
  * With a callback, every event goes to the callback and the event fd never
  * becomes readable; without one, events queue until read with
  * siphon_domain_next_event().
+ * Worker threads start as disks are attached (at most opts->workers).
  * Returns 0 and *out. Errors: -EINVAL (out NULL, opts->size too small or
- * larger than this library knows with non-zero unknown bytes), -ENOMEM,
- * -EMFILE/-ENFILE (no fd for the event fd), -EAGAIN (no thread).
+ * larger than this library knows with non-zero unknown bytes, workers above
+ * SIPHON_MAX_WORKERS), -ENOMEM, -EMFILE/-ENFILE (no fd for the event fd or
+ * a worker's), -EAGAIN (no thread).
  * Ownership: the caller owns *out and frees it with siphon_domain_close().
  * Thread safe.
  */
@@ -404,8 +417,10 @@ enum siphon_cor_mode {
  * other I/O errors, -ENOSPC, -ENOMEM, -EROFS, -ENOENT when the disk was
  * being detached). Called exactly once, on the disk's worker thread, with
  * no siphon lock held. It must not block for long (it delays every request
- * of the disk) and must not call the synchronous guest I/O functions of the
- * same disk (-EDEADLK); it may submit new asynchronous requests. To wake an
+ * of the disk and of the other disks on that worker) and must not call the
+ * synchronous guest I/O functions of the same disk, nor of another disk on
+ * the same worker thread (-EDEADLK); it may submit new asynchronous
+ * requests. To wake an
  * event loop, write to an eventfd of your own from here.
  */
 typedef void (*siphon_io_fn)(siphon_disk *disk, int ret, void *opaque);
@@ -480,7 +495,8 @@ SIPHON_API int siphon_disk_aio_write_zeroes(siphon_disk *disk, uint64_t off,
 /*
  * Synchronous guest I/O: the asynchronous call, waited for. Returns 0 or
  * -errno: every error of the asynchronous call and of its completion, and
- * -EDEADLK when called from the disk's own completion callback. Thread
+ * -EDEADLK when called from a completion callback run by the disk's worker
+ * thread (its own or another disk's on that worker). Thread
  * safe; blocks the calling thread only.
  */
 SIPHON_API int siphon_disk_read(siphon_disk *disk, const struct iovec *iov,

@@ -21,59 +21,32 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "domain.h"
-#include "formats/image.h"
 
 /* ---- worker side ---- */
-
-static bool same_file(const char *a, const char *b)
-{
-	struct stat sa, sb;
-
-	if (!strcmp(a, b))
-		return true;
-	if (stat(a, &sa) < 0 || stat(b, &sb) < 0)
-		return false;
-	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-}
 
 static int job_new(struct disk *d, const struct disk_cmd *cmd, bool continuous)
 {
 	struct siphon_domain *dom = d->dom;
-	struct stream_opts so = {0};
+	struct edisk_stream_params sp = {0};
 	struct stream_progress p;
 	struct stream_job *job;
-	struct img *base = NULL;
 	int ret;
 
-	if (cmd->base) {
-		for (base = d->img->backing; base; base = base->backing)
-			if (same_file(base->path, cmd->base))
-				break;
-		if (!base)
-			return sx_error(EINVAL,
-					"%s: base %s is not in its backing "
-					"chain",
-					d->path, cmd->base);
-	}
 	job = calloc(1, sizeof(*job));
 	if (!job)
 		return sx_error(ENOMEM, "out of memory");
-	so.top = d->img;
-	so.base = base;
-	so.q = d->q;
-	so.speed = cmd->bandwidth;
-	so.max_inflight = cmd->queue_depth;
-	so.extent_bytes = cmd->extent_size;
-	so.lock = guest_stream_lock;
-	so.unlock = guest_stream_unlock;
-	so.lock_opaque = d->guest;
-	so.copier = guest_copier(d->guest);
-	ret = stream_create(&so, &job->s);
-	if (ret < 0)
+	/* The engine wires the stream to the guest's cluster locks. */
+	sp.base = cmd->base;
+	sp.speed = cmd->bandwidth;
+	sp.queue_depth = cmd->queue_depth;
+	sp.extent_size = cmd->extent_size;
+	ret = edisk_stream_create(d->eng, &sp, &job->s);
+	if (ret < 0) {
+		job->s = NULL;
 		goto out;
+	}
 	stream_get_progress(job->s, &p);
 	if (p.end > CURSOR_MAX_CLUSTERS) {
 		ret = sx_error(EFBIG,
@@ -82,10 +55,9 @@ static int job_new(struct disk *d, const struct disk_cmd *cmd, bool continuous)
 		goto out;
 	}
 	job->end = p.end;
-	job->base = base;
 	job->continuous = continuous;
 	job->speed = cmd->bandwidth;
-	if (base)
+	if (cmd->base)
 		snprintf(job->base_path, sizeof(job->base_path), "%s",
 			 cmd->base);
 	pthread_mutex_lock(&dom->lock);
@@ -96,7 +68,7 @@ static int job_new(struct disk *d, const struct disk_cmd *cmd, bool continuous)
 out:
 	if (job) {
 		if (job->s)
-			stream_destroy(job->s);
+			edisk_stream_destroy(d->eng, false);
 		free(job);
 	}
 	return ret;
@@ -165,10 +137,6 @@ static void job_end(struct disk *d, int ret)
 		n->ev.bytes_copied = r.progress.bytes_copied;
 	}
 
-	/* Guest reads must stop seeing the dropped layers. */
-	if (r.state == SIPHON_STREAM_COMPLETED)
-		disk_swap_chain(d, job->base);
-
 	pthread_mutex_lock(&dom->lock);
 	d->job = NULL;
 	d->last = r;
@@ -177,7 +145,8 @@ static void job_end(struct disk *d, int ret)
 	pthread_cond_broadcast(&dom->job_cond);
 	pthread_mutex_unlock(&dom->lock);
 
-	stream_destroy(job->s);
+	/* Completed: guest reads must stop seeing the dropped layers. */
+	edisk_stream_destroy(d->eng, r.state == SIPHON_STREAM_COMPLETED);
 	free(job);
 }
 
@@ -219,7 +188,7 @@ static void step_end(struct disk *d)
 	disk_cmd_finish(cmd, 0);
 }
 
-void stream_job_pump(struct disk *d)
+void stream_job_pump(struct disk *d, uint64_t now)
 {
 	struct stream_job *job = d->job;
 	uint64_t wait = 0, limit = job->step ? job->step_limit : job->end;
@@ -227,8 +196,7 @@ void stream_job_pump(struct disk *d)
 
 	if (job->abort)
 		stream_request_abort(job->s);
-	stream_pump(job->s, limit, &wait);
-	if (!stream_inflight(job->s) && stream_planned(job->s, limit)) {
+	if (edisk_stream_pump(d->eng, limit, job->abort, now, &wait)) {
 		if (job->step) {
 			step_end(d);
 			return;
@@ -238,7 +206,7 @@ void stream_job_pump(struct disk *d)
 		job_end(d, ret);
 		return;
 	}
-	if (wait && !stream_inflight(job->s))
+	if (wait)
 		disk_arm_timer(d, wait);
 }
 

@@ -17,6 +17,7 @@
 #include <check.h>
 #include <errno.h>
 #include <poll.h>
+#include <dirent.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -929,6 +930,145 @@ START_TEST(test_concurrent)
 }
 END_TEST
 
+/*
+ * Threads of this process now (entries of /proc/self/task), not counting
+ * io_uring's own kernel workers (comm "iou-wrk-..." / "iou-sqp-..."),
+ * which the kernel starts for requests it cannot complete inline.
+ */
+static unsigned thread_count(void)
+{
+	DIR *dir = opendir("/proc/self/task");
+	struct dirent *e;
+	unsigned n = 0;
+	char path[300], comm[64];
+	FILE *f;
+
+	ck_assert_ptr_nonnull(dir);
+	while ((e = readdir(dir))) {
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/proc/self/task/%s/comm",
+			 e->d_name);
+		comm[0] = '\0';
+		f = fopen(path, "r");
+		if (f) {
+			if (!fgets(comm, sizeof(comm), f))
+				comm[0] = '\0';
+			fclose(f);
+		}
+		if (strncmp(comm, "iou-wrk-", 8) &&
+		    strncmp(comm, "iou-sqp-", 8))
+			n++;
+	}
+	closedir(dir);
+	return n;
+}
+
+#define POOL_DISKS 64
+/* Threads beyond the pool a domain may have (none today: no callback). */
+#define POOL_SLACK 2
+
+/*
+ * 64 disks on one domain with the default pool (one worker per CPU), all
+ * streaming at once: the process never has more than the pool's threads
+ * (plus a small constant) and every image ends up complete and clean.
+ */
+START_TEST(test_pool_many_disks)
+{
+	static char paths[POOL_DISKS][512];
+	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+	unsigned pool = cpus < 1 ? 1 : (unsigned)cpus;
+	unsigned base = thread_count(), n, most = base;
+	bool done[POOL_DISKS] = {false};
+	struct siphon_event ev;
+	siphon_domain *dom;
+	int i, completed = 0;
+	char name[16];
+
+	for (i = 0; i < POOL_DISKS; i++) {
+		snprintf(name, sizeof(name), "pool%d", i);
+		snprintf(paths[i], sizeof(paths[i]), "%s", make_disk(name, 4));
+	}
+	dom = new_domain();
+	for (i = 0; i < POOL_DISKS; i++) {
+		attach(dom, paths[i]);
+		n = thread_count();
+		most = n > most ? n : most;
+	}
+	for (i = 0; i < POOL_DISKS; i++) {
+		ck_assert_msg(siphon_block_stream(dom, paths[i], NULL,
+						  SIPHON_STREAM_CONTINUOUS) ==
+				      0,
+			      "%s: %s", paths[i], siphon_get_error());
+		n = thread_count();
+		most = n > most ? n : most;
+	}
+	while (completed < POOL_DISKS) {
+		n = thread_count();
+		most = n > most ? n : most;
+		ck_assert_int_eq(wait_event(dom, &ev, 60000), 1);
+		ck_assert_msg(ev.kind == SIPHON_EVENT_STREAM_COMPLETED,
+			      "%s: %s", ev.path, ev.message);
+		for (i = 0; i < POOL_DISKS; i++)
+			if (!strcmp(ev.path, paths[i]))
+				break;
+		ck_assert_int_lt(i, POOL_DISKS);
+		ck_assert(!done[i]);
+		done[i] = true;
+		completed++;
+	}
+	ck_assert_msg(most <= base + pool + POOL_SLACK,
+		      "%u threads with a pool of %u (%u before)", most, pool,
+		      base);
+	siphon_domain_close(dom);
+	for (i = 0; i < POOL_DISKS; i++) {
+		snprintf(name, sizeof(name), "pool%d", i);
+		verify_streamed(name);
+	}
+}
+END_TEST
+
+static void *nothing(void *arg)
+{
+	return arg;
+}
+
+/* A pool size from the domain options; above the maximum is refused. */
+START_TEST(test_pool_size_option)
+{
+	struct siphon_domain_opts o = {.size = sizeof(o), .workers = 3};
+	unsigned base, most, n;
+	siphon_domain *dom = NULL;
+	char name[16], path[8][512];
+	pthread_t t;
+	int i;
+
+	/* A first thread starts what a sanitizer runs beside it. */
+	ck_assert_int_eq(pthread_create(&t, NULL, nothing, NULL), 0);
+	pthread_join(t, NULL);
+	base = most = thread_count();
+
+	ck_assert_int_eq(siphon_domain_create(&o, &dom), 0);
+	for (i = 0; i < 8; i++) {
+		snprintf(name, sizeof(name), "psz%d", i);
+		snprintf(path[i], sizeof(path[i]), "%s", make_disk(name, 2));
+		attach(dom, path[i]);
+		n = thread_count();
+		most = n > most ? n : most;
+	}
+	/* Workers start as disks come: 8 disks, 3 workers, no more. */
+	ck_assert_uint_eq(most, base + 3);
+	for (i = 0; i < 8; i++)
+		ck_assert_int_eq(siphon_disk_detach(dom, path[i], 0), 0);
+	siphon_domain_close(dom);
+
+	dom = NULL;
+	o.workers = SIPHON_MAX_WORKERS + 1;
+	ck_assert_int_eq(siphon_domain_create(&o, &dom), -EINVAL);
+	ck_assert_ptr_null(dom);
+}
+END_TEST
+
 static Suite *api_suite(bool streaming)
 {
 	Suite *s = suite_create("api");
@@ -963,6 +1103,12 @@ static Suite *api_suite(bool streaming)
 	tc = tcase_create("concurrency");
 	tcase_set_timeout(tc, 240);
 	tcase_add_test(tc, test_concurrent);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("pool");
+	tcase_set_timeout(tc, 600);
+	tcase_add_test(tc, test_pool_size_option);
+	tcase_add_test(tc, test_pool_many_disks);
 	suite_add_tcase(s, tc);
 	return s;
 }

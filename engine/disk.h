@@ -1,0 +1,103 @@
+/*
+ * The engine side of one attached disk: its open img chain, its guest I/O
+ * engine (engine/guest.c), the stream of its current job with the cluster
+ * lock wiring between the two, its scheduler (engine/sched.c) and the chain
+ * swap after a stream finalizes.
+ *
+ * The owner (api/) runs it from one event loop thread (engine/worker.h):
+ * each turn it submits guest requests (edisk_guest_submit), then calls
+ * edisk_kick() and, when a stream has work, edisk_stream_pump(), then
+ * edisk_kick() again, and waits on the loop. Guest requests always go
+ * before stream work; the scheduler decides how much stream work goes on
+ * the device and when.
+ *
+ * Finalize swap: when a completed stream is destroyed, new guest requests
+ * are held until no guest I/O is in flight, then the layers the stream made
+ * unnecessary are closed (img_drop_layers) and the requests released.
+ *
+ * Threads: edisk_open() and edisk_size() on any thread; everything else on
+ * the loop thread the disk was bound to. Only forward declarations here, so
+ * api/ does not see formats/ or io/.
+ */
+#ifndef SIPHON_ENGINE_DISK_H
+#define SIPHON_ENGINE_DISK_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct edisk;
+struct guest_req;
+struct guest_stats;
+struct sio_queue;
+struct stream;
+
+/*
+ * Open the image at path (format fmt, NULL: probe) read-write with its
+ * backing chain; buffered: never O_DIRECT. -errno with a message.
+ */
+int edisk_open(const char *path, const char *fmt, bool buffered,
+	       struct edisk **out);
+
+/* Virtual size in bytes. */
+uint64_t edisk_size(const struct edisk *e);
+
+/* The top's cluster size in bytes (any thread, like edisk_size()). */
+uint64_t edisk_cluster_size(const struct edisk *e);
+
+/* Loop thread: start the guest engine on the loop's queue. -errno. */
+int edisk_bind(struct edisk *e, struct sio_queue *q);
+
+/*
+ * Close the images and free. After edisk_bind() only on the loop thread,
+ * with no stream and edisk_idle(). NULL ok.
+ */
+void edisk_close(struct edisk *e);
+
+/* Start (or queue) a guest request at time now; complete() runs once. */
+void edisk_guest_submit(struct edisk *e, struct guest_req *req, uint64_t now);
+
+void edisk_guest_stats(const struct edisk *e, struct guest_stats *st);
+
+/* Copy-on-read mode (SIPHON_COR_*), applied to the next reads. */
+void edisk_set_cor_mode(struct edisk *e, int mode);
+
+/* Swap the chain if due and possible; start guest requests that can go. */
+void edisk_kick(struct edisk *e);
+
+/* No guest request in flight or waiting, no swap pending. */
+bool edisk_idle(const struct edisk *e);
+
+/* What a new stream job asks for (edisk_stream_create). */
+struct edisk_stream_params {
+	const char *base; /* the file of the chain to stop at, NULL: all */
+	uint64_t speed; /* bytes/s, 0: unlimited */
+	unsigned queue_depth; /* extents in flight, 0: the engine's */
+	uint64_t extent_size; /* bytes per extent, 0: the engine's */
+};
+
+/*
+ * The stream of a new job over the whole chain, or down to the layer that
+ * is the file p->base. -EBUSY if one exists, -EINVAL if base is not in the
+ * backing chain. The edisk owns it; the caller may use the engine/stream.h
+ * calls on it until edisk_stream_destroy().
+ */
+int edisk_stream_create(struct edisk *e, const struct edisk_stream_params *p,
+			struct stream **out);
+
+/*
+ * Free the stream (nothing in flight). completed: it finalized, so drop
+ * the layers above its base from the open chain once guest I/O allows.
+ */
+void edisk_stream_destroy(struct edisk *e, bool completed);
+
+/*
+ * One turn of stream work up to cluster limit at time now, as the
+ * scheduler allows (aborting: wind down, no pacing). Returns true when
+ * nothing is in flight and the planner is done with limit (or aborted or
+ * failed): the owner ends the step or the stream. *timer_ns: 0, or when the
+ * owner must wake the loop to pump again although nothing completes.
+ */
+bool edisk_stream_pump(struct edisk *e, uint64_t limit, bool aborting,
+		       uint64_t now, uint64_t *timer_ns);
+
+#endif
