@@ -185,6 +185,10 @@ static void handle_cmds(struct disk *d)
 			break;
 		case DISK_CMD_GUEST_STATS:
 			edisk_guest_stats(d->eng, &cmd->stats);
+			cmd->sync_waits[0] =
+				edisk_sync_waits(d->eng, EDISK_ATTACH);
+			cmd->sync_waits[1] = edisk_sync_waits(d->eng, EDISK_RUN);
+			cmd->sync_waits[2] = edisk_sync_waits(d->eng, EDISK_FINAL);
 			disk_cmd_finish(cmd, 0);
 			break;
 		default:
@@ -299,6 +303,7 @@ static bool worker_done(struct dworker *w)
 static void worker_loop(struct dworker *w)
 {
 	struct disk *d, **pp;
+	uint64_t waits;
 	int ret;
 
 	for (;;) {
@@ -322,7 +327,12 @@ static void worker_loop(struct dworker *w)
 		}
 		if (worker_done(w))
 			break;
+		waits = ew_sync_waits();
 		ret = ew_wait(w->ew);
+		/* The completions' waits: every disk of the worker's (disk.h). */
+		waits = ew_sync_waits() - waits;
+		for (d = w->disks; waits && d; d = d->wnext)
+			edisk_loop_waits(d->eng, waits);
 		if (ret < 0)
 			for (d = w->disks; d; d = d->wnext)
 				if (d->job)

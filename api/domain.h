@@ -104,6 +104,7 @@ struct disk_cmd {
 	uint64_t extent_size; /* 0: default */
 	const char *base; /* NULL: whole chain */
 	struct guest_stats stats; /* DISK_CMD_GUEST_STATS */
+	uint64_t sync_waits[3]; /* DISK_CMD_GUEST_STATS: edisk_sync_waits() */
 
 	int ret;
 	char msg[SX_ERROR_MAX];

@@ -96,6 +96,9 @@ SIPHON_API int siphon_disk_get_stats(siphon_disk *disk,
 	st.cor_bytes = cmd.stats.cor_bytes;
 	st.cor_skipped = cmd.stats.cor_skipped;
 	st.lock_waits = cmd.stats.waits;
+	st.sync_waits = cmd.sync_waits[1];
+	st.sync_waits_attach = cmd.sync_waits[0];
+	st.sync_waits_finalize = cmd.sync_waits[2];
 	len = stats->size < sizeof(st) ? stats->size : sizeof(st);
 	memcpy(stats, &st, len);
 	stats->size = len;

@@ -454,6 +454,22 @@ struct siphon_disk_stats {
 	uint64_t cor_bytes; /* copied into the top by copy-on-read */
 	uint64_t cor_skipped; /* reads that did not copy: busy or error */
 	uint64_t lock_waits; /* requests that waited for locked clusters */
+	/*
+	 * Device round trips the disk's worker thread waited for (a
+	 * synchronous read, write, fdatasync or truncate on the worker) on
+	 * this disk's behalf outside attach and detach: serving guest
+	 * requests and streaming. The engine keeps it at 0: its metadata
+	 * I/O goes on the disk's queue. Completions cannot be told apart per
+	 * disk, so a wait they take counts for every disk of that worker.
+	 */
+	uint64_t sync_waits;
+	/* The same, while the worker took the disk on at attach. */
+	uint64_t sync_waits_attach;
+	/*
+	 * The same, finalizing completed streams (the chain rewrite,
+	 * img_rebase_onto: synchronous) and dropping the old layers.
+	 */
+	uint64_t sync_waits_finalize;
 };
 
 /*

@@ -173,7 +173,7 @@ static void step_end(struct disk *d)
 	job->step = NULL;
 	stream_set_budget(job->s, 0);
 	sx_error_clear();
-	ret = stream_finish(job->s);
+	ret = edisk_stream_finish(d->eng);
 	if (ret >= 0 && job->abort)
 		ret = sx_error(ECANCELED, "%s: stream aborted", d->path);
 	if (ret < 0) {
@@ -202,7 +202,7 @@ void stream_job_pump(struct disk *d, uint64_t now)
 			return;
 		}
 		sx_error_clear();
-		ret = stream_finish(job->s);
+		ret = edisk_stream_finish(d->eng);
 		job_end(d, ret);
 		return;
 	}

@@ -17,6 +17,7 @@
 #include "engine/sched.h"
 #include "engine/stream.h"
 #include "formats/image.h"
+#include "io/io.h"
 
 struct edisk {
 	struct img *img;
@@ -27,7 +28,13 @@ struct edisk {
 	bool swap_pending; /* finalized: drop the old chain when idle */
 	struct img *swap_base; /* what stays below the top */
 	struct sched sched;
+	/* sio_sync_waits() taken on the worker for this disk, per phase. */
+	uint64_t waits[EDISK_PHASES];
 };
+
+/* Bracket a piece of this disk's work on the worker (see waits[]). */
+#define WAITS_BEGIN() uint64_t waits_at_ = sio_sync_waits()
+#define WAITS_END(e, phase) ((e)->waits[(phase)] += sio_sync_waits() - waits_at_)
 
 int edisk_open(const char *path, const char *fmt, bool buffered,
 	       struct edisk **out)
@@ -69,19 +76,23 @@ static void apply_cor(struct edisk *e)
 
 int edisk_bind(struct edisk *e, struct sio_queue *q)
 {
+	WAITS_BEGIN();
 	int ret = guest_create(e->img, q, &e->guest);
 
-	if (ret < 0)
-		return ret;
-	e->q = q;
-	apply_cor(e);
-	return 0;
+	if (ret >= 0) {
+		e->q = q;
+		apply_cor(e);
+		ret = 0;
+	}
+	WAITS_END(e, EDISK_ATTACH);
+	return ret;
 }
 
 void edisk_close(struct edisk *e)
 {
 	if (!e)
 		return;
+	/* Closing flushes and trims: the EDISK_FINAL phase, never reported. */
 	if (e->s)
 		stream_destroy(e->s);
 	guest_destroy(e->guest);
@@ -91,8 +102,11 @@ void edisk_close(struct edisk *e)
 
 void edisk_guest_submit(struct edisk *e, struct guest_req *req, uint64_t now)
 {
+	WAITS_BEGIN();
+
 	sched_guest_submitted(&e->sched, now);
 	guest_submit(e->guest, req);
+	WAITS_END(e, EDISK_RUN);
 }
 
 void edisk_guest_stats(const struct edisk *e, struct guest_stats *st)
@@ -109,9 +123,12 @@ void edisk_set_cor_mode(struct edisk *e, int mode)
 /* Close the layers between the top and swap_base once nobody reads them. */
 static void do_swap(struct edisk *e)
 {
+	WAITS_BEGIN();
+
 	if (guest_inflight(e->guest))
 		return;
 	img_drop_layers(e->img, e->swap_base);
+	WAITS_END(e, EDISK_FINAL);
 	e->swap_pending = false;
 	guest_hold(e->guest, false);
 }
@@ -120,7 +137,12 @@ void edisk_kick(struct edisk *e)
 {
 	if (e->swap_pending)
 		do_swap(e);
-	guest_kick(e->guest);
+	{
+		WAITS_BEGIN();
+
+		guest_kick(e->guest);
+		WAITS_END(e, EDISK_RUN);
+	}
 }
 
 bool edisk_idle(const struct edisk *e)
@@ -156,7 +178,12 @@ int edisk_stream_create(struct edisk *e, const struct edisk_stream_params *p,
 	so.unlock = guest_stream_unlock;
 	so.lock_opaque = e->guest;
 	so.copier = guest_copier(e->guest);
-	ret = stream_create(&so, &e->s);
+	{
+		WAITS_BEGIN();
+
+		ret = stream_create(&so, &e->s);
+		WAITS_END(e, EDISK_RUN);
+	}
 	if (ret < 0) {
 		e->s = NULL;
 		return ret;
@@ -170,6 +197,8 @@ int edisk_stream_create(struct edisk *e, const struct edisk_stream_params *p,
 
 void edisk_stream_destroy(struct edisk *e, bool completed)
 {
+	WAITS_BEGIN();
+
 	if (!e->s)
 		return;
 	stream_destroy(e->s);
@@ -183,6 +212,7 @@ void edisk_stream_destroy(struct edisk *e, bool completed)
 		guest_hold(e->guest, true);
 	}
 	e->s_base = NULL;
+	WAITS_END(e, EDISK_FINAL);
 }
 
 bool edisk_stream_pump(struct edisk *e, uint64_t limit, bool aborting,
@@ -190,6 +220,8 @@ bool edisk_stream_pump(struct edisk *e, uint64_t limit, bool aborting,
 {
 	struct sched_limits l;
 	uint64_t until, wait = 0;
+	bool ret = false;
+	WAITS_BEGIN();
 
 	*timer_ns = 0;
 	if (guest_idle(e->guest))
@@ -198,16 +230,37 @@ bool edisk_stream_pump(struct edisk *e, uint64_t limit, bool aborting,
 		sched_stream_io_drained(&e->sched, now);
 	if (!sched_stream_may_issue(&e->sched, now, aborting, &until)) {
 		*timer_ns = until - now;
-		return false;
+		goto out;
 	}
 	l = sched_stream_limits(&e->sched, now);
 	stream_set_limits(e->s, l.max_inflight, l.extent_bytes);
 	stream_pump(e->s, limit, &wait);
 	if (!stream_inflight(e->s) && stream_planned(e->s, limit))
-		return true;
-	if (stream_inflight(e->s))
+		ret = true;
+	else if (stream_inflight(e->s))
 		sched_stream_io_started(&e->sched, now);
 	else if (wait)
 		*timer_ns = wait;
-	return false;
+out:
+	WAITS_END(e, EDISK_RUN);
+	return ret;
+}
+
+int edisk_stream_finish(struct edisk *e)
+{
+	WAITS_BEGIN();
+	int ret = stream_finish(e->s);
+
+	WAITS_END(e, EDISK_FINAL);
+	return ret;
+}
+
+void edisk_loop_waits(struct edisk *e, uint64_t n)
+{
+	e->waits[EDISK_RUN] += n;
+}
+
+uint64_t edisk_sync_waits(const struct edisk *e, enum edisk_phase phase)
+{
+	return phase < EDISK_PHASES ? e->waits[phase] : 0;
 }

@@ -100,4 +100,40 @@ void edisk_stream_destroy(struct edisk *e, bool completed);
 bool edisk_stream_pump(struct edisk *e, uint64_t limit, bool aborting,
 		       uint64_t now, uint64_t *timer_ns);
 
+/*
+ * stream_finish() on the disk's stream (nothing in flight): the flush is
+ * normally done by then (the pump flushes on the queue before it reports
+ * the end), what is left is the chain rewrite when the stream reached the
+ * end (img_rebase_onto: synchronous, counted in EDISK_FINAL).
+ */
+int edisk_stream_finish(struct edisk *e);
+
+/*
+ * Synchronous device round trips (io/io.h sio_sync_waits()) the worker
+ * waited for on this disk's behalf, per phase:
+ *  EDISK_ATTACH  edisk_bind() (the open itself runs on the attaching
+ *                thread, not the worker);
+ *  EDISK_RUN     guest submissions, kicks, stream creation and pumps, and
+ *                the waits of the loop's completions (edisk_loop_waits());
+ *  EDISK_FINAL   stream_finish (chain rewrite), the swap, stream
+ *                destruction, and edisk_close().
+ * Each edisk entry point measures the delta of the calling thread's
+ * counter around its own work. Completions run from the worker's
+ * sio_queue_run() cannot be told apart per disk; the owner measures the
+ * delta around its wait and hands it to every disk bound to the worker
+ * (edisk_loop_waits()), so a wait is never missed, at worst blamed on a
+ * neighbour as well.
+ */
+enum edisk_phase {
+	EDISK_ATTACH,
+	EDISK_RUN,
+	EDISK_FINAL,
+	EDISK_PHASES,
+};
+
+/* Add n waits the loop's completions took to the EDISK_RUN phase. */
+void edisk_loop_waits(struct edisk *e, uint64_t n);
+
+uint64_t edisk_sync_waits(const struct edisk *e, enum edisk_phase phase);
+
 #endif

@@ -195,6 +195,11 @@ void ew_unbind(struct ew *w)
 	w->q = NULL;
 }
 
+uint64_t ew_sync_waits(void)
+{
+	return sio_sync_waits();
+}
+
 void ew_destroy(struct ew *w)
 {
 	if (!w)

@@ -58,6 +58,12 @@ void ew_unbind(struct ew *w);
 /* Close the fds and free (unbound). NULL ok. */
 void ew_destroy(struct ew *w);
 
+/*
+ * The calling thread's count of synchronous device round trips (io/io.h
+ * sio_sync_waits()), for owners that attribute them (engine/disk.h).
+ */
+uint64_t ew_sync_waits(void);
+
 /* CLOCK_MONOTONIC in ns: the time the engine passes to its scheduler. */
 uint64_t ew_now(void);
 

@@ -1069,6 +1069,88 @@ START_TEST(test_pool_size_option)
 }
 END_TEST
 
+/* ------------------------------------------------------------------ */
+/* The worker never waits for metadata I/O (issue #10)                  */
+
+static struct siphon_disk_stats disk_stats(siphon_domain *dom,
+					   const char *path)
+{
+	struct siphon_disk_stats st = {.size = sizeof(st)};
+	siphon_disk *disk = NULL;
+
+	ck_assert_int_eq(siphon_disk_get(dom, path, &disk), 0);
+	ck_assert_int_eq(siphon_disk_get_stats(disk, &st), 0);
+	ck_assert_uint_eq(st.size, sizeof(st));
+	siphon_disk_put(disk);
+	return st;
+}
+
+/*
+ * Attach top, stream it CONTINUOUS to completion, and check the worker
+ * waited for no device round trip on the disk's behalf while streaming.
+ */
+static void stream_without_waits(const char *name, const char *top)
+{
+	siphon_domain *dom = new_domain();
+	struct siphon_disk_stats st;
+	struct siphon_event ev;
+
+	attach(dom, top);
+	st = disk_stats(dom, top);
+	ck_assert_uint_eq(st.sync_waits, 0);
+	ck_assert_int_eq(
+		siphon_block_stream(dom, top, NULL, SIPHON_STREAM_CONTINUOUS),
+		0);
+	ev = expect_event(dom, top, SIPHON_EVENT_STREAM_COMPLETED);
+	ck_assert_uint_gt(ev.bytes_copied, 0);
+	st = disk_stats(dom, top);
+	fprintf(stderr,
+		"%s: sync waits: attach %llu, streaming %llu, finalize %llu\n",
+		name, (unsigned long long)st.sync_waits_attach,
+		(unsigned long long)st.sync_waits,
+		(unsigned long long)st.sync_waits_finalize);
+	ck_assert_msg(st.sync_waits == 0,
+		      "%s: the worker waited %llu times while streaming", name,
+		      (unsigned long long)st.sync_waits);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+}
+
+START_TEST(test_sync_waits_dense)
+{
+	char *d = tmpdir;
+
+	RUN("cd %s && qemu-img create -q -f raw dense.base.raw 6M && "
+	    "qemu-io -f raw -c 'write -P 0x5a 0 6M' dense.base.raw "
+	    ">/dev/null && qemu-img create -q -f qcow2 -b dense.base.raw "
+	    "-F raw dense.qcow2 && cp dense.base.raw dense.ref.raw",
+	    d);
+	stream_without_waits("dense", tpath("dense.qcow2"));
+	verify_streamed("dense");
+}
+END_TEST
+
+START_TEST(test_sync_waits_sparse_1t)
+{
+	char *d = tmpdir;
+
+	/* Sparse files: 1 TiB virtual, a few MiB of data, scattered. */
+	RUN("cd %s && qemu-img create -q -f raw big.base.raw 1T && "
+	    "qemu-io -f raw -c 'write -P 0x11 0 1M' "
+	    "-c 'write -P 0x22 3G 512k' -c 'write -P 0x33 257G 1M' "
+	    "-c 'write -P 0x44 700G 64k' -c 'write -P 0x55 1023G 1M' "
+	    "big.base.raw >/dev/null && "
+	    "qemu-img create -q -f qcow2 -b big.base.raw -F raw big.qcow2",
+	    d);
+	stream_without_waits("sparse 1T", tpath("big.qcow2"));
+	ck_assert_int_eq(sh("qemu-img check -q %s/big.qcow2", d), 0);
+	ck_assert_int_eq(sh("qemu-img compare -q -f qcow2 -F raw "
+			    "%s/big.qcow2 %s/big.base.raw",
+			    d, d),
+			 0);
+}
+END_TEST
+
 static Suite *api_suite(bool streaming)
 {
 	Suite *s = suite_create("api");
@@ -1098,6 +1180,12 @@ static Suite *api_suite(bool streaming)
 	tcase_add_test(tc, test_detach_while_streaming);
 	tcase_add_test(tc, test_close_while_streaming_callback);
 	tcase_add_test(tc, test_base);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("sync waits");
+	tcase_set_timeout(tc, 300);
+	tcase_add_test(tc, test_sync_waits_dense);
+	tcase_add_test(tc, test_sync_waits_sparse_1t);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("concurrency");
