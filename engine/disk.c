@@ -17,6 +17,7 @@
 #include "engine/sched.h"
 #include "engine/stream.h"
 #include "formats/image.h"
+#include "formats/port.h"
 #include "io/io.h"
 
 struct edisk {
@@ -28,6 +29,7 @@ struct edisk {
 	bool swap_pending; /* finalized: drop the old chain when idle */
 	struct img *swap_base; /* what stays below the top */
 	struct sched sched;
+	struct img_port *port; /* the top's metadata port, on q */
 	/* sio_sync_waits() taken on the worker for this disk, per phase. */
 	uint64_t waits[EDISK_PHASES];
 };
@@ -77,8 +79,12 @@ static void apply_cor(struct edisk *e)
 int edisk_bind(struct edisk *e, struct sio_queue *q)
 {
 	WAITS_BEGIN();
-	int ret = guest_create(e->img, q, &e->guest);
+	int ret = img_port_queue_create(q, &e->port);
 
+	if (ret >= 0) {
+		img_set_port(e->img, e->port);
+		ret = guest_create(e->img, q, &e->guest);
+	}
 	if (ret >= 0) {
 		e->q = q;
 		apply_cor(e);
@@ -97,6 +103,7 @@ void edisk_close(struct edisk *e)
 		stream_destroy(e->s);
 	guest_destroy(e->guest);
 	img_close(e->img);
+	img_port_queue_destroy(e->port);
 	free(e);
 }
 

@@ -41,6 +41,7 @@
 #include "common/error.h"
 #include "copy.h"
 #include "formats/image.h"
+#include "formats/port.h"
 #include "io/io.h"
 #include "io/pool.h"
 #include "meta_ahead.h"
@@ -94,6 +95,10 @@ struct stream {
 	struct sio_req presync;
 	bool presync_busy;
 	bool presync_done; /* everything copied before it is durable */
+	/* The flush, on the port (img_flush_start(); see flush_start()). */
+	struct img_port *port; /* the top's, or own_port */
+	struct img_port *own_port;
+	bool flush_busy;
 
 	int err;
 	char errmsg[SX_ERROR_MAX];
@@ -195,6 +200,17 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 		free(s);
 		return -ENOMEM;
 	}
+	s->port = img_get_port(o->top);
+	if (!s->port) {
+		ret = img_port_queue_create(o->q, &s->own_port);
+		if (ret < 0) {
+			meta_ahead_destroy(s->ahead);
+			sio_pool_destroy(s->pool);
+			free(s);
+			return ret;
+		}
+		s->port = s->own_port;
+	}
 	s->copier = o->copier;
 	if (!s->copier) {
 		ret = copier_create(o->top, o->q, &s->copier);
@@ -204,6 +220,7 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 			       o->top->path);
 	}
 	if (ret < 0) {
+		img_port_queue_destroy(s->own_port);
 		meta_ahead_destroy(s->ahead);
 		sio_pool_destroy(s->pool);
 		free(s);
@@ -226,6 +243,7 @@ void stream_destroy(struct stream *s)
 	if (s->own_copier)
 		copier_destroy(s->copier);
 	meta_ahead_destroy(s->ahead);
+	img_port_queue_destroy(s->own_port);
 	sio_pool_destroy(s->pool);
 	free(s);
 }
@@ -544,6 +562,48 @@ static void presync_start(struct stream *s)
 	s->presync_busy = true;
 }
 
+static void flush_done(void *opaque, int res)
+{
+	struct stream *s = opaque;
+
+	s->flush_busy = false;
+	if (res < 0)
+		stream_fail(s, res);
+}
+
+/*
+ * Flush the top on the port: the driver's crash-safe order, each step a
+ * continuation, so the owner never waits for it. What is copied meanwhile
+ * stays for the next flush (since_flush counts it again).
+ * 0 (started, or one is in flight already: retried by a later pump) or
+ * -errno.
+ */
+static int flush_start(struct stream *s)
+{
+	uint64_t since = s->since_flush;
+	int ret;
+
+	if (s->flush_busy)
+		return 0;
+	s->flush_busy = true;
+	s->presync_done = false;
+	s->since_flush = 0;
+	ret = img_flush_start(s->top, s->port, flush_done, s);
+	if (ret == -EAGAIN) {
+		/* Someone else's flush: ours goes after it. */
+		s->flush_busy = false;
+		s->presync_done = true;
+		s->since_flush = since;
+		return 0;
+	}
+	if (ret < 0) {
+		s->flush_busy = false;
+		return sx_error(ret, "%s: cannot start a flush: %s",
+				s->top->path, strerror(-ret));
+	}
+	return 0;
+}
+
 int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 {
 	enum run_kind kind;
@@ -561,9 +621,7 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 	 */
 	if (s->since_flush >= s->flush_bytes && !s->err) {
 		if (s->presync_done) {
-			s->presync_done = false;
-			s->since_flush = 0;
-			ret = img_flush(s->top);
+			ret = flush_start(s);
 			if (ret < 0)
 				goto out;
 		} else {
@@ -640,9 +698,18 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 		s->planner += n;
 		update_cursor(s);
 	}
-	/* Planned and copied: sync the data before stream_finish() flushes. */
-	if (!ret && !s->inflight && s->since_flush && stream_planned(s, limit))
-		presync_start(s);
+	/*
+	 * Planned and copied: sync the data on the queue, then flush on the
+	 * port; the pump reports the end (nothing in flight) once the flush
+	 * is over, so stream_finish() finds nothing to write.
+	 */
+	if (!ret && !s->err && !s->inflight && !s->flush_busy &&
+	    s->since_flush && stream_planned(s, limit)) {
+		if (s->presync_done)
+			ret = flush_start(s);
+		else
+			presync_start(s);
+	}
 out:
 	if (ret < 0)
 		stream_fail(s, ret);
@@ -672,7 +739,8 @@ bool stream_blocked(const struct stream *s)
 
 unsigned stream_inflight(const struct stream *s)
 {
-	return s->inflight + meta_ahead_inflight(s->ahead) + s->presync_busy;
+	return s->inflight + meta_ahead_inflight(s->ahead) + s->presync_busy +
+	       s->flush_busy;
 }
 
 bool stream_planned(const struct stream *s, uint64_t limit)
