@@ -187,8 +187,10 @@ static void handle_cmds(struct disk *d)
 			edisk_guest_stats(d->eng, &cmd->stats);
 			cmd->sync_waits[0] =
 				edisk_sync_waits(d->eng, EDISK_ATTACH);
-			cmd->sync_waits[1] = edisk_sync_waits(d->eng, EDISK_RUN);
-			cmd->sync_waits[2] = edisk_sync_waits(d->eng, EDISK_FINAL);
+			cmd->sync_waits[1] =
+				edisk_sync_waits(d->eng, EDISK_RUN);
+			cmd->sync_waits[2] =
+				edisk_sync_waits(d->eng, EDISK_FINAL);
 			disk_cmd_finish(cmd, 0);
 			break;
 		default:

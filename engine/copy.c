@@ -126,6 +126,7 @@ static void op_finish(struct copy_op *op)
 
 static void op_write(struct copy_op *op);
 static void op_commit(struct copy_op *op);
+static void op_prepare(struct copy_op *op);
 
 /* One piece of the current phase ended: on the last, go to the next. */
 static void op_put(struct copy_op *op)
@@ -135,7 +136,7 @@ static void op_put(struct copy_op *op)
 	if (op->err)
 		op_finish(op);
 	else if (!op->writing)
-		op_write(op);
+		op_prepare(op);
 	else
 		op_commit(op);
 }
@@ -350,6 +351,42 @@ static int write_run(struct copy_op *op, uint64_t i, uint64_t n, uint64_t *got)
 	op->written += *got * cs;
 	return op_add_io(op, SIO_OP_WRITE, top->file, op->buf + i * cs,
 			 *got * cs, host);
+}
+
+/* The metadata op_prepare() waited for is in (or failed: the op fails). */
+static void op_prepared(void *opaque, int res)
+{
+	struct copy_op *op = opaque;
+
+	if (res < 0) {
+		op_fail(op, res);
+		op_finish(op);
+		return;
+	}
+	op_prepare(op);
+}
+
+/*
+ * The reads are in: before the op allocates and commits, bring the
+ * metadata that needs (refcount blocks, new L2 tables, L2 slices) into
+ * memory on the top's port, so the worker never waits for it; then write.
+ */
+static void op_prepare(struct copy_op *op)
+{
+	struct img *top = op->c->top;
+	int ret;
+
+	ret = img_prepare_write(top, op->off, op->len / top->cluster_size,
+				op_prepared, op);
+	if (ret == 0) {
+		op_write(op);
+		return;
+	}
+	if (ret < 0) {
+		op_fail(op, ret);
+		op_finish(op);
+	}
+	/* 1: op_prepared() runs later. */
 }
 
 /* The reads are in: let the caller look, then allocate and write. */

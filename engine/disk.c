@@ -36,7 +36,8 @@ struct edisk {
 
 /* Bracket a piece of this disk's work on the worker (see waits[]). */
 #define WAITS_BEGIN() uint64_t waits_at_ = sio_sync_waits()
-#define WAITS_END(e, phase) ((e)->waits[(phase)] += sio_sync_waits() - waits_at_)
+#define WAITS_END(e, phase) \
+	((e)->waits[(phase)] += sio_sync_waits() - waits_at_)
 
 int edisk_open(const char *path, const char *fmt, bool buffered,
 	       struct edisk **out)

@@ -201,7 +201,7 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 		return -ENOMEM;
 	}
 	s->port = img_get_port(o->top);
-	if (!s->port) {
+	if (s->port == img_port_sync()) {
 		ret = img_port_queue_create(o->q, &s->own_port);
 		if (ret < 0) {
 			meta_ahead_destroy(s->ahead);

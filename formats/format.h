@@ -237,6 +237,18 @@ struct img_driver {
 	int (*block_status_nowait)(struct img *img, uint64_t off, uint64_t len,
 				   struct img_extent *ext,
 				   struct img_meta_req *req);
+
+	/*
+	 * Optional. Bring into memory, on img's port, the metadata that
+	 * alloc_run of up to nclusters clusters and commit_run of guest
+	 * [off, off + nclusters clusters) would read or write: 0 when
+	 * nothing is missing now; 1 when I/O was started and done(opaque,
+	 * res) will run once it ended (from the port's completion; ask
+	 * again then); -errno. Only a hint for correctness: what was brought
+	 * in may be evicted again, and the write path then does the I/O.
+	 */
+	int (*prepare_write)(struct img *img, uint64_t off, uint64_t nclusters,
+			     void (*done)(void *opaque, int res), void *opaque);
 };
 
 extern const struct img_driver img_driver_raw;

@@ -851,6 +851,14 @@ int img_flush_start(struct img *img, struct img_port *port,
 	return 0;
 }
 
+int img_prepare_write(struct img *img, uint64_t off, uint64_t nclusters,
+		      void (*done)(void *opaque, int res), void *opaque)
+{
+	if (!img->writable || !img->drv->prepare_write)
+		return 0;
+	return img->drv->prepare_write(img, off, nclusters, done, opaque);
+}
+
 int img_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
 			    struct img_extent *ext, struct img_meta_req *req)
 {

@@ -212,6 +212,15 @@ int img_flush_wait(struct img *img);
 int img_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
 			    struct img_extent *ext, struct img_meta_req *req);
 
+/*
+ * Make alloc_run/commit_run of [off, off + nclusters clusters) need no
+ * metadata I/O, doing it on img's port (format.h prepare_write): 0 ready,
+ * 1 started (done(opaque, res) runs later: ask again), -errno. 0 for
+ * formats without metadata or on the synchronous port.
+ */
+int img_prepare_write(struct img *img, uint64_t off, uint64_t nclusters,
+		      void (*done)(void *opaque, int res), void *opaque);
+
 /* Metadata read-ahead (format.h meta_want / meta_fill). */
 bool img_can_read_ahead(const struct img *img);
 unsigned img_meta_want(struct img *img, uint64_t off, struct img_meta_req *reqs,

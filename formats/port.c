@@ -41,6 +41,9 @@ static int sync_submit(struct img_port *port, struct img_port_op *op)
 	case IMG_PORT_FDATASYNC:
 		ret = sio_fdatasync(op->file);
 		break;
+	case IMG_PORT_FALLOCATE:
+		ret = sio_fallocate(op->file, 0, op->off, op->len);
+		break;
 	default:
 		return -EINVAL;
 	}
@@ -227,7 +230,9 @@ static int q_submit(struct img_port *port, struct img_port_op *op)
 
 	if (!op->file || !op->done || (op->kind == IMG_PORT_WRITEV && !op->vec))
 		return -EINVAL;
-	for (i = 0; op->kind != IMG_PORT_FDATASYNC && i < n && !seq; i++) {
+	for (i = 0; op->kind != IMG_PORT_FDATASYNC &&
+		    op->kind != IMG_PORT_FALLOCATE && i < n && !seq;
+	     i++) {
 		unit(op, i, &buf, &len, &off);
 		seq = !len || !unit_aligned(op->file, buf, len, off);
 	}
@@ -253,6 +258,9 @@ static int q_submit(struct img_port *port, struct img_port_op *op)
 		if (op->kind == IMG_PORT_FDATASYNC) {
 			ret = q_send(o, &o->reqs[i], SIO_OP_FDATASYNC, NULL, 0,
 				     0);
+		} else if (op->kind == IMG_PORT_FALLOCATE) {
+			ret = q_send(o, &o->reqs[i], SIO_OP_FALLOCATE, NULL,
+				     op->len, op->off);
 		} else {
 			unit(op, i, &buf, &len, &off);
 			ret = q_send(o, &o->reqs[i],

@@ -34,6 +34,7 @@ enum img_port_kind {
 	IMG_PORT_WRITE,
 	IMG_PORT_WRITEV, /* vec[0..n): independent writes, in flight together */
 	IMG_PORT_FDATASYNC,
+	IMG_PORT_FALLOCATE, /* allocate [off, off + len), mode 0 */
 };
 
 struct img_port_op;

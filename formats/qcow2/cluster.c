@@ -601,7 +601,7 @@ void qcow2_meta_fill(struct img *img, const struct img_meta_req *req,
 	pthread_mutex_unlock(&s->lock);
 }
 
-static void l1_mark_dirty(struct qcow2 *s, uint64_t i)
+void qcow2_l1_mark_dirty(struct qcow2 *s, uint64_t i)
 {
 	struct qcow2_wstate *w = &s->w;
 
@@ -638,7 +638,7 @@ static int l2_table_for_write(struct img *img, struct qcow2 *s, uint64_t l1_idx,
 		/* Synced with the L2 writes, before the L1 entry. */
 		s->w.l2_unsynced = true;
 		s->l1[l1_idx] = host | QCOW2_OFLAG_COPIED;
-		l1_mark_dirty(s, l1_idx);
+		qcow2_l1_mark_dirty(s, l1_idx);
 		*l2_off = host;
 		return 0;
 	}
@@ -657,7 +657,7 @@ static int l2_table_for_write(struct img *img, struct qcow2 *s, uint64_t l1_idx,
 				img->path, (unsigned long long)off,
 				(unsigned long long)rc);
 		s->l1[l1_idx] = e | QCOW2_OFLAG_COPIED;
-		l1_mark_dirty(s, l1_idx);
+		qcow2_l1_mark_dirty(s, l1_idx);
 	}
 	ret = qcow2_check_overlap(img, s, off, s->cluster_size, "an L2 table");
 	if (ret)

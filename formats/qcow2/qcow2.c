@@ -330,4 +330,5 @@ const struct img_driver img_driver_qcow2 = {
 	.flush_start = qcow2_flush_start,
 	.flush_wait = qcow2_flush_wait,
 	.block_status_nowait = qcow2_block_status_nowait,
+	.prepare_write = qcow2_prepare_write,
 };

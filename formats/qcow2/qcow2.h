@@ -276,6 +276,9 @@ struct qcow2_wstate {
 	 */
 	uint64_t open_size; /* file size when opened for writing */
 	uint64_t grown_to; /* size extended to, 0 if never */
+	bool grow_sync; /* the asynchronous growth failed: grow_ahead() */
+	bool no_grow; /* prepare.c allocates: it grows the file itself */
+	struct qcow2_prep *prep; /* prepare.c: metadata I/O in flight */
 };
 
 /* The kinds of cluster an L2 entry can describe. */
@@ -548,6 +551,22 @@ int qcow2_rc_update(struct img *img, struct qcow2 *s, uint64_t cluster,
  * free hint, growing the file at the end. *host, *got (>= 1): the run,
  * refcounted in memory. Fewer than n only when the free run is shorter.
  */
+/* Refcount block t (a refcount-table index) is cached. */
+bool qcow2_rc_cached(const struct qcow2 *s, uint64_t t);
+
+/*
+ * Cache refcount block t from buf (its bytes as read from the disk), clean;
+ * nothing when it is cached already. May write a dirty victim back.
+ */
+int qcow2_rc_install(struct img *img, struct qcow2 *s, uint64_t t,
+		     const void *buf);
+
+/*
+ * The size the file grows to when an allocation ends at byte end (*from:
+ * where the growth starts), or 0 when it need not grow.
+ */
+uint64_t qcow2_grow_target(const struct qcow2 *s, uint64_t end, uint64_t *from);
+
 /* Trim the file's sparse tail after the final flush (close). */
 void qcow2_trim_tail(struct img *img, struct qcow2 *s);
 
@@ -590,6 +609,9 @@ int qcow2_check_overlap(struct img *img, struct qcow2 *s, uint64_t off,
  */
 int qcow2_l2_set(struct img *img, struct qcow2 *s, uint64_t guest_off,
 		 uint64_t word, uint64_t bitmap);
+
+/* L1 entry i changed in memory: written by the next flush. */
+void qcow2_l1_mark_dirty(struct qcow2 *s, uint64_t i);
 
 /* Write the dirty L1 entries and sync. */
 int qcow2_l1_flush(struct img *img, struct qcow2 *s);
@@ -634,6 +656,10 @@ int qcow2_flush(struct img *img);
 int qcow2_flush_start(struct img *img, struct img_port *port,
 		      void (*done)(void *opaque, int res), void *opaque);
 int qcow2_flush_wait(struct img *img);
+
+/* drv->prepare_write (prepare.c). */
+int qcow2_prepare_write(struct img *img, uint64_t off, uint64_t nclusters,
+			void (*done)(void *opaque, int res), void *opaque);
 
 /* drv->block_status_nowait (cluster.c). */
 int qcow2_block_status_nowait(struct img *img, uint64_t off, uint64_t len,

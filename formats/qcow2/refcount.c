@@ -601,15 +601,53 @@ int qcow2_rc_update(struct img *img, struct qcow2 *s, uint64_t cluster,
 	return 0;
 }
 
+bool qcow2_rc_cached(const struct qcow2 *s, uint64_t t)
+{
+	unsigned i;
+
+	for (i = 0; i < s->w.rc_nslots; i++)
+		if (s->w.rc_slots[i].used && s->w.rc_slots[i].t_idx == t)
+			return true;
+	return false;
+}
+
+int qcow2_rc_install(struct img *img, struct qcow2 *s, uint64_t t,
+		     const void *buf)
+{
+	struct qcow2_rcslot *slot;
+	int ret;
+
+	if (qcow2_rc_cached(s, t))
+		return 0; /* what is cached may be newer than buf */
+	ret = rc_slot(img, s, t, true, &slot);
+	if (ret)
+		return ret;
+	memcpy(slot->data, buf, s->cluster_size);
+	slot->dirty = false;
+	return 0;
+}
+
+uint64_t qcow2_grow_target(const struct qcow2 *s, uint64_t end, uint64_t *from)
+{
+	uint64_t step;
+
+	if (end <= s->w.grown_to || end <= s->w.open_size)
+		return 0;
+	step = sx_min(sx_max(end / 8, 8u << 20), 128u << 20);
+	*from = sx_max(s->w.grown_to, s->w.open_size);
+	return sx_align_down(end + step, s->cluster_size);
+}
+
 /* Extend the file well past end (see qcow2_wstate.grown_to). */
 static void grow_ahead(struct img *img, struct qcow2 *s, uint64_t end)
 {
-	uint64_t step, target, from;
+	uint64_t target, from = 0;
 
-	if (end <= s->w.grown_to || end <= s->w.open_size)
+	if (s->w.no_grow)
 		return;
-	step = sx_min(sx_max(end / 8, 8u << 20), 128u << 20);
-	target = sx_align_down(end + step, s->cluster_size);
+	target = qcow2_grow_target(s, end, &from);
+	if (!target)
+		return;
 	/*
 	 * Allocated blocks, not just a larger size: a direct write into a
 	 * hole needs block allocation, which io_uring hands to a worker, and
@@ -617,7 +655,6 @@ static void grow_ahead(struct img *img, struct qcow2 *s, uint64_t end)
 	 * without it (no fallocate, or no room for the slack) writes are only
 	 * slower.
 	 */
-	from = sx_max(s->w.grown_to, s->w.open_size);
 	if (sio_fallocate(img->file, 0, from, target - from) == 0 ||
 	    sio_file_truncate(img->file, target) == 0)
 		s->w.grown_to = target;

@@ -1072,8 +1072,7 @@ END_TEST
 /* ------------------------------------------------------------------ */
 /* The worker never waits for metadata I/O (issue #10)                  */
 
-static struct siphon_disk_stats disk_stats(siphon_domain *dom,
-					   const char *path)
+static struct siphon_disk_stats disk_stats(siphon_domain *dom, const char *path)
 {
 	struct siphon_disk_stats st = {.size = sizeof(st)};
 	siphon_disk *disk = NULL;
