@@ -66,12 +66,13 @@ run_suite() {
 test_args=("$@")
 run_suite normal "$build"
 # Compile-only: gcc at -O3 finds what debugoptimized does not (it did:
-# -Wmaybe-uninitialized, -Warray-bounds), and clang warns differently.
+# -Wmaybe-uninitialized, -Warray-bounds), and clang warns differently
+# (clang++ too, for the C++ test of the public headers).
 build_only release-gcc "$build_release" --buildtype=release || true
 if command -v clang >/dev/null 2>&1; then
 	# CC only counts when the directory is first set up; meson keeps the
 	# compiler of an existing one, so check that it is clang.
-	if CC=clang build_only release-clang "$build_clang" \
+	if CC=clang CXX=clang++ build_only release-clang "$build_clang" \
 		--buildtype=release &&
 		! grep -q '"command": "clang' \
 			"$build_clang/compile_commands.json"; then

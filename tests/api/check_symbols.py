@@ -140,7 +140,7 @@ def classify(path, s, declared):
     """Record a top-level statement's function declaration, if it is one."""
     if not s:
         return
-    if re.match(r'typedef\b', s):
+    if re.match(r'(typedef|_Static_assert|static_assert)\b', s):
         return
     if re.match(r'(struct|enum|union)\b', s):
         if '{' in s:
