@@ -3,12 +3,17 @@
 # Everything the project tests, as the README's test command: install the
 # packages (root on Debian 12; skipped when not root or SIPHON_NO_APT=1),
 # build and run every meson test (unit + integration) in a normal build, then
-# again in an ASan/UBSan build, then the threaded API suite under TSan.
-# Exits non-zero if any suite fails.
+# again in an ASan/UBSan build, then the threaded API suite under TSan. Every
+# build is configured with -Dwerror=true (the development and CI setting; the
+# project's defaults leave it off for packagers), and two more builds are
+# only compiled, to catch warnings that appear with other compilers and
+# optimisation: --buildtype=release with gcc and with clang.
+# Exits non-zero if any suite or build fails.
 #
-# Build directories (reused when they exist): build/ and build-asan/, or
-# $SIPHON_BUILD and $SIPHON_BUILD_ASAN. Extra arguments go to `meson test`
-# (e.g. --suite unit).
+# Build directories (reused when they exist): build/, build-asan/,
+# build-tsan/, build-release/ and build-clang/, or $SIPHON_BUILD,
+# $SIPHON_BUILD_ASAN, $SIPHON_BUILD_TSAN, $SIPHON_BUILD_RELEASE and
+# $SIPHON_BUILD_CLANG. Extra arguments go to `meson test` (e.g. --suite unit).
 set -euo pipefail
 
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,25 +24,39 @@ source tools/deps.sh
 build=${SIPHON_BUILD:-build}
 build_asan=${SIPHON_BUILD_ASAN:-build-asan}
 build_tsan=${SIPHON_BUILD_TSAN:-build-tsan}
+build_release=${SIPHON_BUILD_RELEASE:-build-release}
+build_clang=${SIPHON_BUILD_CLANG:-build-clang}
 
 siphon_install_deps
 
 failed=()
+skipped=()
+done_names=()
 
-# run_suite NAME DIR [MESON SETUP OPTIONS...]
-run_suite() {
+# build_only NAME DIR [MESON SETUP OPTIONS...]: configure (warnings are
+# errors) and build every target of DIR, tests included, without running
+# them. 1 if configuring or building failed (recorded in `failed`).
+build_only() {
 	local name=$1 dir=$2
 	shift 2
 	echo "=== $name: configure $dir"
-	if ! siphon_setup_build "$dir" "$@"; then
+	if ! siphon_setup_build "$dir" -Dwerror=true "$@"; then
 		failed+=("$name (configure)")
-		return 0
+		return 1
 	fi
 	echo "=== $name: build"
 	if ! ninja -C "$dir"; then
 		failed+=("$name (build)")
-		return 0
+		return 1
 	fi
+	done_names+=("$name")
+}
+
+# run_suite NAME DIR [MESON SETUP OPTIONS...]: build_only, then meson test.
+run_suite() {
+	local name=$1 dir=$2
+	shift 2
+	build_only "$name" "$dir" "$@" || return 0
 	echo "=== $name: test"
 	if ! meson test -C "$dir" --print-errorlogs "${test_args[@]}"; then
 		failed+=("$name (tests)")
@@ -46,6 +65,24 @@ run_suite() {
 
 test_args=("$@")
 run_suite normal "$build"
+# Compile-only: gcc at -O3 finds what debugoptimized does not (it did:
+# -Wmaybe-uninitialized, -Warray-bounds), and clang warns differently
+# (clang++ too, for the C++ test of the public headers).
+build_only release-gcc "$build_release" --buildtype=release || true
+if command -v clang >/dev/null 2>&1; then
+	# CC only counts when the directory is first set up; meson keeps the
+	# compiler of an existing one, so check that it is clang.
+	if CC=clang CXX=clang++ build_only release-clang "$build_clang" \
+		--buildtype=release &&
+		! grep -q '"command": "clang' \
+			"$build_clang/compile_commands.json"; then
+		echo "=== release-clang: $build_clang was not set up with clang"
+		failed+=("release-clang (not clang: remove $build_clang)")
+	fi
+else
+	echo "=== release-clang: skipped, clang missing"
+	skipped+=("release-clang (clang missing)")
+fi
 run_suite asan "$build_asan" -Db_sanitize=address,undefined -Db_lundef=false
 # ThreadSanitizer for what runs threads: the API (one worker per disk) and
 # guest I/O from several threads, unless the caller chose suites.
@@ -55,8 +92,11 @@ if ((${#test_args[@]} == 0)); then
 fi
 
 echo
+if ((${#skipped[@]})); then
+	echo "run-all: skipped: ${skipped[*]}"
+fi
 if ((${#failed[@]})); then
 	echo "run-all: FAILED: ${failed[*]}"
 	exit 1
 fi
-echo "run-all: all suites passed (normal, ASan/UBSan, TSan)"
+echo "run-all: all suites and builds passed (${done_names[*]})"

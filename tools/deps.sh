@@ -4,11 +4,12 @@
 # the Debian 12 packages siphon needs to build, test and benchmark, and
 # helpers to install them and to set up a meson build directory.
 
-# Build: compiler, meson/ninja, the libraries. Tests: Check, qemu-img/qemu-io
+# Build: compiler, meson/ninja, the libraries; clang for the second
+# compiler that tests/run-all.sh builds with. Tests: Check, qemu-img/qemu-io
 # (the oracle; qemu-system-common carries qemu's shared data), python3.
 # Benchmarks: fio, GNU time (/usr/bin/time -v for max RSS).
 SIPHON_DEPS=(
-	build-essential meson ninja-build pkg-config
+	build-essential clang meson ninja-build pkg-config
 	liburing-dev zlib1g-dev libzstd-dev
 	check qemu-utils qemu-system-common python3
 	fio time

@@ -193,7 +193,11 @@ static int check_host(struct img *img, struct qcow2 *s, bool data,
 
 /*
  * The L2 slice holding the entry for guest cluster `cluster` whose table is
- * at l2_off. *idx is the entry's index within the slice.
+ * at l2_off. *idx is the entry's index within the slice and *slice_entries
+ * the number of entries in a slice; both depend only on the cluster and are
+ * set on every path, failures included (the caller's loop bounds are then
+ * never indeterminate, whatever the compiler can prove about sx_error()'s
+ * return value). *slice is set only on success; returns 0 or -errno.
  */
 static int get_slice_req(struct img *img, struct qcow2 *s, uint64_t l2_off,
 			 uint64_t cluster, uint64_t guest, uint8_t **slice,
@@ -222,6 +226,8 @@ static int get_slice_req(struct img *img, struct qcow2 *s, uint64_t l2_off,
 	uint64_t key = l2_off + (in_table / per_slice) * s->l2cache.slice_size;
 	int ret;
 
+	*idx = in_table % per_slice;
+	*slice_entries = per_slice;
 	if (!sx_is_aligned(l2_off, s->cluster_size))
 		return sx_error(
 			-EINVAL,
@@ -256,8 +262,6 @@ static int get_slice_req(struct img *img, struct qcow2 *s, uint64_t l2_off,
 			"%s: cannot read L2 table at 0x%llx (guest offset 0x%llx)",
 			img->path, (unsigned long long)l2_off,
 			(unsigned long long)guest);
-	*idx = in_table % per_slice;
-	*slice_entries = per_slice;
 	return 0;
 }
 

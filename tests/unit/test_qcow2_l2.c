@@ -62,6 +62,13 @@ static void put64(struct ib *ib, size_t off, uint64_t v)
 	memcpy(ib->b + off, &v, 8);
 }
 
+/* Store len bytes at off, growing the image first like put32/put64. */
+static void put_bytes(struct ib *ib, size_t off, const void *buf, size_t len)
+{
+	ib_grow(ib, off + len);
+	memcpy(ib->b + off, buf, len);
+}
+
 /*
  * Cluster 0 header, 1 refcount table, 2 refcount block, 3 L1 table (one
  * cluster), 4 the L2 table of L1 entry 0 (when size > 0), data from 5.
@@ -639,7 +646,7 @@ START_TEST(test_external_data_file)
 	/* data file name extension right after the 104-byte header */
 	put32(&ib, 104, QCOW2_EXT_DATA_FILE);
 	put32(&ib, 108, 8);
-	memcpy(ib.b + 112, "data.raw", 8);
+	put_bytes(&ib, 112, "data.raw", 8);
 	put64(&ib, 88, QCOW2_AUTOCLEAR_DATA_FILE_RAW);
 	set_l2(&ib, 0, 0 | QCOW2_OFLAG_COPIED, 0);
 	set_l2(&ib, 1, C64K | QCOW2_OFLAG_COPIED, 0);
