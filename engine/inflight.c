@@ -37,13 +37,16 @@
  *    throughput: past the knee only latency grows.
  *  - Steady state: a cruise window measures the baseline X of the adopted
  *    (W, S), then probes run one window each, in turn:
- *      W up    W x 5/4 (at least one extent more): kept if X gains 10%;
+ *      W up    W x 5/4 (at least one extent more): kept if X gains 8%;
  *      W down  W x 4/5 (at least one extent less): kept if X loses less than
  *              5% against the best of the recent baselines (so a run of small
  *              losses cannot drift it down the curve);
  *      S up    2S at the same W (2S when W held one extent): kept if X gains
- *              10%;
- *      S down  S/2 at the same W: kept if X gains 10%.
+ *              8%; not tried when it would leave a window of more than two
+ *              extents with fewer than four (a window of a few large
+ *              requests swings with every completion: measured noise, and
+ *              nothing a deeper device gains from);
+ *      S down  S/2 at the same W: kept if X gains 8%.
  *    A probe kept is tried again at once (a step change is followed in a few
  *    windows, not a few rounds); one refused gives way to the next kind, and
  *    after the last one cruise windows refresh the baseline. Probing costs
@@ -51,7 +54,7 @@
  *    that changed nothing doubles the cruise windows before the next one,
  *    up to 16; a cruise window whose throughput moved by 15% from the
  *    baseline (the device changed) starts a round at once.
- *    Hysteresis: growing must gain clearly (10%) while shrinking may cost a
+ *    Hysteresis: growing must gain clearly (8%) while shrinking may cost a
  *    little (5%), so at the knee neither probe flips the window back and
  *    forth; a change of S needs a clear gain either way, so equal throughput
  *    keeps the size the device liked so far.
@@ -89,14 +92,16 @@ enum ifc_probe {
 	IFC_NPROBES,
 };
 
-#define IFC_MIN_SAMPLES 8
+#define IFC_MIN_SAMPLES 16
+#define IFC_MIN_WINDOW_NS (20ull * 1000 * 1000)
 #define IFC_STARTUP_GROWTH 1.25
 #define IFC_STARTUP_FAILS 2
 #define IFC_STARTUP_KEEP 0.90
-#define IFC_GAIN 1.10
+#define IFC_GAIN 1.08
 #define IFC_KEEP 0.95
 #define IFC_FULL 0.75
 #define IFC_MAX_CRUISE 16
+#define IFC_MIN_DEPTH 4
 #define IFC_CHANGED 0.15
 
 static bool is_pow2(uint64_t v)
@@ -198,6 +203,12 @@ static bool probe_config(const struct ifc *c, int p, uint64_t *w, uint64_t *s)
 		if (c->fixed_extent || bs >= c->max_extent)
 			return false;
 		*s = bs * 2;
+		/*
+		 * Few large requests, or many: not a window of a few large
+		 * ones, whose throughput swings with every completion.
+		 */
+		if (!c->fixed_depth && bw / bs > 2 && bw / *s < IFC_MIN_DEPTH)
+			return false;
 		if (c->fixed_depth)
 			return (uint64_t)c->fixed_depth * *s <= c->max_bytes;
 		/* The same bytes in flight, rounded up to whole extents. */
@@ -500,7 +511,8 @@ void ifc_completed(struct ifc *c, uint64_t bytes, uint64_t started_ns,
 		       ? c->fixed_depth
 		       : (unsigned)min_u64(c->target / c->extent, 1u << 20);
 	need = need * 2 > IFC_MIN_SAMPLES ? need * 2 : IFC_MIN_SAMPLES;
-	if (win->samples >= need && win->t_last > win->t_first && win->bytes &&
+	if (win->samples >= need &&
+	    win->t_last >= win->t_first + IFC_MIN_WINDOW_NS && win->bytes &&
 	    win->lat_bytes > 0)
 		window_end(c, now);
 }
