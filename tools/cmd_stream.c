@@ -421,6 +421,16 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		ret = sx_error(-errno, "pipe: %s", strerror(errno));
 		goto fail;
 	}
+	/*
+	 * From here on a signal aborts cleanly: one that arrives while the
+	 * disk is still being attached waits in the pipe and aborts the
+	 * stream as soon as it starts.
+	 */
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, &old_int);
+	sigaction(SIGTERM, &sa, &old_term);
+	handlers = true;
 	/* Room for every extent's reads and writes. */
 	if (prm.queue_depth)
 		dopt.queue_depth = prm.queue_depth * 4;
@@ -433,11 +443,6 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	attached = true;
 
 	clock_gettime(CLOCK_MONOTONIC, &ui.t0);
-	sa.sa_handler = on_signal;
-	sigemptyset(&sa.sa_mask);
-	sigaction(SIGINT, &sa, &old_int);
-	sigaction(SIGTERM, &sa, &old_term);
-	handlers = true;
 	ret = siphon_block_stream_ex(dom, abs, NULL, SIPHON_STREAM_CONTINUOUS,
 				     &prm);
 	if (ret < 0)
