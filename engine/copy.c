@@ -276,12 +276,48 @@ static void covered(const struct copy_op *op, uint64_t lim, uint64_t *ca,
 	*cb = end >= lim ? op->off + op->len : sx_align_down(end, cs);
 }
 
-/* Plan the reads of every piece of the op's range the caller needs. */
+/* A lookup of the read phase parked the op (see op_read()). */
+#define OP_PARKED 1
+
+static void op_read_go(struct copy_op *op);
+
+/* The metadata a lookup missed is in (or the retry is synchronous). */
+static void op_fetched(struct meta_fetch *f, int res)
+{
+	(void)res;
+	op_read_go(f->priv);
+}
+
+/*
+ * The chain's piece at pos without waiting for metadata: 0 and *pc,
+ * OP_PARKED (op_fetched() resumes), -errno.
+ */
+static int op_piece(struct copy_op *op, uint64_t pos, uint64_t len,
+		    struct img_piece *pc)
+{
+	struct img *top = op->c->top;
+	int ret;
+
+	if (!meta_fetch_sync(&op->mf)) {
+		ret = img_chain_piece_nowait(top, pos, len, pc, &op->mf.miss);
+		if (meta_fetch_park(&op->mf, ret, op->c->q, op_fetched, op))
+			return OP_PARKED;
+		if (!meta_fetch_sync(&op->mf))
+			return ret;
+	}
+	meta_fetch_hit(&op->mf);
+	return img_chain_piece(top, pos, len, pc);
+}
+
+/*
+ * Plan the reads of every piece of the op's range the caller needs, from
+ * op->rpos on: 0, OP_PARKED (op->rpos is where it goes on), -errno.
+ */
 static int op_read(struct copy_op *op)
 {
 	struct img *top = op->c->top;
 	uint64_t end = op->off + op->len, lim = sx_min(end, top->size);
-	uint64_t pos = op->off, ca, cb, stop;
+	uint64_t pos = op->rpos, ca, cb, stop;
 	struct img_piece pc;
 	int ret = 0;
 
@@ -294,7 +330,11 @@ static int op_read(struct copy_op *op)
 			continue;
 		}
 		stop = pos < ca && ca < cb ? sx_min(ca, lim) : lim;
-		ret = img_chain_piece(top, pos, stop - pos, &pc);
+		ret = op_piece(op, pos, stop - pos, &pc);
+		if (ret == OP_PARKED) {
+			op->rpos = pos;
+			goto out;
+		}
 		if (ret < 0)
 			goto out;
 		ret = read_piece(op, &pc, op->buf + (pos - op->off));
@@ -306,6 +346,23 @@ static int op_read(struct copy_op *op)
 	}
 out:
 	return ret;
+}
+
+/*
+ * Run the read phase as far as it goes; parked, op_fetched() calls this
+ * again. The requests go out once every piece is planned.
+ */
+static void op_read_go(struct copy_op *op)
+{
+	int ret = op_read(op);
+
+	if (ret == OP_PARKED)
+		return;
+	if (ret >= 0)
+		ret = op_submit(op);
+	if (ret < 0)
+		op_fail(op, ret);
+	op_put(op);
 }
 
 /* Cluster i is to be written: the top lacked it, and zeros per flags. */
@@ -482,6 +539,8 @@ void copy_start(struct copier *c, struct copy_op *op)
 	op->nruns = op->runcap = 0;
 	op->linked = 0;
 	op->written = 0;
+	op->rpos = op->off;
+	memset(&op->mf, 0, sizeof(op->mf));
 	c->inflight++;
 	if (!img_can_alloc(top))
 		ret = sx_error(EROFS, "%s: cannot allocate clusters",
@@ -494,10 +553,11 @@ void copy_start(struct copier *c, struct copy_op *op)
 			       top->path, (unsigned long long)op->len,
 			       (unsigned long long)op->off);
 	else
-		ret = op_read(op);
-	if (ret >= 0)
-		ret = op_submit(op);
-	if (ret < 0)
+		ret = 0;
+	if (ret < 0) {
 		op_fail(op, ret);
-	op_put(op);
+		op_put(op);
+		return;
+	}
+	op_read_go(op);
 }

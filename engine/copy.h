@@ -12,7 +12,10 @@
  * nothing had to wait), never waiting:
  *
  *   read    every piece of [off, off + len) as the chain shows it (the
- *           top's own data included): DATA asynchronously on the queue
+ *           top's own data included), looked up without waiting for
+ *           metadata (a missing L2 slice of any layer is read on the
+ *           queue while the op is parked; meta_fetch.h): DATA
+ *           asynchronously on the queue
  *           (the sync helpers where direct I/O alignment is not met),
  *           COMPRESSED through the inflater, zeros filled in; clusters
  *           wholly inside [cover_off, cover_off + cover_len) are not read;
@@ -50,6 +53,7 @@
 #include <stdint.h>
 
 #include "inflate.h"
+#include "meta_fetch.h"
 
 struct img;
 struct img_piece;
@@ -107,6 +111,8 @@ struct copy_op {
 	struct copy_run *runs;
 	unsigned nruns, runcap;
 	unsigned linked; /* runs [0, linked) went through commit_run */
+	uint64_t rpos; /* read phase: where the walk resumes */
+	struct meta_fetch mf; /* read phase: a lookup missed, parked */
 };
 
 /* A copier for top (writable, with alloc entries) on the owner's queue q. */

@@ -54,6 +54,7 @@
 #include "formats/image.h"
 #include "guest.h"
 #include "io/io.h"
+#include "meta_fetch.h"
 
 struct gio;
 
@@ -85,6 +86,11 @@ struct gio {
 	bool first_used;
 	struct gio_io first;
 	struct cl_lock *lock;
+
+	/* Metadata: a nowait lookup missed, the request is parked. */
+	struct meta_fetch mf;
+	bool decided; /* reads: plain or copy-on-read, chosen */
+	uint64_t rpos; /* plain reads: where the walk resumes */
 
 	/* copy-on-read, and allocating writes: one op of copy.h */
 	bool cor;
@@ -400,6 +406,105 @@ fail:
 			(unsigned long long)host, strerror(-ret));
 }
 
+/* ---- metadata that is not in memory ---- */
+
+/* Lookups parked the request: a fetch resumes it (gio_fetched()). */
+#define GIO_PARKED 2
+
+static void read_go(struct gio *gio);
+static void write_go(struct gio *gio);
+
+/* The missing metadata is in (or failed: the retry is synchronous). */
+static void gio_fetched(struct meta_fetch *f, int res)
+{
+	struct gio *gio = f->priv;
+
+	(void)res;
+	gio->g->st.meta_fetches++;
+	if (gio->req && gio->req->op == GUEST_READ)
+		read_go(gio);
+	else
+		write_go(gio);
+}
+
+/* A nowait lookup returned ret: park the request if it missed. */
+static bool gio_park(struct gio *gio, int ret)
+{
+	return meta_fetch_park(&gio->mf, ret, gio->g->q, gio_fetched, gio);
+}
+
+/*
+ * The chain's piece at pos, without waiting for metadata: 0 and *pc,
+ * GIO_PARKED, or -errno. Synchronous after repeated misses (meta_fetch.h).
+ */
+static int gio_piece(struct gio *gio, uint64_t pos, uint64_t len,
+		     struct img_piece *pc)
+{
+	struct img *top = gio->g->top;
+	int ret;
+
+	if (!meta_fetch_sync(&gio->mf)) {
+		ret = img_chain_piece_nowait(top, pos, len, pc, &gio->mf.miss);
+		if (gio_park(gio, ret))
+			return GIO_PARKED;
+		if (!meta_fetch_sync(&gio->mf))
+			return ret;
+	}
+	meta_fetch_hit(&gio->mf);
+	return img_chain_piece(top, pos, len, pc);
+}
+
+/*
+ * Whether the top lacks all (or any) byte of [off, off + len), without
+ * waiting for metadata: 1, 0, or GIO_PARKED. Errors count as in
+ * img_lacks_all() / img_lacks_any().
+ */
+static int gio_lacks(struct gio *gio, uint64_t off, uint64_t len, bool all)
+{
+	struct img *top = gio->g->top;
+	int ret;
+
+	if (!meta_fetch_sync(&gio->mf)) {
+		ret = img_lacks_nowait(top, off, len, all, &gio->mf.miss);
+		if (gio_park(gio, ret))
+			return GIO_PARKED;
+		if (!meta_fetch_sync(&gio->mf))
+			return ret;
+	}
+	meta_fetch_hit(&gio->mf);
+	return all ? img_lacks_all(top, off, len)
+		   : img_lacks_any(top, off, len);
+}
+
+/*
+ * Bring the top's metadata for [off, off + len) into memory, so that the
+ * synchronous status calls of a write that follow (in this same turn,
+ * nothing evicts meanwhile) find it: 0, or GIO_PARKED. Lookup errors are
+ * left for those calls to meet and report.
+ */
+static int gio_warm_top(struct gio *gio, uint64_t off, uint64_t len)
+{
+	struct img *top = gio->g->top;
+	uint64_t pos = off, end = sx_min(off + len, top->size);
+	struct img_extent e;
+	int ret;
+
+	if (meta_fetch_sync(&gio->mf)) {
+		meta_fetch_hit(&gio->mf);
+		return 0;
+	}
+	for (; pos < end; pos += e.len) {
+		ret = img_block_status_nowait(top, pos, end - pos, &e,
+					      &gio->mf.miss.req);
+		gio->mf.miss.layer = ret == -EAGAIN ? top : NULL;
+		if (gio_park(gio, ret))
+			return GIO_PARKED;
+		if (ret < 0 || !e.len)
+			break;
+	}
+	return 0;
+}
+
 /* ---- reads ---- */
 
 /* A compressed piece of a plain read, decompressed off the worker. */
@@ -445,16 +550,22 @@ static int gio_inflate(struct gio *gio, const struct img_piece *pc,
 	return 0;
 }
 
-/* Read the chain's [off, off + len) into the request's iovec. */
+/*
+ * Read the chain's [off, off + len) into the request's iovec, from
+ * gio->rpos on: 0, GIO_PARKED (a fetch resumes the walk at rpos), -errno.
+ */
 static int read_plain(struct gio *gio, uint64_t off, uint64_t len)
 {
-	struct img *top = gio->g->top;
-	uint64_t pos = off, end = off + len;
+	uint64_t pos = gio->rpos, end = off + len;
 	struct img_piece pc;
 	int ret = 0;
 
 	for (; pos < end && ret >= 0; pos += pc.len) {
-		ret = img_chain_piece(top, pos, end - pos, &pc);
+		ret = gio_piece(gio, pos, end - pos, &pc);
+		if (ret == GIO_PARKED) {
+			gio->rpos = pos;
+			return ret;
+		}
 		if (ret < 0)
 			break;
 		if (pc.status == IMG_DATA)
@@ -482,33 +593,37 @@ static bool cor_allowed(const struct guest *g)
 /*
  * Turn the read into a copy-on-read if the top lacks some of its clusters
  * and nobody holds them: the read then covers whole clusters [a, b), locked,
- * into the op's buffer.
+ * into the op's buffer. GIO_PARKED when the top's metadata must be read
+ * first, else 0.
  */
-static void cor_prepare(struct gio *gio, uint64_t *a, uint64_t *b)
+static int cor_prepare(struct gio *gio, uint64_t *a, uint64_t *b)
 {
 	struct guest *g = gio->g;
 	struct guest_req *req = gio->req;
+	int ret;
 
-	if (!img_lacks_any(g->top, req->off, req->len))
-		return;
+	ret = gio_lacks(gio, req->off, req->len, false);
+	if (ret != 1)
+		return ret == GIO_PARKED ? ret : 0;
 	if (!cor_allowed(g)) {
 		g->st.cor_skipped++;
-		return;
+		return 0;
 	}
 	cluster_range(g, req->off, req->len, a, b);
 	if (cl_lock_try(&g->locks, *a, *b, &gio->lock) < 0) {
 		g->st.cor_skipped++;
-		return;
+		return 0;
 	}
 	gio->cbuf = sio_buf_alloc(*b - *a);
 	if (!gio->cbuf) {
 		cl_unlock(&g->locks, gio->lock);
 		gio->lock = NULL;
 		g->st.cor_skipped++;
-		return;
+		return 0;
 	}
 	gio->cor = true;
 	g->ncor++;
+	return 0;
 }
 
 /* The chain is read: the guest gets its part now, the copy goes on. */
@@ -563,19 +678,25 @@ static void gio_put(struct gio *gio)
 		write_done(gio);
 }
 
-static void read_start(struct guest *g, struct guest_req *req)
+/*
+ * Run a read as far as it goes: choose plain or copy-on-read, then walk
+ * the pieces. A lookup that misses parks it (the building hold stays),
+ * and gio_fetched() calls this again to go on where it stopped.
+ */
+static void read_go(struct gio *gio)
 {
-	struct gio *gio = gio_new(g, req);
+	struct guest *g = gio->g;
+	struct guest_req *req = gio->req;
 	uint64_t a = 0, b = 0;
 	int ret;
 
-	if (!gio) {
-		req->complete(req, -ENOMEM);
-		return;
-	}
+	if (gio->decided)
+		goto plain;
 	if (g->cor && !(req->flags & GUEST_F_NO_COR) && g->top->backing &&
-	    img_can_alloc(g->top))
-		cor_prepare(gio, &a, &b);
+	    img_can_alloc(g->top) && cor_prepare(gio, &a, &b) == GIO_PARKED)
+		return;
+	gio->decided = true;
+	gio->rpos = req->off;
 	if (gio->cor) {
 		gio->cop = (struct copy_op){
 			.off = a,
@@ -588,10 +709,24 @@ static void read_start(struct guest *g, struct guest_req *req)
 		copy_start(g->copier, &gio->cop);
 		return;
 	}
+plain:
 	ret = read_plain(gio, req->off, req->len);
+	if (ret == GIO_PARKED)
+		return;
 	if (ret < 0 && !gio->err)
 		gio->err = ret;
 	gio_put(gio);
+}
+
+static void read_start(struct guest *g, struct guest_req *req)
+{
+	struct gio *gio = gio_new(g, req);
+
+	if (!gio) {
+		req->complete(req, -ENOMEM);
+		return;
+	}
+	read_go(gio);
 }
 
 /* ---- writes ---- */
@@ -637,7 +772,7 @@ static int aw_start(struct gio *gio, uint64_t a, uint64_t b)
 	if (!img_can_alloc(top) || !req->len)
 		return 0;
 	/* The top must lack every byte of the clusters. */
-	if (!img_lacks_all(top, a, sx_min(b, top->size) - a))
+	if (!img_lacks_all(top, a, sx_min(b, top->size) - a)) /* warm */
 		return 0;
 	gio->cbuf = sio_buf_alloc(b - a);
 	if (!gio->cbuf)
@@ -680,28 +815,35 @@ static int write_sync(struct guest *g, struct guest_req *req, uint64_t pos,
 	return ret;
 }
 
-static void write_start(struct guest *g, struct guest_req *req)
+/*
+ * Run a write: lock its clusters, bring the top's metadata for them in
+ * (parking the request while it is read: gio_fetched() calls this again,
+ * the lock still held), then the in-place, allocating or synchronous
+ * pieces.
+ */
+static void write_go(struct gio *gio)
 {
+	struct guest *g = gio->g;
+	struct guest_req *req = gio->req;
 	struct img *top = g->top;
-	struct gio *gio = gio_new(g, req);
 	struct wpiece *pc = NULL, *np;
 	unsigned npc = 0, cap = 0, i;
 	uint64_t pos, end, a, b;
 	struct img_extent e;
 	int ret = 0;
 
-	if (!gio) {
-		req->complete(req, -ENOMEM);
-		return;
-	}
 	if (!top->writable) {
 		ret = sx_error(EROFS, "%s: read-only", top->path);
 		goto out;
 	}
 	cluster_range(g, req->off, req->len, &a, &b);
-	ret = cl_lock_try(&g->locks, a, b, &gio->lock);
-	if (ret < 0)
-		goto out;
+	if (!gio->lock) {
+		ret = cl_lock_try(&g->locks, a, b, &gio->lock);
+		if (ret < 0)
+			goto out;
+	}
+	if (gio_warm_top(gio, a, b - a) == GIO_PARKED)
+		return;
 	for (pos = req->off, end = req->off + req->len; pos < end;
 	     pos += e.len) {
 		ret = img_block_status(top, pos, end - pos, &e);
@@ -744,6 +886,17 @@ out:
 	if (ret < 0 && !gio->err)
 		gio->err = ret;
 	gio_put(gio);
+}
+
+static void write_start(struct guest *g, struct guest_req *req)
+{
+	struct gio *gio = gio_new(g, req);
+
+	if (!gio) {
+		req->complete(req, -ENOMEM);
+		return;
+	}
+	write_go(gio);
 }
 
 static void sync_op(struct guest *g, struct guest_req *req)

@@ -63,6 +63,7 @@ struct guest_stats {
 	uint64_t cor_bytes; /* copied into the top by copy-on-read */
 	uint64_t cor_skipped; /* reads that could not copy (busy, error) */
 	uint64_t waits; /* requests that waited for a lock */
+	uint64_t meta_fetches; /* metadata reads a parked request waited for */
 };
 
 struct guest;

@@ -45,6 +45,7 @@
 #include "io/io.h"
 #include "io/pool.h"
 #include "meta_ahead.h"
+#include "meta_fetch.h"
 #include "stream.h"
 
 enum run_kind {
@@ -71,6 +72,7 @@ struct stream {
 	struct copier *copier; /* the disk's, or our own */
 	bool own_copier;
 	struct meta_ahead *ahead; /* L2 read-ahead, or NULL */
+	struct meta_fetch mf; /* the planner missed a slice: read on q */
 	unsigned max_inflight;
 	uint64_t extent_bytes;
 	unsigned opt_inflight; /* as created: stream_set_limits(0) */
@@ -285,9 +287,43 @@ static enum run_kind kind_of(struct stream *s, const struct img_extent *e,
 	}
 }
 
+/* classify() needs a slice that is being read: plan again later. */
+#define PLAN_PARKED 1
+
+/* The planner's slice is in; the next pump plans on (nothing to call). */
+static void plan_fetched(struct meta_fetch *f, int res)
+{
+	(void)f;
+	(void)res;
+}
+
+/*
+ * The planner's chain status, never waiting for metadata: read-ahead
+ * usually has the slice cached; a miss starts its read on the queue and
+ * answers PLAN_PARKED (stream_inflight() counts the read, and the pump
+ * after its completion asks again). Synchronous after repeated misses.
+ */
+static int plan_status(struct stream *s, uint64_t off, uint64_t len,
+		       struct img_extent *e, unsigned *depth)
+{
+	int ret;
+
+	if (!meta_fetch_sync(&s->mf)) {
+		ret = img_chain_status_nowait(s->top, s->base, off, len, e,
+					      depth, &s->mf.miss);
+		if (meta_fetch_park(&s->mf, ret, s->q, plan_fetched, s))
+			return PLAN_PARKED;
+		if (!meta_fetch_sync(&s->mf))
+			return ret;
+	}
+	meta_fetch_hit(&s->mf);
+	return img_chain_status(s->top, s->base, off, len, e, depth);
+}
+
 /*
  * The kind of the run of clusters at `cl` and its length (<= max clusters).
  * A cluster whose pieces differ gets the kind that covers them all.
+ * PLAN_PARKED: ask again once the planner's fetch is over.
  */
 static int classify(struct stream *s, uint64_t cl, uint64_t max,
 		    enum run_kind *kind, uint64_t *n)
@@ -300,8 +336,8 @@ static int classify(struct stream *s, uint64_t cl, uint64_t max,
 	int ret;
 
 	len = sx_min(max * s->cs, s->top->size - off);
-	ret = img_chain_status(s->top, s->base, off, len, &e, &depth);
-	if (ret < 0)
+	ret = plan_status(s, off, len, &e, &depth);
+	if (ret)
 		return ret;
 	k = kind_of(s, &e, depth);
 	if (e.len >= s->cs || off + e.len >= s->top->size) {
@@ -318,9 +354,8 @@ static int classify(struct stream *s, uint64_t cl, uint64_t max,
 	acc = RUN_SKIP;
 	for (pos = off; pos < cend; pos += e.len) {
 		if (pos != off) {
-			ret = img_chain_status(s->top, s->base, pos, cend - pos,
-					       &e, &depth);
-			if (ret < 0)
+			ret = plan_status(s, pos, cend - pos, &e, &depth);
+			if (ret)
 				return ret;
 			k = kind_of(s, &e, depth);
 		}
@@ -606,8 +641,8 @@ static int flush_start(struct stream *s)
 
 int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 {
-	enum run_kind kind;
-	uint64_t n, max, wait;
+	enum run_kind kind = RUN_LOCAL;
+	uint64_t n = 0, max, wait;
 	void *token;
 	int ret = 0;
 
@@ -631,10 +666,14 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 	if (!s->err && !atomic_load(&s->abort))
 		meta_ahead_pump(s->ahead, s->planner * s->cs);
 	while (!s->err && !atomic_load(&s->abort) && s->planner < limit &&
-	       s->inflight < s->max_inflight && s->plan_budget) {
+	       s->inflight < s->max_inflight && s->plan_budget && !s->mf.busy) {
 		meta_ahead_pump(s->ahead, s->planner * s->cs);
 		max = sx_min(limit - s->planner, s->extent_bytes / s->cs);
 		ret = classify(s, s->planner, limit - s->planner, &kind, &n);
+		if (ret == PLAN_PARKED) {
+			ret = 0;
+			break;
+		}
 		if (ret < 0)
 			break;
 		switch (kind) {
@@ -740,7 +779,7 @@ bool stream_blocked(const struct stream *s)
 unsigned stream_inflight(const struct stream *s)
 {
 	return s->inflight + meta_ahead_inflight(s->ahead) + s->presync_busy +
-	       s->flush_busy;
+	       s->flush_busy + s->mf.busy;
 }
 
 bool stream_planned(const struct stream *s, uint64_t limit)

@@ -478,8 +478,28 @@ out:
 	return ret;
 }
 
-int img_chain_status(struct img *img, struct img *stop, uint64_t off,
-		     uint64_t len, struct img_extent *ext, unsigned *depth)
+/*
+ * One layer's status for the chain walks: the driver's block_status, or,
+ * with miss, its nowait entry (a missing slice: -EAGAIN, miss filled).
+ */
+static int layer_status(struct img *cur, uint64_t off, uint64_t len,
+			struct img_extent *e, struct img_meta_miss *miss)
+{
+	int ret;
+
+	memset(e, 0, sizeof(*e));
+	if (!miss || !cur->drv->block_status_nowait)
+		return cur->drv->block_status(cur, off, len, e);
+	ret = cur->drv->block_status_nowait(cur, off, len, e, &miss->req);
+	if (ret == -EAGAIN)
+		miss->layer = cur;
+	return ret;
+}
+
+/* img_chain_status, and with miss its nowait form. */
+static int chain_status(struct img *img, struct img *stop, uint64_t off,
+			uint64_t len, struct img_extent *ext, unsigned *depth,
+			struct img_meta_miss *miss)
 {
 	struct img *cur = img;
 	struct img_extent e;
@@ -495,12 +515,13 @@ int img_chain_status(struct img *img, struct img *stop, uint64_t off,
 				img->path, (unsigned long long)off,
 				(unsigned long long)img->size);
 	len = sx_min(len, img->size - off);
+	if (miss)
+		miss->layer = NULL;
 
 	for (;;) {
 		struct img *next;
 
-		memset(&e, 0, sizeof(e));
-		ret = cur->drv->block_status(cur, off, len, &e);
+		ret = layer_status(cur, off, len, &e, miss);
 		if (ret < 0)
 			return ret;
 		if (e.len == 0)
@@ -528,6 +549,19 @@ int img_chain_status(struct img *img, struct img *stop, uint64_t off,
 	return 0;
 }
 
+int img_chain_status(struct img *img, struct img *stop, uint64_t off,
+		     uint64_t len, struct img_extent *ext, unsigned *depth)
+{
+	return chain_status(img, stop, off, len, ext, depth, NULL);
+}
+
+int img_chain_status_nowait(struct img *img, struct img *stop, uint64_t off,
+			    uint64_t len, struct img_extent *ext,
+			    unsigned *depth, struct img_meta_miss *miss)
+{
+	return chain_status(img, stop, off, len, ext, depth, miss);
+}
+
 struct img *img_layer(struct img *img, unsigned depth)
 {
 	while (img && depth--)
@@ -535,14 +569,15 @@ struct img *img_layer(struct img *img, unsigned depth)
 	return img;
 }
 
-int img_chain_piece(struct img *img, uint64_t off, uint64_t len,
-		    struct img_piece *p)
+/* img_chain_piece, and with miss its nowait form. */
+static int chain_piece(struct img *img, uint64_t off, uint64_t len,
+		       struct img_piece *p, struct img_meta_miss *miss)
 {
 	struct img_extent e;
 	unsigned depth;
 	int ret;
 
-	ret = img_chain_status(img, NULL, off, len, &e, &depth);
+	ret = chain_status(img, NULL, off, len, &e, &depth, miss);
 	if (ret < 0)
 		return ret;
 	memset(p, 0, sizeof(*p));
@@ -579,6 +614,18 @@ int img_chain_piece(struct img *img, uint64_t off, uint64_t len,
 		break;
 	}
 	return 0;
+}
+
+int img_chain_piece(struct img *img, uint64_t off, uint64_t len,
+		    struct img_piece *p)
+{
+	return chain_piece(img, off, len, p, NULL);
+}
+
+int img_chain_piece_nowait(struct img *img, uint64_t off, uint64_t len,
+			   struct img_piece *p, struct img_meta_miss *miss)
+{
+	return chain_piece(img, off, len, p, miss);
 }
 
 int img_pread(struct img *img, void *buf, uint64_t len, uint64_t off)
@@ -720,6 +767,29 @@ bool img_lacks_any(struct img *img, uint64_t off, uint64_t len)
 		pos += e.len;
 	}
 	return false;
+}
+
+int img_lacks_nowait(struct img *img, uint64_t off, uint64_t len, bool all,
+		     struct img_meta_miss *miss)
+{
+	uint64_t pos = off, end = sx_min(off + len, img->size);
+	struct img_extent e;
+	int ret;
+
+	miss->layer = NULL;
+	while (pos < end) {
+		ret = layer_status(img, pos, end - pos, &e, miss);
+		if (ret == -EAGAIN && miss->layer)
+			return ret;
+		if (ret < 0 || e.len == 0)
+			return 0;
+		if (e.status == IMG_UNALLOC && !all)
+			return 1;
+		if (e.status != IMG_UNALLOC && all)
+			return 0;
+		pos += e.len;
+	}
+	return all && off < end;
 }
 
 int img_read_compressed(struct img *img, uint64_t off, void *buf)

@@ -108,6 +108,25 @@ int img_chain_status(struct img *img, struct img *stop, uint64_t off,
 		     uint64_t len, struct img_extent *ext, unsigned *depth);
 
 /*
+ * Where a nowait call met metadata that is not in memory: the layer, and
+ * the read to do (on a queue, say) and hand to img_meta_fill(layer, ...).
+ */
+struct img_meta_miss {
+	struct img *layer;
+	struct img_meta_req req;
+};
+
+/*
+ * img_chain_status that reads no metadata: where some layer would have to
+ * (an L2 slice not cached), -EAGAIN with *miss filled (miss->layer set);
+ * read it, img_meta_fill() it and ask again. Otherwise as
+ * img_chain_status (miss->layer NULL).
+ */
+int img_chain_status_nowait(struct img *img, struct img *stop, uint64_t off,
+			    uint64_t len, struct img_extent *ext,
+			    unsigned *depth, struct img_meta_miss *miss);
+
+/*
  * Read guest data [off, off + len) of the chain into buf, synchronously.
  * Unallocated everywhere reads as zeros.
  */
@@ -146,6 +165,14 @@ bool img_lacks_all(struct img *img, uint64_t off, uint64_t len);
 
 /* The top lacks some byte of [off, off + len) (an error: false). */
 bool img_lacks_any(struct img *img, uint64_t off, uint64_t len);
+
+/*
+ * img_lacks_all (all) or img_lacks_any (!all) that reads no metadata: 1 or
+ * 0 as they answer (an error counts as they count it), or -EAGAIN with
+ * *miss filled (see img_chain_status_nowait).
+ */
+int img_lacks_nowait(struct img *img, uint64_t off, uint64_t len, bool all,
+		     struct img_meta_miss *miss);
 
 /*
  * Decompress the cluster of this layer that holds guest offset off into buf
@@ -253,6 +280,14 @@ struct img_piece {
  */
 int img_chain_piece(struct img *img, uint64_t off, uint64_t len,
 		    struct img_piece *p);
+
+/*
+ * img_chain_piece that reads no metadata in any layer: -EAGAIN with *miss
+ * filled where it would (see img_chain_status_nowait). As cheap as
+ * img_chain_piece when everything is cached.
+ */
+int img_chain_piece_nowait(struct img *img, uint64_t off, uint64_t len,
+			   struct img_piece *p, struct img_meta_miss *miss);
 
 /*
  * Chain surgery after a stream: point top's backing reference at base (a

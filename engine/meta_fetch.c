@@ -1,0 +1,89 @@
+/*
+ * One metadata read for a parked request (see meta_fetch.h).
+ *
+ * Invariants: at most one read per struct meta_fetch in flight (busy); the
+ * read covers the missing range rounded out to the file's direct-I/O
+ * alignment, so any slice size works on any file; its buffer lives from
+ * meta_fetch_start() to just before done runs.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+
+#include "common/checked.h"
+#include "common/error.h"
+#include "meta_fetch.h"
+
+static void fetch_done(struct sio_req *io, int res)
+{
+	struct meta_fetch *f = io->priv;
+
+	if (res >= 0) {
+		img_meta_fill(f->miss.layer, &f->miss.req, f->buf + f->skip);
+		res = 0;
+	} else {
+		/* The synchronous retry meets it again and reports it. */
+		f->misses = META_FETCH_TRIES;
+	}
+	sio_buf_free(f->buf);
+	f->buf = NULL;
+	f->busy = false;
+	f->done(f, res);
+}
+
+int meta_fetch_start(struct meta_fetch *f, struct sio_queue *q,
+		     meta_fetch_fn done, void *priv)
+{
+	const struct img_meta_req *r = &f->miss.req;
+	struct sio_file *file = r->file;
+	uint64_t a, b;
+	int ret;
+
+	if (f->busy || !f->miss.layer || !file || !r->len)
+		return -EINVAL;
+	f->misses++;
+	a = sx_align_down(r->host_off, file->align);
+	if (sx_align_up(r->host_off + r->len, file->align, &b) < 0)
+		return -EOVERFLOW;
+	f->buf = sio_buf_alloc(b - a);
+	if (!f->buf)
+		return -ENOMEM;
+	f->skip = r->host_off - a;
+	f->done = done;
+	f->priv = priv;
+	f->io = (struct sio_req){
+		.op = SIO_OP_READ,
+		.file = file,
+		.buf = f->buf,
+		.off = a,
+		.len = b - a,
+		.done = fetch_done,
+		.priv = f,
+	};
+	ret = sio_queue_submit(q, &f->io);
+	if (ret < 0) {
+		sio_buf_free(f->buf);
+		f->buf = NULL;
+		return ret;
+	}
+	f->busy = true;
+	return 0;
+}
+
+bool meta_fetch_park(struct meta_fetch *f, int ret, struct sio_queue *q,
+		     meta_fetch_fn done, void *priv)
+{
+	if (ret != -EAGAIN || !f->miss.layer) {
+		meta_fetch_hit(f);
+		return false;
+	}
+	if (meta_fetch_start(f, q, done, priv) == 0)
+		return true;
+	f->misses = META_FETCH_TRIES;
+	return false;
+}
+
+bool meta_fetch_sync(const struct meta_fetch *f)
+{
+	return f->misses >= META_FETCH_TRIES;
+}
