@@ -1150,6 +1150,82 @@ START_TEST(test_sync_waits_sparse_1t)
 }
 END_TEST
 
+/* L2 tables (512 MiB of guest space each at 64 KiB clusters) the test uses. */
+#define SPREAD_TABLES 24u
+#define TABLE_SPAN (512ull * MiB)
+
+/*
+ * Guest reads of data whose L2 slices are not cached (a fresh attach has
+ * an empty cache) in every layer of a chain: spread.base.raw <-
+ * spread.mid.qcow2 (a cluster in every other L2 table) <- spread.qcow2 (a
+ * cluster in every L2 table). Each read needs a slice of the top, and the
+ * reads of mid's clusters one of mid too; the worker must read none of
+ * them synchronously.
+ */
+START_TEST(test_sync_waits_guest_reads)
+{
+	const uint64_t size = SPREAD_TABLES * TABLE_SPAN;
+	char cmd_top[4096] = "", cmd_mid[4096] = "", *d = tmpdir;
+	const char *top = tpath("spread.qcow2");
+	struct siphon_disk_stats st;
+	siphon_domain *dom;
+	siphon_disk *disk = NULL;
+	uint8_t *buf = malloc(64 * 1024);
+	size_t lt = 0, lm = 0;
+	unsigned k;
+
+	ck_assert_ptr_nonnull(buf);
+	for (k = 0; k < SPREAD_TABLES; k++) {
+		lt += snprintf(cmd_top + lt, sizeof(cmd_top) - lt,
+			       " -c 'write -P %u %llu 64k'", 0x40 + k,
+			       (unsigned long long)(k * TABLE_SPAN));
+		if (k % 2 == 0)
+			lm += snprintf(
+				cmd_mid + lm, sizeof(cmd_mid) - lm,
+				" -c 'write -P %u %llu 64k'", 0x80 + k,
+				(unsigned long long)(k * TABLE_SPAN + 1 * MiB));
+	}
+	RUN("cd %s && qemu-img create -q -f raw spread.base.raw %llu && "
+	    "qemu-img create -q -f qcow2 -b spread.base.raw -F raw "
+	    "spread.mid.qcow2 && qemu-io -f qcow2 %s spread.mid.qcow2 "
+	    ">/dev/null && qemu-img create -q -f qcow2 -b spread.mid.qcow2 "
+	    "-F qcow2 spread.qcow2 && qemu-io -f qcow2 %s spread.qcow2 "
+	    ">/dev/null",
+	    d, (unsigned long long)size, cmd_mid, cmd_top);
+
+	dom = new_domain();
+	attach(dom, top);
+	ck_assert_int_eq(siphon_disk_get(dom, top, &disk), 0);
+	for (k = 0; k < SPREAD_TABLES; k++) {
+		ck_assert_int_eq(siphon_disk_pread(disk, buf, 64 * 1024,
+						   k * TABLE_SPAN, 0),
+				 0);
+		ck_assert_uint_eq(buf[0], 0x40 + k);
+		ck_assert_uint_eq(buf[65535], 0x40 + k);
+		if (k % 2)
+			continue;
+		ck_assert_int_eq(siphon_disk_pread(disk, buf, 64 * 1024,
+						   k * TABLE_SPAN + 1 * MiB, 0),
+				 0);
+		ck_assert_uint_eq(buf[0], 0x80 + k);
+		ck_assert_uint_eq(buf[65535], 0x80 + k);
+	}
+	siphon_disk_put(disk);
+	st = disk_stats(dom, top);
+	fprintf(stderr,
+		"guest reads over %u L2 tables: sync waits: attach %llu, "
+		"running %llu\n",
+		SPREAD_TABLES, (unsigned long long)st.sync_waits_attach,
+		(unsigned long long)st.sync_waits);
+	ck_assert_msg(st.sync_waits == 0,
+		      "the worker waited %llu times for guest reads",
+		      (unsigned long long)st.sync_waits);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+	free(buf);
+}
+END_TEST
+
 static Suite *api_suite(bool streaming)
 {
 	Suite *s = suite_create("api");
@@ -1185,6 +1261,7 @@ static Suite *api_suite(bool streaming)
 	tcase_set_timeout(tc, 300);
 	tcase_add_test(tc, test_sync_waits_dense);
 	tcase_add_test(tc, test_sync_waits_sparse_1t);
+	tcase_add_test(tc, test_sync_waits_guest_reads);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("concurrency");
