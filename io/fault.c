@@ -9,6 +9,9 @@
  *    rule added by a test is never reordered behind the environment's.
  *  - A rule with count 0 fails every matching request; otherwise it fails
  *    count of them and is removed. A rule with len 0 reaches to end of file.
+ *  - A delay rule (delay_ns > 0, no errno) holds the requests it matches
+ *    instead of failing them; it counts down like the others. `delayed`
+ *    counts the requests held right now, sync and queued.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -17,6 +20,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/error.h"
 #include "io/fault.h"
@@ -30,6 +34,7 @@ struct fault_rule {
 	int err; /* positive */
 	unsigned count; /* 0: forever */
 	unsigned after;
+	uint64_t delay_ns; /* a delay rule: hold, do not fail */
 	struct fault_rule *next;
 };
 
@@ -38,6 +43,7 @@ static struct fault_rule *rules;
 static atomic_uint nr_rules;
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
 static _Atomic bool env_bad; /* SIPHON_FAULT did not parse */
+static atomic_uint delayed; /* requests held by a delay rule right now */
 
 static const struct {
 	const char *name;
@@ -273,6 +279,34 @@ int sio_fault_add(enum sio_op op, const char *path_suffix, uint64_t off,
 	return 0;
 }
 
+int sio_fault_add_delay(enum sio_op op, const char *path_suffix, uint64_t off,
+			uint64_t len, uint64_t delay_ns, unsigned count)
+{
+	struct fault_rule *r;
+
+	if ((op != SIO_OP_READ && op != SIO_OP_WRITE) || !path_suffix ||
+	    delay_ns == 0)
+		return -EINVAL;
+	pthread_once(&env_once, load_env);
+	r = new_rule(op, path_suffix, strlen(path_suffix), off, len, 0, count,
+		     0);
+	if (!r)
+		return -ENOMEM;
+	r->delay_ns = delay_ns;
+	append_rules(r);
+	return 0;
+}
+
+unsigned sio_fault_delayed(void)
+{
+	return atomic_load(&delayed);
+}
+
+void sio_fault_release(void)
+{
+	atomic_fetch_sub(&delayed, 1);
+}
+
 void sio_fault_clear(void)
 {
 	struct fault_rule *list;
@@ -304,13 +338,30 @@ static bool rule_matches(const struct fault_rule *r, const char *path,
 	return off < sat_end(r->off, r->len) && r->off < sat_end(off, len);
 }
 
-int sio_fault_check(const struct sio_file *f, enum sio_op op, uint64_t off,
-		    uint64_t len)
+/*
+ * Consume one use of rule r (at *pp), removing it after its last. Returns
+ * whether it was removed.
+ */
+static bool rule_used(struct fault_rule **pp, struct fault_rule *r)
+{
+	if (!r->count || --r->count)
+		return false;
+	*pp = r->next;
+	free(r->suffix);
+	free(r);
+	atomic_fetch_sub(&nr_rules, 1);
+	return true;
+}
+
+int sio_fault_check_delay(const struct sio_file *f, enum sio_op op,
+			  uint64_t off, uint64_t len, uint64_t *delay_ns)
 {
 	struct fault_rule **pp, *r;
+	uint64_t delay = 0;
 	size_t path_len;
 	int err = 0;
 
+	*delay_ns = 0;
 	pthread_once(&env_once, load_env);
 	if (atomic_load(&env_bad))
 		return sx_error(
@@ -322,22 +373,32 @@ int sio_fault_check(const struct sio_file *f, enum sio_op op, uint64_t off,
 		return 0;
 	path_len = strlen(f->path);
 	pthread_mutex_lock(&fault_lock);
-	for (pp = &rules; (r = *pp); pp = &r->next) {
-		if (!rule_matches(r, f->path, path_len, op, off, len))
+	for (pp = &rules; (r = *pp);) {
+		if (!rule_matches(r, f->path, path_len, op, off, len) ||
+		    (r->delay_ns && delay)) {
+			pp = &r->next;
 			continue;
+		}
 		if (r->after) {
 			/* This request passes this rule; later rules decide. */
 			r->after--;
+			pp = &r->next;
+			continue;
+		}
+		if (r->delay_ns) {
+			/* Held, then later rules decide whether it fails. */
+			delay = r->delay_ns;
+			if (!rule_used(pp, r))
+				pp = &r->next;
 			continue;
 		}
 		err = r->err;
-		if (r->count && --r->count == 0) {
-			*pp = r->next;
-			free(r->suffix);
-			free(r);
-			atomic_fetch_sub(&nr_rules, 1);
-		}
+		(void)rule_used(pp, r);
 		break;
+	}
+	if (delay && !err) {
+		atomic_fetch_add(&delayed, 1);
+		*delay_ns = delay;
 	}
 	pthread_mutex_unlock(&fault_lock);
 	if (err)
@@ -347,4 +408,23 @@ int sio_fault_check(const struct sio_file *f, enum sio_op op, uint64_t off,
 			       f->path, op == SIO_OP_READ ? "read" : "write",
 			       len, off, strerror(err));
 	return err;
+}
+
+int sio_fault_check(const struct sio_file *f, enum sio_op op, uint64_t off,
+		    uint64_t len)
+{
+	struct timespec ts;
+	uint64_t delay;
+	int ret;
+
+	ret = sio_fault_check_delay(f, op, off, len, &delay);
+	if (delay) {
+		/* A synchronous caller waits: that is what the rule models. */
+		ts.tv_sec = (time_t)(delay / 1000000000u);
+		ts.tv_nsec = (long)(delay % 1000000000u);
+		while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+			;
+		sio_fault_release();
+	}
+	return ret;
 }

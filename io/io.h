@@ -214,6 +214,20 @@ int sio_fault_add(enum sio_op op, const char *path_suffix, uint64_t off,
 void sio_fault_clear(void);
 
 /*
+ * Latency injection, for tests only: the next `count` (0: every) requests
+ * of kind op (SIO_OP_READ or SIO_OP_WRITE) on a file whose path ends with
+ * path_suffix and that touch [off, off + len) (len 0: to end of file) are
+ * held delay_ns before they are issued. A synchronous helper sleeps (its
+ * thread waits, as for a slow device); a queued request waits on a timer
+ * in its queue's ring, and the submitting thread goes on. Returns 0,
+ * -EINVAL, -ENOMEM. sio_fault_clear() removes these rules too.
+ * sio_fault_delayed(): requests being held right now (any thread).
+ */
+int sio_fault_add_delay(enum sio_op op, const char *path_suffix, uint64_t off,
+			uint64_t len, uint64_t delay_ns, unsigned count);
+unsigned sio_fault_delayed(void);
+
+/*
  * Write log, for crash tests: with SIPHON_IO_LOG=PATH in the environment,
  * every successful write, fsync, fdatasync, fallocate and truncate on a file
  * opened writable is appended to PATH (format in io/iolog.h).

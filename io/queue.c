@@ -11,6 +11,10 @@
  *    as large, cannot overflow);
  *  - the finished list (q->finished_*): done without the kernel (an injected
  *    fault, a zero-length request); its result waits in _done_bytes.
+ * A request held by an injected delay (sio_fault_add_delay()) first takes
+ * the backlog or the ring as a timeout SQE (tagged user_data, _done_bytes
+ * QUEUE_HELD, the timespec in _iov_tmp, which only a transfer's resume
+ * uses), then goes round again as itself.
  * q->pending counts all three: the requests whose callback has not run.
  *
  * sio_queue_submit() never talks to the kernel: it takes an SQE if there is
@@ -45,6 +49,15 @@
 #ifndef IOV_MAX
 #define IOV_MAX 1024
 #endif
+
+/* _done_bytes of a request held by an injected delay, before its issue. */
+#define QUEUE_HELD UINT64_MAX
+/* user_data of a hold's timeout SQE: the request's address, tagged. */
+#define QUEUE_HOLD_TAG ((uintptr_t)1)
+
+_Static_assert(sizeof(((struct sio_req *)0)->_iov_tmp) >=
+		       sizeof(struct __kernel_timespec),
+	       "a hold's timespec lives in _iov_tmp");
 
 struct sio_queue {
 	struct io_uring ring;
@@ -170,6 +183,14 @@ static void prep(struct io_uring_sqe *sqe, struct sio_req *req)
 	uint64_t len, off;
 	unsigned n;
 
+	if (req->_done_bytes == QUEUE_HELD) {
+		io_uring_prep_timeout(
+			sqe, (struct __kernel_timespec *)(void *)req->_iov_tmp,
+			0, 0);
+		io_uring_sqe_set_data(
+			sqe, (void *)((uintptr_t)req | QUEUE_HOLD_TAG));
+		return;
+	}
 	switch (req->op) {
 	case SIO_OP_READ:
 	case SIO_OP_WRITE:
@@ -342,9 +363,39 @@ int sio_queue_create(unsigned depth, struct sio_queue **out)
 	return 0;
 }
 
+/* Hold req for delay_ns on a timer in the ring, then issue it. */
+static void hold(struct sio_queue *q, struct sio_req *req, uint64_t delay_ns)
+{
+	struct __kernel_timespec ts = {
+		.tv_sec = (long long)(delay_ns / 1000000000u),
+		.tv_nsec = (long long)(delay_ns % 1000000000u),
+	};
+
+	memcpy(req->_iov_tmp, &ts, sizeof(ts));
+	req->_done_bytes = QUEUE_HELD;
+	enqueue(q, req);
+}
+
+/*
+ * The completion cqe_data (just seen) was a hold's timer: issue its
+ * request now. false when it is an ordinary completion.
+ */
+static bool hold_over(struct sio_queue *q, void *cqe_data)
+{
+	struct sio_req *req;
+
+	if (!((uintptr_t)cqe_data & QUEUE_HOLD_TAG))
+		return false;
+	req = (struct sio_req *)((uintptr_t)cqe_data & ~QUEUE_HOLD_TAG);
+	req->_done_bytes = 0;
+	sio_fault_release();
+	enqueue(q, req);
+	return true;
+}
+
 int sio_queue_submit(struct sio_queue *q, struct sio_req *req)
 {
-	uint64_t len = 0;
+	uint64_t len = 0, delay = 0;
 	int ret;
 
 	if (!q || !req)
@@ -357,13 +408,19 @@ int sio_queue_submit(struct sio_queue *q, struct sio_req *req)
 	q->pending++;
 	if (is_rw(req)) {
 		/* An injected fault completes through the callback. */
-		ret = sio_fault_check(req->file, req->op, req->off, len);
+		ret = sio_fault_check_delay(req->file, req->op, req->off, len,
+					    &delay);
 		if (ret < 0 || len == 0) {
+			if (delay)
+				sio_fault_release();
 			finish_now(q, req, ret);
 			return 0;
 		}
 	}
-	enqueue(q, req);
+	if (delay)
+		hold(q, req, delay);
+	else
+		enqueue(q, req);
 	return 0;
 }
 
@@ -468,6 +525,8 @@ static unsigned reap(struct sio_queue *q)
 		/* Free the slot first: the callback may submit more. */
 		io_uring_cqe_seen(&q->ring, cqe);
 		q->in_ring--;
+		if (hold_over(q, req))
+			continue;
 		if (complete_one(q, req, res, &res)) {
 			if (res >= 0)
 				res = log_done(req, res);
@@ -558,6 +617,8 @@ int sio_queue_run_only(struct sio_queue *q, bool (*only)(struct sio_req *req),
 			res = cqe->res;
 			io_uring_cqe_seen(&q->ring, cqe);
 			q->in_ring--;
+			if (hold_over(q, req))
+				continue;
 			if (!complete_one(q, req, res, &res))
 				continue;
 			if (res >= 0)

@@ -917,6 +917,63 @@ START_TEST(test_fault_async)
 }
 END_TEST
 
+/*
+ * A delay rule holds a queued write on a timer in the ring (the submitter
+ * goes on; the request counts as held until the timer ends) and makes a
+ * synchronous write sleep. Order only, no timing: a held write has not
+ * completed after a run that reaped an undelayed one.
+ */
+START_TEST(test_fault_delay)
+{
+	struct sio_file *f = open_new(disk_dir, "delay.img", 0);
+	unsigned char *buf = sio_buf_alloc(2 * 4096), *back;
+	struct sio_req reqs[2];
+	struct counter c = {0};
+	struct sio_queue *q;
+
+	ck_assert_ptr_nonnull(buf);
+	back = sio_buf_alloc(4096);
+	ck_assert_ptr_nonnull(back);
+	memset(buf, 0xd1, 2 * 4096);
+	ck_assert_int_eq(sio_queue_create(4, &q), 0);
+	ck_assert_int_eq(sio_fault_add_delay(SIO_OP_WRITE, "delay.img", 0, 4096,
+					     100000000ull, 2),
+			 0);
+	ck_assert_int_eq(sio_fault_add_delay(SIO_OP_FSYNC, "x", 0, 0, 1, 0),
+			 -EINVAL);
+	ck_assert_int_eq(sio_fault_add_delay(SIO_OP_READ, "x", 0, 0, 0, 0),
+			 -EINVAL);
+	set_rw(&reqs[0], SIO_OP_WRITE, f, buf, 4096, 0, &c);
+	set_rw(&reqs[1], SIO_OP_WRITE, f, buf + 4096, 4096, 4096, &c);
+	ck_assert_int_eq(sio_queue_submit(q, &reqs[0]), 0);
+	ck_assert_uint_eq(sio_fault_delayed(), 1);
+	ck_assert_int_eq(sio_queue_submit(q, &reqs[1]), 0);
+	ck_assert_uint_eq(sio_fault_delayed(), 1);
+	ck_assert_int_eq(sio_queue_run(q, 1), 1);
+	/* The undelayed one ended first; the held one is still held. */
+	ck_assert_uint_eq(c.done, 1);
+	ck_assert_uint_eq(sio_fault_delayed(), 1);
+	ck_assert_uint_eq(sio_queue_inflight(q), 1);
+	ck_assert_int_eq(sio_queue_run(q, 1), 1);
+	ck_assert_uint_eq(c.done, 2);
+	ck_assert_uint_eq(c.failed, 0);
+	ck_assert_uint_eq(sio_fault_delayed(), 0);
+	ck_assert_int_eq(sio_pread(f, back, 4096, 0), 0);
+	ck_assert_uint_eq(back[0], 0xd1);
+	/* The second use: a synchronous write sleeps, then writes. */
+	memset(buf, 0xd2, 4096);
+	ck_assert_int_eq(sio_pwrite(f, buf, 4096, 0), 0);
+	ck_assert_uint_eq(sio_fault_delayed(), 0);
+	ck_assert_int_eq(sio_pread(f, back, 4096, 0), 0);
+	ck_assert_uint_eq(back[4095], 0xd2);
+	sio_fault_clear();
+	sio_queue_destroy(q);
+	sio_buf_free(back);
+	sio_buf_free(buf);
+	sio_file_close(f);
+}
+END_TEST
+
 START_TEST(test_fault_parse)
 {
 	struct sio_file *f = open_new(disk_dir, "parse.img", SIO_BUFFERED);
@@ -1114,6 +1171,7 @@ static Suite *io_suite(void)
 	tc = tcase_create("fault");
 	tcase_add_test(tc, test_fault_sync);
 	tcase_add_test(tc, test_fault_async);
+	tcase_add_test(tc, test_fault_delay);
 	tcase_add_test(tc, test_fault_parse);
 	tcase_add_test(tc, test_fault_env);
 	tcase_add_test(tc, test_fault_env_malformed);
