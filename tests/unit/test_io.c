@@ -936,8 +936,12 @@ START_TEST(test_fault_delay)
 	ck_assert_ptr_nonnull(back);
 	memset(buf, 0xd1, 2 * 4096);
 	ck_assert_int_eq(sio_queue_create(4, &q), 0);
+	/* Held far longer than a 4 KiB write takes; then a short one. */
 	ck_assert_int_eq(sio_fault_add_delay(SIO_OP_WRITE, "delay.img", 0, 4096,
-					     100000000ull, 2),
+					     2000000000ull, 1),
+			 0);
+	ck_assert_int_eq(sio_fault_add_delay(SIO_OP_WRITE, "delay.img", 0, 4096,
+					     1000000ull, 1),
 			 0);
 	ck_assert_int_eq(sio_fault_add_delay(SIO_OP_FSYNC, "x", 0, 0, 1, 0),
 			 -EINVAL);
@@ -960,7 +964,7 @@ START_TEST(test_fault_delay)
 	ck_assert_uint_eq(sio_fault_delayed(), 0);
 	ck_assert_int_eq(sio_pread(f, back, 4096, 0), 0);
 	ck_assert_uint_eq(back[0], 0xd1);
-	/* The second use: a synchronous write sleeps, then writes. */
+	/* The second rule: a synchronous write sleeps, then writes. */
 	memset(buf, 0xd2, 4096);
 	ck_assert_int_eq(sio_pwrite(f, buf, 4096, 0), 0);
 	ck_assert_uint_eq(sio_fault_delayed(), 0);
