@@ -9,6 +9,7 @@
  * it closes).
  */
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #include "engine/disk.h"
@@ -33,6 +34,9 @@ struct edisk {
 	/* sio_sync_waits() taken on the worker for this disk, per phase. */
 	uint64_t waits[EDISK_PHASES];
 };
+
+/* edisk_test_set_flush_bytes(): 0 in production. */
+static _Atomic uint64_t test_flush_bytes;
 
 /* Bracket a piece of this disk's work on the worker (see waits[]). */
 #define WAITS_BEGIN() uint64_t waits_at_ = sio_sync_waits()
@@ -186,6 +190,7 @@ int edisk_stream_create(struct edisk *e, const struct edisk_stream_params *p,
 	so.unlock = guest_stream_unlock;
 	so.lock_opaque = e->guest;
 	so.copier = guest_copier(e->guest);
+	so.flush_bytes = atomic_load(&test_flush_bytes);
 	{
 		WAITS_BEGIN();
 
@@ -271,4 +276,9 @@ void edisk_loop_waits(struct edisk *e, uint64_t n)
 uint64_t edisk_sync_waits(const struct edisk *e, enum edisk_phase phase)
 {
 	return phase < EDISK_PHASES ? e->waits[phase] : 0;
+}
+
+void edisk_test_set_flush_bytes(uint64_t bytes)
+{
+	atomic_store(&test_flush_bytes, bytes);
 }

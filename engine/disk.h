@@ -136,4 +136,11 @@ void edisk_loop_waits(struct edisk *e, uint64_t n);
 
 uint64_t edisk_sync_waits(const struct edisk *e, enum edisk_phase phase);
 
+/*
+ * Test-only (tests link the internal library; libsiphon exports siphon_*
+ * only): the flush_bytes (engine/stream.h) of streams created from now on,
+ * 0: the engine's default. Any thread.
+ */
+void edisk_test_set_flush_bytes(uint64_t bytes);
+
 #endif

@@ -44,6 +44,7 @@ static atomic_uint nr_rules;
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
 static _Atomic bool env_bad; /* SIPHON_FAULT did not parse */
 static atomic_uint delayed; /* requests held by a delay rule right now */
+static _Atomic uint64_t delays; /* holds ever started */
 
 static const struct {
 	const char *name;
@@ -302,6 +303,11 @@ unsigned sio_fault_delayed(void)
 	return atomic_load(&delayed);
 }
 
+uint64_t sio_fault_delays(void)
+{
+	return atomic_load(&delays);
+}
+
 void sio_fault_release(void)
 {
 	atomic_fetch_sub(&delayed, 1);
@@ -398,6 +404,7 @@ int sio_fault_check_delay(const struct sio_file *f, enum sio_op op,
 	}
 	if (delay && !err) {
 		atomic_fetch_add(&delayed, 1);
+		atomic_fetch_add(&delays, 1);
 		*delay_ns = delay;
 	}
 	pthread_mutex_unlock(&fault_lock);

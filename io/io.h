@@ -221,11 +221,13 @@ void sio_fault_clear(void);
  * thread waits, as for a slow device); a queued request waits on a timer
  * in its queue's ring, and the submitting thread goes on. Returns 0,
  * -EINVAL, -ENOMEM. sio_fault_clear() removes these rules too.
- * sio_fault_delayed(): requests being held right now (any thread).
+ * sio_fault_delayed(): requests being held right now; sio_fault_delays():
+ * holds started so far (both any thread).
  */
 int sio_fault_add_delay(enum sio_op op, const char *path_suffix, uint64_t off,
 			uint64_t len, uint64_t delay_ns, unsigned count);
 unsigned sio_fault_delayed(void);
+uint64_t sio_fault_delays(void);
 
 /*
  * Write log, for crash tests: with SIPHON_IO_LOG=PATH in the environment,

@@ -31,6 +31,7 @@
 #include "testutil.h"
 #include "api/domain.h"
 #include "formats/format.h"
+#include "io/io.h"
 #include "siphon.h"
 
 #define MiB (1024ull * 1024)
@@ -1226,6 +1227,108 @@ START_TEST(test_sync_waits_guest_reads)
 }
 END_TEST
 
+/* One guest read of the latency test, and what it saw when it completed. */
+struct lat_read {
+	atomic_bool done;
+	int res;
+	unsigned held_at_done; /* delayed metadata writes still held */
+};
+
+/* Runs on the disk's worker, at the read's completion. */
+static void lat_read_done(siphon_disk *disk, int res, void *opaque)
+{
+	struct lat_read *r = opaque;
+
+	(void)disk;
+	r->held_at_done = sio_fault_delayed();
+	r->res = res;
+	atomic_store(&r->done, true);
+}
+
+#define LAT_READS 4
+#define LAT_HOLD_NS (500ull * 1000 * 1000)
+/* The top's metadata of make_disk(): header, refcount table and block, L1. */
+#define LAT_META_END (256ull * 1024)
+
+/*
+ * Slow metadata writes of the top (each held LAT_HOLD_NS on the queue, or
+ * slept through by a synchronous writer) while a CONTINUOUS stream flushes
+ * every 64 KiB it copies: guest reads of data the top holds complete while
+ * a delayed write is still held. No timing is asserted: each read starts
+ * right after a hold began and must see it (or another) still held when it
+ * completes. A flush done synchronously on the worker fails this: the
+ * read then completes after the write.
+ */
+START_TEST(test_latency_metadata_writes)
+{
+	const char *top = make_disk("lat", 16);
+	struct lat_read r[LAT_READS];
+	struct iovec iov;
+	siphon_domain *dom;
+	siphon_disk *disk = NULL;
+	uint8_t *buf = malloc(64 * 1024);
+	uint64_t started;
+	unsigned i, spins;
+
+	ck_assert_ptr_nonnull(buf);
+	edisk_test_set_flush_bytes(64 * 1024);
+	ck_assert_int_eq(sio_fault_add_delay(SIO_OP_WRITE, "/lat.qcow2", 0,
+					     LAT_META_END, LAT_HOLD_NS, 0),
+			 0);
+	dom = new_domain();
+	attach(dom, top);
+	ck_assert_int_eq(siphon_disk_get(dom, top, &disk), 0);
+	/* Cache the top's L2 slice before the stream starts. */
+	ck_assert_int_eq(siphon_disk_pread(disk, buf, 4096, 1 * MiB, 0), 0);
+	{
+		struct siphon_block_stream_params prm = {.size = sizeof(prm),
+							 .bandwidth = 1 * MiB};
+
+		ck_assert_int_eq(
+			siphon_block_stream_ex(dom, top, NULL,
+					       SIPHON_STREAM_CONTINUOUS, &prm),
+			0);
+	}
+	for (i = 0; i < LAT_READS; i++) {
+		/* Wait for a hold to begin (a flush is writing metadata). */
+		started = sio_fault_delays();
+		for (spins = 0; sio_fault_delays() == started; spins++) {
+			ck_assert_msg(spins < 60000,
+				      "no metadata write was delayed");
+			usleep(1000);
+		}
+		memset(&r[i], 0, sizeof(r[i]));
+		iov.iov_base = buf;
+		iov.iov_len = 64 * 1024;
+		ck_assert_int_eq(siphon_disk_aio_read(disk, &iov, 1,
+						      1 * MiB + (i % 2) * 65536,
+						      0, lat_read_done, &r[i]),
+				 0);
+		for (spins = 0; !atomic_load(&r[i].done); spins++) {
+			ck_assert_msg(spins < 60000, "read %u never ended", i);
+			usleep(1000);
+		}
+		ck_assert_int_eq(r[i].res, 0);
+		ck_assert_uint_eq(buf[0], 0x33);
+		ck_assert_uint_eq(buf[65535], 0x33);
+		fprintf(stderr,
+			"latency: read %u completed with %u delayed "
+			"metadata writes held\n",
+			i, r[i].held_at_done);
+		ck_assert_msg(r[i].held_at_done > 0,
+			      "read %u waited for the metadata writes", i);
+	}
+	siphon_disk_put(disk);
+	ck_assert_int_eq(siphon_block_stream_abort(dom, top, 0), 0);
+	sio_fault_clear();
+	edisk_test_set_flush_bytes(0);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+	verify_consistent("lat");
+	free(buf);
+}
+END_TEST
+
 static Suite *api_suite(bool streaming)
 {
 	Suite *s = suite_create("api");
@@ -1262,6 +1365,7 @@ static Suite *api_suite(bool streaming)
 	tcase_add_test(tc, test_sync_waits_dense);
 	tcase_add_test(tc, test_sync_waits_sparse_1t);
 	tcase_add_test(tc, test_sync_waits_guest_reads);
+	tcase_add_test(tc, test_latency_metadata_writes);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("concurrency");
