@@ -24,6 +24,15 @@
  *  - DISCARD, WRITE_ZEROES, FLUSH: the driver's synchronous operations; the
  *    driver turns clusters into zero clusters while a backing exists.
  *
+ * Metadata: reads (plain and copy-on-read) look the chain up with the
+ * nowait calls, in every layer; where an L2 slice is not cached the
+ * request parks (it keeps its building hold, and its cluster lock if it
+ * has one), the slice is read on the queue and installed (meta_fetch.h),
+ * and the request goes on where it stopped. A write first brings the top's
+ * slices for its clusters in the same way, so its status walk finds them
+ * cached. On the path where everything is cached this costs nothing more
+ * than the lookups it always made.
+ *
  * Copy-on-read yields to a deep guest queue while a stream runs: a
  * cluster-sized read and a write per 4 KiB guest read multiply the device's
  * work (at QD 32 on a virtio disk, 64 KiB reads alone double p50 latency),
