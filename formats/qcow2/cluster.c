@@ -243,7 +243,10 @@ static int get_slice_req(struct img *img, struct qcow2 *s, uint64_t l2_off,
 			(unsigned long long)guest);
 	if (ret)
 		return ret;
-	if (req && !qcow2_l2cache_has(&s->l2cache, key)) {
+	/* One lookup on a hit, as for the synchronous walk. */
+	if (req && qcow2_l2cache_get_cached(&s->l2cache, key, slice) == 0)
+		return 0;
+	if (req) {
 		uint64_t per_guest = per_slice << s->cluster_bits;
 
 		*req = (struct img_meta_req){

@@ -323,6 +323,23 @@ void qcow2_l2cache_drop(struct qcow2_l2cache *c, uint64_t off, uint64_t len)
 	}
 }
 
+int qcow2_l2cache_get_cached(struct qcow2_l2cache *c, uint64_t key,
+			     uint8_t **data)
+{
+	uint32_t i;
+
+	if (!sx_is_aligned(key, c->slice_size))
+		return -EINVAL;
+	i = lookup(c, key);
+	if (i == NONE)
+		return -EAGAIN;
+	c->hits++;
+	lru_unlink(c, i);
+	lru_push_head(c, i);
+	*data = c->slots[i].data;
+	return 0;
+}
+
 bool qcow2_l2cache_has(const struct qcow2_l2cache *c, uint64_t key)
 {
 	return lookup(c, key) != NONE;

@@ -449,6 +449,13 @@ int qcow2_l2cache_flush(struct qcow2_l2cache *c);
 /* Forget the slices in [off, off + len) without writing them back. */
 void qcow2_l2cache_drop(struct qcow2_l2cache *c, uint64_t off, uint64_t len);
 
+/*
+ * qcow2_l2cache_get for reading that never loads: -EAGAIN when the slice
+ * is not cached (one lookup either way).
+ */
+int qcow2_l2cache_get_cached(struct qcow2_l2cache *c, uint64_t key,
+			     uint8_t **data);
+
 /* Whether the slice at key is cached (no LRU update, no I/O). */
 bool qcow2_l2cache_has(const struct qcow2_l2cache *c, uint64_t key);
 

@@ -76,6 +76,33 @@ START_TEST(test_hit_miss)
 }
 END_TEST
 
+/* get_cached: a hit like get (LRU bumped), a miss loads nothing. */
+START_TEST(test_get_cached)
+{
+	struct qcow2_l2cache c;
+	struct fake f = {0};
+	uint8_t *d = NULL;
+
+	ck_assert_int_eq(qcow2_l2cache_init(&c, SLICE, 2, fake_load, NULL, &f),
+			 0);
+	ck_assert_int_eq(qcow2_l2cache_get_cached(&c, 1 * SLICE, &d), -EAGAIN);
+	ck_assert_ptr_null(d);
+	ck_assert_uint_eq(f.loads, 0);
+	get(&c, 1, false);
+	get(&c, 2, false);
+	ck_assert_int_eq(qcow2_l2cache_get_cached(&c, 1 * SLICE, &d), 0);
+	ck_assert_ptr_nonnull(d);
+	ck_assert_uint_eq(d[0], 1);
+	/* 1 was used last: loading 3 evicts 2. */
+	get(&c, 3, false);
+	ck_assert(qcow2_l2cache_has(&c, 1 * SLICE));
+	ck_assert(!qcow2_l2cache_has(&c, 2 * SLICE));
+	ck_assert_int_eq(qcow2_l2cache_get_cached(&c, 7, &d), -EINVAL);
+	ck_assert_uint_eq(f.loads, 3);
+	qcow2_l2cache_fini(&c);
+}
+END_TEST
+
 START_TEST(test_lru_eviction)
 {
 	struct qcow2_l2cache c;
@@ -264,6 +291,7 @@ int main(void)
 	TCase *tc = tcase_create("l2cache");
 
 	tcase_add_test(tc, test_hit_miss);
+	tcase_add_test(tc, test_get_cached);
 	tcase_add_test(tc, test_lru_eviction);
 	tcase_add_test(tc, test_bounded);
 	tcase_add_test(tc, test_dirty_writeback);
