@@ -346,6 +346,67 @@ START_TEST(test_chain_relative)
 }
 END_TEST
 
+/* Read miss->req and install it in miss->layer (what the engine does). */
+static void fill_miss(const struct img_meta_miss *m)
+{
+	uint8_t *buf = malloc(m->req.len);
+
+	ck_assert_ptr_nonnull(buf);
+	ck_assert_int_eq(
+		sio_pread(m->req.file, buf, m->req.len, m->req.host_off), 0);
+	img_meta_fill(m->layer, &m->req, buf);
+	free(buf);
+}
+
+/*
+ * The nowait chain calls miss in each layer whose slice is not cached, in
+ * order from the top, and answer as the synchronous ones once filled.
+ */
+START_TEST(test_chain_nowait)
+{
+	struct img_meta_miss miss;
+	struct img_extent e;
+	struct img_piece pc;
+	struct img *img;
+	unsigned depth;
+
+	RUN("cd %s && qemu-img create -q -f raw nw.raw 4M && qemu-img create "
+	    "-q -f qcow2 -b nw.raw -F raw nw.mid.qcow2 && qemu-io -f qcow2 "
+	    "-c 'write -P 0x44 1M 64k' nw.mid.qcow2 >/dev/null && "
+	    "qemu-img create -q -f qcow2 -b nw.mid.qcow2 -F qcow2 nw.qcow2 && "
+	    "qemu-io -f qcow2 -c 'write -P 0x55 0 64k' nw.qcow2 >/dev/null",
+	    tmpdir);
+	ck_assert_int_eq(img_open(tpath("nw.qcow2"), NULL, 0, &img), 0);
+
+	/* mid's cluster: the top's slice first, then mid's. */
+	ck_assert_int_eq(img_chain_piece_nowait(img, 1 << 20, 4096, &pc, &miss),
+			 -EAGAIN);
+	ck_assert_ptr_eq(miss.layer, img);
+	fill_miss(&miss);
+	ck_assert_int_eq(img_chain_piece_nowait(img, 1 << 20, 4096, &pc, &miss),
+			 -EAGAIN);
+	ck_assert_ptr_eq(miss.layer, img->backing);
+	fill_miss(&miss);
+	ck_assert_int_eq(img_chain_piece_nowait(img, 1 << 20, 4096, &pc, &miss),
+			 0);
+	ck_assert_ptr_null(miss.layer);
+	ck_assert_int_eq(pc.status, IMG_DATA);
+	ck_assert_uint_eq(pc.depth, 1);
+
+	/* Everything cached now: the same answers without I/O. */
+	ck_assert_int_eq(img_chain_status_nowait(img, NULL, 0, 4 << 20, &e,
+						 &depth, &miss),
+			 0);
+	ck_assert_int_eq(e.status, IMG_DATA);
+	ck_assert_uint_eq(depth, 0);
+	ck_assert_int_eq(img_lacks_nowait(img, 0, 4096, false, &miss), 0);
+	ck_assert_int_eq(img_lacks_nowait(img, 1 << 20, 4096, true, &miss), 1);
+	ck_assert_int_eq(img_lacks_nowait(img, 0, 128 << 10, false, &miss), 1);
+	ck_assert_int_eq(img_lacks_nowait(img, 0, 128 << 10, true, &miss), 0);
+	img_close(img);
+}
+END_TEST
+
 START_TEST(test_chain_missing_backing)
 {
 	struct img *img = NULL;
@@ -421,6 +482,7 @@ static Suite *image_suite(bool chains)
 		return s;
 	tc_chain = tcase_create("chain");
 	tcase_add_test(tc_chain, test_chain_relative);
+	tcase_add_test(tc_chain, test_chain_nowait);
 	tcase_add_test(tc_chain, test_chain_missing_backing);
 	tcase_add_test(tc_chain, test_chain_loop);
 	tcase_add_test(tc_chain, test_chain_depth);
