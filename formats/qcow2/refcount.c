@@ -817,8 +817,9 @@ int qcow2_rc_apply_frees_upto(struct img *img, struct qcow2 *s, size_t n)
 		k--;
 	}
 out:
-	memmove(w->frees + k, w->frees + w->n_frees - rest,
-		rest * sizeof(*w->frees));
+	if (rest) /* frees may be NULL: never queued */
+		memmove(w->frees + k, w->frees + w->n_frees - rest,
+			rest * sizeof(*w->frees));
 	w->n_frees = k + rest;
 	return ret;
 }
