@@ -16,7 +16,7 @@ multi/single (target >= 0.9), the slowest disk's time over the fastest's
 the most threads it had.
 
 Usage: bench/multi_bench.py [--disks 64] [--size 64M] [--reps 3]
-       [--dir /var/tmp/siphon-bench] [--build build]
+       [--workers N] [--dir /var/tmp/siphon-bench] [--build build]
 """
 import argparse
 import json
@@ -78,6 +78,8 @@ def main():
     ap.add_argument("--disks", type=int, default=64)
     ap.add_argument("--size", type=parse_size, default=parse_size("64M"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=0,
+                    help="the domain's worker threads (0: one per CPU)")
     ap.add_argument("--dir", default=os.environ.get(
         "BENCH_DIR", "/var/tmp/siphon-bench"))
     ap.add_argument("--build", default=os.path.join(
@@ -100,6 +102,7 @@ def main():
 
 
 def bench(a, d, siphon, multi):
+    wopt = ["--workers", str(a.workers)] if a.workers else []
     total = a.disks * a.size
     print("building %d bases of %d MiB and one of %d MiB" %
           (a.disks, a.size // MiB, total // MiB), flush=True)
@@ -134,7 +137,7 @@ def bench(a, d, siphon, multi):
             make_top(t_, b)
             tops.append(t_)
         drop_caches()
-        p = run([multi] + tops)
+        p = run([multi] + wopt + tops)
         r = json.loads(p.stdout)
         good = all(verify(t_, b) for t_, b in zip(tops, bases))
         ok &= good
