@@ -228,6 +228,7 @@ static void take_joining(struct dworker *w)
 			join_done(d, ret);
 			continue;
 		}
+		edisk_set_extent_pool(d->eng, w->xpool);
 		*tail = d;
 		tail = &d->wnext;
 		join_done(d, 0);
@@ -336,8 +337,20 @@ static void *worker_main(void *arg)
 	int ret;
 
 	tls_worker = w;
-	/* The ring is made here: it may only be used by its creator. */
+	/*
+	 * The ring is made here: it may only be used by its creator; so is
+	 * the pool its streams share (its buffers come back by completions
+	 * on this ring, which wake this loop).
+	 */
 	ret = ew_bind(w->ew, w->depth);
+	if (ret >= 0) {
+		ret = extent_pool_create(w->dom->stream_buffer_bytes,
+					 &w->xpool);
+		if (ret < 0) {
+			sx_error(ret, "out of memory");
+			ew_unbind(w->ew);
+		}
+	}
 	pthread_mutex_lock(&w->lock);
 	w->init_ret = ret;
 	if (ret < 0)
@@ -349,6 +362,9 @@ static void *worker_main(void *arg)
 		return NULL;
 	worker_loop(w);
 	ew_unbind(w->ew);
+	/* Every disk retired: its streams left, their buffers came back. */
+	extent_pool_destroy(w->xpool);
+	w->xpool = NULL;
 	return NULL;
 }
 

@@ -1,0 +1,292 @@
+/*
+ * The shared extent buffer pool (see extent_pool.h for the contract).
+ *
+ * Free buffers are kept on one list threaded through the buffers, each
+ * with its size; users on a list of their own; waiters on a FIFO threaded
+ * through the users.
+ *
+ * Invariants: out + kept <= budget, except for a lone oversized grant
+ * (out was 0); out is the sum of the users' held bytes (left users
+ * included); a user is queued iff its `queued` flag is set, and then holds
+ * its wanted size in `want`; nactive counts the users that hold bytes or
+ * are queued; a left user is off every list but the user list until its
+ * held bytes are back, then freed.
+ */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdlib.h>
+
+#include "engine/extent_pool.h"
+#include "io/io.h"
+
+struct kept_buf {
+	struct kept_buf *next;
+	size_t size;
+};
+
+struct extent_pool_user {
+	struct extent_pool *p;
+	struct extent_pool_user *next; /* p->users */
+	struct extent_pool_user *wnext; /* p->wait_head FIFO */
+	uint64_t held;
+	uint64_t want;
+	uint64_t grants;
+	bool queued;
+	bool active; /* counted in p->nactive */
+	bool left;
+};
+
+struct extent_pool {
+	uint64_t budget;
+	uint64_t out;
+	uint64_t kept;
+	uint64_t peak;
+	struct kept_buf *free;
+	struct extent_pool_user *users;
+	struct extent_pool_user *wait_head, *wait_tail;
+	unsigned nusers; /* not left */
+	unsigned nwaiting;
+	unsigned nactive;
+	uint64_t grants;
+	uint64_t refusals;
+};
+
+/* Keep nactive in step with u's held bytes and queue state. */
+static void update_active(struct extent_pool_user *u)
+{
+	bool active = u->held || u->queued;
+
+	if (active == u->active)
+		return;
+	u->active = active;
+	if (active)
+		u->p->nactive++;
+	else
+		u->p->nactive--;
+}
+
+static void free_kept(struct extent_pool *p)
+{
+	struct kept_buf *b;
+
+	while ((b = p->free)) {
+		p->free = b->next;
+		p->kept -= b->size;
+		sio_buf_free(b);
+	}
+}
+
+int extent_pool_create(uint64_t budget, struct extent_pool **out)
+{
+	struct extent_pool *p = calloc(1, sizeof(*p));
+
+	if (!p)
+		return -ENOMEM;
+	p->budget = budget ? budget : EXTENT_POOL_DEFAULT_BUDGET;
+	*out = p;
+	return 0;
+}
+
+void extent_pool_destroy(struct extent_pool *p)
+{
+	struct extent_pool_user *u;
+
+	if (!p)
+		return;
+	free_kept(p);
+	/* Only left users with buffers out can remain: a caller's bug. */
+	while ((u = p->users)) {
+		p->users = u->next;
+		free(u);
+	}
+	free(p);
+}
+
+int extent_pool_join(struct extent_pool *p, struct extent_pool_user **out)
+{
+	struct extent_pool_user *u = calloc(1, sizeof(*u));
+
+	if (!u)
+		return -ENOMEM;
+	u->p = p;
+	u->next = p->users;
+	p->users = u;
+	p->nusers++;
+	*out = u;
+	return 0;
+}
+
+/* Take u off the user list and free it. */
+static void user_free(struct extent_pool_user *u)
+{
+	struct extent_pool_user **pp;
+
+	for (pp = &u->p->users; *pp != u; pp = &(*pp)->next)
+		;
+	*pp = u->next;
+	free(u);
+}
+
+void extent_pool_unwait(struct extent_pool_user *u)
+{
+	struct extent_pool *p = u->p;
+	struct extent_pool_user **pp, *prev = NULL;
+
+	if (!u->queued)
+		return;
+	for (pp = &p->wait_head; *pp != u; pp = &(*pp)->wnext)
+		prev = *pp;
+	*pp = u->wnext;
+	if (p->wait_tail == u)
+		p->wait_tail = prev;
+	u->wnext = NULL;
+	u->queued = false;
+	u->want = 0;
+	p->nwaiting--;
+	update_active(u);
+}
+
+void extent_pool_leave(struct extent_pool_user *u)
+{
+	struct extent_pool *p;
+
+	if (!u)
+		return;
+	p = u->p;
+	extent_pool_unwait(u);
+	u->left = true;
+	p->nusers--;
+	if (!p->nusers)
+		free_kept(p); /* idle: give the memory back */
+	if (!u->held)
+		user_free(u);
+}
+
+/* Queue u at the tail (or update what it wants if queued already). */
+static void enqueue(struct extent_pool_user *u, size_t size)
+{
+	struct extent_pool *p = u->p;
+
+	u->want = size;
+	if (u->queued)
+		return;
+	u->queued = true;
+	u->wnext = NULL;
+	if (p->wait_tail)
+		p->wait_tail->wnext = u;
+	else
+		p->wait_head = u;
+	p->wait_tail = u;
+	p->nwaiting++;
+	update_active(u);
+}
+
+/* The rules of extent_pool.h: budget, turns, share. */
+static bool may_grant(const struct extent_pool_user *u, uint64_t size)
+{
+	const struct extent_pool *p = u->p;
+	const struct extent_pool_user *w;
+	uint64_t ahead = 0;
+	unsigned others = p->nwaiting - (u->queued ? 1 : 0);
+	unsigned nactive = p->nactive + (u->active ? 0 : 1);
+
+	for (w = p->wait_head; w && w != u; w = w->wnext)
+		ahead += w->want;
+	if (u->held && others && u->held + size > p->budget / nactive)
+		return false;
+	if (size > p->budget)
+		return !p->out && !ahead;
+	return p->out + ahead + size <= p->budget;
+}
+
+/* A free buffer of exactly size bytes, or a new one with room made. */
+static void *take_buf(struct extent_pool *p, size_t size)
+{
+	struct kept_buf **pp, *b;
+
+	for (pp = &p->free; (b = *pp); pp = &b->next) {
+		if (b->size == size) {
+			*pp = b->next;
+			p->kept -= size;
+			return b;
+		}
+	}
+	/* Make room: other sizes go first, in list order. */
+	while (p->free && p->out + p->kept + size > p->budget) {
+		b = p->free;
+		p->free = b->next;
+		p->kept -= b->size;
+		sio_buf_free(b);
+	}
+	return sio_buf_alloc(size < sizeof(*b) ? sizeof(*b) : size);
+}
+
+int extent_pool_get(struct extent_pool_user *u, size_t size, void **buf)
+{
+	struct extent_pool *p = u->p;
+	void *b;
+
+	if (!may_grant(u, size)) {
+		enqueue(u, size);
+		p->refusals++;
+		return -EAGAIN;
+	}
+	b = take_buf(p, size);
+	if (!b)
+		return -ENOMEM;
+	extent_pool_unwait(u);
+	u->held += size;
+	u->grants++;
+	update_active(u);
+	p->out += size;
+	p->grants++;
+	if (p->out + p->kept > p->peak)
+		p->peak = p->out + p->kept;
+	*buf = b;
+	return 0;
+}
+
+void extent_pool_put(struct extent_pool_user *u, void *buf, size_t size)
+{
+	struct extent_pool *p = u->p;
+	struct kept_buf *b = buf;
+
+	if (!buf)
+		return;
+	u->held -= size;
+	p->out -= size;
+	update_active(u);
+	if (!p->nusers || p->out + p->kept + size > p->budget) {
+		sio_buf_free(buf);
+	} else {
+		b->size = size;
+		b->next = p->free;
+		p->free = b;
+		p->kept += size;
+	}
+	if (u->left && !u->held)
+		user_free(u);
+}
+
+uint64_t extent_pool_user_grants(const struct extent_pool_user *u)
+{
+	return u->grants;
+}
+
+uint64_t extent_pool_user_held(const struct extent_pool_user *u)
+{
+	return u->held;
+}
+
+void extent_pool_get_stats(const struct extent_pool *p,
+			   struct extent_pool_stats *st)
+{
+	st->budget = p->budget;
+	st->out = p->out;
+	st->kept = p->kept;
+	st->peak = p->peak;
+	st->users = p->nusers;
+	st->waiting = p->nwaiting;
+	st->grants = p->grants;
+	st->refusals = p->refusals;
+}
