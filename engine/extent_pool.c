@@ -181,8 +181,14 @@ static void enqueue(struct extent_pool_user *u, size_t size)
 	update_active(u);
 }
 
-/* The rules of extent_pool.h: budget, turns, share. */
-static bool may_grant(const struct extent_pool_user *u, uint64_t size)
+/* What the rules of extent_pool.h say to a request. */
+enum verdict {
+	GRANT,
+	WAIT_TURN, /* budget or turn: queue for it */
+	OVER_SHARE, /* others wait: come back with fewer buffers held */
+};
+
+static enum verdict judge(const struct extent_pool_user *u, uint64_t size)
 {
 	const struct extent_pool *p = u->p;
 	const struct extent_pool_user *w;
@@ -190,13 +196,13 @@ static bool may_grant(const struct extent_pool_user *u, uint64_t size)
 	unsigned others = p->nwaiting - (u->queued ? 1 : 0);
 	unsigned nactive = p->nactive + (u->active ? 0 : 1);
 
+	if (u->held && others && u->held + size > p->budget / nactive)
+		return OVER_SHARE;
 	for (w = p->wait_head; w && w != u; w = w->wnext)
 		ahead += w->want;
-	if (u->held && others && u->held + size > p->budget / nactive)
-		return false;
 	if (size > p->budget)
-		return !p->out && !ahead;
-	return p->out + ahead + size <= p->budget;
+		return !p->out && !ahead ? GRANT : WAIT_TURN;
+	return p->out + ahead + size <= p->budget ? GRANT : WAIT_TURN;
 }
 
 /* A free buffer of exactly size bytes, or a new one with room made. */
@@ -226,8 +232,19 @@ int extent_pool_get(struct extent_pool_user *u, size_t size, void **buf)
 	struct extent_pool *p = u->p;
 	void *b;
 
-	if (!may_grant(u, size)) {
+	switch (judge(u, size)) {
+	case GRANT:
+		break;
+	case WAIT_TURN:
 		enqueue(u, size);
+		p->refusals++;
+		return -EAGAIN;
+	case OVER_SHARE:
+		/*
+		 * Not queued: its buffers coming back bring it here again,
+		 * and a turn it reserved would hold back those under theirs.
+		 */
+		extent_pool_unwait(u);
 		p->refusals++;
 		return -EAGAIN;
 	}

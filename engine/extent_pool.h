@@ -18,8 +18,9 @@
  *    too, so buffers that come back go to the oldest waiter first;
  *  - share: while someone else waits, a user that already holds buffers
  *    gets no more than budget / (users holding or waiting), so one disk
- *    cannot keep the whole budget while others starve. A user holding
- *    nothing is never refused for its share, only for the budget.
+ *    cannot keep the whole budget while others starve; refused for that it
+ *    is not queued (its own buffers coming back bring it back). A user
+ *    holding nothing is never refused for its share, only for the budget.
  * A granted user leaves the queue; extent_pool_unwait() takes a user out
  * that no longer wants a buffer (its waiting turn reserves bytes).
  *
