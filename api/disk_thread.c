@@ -21,7 +21,11 @@
  *
  * The pacing of a stream against its guest (guest first, stream paced) is
  * the disk's scheduler's (engine/sched.h), applied by its engine object
- * (engine/disk.h); this file only feeds it the turns.
+ * (engine/disk.h); this file only feeds it the turns. The streams of a
+ * worker take their extent buffers from its one pool (engine/extent_pool.h,
+ * dom->stream_buffer_bytes): memory does not grow with the disks, and a
+ * stream refused a buffer is pumped again after the completions that
+ * bring buffers back, which wake this loop.
  *
  * Invariants: the wake-up eventfd is drained before any list is taken, so a
  * post after that always leaves it readable for the next wait; a disk is

@@ -8,8 +8,8 @@
  * Invariants: out + kept <= budget, except for a lone oversized grant
  * (out was 0); out is the sum of the users' held bytes (left users
  * included); a user is queued iff its `queued` flag is set, and then holds
- * its wanted size in `want`; nactive counts the users that hold bytes or
- * are queued; a left user is off every list but the user list until its
+ * its wanted size in `want`; nactive counts the users not left that hold
+ * bytes or are queued; a left user is off every list but the user list until its
  * held bytes are back, then freed.
  */
 #include <errno.h>
@@ -31,6 +31,7 @@ struct extent_pool_user {
 	uint64_t held;
 	uint64_t want;
 	uint64_t grants;
+	uint64_t served; /* bytes granted, from the start it joined with */
 	bool queued;
 	bool active; /* counted in p->nactive */
 	bool left;
@@ -51,10 +52,10 @@ struct extent_pool {
 	uint64_t refusals;
 };
 
-/* Keep nactive in step with u's held bytes and queue state. */
+/* Keep nactive in step with u's held bytes, queue state and leaving. */
 static void update_active(struct extent_pool_user *u)
 {
-	bool active = u->held || u->queued;
+	bool active = !u->left && (u->held || u->queued);
 
 	if (active == u->active)
 		return;
@@ -102,6 +103,25 @@ void extent_pool_destroy(struct extent_pool *p)
 	free(p);
 }
 
+/*
+ * Where a new user's service count starts: at most one budget behind the
+ * least served user still here, so a stream that starts a little after the
+ * others catches up with them (equal disks finish together) but one that
+ * comes hours later does not take the pool for hours.
+ */
+static uint64_t join_served(const struct extent_pool *p)
+{
+	const struct extent_pool_user *w;
+	uint64_t least = UINT64_MAX;
+
+	for (w = p->users; w; w = w->next)
+		if (!w->left && w->served < least)
+			least = w->served;
+	if (least == UINT64_MAX || least < p->budget)
+		return 0;
+	return least - p->budget;
+}
+
 int extent_pool_join(struct extent_pool *p, struct extent_pool_user **out)
 {
 	struct extent_pool_user *u = calloc(1, sizeof(*u));
@@ -109,6 +129,7 @@ int extent_pool_join(struct extent_pool *p, struct extent_pool_user **out)
 	if (!u)
 		return -ENOMEM;
 	u->p = p;
+	u->served = join_served(p);
 	u->next = p->users;
 	p->users = u;
 	p->nusers++;
@@ -155,6 +176,7 @@ void extent_pool_leave(struct extent_pool_user *u)
 	p = u->p;
 	extent_pool_unwait(u);
 	u->left = true;
+	update_active(u);
 	p->nusers--;
 	if (!p->nusers)
 		free_kept(p); /* idle: give the memory back */
@@ -162,21 +184,26 @@ void extent_pool_leave(struct extent_pool_user *u)
 		user_free(u);
 }
 
-/* Queue u at the tail (or update what it wants if queued already). */
+/*
+ * Queue u behind every waiter served as much or less (ties: first come,
+ * first served), or update what it wants if queued already.
+ */
 static void enqueue(struct extent_pool_user *u, size_t size)
 {
 	struct extent_pool *p = u->p;
+	struct extent_pool_user **pp;
 
 	u->want = size;
 	if (u->queued)
 		return;
 	u->queued = true;
-	u->wnext = NULL;
-	if (p->wait_tail)
-		p->wait_tail->wnext = u;
-	else
-		p->wait_head = u;
-	p->wait_tail = u;
+	for (pp = &p->wait_head; *pp && (*pp)->served <= u->served;
+	     pp = &(*pp)->wnext)
+		;
+	u->wnext = *pp;
+	*pp = u;
+	if (!u->wnext)
+		p->wait_tail = u;
 	p->nwaiting++;
 	update_active(u);
 }
@@ -193,13 +220,22 @@ static enum verdict judge(const struct extent_pool_user *u, uint64_t size)
 	const struct extent_pool *p = u->p;
 	const struct extent_pool_user *w;
 	uint64_t ahead = 0;
-	unsigned others = p->nwaiting - (u->queued ? 1 : 0);
 	unsigned nactive = p->nactive + (u->active ? 0 : 1);
 
-	if (u->held && others && u->held + size > p->budget / nactive)
+	/*
+	 * Whenever another user holds or waits, not only while one waits:
+	 * with about as many buffers as users the queue is mostly empty, and
+	 * a user that could take more whenever it is pumped at that moment
+	 * would keep far more than the others.
+	 */
+	if (u->held && nactive > 1 && u->held + size > p->budget / nactive)
 		return OVER_SHARE;
-	for (w = p->wait_head; w && w != u; w = w->wnext)
+	/* Those it is queued behind, or would be. */
+	for (w = p->wait_head; w && w != u; w = w->wnext) {
+		if (!u->queued && w->served > u->served)
+			break;
 		ahead += w->want;
+	}
 	if (size > p->budget)
 		return !p->out && !ahead ? GRANT : WAIT_TURN;
 	return p->out + ahead + size <= p->budget ? GRANT : WAIT_TURN;
@@ -254,6 +290,7 @@ int extent_pool_get(struct extent_pool_user *u, size_t size, void **buf)
 	extent_pool_unwait(u);
 	u->held += size;
 	u->grants++;
+	u->served += size;
 	update_active(u);
 	p->out += size;
 	p->grants++;

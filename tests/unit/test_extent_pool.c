@@ -118,9 +118,9 @@ START_TEST(test_waiters_in_turn)
 END_TEST
 
 /*
- * While others wait, a user holding buffers gets at most its share
- * (budget / users holding or waiting); one holding none is never refused
- * for its share.
+ * While another holds or waits, a user holding buffers gets at most its
+ * share (budget / users holding or waiting); one holding none is never
+ * refused for its share; one alone may take the whole budget.
  */
 START_TEST(test_share)
 {
@@ -138,7 +138,7 @@ START_TEST(test_share)
 	for (; nb < 2; nb++)
 		ck_assert_int_eq(extent_pool_get(b, MIB, &bb[nb]), 0);
 	ck_assert_int_eq(extent_pool_get(b, MIB, &x), -EAGAIN);
-	/* a gives back two; b waits, so a gets none of them. */
+	/* a gives back two; b waits, and a is over its share of 4. */
 	extent_pool_put(a, ab[--na], MIB);
 	extent_pool_put(a, ab[--na], MIB);
 	ck_assert_int_eq(extent_pool_get(a, MIB, &x), -EAGAIN);
@@ -148,14 +148,14 @@ START_TEST(test_share)
 	ck_assert_uint_eq(extent_pool_user_held(a), 4 * MIB);
 	ck_assert_uint_eq(extent_pool_user_held(b), 4 * MIB);
 	ck_assert_int_eq(extent_pool_get(b, MIB, &x), -EAGAIN);
-	extent_pool_unwait(a);
+	/* a holds 3 and b 4: b is still over its share of 4. */
 	extent_pool_put(a, ab[--na], MIB);
-	/* b is over its share of 4 only with someone waiting: nobody. */
-	extent_pool_unwait(b);
-	ck_assert_int_eq(extent_pool_get(b, MIB, &bb[nb]), 0);
-	nb++;
+	ck_assert_int_eq(extent_pool_get(b, MIB, &x), -EAGAIN);
+	/* Once a holds nothing b is alone: the whole budget is its. */
 	for (i = 0; i < na; i++)
 		extent_pool_put(a, ab[i], MIB);
+	for (; nb < 8; nb++)
+		ck_assert_int_eq(extent_pool_get(b, MIB, &bb[nb]), 0);
 	for (i = 0; i < nb; i++)
 		extent_pool_put(b, bb[i], MIB);
 	extent_pool_leave(a);
