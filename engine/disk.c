@@ -23,6 +23,7 @@
 struct edisk {
 	struct img *img;
 	struct sio_queue *q;
+	struct extent_pool *pool; /* the loop's, for streams, or NULL */
 	struct guest *guest;
 	struct stream *s;
 	struct img *s_base; /* the stream's base layer, or NULL */
@@ -93,6 +94,11 @@ int edisk_bind(struct edisk *e, struct sio_queue *q)
 	}
 	WAITS_END(e, EDISK_ATTACH);
 	return ret;
+}
+
+void edisk_set_extent_pool(struct edisk *e, struct extent_pool *pool)
+{
+	e->pool = pool;
 }
 
 void edisk_close(struct edisk *e)
@@ -186,6 +192,7 @@ int edisk_stream_create(struct edisk *e, const struct edisk_stream_params *p,
 	so.unlock = guest_stream_unlock;
 	so.lock_opaque = e->guest;
 	so.copier = guest_copier(e->guest);
+	so.pool = e->pool;
 	{
 		WAITS_BEGIN();
 
