@@ -817,8 +817,10 @@ int qcow2_rc_apply_frees_upto(struct img *img, struct qcow2 *s, size_t n)
 		k--;
 	}
 out:
-	memmove(w->frees + k, w->frees + w->n_frees - rest,
-		rest * sizeof(*w->frees));
+	/* No frees queued at all: w->frees may be NULL. */
+	if (rest)
+		memmove(w->frees + k, w->frees + w->n_frees - rest,
+			rest * sizeof(*w->frees));
 	w->n_frees = k + rest;
 	return ret;
 }
