@@ -21,7 +21,11 @@
  *
  * The pacing of a stream against its guest (guest first, stream paced) is
  * the disk's scheduler's (engine/sched.h), applied by its engine object
- * (engine/disk.h); this file only feeds it the turns.
+ * (engine/disk.h); this file only feeds it the turns. The streams of a
+ * worker take their extent buffers from its one pool (engine/extent_pool.h,
+ * dom->stream_buffer_bytes): memory does not grow with the disks, and a
+ * stream refused a buffer is pumped again after the completions that
+ * bring buffers back, which wake this loop.
  *
  * Invariants: the wake-up eventfd is drained before any list is taken, so a
  * post after that always leaves it readable for the next wait; a disk is
@@ -234,6 +238,7 @@ static void take_joining(struct dworker *w)
 			join_done(d, ret);
 			continue;
 		}
+		edisk_set_extent_pool(d->eng, w->xpool);
 		*tail = d;
 		tail = &d->wnext;
 		join_done(d, 0);
@@ -348,8 +353,20 @@ static void *worker_main(void *arg)
 	int ret;
 
 	tls_worker = w;
-	/* The ring is made here: it may only be used by its creator. */
+	/*
+	 * The ring is made here: it may only be used by its creator; so is
+	 * the pool its streams share (its buffers come back by completions
+	 * on this ring, which wake this loop).
+	 */
 	ret = ew_bind(w->ew, w->depth);
+	if (ret >= 0) {
+		ret = extent_pool_create(w->dom->stream_buffer_bytes,
+					 &w->xpool);
+		if (ret < 0) {
+			sx_error(ret, "out of memory");
+			ew_unbind(w->ew);
+		}
+	}
 	pthread_mutex_lock(&w->lock);
 	w->init_ret = ret;
 	if (ret < 0)
@@ -361,6 +378,9 @@ static void *worker_main(void *arg)
 		return NULL;
 	worker_loop(w);
 	ew_unbind(w->ew);
+	/* Every disk retired: its streams left, their buffers came back. */
+	extent_pool_destroy(w->xpool);
+	w->xpool = NULL;
 	return NULL;
 }
 

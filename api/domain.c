@@ -295,6 +295,7 @@ SIPHON_API int siphon_domain_create(const struct siphon_domain_opts *opts,
 	dom->event_opaque = o.event_opaque;
 	dom->queue_depth =
 		o.queue_depth ? o.queue_depth : DISK_DEFAULT_QUEUE_DEPTH;
+	dom->stream_buffer_bytes = o.stream_buffer_bytes;
 	ret = make_pool(dom, o.workers);
 	if (ret < 0)
 		goto out;

@@ -33,6 +33,7 @@
 
 #include "common/error.h"
 #include "engine/disk.h"
+#include "engine/extent_pool.h"
 #include "engine/guest.h"
 #include "engine/stream.h"
 #include "engine/worker.h"
@@ -133,6 +134,7 @@ struct dworker {
 	bool stop; /* lock: exit once no disk is left */
 
 	/* the worker thread only */
+	struct extent_pool *xpool; /* its streams' extent buffers */
 	struct disk *disks;
 	unsigned rr; /* round robin: the disk whose stream goes first */
 };
@@ -178,6 +180,7 @@ struct siphon_domain {
 	uint64_t next_job_id;
 	uint16_t next_tag;
 	unsigned queue_depth;
+	uint64_t stream_buffer_bytes; /* per worker's extent_pool, 0: default */
 	struct dworker **workers; /* the pool, nworkers long, fixed */
 	unsigned nworkers;
 

@@ -114,6 +114,12 @@ struct siphon_domain_opts {
 	 * SIPHON_MAX_WORKERS (-EINVAL above).
 	 */
 	unsigned workers;
+	/*
+	 * Bytes of stream copy buffers per worker, shared by the streams of
+	 * its disks in turn (a stream that gets none waits, it never fails
+	 * for that), 0: the default (16 MiB). Guest I/O is not counted.
+	 */
+	uint64_t stream_buffer_bytes;
 };
 
 #define SIPHON_MAX_WORKERS 1024

@@ -16,43 +16,18 @@ multi/single (target >= 0.9), the slowest disk's time over the fastest's
 the most threads it had.
 
 Usage: bench/multi_bench.py [--disks 64] [--size 64M] [--reps 3]
-       [--dir /var/tmp/siphon-bench] [--build build]
+       [--workers N] [--dir /var/tmp/siphon-bench] [--build build]
 """
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-MiB = 1 << 20
-
-
-def parse_size(s):
-    m = re.fullmatch(r"(\d+)([kKmMgG]?)", s)
-    if not m:
-        raise argparse.ArgumentTypeError("bad size: " + s)
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    return int(m.group(1)) * mult[m.group(2).lower()]
-
-
-def run(cmd, **kw):
-    kw.setdefault("check", True)
-    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, **kw)
-
-
-def drop_caches():
-    os.sync()
-    if os.geteuid() == 0:
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-        except OSError:
-            pass
+from benchlib import MiB, drop_caches, parse_size, run
 
 
 def make_base(path, size):
@@ -78,6 +53,8 @@ def main():
     ap.add_argument("--disks", type=int, default=64)
     ap.add_argument("--size", type=parse_size, default=parse_size("64M"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=0,
+                    help="the domain's worker threads (0: one per CPU)")
     ap.add_argument("--dir", default=os.environ.get(
         "BENCH_DIR", "/var/tmp/siphon-bench"))
     ap.add_argument("--build", default=os.path.join(
@@ -100,6 +77,7 @@ def main():
 
 
 def bench(a, d, siphon, multi):
+    wopt = ["--workers", str(a.workers)] if a.workers else []
     total = a.disks * a.size
     print("building %d bases of %d MiB and one of %d MiB" %
           (a.disks, a.size // MiB, total // MiB), flush=True)
@@ -134,7 +112,7 @@ def bench(a, d, siphon, multi):
             make_top(t_, b)
             tops.append(t_)
         drop_caches()
-        p = run([multi] + tops)
+        p = run([multi] + wopt + tops)
         r = json.loads(p.stdout)
         good = all(verify(t_, b) for t_, b in zip(tops, bases))
         ok &= good

@@ -59,7 +59,7 @@ int main(int argc, char **argv)
 	struct pollfd pfd;
 
 	if (argc > 2 && !strcmp(argv[1], "--workers")) {
-		/* A pool size, once the domain options carry one. */
+		dopt.workers = (unsigned)strtoul(argv[2], NULL, 0);
 		first = 3;
 	}
 	n = argc - first;

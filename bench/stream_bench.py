@@ -35,31 +35,7 @@ import subprocess
 import sys
 import time
 
-MiB = 1 << 20
-
-
-def parse_size(s):
-    m = re.fullmatch(r"(\d+)([kKmMgGtT]?)", s)
-    if not m:
-        raise argparse.ArgumentTypeError("bad size: " + s)
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    return int(m.group(1)) * mult[m.group(2).lower()]
-
-
-def run(cmd, **kw):
-    kw.setdefault("check", True)
-    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, **kw)
-
-
-def drop_caches():
-    os.sync()
-    if os.geteuid() == 0:
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-        except OSError:
-            pass
+from benchlib import MiB, drop_caches, parse_size, run
 
 
 def qemu_io_script(img, cmds, fmt="qcow2"):

@@ -24,6 +24,7 @@
 struct edisk {
 	struct img *img;
 	struct sio_queue *q;
+	struct extent_pool *pool; /* the loop's, for streams, or NULL */
 	struct guest *guest;
 	struct stream *s;
 	struct img *s_base; /* the stream's base layer, or NULL */
@@ -97,6 +98,11 @@ int edisk_bind(struct edisk *e, struct sio_queue *q)
 	}
 	WAITS_END(e, EDISK_ATTACH);
 	return ret;
+}
+
+void edisk_set_extent_pool(struct edisk *e, struct extent_pool *pool)
+{
+	e->pool = pool;
 }
 
 void edisk_close(struct edisk *e)
@@ -191,6 +197,7 @@ int edisk_stream_create(struct edisk *e, const struct edisk_stream_params *p,
 	so.lock_opaque = e->guest;
 	so.copier = guest_copier(e->guest);
 	so.flush_bytes = atomic_load(&test_flush_bytes);
+	so.pool = e->pool;
 	{
 		WAITS_BEGIN();
 

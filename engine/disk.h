@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 struct edisk;
+struct extent_pool;
 struct guest_req;
 struct guest_stats;
 struct sio_queue;
@@ -46,6 +47,12 @@ uint64_t edisk_cluster_size(const struct edisk *e);
 
 /* Loop thread: start the guest engine on the loop's queue. -errno. */
 int edisk_bind(struct edisk *e, struct sio_queue *q);
+
+/*
+ * Loop thread: the loop's shared pool of extent buffers (extent_pool.h)
+ * for the streams created from now on; NULL: each stream has its own.
+ */
+void edisk_set_extent_pool(struct edisk *e, struct extent_pool *pool);
 
 /*
  * Close the images and free. After edisk_bind() only on the loop thread,

@@ -40,10 +40,10 @@
 #include "common/checked.h"
 #include "common/error.h"
 #include "copy.h"
+#include "extent_pool.h"
 #include "formats/image.h"
 #include "formats/port.h"
 #include "io/io.h"
-#include "io/pool.h"
 #include "meta_ahead.h"
 #include "meta_fetch.h"
 #include "stream.h"
@@ -62,13 +62,16 @@ struct extent {
 	struct stream *s;
 	struct extent *next; /* planning order */
 	void *lock; /* token of the range lock, or NULL */
+	size_t buf_bytes; /* op.buf's size, for the pool */
 };
 
 struct stream {
 	struct img *top;
 	struct img *base;
 	struct sio_queue *q;
-	struct sio_pool *pool; /* extent buffers */
+	struct extent_pool *own_pool; /* without a shared one, or NULL */
+	struct extent_pool_user *pu; /* where the extent buffers come from */
+	bool starved; /* the last pump got no buffer: plans again later */
 	struct copier *copier; /* the disk's, or our own */
 	bool own_copier;
 	struct meta_ahead *ahead; /* L2 read-ahead, or NULL */
@@ -192,13 +195,20 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 	s->end = o->top->size / s->cs + (o->top->size % s->cs != 0);
 	s->plan_budget = UINT64_MAX;
 	s->failed_at = UINT64_MAX;
-	s->pool = sio_pool_create(s->extent_bytes, s->max_inflight);
-	if (!s->pool) {
+	/* Alone: the old bound, max_inflight buffers of extent_bytes. */
+	if (!o->pool && extent_pool_create(s->max_inflight * s->extent_bytes,
+					   &s->own_pool) < 0) {
+		free(s);
+		return sx_error(ENOMEM, "stream: out of memory");
+	}
+	if (extent_pool_join(o->pool ? o->pool : s->own_pool, &s->pu) < 0) {
+		extent_pool_destroy(s->own_pool);
 		free(s);
 		return sx_error(ENOMEM, "stream: out of memory");
 	}
 	if (meta_ahead_create(o->top, o->base, o->q, &s->ahead) < 0) {
-		sio_pool_destroy(s->pool);
+		extent_pool_leave(s->pu);
+		extent_pool_destroy(s->own_pool);
 		free(s);
 		return -ENOMEM;
 	}
@@ -207,7 +217,8 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 		ret = img_port_queue_create(o->q, &s->own_port);
 		if (ret < 0) {
 			meta_ahead_destroy(s->ahead);
-			sio_pool_destroy(s->pool);
+			extent_pool_leave(s->pu);
+			extent_pool_destroy(s->own_pool);
 			free(s);
 			return ret;
 		}
@@ -224,7 +235,8 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 	if (ret < 0) {
 		img_port_queue_destroy(s->own_port);
 		meta_ahead_destroy(s->ahead);
-		sio_pool_destroy(s->pool);
+		extent_pool_leave(s->pu);
+		extent_pool_destroy(s->own_pool);
 		free(s);
 		return ret;
 	}
@@ -246,7 +258,8 @@ void stream_destroy(struct stream *s)
 		copier_destroy(s->copier);
 	meta_ahead_destroy(s->ahead);
 	img_port_queue_destroy(s->own_port);
-	sio_pool_destroy(s->pool);
+	extent_pool_leave(s->pu);
+	extent_pool_destroy(s->own_pool);
 	free(s);
 }
 
@@ -465,28 +478,59 @@ static void ex_done(struct copy_op *op, int err)
 	update_cursor(s);
 	if (ex->lock)
 		s->unlock(s->lock_opaque, ex->lock);
-	sio_pool_put(s->pool, op->buf);
+	extent_pool_put(s->pu, op->buf, ex->buf_bytes);
 	free(ex);
 }
 
 /*
- * Copy clusters [cl, cl + n) as one extent, which takes over the range lock
- * (token may be NULL). A failure of the copy itself comes through ex_done()
- * (maybe before this returns); -errno here only when nothing was started.
+ * The size of the buffer an extent needs: the largest extent this stream
+ * plans (the scheduler's limits may be above a small extent_size), so
+ * every buffer of a stream has one size and is reused as it is.
  */
-static int start_copy(struct stream *s, uint64_t cl, uint64_t n, void *token)
+static size_t buf_bytes(const struct stream *s)
+{
+	return (size_t)sx_max(s->opt_extent, s->extent_bytes);
+}
+
+/*
+ * A buffer for the next extent from the pool. Returns 1 (*buf set), 0 when
+ * the pool says not now (the stream is starved: it plans again at a later
+ * pump, after some extent of this loop's streams retired), -errno.
+ */
+static int take_buf(struct stream *s, uint8_t **buf)
+{
+	void *b;
+	int ret = extent_pool_get(s->pu, buf_bytes(s), &b);
+
+	if (ret == -EAGAIN) {
+		s->starved = true;
+		return 0;
+	}
+	if (ret < 0)
+		return sx_error(ENOMEM, "stream: out of memory");
+	*buf = b;
+	return 1;
+}
+
+/*
+ * Copy clusters [cl, cl + n) as one extent, which takes over the range lock
+ * (token may be NULL) and buf (from take_buf()). A failure of the copy
+ * itself comes through ex_done() (maybe before this returns); -errno here
+ * only when nothing was started.
+ */
+static int start_copy(struct stream *s, uint64_t cl, uint64_t n, void *token,
+		      uint8_t *buf)
 {
 	struct extent *ex;
-	uint8_t *buf;
 
 	ex = calloc(1, sizeof(*ex));
-	buf = ex ? sio_pool_get(s->pool) : NULL;
-	if (!buf) {
-		free(ex);
+	if (!ex) {
+		extent_pool_put(s->pu, buf, buf_bytes(s));
 		if (token)
 			s->unlock(s->lock_opaque, token);
 		return sx_error(ENOMEM, "stream: out of memory");
 	}
+	ex->buf_bytes = buf_bytes(s);
 	ex->lock = token;
 	ex->s = s;
 	ex->op = (struct copy_op){
@@ -643,11 +687,13 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 {
 	enum run_kind kind = RUN_LOCAL;
 	uint64_t n = 0, max, wait;
+	uint8_t *buf = NULL;
 	void *token;
 	int ret = 0;
 
 	*wait_ns = 0;
 	s->blocked = false;
+	s->starved = false;
 	if (limit > s->end)
 		limit = s->end;
 	/*
@@ -703,12 +749,18 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 			__attribute__((fallthrough));
 		case RUN_COPY:
 			n = sx_min(n, max);
-			ret = range_lock(s, s->planner, n, &token);
+			ret = take_buf(s, &buf);
 			if (ret <= 0)
 				goto out;
+			ret = range_lock(s, s->planner, n, &token);
+			if (ret <= 0) {
+				extent_pool_put(s->pu, buf, buf_bytes(s));
+				goto out;
+			}
 			ret = 0;
 			wait = copy_gate(s, n * s->cs);
 			if (wait) {
+				extent_pool_put(s->pu, buf, buf_bytes(s));
 				if (token)
 					s->unlock(s->lock_opaque, token);
 				if (!s->inflight)
@@ -720,7 +772,7 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 					sx_min(s->plan_budget, n * s->cs);
 			/* The extent owns clusters [planner, planner + n). */
 			s->planner += n;
-			ret = start_copy(s, s->planner - n, n, token);
+			ret = start_copy(s, s->planner - n, n, token, buf);
 			update_cursor(s);
 			if (ret < 0)
 				goto out;
@@ -752,6 +804,9 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 out:
 	if (ret < 0)
 		stream_fail(s, ret);
+	/* Not waiting for a buffer: leave the queue to those who are. */
+	if (!s->starved)
+		extent_pool_unwait(s->pu);
 	return s->err;
 }
 
@@ -837,8 +892,11 @@ int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes)
 	for (;;) {
 		stream_pump(s, limit, &wait);
 		report(s, false);
-		/* A locked range frees when the owner's I/O completes. */
-		if (stream_inflight(s) || s->blocked) {
+		/*
+		 * A locked range frees when the owner's I/O completes, and
+		 * so do the buffers of a shared pool.
+		 */
+		if (stream_inflight(s) || s->blocked || s->starved) {
 			ret = sio_queue_run(s->q, 1);
 			if (ret < 0)
 				stream_fail(s, ret);

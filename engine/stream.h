@@ -36,6 +36,7 @@
 #include <stdint.h>
 
 struct copier;
+struct extent_pool;
 struct img;
 struct sio_queue;
 
@@ -78,6 +79,14 @@ struct stream_opts {
 	 * NULL: the stream makes its own.
 	 */
 	struct copier *copier;
+	/*
+	 * Optional: where the extent buffers come from (extent_pool.h), shared
+	 * with the other streams of the owner's loop; it belongs to the
+	 * owner's thread. A stream that gets no buffer plans later (it never
+	 * fails for that). NULL: a pool of its own, of max_inflight buffers
+	 * of extent_bytes.
+	 */
+	struct extent_pool *pool;
 };
 
 #define STREAM_DEFAULT_INFLIGHT 8
@@ -104,7 +113,10 @@ int stream_seek(struct stream *s, uint64_t cur);
  * waits for I/O, but flushes the top (synchronously) every flush_bytes
  * copied. Returns 0, or the stream's error once it has failed.
  * *wait_ns: when throttled with nothing in flight, how long to sleep before
- * pumping again (0 otherwise).
+ * pumping again (0 otherwise). When the pool has no buffer for it now the
+ * planner stops there and keeps its turn in the pool's queue (pump again
+ * after the owner's queue completes something); a pump that does not stop
+ * for a buffer leaves the queue.
  */
 int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns);
 

@@ -723,18 +723,22 @@ struct img *img_find_backing(struct img *top, const char *path)
 	return NULL;
 }
 
+/* The error of a status query outside the image. */
+static int status_outside(const struct img *img, uint64_t off, uint64_t len)
+{
+	return sx_error(-EINVAL,
+			"%s: status of [%llu, +%llu) outside the image (%llu)",
+			img->path, (unsigned long long)off,
+			(unsigned long long)len, (unsigned long long)img->size);
+}
+
 int img_block_status(struct img *img, uint64_t off, uint64_t len,
 		     struct img_extent *ext)
 {
 	int ret;
 
 	if (!len || off >= img->size)
-		return sx_error(-EINVAL,
-				"%s: status of [%llu, +%llu) outside the "
-				"image (%llu)",
-				img->path, (unsigned long long)off,
-				(unsigned long long)len,
-				(unsigned long long)img->size);
+		return status_outside(img, off, len);
 	memset(ext, 0, sizeof(*ext));
 	ret = img->drv->block_status(img, off, sx_min(len, img->size - off),
 				     ext);
@@ -933,12 +937,7 @@ int img_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
 			    struct img_extent *ext, struct img_meta_req *req)
 {
 	if (!len || off >= img->size)
-		return sx_error(-EINVAL,
-				"%s: status of [%llu, +%llu) outside the "
-				"image (%llu)",
-				img->path, (unsigned long long)off,
-				(unsigned long long)len,
-				(unsigned long long)img->size);
+		return status_outside(img, off, len);
 	memset(ext, 0, sizeof(*ext));
 	if (!img->drv->block_status_nowait)
 		return img_block_status(img, off, len, ext);

@@ -368,31 +368,65 @@ int qcow2_l2cache_insert(struct qcow2_l2cache *c, uint64_t key, const void *buf,
 	return 1;
 }
 
-int qcow2_l2cache_snapshot(struct qcow2_l2cache *c, struct qcow2_snap *snap)
+int qcow2_snap_alloc(struct qcow2_snap *snap, unsigned n)
 {
-	uint32_t i, n = 0;
-
 	memset(snap, 0, sizeof(*snap));
-	for (i = 0; i < c->nslots; i++)
-		n += c->slots[i].used && c->slots[i].dirty;
 	if (!n)
 		return 0;
 	snap->keys = calloc(n, sizeof(*snap->keys));
 	snap->bufs = calloc(n, sizeof(*snap->bufs));
 	snap->slots = calloc(n, sizeof(*snap->slots));
-	if (!snap->keys || !snap->bufs || !snap->slots)
-		goto nomem;
-	for (i = 0; i < c->nslots; i++) {
+	if (!snap->keys || !snap->bufs || !snap->slots) {
+		qcow2_snap_free(snap);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+int qcow2_snap_add(struct qcow2_snap *snap, uint64_t key, uint32_t slot,
+		   const void *data, size_t len)
+{
+	uint8_t *copy = sio_buf_alloc(len);
+
+	if (!copy)
+		return -ENOMEM;
+	memcpy(copy, data, len);
+	snap->bufs[snap->n] = copy;
+	snap->keys[snap->n] = key;
+	snap->slots[snap->n++] = slot;
+	return 0;
+}
+
+void qcow2_snap_free(struct qcow2_snap *snap)
+{
+	unsigned i;
+
+	for (i = 0; snap->bufs && i < snap->n; i++)
+		sio_buf_free(snap->bufs[i]);
+	free(snap->keys);
+	free(snap->bufs);
+	free(snap->slots);
+	memset(snap, 0, sizeof(*snap));
+}
+
+int qcow2_l2cache_snapshot(struct qcow2_l2cache *c, struct qcow2_snap *snap)
+{
+	uint32_t i, n = 0;
+
+	for (i = 0; i < c->nslots; i++)
+		n += c->slots[i].used && c->slots[i].dirty;
+	if (qcow2_snap_alloc(snap, n) < 0)
+		return -ENOMEM;
+	for (i = 0; i < c->nslots && n; i++) {
 		struct qcow2_l2slot *sl = &c->slots[i];
 
 		if (!sl->used || !sl->dirty)
 			continue;
-		snap->bufs[snap->n] = sio_buf_alloc(c->slice_size);
-		if (!snap->bufs[snap->n])
-			goto nomem;
-		memcpy(snap->bufs[snap->n], sl->data, c->slice_size);
-		snap->keys[snap->n] = sl->key;
-		snap->slots[snap->n++] = i;
+		if (qcow2_snap_add(snap, sl->key, i, sl->data, c->slice_size) <
+		    0) {
+			qcow2_snap_free(snap);
+			return -ENOMEM;
+		}
 	}
 	for (i = 0; i < snap->n; i++) {
 		c->slots[snap->slots[i]].dirty = false;
@@ -400,14 +434,6 @@ int qcow2_l2cache_snapshot(struct qcow2_l2cache *c, struct qcow2_snap *snap)
 	}
 	c->npinned += snap->n;
 	return 0;
-nomem:
-	for (i = 0; snap->bufs && i < snap->n; i++)
-		sio_buf_free(snap->bufs[i]);
-	free(snap->keys);
-	free(snap->bufs);
-	free(snap->slots);
-	memset(snap, 0, sizeof(*snap));
-	return -ENOMEM;
 }
 
 void qcow2_l2cache_unpin(struct qcow2_l2cache *c, struct qcow2_snap *snap,
@@ -424,10 +450,6 @@ void qcow2_l2cache_unpin(struct qcow2_l2cache *c, struct qcow2_snap *snap,
 			if (failed)
 				sl->dirty = true;
 		}
-		sio_buf_free(snap->bufs[k]);
 	}
-	free(snap->keys);
-	free(snap->bufs);
-	free(snap->slots);
-	memset(snap, 0, sizeof(*snap));
+	qcow2_snap_free(snap);
 }

@@ -590,6 +590,16 @@ int qcow2_rc_apply_frees(struct img *img, struct qcow2 *s);
 /* Apply frees[0, n) only (those a flush made durable), keep the rest. */
 int qcow2_rc_apply_frees_upto(struct img *img, struct qcow2 *s, size_t n);
 
+/*
+ * A flush's snapshot bookkeeping (l2cache.c): room for n entries (none
+ * when n is 0); one copy of len bytes of data under key and slot (room
+ * must be left); everything freed and zeroed. -ENOMEM.
+ */
+int qcow2_snap_alloc(struct qcow2_snap *snap, unsigned n);
+int qcow2_snap_add(struct qcow2_snap *snap, uint64_t key, uint32_t slot,
+		   const void *data, size_t len);
+void qcow2_snap_free(struct qcow2_snap *snap);
+
 /* Refcount-block counterparts of qcow2_l2cache_snapshot / _unpin. */
 int qcow2_rc_snapshot(struct qcow2 *s, struct qcow2_snap *snap);
 void qcow2_rc_unpin(struct qcow2 *s, struct qcow2_snap *snap, bool failed);

@@ -817,7 +817,8 @@ int qcow2_rc_apply_frees_upto(struct img *img, struct qcow2 *s, size_t n)
 		k--;
 	}
 out:
-	if (rest) /* frees may be NULL: never queued */
+	/* No frees queued at all: w->frees may be NULL. */
+	if (rest)
 		memmove(w->frees + k, w->frees + w->n_frees - rest,
 			rest * sizeof(*w->frees));
 	w->n_frees = k + rest;
@@ -829,42 +830,28 @@ int qcow2_rc_snapshot(struct qcow2 *s, struct qcow2_snap *snap)
 	struct qcow2_wstate *w = &s->w;
 	unsigned i, n = 0;
 
-	memset(snap, 0, sizeof(*snap));
 	for (i = 0; i < w->rc_nslots; i++)
 		n += w->rc_slots[i].used && w->rc_slots[i].dirty;
-	if (!n)
-		return 0;
-	snap->keys = calloc(n, sizeof(*snap->keys));
-	snap->bufs = calloc(n, sizeof(*snap->bufs));
-	snap->slots = calloc(n, sizeof(*snap->slots));
-	if (!snap->keys || !snap->bufs || !snap->slots)
-		goto nomem;
-	for (i = 0; i < w->rc_nslots; i++) {
+	if (qcow2_snap_alloc(snap, n) < 0)
+		return -ENOMEM;
+	for (i = 0; i < w->rc_nslots && n; i++) {
 		struct qcow2_rcslot *c = &w->rc_slots[i];
 
 		if (!c->used || !c->dirty)
 			continue;
-		snap->bufs[snap->n] = sio_buf_alloc(s->cluster_size);
-		if (!snap->bufs[snap->n])
-			goto nomem;
-		memcpy(snap->bufs[snap->n], c->data, s->cluster_size);
-		snap->keys[snap->n] =
-			s->rc.table[c->t_idx] & QCOW2_REFT_OFFSET_MASK;
-		snap->slots[snap->n++] = i;
+		if (qcow2_snap_add(snap,
+				   s->rc.table[c->t_idx] &
+					   QCOW2_REFT_OFFSET_MASK,
+				   i, c->data, s->cluster_size) < 0) {
+			qcow2_snap_free(snap);
+			return -ENOMEM;
+		}
 	}
 	for (i = 0; i < snap->n; i++) {
 		w->rc_slots[snap->slots[i]].dirty = false;
 		w->rc_slots[snap->slots[i]].pinned = true;
 	}
 	return 0;
-nomem:
-	for (i = 0; snap->bufs && i < snap->n; i++)
-		sio_buf_free(snap->bufs[i]);
-	free(snap->keys);
-	free(snap->bufs);
-	free(snap->slots);
-	memset(snap, 0, sizeof(*snap));
-	return -ENOMEM;
 }
 
 void qcow2_rc_unpin(struct qcow2 *s, struct qcow2_snap *snap, bool failed)
@@ -879,12 +866,8 @@ void qcow2_rc_unpin(struct qcow2 *s, struct qcow2_snap *snap, bool failed)
 			if (failed)
 				c->dirty = true;
 		}
-		sio_buf_free(snap->bufs[k]);
 	}
-	free(snap->keys);
-	free(snap->bufs);
-	free(snap->slots);
-	memset(snap, 0, sizeof(*snap));
+	qcow2_snap_free(snap);
 }
 
 int qcow2_rc_flush(struct img *img, struct qcow2 *s)

@@ -7,7 +7,7 @@
 
 int main(void)
 {
-	struct siphon_domain_opts o = {sizeof(o), 0, 0, 0, 0};
+	struct siphon_domain_opts o = {sizeof(o), 0, 0, 0, 0, 0};
 	struct siphon_block_stream_info i;
 	struct siphon_block_stream_info_ex x;
 	struct siphon_event e;

@@ -1029,6 +1029,69 @@ START_TEST(test_pool_many_disks)
 }
 END_TEST
 
+#define TURN_DISKS 4
+#define TURN_MIB 16
+
+/*
+ * One worker, a buffer budget of one extent, several disks streaming: the
+ * buffers go round in turn, so when the first disk completes every other
+ * one has copied a good part of its own (with one disk holding the budget
+ * the others would still be at their first extent). The streams start
+ * slow (one extent each, then throttled) so they all wait for buffers
+ * from the same moment on, however the starts were spread out.
+ */
+START_TEST(test_shared_buffers_in_turn)
+{
+	struct siphon_domain_opts o = {
+		.size = sizeof(o), .workers = 1, .stream_buffer_bytes = MiB};
+	static char paths[TURN_DISKS][512];
+	struct siphon_block_stream_info_ex x[TURN_DISKS];
+	struct siphon_event ev;
+	siphon_domain *dom = NULL;
+	char name[16];
+	int i, j, n, completed = 0;
+
+	for (i = 0; i < TURN_DISKS; i++) {
+		snprintf(name, sizeof(name), "turn%d", i);
+		snprintf(paths[i], sizeof(paths[i]), "%s",
+			 make_disk(name, TURN_MIB));
+	}
+	ck_assert_int_eq(siphon_domain_create(&o, &dom), 0);
+	for (i = 0; i < TURN_DISKS; i++)
+		attach(dom, paths[i]);
+	for (i = 0; i < TURN_DISKS; i++)
+		start_slow(dom, paths[i]);
+	for (i = 0; i < TURN_DISKS; i++)
+		ck_assert_int_eq(
+			siphon_block_stream_set_speed(dom, paths[i], 0, 0), 0);
+
+	ck_assert_int_eq(wait_event(dom, &ev, 60000), 1);
+	ck_assert_msg(ev.kind == SIPHON_EVENT_STREAM_COMPLETED, "%s: %s",
+		      ev.path, ev.message);
+	completed++;
+	x[0].size = sizeof(x[0]);
+	n = siphon_get_block_stream_info_ex(dom, x, TURN_DISKS,
+					    SIPHON_INFO_ALL);
+	ck_assert_int_eq(n, TURN_DISKS);
+	for (j = 0; j < n; j++)
+		ck_assert_msg(x[j].bytes_copied >= TURN_MIB * MiB / 4,
+			      "%s copied %llu bytes when %s completed",
+			      x[j].path, (unsigned long long)x[j].bytes_copied,
+			      ev.path);
+	while (completed < TURN_DISKS) {
+		ck_assert_int_eq(wait_event(dom, &ev, 60000), 1);
+		ck_assert_msg(ev.kind == SIPHON_EVENT_STREAM_COMPLETED,
+			      "%s: %s", ev.path, ev.message);
+		completed++;
+	}
+	siphon_domain_close(dom);
+	for (i = 0; i < TURN_DISKS; i++) {
+		snprintf(name, sizeof(name), "turn%d", i);
+		verify_streamed(name);
+	}
+}
+END_TEST
+
 static void *nothing(void *arg)
 {
 	return arg;
@@ -1377,6 +1440,7 @@ static Suite *api_suite(bool streaming)
 	tcase_set_timeout(tc, 600);
 	tcase_add_test(tc, test_pool_size_option);
 	tcase_add_test(tc, test_pool_many_disks);
+	tcase_add_test(tc, test_shared_buffers_in_turn);
 	suite_add_tcase(s, tc);
 	return s;
 }
