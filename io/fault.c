@@ -5,8 +5,8 @@
  * Invariants:
  *  - The rule list is only touched under fault_lock; nr_rules mirrors its
  *    length so that the common case (no rules) costs one atomic load.
- *  - SIPHON_FAULT is loaded exactly once, on the first check or add, so a
- *    rule added by a test is never reordered behind the environment's.
+ *  - The library never reads the environment: a test adds rules, and the
+ *    siphon tool adds those of its SIPHON_FAULT (sio_fault_parse()).
  *  - A rule with count 0 fails every matching request; otherwise it fails
  *    count of them and is removed. A rule with len 0 reaches to end of file.
  *  - A delay rule (delay_ns > 0, no errno) holds the requests it matches
@@ -41,8 +41,6 @@ struct fault_rule {
 static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct fault_rule *rules;
 static atomic_uint nr_rules;
-static pthread_once_t env_once = PTHREAD_ONCE_INIT;
-static _Atomic bool env_bad; /* SIPHON_FAULT did not parse */
 static atomic_uint delayed; /* requests held by a delay rule right now */
 static _Atomic uint64_t delays; /* holds ever started */
 
@@ -235,20 +233,6 @@ out:
 	return ret;
 }
 
-static void load_env(void)
-{
-	struct fault_rule *list;
-	const char *spec = getenv("SIPHON_FAULT");
-
-	if (!spec || !*spec)
-		return;
-	if (parse_spec(spec, &list) < 0) {
-		atomic_store(&env_bad, true);
-		return;
-	}
-	append_rules(list);
-}
-
 int sio_fault_parse(const char *spec)
 {
 	struct fault_rule *list;
@@ -256,7 +240,6 @@ int sio_fault_parse(const char *spec)
 
 	if (!spec)
 		return -EINVAL;
-	pthread_once(&env_once, load_env);
 	ret = parse_spec(spec, &list);
 	if (ret == 0)
 		append_rules(list);
@@ -271,7 +254,6 @@ int sio_fault_add(enum sio_op op, const char *path_suffix, uint64_t off,
 	if ((op != SIO_OP_READ && op != SIO_OP_WRITE) || !path_suffix ||
 	    err == 0 || err == INT32_MIN)
 		return -EINVAL;
-	pthread_once(&env_once, load_env);
 	r = new_rule(op, path_suffix, strlen(path_suffix), off, len, abs(err),
 		     count, after);
 	if (!r)
@@ -288,7 +270,6 @@ int sio_fault_add_delay(enum sio_op op, const char *path_suffix, uint64_t off,
 	if ((op != SIO_OP_READ && op != SIO_OP_WRITE) || !path_suffix ||
 	    delay_ns == 0)
 		return -EINVAL;
-	pthread_once(&env_once, load_env);
 	r = new_rule(op, path_suffix, strlen(path_suffix), off, len, 0, count,
 		     0);
 	if (!r)
@@ -317,7 +298,6 @@ void sio_fault_clear(void)
 {
 	struct fault_rule *list;
 
-	pthread_once(&env_once, load_env);
 	pthread_mutex_lock(&fault_lock);
 	list = rules;
 	rules = NULL;
@@ -368,13 +348,6 @@ int sio_fault_check_delay(const struct sio_file *f, enum sio_op op,
 	int err = 0;
 
 	*delay_ns = 0;
-	pthread_once(&env_once, load_env);
-	if (atomic_load(&env_bad))
-		return sx_error(
-			-EINVAL,
-			"%s: SIPHON_FAULT is malformed (want "
-			"read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]])",
-			f->path);
 	if (len == 0 || atomic_load(&nr_rules) == 0)
 		return 0;
 	path_len = strlen(f->path);

@@ -32,11 +32,4 @@ int sio_fault_check_delay(const struct sio_file *f, enum sio_op op,
 /* A hold that sio_fault_check_delay() reported is over. */
 void sio_fault_release(void);
 
-/*
- * Add the rules of spec, in SIPHON_FAULT syntax: one or more
- * "read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]]" separated by ';'.
- * Returns 0, -EINVAL for a malformed spec (no rule added), or -ENOMEM.
- */
-int sio_fault_parse(const char *spec);
-
 #endif

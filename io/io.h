@@ -204,14 +204,20 @@ unsigned sio_queue_inflight(const struct sio_queue *q);
  * path_suffix and that touch [off, off + len) fail with -err. after: let this
  * many matching requests pass first. count 0: every matching request until
  * cleared; len 0: from off to end of file. Process-wide; sio_fault_clear()
- * removes every rule. Also settable from the environment for the tools:
- * SIPHON_FAULT="read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]]" (several
- * rules separated by ';'; ERRNO a number or a name such as EIO; a malformed
- * value fails every read and write with -EINVAL).
+ * removes every rule. The library never reads the environment; the siphon
+ * tool turns its SIPHON_FAULT into rules with sio_fault_parse().
  */
 int sio_fault_add(enum sio_op op, const char *path_suffix, uint64_t off,
 		  uint64_t len, int err, unsigned count, unsigned after);
 void sio_fault_clear(void);
+
+/*
+ * Add the rules of spec: one or more
+ * "read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]]" separated by ';'
+ * (ERRNO a number or a name such as EIO). Returns 0, -EINVAL for a
+ * malformed spec (no rule added, message recorded), or -ENOMEM.
+ */
+int sio_fault_parse(const char *spec);
 
 /*
  * Latency injection, for tests only: the next `count` (0: every) requests
@@ -230,9 +236,12 @@ unsigned sio_fault_delayed(void);
 uint64_t sio_fault_delays(void);
 
 /*
- * Write log, for crash tests: with SIPHON_IO_LOG=PATH in the environment,
- * every successful write, fsync, fdatasync, fallocate and truncate on a file
- * opened writable is appended to PATH (format in io/iolog.h).
+ * Write log, for crash tests: from sio_iolog_start(path) on, every
+ * successful write, fsync, fdatasync, fallocate and truncate on a file
+ * opened writable is appended to path (format in io/iolog.h). Once per
+ * process, before any I/O; the siphon tool calls it for SIPHON_IO_LOG=PATH.
+ * Returns 0, -EBUSY (already started), or -errno of the open.
  */
+int sio_iolog_start(const char *path);
 
 #endif

@@ -1,9 +1,9 @@
 /*
- * The write log (SIPHON_IO_LOG): see io/iolog.h for what it records and the
- * record layout.
+ * The write log: see io/iolog.h for what it records and the record layout.
+ * The library never reads the environment: sio_iolog_start() (a test, or
+ * the siphon tool for its SIPHON_IO_LOG) turns it on.
  *
- * Invariants: the log file is opened once per process, on the first check,
- * with O_APPEND; a record is written whole under `log_lock`, so records of
+ * Invariants: the log file is opened once per process, with O_APPEND; a record is written whole under `log_lock`, so records of
  * different threads never interleave; a failure to log fails the request
  * that was being logged (a silently short log would make a crash test pass
  * on states that were never checked).
@@ -12,6 +12,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -35,28 +37,37 @@ struct iolog_hdr {
 
 _Static_assert(sizeof(struct iolog_hdr) == 32, "record header is 32 bytes");
 
-static pthread_once_t log_once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
-static const char *log_path; /* the environment's string, or NULL */
+static _Atomic bool log_on; /* sio_iolog_start() succeeded */
 static int log_fd = -1;
-static int log_open_err; /* errno of a failed open, or 0 */
 
-static void iolog_init(void)
+int sio_iolog_start(const char *path)
 {
-	const char *p = getenv("SIPHON_IO_LOG");
+	int fd, ret = 0;
 
-	if (!p || !p[0])
-		return;
-	log_path = p;
-	log_fd = open(p, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-	if (log_fd < 0)
-		log_open_err = errno;
+	if (!path || !path[0])
+		return sx_error(-EINVAL, "write log: no path");
+	pthread_mutex_lock(&log_lock);
+	if (log_fd >= 0) {
+		ret = sx_error(-EBUSY, "write log: already started");
+		goto out;
+	}
+	fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+	if (fd < 0) {
+		ret = sx_error(-errno, "write log %s: %s", path,
+			       strerror(errno));
+		goto out;
+	}
+	log_fd = fd;
+	atomic_store(&log_on, true);
+out:
+	pthread_mutex_unlock(&log_lock);
+	return ret;
 }
 
 bool sio_iolog_wanted(const struct sio_file *f)
 {
-	pthread_once(&log_once, iolog_init);
-	return log_path && f && f->writable;
+	return atomic_load(&log_on) && f && f->writable;
 }
 
 /* writev() all of iov[0..n), resuming after short writes and EINTR. */
@@ -97,9 +108,6 @@ static int append(const struct sio_file *f, int op, int mode, uint64_t off,
 	uint64_t want = buf || data ? len : 0, n;
 	int cnt, i = 0, ret = 0;
 
-	if (log_open_err)
-		return sx_error(-log_open_err, "SIPHON_IO_LOG %s: open: %s",
-				log_path, strerror(log_open_err));
 	h.op = (uint8_t)op;
 	h.mode = (uint32_t)mode;
 	h.path_len = (uint32_t)strlen(f->path);
@@ -131,11 +139,10 @@ static int append(const struct sio_file *f, int op, int mode, uint64_t off,
 	}
 	pthread_mutex_unlock(&log_lock);
 	if (ret < 0)
-		return sx_error(ret, "SIPHON_IO_LOG %s: write: %s", log_path,
-				strerror(-ret));
+		return sx_error(ret, "write log: %s", strerror(-ret));
 	if (want)
 		return sx_error(-EINVAL,
-				"SIPHON_IO_LOG: %s: write record longer than "
+				"write log: %s: write record longer than "
 				"its iovec",
 				f->path);
 	return 0;
@@ -148,8 +155,7 @@ int sio_iolog_write(const struct sio_file *f, const void *buf,
 	if (!sio_iolog_wanted(f))
 		return 0;
 	if (!buf && len && (!iov || iovcnt <= 0))
-		return sx_error(-EINVAL,
-				"SIPHON_IO_LOG: %s: write without data",
+		return sx_error(-EINVAL, "write log: %s: write without data",
 				f->path);
 	return append(f, SIO_OP_WRITE, 0, off, len, buf, iov, buf ? 0 : iovcnt);
 }

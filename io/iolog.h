@@ -2,7 +2,7 @@
  * The write log, private to io/: a record of every successful change to a
  * writable file, for deterministic crash testing.
  *
- * When the environment variable SIPHON_IO_LOG names a file, every write,
+ * Once sio_iolog_start() (io.h) has named a file, every write,
  * fsync, fdatasync, fallocate and truncate that succeeds on a sio_file
  * opened writable (sync helpers and sio_queue alike) appends one record to
  * it, in completion order. A test replays the records onto a copy of the
@@ -38,8 +38,8 @@
 #define SIO_IOLOG_TRUNCATE 100
 
 /*
- * True when SIPHON_IO_LOG is set and f is writable: the caller should log.
- * The first call in the process reads the environment. Thread safe.
+ * True when the log was started and f is writable: the caller should log.
+ * Thread safe.
  */
 bool sio_iolog_wanted(const struct sio_file *f);
 

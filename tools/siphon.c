@@ -13,10 +13,12 @@
 #include <stdint.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common/error.h"
 #include "formats/image.h"
+#include "io/io.h"
 #include "cmd.h"
 
 #ifndef SIPHON_VERSION
@@ -231,9 +233,31 @@ static void usage(FILE *out)
 	fprintf(out, "\nEvery command takes --help.\n\n%s", tool_exit_help);
 }
 
+/*
+ * The test hooks of io/, from the tool's environment: SIPHON_FAULT (fault
+ * and error rules, io.h sio_fault_parse) and SIPHON_IO_LOG (the write log
+ * of the crash tests). The library itself never reads the environment.
+ */
+static int install_test_hooks(void)
+{
+	const char *spec = getenv("SIPHON_FAULT");
+	const char *log = getenv("SIPHON_IO_LOG");
+
+	if (spec && spec[0] && sio_fault_parse(spec) < 0) {
+		fprintf(stderr, "siphon: SIPHON_FAULT: %s\n", sx_last_error());
+		return TOOL_USAGE;
+	}
+	if (log && log[0] && sio_iolog_start(log) < 0) {
+		fprintf(stderr, "siphon: SIPHON_IO_LOG: %s\n", sx_last_error());
+		return TOOL_ERR;
+	}
+	return TOOL_OK;
+}
+
 int main(int argc, char **argv)
 {
 	const struct siphon_cmd *cmd;
+	int ret;
 
 	if (argc < 2) {
 		usage(stderr);
@@ -278,6 +302,9 @@ int main(int argc, char **argv)
 			argv[1]);
 		return TOOL_USAGE;
 	}
+	ret = install_test_hooks();
+	if (ret != TOOL_OK)
+		return ret;
 	/* Commands parse their own options from a fresh getopt state. */
 	optind = 0;
 	opterr = 0;
