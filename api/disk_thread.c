@@ -314,8 +314,15 @@ static void worker_loop(struct dworker *w)
 	int ret;
 
 	for (;;) {
+		/*
+		 * Drain the wake-up before looking at any list, the joining
+		 * disks' included: a post after the drain leaves the eventfd
+		 * readable for the next wait, one before it is in the list.
+		 */
+		bool woken = ew_take_wake(w->ew);
+
 		take_joining(w);
-		if (ew_take_wake(w->ew))
+		if (woken)
 			for (d = w->disks; d; d = d->wnext)
 				handle_cmds(d);
 		for (d = w->disks; d; d = d->wnext)
