@@ -74,7 +74,7 @@ START_TEST(test_busy_reduced_limits)
 	ck_assert_uint_eq(l.max_inflight, 0);
 	/* The reduced values are the documented ones. */
 	ck_assert_uint_eq(SCHED_STREAM_INFLIGHT, 1);
-	ck_assert_uint_eq(SCHED_STREAM_EXTENT, 256 * 1024);
+	ck_assert_uint_eq(SCHED_STREAM_EXTENT, 64 * 1024);
 }
 END_TEST
 
