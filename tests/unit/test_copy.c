@@ -33,12 +33,7 @@ static char tmpdir[] = "/tmp/siphon-copy-XXXXXX";
 
 static const char *tpath(const char *name)
 {
-	static char buf[4][512];
-	static int i;
-
-	i = (i + 1) % 4;
-	snprintf(buf[i], sizeof(buf[i]), "%s/%s", tmpdir, name);
-	return buf[i];
+	return dir_path(tmpdir, name);
 }
 
 /* A qcow2 image of SIZE bytes, 64 KiB clusters, on backing (or none). */

@@ -37,12 +37,7 @@ static bool have_qemu;
 
 static const char *tpath(const char *name)
 {
-	static char buf[4][512];
-	static int i;
-
-	i = (i + 1) % 4;
-	snprintf(buf[i], sizeof(buf[i]), "%s/%s", tmpdir, name);
-	return buf[i];
+	return dir_path(tmpdir, name);
 }
 
 struct opts {

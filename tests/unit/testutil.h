@@ -141,4 +141,18 @@ out:
 	return ret;
 }
 
+/*
+ * dir/name in one of four rotating static buffers, so a call can take a
+ * few paths at once (a test's temp dir and an image name in it).
+ */
+static inline const char *dir_path(const char *dir, const char *name)
+{
+	static char buf[4][512];
+	static int i;
+
+	i = (i + 1) % 4;
+	snprintf(buf[i], sizeof(buf[i]), "%s/%s", dir, name);
+	return buf[i];
+}
+
 #endif
