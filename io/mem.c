@@ -120,13 +120,11 @@ int sio_mem_create(const char *path, const void *buf, size_t len,
 	if (!path || !out || (len && !buf))
 		return sx_error(-EINVAL, "sio_mem_create: bad arguments");
 	m = calloc(1, sizeof(*m));
-	if (!m) {
-		ret = sx_error(-ENOMEM, "%s: memory file: out of memory", path);
-		goto out;
+	if (m) {
+		m->fd = -1;
+		m->path = strdup(path);
 	}
-	m->fd = -1;
-	m->path = strdup(path);
-	if (!m->path) {
+	if (!m || !m->path) {
 		ret = sx_error(-ENOMEM, "%s: memory file: out of memory", path);
 		goto out;
 	}

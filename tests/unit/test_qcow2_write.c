@@ -836,6 +836,127 @@ START_TEST(t_crash_prefixes)
 }
 END_TEST
 
+/*
+ * One failing request on a memory image (sio_mem_fail): the n-th write or
+ * the n-th fdatasync of a workload (allocating writes, write_zeroes,
+ * discard, flush) fails once with EIO and every other one succeeds, as a
+ * transient device error does. The workload goes on whatever the calls
+ * return and ends with another flush and a close. Then the image checks
+ * clean or with leaks only, and every sector reads as before the workload
+ * or as after it; for every n up to what the workload issues.
+ */
+struct fail_run {
+	struct model old, m;
+	unsigned failed; /* calls that returned an error */
+};
+
+static const char *const fail_ops[] = {"write", "fdatasync"};
+
+/* The workload with the fault armed at n (n < 0: none); its op counts. */
+static void fail_one_run(enum sio_op op, int n, struct fail_run *r,
+			 uint64_t *writes, uint64_t *syncs)
+{
+	const char *base = tpath("fb.raw"), *p = tpath("f.qcow2");
+	struct opts o = {.size = 2 * MiB,
+			 .cs = 4096,
+			 .backing = "fb.raw",
+			 .backing_fmt = "raw"};
+	const uint64_t wlen = 300 * KiB;
+	uint64_t w0, s0;
+	struct sio_mem *mem;
+	struct img *img;
+	uint8_t *buf = malloc(wlen);
+
+	make_base(base, o.size, 4);
+	create(p, &o);
+	mem = mem_get(p);
+	model_init(&r->old, o.size, base);
+	img = open_rw(p);
+	shrink_l2cache(img, 2);
+	do_write(img, &r->old, 0, 64 * KiB, 1);
+	ck_assert_int_eq(img_flush(img), 0);
+	model_init(&r->m, o.size, NULL);
+	memcpy(r->m.b, r->old.b, o.size);
+	r->failed = 0;
+
+	w0 = sio_mem_count(mem, SIO_OP_WRITE);
+	s0 = sio_mem_count(mem, SIO_OP_FDATASYNC);
+	if (n >= 0)
+		ck_assert_int_eq(sio_mem_fail(mem, op, (unsigned)n, 1, EIO), 0);
+	fill(buf, wlen, 7);
+	memcpy(r->m.b + 32 * KiB + 512, buf, wlen);
+	r->failed += img_pwrite(img, buf, wlen, 32 * KiB + 512) != 0;
+	memset(r->m.b + 1 * MiB, 0, 64 * KiB);
+	r->failed += img_write_zeroes(img, 1 * MiB, 64 * KiB, 0) != 0;
+	memset(r->m.b + 16 * KiB, 0, 16 * KiB);
+	r->failed += img_discard(img, 16 * KiB, 16 * KiB) != 0;
+	r->failed += img_flush(img) != 0;
+	fill(buf, 64 * KiB, 8);
+	memcpy(r->m.b + 1536 * KiB, buf, 64 * KiB);
+	r->failed += img_pwrite(img, buf, 64 * KiB, 1536 * KiB) != 0;
+	r->failed += img_flush(img) != 0;
+	img_close(img);
+	*writes = sio_mem_count(mem, SIO_OP_WRITE) - w0;
+	*syncs = sio_mem_count(mem, SIO_OP_FDATASYNC) - s0;
+	ck_assert_int_eq(sio_mem_fail(mem, 0, 0, 0, EIO), 0);
+	free(buf);
+}
+
+/* The image after a run: consistent, each sector old or new. */
+static void fail_one_judge(const char *what, int n, struct fail_run *r)
+{
+	const char *p = tpath("f.qcow2");
+	struct img *img = NULL;
+	uint8_t *got = malloc(r->m.size);
+	uint64_t c;
+	int st;
+
+	if (have_qemu) {
+		st = qcheck(p);
+		if (st != 0 && st != 3)
+			sh("qemu-img check '%s' >&2", p);
+		ck_assert_msg(st == 0 || st == 3, "%s %d: qemu-img check %d",
+			      what, n, st);
+	}
+	ck_assert_int_eq(img_open(p, "qcow2", 0, &img), 0);
+	ck_assert_int_eq(img_pread(img, got, r->m.size, 0), 0);
+	for (c = 0; c < r->m.size; c += 512)
+		ck_assert_msg(!memcmp(got + c, r->old.b + c, 512) ||
+				      !memcmp(got + c, r->m.b + c, 512),
+			      "%s %d: sector %llu neither old nor new", what, n,
+			      (unsigned long long)c / 512);
+	img_close(img);
+	free(got);
+	free(r->old.b);
+	free(r->m.b);
+}
+
+START_TEST(t_fail_one)
+{
+	const enum sio_op op = _i ? SIO_OP_FDATASYNC : SIO_OP_WRITE;
+	uint64_t writes, syncs, total, w, sy;
+	struct fail_run r;
+	unsigned failures = 0;
+	int n;
+
+	/* Unfaulted: succeeds, and says how many requests there are. */
+	fail_one_run(op, -1, &r, &writes, &syncs);
+	ck_assert_uint_eq(r.failed, 0);
+	fail_one_judge(fail_ops[_i], -1, &r);
+	total = _i ? syncs : writes;
+	ck_assert_uint_gt(total, 3);
+	for (n = 0; (uint64_t)n < total; n++) {
+		fail_one_run(op, n, &r, &w, &sy);
+		failures += r.failed != 0;
+		fail_one_judge(fail_ops[_i], n, &r);
+	}
+	/* Each fault reached the caller somewhere. */
+	ck_assert_uint_eq(failures, total);
+	fprintf(stderr, "%s: %llu single faults checked\n", fail_ops[_i],
+		(unsigned long long)total);
+}
+END_TEST
+
 /* ---- the flush through a port ---- */
 
 enum rec_class { R_SYNC, R_RC, R_RT, R_L2, R_L1, R_OTHER };
@@ -1173,6 +1294,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, t_open_checks);
 	tcase_add_test(tc, t_flush_order);
 	tcase_add_test(tc, t_block_status_nowait);
+	tcase_add_loop_test(tc, t_fail_one, 0, 2);
 	tcase_add_loop_test(tc, t_crash_prefixes, 0,
 			    sizeof(crash_cfgs) / sizeof(crash_cfgs[0]));
 	suite_add_tcase(s, tc);
