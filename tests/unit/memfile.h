@@ -40,19 +40,23 @@ static inline struct sio_mem *mem_get(const char *path)
 	return NULL;
 }
 
+/* Destroy memory file i of the list. */
+static inline void mem_drop_slot(unsigned i)
+{
+	sio_mem_destroy(mem_files[i].m);
+	free(mem_files[i].path);
+	mem_files[i].path = NULL;
+	mem_files[i].m = NULL;
+}
+
 /* Forget (destroy) the memory file at path, if there is one. */
 static inline void mem_drop(const char *path)
 {
 	unsigned i;
 
-	for (i = 0; i < MEM_FILES_MAX; i++) {
-		if (!mem_files[i].path || strcmp(mem_files[i].path, path))
-			continue;
-		sio_mem_destroy(mem_files[i].m);
-		free(mem_files[i].path);
-		mem_files[i].path = NULL;
-		mem_files[i].m = NULL;
-	}
+	for (i = 0; i < MEM_FILES_MAX; i++)
+		if (mem_files[i].path && !strcmp(mem_files[i].path, path))
+			mem_drop_slot(i);
 }
 
 /*
@@ -121,7 +125,7 @@ static inline void mem_clear(void)
 
 	for (i = 0; i < MEM_FILES_MAX; i++)
 		if (mem_files[i].path)
-			mem_drop(mem_files[i].path);
+			mem_drop_slot(i);
 }
 
 #endif
