@@ -10,7 +10,8 @@
  *  - no file appears twice in a chain (compared by device and inode, so a
  *    loop is caught whatever the names look like), and a chain has at most
  *    IMG_MAX_DEPTH layers below the top;
- *  - drv->close runs only for layers whose drv->open succeeded;
+ *  - drv->close runs only for layers whose drv->open succeeded (a layer
+ *    img_open_layer() hands back after a refused open has open_failed);
  *  - a writable open holds qemu-compatible image locks (io/lock.h) on the
  *    top as a writer and on every backing layer as a reader, taken before
  *    the driver reads any metadata; read-only opens (info, map, dump) take
@@ -136,9 +137,9 @@ void img_close(struct img *img)
 		struct img *next = img->backing;
 
 		/* A flush in flight still uses the layer: let it end. */
-		if (img->drv && img->drv->flush_wait)
+		if (img->drv && img->drv->flush_wait && !img->open_failed)
 			(void)img->drv->flush_wait(img);
-		layer_free(img, true);
+		layer_free(img, !img->open_failed);
 		img = next;
 	}
 }
@@ -173,11 +174,13 @@ static int chain_read_below(struct img *img, void *buf, uint64_t len,
 /*
  * Open one layer. drv is the named driver, or NULL to probe (then *probed is
  * set). The file is opened before probing so that a missing file reports
- * -ENOENT from sio_file_open, with its path.
+ * -ENOENT from sio_file_open, with its path. With failed, a layer that the
+ * driver's open refused goes to *failed (open_failed set) instead of being
+ * freed.
  */
 static int layer_open(const char *path, const struct img_driver *drv,
 		      bool writable, bool buffered, bool lock, unsigned depth,
-		      struct img **out)
+		      struct img **out, struct img **failed)
 {
 	unsigned sflags = SIO_RDONLY;
 	struct img *img;
@@ -225,6 +228,11 @@ static int layer_open(const char *path, const struct img_driver *drv,
 		}
 	}
 	ret = drv->open(img);
+	if (ret < 0 && failed) {
+		img->open_failed = true;
+		*failed = img;
+		return ret;
+	}
 	if (ret < 0)
 		goto fail;
 	if (img->backing_name && !img->backing_name[0]) {
@@ -342,8 +350,9 @@ static int open_chain(struct img *top, bool buffered)
 		ret = resolve_backing(cur->path, cur->backing_name, &path);
 		if (ret < 0)
 			return ret;
-		if (stat(path, &st) < 0) {
-			int err = errno;
+		ret = sio_stat(path, &st);
+		if (ret < 0) {
+			int err = -ret;
 
 			if (err == ENOENT)
 				ret = sx_error(-ENOENT,
@@ -385,7 +394,7 @@ static int open_chain(struct img *top, bool buffered)
 			}
 		}
 		ret = layer_open(path, drv, false, buffered, top->writable,
-				 cur->depth + 1, &next);
+				 cur->depth + 1, &next, NULL);
 		if (ret < 0)
 			goto next_out;
 		cur->backing_fmt_probed = !drv;
@@ -463,7 +472,7 @@ int img_open(const char *path, const char *fmt, unsigned flags,
 	}
 
 	ret = layer_open(path, drv, flags & IMG_OPEN_RDWR, buffered, false, 0,
-			 &top);
+			 &top, NULL);
 	if (ret < 0)
 		return ret;
 	if (!(flags & IMG_OPEN_NO_BACKING)) {
@@ -476,6 +485,24 @@ out:
 	if (ret < 0)
 		img_close(top);
 	return ret;
+}
+
+int img_open_layer(const char *path, const char *fmt, unsigned flags,
+		   struct img **out)
+{
+	const struct img_driver *drv;
+
+	if (!path || !fmt || !out)
+		return sx_error(-EINVAL, "img_open_layer: NULL argument");
+	*out = NULL;
+	if (flags & ~(unsigned)(IMG_OPEN_RDWR | IMG_OPEN_BUFFERED))
+		return sx_error(-EINVAL, "%s: unknown open flags 0x%x", path,
+				flags);
+	drv = img_find_driver(fmt);
+	if (!drv)
+		return sx_error(-EINVAL, "%s: unknown format '%s'", path, fmt);
+	return layer_open(path, drv, flags & IMG_OPEN_RDWR,
+			  flags & IMG_OPEN_BUFFERED, false, 0, out, out);
 }
 
 /*
@@ -708,7 +735,7 @@ static bool same_file(const char *a, const char *b)
 
 	if (!strcmp(a, b))
 		return true;
-	if (stat(a, &sa) < 0 || stat(b, &sb) < 0)
+	if (sio_stat(a, &sa) < 0 || sio_stat(b, &sb) < 0)
 		return false;
 	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }

@@ -64,6 +64,8 @@ struct img {
 	 * (img_set_port), NULL for the synchronous port.
 	 */
 	struct img_port *port;
+	/* img_open_layer() kept it after drv->open refused it. */
+	bool open_failed;
 };
 
 /*
@@ -73,6 +75,19 @@ struct img {
  */
 int img_open(const char *path, const char *fmt, unsigned flags,
 	     struct img **out);
+
+/*
+ * For the format unit tests: open the file at path as one layer of format
+ * fmt (named, never probed), without its chain and without image locks
+ * unless IMG_OPEN_RDWR (the only flags, with IMG_OPEN_BUFFERED, taken).
+ * Returns 0 or the -errno of the open, as img_open(). Where the file opened
+ * but the driver refused it, *out is still the layer, as the driver left it
+ * (open_failed set), so a test can see what a refused open leaves behind;
+ * otherwise *out is NULL on failure. img_close() it either way (a refused
+ * layer gets no drv->close).
+ */
+int img_open_layer(const char *path, const char *fmt, unsigned flags,
+		   struct img **out);
 
 /*
  * Create an image at path in format fmt ("qcow2", "raw") as o describes,

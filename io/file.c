@@ -20,6 +20,9 @@
  *    through an aligned bounce buffer.
  *  - A read never returns short: end of file reads as zeros. On a direct file
  *    a short read that ends off the alignment grid can only be end of file.
+ *  - A memory file (f->mem, io/mem.c) never reaches the ring: every helper
+ *    hands it to sio_mem_io() after the checks, fault rules and before the
+ *    write log, which stay the same for both.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -41,6 +44,7 @@
 #include "io/fault.h"
 #include "io/io.h"
 #include "io/iolog.h"
+#include "io/mem.h"
 #include "io/ring.h"
 
 /* One request at a time; a few spare entries cost nothing. */
@@ -405,6 +409,10 @@ int sio_pread(struct sio_file *f, void *buf, size_t len, uint64_t off)
 	ret = sio_fault_check(f, SIO_OP_READ, off, len);
 	if (ret < 0)
 		goto out;
+	if (f->mem) {
+		ret = sio_mem_io(f, SIO_OP_READ, buf, len, off, 0);
+		goto out;
+	}
 	ret = sync_ring_get(f->path, &ring);
 	if (ret < 0)
 		goto out;
@@ -437,6 +445,12 @@ int sio_pwrite(struct sio_file *f, const void *buf, size_t len, uint64_t off)
 	ret = sio_fault_check(f, SIO_OP_WRITE, off, len);
 	if (ret < 0)
 		goto out;
+	if (f->mem) {
+		/* sio_mem_io only reads through buf when writing. */
+		ret = sio_mem_io(f, SIO_OP_WRITE, (void *)(uintptr_t)buf, len,
+				 off, 0);
+		goto logged;
+	}
 	ret = sync_ring_get(f->path, &ring);
 	if (ret < 0)
 		goto out;
@@ -450,7 +464,8 @@ int sio_pwrite(struct sio_file *f, const void *buf, size_t len, uint64_t off)
 		sx_error(ret,
 			 "%s: write of %zu bytes at offset %" PRIu64 ": %s",
 			 f->path, len, off, strerror(-ret));
-	else
+logged:
+	if (ret == 0)
 		ret = sio_iolog_write(f, buf, NULL, 0, len, off);
 out:
 	return ret;
@@ -521,13 +536,18 @@ int sio_pwrite_many(struct sio_file *f, const struct sio_wvec *v, unsigned n)
 {
 	unsigned idx[SYNC_RING_ENTRIES], nb = 0, i;
 	struct io_uring *ring;
-	int ret;
+	int ret = 0;
 
 	if (!f || (n && !v))
 		return sx_error(-EINVAL, "sio_pwrite_many: bad arguments");
 	if (!f->writable)
 		return sx_error(-EBADF, "%s: write: file is open read-only",
 				f->path);
+	/* No device round trip to save on a memory file: one at a time. */
+	for (i = 0; f->mem && i < n && ret == 0; i++)
+		ret = sio_pwrite(f, v[i].buf, v[i].len, v[i].off);
+	if (f->mem)
+		return ret;
 	ret = sync_ring_get(f->path, &ring);
 	if (ret < 0)
 		return ret;
@@ -563,6 +583,10 @@ static int sync_simple(struct sio_file *f, enum sio_op op, int mode,
 
 	if (!f)
 		return sx_error(-EINVAL, "%s: NULL file", what);
+	if (f->mem) {
+		ret = sio_mem_io(f, op, NULL, len, off, mode);
+		goto logged;
+	}
 	ret = sync_ring_get(f->path, &ring);
 	if (ret < 0)
 		goto out;
@@ -571,7 +595,8 @@ static int sync_simple(struct sio_file *f, enum sio_op op, int mode,
 	} while (ret == -EINTR || ret == -EAGAIN);
 	if (ret < 0)
 		sx_error(ret, "%s: %s: %s", f->path, what, strerror(-ret));
-	else
+logged:
+	if (ret == 0)
 		ret = sio_iolog_op(f, op, mode, off, len);
 out:
 	return ret;
@@ -651,6 +676,9 @@ int sio_file_open(const char *path, unsigned flags, struct sio_file **out)
 	    ((flags & SIO_EXCL) && !(flags & SIO_CREATE)))
 		return sx_error(-EINVAL, "%s: open: invalid flags 0x%x", path,
 				flags);
+	ret = sio_mem_open(path, flags, out);
+	if (ret != 0)
+		return ret < 0 ? ret : 0;
 	/* Fail at open, not at the first read, when io_uring is refused. */
 	ret = sync_ring_get(path, &ring);
 	if (ret < 0)
@@ -723,6 +751,7 @@ void sio_file_close(struct sio_file *f)
 		return;
 	if (f->fd >= 0)
 		close(f->fd);
+	sio_mem_put(f->mem);
 	free(f->path);
 	free(f);
 }
@@ -759,7 +788,8 @@ int sio_file_truncate(struct sio_file *f, uint64_t size)
 		return sx_error(-EFBIG,
 				"%s: truncate to %" PRIu64 ": too large",
 				f->path, size);
-	tl_sync_waits++;
+	if (!f->mem)
+		tl_sync_waits++;
 	if (ftruncate(f->fd, (off_t)size) < 0)
 		return sx_error(-errno, "%s: truncate to %" PRIu64 ": %s",
 				f->path, size, strerror(errno));

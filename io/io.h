@@ -27,6 +27,9 @@
  * the kernel's errno and records a message that says io_uring is unavailable
  * and why; there is no silent fallback.
  *
+ * Memory files (sio_mem_create(), for tests) are sio_files whose bytes live
+ * in memory and whose synchronous I/O never touches io_uring.
+ *
  * Threads: a sio_file may be used from any thread; a sio_queue only from the
  * thread that runs it.
  */
@@ -36,6 +39,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 
 /* Alignment of every buffer sio_buf_alloc() returns. */
@@ -51,6 +55,8 @@ enum sio_open_flags {
 	SIO_OPEN_MASK = (1 << 5) - 1,
 };
 
+struct sio_mem;
+
 struct sio_file {
 	int fd;
 	char *path; /* as given to sio_file_open, owned */
@@ -60,6 +66,7 @@ struct sio_file {
 	uint32_t
 		align; /* offset/length alignment for async I/O (1 if buffered) */
 	uint32_t mem_align; /* buffer alignment for async I/O (1 if buffered) */
+	struct sio_mem *mem; /* a memory file (sio_mem_create), or NULL */
 };
 
 /*
@@ -243,5 +250,54 @@ uint64_t sio_fault_delays(void);
  * Returns 0, -EBUSY (already started), or -errno of the open.
  */
 int sio_iolog_start(const char *path);
+
+/*
+ * Memory files, for tests: a file that lives only in memory, so that
+ * format code can be opened, read, written and flushed (and judged by
+ * qemu-img from a snapshot) on a host that refuses io_uring.
+ *
+ * sio_mem_create() registers a memory file at path holding a copy of
+ * buf[0..len). From then until sio_mem_destroy(), sio_file_open(path)
+ * opens it instead of the filesystem's file at that path (SIO_TRUNC
+ * empties it, SIO_CREATE|SIO_EXCL says -EEXIST), and sio_stat(path)
+ * answers for it, so a backing chain can be made of memory files. Its
+ * sio_files are buffered (alignment 1) and do their reads, writes, syncs
+ * and fallocates with plain system calls on the memory, never io_uring;
+ * fault and latency rules (sio_fault_add) and the write log apply to them
+ * as to any file. They cannot go on a sio_queue (-EOPNOTSUPP). Size,
+ * truncate and image locks behave as on a file on tmpfs.
+ * 0 and *out, or -errno with a message: -EINVAL, -EEXIST (one is already
+ * registered at path), -ENOMEM, or memfd_create's error.
+ *
+ * sio_mem_destroy(): unregister and free m; sio_files still open on it go
+ * on working until closed. NULL is a no-op.
+ *
+ * sio_mem_save(): copy its bytes now into the (real) file at path,
+ * replaced, keeping holes: what qemu-img check/compare then judge.
+ *
+ * sio_mem_fail(): the memory file's one fault rule (it replaces any
+ * earlier one): of the requests of kind op (SIO_OP_READ, _WRITE, _FSYNC,
+ * _FDATASYNC, _FALLOCATE; 0 clears the rule) the next `after` pass, then
+ * `count` of them fail with -err (count 0: every one from then on, a
+ * device that died). Each write of a sio_pwrite_many batch is one
+ * request. 0 or -EINVAL.
+ *
+ * sio_mem_count(): requests of kind op made so far on m (failed ones too).
+ *
+ * All of these are thread safe.
+ */
+int sio_mem_create(const char *path, const void *buf, size_t len,
+		   struct sio_mem **out);
+void sio_mem_destroy(struct sio_mem *m);
+int sio_mem_save(struct sio_mem *m, const char *path);
+int sio_mem_fail(struct sio_mem *m, enum sio_op op, unsigned after,
+		 unsigned count, int err);
+uint64_t sio_mem_count(struct sio_mem *m, enum sio_op op);
+
+/*
+ * stat(2) of path as sio_file_open() would find it: a memory file
+ * registered there, else the filesystem's file. 0 or -errno.
+ */
+int sio_stat(const char *path, struct stat *st);
 
 #endif

@@ -292,6 +292,9 @@ static int validate(const struct sio_req *req, uint64_t *lenp)
 	if (!req->file || !req->done)
 		return sx_error(-EINVAL, "%s: request without file or callback",
 				path);
+	if (req->file->mem)
+		return sx_error(-EOPNOTSUPP,
+				"%s: a memory file cannot go on a queue", path);
 	switch (req->op) {
 	case SIO_OP_READ:
 	case SIO_OP_WRITE:
@@ -511,8 +514,13 @@ static int log_done(const struct sio_req *req, int res)
 	return ret < 0 ? ret : res;
 }
 
-/* Reap what the kernel has completed, running callbacks. */
-static unsigned reap(struct sio_queue *q)
+/*
+ * Reap what the kernel has completed. A finished request that only accepts
+ * (every one when only is NULL) gets its callback now; any other keeps its
+ * result on the finished list for the next sio_queue_run(). Returns the
+ * callbacks run.
+ */
+static unsigned reap(struct sio_queue *q, bool (*only)(struct sio_req *req))
 {
 	struct io_uring_cqe *cqe;
 	struct sio_req *req;
@@ -527,12 +535,16 @@ static unsigned reap(struct sio_queue *q)
 		q->in_ring--;
 		if (hold_over(q, req))
 			continue;
-		if (complete_one(q, req, res, &res)) {
-			if (res >= 0)
-				res = log_done(req, res);
-			run_callback(q, req, res);
-			ran++;
+		if (!complete_one(q, req, res, &res))
+			continue;
+		if (res >= 0)
+			res = log_done(req, res);
+		if (only && !only(req)) {
+			finish_now(q, req, res);
+			continue;
 		}
+		run_callback(q, req, res);
+		ran++;
 	}
 	return ran;
 }
@@ -556,7 +568,7 @@ int sio_queue_run(struct sio_queue *q, unsigned min_complete)
 		    ret != -EBUSY && ret != -ETIME)
 			return sx_error(ret, "io_uring_submit_and_wait: %s",
 					strerror(-ret));
-		ran += reap(q);
+		ran += reap(q, NULL);
 		if (ran >= min_complete && !q->finished_head)
 			break;
 		if (ran < min_complete && !q->finished_head && !q->in_ring &&
@@ -592,9 +604,8 @@ static struct sio_req *pop_finished_only(struct sio_queue *q,
 int sio_queue_run_only(struct sio_queue *q, bool (*only)(struct sio_req *req),
 		       bool (*busy)(void *arg), void *arg)
 {
-	struct io_uring_cqe *cqe;
 	struct sio_req *req;
-	int ret, res;
+	int ret;
 
 	if (!q || !only || !busy)
 		return sx_error(-EINVAL, "sio_queue_run_only: NULL argument");
@@ -612,22 +623,7 @@ int sio_queue_run_only(struct sio_queue *q, bool (*only)(struct sio_req *req),
 		    ret != -EBUSY && ret != -ETIME)
 			return sx_error(ret, "io_uring_submit_and_wait: %s",
 					strerror(-ret));
-		while (io_uring_peek_cqe(&q->ring, &cqe) == 0) {
-			req = io_uring_cqe_get_data(cqe);
-			res = cqe->res;
-			io_uring_cqe_seen(&q->ring, cqe);
-			q->in_ring--;
-			if (hold_over(q, req))
-				continue;
-			if (!complete_one(q, req, res, &res))
-				continue;
-			if (res >= 0)
-				res = log_done(req, res);
-			if (only(req))
-				run_callback(q, req, res);
-			else
-				finish_now(q, req, res); /* for sio_queue_run */
-		}
+		reap(q, only);
 	}
 	ret = io_uring_submit(&q->ring);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
