@@ -59,6 +59,14 @@ struct stream_progress {
 	uint64_t bytes_zero;
 	uint64_t rate;
 	bool finalized;
+	/* The pipeline (siphon_block_stream_info_ex, since 0.1.2). */
+	uint64_t inflight_bytes;
+	uint64_t window_bytes;
+	uint64_t request_bytes;
+	uint64_t device_rate;
+	uint64_t latency_us;
+	uint64_t read_request_bytes;
+	uint64_t write_request_bytes;
 };
 
 struct stream_ui {
@@ -89,6 +97,14 @@ static void print_counters_json(const struct stream_progress *p)
 	       ", \"rate\": %" PRIu64,
 	       p->cur, p->end, percent(p), p->bytes_copied, p->bytes_skipped,
 	       p->bytes_zero, p->rate);
+	printf(", \"inflight_bytes\": %" PRIu64 ", \"window_bytes\": %" PRIu64
+	       ", \"request_bytes\": %" PRIu64 ", \"device_rate\": %" PRIu64
+	       ", \"latency_us\": %" PRIu64
+	       ", \"read_request_bytes\": %" PRIu64
+	       ", \"write_request_bytes\": %" PRIu64,
+	       p->inflight_bytes, p->window_bytes, p->request_bytes,
+	       p->device_rate, p->latency_us, p->read_request_bytes,
+	       p->write_request_bytes);
 }
 
 static void on_progress(void *opaque, const struct stream_progress *p)
@@ -268,6 +284,13 @@ static int get_progress(siphon_domain *dom, const char *abs,
 		p->bytes_zero = x[i].bytes_zero;
 		p->rate = x[i].rate;
 		p->finalized = x[i].state == SIPHON_STREAM_COMPLETED;
+		p->inflight_bytes = x[i].inflight_bytes;
+		p->window_bytes = x[i].window_bytes;
+		p->request_bytes = x[i].request_bytes;
+		p->device_rate = x[i].device_rate;
+		p->latency_us = x[i].latency_us;
+		p->read_request_bytes = x[i].read_request_bytes;
+		p->write_request_bytes = x[i].write_request_bytes;
 		if (out)
 			*out = x[i];
 		return 1;
