@@ -12,8 +12,15 @@
  *            host clusters, link them;
  *   PARTIAL  the top holds part of the cluster (extended L2 subclusters):
  *            fill the rest through the driver's write path (slow, rare).
- * COPY runs become extents of up to extent_bytes, several in flight at once
- * on the owner's queue, each one op of the copy pipeline (copy.h): it reads
+ * COPY runs become extents, several in flight at once on the owner's
+ * queue; how many bytes are in flight and how large an extent is are the
+ * in-flight controller's (inflight.h: measured on the device, bounded by
+ * the buffer pool; fixed by the overrides; the owner's limits while the
+ * guest is busy). An extent runs on over short LOCAL runs between COPY
+ * runs (at most an eighth of its size): the copy does not read or write
+ * those clusters but lets one read cover them, so scattered local clusters
+ * do not split the device's requests. Each extent is one op of the copy
+ * pipeline (copy.h): it reads
  * every piece of the chain that makes up the range (the whole chain down to
  * the bottom, since a copied cluster must be complete), writes the clusters
  * that are not all zeros into fresh host clusters and links them. What is
