@@ -54,6 +54,11 @@
  *    that changed nothing doubles the cruise windows before the next one,
  *    up to 16; a cruise window whose throughput moved by 15% from the
  *    baseline (the device changed) starts a round at once.
+ *    Noise: every cruise window measures the adopted configuration again;
+ *    the mean relative change between them is the noise, and a gain must
+ *    be at least twice that as well as 8% (a shared cloud volume moves by
+ *    10-30% from one window to the next; fixed thresholds made the probes
+ *    a random walk there).
  *    Hysteresis: growing must gain clearly (8%) while shrinking may cost a
  *    little (5%), so at the knee neither probe flips the window back and
  *    forth; a change of S needs a clear gain either way, so equal throughput
@@ -99,6 +104,8 @@ enum ifc_probe {
 #define IFC_STARTUP_KEEP 0.90
 #define IFC_GAIN 1.08
 #define IFC_KEEP 0.95
+#define IFC_S_DOWN_GAIN 1.15
+#define IFC_NOISE_SIGMAS 2.0
 #define IFC_FULL 0.75
 #define IFC_MAX_CRUISE 16
 #define IFC_MIN_DEPTH 4
@@ -323,6 +330,12 @@ static void cruise_step(struct ifc *c, double x, uint64_t now)
 		c->cruise_len = 1;
 		c->cruise_left = 0;
 		c->x_ref[0] = c->x_ref[1] = x;
+	} else if (c->x_base > 0) {
+		/* The same configuration measured again: how noisy is it? */
+		double dev = x > c->x_base ? x / c->x_base - 1
+					   : 1 - x / c->x_base;
+
+		c->noise = c->noise > 0 ? 0.75 * c->noise + 0.25 * dev : dev;
 	}
 	adopt(c, x);
 	if (c->cruise_left > 1) {
@@ -343,10 +356,19 @@ static void probe_step(struct ifc *c, double x, uint64_t now)
 	uint64_t w, s;
 	bool keep;
 
+	/*
+	 * A gain must stand out of the noise the cruise windows measured
+	 * (twice their mean relative change: on a shared cloud volume one
+	 * window differs from the next by 10-30%, and a fixed 8% made the
+	 * probes a random walk, which went down to 256 KiB extents). A
+	 * smaller window needs no gain, only no clear loss against the best
+	 * recent baseline, which noise only raises.
+	 */
 	if (c->probe == IFC_W_DOWN)
 		keep = x >= IFC_KEEP * c->x_run;
 	else
-		keep = x >= IFC_GAIN * c->x_base;
+		keep = x >= max_d(IFC_GAIN, 1 + IFC_NOISE_SIGMAS * c->noise) *
+				    c->x_base;
 	if (keep) {
 		adopt(c, x);
 		c->changed = true;
