@@ -201,10 +201,14 @@ static void stream_help(FILE *out)
 		"                        the chain); IMAGE's backing becomes BASE\n"
 		"  -s, --speed RATE      limit to RATE bytes/s (K, M, G suffixes;\n"
 		"                        0 = unlimited, the default)\n"
-		"  -q, --queue-depth N   copy extents in flight, 1..1024 (default: the\n"
-		"                        engine's, 8 today)\n"
-		"  -e, --extent-size SZ  bytes per extent, 512..64M (default: the\n"
-		"                        engine's, 1M today)\n"
+		"  -q, --queue-depth N   fix the copy extents in flight, 1..1024\n"
+		"                        (default: the engine steers the bytes in\n"
+		"                        flight by what the device delivers)\n"
+		"  -e, --extent-size SZ  fix the bytes per extent, 512..64M (default:\n"
+		"                        chosen the same way, 256K..8M)\n"
+		"  -m, --buffer-size SZ  copy buffers in flight at most, 1M..1G\n"
+		"                        (default 16M; with both -q and -e, at least\n"
+		"                        their product)\n"
 		"      --progress        draw progress on stderr (default on a\n"
 		"                        terminal)\n"
 		"      --no-progress     do not\n"
@@ -361,6 +365,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"speed", required_argument, NULL, 's'},
 		{"queue-depth", required_argument, NULL, 'q'},
 		{"extent-size", required_argument, NULL, 'e'},
+		{"buffer-size", required_argument, NULL, 'm'},
 		{"progress", no_argument, NULL, 'P'},
 		{"no-progress", no_argument, NULL, 'N'},
 		{"output", required_argument, NULL, 'o'},
@@ -380,7 +385,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	bool attached = false, handlers = false;
 	uint64_t v;
 
-	while ((c = getopt_long(argc, argv, "+:f:b:s:q:e:o:h", opts, NULL)) !=
+	while ((c = getopt_long(argc, argv, "+:f:b:s:q:e:m:o:h", opts, NULL)) !=
 	       -1) {
 		switch (c) {
 		case 'f':
@@ -406,6 +411,13 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 				return tool_usage(
 					cmd, "--extent-size takes 512..64M");
 			prm.extent_size = v;
+			break;
+		case 'm':
+			if (parse_size(optarg, &v) < 0 || v < (1u << 20) ||
+			    v > (1u << 30))
+				return tool_usage(cmd,
+						  "--buffer-size takes 1M..1G");
+			dopt.stream_buffer_bytes = v;
 			break;
 		case 'P':
 			progress = 1;
@@ -457,6 +469,11 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	/* Room for every extent's reads and writes. */
 	if (prm.queue_depth)
 		dopt.queue_depth = prm.queue_depth * 4;
+	/* Both fixed: the buffers they ask for, not fewer. */
+	v = (uint64_t)prm.queue_depth * prm.extent_size;
+	if (v > (dopt.stream_buffer_bytes ? dopt.stream_buffer_bytes
+					  : 16ull << 20))
+		dopt.stream_buffer_bytes = v;
 	ret = siphon_domain_create(&dopt, &dom);
 	if (ret < 0)
 		goto fail;

@@ -1464,6 +1464,8 @@ def run_usage(tmp: str, rep: harness.Report) -> None:
         ("bad-queue-depth", ["--queue-depth", "0", t], 2, ("queue-depth",)),
         ("bad-extent-size", ["--extent-size", "100", t], 2,
          ("extent-size",)),
+        ("bad-buffer-size", ["--buffer-size", "64K", t], 2,
+         ("buffer-size",)),
         ("bad-output", ["--output=xml", t], 2, ("output", "xml")),
         ("unknown-option", ["--frobnicate", t], 2, ("option", "frobnicate")),
         ("missing-image", [], 2, ("image",)),
