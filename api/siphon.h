@@ -346,6 +346,18 @@ struct siphon_block_stream_info_ex {
 	uint64_t clusters_done; /* every cluster below this one is local */
 	uint64_t clusters; /* the top's clusters */
 	uint64_t cluster_size; /* bytes */
+	/*
+	 * Since 0.1.2: what the copy pipeline does now. Its depth and
+	 * request size are found from what the device delivers (or fixed by
+	 * block_stream_params' queue_depth/extent_size); 0 while nothing ran.
+	 */
+	uint64_t inflight_bytes; /* extents in flight */
+	uint64_t window_bytes; /* the target of bytes in flight */
+	uint64_t request_bytes; /* the extent size chosen now */
+	uint64_t device_rate; /* bytes/s the controller last measured */
+	uint64_t latency_us; /* mean extent latency, same measurement */
+	uint64_t read_request_bytes; /* mean read request sent, so far */
+	uint64_t write_request_bytes; /* mean write request sent, so far */
 };
 
 /* The size of the first version of struct siphon_block_stream_info_ex. */

@@ -516,6 +516,13 @@ static void fill_info_ex(struct siphon_block_stream_info_ex *x,
 	x->clusters_done = r->progress.cur;
 	x->clusters = r->progress.end;
 	x->cluster_size = d->cluster_size;
+	x->inflight_bytes = r->progress.inflight_bytes;
+	x->window_bytes = r->progress.window_bytes;
+	x->request_bytes = r->progress.request_bytes;
+	x->device_rate = r->progress.device_rate;
+	x->latency_us = r->progress.latency_us;
+	x->read_request_bytes = r->progress.read_request_bytes;
+	x->write_request_bytes = r->progress.write_request_bytes;
 }
 
 SIPHON_API int

@@ -15,6 +15,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,7 +31,11 @@ struct copier {
 	struct sio_queue *q;
 	struct inflater *z; /* started on the first compressed piece */
 	unsigned inflight;
+	struct copier_stats st;
 };
+
+/* One request of a copy never grows past this (sio_req: <= INT_MAX). */
+#define COPY_REQ_MAX (64ull * 1024 * 1024)
 
 bool copy_is_zero(const void *p, size_t len)
 {
@@ -76,6 +81,11 @@ unsigned copier_inflight(const struct copier *c)
 	return c->inflight;
 }
 
+void copier_get_stats(const struct copier *c, struct copier_stats *st)
+{
+	*st = c->st;
+}
+
 int copier_inflate(struct copier *c, const struct img_piece *pc, void *dst,
 		   inflate_done_fn done, void *opaque)
 {
@@ -105,6 +115,7 @@ static void op_finish(struct copy_op *op)
 	struct copier *c = op->c;
 	struct img *top = c->top;
 	int err = op->err;
+	uint8_t *held;
 	unsigned r;
 
 	if (err) {
@@ -115,13 +126,16 @@ static void op_finish(struct copy_op *op)
 	free(op->msg);
 	free(op->reqs);
 	free(op->runs);
-	free(op->top);
+	free(op->iovs);
 	op->msg = NULL;
 	op->reqs = NULL;
 	op->runs = NULL;
-	op->top = NULL;
+	op->iovs = NULL;
 	c->inflight--;
+	/* op->top stays for done() (copy.h); done() may free the op. */
+	held = op->top;
 	op->done(op, err);
+	free(held);
 }
 
 static void op_write(struct copy_op *op);
@@ -181,6 +195,13 @@ static int op_add_io(struct copy_op *op, enum sio_op kind, struct sio_file *f,
 			return sio_pread(f, buf, len, off);
 		return sio_pwrite(f, buf, len, off);
 	}
+	/* Continues the last request in the file and in memory: grow it. */
+	r = op->nreqs ? &op->reqs[op->nreqs - 1] : NULL;
+	if (r && r->op == kind && r->file == f && r->off + r->len == off &&
+	    (uint8_t *)r->buf + r->len == buf && r->len + len <= COPY_REQ_MAX) {
+		r->len += len;
+		return 0;
+	}
 	if (op->nreqs == op->reqcap) {
 		unsigned cap = op->reqcap ? op->reqcap * 2 : 8;
 
@@ -211,6 +232,13 @@ static int op_submit(struct copy_op *op)
 	int ret;
 
 	for (i = 0; i < op->nreqs; i++) {
+		if (op->reqs[i].op == SIO_OP_READ) {
+			op->c->st.reads++;
+			op->c->st.read_bytes += op->reqs[i].len;
+		} else {
+			op->c->st.writes++;
+			op->c->st.write_bytes += op->reqs[i].len;
+		}
 		op->pending++;
 		ret = sio_queue_submit(q, &op->reqs[i]);
 		if (ret < 0) {
@@ -317,8 +345,11 @@ static int op_read(struct copy_op *op)
 {
 	struct img *top = op->c->top;
 	uint64_t end = op->off + op->len, lim = sx_min(end, top->size);
-	uint64_t pos = op->rpos, ca, cb, stop;
+	uint64_t pos = op->rpos, ca, cb, stop, gap = 0;
+	bool bridge = false; /* the last piece went into the last request */
 	struct img_piece pc;
+	struct sio_req *last;
+	uint8_t *dst;
 	int ret = 0;
 
 	if (lim < end)
@@ -337,11 +368,30 @@ static int op_read(struct copy_op *op)
 		}
 		if (ret < 0)
 			goto out;
-		ret = read_piece(op, &pc, op->buf + (pos - op->off));
+		dst = op->buf + (pos - op->off);
+		if (pc.top && (op->flags & COPY_SKIP_TOP)) {
+			/* Never written: not read either, maybe read over. */
+			ret = mark_top(op, pos, pc.len);
+			if (ret < 0)
+				goto out;
+			gap += pc.len;
+			pos += pc.len;
+			continue;
+		}
+		last = op->nreqs ? &op->reqs[op->nreqs - 1] : NULL;
+		if (bridge && gap && gap <= op->gap_max &&
+		    pc.status == IMG_DATA && last->file == pc.file &&
+		    last->off + last->len + gap == pc.host_off &&
+		    (uint8_t *)last->buf + last->len + gap == dst &&
+		    last->len + gap + pc.len <= COPY_REQ_MAX)
+			last->len += gap; /* read_piece() then extends it */
+		gap = 0;
+		ret = read_piece(op, &pc, dst);
 		if (ret >= 0 && pc.top)
 			ret = mark_top(op, pos, pc.len);
 		if (ret < 0)
 			goto out;
+		bridge = pc.status == IMG_DATA && op->nreqs;
 		pos += pc.len;
 	}
 out:
@@ -446,6 +496,47 @@ static void op_prepare(struct copy_op *op)
 	/* 1: op_prepared() runs later. */
 }
 
+/*
+ * Writes that continue each other on the device but not in the buffer
+ * (runs around a cluster the top held or a zero cluster skipped, host
+ * runs allocated one after the other) become one vectored request: the
+ * device sees the request size the runs add up to.
+ */
+static int gather_writes(struct copy_op *op)
+{
+	struct sio_req *r = op->reqs, *w = NULL;
+	struct iovec *iov;
+	unsigned i, k = 0, out = 0;
+	bool any = false;
+
+	for (i = 1; i < op->nreqs && !any; i++)
+		any = r[i].file == r[i - 1].file &&
+		      r[i - 1].off + r[i - 1].len == r[i].off;
+	if (!any)
+		return 0;
+	iov = calloc(op->nreqs, sizeof(*iov));
+	if (!iov)
+		return 0; /* one request per run: slower, as correct */
+	op->iovs = iov;
+	for (i = 0; i < op->nreqs; i++) {
+		iov[k] = (struct iovec){r[i].buf, r[i].len};
+		if (w && w->file == r[i].file && w->off + w->len == r[i].off &&
+		    w->len + r[i].len <= COPY_REQ_MAX && w->iovcnt < IOV_MAX) {
+			w->iovcnt++;
+			w->len += r[i].len;
+			k++;
+			continue;
+		}
+		w = &r[out++];
+		*w = r[i];
+		w->buf = NULL;
+		w->iov = &iov[k++];
+		w->iovcnt = 1;
+	}
+	op->nreqs = out;
+	return 0;
+}
+
 /* The reads are in: let the caller look, then allocate and write. */
 static void op_write(struct copy_op *op)
 {
@@ -470,6 +561,8 @@ static void op_write(struct copy_op *op)
 			i += got;
 		}
 	}
+	if (ret >= 0)
+		ret = gather_writes(op);
 	if (ret >= 0)
 		ret = op_submit(op);
 	if (ret < 0)
@@ -537,6 +630,7 @@ void copy_start(struct copier *c, struct copy_op *op)
 	op->nreqs = op->reqcap = 0;
 	op->runs = NULL;
 	op->nruns = op->runcap = 0;
+	op->iovs = NULL;
 	op->linked = 0;
 	op->written = 0;
 	op->rpos = op->off;

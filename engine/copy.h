@@ -59,6 +59,7 @@ struct img;
 struct img_piece;
 struct sio_queue;
 struct sio_req;
+struct iovec;
 struct copier;
 
 enum copy_flags {
@@ -66,6 +67,22 @@ enum copy_flags {
 	COPY_WRITE_ZEROS = 1 << 0,
 	/* Every written cluster must end up linked to its run, or -EIO. */
 	COPY_VERIFY = 1 << 1,
+	/*
+	 * The caller needs only what it will write: pieces the top holds
+	 * are not read (their part of buf is undefined afterwards), and a
+	 * read of a layer may run on over them into the next piece of the
+	 * same file (up to gap_max bytes of them), so that a few local
+	 * clusters do not split a large read.
+	 */
+	COPY_SKIP_TOP = 1 << 2,
+};
+
+/* What a copier sent to the device (for the user: request sizes). */
+struct copier_stats {
+	uint64_t reads; /* requests */
+	uint64_t read_bytes;
+	uint64_t writes;
+	uint64_t write_bytes;
 };
 
 /* A host run of an op: guest clusters [off, off + n clusters) at host. */
@@ -86,6 +103,7 @@ struct copy_op {
 	unsigned flags; /* enum copy_flags */
 	uint64_t cover_off; /* the caller's data: whole clusters in it */
 	uint64_t cover_len; /* are not read (0: read everything) */
+	uint64_t gap_max; /* COPY_SKIP_TOP: bytes a read may run over */
 	/*
 	 * Optional: the reads are done (buf holds the chain's data). Return
 	 * 0 to go on, or -errno to fail the op (nothing was allocated yet).
@@ -97,6 +115,12 @@ struct copy_op {
 
 	/* Out: bytes written as data (whole clusters), valid in done(). */
 	uint64_t written;
+	/*
+	 * Out, valid in done() only: per cluster, non-zero where the top
+	 * held (part of) it during the read, so the op did not write it;
+	 * NULL when the top held none.
+	 */
+	uint8_t *top;
 
 	/* Private to copy.c. */
 	struct copier *c;
@@ -105,8 +129,8 @@ struct copy_op {
 	int err;
 	char *msg; /* the first failure's message (malloc'd) */
 	bool writing;
-	uint8_t *top; /* per cluster: the top held part of it; or NULL */
 	struct sio_req *reqs;
+	struct iovec *iovs; /* of the gathered writes (gather_writes()) */
 	unsigned nreqs, reqcap;
 	struct copy_run *runs;
 	unsigned nruns, runcap;
@@ -130,6 +154,9 @@ bool copier_serves(const struct copier *c, const struct img *top,
 
 /* Ops started whose done() has not run. */
 unsigned copier_inflight(const struct copier *c);
+
+/* The requests c has sent so far, into *st. */
+void copier_get_stats(const struct copier *c, struct copier_stats *st);
 
 /*
  * Start op (fields up to priv filled). Never fails by itself: every error,

@@ -12,9 +12,11 @@
  * bytes or are queued; a left user is off every list but the user list until its
  * held bytes are back, then freed.
  */
+#define _GNU_SOURCE
 #include <errno.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 
 #include "engine/extent_pool.h"
 #include "io/io.h"
@@ -66,6 +68,29 @@ static void update_active(struct extent_pool_user *u)
 		u->p->nactive--;
 }
 
+/*
+ * Buffers are mappings of their own, not heap memory: extents come in
+ * several sizes (the controller changes them), and glibc raises its mmap
+ * threshold after freeing a large mapped chunk, after which such buffers
+ * come from the heap and their frees leave it fragmented and resident
+ * (seen: 37 MiB peak RSS for a 16 MiB budget). A mapping returns its pages
+ * when it is unmapped. Page aligned, which is SIO_BUF_ALIGN.
+ */
+_Static_assert(SIO_BUF_ALIGN <= 4096, "pool buffers are page aligned");
+
+static void *buf_map(size_t size)
+{
+	void *b = mmap(NULL, size, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	return b == MAP_FAILED ? NULL : b;
+}
+
+static void buf_unmap(void *b, size_t size)
+{
+	munmap(b, size);
+}
+
 static void free_kept(struct extent_pool *p)
 {
 	struct kept_buf *b;
@@ -73,7 +98,7 @@ static void free_kept(struct extent_pool *p)
 	while ((b = p->free)) {
 		p->free = b->next;
 		p->kept -= b->size;
-		sio_buf_free(b);
+		buf_unmap(b, b->size);
 	}
 }
 
@@ -258,9 +283,9 @@ static void *take_buf(struct extent_pool *p, size_t size)
 		b = p->free;
 		p->free = b->next;
 		p->kept -= b->size;
-		sio_buf_free(b);
+		buf_unmap(b, b->size);
 	}
-	return sio_buf_alloc(size < sizeof(*b) ? sizeof(*b) : size);
+	return buf_map(size < sizeof(*b) ? sizeof(*b) : size);
 }
 
 int extent_pool_get(struct extent_pool_user *u, size_t size, void **buf)
@@ -311,7 +336,7 @@ void extent_pool_put(struct extent_pool_user *u, void *buf, size_t size)
 	p->out -= size;
 	update_active(u);
 	if (!p->nusers || p->out + p->kept + size > p->budget) {
-		sio_buf_free(buf);
+		buf_unmap(buf, size < sizeof(*b) ? sizeof(*b) : size);
 	} else {
 		b->size = size;
 		b->next = p->free;

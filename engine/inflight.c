@@ -32,8 +32,10 @@
  *    completion "was there room?" would be fooled by completions reaped in
  *    a batch before the stream refills.)
  *  - Startup: W doubles each window (S stays at its start size) while
- *    throughput grows by 25% over the best so far; after two windows
- *    without, W becomes the smallest window seen that reached 90% of the best
+ *    throughput grows by 10% over the best so far (a cloud volume keeps
+ *    gaining 10-20% per doubling long after the first extents); after two
+ *    windows without, W becomes the smallest window seen that reached 95%
+ *    of the best
  *    throughput: past the knee only latency grows.
  *  - Steady state: a cruise window measures the baseline X of the adopted
  *    (W, S), then probes run one window each, in turn:
@@ -54,6 +56,14 @@
  *    that changed nothing doubles the cruise windows before the next one,
  *    up to 16; a cruise window whose throughput moved by 15% from the
  *    baseline (the device changed) starts a round at once.
+ *    Noise: every cruise window measures the adopted configuration again;
+ *    the mean relative change between them is the noise. A gain must be
+ *    at least twice that as well as 8%, and a smaller window is kept only
+ *    if it lost less than 5% minus the noise (a shared cloud volume moves
+ *    by 10-30% from one window to the next; with fixed thresholds the
+ *    probes were a random walk there, which went down to 256 KiB extents
+ *    and a few MiB in flight). So where measurements cannot tell, the
+ *    controller keeps what startup found.
  *    Hysteresis: growing must gain clearly (8%) while shrinking may cost a
  *    little (5%), so at the knee neither probe flips the window back and
  *    forth; a change of S needs a clear gain either way, so equal throughput
@@ -94,11 +104,13 @@ enum ifc_probe {
 
 #define IFC_MIN_SAMPLES 16
 #define IFC_MIN_WINDOW_NS (20ull * 1000 * 1000)
-#define IFC_STARTUP_GROWTH 1.25
+#define IFC_STARTUP_GROWTH 1.10
 #define IFC_STARTUP_FAILS 2
-#define IFC_STARTUP_KEEP 0.90
+#define IFC_STARTUP_KEEP 0.95
 #define IFC_GAIN 1.08
 #define IFC_KEEP 0.95
+#define IFC_S_DOWN_GAIN 1.15
+#define IFC_NOISE_SIGMAS 2.0
 #define IFC_FULL 0.75
 #define IFC_MAX_CRUISE 16
 #define IFC_MIN_DEPTH 4
@@ -319,6 +331,13 @@ static void cruise_step(struct ifc *c, double x, uint64_t now)
 	bool changed = c->x_base > 0 && (x > (1 + IFC_CHANGED) * c->x_base ||
 					 x < (1 - IFC_CHANGED) * c->x_base);
 
+	if (c->x_base > 0) {
+		/* The same configuration measured again: how noisy is it? */
+		double dev = x > c->x_base ? x / c->x_base - 1
+					   : 1 - x / c->x_base;
+
+		c->noise = c->noise > 0 ? 0.75 * c->noise + 0.25 * dev : dev;
+	}
 	if (changed) {
 		c->cruise_len = 1;
 		c->cruise_left = 0;
@@ -343,10 +362,19 @@ static void probe_step(struct ifc *c, double x, uint64_t now)
 	uint64_t w, s;
 	bool keep;
 
+	/*
+	 * A gain must stand out of the noise the cruise windows measured
+	 * (twice their mean relative change: on a shared cloud volume one
+	 * window differs from the next by 10-30%, and a fixed 8% made the
+	 * probes a random walk, which went down to 256 KiB extents). A
+	 * smaller window needs no gain, only no clear loss against the best
+	 * recent baseline, which noise only raises.
+	 */
 	if (c->probe == IFC_W_DOWN)
-		keep = x >= IFC_KEEP * c->x_run;
+		keep = x >= (1 - max_d(0, 1 - IFC_KEEP - c->noise)) * c->x_run;
 	else
-		keep = x >= IFC_GAIN * c->x_base;
+		keep = x >= max_d(IFC_GAIN, 1 + IFC_NOISE_SIGMAS * c->noise) *
+				    c->x_base;
 	if (keep) {
 		adopt(c, x);
 		c->changed = true;

@@ -97,6 +97,7 @@ struct ifc {
 	double x_base; /* throughput of the adopted configuration */
 	double x_ref[2]; /* the last two baselines: no slow drift down */
 	double x_run; /* reference of a run of W down probes */
+	double noise; /* mean relative change between cruise windows */
 	unsigned cruise_len; /* cruise windows between rounds of probes */
 	unsigned cruise_left; /* of this cruise */
 	bool changed; /* a probe of this round was kept */

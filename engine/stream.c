@@ -12,8 +12,15 @@
  *            host clusters, link them;
  *   PARTIAL  the top holds part of the cluster (extended L2 subclusters):
  *            fill the rest through the driver's write path (slow, rare).
- * COPY runs become extents of up to extent_bytes, several in flight at once
- * on the owner's queue, each one op of the copy pipeline (copy.h): it reads
+ * COPY runs become extents, several in flight at once on the owner's
+ * queue; how many bytes are in flight and how large an extent is are the
+ * in-flight controller's (inflight.h: measured on the device, bounded by
+ * the buffer pool; fixed by the overrides; the owner's limits while the
+ * guest is busy). An extent runs on over short LOCAL runs between COPY
+ * runs (at most an eighth of its size): the copy does not read or write
+ * those clusters but lets one read cover them, so scattered local clusters
+ * do not split the device's requests. Each extent is one op of the copy
+ * pipeline (copy.h): it reads
  * every piece of the chain that makes up the range (the whole chain down to
  * the bottom, since a copied cluster must be complete), writes the clusters
  * that are not all zeros into fresh host clusters and links them. What is
@@ -42,6 +49,7 @@
 #include "copy.h"
 #include "extent_pool.h"
 #include "formats/image.h"
+#include "inflight.h"
 #include "formats/port.h"
 #include "io/io.h"
 #include "meta_ahead.h"
@@ -63,6 +71,8 @@ struct extent {
 	struct extent *next; /* planning order */
 	void *lock; /* token of the range lock, or NULL */
 	size_t buf_bytes; /* op.buf's size, for the pool */
+	uint64_t t0; /* started (ns) */
+	uint64_t ifc_bytes; /* reported to the controller, or 0 */
 };
 
 struct stream {
@@ -76,10 +86,10 @@ struct stream {
 	bool own_copier;
 	struct meta_ahead *ahead; /* L2 read-ahead, or NULL */
 	struct meta_fetch mf; /* the planner missed a slice: read on q */
-	unsigned max_inflight;
+	struct ifc ifc; /* extents in flight and their size */
+	bool limited; /* stream_set_limits(): the owner's bounds rule */
+	unsigned max_inflight; /* the owner's bounds, while limited */
 	uint64_t extent_bytes;
-	unsigned opt_inflight; /* as created: stream_set_limits(0) */
-	uint64_t opt_extent;
 	uint64_t flush_bytes;
 	int (*lock)(void *opaque, uint64_t off, uint64_t len, void **token);
 	void (*unlock)(void *opaque, void *token);
@@ -117,6 +127,14 @@ struct stream {
 	_Atomic uint64_t bytes_zero;
 	_Atomic uint64_t rate;
 	_Atomic bool finalized;
+	/* What the pipeline does (stream_progress), for any thread. */
+	_Atomic uint64_t inflight_bytes;
+	_Atomic uint64_t window_bytes;
+	_Atomic uint64_t request_bytes;
+	_Atomic uint64_t device_rate;
+	_Atomic uint64_t latency_us;
+	_Atomic uint64_t read_request_bytes;
+	_Atomic uint64_t write_request_bytes;
 	uint64_t rate_t0;
 	uint64_t rate_b0;
 
@@ -142,6 +160,57 @@ static void stream_fail(struct stream *s, int err)
 	s->err = err;
 	snprintf(s->errmsg, sizeof(s->errmsg), "%s",
 		 sx_last_error()[0] ? sx_last_error() : strerror(-err));
+}
+
+/* A fixed extent size as the stream uses it: whole clusters, one at least. */
+static uint64_t whole_clusters(const struct stream *s, uint64_t bytes)
+{
+	if (bytes < s->cs)
+		return s->cs;
+	return bytes - bytes % s->cs;
+}
+
+/*
+ * The controller over the pool's budget (a pool of our own when the owner
+ * has none: max_inflight buffers of extent_bytes when both are fixed, as
+ * before the controller, else the default budget).
+ */
+static int controller_init(struct stream *s, const struct stream_opts *o)
+{
+	struct extent_pool_stats ps;
+	struct ifc_opts io = {0};
+	uint64_t fixed_extent = 0, budget = 0;
+	int ret;
+
+	if (o->extent_bytes)
+		fixed_extent = whole_clusters(s, o->extent_bytes);
+	if (o->max_inflight && fixed_extent)
+		budget = o->max_inflight * fixed_extent;
+	if (!o->pool && extent_pool_create(budget, &s->own_pool) < 0)
+		return sx_error(ENOMEM, "stream: out of memory");
+	extent_pool_get_stats(o->pool ? o->pool : s->own_pool, &ps);
+	io.max_bytes = ps.budget;
+	io.fixed_depth = o->max_inflight;
+	io.fixed_extent = fixed_extent;
+	/* Extents of whole clusters: a cluster may be larger than 256 KiB. */
+	io.min_extent = IFC_MIN_EXTENT;
+	while (io.min_extent < s->cs)
+		io.min_extent *= 2;
+	io.max_extent = IFC_MAX_EXTENT > io.min_extent ? IFC_MAX_EXTENT
+						       : io.min_extent;
+	/* A budget below what a fixed override needs: the override wins. */
+	if (io.fixed_depth && !io.fixed_extent &&
+	    io.max_bytes < io.fixed_depth * io.min_extent)
+		io.max_bytes = io.fixed_depth * io.min_extent;
+	if (io.max_bytes < (fixed_extent ? fixed_extent : io.min_extent))
+		io.max_bytes = fixed_extent ? fixed_extent : io.min_extent;
+	ret = ifc_init(&s->ifc, &io, now_ns());
+	if (ret < 0) {
+		extent_pool_destroy(s->own_pool);
+		s->own_pool = NULL;
+		return sx_error(ret, "stream: bad pipeline limits");
+	}
+	return 0;
 }
 
 int stream_create(const struct stream_opts *o, struct stream **out)
@@ -174,16 +243,7 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 	s->top = o->top;
 	s->base = o->base;
 	s->q = o->q;
-	s->max_inflight =
-		o->max_inflight ? o->max_inflight : STREAM_DEFAULT_INFLIGHT;
 	s->cs = o->top->cluster_size;
-	s->extent_bytes =
-		o->extent_bytes ? o->extent_bytes : STREAM_DEFAULT_EXTENT;
-	if (s->extent_bytes < s->cs)
-		s->extent_bytes = s->cs;
-	s->extent_bytes -= s->extent_bytes % s->cs;
-	s->opt_inflight = s->max_inflight;
-	s->opt_extent = s->extent_bytes;
 	if (!o->lock != !o->unlock) {
 		free(s);
 		return sx_error(EINVAL, "stream: lock hooks come in pairs");
@@ -195,11 +255,10 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 	s->end = o->top->size / s->cs + (o->top->size % s->cs != 0);
 	s->plan_budget = UINT64_MAX;
 	s->failed_at = UINT64_MAX;
-	/* Alone: the old bound, max_inflight buffers of extent_bytes. */
-	if (!o->pool && extent_pool_create(s->max_inflight * s->extent_bytes,
-					   &s->own_pool) < 0) {
+	ret = controller_init(s, o);
+	if (ret < 0) {
 		free(s);
-		return sx_error(ENOMEM, "stream: out of memory");
+		return ret;
 	}
 	if (extent_pool_join(o->pool ? o->pool : s->own_pool, &s->pu) < 0) {
 		extent_pool_destroy(s->own_pool);
@@ -434,6 +493,8 @@ static bool zero_as_data(struct stream *s)
 	return s->base && !s->zero_clusters;
 }
 
+static void publish(struct stream *s);
+
 /*
  * The extent's copy is over (copy.h): with a base, the zero clusters it did
  * not write become zero clusters; then retire the extent.
@@ -449,7 +510,7 @@ static void ex_done(struct copy_op *op, int err)
 
 	for (i = 0; i < ncl && ret >= 0; i++) {
 		goff = op->off + i * s->cs;
-		if ((op->flags & COPY_WRITE_ZEROS) ||
+		if ((op->top && op->top[i]) || (op->flags & COPY_WRITE_ZEROS) ||
 		    !copy_is_zero(op->buf + i * s->cs, s->cs))
 			continue;
 		n = sx_min(s->cs, top->size - goff);
@@ -475,21 +536,70 @@ static void ex_done(struct copy_op *op, int err)
 			s->tail = t;
 	}
 	s->inflight--;
+	if (ex->ifc_bytes && ret < 0)
+		ifc_cancelled(&s->ifc, ex->ifc_bytes);
+	else if (ex->ifc_bytes)
+		ifc_completed(&s->ifc, ex->ifc_bytes, ex->t0, now_ns());
 	update_cursor(s);
 	if (ex->lock)
 		s->unlock(s->lock_opaque, ex->lock);
 	extent_pool_put(s->pu, op->buf, ex->buf_bytes);
 	free(ex);
+	publish(s);
 }
 
 /*
- * The size of the buffer an extent needs: the largest extent this stream
- * plans (the scheduler's limits may be above a small extent_size), so
- * every buffer of a stream has one size and is reused as it is.
+ * The extent size for the next extent: the owner's bound while it limits
+ * the stream, else the controller's (whole clusters either way). Buffers
+ * are of this size, so the pool reuses them as long as it holds.
  */
-static size_t buf_bytes(const struct stream *s)
+static uint64_t next_extent(const struct stream *s)
 {
-	return (size_t)sx_max(s->opt_extent, s->extent_bytes);
+	if (s->limited)
+		return s->extent_bytes;
+	return whole_clusters(s, ifc_extent_bytes(&s->ifc));
+}
+
+/* Whether another extent may start now. */
+static bool may_start(const struct stream *s)
+{
+	if (s->limited)
+		return s->inflight < s->max_inflight;
+	return ifc_may_start(&s->ifc, next_extent(s));
+}
+
+/*
+ * Local runs an extent reads over (bytes): what a few more bytes of a
+ * large read cost, against a request more. An eighth of the extent: the
+ * read grows by at most an eighth where the top already holds one
+ * cluster in every few, and a run of local clusters longer than that
+ * still splits the read (reading it would cost more than it saves).
+ */
+static uint64_t gap_bytes(const struct stream *s, uint64_t extent)
+{
+	return extent / 8 - extent / 8 % s->cs;
+}
+
+/* Publish what the pipeline does, for stream_get_progress(). */
+static void publish(struct stream *s)
+{
+	struct copier_stats cs;
+	struct ifc_stats st;
+
+	ifc_stats(&s->ifc, &st);
+	copier_get_stats(s->copier, &cs);
+	atomic_store(&s->inflight_bytes, st.inflight_bytes);
+	atomic_store(&s->window_bytes,
+		     s->limited ? (uint64_t)s->max_inflight * s->extent_bytes
+				: st.target_bytes);
+	atomic_store(&s->request_bytes, next_extent(s));
+	atomic_store(&s->device_rate, st.throughput);
+	atomic_store(&s->latency_us, st.latency_ns / 1000);
+	if (cs.reads)
+		atomic_store(&s->read_request_bytes, cs.read_bytes / cs.reads);
+	if (cs.writes)
+		atomic_store(&s->write_request_bytes,
+			     cs.write_bytes / cs.writes);
 }
 
 /*
@@ -497,10 +607,10 @@ static size_t buf_bytes(const struct stream *s)
  * the pool says not now (the stream is starved: it plans again at a later
  * pump, after some extent of this loop's streams retired), -errno.
  */
-static int take_buf(struct stream *s, uint8_t **buf)
+static int take_buf(struct stream *s, size_t bytes, uint8_t **buf)
 {
 	void *b;
-	int ret = extent_pool_get(s->pu, buf_bytes(s), &b);
+	int ret = extent_pool_get(s->pu, bytes, &b);
 
 	if (ret == -EAGAIN) {
 		s->starved = true;
@@ -519,28 +629,35 @@ static int take_buf(struct stream *s, uint8_t **buf)
  * only when nothing was started.
  */
 static int start_copy(struct stream *s, uint64_t cl, uint64_t n, void *token,
-		      uint8_t *buf)
+		      uint8_t *buf, size_t bytes)
 {
 	struct extent *ex;
 
 	ex = calloc(1, sizeof(*ex));
 	if (!ex) {
-		extent_pool_put(s->pu, buf, buf_bytes(s));
+		extent_pool_put(s->pu, buf, bytes);
 		if (token)
 			s->unlock(s->lock_opaque, token);
 		return sx_error(ENOMEM, "stream: out of memory");
 	}
-	ex->buf_bytes = buf_bytes(s);
+	ex->buf_bytes = bytes;
 	ex->lock = token;
 	ex->s = s;
 	ex->op = (struct copy_op){
 		.off = cl * s->cs,
 		.len = n * s->cs,
 		.buf = buf,
-		.flags = zero_as_data(s) ? COPY_WRITE_ZEROS : 0,
+		.flags = COPY_SKIP_TOP |
+			 (zero_as_data(s) ? COPY_WRITE_ZEROS : 0),
+		.gap_max = gap_bytes(s, bytes),
 		.done = ex_done,
 		.priv = ex,
 	};
+	ex->t0 = now_ns();
+	if (!s->limited) {
+		ex->ifc_bytes = n * s->cs;
+		ifc_started(&s->ifc, ex->ifc_bytes, ex->t0);
+	}
 	if (s->tail)
 		s->tail->next = ex;
 	else
@@ -549,6 +666,39 @@ static int start_copy(struct stream *s, uint64_t cl, uint64_t n, void *token,
 	s->inflight++;
 	copy_start(s->copier, &ex->op);
 	return 0;
+}
+
+/*
+ * Grow a COPY extent of n clusters at the planner over what follows, up to
+ * max clusters: further COPY runs (another layer's, say), and local runs
+ * of at most gap clusters between two COPY runs, which the copy reads over
+ * and never writes (counted as skipped here). Stops at anything else, or
+ * where a lookup would wait for metadata (the next extent starts there).
+ */
+static uint64_t extend_extent(struct stream *s, uint64_t limit, uint64_t max,
+			      uint64_t n, uint64_t gap)
+{
+	uint64_t at, m, m2;
+	enum run_kind k;
+
+	while (n < max && s->planner + n < limit) {
+		at = s->planner + n;
+		if (classify(s, at, limit - at, &k, &m) != 0)
+			break;
+		if (k == RUN_COPY) {
+			n += sx_min(m, max - n);
+			continue;
+		}
+		if (k != RUN_LOCAL || m > gap || n + m >= max ||
+		    at + m >= limit)
+			break;
+		if (classify(s, at + m, limit - at - m, &k, &m2) != 0 ||
+		    k != RUN_COPY)
+			break;
+		atomic_fetch_add(&s->bytes_skipped, m * s->cs);
+		n += m + sx_min(m2, max - n - m);
+	}
+	return n;
 }
 
 /* Fill the parts of a partially local cluster through the write path. */
@@ -686,7 +836,7 @@ static int flush_start(struct stream *s)
 int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 {
 	enum run_kind kind = RUN_LOCAL;
-	uint64_t n = 0, max, wait;
+	uint64_t n = 0, max, wait, ext;
 	uint8_t *buf = NULL;
 	void *token;
 	int ret = 0;
@@ -712,9 +862,10 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 	if (!s->err && !atomic_load(&s->abort))
 		meta_ahead_pump(s->ahead, s->planner * s->cs);
 	while (!s->err && !atomic_load(&s->abort) && s->planner < limit &&
-	       s->inflight < s->max_inflight && s->plan_budget && !s->mf.busy) {
+	       may_start(s) && s->plan_budget && !s->mf.busy) {
 		meta_ahead_pump(s->ahead, s->planner * s->cs);
-		max = sx_min(limit - s->planner, s->extent_bytes / s->cs);
+		ext = next_extent(s);
+		max = sx_min(limit - s->planner, ext / s->cs);
 		ret = classify(s, s->planner, limit - s->planner, &kind, &n);
 		if (ret == PLAN_PARKED) {
 			ret = 0;
@@ -749,18 +900,21 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 			__attribute__((fallthrough));
 		case RUN_COPY:
 			n = sx_min(n, max);
-			ret = take_buf(s, &buf);
+			if (kind == RUN_COPY)
+				n = extend_extent(s, limit, max, n,
+						  gap_bytes(s, ext) / s->cs);
+			ret = take_buf(s, ext, &buf);
 			if (ret <= 0)
 				goto out;
 			ret = range_lock(s, s->planner, n, &token);
 			if (ret <= 0) {
-				extent_pool_put(s->pu, buf, buf_bytes(s));
+				extent_pool_put(s->pu, buf, ext);
 				goto out;
 			}
 			ret = 0;
 			wait = copy_gate(s, n * s->cs);
 			if (wait) {
-				extent_pool_put(s->pu, buf, buf_bytes(s));
+				extent_pool_put(s->pu, buf, ext);
 				if (token)
 					s->unlock(s->lock_opaque, token);
 				if (!s->inflight)
@@ -772,7 +926,8 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 					sx_min(s->plan_budget, n * s->cs);
 			/* The extent owns clusters [planner, planner + n). */
 			s->planner += n;
-			ret = start_copy(s, s->planner - n, n, token, buf);
+			ret = start_copy(s, s->planner - n, n, token, buf,
+					 ext);
 			update_cursor(s);
 			if (ret < 0)
 				goto out;
@@ -804,6 +959,7 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 out:
 	if (ret < 0)
 		stream_fail(s, ret);
+	publish(s);
 	/* Not waiting for a buffer: leave the queue to those who are. */
 	if (!s->starved)
 		extent_pool_unwait(s->pu);
@@ -813,12 +969,11 @@ out:
 void stream_set_limits(struct stream *s, unsigned max_inflight,
 		       uint64_t extent_bytes)
 {
-	s->max_inflight = max_inflight ? max_inflight : s->opt_inflight;
-	if (!extent_bytes)
-		extent_bytes = s->opt_extent;
-	if (extent_bytes < s->cs)
-		extent_bytes = s->cs;
-	s->extent_bytes = extent_bytes - extent_bytes % s->cs;
+	s->limited = max_inflight || extent_bytes;
+	s->max_inflight = max_inflight ? max_inflight : 1;
+	s->extent_bytes = whole_clusters(
+		s, extent_bytes ? extent_bytes : ifc_extent_bytes(&s->ifc));
+	publish(s);
 }
 
 void stream_set_budget(struct stream *s, uint64_t max_bytes)
@@ -944,4 +1099,11 @@ void stream_get_progress(struct stream *s, struct stream_progress *p)
 	p->bytes_zero = atomic_load(&s->bytes_zero);
 	p->rate = atomic_load(&s->rate);
 	p->finalized = atomic_load(&s->finalized);
+	p->inflight_bytes = atomic_load(&s->inflight_bytes);
+	p->window_bytes = atomic_load(&s->window_bytes);
+	p->request_bytes = atomic_load(&s->request_bytes);
+	p->device_rate = atomic_load(&s->device_rate);
+	p->latency_us = atomic_load(&s->latency_us);
+	p->read_request_bytes = atomic_load(&s->read_request_bytes);
+	p->write_request_bytes = atomic_load(&s->write_request_bytes);
 }

@@ -48,14 +48,27 @@ struct stream_progress {
 	uint64_t bytes_zero; /* read as zero: not written as data */
 	uint64_t rate; /* bytes copied per second, recent */
 	bool finalized; /* backing dropped (or set to base) */
+	/* What the pipeline does now (the in-flight controller, copier). */
+	uint64_t inflight_bytes; /* extents in flight, bytes */
+	uint64_t window_bytes; /* the controller's target in flight */
+	uint64_t request_bytes; /* the extent size chosen */
+	uint64_t device_rate; /* bytes/s the controller last measured */
+	uint64_t latency_us; /* mean extent latency it last measured */
+	uint64_t read_request_bytes; /* mean read request sent, so far */
+	uint64_t write_request_bytes; /* mean write request sent, so far */
 };
 
 struct stream_opts {
 	struct img *top; /* opened read-write, with its chain */
 	struct img *base; /* a layer of top's chain, or NULL: everything */
 	struct sio_queue *q; /* the owner's queue */
-	unsigned max_inflight; /* extents in flight (0: default) */
-	uint64_t extent_bytes; /* bytes per extent (0: default) */
+	/*
+	 * Overrides of the in-flight controller (inflight.h): a fixed number
+	 * of extents in flight and a fixed extent size; 0: the controller
+	 * finds them from what the device delivers.
+	 */
+	unsigned max_inflight;
+	uint64_t extent_bytes;
 	uint64_t speed; /* bytes/s copied, 0 = unlimited */
 	uint64_t flush_bytes; /* commit metadata every this many bytes */
 	/*
@@ -84,11 +97,14 @@ struct stream_opts {
 	 * with the other streams of the owner's loop; it belongs to the
 	 * owner's thread. A stream that gets no buffer plans later (it never
 	 * fails for that). NULL: a pool of its own, of max_inflight buffers
-	 * of extent_bytes.
+	 * of extent_bytes when both are fixed, else of
+	 * EXTENT_POOL_DEFAULT_BUDGET. The controller keeps at most the
+	 * pool's budget in flight.
 	 */
 	struct extent_pool *pool;
 };
 
+/* The extent count and size a fixed override of one of them pairs with. */
 #define STREAM_DEFAULT_INFLIGHT 8
 #define STREAM_DEFAULT_EXTENT (1024 * 1024)
 #define STREAM_DEFAULT_FLUSH (256ull * 1024 * 1024)
@@ -122,8 +138,10 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns);
 
 /*
  * Lower the load while the owner has other work (guest I/O): at most
- * max_inflight extents of at most extent_bytes; 0 restores the value the
- * stream was created with. Takes effect for the next extents. Owner only.
+ * max_inflight extents of at most extent_bytes, whatever the controller
+ * says (it neither measures nor steers meanwhile); both 0 give the
+ * stream back to its controller. Takes effect for the next extents.
+ * Owner only.
  */
 void stream_set_limits(struct stream *s, unsigned max_inflight,
 		       uint64_t extent_bytes);

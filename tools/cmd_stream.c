@@ -59,6 +59,14 @@ struct stream_progress {
 	uint64_t bytes_zero;
 	uint64_t rate;
 	bool finalized;
+	/* The pipeline (siphon_block_stream_info_ex, since 0.1.2). */
+	uint64_t inflight_bytes;
+	uint64_t window_bytes;
+	uint64_t request_bytes;
+	uint64_t device_rate;
+	uint64_t latency_us;
+	uint64_t read_request_bytes;
+	uint64_t write_request_bytes;
 };
 
 struct stream_ui {
@@ -89,6 +97,14 @@ static void print_counters_json(const struct stream_progress *p)
 	       ", \"rate\": %" PRIu64,
 	       p->cur, p->end, percent(p), p->bytes_copied, p->bytes_skipped,
 	       p->bytes_zero, p->rate);
+	printf(", \"inflight_bytes\": %" PRIu64 ", \"window_bytes\": %" PRIu64
+	       ", \"request_bytes\": %" PRIu64 ", \"device_rate\": %" PRIu64
+	       ", \"latency_us\": %" PRIu64
+	       ", \"read_request_bytes\": %" PRIu64
+	       ", \"write_request_bytes\": %" PRIu64,
+	       p->inflight_bytes, p->window_bytes, p->request_bytes,
+	       p->device_rate, p->latency_us, p->read_request_bytes,
+	       p->write_request_bytes);
 }
 
 static void on_progress(void *opaque, const struct stream_progress *p)
@@ -185,10 +201,14 @@ static void stream_help(FILE *out)
 		"                        the chain); IMAGE's backing becomes BASE\n"
 		"  -s, --speed RATE      limit to RATE bytes/s (K, M, G suffixes;\n"
 		"                        0 = unlimited, the default)\n"
-		"  -q, --queue-depth N   copy extents in flight, 1..1024 (default: the\n"
-		"                        engine's, 8 today)\n"
-		"  -e, --extent-size SZ  bytes per extent, 512..64M (default: the\n"
-		"                        engine's, 1M today)\n"
+		"  -q, --queue-depth N   fix the copy extents in flight, 1..1024\n"
+		"                        (default: the engine steers the bytes in\n"
+		"                        flight by what the device delivers)\n"
+		"  -e, --extent-size SZ  fix the bytes per extent, 512..64M (default:\n"
+		"                        chosen the same way, 256K..8M)\n"
+		"  -m, --buffer-size SZ  copy buffers in flight at most, 1M..1G\n"
+		"                        (default 16M; with both -q and -e, at least\n"
+		"                        their product)\n"
 		"      --progress        draw progress on stderr (default on a\n"
 		"                        terminal)\n"
 		"      --no-progress     do not\n"
@@ -268,6 +288,13 @@ static int get_progress(siphon_domain *dom, const char *abs,
 		p->bytes_zero = x[i].bytes_zero;
 		p->rate = x[i].rate;
 		p->finalized = x[i].state == SIPHON_STREAM_COMPLETED;
+		p->inflight_bytes = x[i].inflight_bytes;
+		p->window_bytes = x[i].window_bytes;
+		p->request_bytes = x[i].request_bytes;
+		p->device_rate = x[i].device_rate;
+		p->latency_us = x[i].latency_us;
+		p->read_request_bytes = x[i].read_request_bytes;
+		p->write_request_bytes = x[i].write_request_bytes;
 		if (out)
 			*out = x[i];
 		return 1;
@@ -338,6 +365,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"speed", required_argument, NULL, 's'},
 		{"queue-depth", required_argument, NULL, 'q'},
 		{"extent-size", required_argument, NULL, 'e'},
+		{"buffer-size", required_argument, NULL, 'm'},
 		{"progress", no_argument, NULL, 'P'},
 		{"no-progress", no_argument, NULL, 'N'},
 		{"output", required_argument, NULL, 'o'},
@@ -357,7 +385,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	bool attached = false, handlers = false;
 	uint64_t v;
 
-	while ((c = getopt_long(argc, argv, "+:f:b:s:q:e:o:h", opts, NULL)) !=
+	while ((c = getopt_long(argc, argv, "+:f:b:s:q:e:m:o:h", opts, NULL)) !=
 	       -1) {
 		switch (c) {
 		case 'f':
@@ -383,6 +411,13 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 				return tool_usage(
 					cmd, "--extent-size takes 512..64M");
 			prm.extent_size = v;
+			break;
+		case 'm':
+			if (parse_size(optarg, &v) < 0 || v < (1u << 20) ||
+			    v > (1u << 30))
+				return tool_usage(cmd,
+						  "--buffer-size takes 1M..1G");
+			dopt.stream_buffer_bytes = v;
 			break;
 		case 'P':
 			progress = 1;
@@ -434,6 +469,11 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	/* Room for every extent's reads and writes. */
 	if (prm.queue_depth)
 		dopt.queue_depth = prm.queue_depth * 4;
+	/* Both fixed: the buffers they ask for, not fewer. */
+	v = (uint64_t)prm.queue_depth * prm.extent_size;
+	if (v > (dopt.stream_buffer_bytes ? dopt.stream_buffer_bytes
+					  : 16ull << 20))
+		dopt.stream_buffer_bytes = v;
 	ret = siphon_domain_create(&dopt, &dom);
 	if (ret < 0)
 		goto fail;

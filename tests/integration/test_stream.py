@@ -1231,6 +1231,81 @@ def run_speed(tmp: str, rep: harness.Report) -> None:
 
 
 # ---------------------------------------------------------------------------
+# 7b. The pipeline: large requests over scattered local clusters, reported
+
+PIPE_FIELDS = ("inflight_bytes", "window_bytes", "request_bytes",
+               "device_rate", "latency_us", "read_request_bytes",
+               "write_request_bytes")
+
+
+def run_pipeline(tmp: str, rep: harness.Report) -> None:
+    d = os.path.join(tmp, "pipeline")
+    os.makedirs(d)
+    size, cs = 16 * MiB, 64 * KiB
+    b = os.path.join(d, "base.raw")
+    dense_raw(b, size, 77)
+
+    def top(tag: str) -> tuple[str, str]:
+        t = os.path.join(d, f"{tag}.qcow2")
+        corpus.create_qcow2(t, size, backing=b, backing_fmt="raw",
+                            relative=True)
+        # Every tenth cluster already local: runs of 9 to copy.
+        corpus.qemu_io(t, "qcow2", *[f"write -P 0x3{i % 10} {i * cs} {cs}"
+                                     for i in range(0, size // cs, 10)])
+        o = os.path.join(d, f"{tag}-orig.qcow2")
+        shutil.copyfile(t, o)
+        return t, o
+
+    name = "pipeline/reads-over-local-clusters"
+    if wanted(name):
+        t, o = top("a")
+        problems, ev = stream_ok(t, ["--extent-size", "1M"])
+        for k in PIPE_FIELDS:
+            if not isinstance(ev.get(k), int):
+                problems.append(f"done event without integer {k}: {ev}")
+        if not problems:
+            # 1 MiB extents read over the local cluster inside them and
+            # write their runs as one request: no 576 KiB pieces.
+            for k in ("read_request_bytes", "write_request_bytes"):
+                if ev[k] < 768 * KiB:
+                    problems.append(f"{k} {ev[k]}: the local clusters "
+                                    f"split the requests (want >= 768 KiB "
+                                    f"with 1 MiB extents)")
+            if ev["request_bytes"] != MiB:
+                problems.append(f"request_bytes {ev['request_bytes']}, "
+                                f"want the fixed 1 MiB")
+        problems += verify_full(o, t)
+        rep.emit(name, problems, info=f"reads {ev.get('read_request_bytes')}"
+                 f" B, writes {ev.get('write_request_bytes')} B on average")
+
+    name = "pipeline/adaptive-reported"
+    if wanted(name):
+        t, o = top("b")
+        r = srun(["stream", "--output=json", t])
+        problems = [] if r.rc == 0 else [describe(r)]
+        problems += json_stream_problems(r, size, cs)
+        events, _ = json_lines(r)
+        ev = events[-1] if events else {}
+        for k in PIPE_FIELDS:
+            if not isinstance(ev.get(k), int):
+                problems.append(f"done event without integer {k}: {ev}")
+        if not problems:
+            rb = ev["request_bytes"]
+            if rb < 256 * KiB or rb > 8 * MiB or rb & (rb - 1):
+                problems.append(f"request_bytes {rb}: want a power of two "
+                                f"in [256 KiB, 8 MiB]")
+            if not 0 < ev["window_bytes"] <= 64 * MiB:
+                problems.append(f"window_bytes {ev['window_bytes']}")
+            if ev["inflight_bytes"] != 0:
+                problems.append(f"{ev['inflight_bytes']} bytes in flight "
+                                f"after the end")
+        problems += verify_full(o, t)
+        rep.emit(name, problems, info=f"window {ev.get('window_bytes')} B, "
+                 f"extent {ev.get('request_bytes')} B")
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
 # 8. Crash: SIGKILL at random moments
 
 
@@ -1389,6 +1464,8 @@ def run_usage(tmp: str, rep: harness.Report) -> None:
         ("bad-queue-depth", ["--queue-depth", "0", t], 2, ("queue-depth",)),
         ("bad-extent-size", ["--extent-size", "100", t], 2,
          ("extent-size",)),
+        ("bad-buffer-size", ["--buffer-size", "64K", t], 2,
+         ("buffer-size",)),
         ("bad-output", ["--output=xml", t], 2, ("output", "xml")),
         ("unknown-option", ["--frobnicate", t], 2, ("option", "frobnicate")),
         ("missing-image", [], 2, ("image",)),
@@ -1438,7 +1515,7 @@ def main() -> int:
         rep = harness.Report()
         t0 = time.monotonic()
         for section in (run_usage, run_corpus, run_qemu030, run_errors,
-                        run_abort, run_speed, run_crash):
+                        run_abort, run_speed, run_pipeline, run_crash):
             try:
                 section(tmp, rep)
             except Exception as x:  # a bug in a section: report, go on

@@ -443,6 +443,92 @@ START_TEST(t_caller_data)
 }
 END_TEST
 
+/* What done() saw of op->top (valid in done() only). */
+static uint8_t held_seen[16];
+
+static void held_done(struct copy_op *op, int err)
+{
+	uint64_t i;
+
+	for (i = 0; i < op->len / CS && i < sizeof(held_seen); i++)
+		held_seen[i] = op->top ? op->top[i] : 0;
+	run_done(op, err);
+}
+
+/*
+ * COPY_SKIP_TOP: the clusters the top holds are not read, one read runs
+ * over them when they are short gaps in a contiguous base, and the runs
+ * between them (allocated one after the other) go out as one vectored
+ * write: a few local clusters do not split the device's requests. With
+ * gap_max below the gap, the read splits around it.
+ */
+START_TEST(t_skip_top_large_requests)
+{
+	struct copier_stats st0, st1;
+	uint64_t host2, host5, gap = (uint64_t)_i ? 0 : CS;
+	char base[64];
+	struct img *alone;
+	struct disk d;
+	struct run r;
+	uint8_t *before, *b;
+	FILE *f;
+
+	snprintf(base, sizeof(base), "%s", tpath(_i ? "sk1.raw" : "sk0.raw"));
+	f = fopen(base, "wb");
+	ck_assert_ptr_nonnull(f);
+	b = malloc(SIZE);
+	fill(b, SIZE, 7);
+	ck_assert_uint_eq(fwrite(b, 1, SIZE, f), SIZE);
+	fclose(f);
+	free(b);
+	create(tpath(_i ? "sk1.qcow2" : "sk0.qcow2"), base, "raw");
+	disk_open(&d, tpath(_i ? "sk1.qcow2" : "sk0.qcow2"));
+	write_cluster(d.top, 2, 21);
+	write_cluster(d.top, 5, 51);
+	host2 = top_host(d.top, 2);
+	host5 = top_host(d.top, 5);
+	before = chain_read(d.top, SIZE);
+	copier_get_stats(d.c, &st0);
+	run_init(&r, &d, 0, 8 * CS, COPY_SKIP_TOP);
+	r.op.gap_max = gap;
+	r.op.done = held_done;
+	memset(held_seen, 0, sizeof(held_seen));
+	copy_start(d.c, &r.op);
+	run_wait(&r);
+	ck_assert_msg(r.err == 0, "copy: %s", sx_last_error());
+	copier_get_stats(d.c, &st1);
+	ck_assert_uint_eq(r.op.written, 6 * CS);
+	ck_assert(held_seen[2] && held_seen[5]);
+	ck_assert(!held_seen[0] && !held_seen[1] && !held_seen[3] &&
+		  !held_seen[4] && !held_seen[6] && !held_seen[7]);
+	if (gap) {
+		/* One read of the 8 clusters, local ones included. */
+		ck_assert_uint_eq(st1.reads - st0.reads, 1);
+		ck_assert_uint_eq(st1.read_bytes - st0.read_bytes, 8 * CS);
+	} else {
+		ck_assert_uint_eq(st1.reads - st0.reads, 3);
+		ck_assert_uint_eq(st1.read_bytes - st0.read_bytes, 6 * CS);
+	}
+	/* Three runs, one after the other on the device: one write. */
+	ck_assert_uint_eq(st1.writes - st0.writes, 1);
+	ck_assert_uint_eq(st1.write_bytes - st0.write_bytes, 6 * CS);
+	ck_assert_uint_eq(top_host(d.top, 2), host2);
+	ck_assert_uint_eq(top_host(d.top, 5), host5);
+	assert_chain_is(d.top, before, SIZE);
+	disk_close(&d);
+	/* The top alone holds the chain's first 8 clusters. */
+	alone = open_img(tpath(_i ? "sk1.qcow2" : "sk0.qcow2"),
+			 IMG_OPEN_NO_BACKING);
+	b = malloc(8 * CS);
+	ck_assert_int_eq(img_pread(alone, b, 8 * CS, 0), 0);
+	ck_assert(memcmp(b, before, 8 * CS) == 0);
+	img_close(alone);
+	free(b);
+	check_image(tpath(_i ? "sk1.qcow2" : "sk0.qcow2"));
+	free(before);
+}
+END_TEST
+
 START_TEST(t_bad_args)
 {
 	const char *p = make_chain("ba");
@@ -474,6 +560,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, t_failed_write_releases);
 	tcase_add_test(tc, t_compressed_inflater);
 	tcase_add_test(tc, t_caller_data);
+	tcase_add_loop_test(tc, t_skip_top_large_requests, 0, 2);
 	tcase_add_test(tc, t_bad_args);
 	suite_add_tcase(s, tc);
 	return s;
