@@ -21,8 +21,21 @@
  *    cluster from the chain. The synchronous pieces are written before any
  *    asynchronous one is submitted, so a bounce read-modify-write never
  *    races our own write.
- *  - DISCARD, WRITE_ZEROES, FLUSH: the driver's synchronous operations; the
- *    driver turns clusters into zero clusters while a backing exists.
+ *  - DISCARD, WRITE_ZEROES: under a cluster lock, the driver first brings
+ *    the metadata they touch into memory on the disk's port
+ *    (img_prepare_discard(); the request parks meanwhile and comes back
+ *    when it is in), then the driver's operation runs, changing only
+ *    cached metadata. It turns clusters into zero clusters while a backing
+ *    exists; the host clusters it frees are queued until a flush has made
+ *    the change durable (the flush applies them).
+ *  - FLUSH, and FUA: a round of the guest's flush (see gflush_round()):
+ *    an fdatasync of the top on the queue for the in-place writes, then
+ *    the driver's flush on the port (img_flush_start()), each finishing
+ *    by continuation. A flush request is answered by the first round that
+ *    started after it arrived, so everything completed before it is
+ *    durable; requests that arrive while a round runs share the next one.
+ *    When someone else's flush (the stream's) is in flight, the round
+ *    waits for it to end (guest_kick() tries again) and then runs its own.
  *
  * Metadata: reads (plain and copy-on-read) look the chain up with the
  * nowait calls, in every layer; where an L2 slice is not cached the
@@ -67,6 +80,13 @@
 
 struct gio;
 
+/*
+ * Preparation rounds (metadata reads) a discard or write-zeroes waits for
+ * before it lets the driver do the rest synchronously: only reached when
+ * the cache cannot hold the range's metadata.
+ */
+#define GUEST_PREP_ROUNDS 4096u
+
 /* Copy-on-read only at a shallow guest queue (see the top of the file). */
 #define GUEST_COR_MAX_DEPTH 4
 #define GUEST_COR_MAX_COPIES 2
@@ -98,6 +118,7 @@ struct gio {
 
 	/* Metadata: a nowait lookup missed, the request is parked. */
 	struct meta_fetch mf;
+	unsigned prep_rounds; /* discard, write-zeroes: img_prepare_discard */
 	bool decided; /* reads: plain or copy-on-read, chosen */
 	uint64_t rpos; /* plain reads: where the walk resumes */
 
@@ -105,6 +126,14 @@ struct gio {
 	bool cor;
 	uint8_t *cbuf; /* the op's buffer */
 	struct copy_op cop;
+};
+
+/* Where the guest's flush is (gflush_round()). */
+enum gflush_state {
+	GF_IDLE,
+	GF_SYNC, /* the fdatasync of in-place writes is on the queue */
+	GF_AGAIN, /* someone else's flush is in flight: ours goes after it */
+	GF_META, /* the driver's flush is on the port */
 };
 
 struct guest {
@@ -125,6 +154,11 @@ struct guest {
 	bool cor_yield; /* a stream copies too: copies may be skipped */
 	bool hold;
 	bool dirty; /* in-place writes since the last flush */
+	/* Flush requests (and FUA writes done but for the flush). */
+	struct guest_req *fl_wait, **fl_wait_tail; /* for the next round */
+	struct guest_req *fl_cur; /* answered by the round in flight */
+	enum gflush_state fl_state;
+	struct sio_req fl_sync;
 	uint64_t last_ns;
 	struct guest_stats st;
 };
@@ -244,20 +278,113 @@ static bool needs_lock(const struct guest_req *r)
 			  r->op == GUEST_WRITE_ZEROES);
 }
 
-static int do_flush(struct guest *g)
+/* ---- flushes ---- */
+
+static void gflush_round(struct guest *g);
+
+/* The round ended with ret: answer every request it covers. */
+static void gflush_end(struct guest *g, int ret)
 {
-	struct img *top = g->top;
+	struct guest_req *r = g->fl_cur, *next;
+
+	g->fl_cur = NULL;
+	g->fl_state = GF_IDLE;
+	for (; r; r = next) {
+		next = r->next;
+		r->next = NULL;
+		g->inflight--;
+		/* May submit again: that flush waits for the next round. */
+		r->complete(r, ret < 0 ? ret : 0);
+	}
+	if (g->fl_wait && g->fl_state == GF_IDLE)
+		gflush_round(g);
+}
+
+static void gflush_meta_done(void *opaque, int res)
+{
+	gflush_end(opaque, res);
+}
+
+/*
+ * The metadata part of the round: the driver's flush on the disk's port.
+ * Someone else's in flight (-EAGAIN) began before the round, so it may
+ * miss what the round must cover: wait for it to end (guest_kick() calls
+ * this again), then start ours.
+ */
+static void gflush_meta(struct guest *g)
+{
 	int ret;
 
-	ret = img_flush(top);
-	/* In-place writes change no metadata: the driver may not sync. */
-	if (ret >= 0 && g->dirty) {
-		g->dirty = false;
-		ret = sio_fdatasync(top->file);
-		if (ret < 0)
-			g->dirty = true;
+	g->fl_state = GF_META;
+	ret = img_flush_start(g->top, NULL, gflush_meta_done, g);
+	if (ret == -EAGAIN)
+		g->fl_state = GF_AGAIN;
+	else if (ret < 0)
+		gflush_end(g, ret);
+}
+
+static void gflush_synced(struct sio_req *sreq, int res)
+{
+	struct guest *g = sreq->priv;
+
+	if (res < 0) {
+		g->dirty = true;
+		gflush_end(g, sx_error(res, "%s: cannot sync data: %s",
+				       g->top->path, strerror(-res)));
+		return;
 	}
-	return ret;
+	gflush_meta(g);
+}
+
+/*
+ * Start a round for the requests waiting: in-place writes (which change
+ * no metadata, so the driver may not sync them) are synced on the queue,
+ * then the driver flushes. Writes that complete meanwhile are left for
+ * the next round.
+ */
+static void gflush_round(struct guest *g)
+{
+	int ret;
+
+	g->fl_cur = g->fl_wait;
+	g->fl_wait = NULL;
+	g->fl_wait_tail = &g->fl_wait;
+	if (!g->dirty || !g->top->writable) {
+		gflush_meta(g);
+		return;
+	}
+	g->dirty = false;
+	g->fl_state = GF_SYNC;
+	g->fl_sync = (struct sio_req){
+		.op = SIO_OP_FDATASYNC,
+		.file = g->top->file,
+		.done = gflush_synced,
+		.priv = g,
+	};
+	if (sio_queue_submit(g->q, &g->fl_sync) == 0)
+		return;
+	/* Not queued: the synchronous sync, as a last resort. */
+	ret = sio_fdatasync(g->top->file);
+	if (ret < 0) {
+		g->dirty = true;
+		gflush_end(g, ret);
+		return;
+	}
+	gflush_meta(g);
+}
+
+/*
+ * req (a flush, or a FUA write done but for the flush) completes after
+ * the first round that starts from now on; it counts as in flight.
+ */
+static void gflush_add(struct guest *g, struct guest_req *req)
+{
+	req->next = NULL;
+	*g->fl_wait_tail = req;
+	g->fl_wait_tail = &req->next;
+	g->inflight++;
+	if (g->fl_state == GF_IDLE)
+		gflush_round(g);
 }
 
 static struct gio *gio_new(struct guest *g, struct guest_req *req)
@@ -422,6 +549,7 @@ fail:
 
 static void read_go(struct gio *gio);
 static void write_go(struct gio *gio);
+static void zd_go(struct gio *gio);
 
 /* The missing metadata is in (or failed: the retry is synchronous). */
 static void gio_fetched(struct meta_fetch *f, int res)
@@ -667,14 +795,19 @@ static void read_done(struct gio *gio)
 	gio_free(gio);
 }
 
+/* Writes, discards and write-zeroes: FUA ones complete after a flush. */
 static void write_done(struct gio *gio)
 {
+	struct guest *g = gio->g;
+	struct guest_req *req = gio->req;
 	int ret = gio->err;
 
-	if (ret >= 0 && (gio->req->flags & GUEST_F_FUA))
-		ret = do_flush(gio->g);
-	req_complete(gio, ret);
+	gio->req = NULL;
 	gio_free(gio);
+	if (ret >= 0 && (req->flags & GUEST_F_FUA))
+		gflush_add(g, req);
+	else
+		req->complete(req, ret);
 }
 
 static void gio_put(struct gio *gio)
@@ -908,31 +1041,73 @@ static void write_start(struct guest *g, struct guest_req *req)
 	write_go(gio);
 }
 
-static void sync_op(struct guest *g, struct guest_req *req)
-{
-	struct img *top = g->top;
-	int ret;
+/* ---- discard, write-zeroes ---- */
 
-	switch (req->op) {
-	case GUEST_FLUSH:
-		ret = do_flush(g);
-		break;
-	case GUEST_DISCARD:
-		if (!top->writable)
-			ret = sx_error(EROFS, "%s: read-only", top->path);
-		else
-			ret = img_discard(top, req->off, req->len);
-		break;
-	case GUEST_WRITE_ZEROES:
-		ret = img_write_zeroes(top, req->off, req->len, 0);
-		if (ret >= 0 && (req->flags & GUEST_F_FUA))
-			ret = do_flush(g);
-		break;
-	default:
-		ret = sx_error(EINVAL, "unknown guest op %d", (int)req->op);
-		break;
+/* The metadata asked for is in (or not: the driver then reads it). */
+static void zd_prepared(void *opaque, int res)
+{
+	struct gio *gio = opaque;
+
+	(void)res;
+	gio->g->st.meta_fetches++;
+	zd_go(gio);
+}
+
+/*
+ * Run a discard or write-zeroes: lock its clusters (a stream or a
+ * copy-on-read must not copy into them while it waits), have the driver
+ * bring in the metadata it touches (parking while it is read: zd_prepared()
+ * calls this again, the lock still held), then the driver's operation,
+ * which now only changes cached metadata.
+ */
+static void zd_go(struct gio *gio)
+{
+	struct guest *g = gio->g;
+	struct guest_req *req = gio->req;
+	struct img *top = g->top;
+	bool zeroes = req->op == GUEST_WRITE_ZEROES;
+	uint64_t a, b;
+	int ret = 0;
+
+	if (!zeroes && !top->writable) {
+		ret = sx_error(EROFS, "%s: read-only", top->path);
+		goto out;
 	}
-	req->complete(req, ret < 0 ? ret : 0);
+	if (!gio->lock && req->len) {
+		cluster_range(g, req->off, req->len, &a, &b);
+		ret = cl_lock_try(&g->locks, a, b, &gio->lock);
+		if (ret < 0)
+			goto out;
+	}
+	if (gio->prep_rounds < GUEST_PREP_ROUNDS) {
+		/* Errors are the operation's to meet and report. */
+		ret = img_prepare_discard(top, req->off, req->len,
+					  zeroes ? IMG_PREP_ZEROES : 0,
+					  zd_prepared, gio);
+		if (ret == 1) {
+			gio->prep_rounds++;
+			return;
+		}
+	}
+	if (zeroes)
+		ret = img_write_zeroes(top, req->off, req->len, 0);
+	else
+		ret = img_discard(top, req->off, req->len);
+out:
+	if (ret < 0 && !gio->err)
+		gio->err = ret;
+	gio_put(gio);
+}
+
+static void zd_start(struct guest *g, struct guest_req *req)
+{
+	struct gio *gio = gio_new(g, req);
+
+	if (!gio) {
+		req->complete(req, -ENOMEM);
+		return;
+	}
+	zd_go(gio);
 }
 
 static void start(struct guest *g, struct guest_req *req)
@@ -955,8 +1130,16 @@ static void start(struct guest *g, struct guest_req *req)
 		else
 			write_start(g, req);
 		break;
+	case GUEST_FLUSH:
+		gflush_add(g, req);
+		break;
+	case GUEST_DISCARD:
+	case GUEST_WRITE_ZEROES:
+		zd_start(g, req);
+		break;
 	default:
-		sync_op(g, req);
+		req->complete(req, sx_error(EINVAL, "unknown guest op %d",
+					    (int)req->op));
 		break;
 	}
 }
@@ -1020,6 +1203,9 @@ void guest_kick(struct guest *g)
 {
 	struct guest_req **pp, *req;
 
+	/* Someone else's flush was in flight: maybe it ended. */
+	if (g->fl_state == GF_AGAIN)
+		gflush_meta(g);
 	if (!g->wait_head || g->hold)
 		return;
 	if (g->locks.generation == g->kick_gen && !g->kick_hold)
@@ -1059,6 +1245,7 @@ int guest_create(struct img *top, struct sio_queue *q, struct guest **out)
 	g->top = top;
 	g->q = q;
 	g->wait_tail = &g->wait_head;
+	g->fl_wait_tail = &g->fl_wait;
 	*out = g;
 	return 0;
 }
