@@ -1568,6 +1568,97 @@ START_TEST(test_latency_metadata_writes)
 }
 END_TEST
 
+#define GFL_FLUSHES 3
+
+/*
+ * A guest flush that arrives while the stream's flush is writing metadata
+ * (each write of the top's metadata held LAT_HOLD_NS on the queue) must
+ * not complete before that flush did: it began before the guest's request,
+ * so it may miss writes the guest completed before. The guest's flush
+ * waits for it on the queue and then runs its own, so when the guest's
+ * completes nothing is held any more (the stream's next flush cannot start
+ * while the guest's runs); and the worker waited for none of it (counted
+ * from the first hold on: the stream's first allocation may grow the file
+ * synchronously, qcow2 prepare_write's estimate of where it ends being
+ * short).
+ */
+START_TEST(test_guest_flush_after_stream_flush)
+{
+	const char *top = make_disk("gfl", 16);
+	struct lat_read r[GFL_FLUSHES];
+	struct siphon_disk_stats ds;
+	siphon_domain *dom;
+	siphon_disk *disk = NULL;
+	uint8_t *buf = malloc(64 * 1024);
+	uint64_t started, waits0 = 0;
+	unsigned i, spins;
+
+	ck_assert_ptr_nonnull(buf);
+	memset(buf, 0x77, 64 * 1024);
+	edisk_test_set_flush_bytes(64 * 1024);
+	ck_assert_int_eq(sio_fault_add_delay(SIO_OP_WRITE, "/gfl.qcow2", 0,
+					     LAT_META_END, LAT_HOLD_NS, 0),
+			 0);
+	dom = new_domain();
+	attach(dom, top);
+	ck_assert_int_eq(siphon_disk_get(dom, top, &disk), 0);
+	{
+		struct siphon_block_stream_params prm = {.size = sizeof(prm),
+							 .bandwidth = 1 * MiB};
+
+		ck_assert_int_eq(
+			siphon_block_stream_ex(dom, top, NULL,
+					       SIPHON_STREAM_CONTINUOUS, &prm),
+			0);
+	}
+	for (i = 0; i < GFL_FLUSHES; i++) {
+		started = sio_fault_delays();
+		for (spins = 0; sio_fault_delays() == started; spins++) {
+			ck_assert_msg(spins < 60000,
+				      "no metadata write was delayed");
+			usleep(1000);
+		}
+		if (i == 0)
+			waits0 = disk_stats(dom, top).sync_waits;
+		/* In place: the top holds 1M..1M+128k. */
+		ck_assert_int_eq(siphon_disk_pwrite(disk, buf, 4096,
+						    1 * MiB + i * 4096, 0),
+				 0);
+		memset(&r[i], 0, sizeof(r[i]));
+		ck_assert_int_eq(
+			siphon_disk_aio_flush(disk, 0, lat_read_done, &r[i]),
+			0);
+		for (spins = 0; !atomic_load(&r[i].done); spins++) {
+			ck_assert_msg(spins < 60000, "flush %u never ended", i);
+			usleep(1000);
+		}
+		ck_assert_int_eq(r[i].res, 0);
+		fprintf(stderr,
+			"guest flush %u completed with %u delayed metadata "
+			"writes held\n",
+			i, r[i].held_at_done);
+		ck_assert_msg(r[i].held_at_done == 0,
+			      "flush %u completed before the stream's flush",
+			      i);
+	}
+	siphon_disk_put(disk);
+	ds = disk_stats(dom, top);
+	ck_assert_msg(ds.sync_waits == waits0,
+		      "the worker waited %llu times for the flushes",
+		      (unsigned long long)(ds.sync_waits - waits0));
+	ck_assert_int_eq(siphon_block_stream_abort(dom, top, 0), 0);
+	sio_fault_clear();
+	edisk_test_set_flush_bytes(0);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+	RUN("cd %s && qemu-io -f raw -c 'write -P 0x77 1M %u' gfl.ref.raw "
+	    ">/dev/null",
+	    tmpdir, GFL_FLUSHES * 4096);
+	verify_consistent("gfl");
+	free(buf);
+}
+END_TEST
+
 static Suite *api_suite(bool streaming)
 {
 	Suite *s = suite_create("api");
@@ -1606,6 +1697,7 @@ static Suite *api_suite(bool streaming)
 	tcase_add_test(tc, test_sync_waits_guest_reads);
 	tcase_add_test(tc, test_sync_waits_guest_meta);
 	tcase_add_test(tc, test_latency_metadata_writes);
+	tcase_add_test(tc, test_guest_flush_after_stream_flush);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("concurrency");
