@@ -3,7 +3,8 @@
  * the metadata an allocation (alloc_run) of a few clusters and the commit
  * (commit_run) of a guest range would otherwise read or write
  * synchronously, so that the engine's worker never waits for them:
- *  - the refcount blocks the allocation scans (read, installed clean);
+ *  - the refcount blocks the allocation scans (read, installed clean), up
+ *    to the first free cluster, so that its start is known;
  *  - the growth of the file ahead of allocation (fallocate);
  *  - a new L2 table for an empty L1 entry (a cluster allocated in memory,
  *    its zeros written, then the L1 entry set in memory);
@@ -238,11 +239,23 @@ static int need_rc(struct img *img, struct qcow2 *s, uint64_t t,
 static int need_alloc(struct img *img, struct qcow2 *s, uint64_t n,
 		      void (*done)(void *, int), void *opaque)
 {
-	uint64_t E = s->rc.block_entries, c = sx_max(s->w.free_hint, 1);
-	uint64_t t, target, from = 0;
+	uint64_t E = s->rc.block_entries, c, t, target, from = 0;
 	struct qcow2_prep *p;
 	int ret;
 
+	/*
+	 * Where the allocation starts: the first free cluster, which may be
+	 * well past the hint (just after open the hint is 1), so that the
+	 * growth below covers where it really ends.
+	 */
+	while (!qcow2_rc_advance_hint(s, &t)) {
+		ret = need_rc(img, s, t, done, opaque);
+		if (ret)
+			return ret;
+		if (!qcow2_rc_cached(s, t))
+			break; /* nothing to read: the write path reports it */
+	}
+	c = sx_max(s->w.free_hint, 1);
 	for (t = c / E; t <= (c + n) / E; t++) {
 		ret = need_rc(img, s, t, done, opaque);
 		if (ret)

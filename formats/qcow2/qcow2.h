@@ -564,6 +564,15 @@ int qcow2_rc_update(struct img *img, struct qcow2 *s, uint64_t cluster,
 bool qcow2_rc_cached(const struct qcow2 *s, uint64_t t);
 
 /*
+ * Move the free hint up to the first free cluster from it, reading only
+ * cached refcount blocks: true when it is there; false and *t when block t
+ * (on disk, not cached) must be read first. Clusters below the first free
+ * one are all in use, so the hint stays a valid lower bound; what it buys
+ * is an allocation whose start is known before it runs (prepare.c).
+ */
+bool qcow2_rc_advance_hint(struct qcow2 *s, uint64_t *t);
+
+/*
  * A refcount block that applying frees[0, n) would read (on disk, not
  * cached): true and *t (its table index), else false. No I/O.
  */

@@ -612,6 +612,37 @@ bool qcow2_rc_cached(const struct qcow2 *s, uint64_t t)
 	return false;
 }
 
+bool qcow2_rc_advance_hint(struct qcow2 *s, uint64_t *t)
+{
+	struct qcow2_wstate *w = &s->w;
+	uint64_t E = s->rc.block_entries, c = sx_max(w->free_hint, 1), i;
+	const struct qcow2_rcslot *slot;
+	unsigned k;
+
+	for (;;) {
+		*t = c / E;
+		/* No block: everything there is free (the allocation makes it). */
+		if (*t >= s->rc.table_entries || !s->rc.table[*t])
+			break;
+		for (k = 0, slot = NULL; k < w->rc_nslots && !slot; k++)
+			if (w->rc_slots[k].used && w->rc_slots[k].t_idx == *t)
+				slot = &w->rc_slots[k];
+		if (!slot)
+			return false;
+		for (i = c % E; i < E; i++)
+			if (!qcow2_refcount_entry_get(slot->data, s->rc.order,
+						      i))
+				break;
+		if (i < E) {
+			c = *t * E + i;
+			break;
+		}
+		c = (*t + 1) * E;
+	}
+	w->free_hint = c;
+	return true;
+}
+
 bool qcow2_rc_frees_missing(const struct qcow2 *s, size_t n, uint64_t *t)
 {
 	const struct qcow2_wstate *w = &s->w;
