@@ -13,8 +13,8 @@
  *    not hold (and that are not all zeros) into fresh host clusters and
  *    links them, skipping any allocated meanwhile. Nothing of the copy can
  *    fail the guest's read.
- *  - WRITE: into clusters the top lacks entirely, one op of the copy
- *    pipeline (see aw_start()). Otherwise pieces the top holds as data are
+ *  - WRITE: into each run of clusters the top lacks entirely, one op of
+ *    the copy pipeline (see aw_plan()). Pieces the top holds as data are
  *    written in place asynchronously, and every other piece (zero,
  *    compressed, partly allocated, misaligned for direct I/O) goes through
  *    the driver's synchronous pwrite, which copies the rest of a partial
@@ -122,7 +122,7 @@ struct gio {
 	bool decided; /* reads: plain or copy-on-read, chosen */
 	uint64_t rpos; /* plain reads: where the walk resumes */
 
-	/* copy-on-read, and allocating writes: one op of copy.h */
+	/* copy-on-read: one op of copy.h (allocating writes: struct gio_aw) */
 	bool cor;
 	uint8_t *cbuf; /* the op's buffer */
 	struct copy_op cop;
@@ -873,66 +873,143 @@ static void read_start(struct guest *g, struct guest_req *req)
 
 /* ---- writes ---- */
 
+/*
+ * One op of the copy pipeline for a run of clusters the top lacks
+ * entirely, of a write (a write may have several, between clusters the top
+ * holds).
+ */
+struct gio_aw {
+	struct copy_op cop;
+	struct gio *gio;
+	struct gio_aw *next;
+};
+
 /* The chain's part is in the buffer: lay the guest's data over it. */
 static int aw_ready(struct copy_op *op)
 {
-	struct gio *gio = op->priv;
-	struct guest_req *req = gio->req;
+	struct gio_aw *aw = op->priv;
+	struct guest_req *req = aw->gio->req;
 
-	iov_to_buf(req->iov, req->iovcnt, 0, op->buf + (req->off - op->off),
-		   req->len);
+	iov_to_buf(req->iov, req->iovcnt, op->cover_off - req->off,
+		   op->buf + (op->cover_off - op->off), op->cover_len);
 	return 0;
 }
 
 /* Written and linked (or failed, nothing leaked): answer the guest. */
 static void aw_done(struct copy_op *op, int err)
 {
-	struct gio *gio = op->priv;
+	struct gio_aw *aw = op->priv;
+	struct gio *gio = aw->gio;
 
 	if (err < 0 && !gio->err)
 		gio->err = err;
+	sio_buf_free(op->buf);
+	free(aw);
 	gio_put(gio);
 }
 
 /*
- * Allocating writes. A write into clusters [a, b) that the top lacks
- * entirely is one op of the copy pipeline: the rest of a partly written
- * first or last cluster is read from the chain, the guest's data laid over
- * it, every cluster written into fresh host clusters and linked, verified
- * (COPY_VERIFY: the guest's data must be where the L2 points), then the
- * request completes. The clusters stay locked throughout, so nothing else
- * can allocate them meanwhile. Other writes (partly allocated clusters,
- * zero clusters, subcluster images with some subclusters present) take
- * the driver's synchronous pwrite. Returns 1 when the op took the write.
+ * An op for the write's part in clusters [ca, cb), which the top lacks
+ * entirely, appended to *list (unstarted): 0, or -ENOMEM (the clusters
+ * then take the synchronous path).
  */
-static int aw_start(struct gio *gio, uint64_t a, uint64_t b)
+static int aw_add(struct gio *gio, uint64_t ca, uint64_t cb,
+		  struct gio_aw ***list)
 {
-	struct guest *g = gio->g;
 	struct guest_req *req = gio->req;
-	struct img *top = g->top;
+	uint64_t s0 = sx_max(ca, req->off);
+	uint64_t s1 = sx_min(cb, req->off + req->len);
+	struct gio_aw *aw = calloc(1, sizeof(*aw));
 
-	if (!img_can_alloc(top) || !req->len)
+	if (!aw)
+		return -ENOMEM;
+	aw->cop.buf = sio_buf_alloc(cb - ca);
+	if (!aw->cop.buf) {
+		free(aw);
+		return -ENOMEM;
+	}
+	aw->gio = gio;
+	aw->cop.off = ca;
+	aw->cop.len = cb - ca;
+	aw->cop.flags = COPY_WRITE_ZEROS | COPY_VERIFY;
+	aw->cop.cover_off = s0;
+	aw->cop.cover_len = s1 - s0;
+	aw->cop.ready = aw_ready;
+	aw->cop.done = aw_done;
+	aw->cop.priv = aw;
+	**list = aw;
+	*list = &aw->next;
+	return 0;
+}
+
+/*
+ * Allocating writes. The write's clusters [a, b) that the top lacks
+ * entirely (every byte unallocated: no zero, compressed or partly
+ * allocated cluster) go, one run of them at a time, through an op of the
+ * copy pipeline: the rest of a partly written first or last cluster is
+ * read from the chain, the guest's data laid over it, every cluster
+ * written into fresh host clusters and linked, verified (COPY_VERIFY: the
+ * guest's data must be where the L2 points), then the request completes.
+ * The clusters stay locked throughout, so nothing else can allocate them
+ * meanwhile, and commit_run links only what is still unallocated. Zero
+ * and compressed clusters and partly allocated ones (subclusters) take
+ * the driver's synchronous pwrite: relinking them is not what commit_run
+ * may do. Fills *list with the ops (not started); 0 or -errno from the
+ * status calls (the top's metadata is cached: gio_warm_top()).
+ */
+static int aw_plan(struct gio *gio, uint64_t a, uint64_t b,
+		   struct gio_aw **list)
+{
+	struct img *top = gio->g->top;
+	uint64_t cs = top->cluster_size, lim = sx_min(b, top->size);
+	uint64_t pos, cl, next = a, ra = 0, rb = 0;
+	struct gio_aw **tail = list;
+	struct img_extent e;
+	int ret = 0;
+
+	*list = NULL;
+	if (!img_can_alloc(top))
 		return 0;
-	/* The top must lack every byte of the clusters. */
-	if (!img_lacks_all(top, a, sx_min(b, top->size) - a)) /* warm */
-		return 0;
-	gio->cbuf = sio_buf_alloc(b - a);
-	if (!gio->cbuf)
-		return 0;
-	gio->cop = (struct copy_op){
-		.off = a,
-		.len = b - a,
-		.buf = gio->cbuf,
-		.flags = COPY_WRITE_ZEROS | COPY_VERIFY,
-		.cover_off = req->off,
-		.cover_len = req->len,
-		.ready = aw_ready,
-		.done = aw_done,
-		.priv = gio,
-	};
-	gio->pending++;
-	copy_start(g->copier, &gio->cop);
-	return 1;
+	for (pos = a; pos < lim; pos += e.len) {
+		ret = img_block_status(top, pos, lim - pos, &e);
+		if (ret < 0 || !e.len)
+			return ret;
+		if (e.status != IMG_UNALLOC)
+			continue;
+		/* Each cluster this extent touches, once. */
+		for (cl = sx_max(pos - pos % cs, next); cl < pos + e.len;
+		     cl += cs) {
+			next = cl + cs;
+			if (!img_lacks_all(top, cl, sx_min(cs, lim - cl)))
+				continue;
+			if (rb == cl) {
+				rb = cl + cs;
+				continue;
+			}
+			if (rb > ra && aw_add(gio, ra, rb, &tail) < 0)
+				return 0; /* the rest goes synchronously */
+			ra = cl;
+			rb = cl + cs;
+		}
+	}
+	/* The last cluster may pass the image's end: the op's length too. */
+	if (rb > ra)
+		aw_add(gio, ra, rb >= lim ? b : rb, &tail);
+	return 0;
+}
+
+/* Where the first op of list that ends after pos starts, and ends. */
+static bool aw_find(const struct gio_aw *list, uint64_t pos, uint64_t *ca,
+		    uint64_t *cb)
+{
+	for (; list; list = list->next) {
+		if (list->cop.off + list->cop.len <= pos)
+			continue;
+		*ca = list->cop.off;
+		*cb = list->cop.off + list->cop.len;
+		return true;
+	}
+	return false;
 }
 
 struct wpiece {
@@ -960,8 +1037,10 @@ static int write_sync(struct guest *g, struct guest_req *req, uint64_t pos,
 /*
  * Run a write: lock its clusters, bring the top's metadata for them in
  * (parking the request while it is read: gio_fetched() calls this again,
- * the lock still held), then the in-place, allocating or synchronous
- * pieces.
+ * the lock still held), then the allocating, synchronous and in-place
+ * pieces: the synchronous ones first (a bounce read-modify-write of the
+ * driver never races our own asynchronous writes), then the in-place
+ * writes and the copy pipeline's ops, on clusters disjoint from them.
  */
 static void write_go(struct gio *gio)
 {
@@ -969,8 +1048,9 @@ static void write_go(struct gio *gio)
 	struct guest_req *req = gio->req;
 	struct img *top = g->top;
 	struct wpiece *pc = NULL, *np;
+	struct gio_aw *aws = NULL, *aw;
 	unsigned npc = 0, cap = 0, i;
-	uint64_t pos, end, a, b;
+	uint64_t pos, end, stop, a, b, ca, cb;
 	struct img_extent e;
 	int ret = 0;
 
@@ -986,19 +1066,23 @@ static void write_go(struct gio *gio)
 	}
 	if (gio_warm_top(gio, a, b - a) == GIO_PARKED)
 		return;
+	ret = aw_plan(gio, a, b, &aws);
+	if (ret < 0)
+		goto out;
 	for (pos = req->off, end = req->off + req->len; pos < end;
 	     pos += e.len) {
-		ret = img_block_status(top, pos, end - pos, &e);
+		stop = end;
+		if (aw_find(aws, pos, &ca, &cb)) {
+			if (ca <= pos) {
+				/* The copy pipeline's: skip its clusters. */
+				e.len = sx_min(cb, end) - pos;
+				continue;
+			}
+			stop = sx_min(ca, end);
+		}
+		ret = img_block_status(top, pos, stop - pos, &e);
 		if (ret < 0)
 			goto out;
-		/* Starts where the top holds nothing: maybe all of it. */
-		if (pos == req->off && e.status == IMG_UNALLOC) {
-			ret = aw_start(gio, a, b);
-			if (ret) {
-				ret = ret < 0 ? ret : 0;
-				goto out;
-			}
-		}
 		if (e.status != IMG_DATA || !e.host_valid ||
 		    !sx_is_aligned(e.host_off | e.len, top->file->align)) {
 			ret = write_sync(g, req, pos, e.len);
@@ -1023,7 +1107,18 @@ static void write_go(struct gio *gio)
 		ret = gio_add_io(gio, SIO_OP_WRITE, top->file, pc[i].host,
 				 pc[i].pos - req->off, pc[i].n);
 	}
+	/* Once an op starts, its done() answers for it. */
+	while (ret >= 0 && (aw = aws)) {
+		aws = aw->next;
+		gio->pending++;
+		copy_start(g->copier, &aw->cop);
+	}
 out:
+	while ((aw = aws)) {
+		aws = aw->next;
+		sio_buf_free(aw->cop.buf);
+		free(aw);
+	}
 	free(pc);
 	if (ret < 0 && !gio->err)
 		gio->err = ret;
