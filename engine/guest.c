@@ -27,7 +27,9 @@
  *    when it is in), then the driver's operation runs, changing only
  *    cached metadata. It turns clusters into zero clusters while a backing
  *    exists; the host clusters it frees are queued until a flush has made
- *    the change durable (the flush applies them).
+ *    the change durable (the flush applies them). The partial clusters at
+ *    the edges of a write-zeroes are writes of zeros under its lock (see
+ *    zd_zeroes()), which the driver would otherwise read-modify-write.
  *  - FLUSH, and FUA: a round of the guest's flush (see gflush_round()):
  *    an fdatasync of the top on the queue for the in-place writes, then
  *    the driver's flush on the port (img_flush_start()), each finishing
@@ -119,6 +121,8 @@ struct gio {
 	/* Metadata: a nowait lookup missed, the request is parked. */
 	struct meta_fetch mf;
 	unsigned prep_rounds; /* discard, write-zeroes: img_prepare_discard */
+	bool zeroing; /* a write of zeros (write-zeroes' partial clusters) */
+	bool nolock; /* ... whose lock its write-zeroes holds */
 	bool decided; /* reads: plain or copy-on-read, chosen */
 	uint64_t rpos; /* plain reads: where the walk resumes */
 
@@ -154,6 +158,7 @@ struct guest {
 	bool cor_yield; /* a stream copies too: copies may be skipped */
 	bool hold;
 	bool dirty; /* in-place writes since the last flush */
+	uint8_t *zeros; /* a cluster of zeros, for zd_part(); or NULL */
 	/* Flush requests (and FUA writes done but for the flush). */
 	struct guest_req *fl_wait, **fl_wait_tail; /* for the next round */
 	struct guest_req *fl_cur; /* answered by the round in flight */
@@ -968,7 +973,8 @@ static int aw_plan(struct gio *gio, uint64_t a, uint64_t b,
 	int ret = 0;
 
 	*list = NULL;
-	if (!img_can_alloc(top))
+	/* Zeros over what reads as zeros: nothing to copy. */
+	if (!img_can_alloc(top) || (gio->zeroing && !top->backing_name))
 		return 0;
 	for (pos = a; pos < lim; pos += e.len) {
 		ret = img_block_status(top, pos, lim - pos, &e);
@@ -1010,6 +1016,13 @@ static bool aw_find(const struct gio_aw *list, uint64_t pos, uint64_t *ca,
 		return true;
 	}
 	return false;
+}
+
+/* A write of zeros may leave e alone: it reads as zeros already. */
+static bool reads_zero(const struct img *top, const struct img_extent *e)
+{
+	return e->status == IMG_ZERO ||
+	       (e->status == IMG_UNALLOC && !top->backing_name);
 }
 
 struct wpiece {
@@ -1059,7 +1072,7 @@ static void write_go(struct gio *gio)
 		goto out;
 	}
 	cluster_range(g, req->off, req->len, &a, &b);
-	if (!gio->lock) {
+	if (!gio->lock && !gio->nolock) {
 		ret = cl_lock_try(&g->locks, a, b, &gio->lock);
 		if (ret < 0)
 			goto out;
@@ -1083,6 +1096,8 @@ static void write_go(struct gio *gio)
 		ret = img_block_status(top, pos, stop - pos, &e);
 		if (ret < 0)
 			goto out;
+		if (gio->zeroing && reads_zero(top, &e))
+			continue;
 		if (e.status != IMG_DATA || !e.host_valid ||
 		    !sx_is_aligned(e.host_off | e.len, top->file->align)) {
 			ret = write_sync(g, req, pos, e.len);
@@ -1138,6 +1153,98 @@ static void write_start(struct guest *g, struct guest_req *req)
 
 /* ---- discard, write-zeroes ---- */
 
+/* A partial cluster of a write-zeroes, written as zeros (zd_part()). */
+struct gio_zpart {
+	struct guest_req req;
+	struct iovec iov;
+	struct gio *parent;
+};
+
+static void zpart_done(struct guest_req *req, int ret)
+{
+	struct gio_zpart *zp = req->priv;
+	struct gio *gio = zp->parent;
+
+	if (ret < 0 && !gio->err)
+		gio->err = ret;
+	free(zp);
+	gio_put(gio);
+}
+
+/*
+ * Write zeros over [pos, pos + n), inside one cluster, as a guest write
+ * under gio's lock (the clusters are gio's): in place where the top holds
+ * the data, through the copy pipeline where it lacks the cluster, left
+ * alone where it reads as zeros, the driver's synchronous pwrite for the
+ * rest. Its completion counts in gio->pending. 0 or -ENOMEM.
+ */
+static int zd_part(struct gio *gio, uint64_t pos, uint64_t n)
+{
+	struct guest *g = gio->g;
+	struct gio_zpart *zp;
+	struct gio *sub;
+
+	if (!g->zeros) {
+		g->zeros = sio_buf_alloc(g->top->cluster_size);
+		if (!g->zeros)
+			return sx_error(ENOMEM, "write zeroes: no memory");
+		memset(g->zeros, 0, g->top->cluster_size);
+	}
+	zp = calloc(1, sizeof(*zp));
+	if (!zp)
+		return sx_error(ENOMEM, "write zeroes: no memory");
+	zp->iov = (struct iovec){g->zeros, n};
+	zp->req = (struct guest_req){
+		.op = GUEST_WRITE,
+		.iov = &zp->iov,
+		.iovcnt = 1,
+		.off = pos,
+		.len = n,
+		.complete = zpart_done,
+		.priv = zp,
+	};
+	zp->parent = gio;
+	sub = gio_new(g, &zp->req);
+	if (!sub) {
+		free(zp);
+		return sx_error(ENOMEM, "write zeroes: no memory");
+	}
+	sub->zeroing = true;
+	sub->nolock = true;
+	gio->pending++;
+	write_go(sub);
+	return 0;
+}
+
+/*
+ * Write-zeroes, its metadata in memory: the whole clusters are the
+ * driver's (zero clusters, a change in memory); a partial cluster at an
+ * edge would have it read-modify-write the cluster synchronously, so the
+ * partial ones are writes of zeros instead (zd_part()). The image's last
+ * cluster counts as whole when the range reaches the end, as for the
+ * driver. 0 or -errno.
+ */
+static int zd_zeroes(struct gio *gio)
+{
+	struct guest_req *req = gio->req;
+	struct img *top = gio->g->top;
+	uint64_t cs = top->cluster_size, off = req->off, end = off + req->len;
+	uint64_t wa, wb;
+	int ret = 0;
+
+	if (!img_can_alloc(top) || !req->len)
+		return img_write_zeroes(top, off, req->len, 0);
+	wa = sx_min(off % cs ? off + cs - off % cs : off, end);
+	wb = sx_max(end == top->size ? end : end - end % cs, wa);
+	if (wb > wa)
+		ret = img_write_zeroes(top, wa, wb - wa, 0);
+	if (ret >= 0 && off < wa)
+		ret = zd_part(gio, off, wa - off);
+	if (ret >= 0 && wb < end)
+		ret = zd_part(gio, wb, end - wb);
+	return ret;
+}
+
 /* The metadata asked for is in (or not: the driver then reads it). */
 static void zd_prepared(void *opaque, int res)
 {
@@ -1185,7 +1292,7 @@ static void zd_go(struct gio *gio)
 		}
 	}
 	if (zeroes)
-		ret = img_write_zeroes(top, req->off, req->len, 0);
+		ret = zd_zeroes(gio);
 	else
 		ret = img_discard(top, req->off, req->len);
 out:
@@ -1350,6 +1457,7 @@ void guest_destroy(struct guest *g)
 	if (!g)
 		return;
 	copier_destroy(g->copier);
+	sio_buf_free(g->zeros);
 	free(g);
 }
 

@@ -621,7 +621,7 @@ bool qcow2_rc_advance_hint(struct qcow2 *s, uint64_t *t)
 
 	for (;;) {
 		*t = c / E;
-		/* No block: everything there is free (the allocation makes it). */
+		/* No block: all free there (the allocation makes it). */
 		if (*t >= s->rc.table_entries || !s->rc.table[*t])
 			break;
 		for (k = 0, slot = NULL; k < w->rc_nslots && !slot; k++)

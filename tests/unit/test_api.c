@@ -1308,9 +1308,15 @@ static unsigned gm_steps(unsigned k, struct gm_step *st)
 	case 0: /* the top's table: frees two clusters (zero clusters) */
 		st[n++] = (struct gm_step){GM_DISCARD, t, 128 * 1024};
 		st[n++] = (struct gm_step){GM_FLUSH, 0, 0};
+		/* part of a cluster of the top's data: zeros in place */
+		st[n++] = (struct gm_step){GM_ZERO_FUA, t + 128 * 1024 + 512,
+					   1024};
 		break;
 	case 1: /* no table yet: a new one, hiding backing data */
 		st[n++] = (struct gm_step){GM_ZERO, t + 1 * MiB, 128 * 1024};
+		/* part of a cluster of backing data: copied, zeros over it */
+		st[n++] = (struct gm_step){GM_ZERO, t + 1 * MiB + 132 * 1024,
+					   8192};
 		break;
 	case 2: /* one cluster of the top kept, one past it zeroed */
 		st[n++] = (struct gm_step){GM_ZERO_FUA, t + 128 * 1024,
@@ -1321,6 +1327,9 @@ static unsigned gm_steps(unsigned k, struct gm_step *st)
 		st[n++] = (struct gm_step){GM_DISCARD, t + 1 * MiB - 64 * 1024,
 					   256 * 1024};
 		st[n++] = (struct gm_step){GM_FLUSH, 0, 0};
+		/* the end of a cluster the top lacks, the start of a zero one */
+		st[n++] = (struct gm_step){GM_ZERO, t + 1 * MiB - 68 * 1024,
+					   8192};
 		break;
 	}
 	return n;
@@ -1356,7 +1365,7 @@ START_TEST(test_sync_waits_guest_meta)
 	const uint64_t size = SPREAD_TABLES * TABLE_SPAN;
 	char ref[8192] = "", base[4096] = "", topw[4096] = "", *d = tmpdir;
 	const char *top = tpath("gmeta.qcow2");
-	struct gm_step st[4];
+	struct gm_step st[8];
 	struct siphon_disk_stats ds;
 	struct gm_aio aio = {0};
 	siphon_domain *dom;
