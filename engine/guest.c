@@ -13,16 +13,31 @@
  *    not hold (and that are not all zeros) into fresh host clusters and
  *    links them, skipping any allocated meanwhile. Nothing of the copy can
  *    fail the guest's read.
- *  - WRITE: into clusters the top lacks entirely, one op of the copy
- *    pipeline (see aw_start()). Otherwise pieces the top holds as data are
+ *  - WRITE: into each run of clusters the top lacks entirely, one op of
+ *    the copy pipeline (see aw_plan()). Pieces the top holds as data are
  *    written in place asynchronously, and every other piece (zero,
  *    compressed, partly allocated, misaligned for direct I/O) goes through
  *    the driver's synchronous pwrite, which copies the rest of a partial
  *    cluster from the chain. The synchronous pieces are written before any
  *    asynchronous one is submitted, so a bounce read-modify-write never
  *    races our own write.
- *  - DISCARD, WRITE_ZEROES, FLUSH: the driver's synchronous operations; the
- *    driver turns clusters into zero clusters while a backing exists.
+ *  - DISCARD, WRITE_ZEROES: under a cluster lock, the driver first brings
+ *    the metadata they touch into memory on the disk's port
+ *    (img_prepare_discard(); the request parks meanwhile and comes back
+ *    when it is in), then the driver's operation runs, changing only
+ *    cached metadata. It turns clusters into zero clusters while a backing
+ *    exists; the host clusters it frees are queued until a flush has made
+ *    the change durable (the flush applies them). The partial clusters at
+ *    the edges of a write-zeroes are writes of zeros under its lock (see
+ *    zd_zeroes()), which the driver would otherwise read-modify-write.
+ *  - FLUSH, and FUA: a round of the guest's flush (see gflush_round()):
+ *    an fdatasync of the top on the queue for the in-place writes, then
+ *    the driver's flush on the port (img_flush_start()), each finishing
+ *    by continuation. A flush request is answered by the first round that
+ *    started after it arrived, so everything completed before it is
+ *    durable; requests that arrive while a round runs share the next one.
+ *    When someone else's flush (the stream's) is in flight, the round
+ *    waits for it to end (guest_kick() tries again) and then runs its own.
  *
  * Metadata: reads (plain and copy-on-read) look the chain up with the
  * nowait calls, in every layer; where an L2 slice is not cached the
@@ -67,6 +82,13 @@
 
 struct gio;
 
+/*
+ * Preparation rounds (metadata reads) a discard or write-zeroes waits for
+ * before it lets the driver do the rest synchronously: only reached when
+ * the cache cannot hold the range's metadata.
+ */
+#define GUEST_PREP_ROUNDS 4096u
+
 /* Copy-on-read only at a shallow guest queue (see the top of the file). */
 #define GUEST_COR_MAX_DEPTH 4
 #define GUEST_COR_MAX_COPIES 2
@@ -98,13 +120,24 @@ struct gio {
 
 	/* Metadata: a nowait lookup missed, the request is parked. */
 	struct meta_fetch mf;
+	unsigned prep_rounds; /* discard, write-zeroes: img_prepare_discard */
+	bool zeroing; /* a write of zeros (write-zeroes' partial clusters) */
+	bool nolock; /* ... whose lock its write-zeroes holds */
 	bool decided; /* reads: plain or copy-on-read, chosen */
 	uint64_t rpos; /* plain reads: where the walk resumes */
 
-	/* copy-on-read, and allocating writes: one op of copy.h */
+	/* copy-on-read: one op of copy.h (allocating writes: struct gio_aw) */
 	bool cor;
 	uint8_t *cbuf; /* the op's buffer */
 	struct copy_op cop;
+};
+
+/* Where the guest's flush is (gflush_round()). */
+enum gflush_state {
+	GF_IDLE,
+	GF_SYNC, /* the fdatasync of in-place writes is on the queue */
+	GF_AGAIN, /* someone else's flush is in flight: ours goes after it */
+	GF_META, /* the driver's flush is on the port */
 };
 
 struct guest {
@@ -125,6 +158,12 @@ struct guest {
 	bool cor_yield; /* a stream copies too: copies may be skipped */
 	bool hold;
 	bool dirty; /* in-place writes since the last flush */
+	uint8_t *zeros; /* a cluster of zeros, for zd_part(); or NULL */
+	/* Flush requests (and FUA writes done but for the flush). */
+	struct guest_req *fl_wait, **fl_wait_tail; /* for the next round */
+	struct guest_req *fl_cur; /* answered by the round in flight */
+	enum gflush_state fl_state;
+	struct sio_req fl_sync;
 	uint64_t last_ns;
 	struct guest_stats st;
 };
@@ -244,20 +283,113 @@ static bool needs_lock(const struct guest_req *r)
 			  r->op == GUEST_WRITE_ZEROES);
 }
 
-static int do_flush(struct guest *g)
+/* ---- flushes ---- */
+
+static void gflush_round(struct guest *g);
+
+/* The round ended with ret: answer every request it covers. */
+static void gflush_end(struct guest *g, int ret)
 {
-	struct img *top = g->top;
+	struct guest_req *r = g->fl_cur, *next;
+
+	g->fl_cur = NULL;
+	g->fl_state = GF_IDLE;
+	for (; r; r = next) {
+		next = r->next;
+		r->next = NULL;
+		g->inflight--;
+		/* May submit again: that flush waits for the next round. */
+		r->complete(r, ret < 0 ? ret : 0);
+	}
+	if (g->fl_wait && g->fl_state == GF_IDLE)
+		gflush_round(g);
+}
+
+static void gflush_meta_done(void *opaque, int res)
+{
+	gflush_end(opaque, res);
+}
+
+/*
+ * The metadata part of the round: the driver's flush on the disk's port.
+ * Someone else's in flight (-EAGAIN) began before the round, so it may
+ * miss what the round must cover: wait for it to end (guest_kick() calls
+ * this again), then start ours.
+ */
+static void gflush_meta(struct guest *g)
+{
 	int ret;
 
-	ret = img_flush(top);
-	/* In-place writes change no metadata: the driver may not sync. */
-	if (ret >= 0 && g->dirty) {
-		g->dirty = false;
-		ret = sio_fdatasync(top->file);
-		if (ret < 0)
-			g->dirty = true;
+	g->fl_state = GF_META;
+	ret = img_flush_start(g->top, NULL, gflush_meta_done, g);
+	if (ret == -EAGAIN)
+		g->fl_state = GF_AGAIN;
+	else if (ret < 0)
+		gflush_end(g, ret);
+}
+
+static void gflush_synced(struct sio_req *sreq, int res)
+{
+	struct guest *g = sreq->priv;
+
+	if (res < 0) {
+		g->dirty = true;
+		gflush_end(g, sx_error(res, "%s: cannot sync data: %s",
+				       g->top->path, strerror(-res)));
+		return;
 	}
-	return ret;
+	gflush_meta(g);
+}
+
+/*
+ * Start a round for the requests waiting: in-place writes (which change
+ * no metadata, so the driver may not sync them) are synced on the queue,
+ * then the driver flushes. Writes that complete meanwhile are left for
+ * the next round.
+ */
+static void gflush_round(struct guest *g)
+{
+	int ret;
+
+	g->fl_cur = g->fl_wait;
+	g->fl_wait = NULL;
+	g->fl_wait_tail = &g->fl_wait;
+	if (!g->dirty || !g->top->writable) {
+		gflush_meta(g);
+		return;
+	}
+	g->dirty = false;
+	g->fl_state = GF_SYNC;
+	g->fl_sync = (struct sio_req){
+		.op = SIO_OP_FDATASYNC,
+		.file = g->top->file,
+		.done = gflush_synced,
+		.priv = g,
+	};
+	if (sio_queue_submit(g->q, &g->fl_sync) == 0)
+		return;
+	/* Not queued: the synchronous sync, as a last resort. */
+	ret = sio_fdatasync(g->top->file);
+	if (ret < 0) {
+		g->dirty = true;
+		gflush_end(g, ret);
+		return;
+	}
+	gflush_meta(g);
+}
+
+/*
+ * req (a flush, or a FUA write done but for the flush) completes after
+ * the first round that starts from now on; it counts as in flight.
+ */
+static void gflush_add(struct guest *g, struct guest_req *req)
+{
+	req->next = NULL;
+	*g->fl_wait_tail = req;
+	g->fl_wait_tail = &req->next;
+	g->inflight++;
+	if (g->fl_state == GF_IDLE)
+		gflush_round(g);
 }
 
 static struct gio *gio_new(struct guest *g, struct guest_req *req)
@@ -422,6 +554,7 @@ fail:
 
 static void read_go(struct gio *gio);
 static void write_go(struct gio *gio);
+static void zd_go(struct gio *gio);
 
 /* The missing metadata is in (or failed: the retry is synchronous). */
 static void gio_fetched(struct meta_fetch *f, int res)
@@ -667,14 +800,19 @@ static void read_done(struct gio *gio)
 	gio_free(gio);
 }
 
+/* Writes, discards and write-zeroes: FUA ones complete after a flush. */
 static void write_done(struct gio *gio)
 {
+	struct guest *g = gio->g;
+	struct guest_req *req = gio->req;
 	int ret = gio->err;
 
-	if (ret >= 0 && (gio->req->flags & GUEST_F_FUA))
-		ret = do_flush(gio->g);
-	req_complete(gio, ret);
+	gio->req = NULL;
 	gio_free(gio);
+	if (ret >= 0 && (req->flags & GUEST_F_FUA))
+		gflush_add(g, req);
+	else
+		req->complete(req, ret);
 }
 
 static void gio_put(struct gio *gio)
@@ -740,66 +878,151 @@ static void read_start(struct guest *g, struct guest_req *req)
 
 /* ---- writes ---- */
 
+/*
+ * One op of the copy pipeline for a run of clusters the top lacks
+ * entirely, of a write (a write may have several, between clusters the top
+ * holds).
+ */
+struct gio_aw {
+	struct copy_op cop;
+	struct gio *gio;
+	struct gio_aw *next;
+};
+
 /* The chain's part is in the buffer: lay the guest's data over it. */
 static int aw_ready(struct copy_op *op)
 {
-	struct gio *gio = op->priv;
-	struct guest_req *req = gio->req;
+	struct gio_aw *aw = op->priv;
+	struct guest_req *req = aw->gio->req;
 
-	iov_to_buf(req->iov, req->iovcnt, 0, op->buf + (req->off - op->off),
-		   req->len);
+	iov_to_buf(req->iov, req->iovcnt, op->cover_off - req->off,
+		   op->buf + (op->cover_off - op->off), op->cover_len);
 	return 0;
 }
 
 /* Written and linked (or failed, nothing leaked): answer the guest. */
 static void aw_done(struct copy_op *op, int err)
 {
-	struct gio *gio = op->priv;
+	struct gio_aw *aw = op->priv;
+	struct gio *gio = aw->gio;
 
 	if (err < 0 && !gio->err)
 		gio->err = err;
+	sio_buf_free(op->buf);
+	free(aw);
 	gio_put(gio);
 }
 
 /*
- * Allocating writes. A write into clusters [a, b) that the top lacks
- * entirely is one op of the copy pipeline: the rest of a partly written
- * first or last cluster is read from the chain, the guest's data laid over
- * it, every cluster written into fresh host clusters and linked, verified
- * (COPY_VERIFY: the guest's data must be where the L2 points), then the
- * request completes. The clusters stay locked throughout, so nothing else
- * can allocate them meanwhile. Other writes (partly allocated clusters,
- * zero clusters, subcluster images with some subclusters present) take
- * the driver's synchronous pwrite. Returns 1 when the op took the write.
+ * An op for the write's part in clusters [ca, cb), which the top lacks
+ * entirely, appended to *list (unstarted): 0, or -ENOMEM (the clusters
+ * then take the synchronous path).
  */
-static int aw_start(struct gio *gio, uint64_t a, uint64_t b)
+static int aw_add(struct gio *gio, uint64_t ca, uint64_t cb,
+		  struct gio_aw ***list)
 {
-	struct guest *g = gio->g;
 	struct guest_req *req = gio->req;
-	struct img *top = g->top;
+	uint64_t s0 = sx_max(ca, req->off);
+	uint64_t s1 = sx_min(cb, req->off + req->len);
+	struct gio_aw *aw = calloc(1, sizeof(*aw));
 
-	if (!img_can_alloc(top) || !req->len)
+	if (!aw)
+		return -ENOMEM;
+	aw->cop.buf = sio_buf_alloc(cb - ca);
+	if (!aw->cop.buf) {
+		free(aw);
+		return -ENOMEM;
+	}
+	aw->gio = gio;
+	aw->cop.off = ca;
+	aw->cop.len = cb - ca;
+	aw->cop.flags = COPY_WRITE_ZEROS | COPY_VERIFY;
+	aw->cop.cover_off = s0;
+	aw->cop.cover_len = s1 - s0;
+	aw->cop.ready = aw_ready;
+	aw->cop.done = aw_done;
+	aw->cop.priv = aw;
+	**list = aw;
+	*list = &aw->next;
+	return 0;
+}
+
+/*
+ * Allocating writes. The write's clusters [a, b) that the top lacks
+ * entirely (every byte unallocated: no zero, compressed or partly
+ * allocated cluster) go, one run of them at a time, through an op of the
+ * copy pipeline: the rest of a partly written first or last cluster is
+ * read from the chain, the guest's data laid over it, every cluster
+ * written into fresh host clusters and linked, verified (COPY_VERIFY: the
+ * guest's data must be where the L2 points), then the request completes.
+ * The clusters stay locked throughout, so nothing else can allocate them
+ * meanwhile, and commit_run links only what is still unallocated. Zero
+ * and compressed clusters and partly allocated ones (subclusters) take
+ * the driver's synchronous pwrite: relinking them is not what commit_run
+ * may do. Fills *list with the ops (not started); 0 or -errno from the
+ * status calls (the top's metadata is cached: gio_warm_top()).
+ */
+static int aw_plan(struct gio *gio, uint64_t a, uint64_t b,
+		   struct gio_aw **list)
+{
+	struct img *top = gio->g->top;
+	uint64_t cs = top->cluster_size, lim = sx_min(b, top->size);
+	uint64_t pos, cl, next = a, ra = 0, rb = 0;
+	struct gio_aw **tail = list;
+	struct img_extent e;
+	int ret = 0;
+
+	*list = NULL;
+	/* Zeros over what reads as zeros: nothing to copy. */
+	if (!img_can_alloc(top) || (gio->zeroing && !top->backing_name))
 		return 0;
-	/* The top must lack every byte of the clusters. */
-	if (!img_lacks_all(top, a, sx_min(b, top->size) - a)) /* warm */
-		return 0;
-	gio->cbuf = sio_buf_alloc(b - a);
-	if (!gio->cbuf)
-		return 0;
-	gio->cop = (struct copy_op){
-		.off = a,
-		.len = b - a,
-		.buf = gio->cbuf,
-		.flags = COPY_WRITE_ZEROS | COPY_VERIFY,
-		.cover_off = req->off,
-		.cover_len = req->len,
-		.ready = aw_ready,
-		.done = aw_done,
-		.priv = gio,
-	};
-	gio->pending++;
-	copy_start(g->copier, &gio->cop);
-	return 1;
+	for (pos = a; pos < lim; pos += e.len) {
+		ret = img_block_status(top, pos, lim - pos, &e);
+		if (ret < 0 || !e.len)
+			return ret;
+		if (e.status != IMG_UNALLOC)
+			continue;
+		/* Each cluster this extent touches, once. */
+		for (cl = sx_max(pos - pos % cs, next); cl < pos + e.len;
+		     cl += cs) {
+			next = cl + cs;
+			if (!img_lacks_all(top, cl, sx_min(cs, lim - cl)))
+				continue;
+			if (rb == cl) {
+				rb = cl + cs;
+				continue;
+			}
+			if (rb > ra && aw_add(gio, ra, rb, &tail) < 0)
+				return 0; /* the rest goes synchronously */
+			ra = cl;
+			rb = cl + cs;
+		}
+	}
+	/* The last cluster may pass the image's end: the op's length too. */
+	if (rb > ra)
+		aw_add(gio, ra, rb >= lim ? b : rb, &tail);
+	return 0;
+}
+
+/* Where the first op of list that ends after pos starts, and ends. */
+static bool aw_find(const struct gio_aw *list, uint64_t pos, uint64_t *ca,
+		    uint64_t *cb)
+{
+	for (; list; list = list->next) {
+		if (list->cop.off + list->cop.len <= pos)
+			continue;
+		*ca = list->cop.off;
+		*cb = list->cop.off + list->cop.len;
+		return true;
+	}
+	return false;
+}
+
+/* A write of zeros may leave e alone: it reads as zeros already. */
+static bool reads_zero(const struct img *top, const struct img_extent *e)
+{
+	return e->status == IMG_ZERO ||
+	       (e->status == IMG_UNALLOC && !top->backing_name);
 }
 
 struct wpiece {
@@ -827,8 +1050,10 @@ static int write_sync(struct guest *g, struct guest_req *req, uint64_t pos,
 /*
  * Run a write: lock its clusters, bring the top's metadata for them in
  * (parking the request while it is read: gio_fetched() calls this again,
- * the lock still held), then the in-place, allocating or synchronous
- * pieces.
+ * the lock still held), then the allocating, synchronous and in-place
+ * pieces: the synchronous ones first (a bounce read-modify-write of the
+ * driver never races our own asynchronous writes), then the in-place
+ * writes and the copy pipeline's ops, on clusters disjoint from them.
  */
 static void write_go(struct gio *gio)
 {
@@ -836,8 +1061,9 @@ static void write_go(struct gio *gio)
 	struct guest_req *req = gio->req;
 	struct img *top = g->top;
 	struct wpiece *pc = NULL, *np;
+	struct gio_aw *aws = NULL, *aw;
 	unsigned npc = 0, cap = 0, i;
-	uint64_t pos, end, a, b;
+	uint64_t pos, end, stop, a, b, ca, cb;
 	struct img_extent e;
 	int ret = 0;
 
@@ -846,26 +1072,32 @@ static void write_go(struct gio *gio)
 		goto out;
 	}
 	cluster_range(g, req->off, req->len, &a, &b);
-	if (!gio->lock) {
+	if (!gio->lock && !gio->nolock) {
 		ret = cl_lock_try(&g->locks, a, b, &gio->lock);
 		if (ret < 0)
 			goto out;
 	}
 	if (gio_warm_top(gio, a, b - a) == GIO_PARKED)
 		return;
+	ret = aw_plan(gio, a, b, &aws);
+	if (ret < 0)
+		goto out;
 	for (pos = req->off, end = req->off + req->len; pos < end;
 	     pos += e.len) {
-		ret = img_block_status(top, pos, end - pos, &e);
+		stop = end;
+		if (aw_find(aws, pos, &ca, &cb)) {
+			if (ca <= pos) {
+				/* The copy pipeline's: skip its clusters. */
+				e.len = sx_min(cb, end) - pos;
+				continue;
+			}
+			stop = sx_min(ca, end);
+		}
+		ret = img_block_status(top, pos, stop - pos, &e);
 		if (ret < 0)
 			goto out;
-		/* Starts where the top holds nothing: maybe all of it. */
-		if (pos == req->off && e.status == IMG_UNALLOC) {
-			ret = aw_start(gio, a, b);
-			if (ret) {
-				ret = ret < 0 ? ret : 0;
-				goto out;
-			}
-		}
+		if (gio->zeroing && reads_zero(top, &e))
+			continue;
 		if (e.status != IMG_DATA || !e.host_valid ||
 		    !sx_is_aligned(e.host_off | e.len, top->file->align)) {
 			ret = write_sync(g, req, pos, e.len);
@@ -890,7 +1122,18 @@ static void write_go(struct gio *gio)
 		ret = gio_add_io(gio, SIO_OP_WRITE, top->file, pc[i].host,
 				 pc[i].pos - req->off, pc[i].n);
 	}
+	/* Once an op starts, its done() answers for it. */
+	while (ret >= 0 && (aw = aws)) {
+		aws = aw->next;
+		gio->pending++;
+		copy_start(g->copier, &aw->cop);
+	}
 out:
+	while ((aw = aws)) {
+		aws = aw->next;
+		sio_buf_free(aw->cop.buf);
+		free(aw);
+	}
 	free(pc);
 	if (ret < 0 && !gio->err)
 		gio->err = ret;
@@ -908,31 +1151,165 @@ static void write_start(struct guest *g, struct guest_req *req)
 	write_go(gio);
 }
 
-static void sync_op(struct guest *g, struct guest_req *req)
-{
-	struct img *top = g->top;
-	int ret;
+/* ---- discard, write-zeroes ---- */
 
-	switch (req->op) {
-	case GUEST_FLUSH:
-		ret = do_flush(g);
-		break;
-	case GUEST_DISCARD:
-		if (!top->writable)
-			ret = sx_error(EROFS, "%s: read-only", top->path);
-		else
-			ret = img_discard(top, req->off, req->len);
-		break;
-	case GUEST_WRITE_ZEROES:
-		ret = img_write_zeroes(top, req->off, req->len, 0);
-		if (ret >= 0 && (req->flags & GUEST_F_FUA))
-			ret = do_flush(g);
-		break;
-	default:
-		ret = sx_error(EINVAL, "unknown guest op %d", (int)req->op);
-		break;
+/* A partial cluster of a write-zeroes, written as zeros (zd_part()). */
+struct gio_zpart {
+	struct guest_req req;
+	struct iovec iov;
+	struct gio *parent;
+};
+
+static void zpart_done(struct guest_req *req, int ret)
+{
+	struct gio_zpart *zp = req->priv;
+	struct gio *gio = zp->parent;
+
+	if (ret < 0 && !gio->err)
+		gio->err = ret;
+	free(zp);
+	gio_put(gio);
+}
+
+/*
+ * Write zeros over [pos, pos + n), inside one cluster, as a guest write
+ * under gio's lock (the clusters are gio's): in place where the top holds
+ * the data, through the copy pipeline where it lacks the cluster, left
+ * alone where it reads as zeros, the driver's synchronous pwrite for the
+ * rest. Its completion counts in gio->pending. 0 or -ENOMEM.
+ */
+static int zd_part(struct gio *gio, uint64_t pos, uint64_t n)
+{
+	struct guest *g = gio->g;
+	struct gio_zpart *zp;
+	struct gio *sub;
+
+	if (!g->zeros) {
+		g->zeros = sio_buf_alloc(g->top->cluster_size);
+		if (!g->zeros)
+			return sx_error(ENOMEM, "write zeroes: no memory");
+		memset(g->zeros, 0, g->top->cluster_size);
 	}
-	req->complete(req, ret < 0 ? ret : 0);
+	zp = calloc(1, sizeof(*zp));
+	if (!zp)
+		return sx_error(ENOMEM, "write zeroes: no memory");
+	zp->iov = (struct iovec){g->zeros, n};
+	zp->req = (struct guest_req){
+		.op = GUEST_WRITE,
+		.iov = &zp->iov,
+		.iovcnt = 1,
+		.off = pos,
+		.len = n,
+		.complete = zpart_done,
+		.priv = zp,
+	};
+	zp->parent = gio;
+	sub = gio_new(g, &zp->req);
+	if (!sub) {
+		free(zp);
+		return sx_error(ENOMEM, "write zeroes: no memory");
+	}
+	sub->zeroing = true;
+	sub->nolock = true;
+	gio->pending++;
+	write_go(sub);
+	return 0;
+}
+
+/*
+ * Write-zeroes, its metadata in memory: the whole clusters are the
+ * driver's (zero clusters, a change in memory); a partial cluster at an
+ * edge would have it read-modify-write the cluster synchronously, so the
+ * partial ones are writes of zeros instead (zd_part()). The image's last
+ * cluster counts as whole when the range reaches the end, as for the
+ * driver. 0 or -errno.
+ */
+static int zd_zeroes(struct gio *gio)
+{
+	struct guest_req *req = gio->req;
+	struct img *top = gio->g->top;
+	uint64_t cs = top->cluster_size, off = req->off, end = off + req->len;
+	uint64_t wa, wb;
+	int ret = 0;
+
+	if (!img_can_alloc(top) || !req->len)
+		return img_write_zeroes(top, off, req->len, 0);
+	wa = sx_min(off % cs ? off + cs - off % cs : off, end);
+	wb = sx_max(end == top->size ? end : end - end % cs, wa);
+	if (wb > wa)
+		ret = img_write_zeroes(top, wa, wb - wa, 0);
+	if (ret >= 0 && off < wa)
+		ret = zd_part(gio, off, wa - off);
+	if (ret >= 0 && wb < end)
+		ret = zd_part(gio, wb, end - wb);
+	return ret;
+}
+
+/* The metadata asked for is in (or not: the driver then reads it). */
+static void zd_prepared(void *opaque, int res)
+{
+	struct gio *gio = opaque;
+
+	(void)res;
+	gio->g->st.meta_fetches++;
+	zd_go(gio);
+}
+
+/*
+ * Run a discard or write-zeroes: lock its clusters (a stream or a
+ * copy-on-read must not copy into them while it waits), have the driver
+ * bring in the metadata it touches (parking while it is read: zd_prepared()
+ * calls this again, the lock still held), then the driver's operation,
+ * which now only changes cached metadata.
+ */
+static void zd_go(struct gio *gio)
+{
+	struct guest *g = gio->g;
+	struct guest_req *req = gio->req;
+	struct img *top = g->top;
+	bool zeroes = req->op == GUEST_WRITE_ZEROES;
+	uint64_t a, b;
+	int ret = 0;
+
+	if (!zeroes && !top->writable) {
+		ret = sx_error(EROFS, "%s: read-only", top->path);
+		goto out;
+	}
+	if (!gio->lock && req->len) {
+		cluster_range(g, req->off, req->len, &a, &b);
+		ret = cl_lock_try(&g->locks, a, b, &gio->lock);
+		if (ret < 0)
+			goto out;
+	}
+	if (gio->prep_rounds < GUEST_PREP_ROUNDS) {
+		/* Errors are the operation's to meet and report. */
+		ret = img_prepare_discard(top, req->off, req->len,
+					  zeroes ? IMG_PREP_ZEROES : 0,
+					  zd_prepared, gio);
+		if (ret == 1) {
+			gio->prep_rounds++;
+			return;
+		}
+	}
+	if (zeroes)
+		ret = zd_zeroes(gio);
+	else
+		ret = img_discard(top, req->off, req->len);
+out:
+	if (ret < 0 && !gio->err)
+		gio->err = ret;
+	gio_put(gio);
+}
+
+static void zd_start(struct guest *g, struct guest_req *req)
+{
+	struct gio *gio = gio_new(g, req);
+
+	if (!gio) {
+		req->complete(req, -ENOMEM);
+		return;
+	}
+	zd_go(gio);
 }
 
 static void start(struct guest *g, struct guest_req *req)
@@ -955,8 +1332,16 @@ static void start(struct guest *g, struct guest_req *req)
 		else
 			write_start(g, req);
 		break;
+	case GUEST_FLUSH:
+		gflush_add(g, req);
+		break;
+	case GUEST_DISCARD:
+	case GUEST_WRITE_ZEROES:
+		zd_start(g, req);
+		break;
 	default:
-		sync_op(g, req);
+		req->complete(req, sx_error(EINVAL, "unknown guest op %d",
+					    (int)req->op));
 		break;
 	}
 }
@@ -1020,6 +1405,9 @@ void guest_kick(struct guest *g)
 {
 	struct guest_req **pp, *req;
 
+	/* Someone else's flush was in flight: maybe it ended. */
+	if (g->fl_state == GF_AGAIN)
+		gflush_meta(g);
 	if (!g->wait_head || g->hold)
 		return;
 	if (g->locks.generation == g->kick_gen && !g->kick_hold)
@@ -1059,6 +1447,7 @@ int guest_create(struct img *top, struct sio_queue *q, struct guest **out)
 	g->top = top;
 	g->q = q;
 	g->wait_tail = &g->wait_head;
+	g->fl_wait_tail = &g->fl_wait;
 	*out = g;
 	return 0;
 }
@@ -1068,6 +1457,7 @@ void guest_destroy(struct guest *g)
 	if (!g)
 		return;
 	copier_destroy(g->copier);
+	sio_buf_free(g->zeros);
 	free(g);
 }
 

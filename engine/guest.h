@@ -9,9 +9,15 @@
  * reads of data and in-place writes of allocated clusters go through the
  * queue, compressed clusters through the disk's inflater, copy-on-read and
  * writes into clusters the top lacks entirely through the copy pipeline
- * (copy.h); other writes that allocate (copy-on-write of partly allocated
- * clusters), discard, write-zeroes and flush call the format driver
- * synchronously.
+ * (copy.h). Discard and write-zeroes have the driver bring their metadata
+ * in on the disk's port first (the request parks meanwhile), then change
+ * it in memory; flush (and FUA) runs an fdatasync on the queue and the
+ * driver's flush on the port, by continuation; the partial clusters at
+ * the edges of a write-zeroes are writes of zeros. Still synchronous:
+ * writes into zero, compressed or partly allocated (subcluster) clusters
+ * of the top (the driver's copy-on-write), and whatever metadata the cache
+ * could not keep for the operation (it then does the I/O itself, correct
+ * but waiting).
  *
  * Safety next to a stream: the engine owns the disk's cluster locks
  * (cluster_lock.h) and hands the stream its lock hooks (guest_stream_lock,

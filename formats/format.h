@@ -249,6 +249,18 @@ struct img_driver {
 	 */
 	int (*prepare_write)(struct img *img, uint64_t off, uint64_t nclusters,
 			     void (*done)(void *opaque, int res), void *opaque);
+
+	/*
+	 * Optional. The same for discard of [off, off + len), or
+	 * write_zeroes of it with IMG_PREP_ZEROES in flags (image.h): bring
+	 * in the metadata they would read or create (L2 tables and slices),
+	 * so that they then only change memory. Returns as prepare_write;
+	 * equally only a hint.
+	 */
+	int (*prepare_discard)(struct img *img, uint64_t off, uint64_t len,
+			       unsigned flags,
+			       void (*done)(void *opaque, int res),
+			       void *opaque);
 };
 
 extern const struct img_driver img_driver_raw;

@@ -960,6 +960,15 @@ int img_prepare_write(struct img *img, uint64_t off, uint64_t nclusters,
 	return img->drv->prepare_write(img, off, nclusters, done, opaque);
 }
 
+int img_prepare_discard(struct img *img, uint64_t off, uint64_t len,
+			unsigned flags, void (*done)(void *opaque, int res),
+			void *opaque)
+{
+	if (!img->writable || !img->drv->prepare_discard)
+		return 0;
+	return img->drv->prepare_discard(img, off, len, flags, done, opaque);
+}
+
 int img_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
 			    struct img_extent *ext, struct img_meta_req *req)
 {

@@ -263,6 +263,22 @@ int img_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
 int img_prepare_write(struct img *img, uint64_t off, uint64_t nclusters,
 		      void (*done)(void *opaque, int res), void *opaque);
 
+/* img_prepare_discard() flags. */
+enum img_prep_flags {
+	IMG_PREP_ZEROES = 1 << 0, /* for write_zeroes, not discard */
+};
+
+/*
+ * Make img_discard (or, with IMG_PREP_ZEROES, img_write_zeroes) of [off,
+ * off + len) need no metadata I/O, doing it on img's port (format.h
+ * prepare_discard): 0 ready, 1 started (done(opaque, res) runs later: ask
+ * again), -errno. 0 for formats without metadata or on the synchronous
+ * port. A hint: the call itself still does any I/O left to do.
+ */
+int img_prepare_discard(struct img *img, uint64_t off, uint64_t len,
+			unsigned flags, void (*done)(void *opaque, int res),
+			void *opaque);
+
 /* Metadata read-ahead (format.h meta_want / meta_fill). */
 bool img_can_read_ahead(const struct img *img);
 unsigned img_meta_want(struct img *img, uint64_t off, struct img_meta_req *reqs,

@@ -12,7 +12,10 @@
  *     before and are covered by this sync too);
  *  4. write dirty L1 entries, fdatasync;
  *  5. apply the queued refcount decreases in memory; they reach the disk in
- *     step 2 of a later flush (or when their block is evicted).
+ *     step 2 of a later flush (or when their block is evicted). The
+ *     refcount blocks they decrease that are not cached are read first,
+ *     through the port like every other step (FL_RC_LOAD: a read that
+ *     fails only leaves the decrease to read its block itself).
  * A step that wrote nothing skips its fdatasync. Refcount increases may
  * reach the disk at any time (a crash then leaks, never corrupts). Evicting
  * a dirty L2 slice from the cache runs steps 1 and 2 before the slice is
@@ -154,6 +157,7 @@ enum fl_step {
 	FL_L2_SYNC,
 	FL_L1_WRITE,
 	FL_L1_SYNC,
+	FL_RC_LOAD,
 	FL_FREES,
 	FL_END,
 };
@@ -183,6 +187,12 @@ struct qcow2_flush {
 	uint64_t l1_lo, l1_hi, l1_base;
 	uint8_t *l1_buf;
 	size_t frees;
+	/* FL_RC_LOAD: the block read into rc_buf, loads left. */
+	uint8_t *rc_buf;
+	uint64_t load_t;
+	uint64_t load_wgen; /* s->w.rc_wgen when the read was submitted */
+	bool load_pending;
+	unsigned loads_left;
 };
 
 bool qcow2_flush_busy_locked(const struct qcow2 *s)
@@ -334,6 +344,39 @@ static int fl_write_batch(struct qcow2 *s, struct qcow2_flush *f,
 }
 
 /*
+ * FL_RC_LOAD: install the block the last read brought (when it worked),
+ * then read the next one the frees of this flush need: 1 (a read is in
+ * flight) or 0 (none left: FL_FREES). At most rc_nslots reads, so a cache
+ * too small for all of them cannot make it go round: the frees then read
+ * what is left themselves. Failures are only a hint lost.
+ */
+static int fl_rc_load(struct qcow2 *s, struct qcow2_flush *f)
+{
+	uint64_t off;
+
+	if (f->load_pending) {
+		f->load_pending = false;
+		/* A block written back meanwhile may be newer than the read. */
+		if (f->res < 0 || f->load_wgen != s->w.rc_wgen ||
+		    qcow2_rc_install(f->img, s, f->load_t, f->rc_buf))
+			f->loads_left = 0;
+	}
+	if (!f->loads_left || !qcow2_rc_frees_missing(s, f->frees, &f->load_t))
+		return 0;
+	if (!f->rc_buf) {
+		f->rc_buf = sio_buf_alloc(s->cluster_size);
+		if (!f->rc_buf)
+			return 0;
+	}
+	f->loads_left--;
+	f->load_pending = true;
+	f->load_wgen = s->w.rc_wgen;
+	f->cur = FL_RC_LOAD;
+	off = s->rc.table[f->load_t] & QCOW2_REFT_OFFSET_MASK;
+	return fl_submit(f, IMG_PORT_READ, f->rc_buf, s->cluster_size, off, 0);
+}
+
+/*
  * Start the I/O of the current step, moving over steps with nothing to
  * do. 1: an op was submitted; 0: the flush reached FL_END; -errno.
  */
@@ -398,10 +441,18 @@ static int fl_next(struct qcow2 *s, struct qcow2_flush *f)
 						 f->l1_base + f->l1_lo * 8, 0);
 			break;
 		case FL_L1_SYNC:
-			f->step = FL_FREES;
+			f->step = FL_RC_LOAD;
+			f->load_pending = false;
+			f->loads_left = s->w.rc_nslots;
 			if (f->l1_buf)
 				return fl_submit(f, IMG_PORT_FDATASYNC, NULL, 0,
 						 0, 0);
+			break;
+		case FL_RC_LOAD:
+			ret = fl_rc_load(s, f);
+			if (ret)
+				return ret;
+			f->step = FL_FREES;
 			break;
 		case FL_FREES:
 			f->step = FL_END;
@@ -461,7 +512,8 @@ static bool fl_run(struct qcow2 *s, struct qcow2_flush *f)
 		f->in_run = true;
 		ret = f->err ? f->err : fl_next(s, f);
 		f->in_run = false;
-		if (ret == 1 && f->completed && f->res < 0)
+		if (ret == 1 && f->completed && f->res < 0 &&
+		    f->cur != FL_RC_LOAD)
 			ret = f->err = sx_error(f->res, "%s: cannot %s: %s",
 						f->img->path, fl_what(f->cur),
 						strerror(-f->res));
@@ -494,7 +546,7 @@ static void fl_op_done(struct img_port_op *op, int res)
 	if (f->in_run)
 		return; /* completed inside submit: fl_run goes on */
 	pthread_mutex_lock(&s->lock);
-	if (res < 0)
+	if (res < 0 && f->cur != FL_RC_LOAD)
 		f->err = sx_error(res, "%s: cannot %s: %s", f->img->path,
 				  fl_what(f->cur), strerror(-res));
 	ended = fl_run(s, f);
@@ -668,6 +720,8 @@ void qcow2_write_close(struct img *img, struct qcow2 *s)
 		s->w.on = false;
 	}
 	qcow2_rc_fini_write(s);
+	if (s->w.fl)
+		sio_buf_free(s->w.fl->rc_buf);
 	free(s->w.fl);
 	s->w.fl = NULL;
 	sio_buf_free(s->w.zero_cluster);

@@ -3,12 +3,15 @@
  * the metadata an allocation (alloc_run) of a few clusters and the commit
  * (commit_run) of a guest range would otherwise read or write
  * synchronously, so that the engine's worker never waits for them:
- *  - the refcount blocks the allocation scans (read, installed clean);
+ *  - the refcount blocks the allocation scans (read, installed clean), up
+ *    to the first free cluster, so that its start is known;
  *  - the growth of the file ahead of allocation (fallocate);
  *  - a new L2 table for an empty L1 entry (a cluster allocated in memory,
  *    its zeros written, then the L1 entry set in memory);
  *  - the L2 slices of the range (read, installed through the read-ahead
  *    path, which refuses bytes gone stale meanwhile).
+ * The same for discard and write-zeroes (qcow2_prepare_discard): the L2
+ * tables and slices of their range, nothing allocated for data.
  *
  * Crash order is the flush's (flush.c): a new table's L1 entry is set only
  * once its zeros are written, with l2_unsynced set, so the L2 sync of the
@@ -48,7 +51,8 @@ struct qcow2_prep {
 	enum prep_kind kind;
 	uint64_t key; /* P_RC: table index; P_NEWL2: L1 index; P_L2: slice */
 	uint64_t host; /* P_NEWL2: the new table; P_GROW: the target size */
-	uint64_t gen; /* P_L2: the cache's generation at submit */
+	/* P_L2: the cache's generation at submit; P_RC: s->w.rc_wgen then */
+	uint64_t gen;
 	uint8_t *buf; /* P_RC, P_L2 */
 	struct prep_waiter *waiters;
 	struct qcow2_prep *next;
@@ -91,7 +95,10 @@ static int install(struct img *img, struct qcow2 *s, struct qcow2_prep *p,
 
 	switch (p->kind) {
 	case P_RC:
-		return res ? res : qcow2_rc_install(img, s, p->key, p->buf);
+		/* A block written back since the read may be newer. */
+		if (res || p->gen != s->w.rc_wgen)
+			return res;
+		return qcow2_rc_install(img, s, p->key, p->buf);
 	case P_GROW:
 		if (res)
 			s->w.grow_sync = true; /* grow_ahead() tries again */
@@ -220,6 +227,7 @@ static int need_rc(struct img *img, struct qcow2 *s, uint64_t t,
 	p = new_prep(P_RC, t, s->cluster_size);
 	if (!p)
 		return -ENOMEM;
+	p->gen = s->w.rc_wgen;
 	p->op.kind = IMG_PORT_READ;
 	p->op.buf = p->buf;
 	p->op.len = s->cluster_size;
@@ -231,11 +239,23 @@ static int need_rc(struct img *img, struct qcow2 *s, uint64_t t,
 static int need_alloc(struct img *img, struct qcow2 *s, uint64_t n,
 		      void (*done)(void *, int), void *opaque)
 {
-	uint64_t E = s->rc.block_entries, c = sx_max(s->w.free_hint, 1);
-	uint64_t t, target, from = 0;
+	uint64_t E = s->rc.block_entries, c, t, target, from = 0;
 	struct qcow2_prep *p;
 	int ret;
 
+	/*
+	 * Where the allocation starts: the first free cluster, which may be
+	 * well past the hint (just after open the hint is 1), so that the
+	 * growth below covers where it really ends.
+	 */
+	while (!qcow2_rc_advance_hint(s, &t)) {
+		ret = need_rc(img, s, t, done, opaque);
+		if (ret)
+			return ret;
+		if (!qcow2_rc_cached(s, t))
+			break; /* nothing to read: the write path reports it */
+	}
+	c = sx_max(s->w.free_hint, 1);
 	for (t = c / E; t <= (c + n) / E; t++) {
 		ret = need_rc(img, s, t, done, opaque);
 		if (ret)
@@ -261,8 +281,11 @@ static int need_alloc(struct img *img, struct qcow2 *s, uint64_t n,
 	return start(img, s, p, done, opaque);
 }
 
-/* The L2 table of L1 entry i and the slice of cluster cl in it. */
-static int need_l2(struct img *img, struct qcow2 *s, uint64_t cl,
+/*
+ * The L2 table of L1 entry i and the slice of cluster cl in it. create:
+ * an empty L1 entry gets a new table (else nothing is needed there).
+ */
+static int need_l2(struct img *img, struct qcow2 *s, uint64_t cl, bool create,
 		   void (*done)(void *, int), void *opaque)
 {
 	uint64_t i = cl >> s->l2_bits, e, key, host, got;
@@ -273,6 +296,8 @@ static int need_l2(struct img *img, struct qcow2 *s, uint64_t cl,
 	if (i >= s->l1_size)
 		return 0;
 	e = s->l1[i] & QCOW2_L1E_OFFSET_MASK;
+	if (!e && !create)
+		return 0;
 	if (!e) {
 		p = find(s, P_NEWL2, i);
 		if (p)
@@ -325,29 +350,73 @@ static int need_l2(struct img *img, struct qcow2 *s, uint64_t cl,
 	return start(img, s, p, done, opaque);
 }
 
+/*
+ * The L2 tables and slices of guest clusters [first, last), one I/O at a
+ * time (the caller asks again after each): 0, 1, or -errno. Under s->lock.
+ */
+static int need_range(struct img *img, struct qcow2 *s, uint64_t first,
+		      uint64_t last, bool create, void (*done)(void *, int),
+		      void *opaque)
+{
+	uint64_t per_slice = s->l2cache.slice_size / s->l2_entry_size, cl;
+	int ret = 0;
+
+	for (cl = first; !ret && cl < last; cl += per_slice) {
+		ret = need_l2(img, s, cl, create, done, opaque);
+		/* The next slice boundary. */
+		cl -= cl % per_slice;
+	}
+	if (!ret && last > first)
+		ret = need_l2(img, s, last - 1, create, done, opaque);
+	return ret;
+}
+
 int qcow2_prepare_write(struct img *img, uint64_t off, uint64_t nclusters,
 			void (*done)(void *opaque, int res), void *opaque)
 {
 	struct qcow2 *s = img->priv;
-	uint64_t cl, first, last, per_slice;
+	uint64_t first, last;
 	int ret = 0;
 
 	/* Synchronous: the write path does the same I/O just as well. */
 	if (!s->w.on || !nclusters || off >= img->size ||
 	    img_get_port(img) == img_port_sync())
 		return 0;
-	per_slice = s->l2cache.slice_size / s->l2_entry_size;
 	first = off >> s->cluster_bits;
 	last = sx_min(first + nclusters, (img->size - 1) / s->cluster_size + 1);
 	pthread_mutex_lock(&s->lock);
 	ret = need_alloc(img, s, nclusters, done, opaque);
-	for (cl = first; !ret && cl < last; cl += per_slice) {
-		ret = need_l2(img, s, cl, done, opaque);
-		/* The next slice boundary. */
-		cl -= cl % per_slice;
-	}
-	if (!ret && last > first)
-		ret = need_l2(img, s, last - 1, done, opaque);
+	if (!ret)
+		ret = need_range(img, s, first, last, true, done, opaque);
+	pthread_mutex_unlock(&s->lock);
+	return ret;
+}
+
+/*
+ * Discard and write-zeroes change the L2 entries of the clusters the range
+ * touches (partial clusters included: write-zeroes rewrites them), and set
+ * zero flags, which need a table under an empty L1 entry, when zeroing or
+ * when a backing file could show through. The host clusters they free are
+ * only queued (write.c); the refcount blocks those frees decrease are
+ * brought in by the flush that applies them (flush.c, FL_RC_LOAD), since
+ * anything loaded here could be evicted again before then.
+ */
+int qcow2_prepare_discard(struct img *img, uint64_t off, uint64_t len,
+			  unsigned flags, void (*done)(void *opaque, int res),
+			  void *opaque)
+{
+	struct qcow2 *s = img->priv;
+	bool create = (flags & IMG_PREP_ZEROES) || img->backing_name;
+	uint64_t first, last;
+	int ret;
+
+	if (!s->w.on || !len || off >= img->size ||
+	    img_get_port(img) == img_port_sync())
+		return 0;
+	first = off >> s->cluster_bits;
+	last = (sx_min(off + len, img->size) - 1) / s->cluster_size + 1;
+	pthread_mutex_lock(&s->lock);
+	ret = need_range(img, s, first, last, create, done, opaque);
 	pthread_mutex_unlock(&s->lock);
 	return ret;
 }

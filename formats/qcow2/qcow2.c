@@ -331,4 +331,5 @@ const struct img_driver img_driver_qcow2 = {
 	.flush_wait = qcow2_flush_wait,
 	.block_status_nowait = qcow2_block_status_nowait,
 	.prepare_write = qcow2_prepare_write,
+	.prepare_discard = qcow2_prepare_discard,
 };

@@ -256,6 +256,8 @@ struct qcow2_wstate {
 	struct qcow2_rcslot *rc_slots;
 	unsigned rc_nslots;
 	uint64_t rc_tick;
+	/* Evicted refcount blocks written back: a read from before is stale. */
+	uint64_t rc_wgen;
 	uint64_t rt_dirty_lo, rt_dirty_hi; /* refcount table entries [lo, hi) */
 	uint64_t l1_dirty_lo, l1_dirty_hi; /* L1 entries [lo, hi) */
 	bool data_dirty; /* data written since the last data fdatasync */
@@ -562,6 +564,21 @@ int qcow2_rc_update(struct img *img, struct qcow2 *s, uint64_t cluster,
 bool qcow2_rc_cached(const struct qcow2 *s, uint64_t t);
 
 /*
+ * Move the free hint up to the first free cluster from it, reading only
+ * cached refcount blocks: true when it is there; false and *t when block t
+ * (on disk, not cached) must be read first. Clusters below the first free
+ * one are all in use, so the hint stays a valid lower bound; what it buys
+ * is an allocation whose start is known before it runs (prepare.c).
+ */
+bool qcow2_rc_advance_hint(struct qcow2 *s, uint64_t *t);
+
+/*
+ * A refcount block that applying frees[0, n) would read (on disk, not
+ * cached): true and *t (its table index), else false. No I/O.
+ */
+bool qcow2_rc_frees_missing(const struct qcow2 *s, size_t n, uint64_t *t);
+
+/*
  * Cache refcount block t from buf (its bytes as read from the disk), clean;
  * nothing when it is cached already. May write a dirty victim back.
  */
@@ -677,6 +694,11 @@ int qcow2_flush_wait(struct img *img);
 /* drv->prepare_write (prepare.c). */
 int qcow2_prepare_write(struct img *img, uint64_t off, uint64_t nclusters,
 			void (*done)(void *opaque, int res), void *opaque);
+
+/* drv->prepare_discard (prepare.c). */
+int qcow2_prepare_discard(struct img *img, uint64_t off, uint64_t len,
+			  unsigned flags, void (*done)(void *opaque, int res),
+			  void *opaque);
 
 /* drv->block_status_nowait (cluster.c). */
 int qcow2_block_status_nowait(struct img *img, uint64_t off, uint64_t len,

@@ -291,6 +291,7 @@ static int rc_write_slot(struct img *img, struct qcow2 *s,
 			img->path, (unsigned long long)off, strerror(-ret));
 	slot->dirty = false;
 	s->w.rc_unsynced = true;
+	s->w.rc_wgen++;
 	return 0;
 }
 
@@ -608,6 +609,61 @@ bool qcow2_rc_cached(const struct qcow2 *s, uint64_t t)
 	for (i = 0; i < s->w.rc_nslots; i++)
 		if (s->w.rc_slots[i].used && s->w.rc_slots[i].t_idx == t)
 			return true;
+	return false;
+}
+
+bool qcow2_rc_advance_hint(struct qcow2 *s, uint64_t *t)
+{
+	struct qcow2_wstate *w = &s->w;
+	uint64_t E = s->rc.block_entries, c = sx_max(w->free_hint, 1), i;
+	const struct qcow2_rcslot *slot;
+	unsigned k;
+
+	for (;;) {
+		*t = c / E;
+		/* No block: all free there (the allocation makes it). */
+		if (*t >= s->rc.table_entries || !s->rc.table[*t])
+			break;
+		for (k = 0, slot = NULL; k < w->rc_nslots && !slot; k++)
+			if (w->rc_slots[k].used && w->rc_slots[k].t_idx == *t)
+				slot = &w->rc_slots[k];
+		if (!slot)
+			return false;
+		for (i = c % E; i < E; i++)
+			if (!qcow2_refcount_entry_get(slot->data, s->rc.order,
+						      i))
+				break;
+		if (i < E) {
+			c = *t * E + i;
+			break;
+		}
+		c = (*t + 1) * E;
+	}
+	w->free_hint = c;
+	return true;
+}
+
+bool qcow2_rc_frees_missing(const struct qcow2 *s, size_t n, uint64_t *t)
+{
+	const struct qcow2_wstate *w = &s->w;
+	uint64_t E = s->rc.block_entries, a, b, off;
+	size_t k;
+
+	for (k = 0; k < sx_min(n, w->n_frees); k++) {
+		if (!w->frees[k].count)
+			continue;
+		a = w->frees[k].cluster / E;
+		b = (w->frees[k].cluster + w->frees[k].count - 1) / E;
+		for (; a <= b && a < s->rc.table_entries; a++) {
+			off = s->rc.table[a] & QCOW2_REFT_OFFSET_MASK;
+			/* No block or a bad one: the free reports it. */
+			if (!off || !sx_is_aligned(off, s->cluster_size) ||
+			    qcow2_rc_cached(s, a))
+				continue;
+			*t = a;
+			return true;
+		}
+	}
 	return false;
 }
 

@@ -1290,6 +1290,191 @@ START_TEST(test_sync_waits_guest_reads)
 }
 END_TEST
 
+/* One step of the guest metadata workload, for siphon and for qemu-io. */
+enum gm_kind { GM_DISCARD, GM_ZERO, GM_ZERO_FUA, GM_FLUSH };
+
+struct gm_step {
+	enum gm_kind kind;
+	uint64_t off, len;
+};
+
+/* Steps per L2 table k: each kind of metadata the operations touch. */
+static unsigned gm_steps(unsigned k, struct gm_step *st)
+{
+	uint64_t t = k * TABLE_SPAN;
+	unsigned n = 0;
+
+	switch (k % 4) {
+	case 0: /* the top's table: frees two clusters (zero clusters) */
+		st[n++] = (struct gm_step){GM_DISCARD, t, 128 * 1024};
+		st[n++] = (struct gm_step){GM_FLUSH, 0, 0};
+		/* part of a cluster of the top's data: zeros in place */
+		st[n++] = (struct gm_step){GM_ZERO_FUA, t + 128 * 1024 + 512,
+					   1024};
+		break;
+	case 1: /* no table yet: a new one, hiding backing data */
+		st[n++] = (struct gm_step){GM_ZERO, t + 1 * MiB, 128 * 1024};
+		/* part of a cluster of backing data: copied, zeros over it */
+		st[n++] = (struct gm_step){GM_ZERO, t + 1 * MiB + 132 * 1024,
+					   8192};
+		break;
+	case 2: /* one cluster of the top kept, one past it zeroed */
+		st[n++] = (struct gm_step){GM_ZERO_FUA, t + 128 * 1024,
+					   128 * 1024};
+		st[n++] = (struct gm_step){GM_DISCARD, t, 64 * 1024};
+		break;
+	case 3: /* no table yet, the discard creates one */
+		st[n++] = (struct gm_step){GM_DISCARD, t + 1 * MiB - 64 * 1024,
+					   256 * 1024};
+		st[n++] = (struct gm_step){GM_FLUSH, 0, 0};
+		/* the end of a cluster the top lacks, the start of a zero one */
+		st[n++] = (struct gm_step){GM_ZERO, t + 1 * MiB - 68 * 1024,
+					   8192};
+		break;
+	}
+	return n;
+}
+
+struct gm_aio {
+	atomic_uint done;
+	atomic_int err;
+};
+
+static void gm_aio_done(siphon_disk *disk, int res, void *opaque)
+{
+	struct gm_aio *a = opaque;
+
+	(void)disk;
+	if (res < 0)
+		atomic_store(&a->err, res);
+	atomic_fetch_add(&a->done, 1);
+}
+
+/*
+ * Guest flushes, write-zeroes (with and without FUA) and discards over a
+ * top whose metadata is not cached (a fresh attach) and spread over many
+ * L2 tables, half of them not there yet, above a backing file whose data
+ * they must hide: the worker makes no synchronous device round trip for
+ * any of them (L2 slices and new tables read or made on the queue, the
+ * refcount blocks the freed clusters need read by the flush on the queue,
+ * the flushes on the queue). The result is compared with qemu-io's on a
+ * copy (discard of whole clusters reads as zeros: write -z there).
+ */
+START_TEST(test_sync_waits_guest_meta)
+{
+	const uint64_t size = SPREAD_TABLES * TABLE_SPAN;
+	char ref[8192] = "", base[4096] = "", topw[4096] = "", *d = tmpdir;
+	const char *top = tpath("gmeta.qcow2");
+	struct gm_step st[8];
+	struct siphon_disk_stats ds;
+	struct gm_aio aio = {0};
+	siphon_domain *dom;
+	siphon_disk *disk = NULL;
+	size_t lr = 0, lb = 0, lt = 0;
+	unsigned k, i, n, spins;
+
+	for (k = 0; k < SPREAD_TABLES; k++) {
+		lb += snprintf(base + lb, sizeof(base) - lb,
+			       " -c 'write -P %u %llu 256k'", 0x60 + k,
+			       (unsigned long long)(k * TABLE_SPAN + 1 * MiB -
+						    64 * 1024));
+		if (k % 2 == 0)
+			lt += snprintf(topw + lt, sizeof(topw) - lt,
+				       " -c 'write -P %u %llu 192k'", 0x40 + k,
+				       (unsigned long long)(k * TABLE_SPAN));
+	}
+	RUN("cd %s && qemu-img create -q -f raw gmeta.base.raw %llu && "
+	    "qemu-io -f raw %s gmeta.base.raw >/dev/null && "
+	    "qemu-img create -q -f qcow2 -b gmeta.base.raw -F raw "
+	    "gmeta.qcow2 && qemu-io -f qcow2 %s gmeta.qcow2 >/dev/null && "
+	    "cp gmeta.qcow2 gmeta.ref.qcow2",
+	    d, (unsigned long long)size, base, topw);
+
+	dom = new_domain();
+	attach(dom, top);
+	ck_assert_int_eq(siphon_disk_get(dom, top, &disk), 0);
+	for (k = 0; k < SPREAD_TABLES; k++) {
+		n = gm_steps(k, st);
+		for (i = 0; i < n; i++) {
+			const struct gm_step *g = &st[i];
+			unsigned long long o = g->off, l = g->len;
+			int ret = 0;
+
+			switch (g->kind) {
+			case GM_DISCARD:
+				ret = siphon_disk_discard(disk, o, l, 0);
+				lr += snprintf(ref + lr, sizeof(ref) - lr,
+					       " -c 'write -z %llu %llu'", o,
+					       l);
+				break;
+			case GM_ZERO:
+			case GM_ZERO_FUA:
+				ret = siphon_disk_write_zeroes(
+					disk, o, l,
+					g->kind == GM_ZERO_FUA ? SIPHON_IO_FUA
+							       : 0);
+				lr += snprintf(ref + lr, sizeof(ref) - lr,
+					       " -c 'write -z %llu %llu'", o,
+					       l);
+				break;
+			case GM_FLUSH:
+				ret = siphon_disk_flush(disk, 0);
+				break;
+			}
+			ck_assert_msg(ret == 0, "table %u step %u: %d %s", k, i,
+				      ret, siphon_get_error());
+		}
+	}
+	/*
+	 * A flush, a FUA write-zeroes and a discard in flight together
+	 * (the flush may share a round with the FUA request's), then the
+	 * flush that applies the last frees.
+	 */
+	{
+		uint64_t t = (SPREAD_TABLES - 1) * TABLE_SPAN;
+
+		ck_assert_int_eq(siphon_disk_aio_write_zeroes(
+					 disk, t + 4 * MiB, 64 * 1024,
+					 SIPHON_IO_FUA, gm_aio_done, &aio),
+				 0);
+		ck_assert_int_eq(
+			siphon_disk_aio_flush(disk, 0, gm_aio_done, &aio), 0);
+		ck_assert_int_eq(siphon_disk_aio_discard(
+					 disk, 2 * TABLE_SPAN + 65536,
+					 64 * 1024, 0, gm_aio_done, &aio),
+				 0);
+		lr += snprintf(ref + lr, sizeof(ref) - lr,
+			       " -c 'write -z %llu 65536'"
+			       " -c 'write -z %llu 65536'",
+			       (unsigned long long)(t + 4 * MiB),
+			       (unsigned long long)(2 * TABLE_SPAN + 65536));
+		for (spins = 0; atomic_load(&aio.done) < 3; spins++) {
+			ck_assert_msg(spins < 60000, "requests never ended");
+			usleep(1000);
+		}
+		ck_assert_int_eq(atomic_load(&aio.err), 0);
+		ck_assert_int_eq(siphon_disk_flush(disk, 0), 0);
+	}
+	siphon_disk_put(disk);
+	ds = disk_stats(dom, top);
+	fprintf(stderr,
+		"guest discard/zeroes/flush over %u L2 tables: sync waits: "
+		"attach %llu, running %llu\n",
+		SPREAD_TABLES, (unsigned long long)ds.sync_waits_attach,
+		(unsigned long long)ds.sync_waits);
+	ck_assert_msg(ds.sync_waits == 0,
+		      "the worker waited %llu times for guest metadata work",
+		      (unsigned long long)ds.sync_waits);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+
+	RUN("cd %s && qemu-io -f qcow2 %s gmeta.ref.qcow2 >/dev/null && "
+	    "qemu-img check -q gmeta.qcow2 && "
+	    "qemu-img compare -q gmeta.qcow2 gmeta.ref.qcow2",
+	    d, ref);
+}
+END_TEST
+
 /* One guest read of the latency test, and what it saw when it completed. */
 struct lat_read {
 	atomic_bool done;
@@ -1392,6 +1577,91 @@ START_TEST(test_latency_metadata_writes)
 }
 END_TEST
 
+#define GFL_FLUSHES 3
+
+/*
+ * A guest flush that arrives while the stream's flush is writing metadata
+ * (each write of the top's metadata held LAT_HOLD_NS on the queue) must
+ * not complete before that flush did: it began before the guest's request,
+ * so it may miss writes the guest completed before. The guest's flush
+ * waits for it on the queue and then runs its own, so when the guest's
+ * completes nothing is held any more (the stream's next flush cannot start
+ * while the guest's runs); and the worker waited for none of it.
+ */
+START_TEST(test_guest_flush_after_stream_flush)
+{
+	const char *top = make_disk("gfl", 16);
+	struct lat_read r[GFL_FLUSHES];
+	struct siphon_disk_stats ds;
+	siphon_domain *dom;
+	siphon_disk *disk = NULL;
+	uint8_t *buf = malloc(64 * 1024);
+	uint64_t started;
+	unsigned i, spins;
+
+	ck_assert_ptr_nonnull(buf);
+	memset(buf, 0x77, 64 * 1024);
+	edisk_test_set_flush_bytes(64 * 1024);
+	ck_assert_int_eq(sio_fault_add_delay(SIO_OP_WRITE, "/gfl.qcow2", 0,
+					     LAT_META_END, LAT_HOLD_NS, 0),
+			 0);
+	dom = new_domain();
+	attach(dom, top);
+	ck_assert_int_eq(siphon_disk_get(dom, top, &disk), 0);
+	{
+		struct siphon_block_stream_params prm = {.size = sizeof(prm),
+							 .bandwidth = 1 * MiB};
+
+		ck_assert_int_eq(
+			siphon_block_stream_ex(dom, top, NULL,
+					       SIPHON_STREAM_CONTINUOUS, &prm),
+			0);
+	}
+	for (i = 0; i < GFL_FLUSHES; i++) {
+		started = sio_fault_delays();
+		for (spins = 0; sio_fault_delays() == started; spins++) {
+			ck_assert_msg(spins < 60000,
+				      "no metadata write was delayed");
+			usleep(1000);
+		}
+		/* In place: the top holds 1M..1M+128k. */
+		ck_assert_int_eq(siphon_disk_pwrite(disk, buf, 4096,
+						    1 * MiB + i * 4096, 0),
+				 0);
+		memset(&r[i], 0, sizeof(r[i]));
+		ck_assert_int_eq(
+			siphon_disk_aio_flush(disk, 0, lat_read_done, &r[i]),
+			0);
+		for (spins = 0; !atomic_load(&r[i].done); spins++) {
+			ck_assert_msg(spins < 60000, "flush %u never ended", i);
+			usleep(1000);
+		}
+		ck_assert_int_eq(r[i].res, 0);
+		fprintf(stderr,
+			"guest flush %u completed with %u delayed metadata "
+			"writes held\n",
+			i, r[i].held_at_done);
+		ck_assert_msg(r[i].held_at_done == 0,
+			      "flush %u completed before the stream's flush",
+			      i);
+	}
+	siphon_disk_put(disk);
+	ds = disk_stats(dom, top);
+	ck_assert_msg(ds.sync_waits == 0, "the worker waited %llu times",
+		      (unsigned long long)ds.sync_waits);
+	ck_assert_int_eq(siphon_block_stream_abort(dom, top, 0), 0);
+	sio_fault_clear();
+	edisk_test_set_flush_bytes(0);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+	RUN("cd %s && qemu-io -f raw -c 'write -P 0x77 1M %u' gfl.ref.raw "
+	    ">/dev/null",
+	    tmpdir, GFL_FLUSHES * 4096);
+	verify_consistent("gfl");
+	free(buf);
+}
+END_TEST
+
 static Suite *api_suite(bool streaming)
 {
 	Suite *s = suite_create("api");
@@ -1428,7 +1698,9 @@ static Suite *api_suite(bool streaming)
 	tcase_add_test(tc, test_sync_waits_dense);
 	tcase_add_test(tc, test_sync_waits_sparse_1t);
 	tcase_add_test(tc, test_sync_waits_guest_reads);
+	tcase_add_test(tc, test_sync_waits_guest_meta);
 	tcase_add_test(tc, test_latency_metadata_writes);
+	tcase_add_test(tc, test_guest_flush_after_stream_flush);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("concurrency");

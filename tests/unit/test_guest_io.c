@@ -464,6 +464,71 @@ START_TEST(test_allocating_writes)
 END_TEST
 
 /*
+ * Writes that span clusters the top holds and clusters it lacks: each run
+ * of lacking clusters goes through the copy pipeline, the held data
+ * clusters are written in place (they keep their host offset), and the
+ * worker waits for none of it; a zero cluster of the top in the middle
+ * still takes the driver's synchronous path. The result is qemu-io's.
+ * The top holds data at [0, 64K) and [512K, 576K), a zero cluster at 2M.
+ */
+START_TEST(test_allocating_writes_mixed)
+{
+	static const struct {
+		uint64_t off, len;
+		int pat;
+		bool no_waits; /* every cluster is data or lacking */
+	} w[] = {
+		/* held, then lacking (partial end) */
+		{32768, 65536 + 4096, 0xb1, true},
+		/* lacking (partial start), held, lacking (partial end) */
+		{7 * 65536 + 4096, 3 * 65536 - 8192, 0xb2, true},
+		/* lacking, the top's zero cluster, lacking */
+		{31 * 65536 + 512, 2 * 65536 + 1024, 0xb3, false},
+	};
+	const char *top = make_chain("awm", "4M", "");
+	struct siphon_disk_stats st = {.size = sizeof(st)};
+	uint8_t *buf = malloc(4 << 20);
+	char before[128], after[128];
+	struct fixture f;
+	uint64_t w0;
+	unsigned i;
+
+	RUN("qemu-io -f qcow2 -c 'write -z 2M 64k' %s >/dev/null && "
+	    "cp %s %s/awm.oracle.qcow2",
+	    top, top, tmpdir);
+	map_at(top, 512 * 1024, before, sizeof(before));
+	open_disk(&f, top);
+	ck_assert_int_eq(siphon_disk_set_copy_on_read(f.disk, SIPHON_COR_OFF),
+			 0);
+	for (i = 0; i < sizeof(w) / sizeof(w[0]); i++) {
+		memset(buf, w[i].pat, w[i].len);
+		ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), 0);
+		w0 = st.sync_waits;
+		ck_assert_int_eq(
+			siphon_disk_pwrite(f.disk, buf, w[i].len, w[i].off, 0),
+			0);
+		ck_assert_int_eq(siphon_disk_get_stats(f.disk, &st), 0);
+		if (w[i].no_waits)
+			ck_assert_msg(st.sync_waits == w0,
+				      "write %u: the worker waited %llu times",
+				      i,
+				      (unsigned long long)(st.sync_waits - w0));
+		RUN("qemu-io -f qcow2 -c 'write -P %d %llu %llu' "
+		    "%s/awm.oracle.qcow2 >/dev/null",
+		    w[i].pat, (unsigned long long)w[i].off,
+		    (unsigned long long)w[i].len, tmpdir);
+	}
+	close_disk(&f);
+	map_at(top, 512 * 1024, after, sizeof(after));
+	ck_assert_str_eq(before, after);
+	RUN("cd %s && qemu-img check -q awm.qcow2 && "
+	    "qemu-img compare -q awm.qcow2 awm.oracle.qcow2",
+	    tmpdir);
+	free(buf);
+}
+END_TEST
+
+/*
  * qemu's copy-on-read scenarios: a read spanning allocated and unallocated
  * clusters copies only the unallocated ones (the allocated cluster keeps its
  * host offset); the data matches the chain; then copy-on-read off and auto
@@ -794,6 +859,7 @@ static Suite *guest_suite(void)
 	tcase_add_test(tc, test_cor_on_deep_queue);
 	tcase_add_test(tc, test_cor_write_error);
 	tcase_add_test(tc, test_allocating_writes);
+	tcase_add_test(tc, test_allocating_writes_mixed);
 	tcase_add_test(tc, test_cor_last_partial);
 	tcase_add_test(tc, test_cor_subclusters);
 	tcase_add_test(tc, test_cor_with_stream);
