@@ -117,7 +117,7 @@ struct siphon_domain_opts {
 	/*
 	 * Bytes of stream copy buffers per worker, shared by the streams of
 	 * its disks in turn (a stream that gets none waits, it never fails
-	 * for that), 0: the default (16 MiB). Guest I/O is not counted.
+	 * for that), 0: the default (32 MiB). Guest I/O is not counted.
 	 */
 	uint64_t stream_buffer_bytes;
 };

@@ -207,7 +207,7 @@ static void stream_help(FILE *out)
 		"  -e, --extent-size SZ  fix the bytes per extent, 512..64M (default:\n"
 		"                        chosen the same way, 256K..8M)\n"
 		"  -m, --buffer-size SZ  copy buffers in flight at most, 1M..1G\n"
-		"                        (default 16M; with both -q and -e, at least\n"
+		"                        (default 32M; with both -q and -e, at least\n"
 		"                        their product)\n"
 		"      --progress        draw progress on stderr (default on a\n"
 		"                        terminal)\n"
@@ -472,7 +472,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	/* Both fixed: the buffers they ask for, not fewer. */
 	v = (uint64_t)prm.queue_depth * prm.extent_size;
 	if (v > (dopt.stream_buffer_bytes ? dopt.stream_buffer_bytes
-					  : 16ull << 20))
+					  : 32ull << 20))
 		dopt.stream_buffer_bytes = v;
 	ret = siphon_domain_create(&dopt, &dom);
 	if (ret < 0)
