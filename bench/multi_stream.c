@@ -32,17 +32,36 @@ static double now_s(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static int count_threads(void)
+/*
+ * Threads of the process (/proc/self/task), and of them io_uring's kernel
+ * workers (iou-wrk-*: the kernel's, started for requests it cannot issue
+ * without blocking, not the engine's) into *kernel.
+ */
+static int count_threads(int *kernel)
 {
 	DIR *d = opendir("/proc/self/task");
 	struct dirent *e;
+	char path[64], comm[32];
 	int n = 0;
+	FILE *f;
 
+	*kernel = 0;
 	if (!d)
 		return -1;
-	while ((e = readdir(d)))
-		if (e->d_name[0] != '.')
-			n++;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		n++;
+		snprintf(path, sizeof(path), "/proc/self/task/%s/comm",
+			 e->d_name);
+		f = fopen(path, "r");
+		if (!f)
+			continue;
+		if (fgets(comm, sizeof(comm), f) &&
+		    !strncmp(comm, "iou-wrk", 7))
+			(*kernel)++;
+		fclose(f);
+	}
 	closedir(d);
 	return n;
 }
@@ -54,7 +73,7 @@ int main(int argc, char **argv)
 	siphon_domain *dom = NULL;
 	double t0, *done_at = NULL;
 	uint64_t copied = 0;
-	int first = 1, n, i, left, ret, maxthreads = 0, failed = 0;
+	int first = 1, n, i, left, ret, maxthreads = 0, maxown = 0, failed = 0;
 	struct rusage ru;
 	struct pollfd pfd;
 
@@ -94,10 +113,12 @@ int main(int argc, char **argv)
 	pfd.fd = siphon_domain_event_fd(dom);
 	pfd.events = POLLIN;
 	for (left = n; left > 0;) {
-		int t = count_threads();
+		int k, t = count_threads(&k);
 
 		if (t > maxthreads)
 			maxthreads = t;
+		if (t - k > maxown)
+			maxown = t - k;
 		while (left > 0 && siphon_domain_next_event(dom, &ev) > 0) {
 			for (i = 0; i < n; i++)
 				if (!strcmp(ev.path, argv[first + i]))
@@ -114,8 +135,9 @@ int main(int argc, char **argv)
 			return 1;
 	}
 	printf("{\"disks\": %d, \"seconds\": %.3f, \"bytes_copied\": %" PRIu64
-	       ", \"max_threads\": %d, \"per_disk\": [",
-	       n, now_s() - t0, copied, maxthreads);
+	       ", \"max_threads\": %d, \"max_own_threads\": %d, "
+	       "\"per_disk\": [",
+	       n, now_s() - t0, copied, maxthreads, maxown);
 	for (i = 0; i < n; i++)
 		printf("%s%.3f", i ? ", " : "", done_at[i]);
 	for (i = 0; i < n; i++)
