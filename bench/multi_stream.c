@@ -41,7 +41,7 @@ static int count_threads(int *kernel)
 {
 	DIR *d = opendir("/proc/self/task");
 	struct dirent *e;
-	char path[64], comm[32];
+	char path[300], comm[32];
 	int n = 0;
 	FILE *f;
 

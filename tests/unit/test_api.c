@@ -1498,6 +1498,29 @@ static void lat_read_done(siphon_disk *disk, int res, void *opaque)
 /* The top's metadata of make_disk(): header, refcount table and block, L1. */
 #define LAT_META_END (256ull * 1024)
 
+/* A CONTINUOUS stream of top at 1 MiB/s: it runs through the whole test. */
+static void start_slow_stream(siphon_domain *dom, const char *top)
+{
+	struct siphon_block_stream_params prm = {.size = sizeof(prm),
+						 .bandwidth = 1 * MiB};
+
+	ck_assert_int_eq(siphon_block_stream_ex(dom, top, NULL,
+						SIPHON_STREAM_CONTINUOUS, &prm),
+			 0);
+}
+
+/* Wait for an injected delay to begin (a flush is writing metadata). */
+static void wait_delay_begins(void)
+{
+	uint64_t started = sio_fault_delays();
+	unsigned spins;
+
+	for (spins = 0; sio_fault_delays() == started; spins++) {
+		ck_assert_msg(spins < 60000, "no metadata write was delayed");
+		usleep(1000);
+	}
+}
+
 /*
  * Slow metadata writes of the top (each held LAT_HOLD_NS on the queue, or
  * slept through by a synchronous writer) while a CONTINUOUS stream flushes
@@ -1515,7 +1538,6 @@ START_TEST(test_latency_metadata_writes)
 	siphon_domain *dom;
 	siphon_disk *disk = NULL;
 	uint8_t *buf = malloc(64 * 1024);
-	uint64_t started;
 	unsigned i, spins;
 
 	ck_assert_ptr_nonnull(buf);
@@ -1528,23 +1550,9 @@ START_TEST(test_latency_metadata_writes)
 	ck_assert_int_eq(siphon_disk_get(dom, top, &disk), 0);
 	/* Cache the top's L2 slice before the stream starts. */
 	ck_assert_int_eq(siphon_disk_pread(disk, buf, 4096, 1 * MiB, 0), 0);
-	{
-		struct siphon_block_stream_params prm = {.size = sizeof(prm),
-							 .bandwidth = 1 * MiB};
-
-		ck_assert_int_eq(
-			siphon_block_stream_ex(dom, top, NULL,
-					       SIPHON_STREAM_CONTINUOUS, &prm),
-			0);
-	}
+	start_slow_stream(dom, top);
 	for (i = 0; i < LAT_READS; i++) {
-		/* Wait for a hold to begin (a flush is writing metadata). */
-		started = sio_fault_delays();
-		for (spins = 0; sio_fault_delays() == started; spins++) {
-			ck_assert_msg(spins < 60000,
-				      "no metadata write was delayed");
-			usleep(1000);
-		}
+		wait_delay_begins();
 		memset(&r[i], 0, sizeof(r[i]));
 		iov.iov_base = buf;
 		iov.iov_len = 64 * 1024;
@@ -1596,7 +1604,6 @@ START_TEST(test_guest_flush_after_stream_flush)
 	siphon_domain *dom;
 	siphon_disk *disk = NULL;
 	uint8_t *buf = malloc(64 * 1024);
-	uint64_t started;
 	unsigned i, spins;
 
 	ck_assert_ptr_nonnull(buf);
@@ -1608,22 +1615,9 @@ START_TEST(test_guest_flush_after_stream_flush)
 	dom = new_domain();
 	attach(dom, top);
 	ck_assert_int_eq(siphon_disk_get(dom, top, &disk), 0);
-	{
-		struct siphon_block_stream_params prm = {.size = sizeof(prm),
-							 .bandwidth = 1 * MiB};
-
-		ck_assert_int_eq(
-			siphon_block_stream_ex(dom, top, NULL,
-					       SIPHON_STREAM_CONTINUOUS, &prm),
-			0);
-	}
+	start_slow_stream(dom, top);
 	for (i = 0; i < GFL_FLUSHES; i++) {
-		started = sio_fault_delays();
-		for (spins = 0; sio_fault_delays() == started; spins++) {
-			ck_assert_msg(spins < 60000,
-				      "no metadata write was delayed");
-			usleep(1000);
-		}
+		wait_delay_begins();
 		/* In place: the top holds 1M..1M+128k. */
 		ck_assert_int_eq(siphon_disk_pwrite(disk, buf, 4096,
 						    1 * MiB + i * 4096, 0),
