@@ -502,7 +502,7 @@ static void op_prepare(struct copy_op *op)
  * runs allocated one after the other) become one vectored request: the
  * device sees the request size the runs add up to.
  */
-static int gather_writes(struct copy_op *op)
+static void gather_writes(struct copy_op *op)
 {
 	struct sio_req *r = op->reqs, *w = NULL;
 	struct iovec *iov;
@@ -513,10 +513,10 @@ static int gather_writes(struct copy_op *op)
 		any = r[i].file == r[i - 1].file &&
 		      r[i - 1].off + r[i - 1].len == r[i].off;
 	if (!any)
-		return 0;
+		return;
 	iov = calloc(op->nreqs, sizeof(*iov));
 	if (!iov)
-		return 0; /* one request per run: slower, as correct */
+		return; /* one request per run: slower, as correct */
 	op->iovs = iov;
 	for (i = 0; i < op->nreqs; i++) {
 		iov[k] = (struct iovec){r[i].buf, r[i].len};
@@ -534,7 +534,6 @@ static int gather_writes(struct copy_op *op)
 		w->iovcnt = 1;
 	}
 	op->nreqs = out;
-	return 0;
 }
 
 /* The reads are in: let the caller look, then allocate and write. */
@@ -561,10 +560,10 @@ static void op_write(struct copy_op *op)
 			i += got;
 		}
 	}
-	if (ret >= 0)
-		ret = gather_writes(op);
-	if (ret >= 0)
+	if (ret >= 0) {
+		gather_writes(op);
 		ret = op_submit(op);
+	}
 	if (ret < 0)
 		op_fail(op, ret);
 	op_put(op);

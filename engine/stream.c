@@ -196,8 +196,8 @@ static int controller_init(struct stream *s, const struct stream_opts *o)
 	io.min_extent = IFC_MIN_EXTENT;
 	while (io.min_extent < s->cs)
 		io.min_extent *= 2;
-	io.max_extent = IFC_MAX_EXTENT > io.min_extent ? IFC_MAX_EXTENT
-						       : io.min_extent;
+	io.max_extent =
+		IFC_MAX_EXTENT > io.min_extent ? IFC_MAX_EXTENT : io.min_extent;
 	/* A budget below what a fixed override needs: the override wins. */
 	if (io.fixed_depth && !io.fixed_extent &&
 	    io.max_bytes < io.fixed_depth * io.min_extent)
@@ -926,8 +926,7 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 					sx_min(s->plan_budget, n * s->cs);
 			/* The extent owns clusters [planner, planner + n). */
 			s->planner += n;
-			ret = start_copy(s, s->planner - n, n, token, buf,
-					 ext);
+			ret = start_copy(s, s->planner - n, n, token, buf, ext);
 			update_cursor(s);
 			if (ret < 0)
 				goto out;
@@ -973,7 +972,6 @@ void stream_set_limits(struct stream *s, unsigned max_inflight,
 	s->max_inflight = max_inflight ? max_inflight : 1;
 	s->extent_bytes = whole_clusters(
 		s, extent_bytes ? extent_bytes : ifc_extent_bytes(&s->ifc));
-	publish(s);
 }
 
 void stream_set_budget(struct stream *s, uint64_t max_bytes)

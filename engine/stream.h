@@ -104,9 +104,6 @@ struct stream_opts {
 	struct extent_pool *pool;
 };
 
-/* The extent count and size a fixed override of one of them pairs with. */
-#define STREAM_DEFAULT_INFLIGHT 8
-#define STREAM_DEFAULT_EXTENT (1024 * 1024)
 #define STREAM_DEFAULT_FLUSH (256ull * 1024 * 1024)
 
 struct stream;

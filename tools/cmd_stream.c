@@ -99,8 +99,7 @@ static void print_counters_json(const struct stream_progress *p)
 	       p->bytes_zero, p->rate);
 	printf(", \"inflight_bytes\": %" PRIu64 ", \"window_bytes\": %" PRIu64
 	       ", \"request_bytes\": %" PRIu64 ", \"device_rate\": %" PRIu64
-	       ", \"latency_us\": %" PRIu64
-	       ", \"read_request_bytes\": %" PRIu64
+	       ", \"latency_us\": %" PRIu64 ", \"read_request_bytes\": %" PRIu64
 	       ", \"write_request_bytes\": %" PRIu64,
 	       p->inflight_bytes, p->window_bytes, p->request_bytes,
 	       p->device_rate, p->latency_us, p->read_request_bytes,
@@ -471,8 +470,8 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		dopt.queue_depth = prm.queue_depth * 4;
 	/* Both fixed: the buffers they ask for, not fewer. */
 	v = (uint64_t)prm.queue_depth * prm.extent_size;
-	if (v > (dopt.stream_buffer_bytes ? dopt.stream_buffer_bytes
-					  : 32ull << 20))
+	if (v >
+	    (dopt.stream_buffer_bytes ? dopt.stream_buffer_bytes : 32ull << 20))
 		dopt.stream_buffer_bytes = v;
 	ret = siphon_domain_create(&dopt, &dom);
 	if (ret < 0)
