@@ -6,7 +6,7 @@
  * per stream, memory grows with the number of disks (64 disks x 8 extents
  * x 1 MiB = 512 MiB), while the device gains nothing past a few dozen
  * extents in flight. An extent_pool bounds the bytes of all buffers it has
- * made (out with a user or kept free for the next one) by its budget, and
+ * handed out (out with a user) by its budget, and
  * a stream that gets no buffer now plans later: it never fails for that.
  *
  * Contract of extent_pool_get() (every rule is about bytes):
@@ -33,9 +33,14 @@
  * owner's queue, so a refused stream is pumped again after a completion
  * frees a buffer (the owner's loop wakes on it).
  *
- * Buffers are SIO_BUF_ALIGN aligned; the pool keeps returned buffers for
- * reuse by size (freeing others' sizes when it needs room), and frees all it
- * keeps once no user is left. A user that leaves with buffers out stays
+ * Buffers are SIO_BUF_ALIGN aligned and come from one arena of the budget
+ * backed by transparent huge pages where the kernel has them, so a large
+ * extent is a few physically contiguous segments (a device's limit on
+ * segments per request then does not cut it into small requests); a
+ * buffer the arena cannot place gets a mapping of its own. A returned
+ * buffer goes back to the arena, whose pages stay for the next one (no
+ * fault and zeroing per extent); the arena is unmapped once the pool is
+ * idle (no user, nothing out). A user that leaves with buffers out stays
  * accounted until the last of them comes back.
  *
  * Threads: none; a pool belongs to one thread (the loop's), like its queue.
@@ -66,12 +71,13 @@ struct extent_pool_user;
 struct extent_pool_stats {
 	uint64_t budget;
 	uint64_t out; /* bytes of buffers held by users */
-	uint64_t kept; /* bytes of free buffers kept for reuse */
-	uint64_t peak; /* the most of out + kept so far */
+	uint64_t peak; /* the most out so far */
 	unsigned users; /* joined and not left */
 	unsigned waiting; /* users queued for a buffer */
 	uint64_t grants; /* buffers handed out */
 	uint64_t refusals; /* requests refused (budget, turn or share) */
+	uint64_t arena; /* bytes of the arena mapped now (0: idle) */
+	uint64_t mapped; /* buffers that got a mapping outside the arena */
 };
 
 /* A pool of budget bytes (0: EXTENT_POOL_DEFAULT_BUDGET). -ENOMEM. */
