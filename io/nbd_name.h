@@ -43,14 +43,18 @@ bool sio_nbd_name_is_remote(const char *name);
 /*
  * Parse name into *out. Returns 0, -EINVAL with a message (sx_error())
  * saying what is wrong (TLS options say that TLS is not supported yet), or
- * -ENOMEM. *out is untouched on failure.
+ * -ENOMEM. *out is untouched on failure; on success the caller frees it
+ * with sio_nbd_addr_free(). Also refused: a socket path longer than a
+ * sockaddr_un holds (107 bytes) and an export name longer than NBD's 4096.
  */
 int sio_nbd_name_parse(const char *name, struct sio_nbd_addr *out);
 
 /*
- * The canonical URI of a (nbd://HOST:PORT/EXPORT or
+ * The canonical URI of a (nbd://HOST:PORT/EXPORT, an IPv6 HOST in [...], or
  * nbd+unix:///EXPORT?socket=PATH, percent-encoded where needed): malloc'd,
- * NULL without memory. Parsing it gives a back.
+ * NULL without memory, or when a lacks a field its transport needs (an
+ * address sio_nbd_name_parse() filled always has them). Parsing it gives a
+ * back. The caller frees it.
  */
 char *sio_nbd_addr_uri(const struct sio_nbd_addr *a);
 
