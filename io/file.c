@@ -23,6 +23,9 @@
  *  - A memory file (f->mem, io/mem.c) never reaches the ring: every helper
  *    hands it to sio_mem_io() after the checks, fault rules and before the
  *    write log, which stay the same for both.
+ *  - An NBD export (f->nbd, io/nbd.c) never reaches the ring either: reads
+ *    go to sio_nbd_pread() after the same checks and fault rules; anything
+ *    that would change it is -EROFS before any of them.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -45,6 +48,7 @@
 #include "io/io.h"
 #include "io/iolog.h"
 #include "io/mem.h"
+#include "io/nbd_priv.h"
 #include "io/ring.h"
 
 /* One request at a time; a few spare entries cost nothing. */
@@ -381,6 +385,13 @@ static bool needs_bounce(const struct sio_file *f, const void *buf,
 			     !sx_is_aligned((uintptr_t)buf, f->mem_align));
 }
 
+/* What every change to an NBD export gets. */
+static int nbd_read_only(const struct sio_file *f, const char *what)
+{
+	return sx_error(-EROFS, "%s: %s: NBD exports are read-only", f->path,
+			what);
+}
+
 static int check_range(const struct sio_file *f, const void *buf, size_t len,
 		       uint64_t off, const char *what)
 {
@@ -413,6 +424,11 @@ int sio_pread(struct sio_file *f, void *buf, size_t len, uint64_t off)
 		ret = sio_mem_io(f, SIO_OP_READ, buf, len, off, 0);
 		goto out;
 	}
+	if (f->nbd) {
+		tl_sync_waits++;
+		ret = sio_nbd_pread(f, buf, len, off);
+		goto out;
+	}
 	ret = sync_ring_get(f->path, &ring);
 	if (ret < 0)
 		goto out;
@@ -434,6 +450,8 @@ int sio_pwrite(struct sio_file *f, const void *buf, size_t len, uint64_t off)
 
 	if (!f)
 		return sx_error(-EINVAL, "sio_pwrite: NULL file");
+	if (f->nbd)
+		return nbd_read_only(f, "write");
 	ret = check_range(f, buf, len, off, "write");
 	if (ret < 0 || len == 0)
 		goto out;
@@ -540,6 +558,8 @@ int sio_pwrite_many(struct sio_file *f, const struct sio_wvec *v, unsigned n)
 
 	if (!f || (n && !v))
 		return sx_error(-EINVAL, "sio_pwrite_many: bad arguments");
+	if (f->nbd)
+		return nbd_read_only(f, "write");
 	if (!f->writable)
 		return sx_error(-EBADF, "%s: write: file is open read-only",
 				f->path);
@@ -583,6 +603,9 @@ static int sync_simple(struct sio_file *f, enum sio_op op, int mode,
 
 	if (!f)
 		return sx_error(-EINVAL, "%s: NULL file", what);
+	/* Nothing to flush on a read-only export; nothing else gets here. */
+	if (f->nbd)
+		return op == SIO_OP_FALLOCATE ? nbd_read_only(f, what) : 0;
 	if (f->mem) {
 		ret = sio_mem_io(f, op, NULL, len, off, mode);
 		goto logged;
@@ -618,6 +641,8 @@ int sio_fallocate(struct sio_file *f, int mode, uint64_t off, uint64_t len)
 
 	if (!f)
 		return sx_error(-EINVAL, "sio_fallocate: NULL file");
+	if (f->nbd)
+		return nbd_read_only(f, "fallocate");
 	if (sx_add(off, len, &end) < 0 || end > INT64_MAX)
 		return sx_error(-EOVERFLOW,
 				"%s: fallocate of %" PRIu64
@@ -752,6 +777,7 @@ void sio_file_close(struct sio_file *f)
 	if (f->fd >= 0)
 		close(f->fd);
 	sio_mem_put(f->mem);
+	sio_nbd_free(f->nbd);
 	free(f->path);
 	free(f);
 }
@@ -763,6 +789,10 @@ int sio_file_size(struct sio_file *f, uint64_t *size)
 
 	if (!f || !size)
 		return sx_error(-EINVAL, "sio_file_size: NULL argument");
+	if (f->nbd) {
+		*size = sio_nbd_size(f);
+		return 0;
+	}
 	if (fstat(f->fd, &st) < 0)
 		return sx_error(-errno, "%s: fstat: %s", f->path,
 				strerror(errno));
@@ -781,6 +811,8 @@ int sio_file_truncate(struct sio_file *f, uint64_t size)
 {
 	if (!f)
 		return sx_error(-EINVAL, "sio_file_truncate: NULL file");
+	if (f->nbd)
+		return nbd_read_only(f, "truncate");
 	if (f->is_blockdev)
 		return sx_error(-EINVAL, "%s: truncate: not a regular file",
 				f->path);

@@ -30,6 +30,11 @@
  * Memory files (sio_mem_create(), for tests) are sio_files whose bytes live
  * in memory and whose synchronous I/O never touches io_uring.
  *
+ * NBD exports (sio_nbd_open(), io/nbd.h) are read-only sio_files whose
+ * bytes live on an NBD server: the synchronous helpers read them over a
+ * connection of their own, a sio_queue over one connection per queue,
+ * its socket polled on the queue's ring.
+ *
  * Threads: a sio_file may be used from any thread; a sio_queue only from the
  * thread that runs it.
  */
@@ -41,6 +46,8 @@
 #include <stdint.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+
+#include "io/nbd.h"
 
 /* Alignment of every buffer sio_buf_alloc() returns. */
 #define SIO_BUF_ALIGN 4096
@@ -56,6 +63,7 @@ enum sio_open_flags {
 };
 
 struct sio_mem;
+struct sio_nbd;
 
 struct sio_file {
 	int fd;
@@ -67,6 +75,7 @@ struct sio_file {
 		align; /* offset/length alignment for async I/O (1 if buffered) */
 	uint32_t mem_align; /* buffer alignment for async I/O (1 if buffered) */
 	struct sio_mem *mem; /* a memory file (sio_mem_create), or NULL */
+	struct sio_nbd *nbd; /* an NBD export (sio_nbd_open), or NULL */
 };
 
 /*
@@ -79,10 +88,13 @@ int sio_file_open(const char *path, unsigned flags, struct sio_file **out);
 /* Close and free. NULL is a no-op. */
 void sio_file_close(struct sio_file *f);
 
-/* Size in bytes (st_size, or the device size for block devices). */
+/*
+ * Size in bytes (st_size, the device size for block devices, the export's
+ * size for NBD).
+ */
 int sio_file_size(struct sio_file *f, uint64_t *size);
 
-/* ftruncate (regular files only). */
+/* ftruncate (regular files only; -EROFS on NBD exports). */
 int sio_file_truncate(struct sio_file *f, uint64_t size);
 
 /* An aligned buffer of len bytes (len rounded up to SIO_BUF_ALIGN), or NULL. */
@@ -166,6 +178,13 @@ struct sio_req {
 	uint64_t _done_bytes;
 	struct sio_req *_next;
 	struct iovec _iov_tmp[1];
+	/* NBD reads (io/nbd.c): _done_bytes counts the bytes asked for */
+	struct {
+		void *conn; /* the connection that has it */
+		uint64_t end; /* bytes read from the server (past: zeros) */
+		uint32_t parts; /* reads in flight for it */
+		int err; /* first error, -errno */
+	} _nbd;
 };
 
 struct sio_queue;
@@ -180,6 +199,12 @@ void sio_queue_destroy(struct sio_queue *q);
  * Queue req. It is handed to the kernel at the next sio_queue_run() (or
  * earlier when the submission ring is full). Never blocks on completions.
  * Returns 0, or -EINVAL for a misaligned direct request.
+ *
+ * On an NBD export (io/nbd.h) only READ, FSYNC and FDATASYNC (which
+ * complete at once with 0) are accepted: writes and fallocates are
+ * -EROFS, polls -EINVAL. A read goes to the queue's own connection to
+ * the export, opened (synchronously) at the first request; a failure to
+ * connect, like any NBD error, completes the request with -errno.
  */
 int sio_queue_submit(struct sio_queue *q, struct sio_req *req);
 

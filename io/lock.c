@@ -82,6 +82,10 @@ int sio_file_lock(struct sio_file *f, unsigned perm, unsigned unshared)
 {
 	int i, ret = 0;
 
+	/* An NBD export is the server's to guard; there is no file here. */
+	if (f->nbd)
+		return 0;
+
 	for (i = 0; i < PERM_BITS && ret == 0; i++) {
 		if (perm & (1u << i))
 			ret = ofd_lock(f->fd, F_RDLCK, LOCK_PERM_BASE + i);

@@ -39,7 +39,8 @@ enum sio_perm {
  * checking that nobody else's locks conflict. Returns 0, -EBUSY with a
  * message naming the file and the permission when the image is in use,
  * or -errno. Files whose filesystem refuses OFD locks (-EINVAL, -ENOLCK,
- * -EOPNOTSUPP) are left unlocked, as qemu does.
+ * -EOPNOTSUPP) are left unlocked, as qemu does, and so are NBD exports
+ * (no file here: the server guards its export).
  */
 int sio_file_lock(struct sio_file *f, unsigned perm, unsigned unshared);
 

@@ -25,6 +25,17 @@
  * moved so far. With an iovec the caller's array is passed to the kernel as
  * is for whole elements; a partly consumed (or, by len, partly wanted)
  * element goes alone through _iov_tmp. So no allocation per request.
+ *
+ * A read of an NBD export (io/nbd.h) takes a fourth place instead of the
+ * ring: the queue's connection to that export (struct queue_nbd, one per
+ * file, made at the file's first request), which holds it until libnbd
+ * has answered every part; then it goes to the finished list like any
+ * other. The connection's socket is polled on this ring: a POLL_ADD for
+ * POLLIN and one for POLLOUT, each armed when the connection asks for it
+ * and not armed yet (tagged user_data, counted in q->nbd_polls, not in
+ * in_ring). While a connection holds requests it has a poll armed, so
+ * waiting for completions always has something that will wake it.
+ * q->nbd_busy counts the requests the connections hold.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -41,6 +52,7 @@
 #include "io/fault.h"
 #include "io/io.h"
 #include "io/iolog.h"
+#include "io/nbd_priv.h"
 #include "io/ring.h"
 
 /* Largest single transfer handed to the kernel; it caps near 2 GiB. */
@@ -54,10 +66,25 @@
 #define QUEUE_HELD UINT64_MAX
 /* user_data of a hold's timeout SQE: the request's address, tagged. */
 #define QUEUE_HOLD_TAG ((uintptr_t)1)
+/* user_data of an NBD socket poll: its struct queue_nbd's address, tagged. */
+#define QUEUE_NBD_IN_TAG ((uintptr_t)2)
+#define QUEUE_NBD_OUT_TAG ((uintptr_t)4)
+#define QUEUE_TAG_MASK ((uintptr_t)7)
 
 _Static_assert(sizeof(((struct sio_req *)0)->_iov_tmp) >=
 		       sizeof(struct __kernel_timespec),
 	       "a hold's timespec lives in _iov_tmp");
+
+/* The queue's connection to one NBD file, and its socket's polls. */
+struct queue_nbd {
+	struct sio_nbd_conn *conn;
+	bool in_armed, out_armed;
+	struct queue_nbd *next;
+};
+
+_Static_assert(_Alignof(struct sio_req) > QUEUE_TAG_MASK &&
+		       _Alignof(struct queue_nbd) > QUEUE_TAG_MASK,
+	       "user_data tags live in the low bits of the addresses");
 
 struct sio_queue {
 	struct io_uring ring;
@@ -66,6 +93,9 @@ struct sio_queue {
 	unsigned pending;
 	struct sio_req *backlog_head, *backlog_tail;
 	struct sio_req *finished_head, *finished_tail;
+	struct queue_nbd *nbd; /* connections, one per NBD file */
+	unsigned nbd_polls; /* polls armed */
+	unsigned nbd_busy; /* requests the connections hold */
 };
 
 static void list_append(struct sio_req **head, struct sio_req **tail,
@@ -226,11 +256,20 @@ static void prep(struct io_uring_sqe *sqe, struct sio_req *req)
 	io_uring_sqe_set_data(sqe, req);
 }
 
-/* Give req an SQE now if the ring has room, else put it in the backlog. */
+static void nbd_enqueue(struct sio_queue *q, struct sio_req *req);
+
+/*
+ * Give req an SQE now if the ring has room, else put it in the backlog;
+ * an NBD request (unless held) goes to its connection instead.
+ */
 static void enqueue(struct sio_queue *q, struct sio_req *req)
 {
 	struct io_uring_sqe *sqe = NULL;
 
+	if (req->file->nbd && req->_done_bytes != QUEUE_HELD) {
+		nbd_enqueue(q, req);
+		return;
+	}
 	if (q->in_ring < q->depth && !q->backlog_head)
 		sqe = io_uring_get_sqe(&q->ring);
 	if (!sqe) {
@@ -262,12 +301,156 @@ static void finish_now(struct sio_queue *q, struct sio_req *req, int res)
 	list_append(&q->finished_head, &q->finished_tail, req);
 }
 
+/*
+ * Arm a poll for events on l's socket. false when the submission ring
+ * has no room even after handing it over (the next sio_queue_run() tries
+ * again, before it waits).
+ */
+static bool nbd_poll_add(struct sio_queue *q, struct queue_nbd *l,
+			 unsigned events, uintptr_t tag)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
+
+	if (!sqe) {
+		io_uring_submit(&q->ring);
+		sqe = io_uring_get_sqe(&q->ring);
+	}
+	if (!sqe)
+		return false;
+	io_uring_prep_poll_add(sqe, sio_nbd_conn_fd(l->conn), events);
+	io_uring_sqe_set_data(sqe, (void *)((uintptr_t)l | tag));
+	q->nbd_polls++;
+	return true;
+}
+
+/* Arm the polls that l's connection waits for and that are not armed. */
+static void nbd_arm(struct sio_queue *q, struct queue_nbd *l)
+{
+	unsigned ev = sio_nbd_conn_events(l->conn);
+
+	if ((ev & POLLIN) && !l->in_armed)
+		l->in_armed = nbd_poll_add(q, l, POLLIN, QUEUE_NBD_IN_TAG);
+	if ((ev & POLLOUT) && !l->out_armed)
+		l->out_armed = nbd_poll_add(q, l, POLLOUT, QUEUE_NBD_OUT_TAG);
+}
+
+/* nbd_arm() for every connection: none may wait without a poll. */
+static void nbd_arm_all(struct sio_queue *q)
+{
+	struct queue_nbd *l;
+
+	for (l = q->nbd; l; l = l->next)
+		nbd_arm(q, l);
+}
+
+/*
+ * Move what l's connection has finished to the finished list (a read's
+ * result is its full length, as for files), then arm what it waits for.
+ */
+static void nbd_service(struct sio_queue *q, struct queue_nbd *l)
+{
+	struct sio_req *req;
+	int res;
+
+	while ((req = sio_nbd_conn_pop(l->conn, &res))) {
+		q->nbd_busy--;
+		finish_now(q, req, res < 0 ? res : (int)req_len(req));
+	}
+	nbd_arm(q, l);
+}
+
+/*
+ * The queue's connection to the NBD file f, made now if it has none.
+ * NULL and *err (message recorded) when connecting fails.
+ */
+static struct queue_nbd *nbd_link(struct sio_queue *q, struct sio_file *f,
+				  int *err)
+{
+	struct queue_nbd *l;
+
+	for (l = q->nbd; l; l = l->next) {
+		if (sio_nbd_conn_owns(l->conn, f))
+			return l;
+	}
+	l = calloc(1, sizeof(*l));
+	if (!l) {
+		*err = sx_error(-ENOMEM, "%s: out of memory", f->path);
+		return NULL;
+	}
+	*err = sio_nbd_conn_open(f, &l->conn);
+	if (*err < 0) {
+		free(l);
+		return NULL;
+	}
+	l->next = q->nbd;
+	q->nbd = l;
+	return l;
+}
+
+/*
+ * An NBD request: a read goes to the connection (the part past the
+ * export's end is zeros at once), a sync completes now (nothing to
+ * flush on a read-only export).
+ */
+static void nbd_enqueue(struct sio_queue *q, struct sio_req *req)
+{
+	uint64_t len, size, avail;
+	struct queue_nbd *l;
+	int err;
+
+	if (req->op != SIO_OP_READ) {
+		finish_now(q, req, 0);
+		return;
+	}
+	len = req_len(req);
+	size = sio_nbd_size(req->file);
+	avail = req->off >= size ? 0 : sx_min(len, size - req->off);
+	if (avail < len)
+		zero_tail(req, avail, len);
+	if (!avail) {
+		finish_now(q, req, (int)len);
+		return;
+	}
+	l = nbd_link(q, req->file, &err);
+	if (!l) {
+		finish_now(q, req, err);
+		return;
+	}
+	q->nbd_busy++;
+	sio_nbd_conn_submit(l->conn, req, avail);
+	nbd_service(q, l);
+}
+
+/*
+ * The completion cqe_data (just seen, result res) was a poll of an NBD
+ * socket: tell its connection and collect what that finished. false when
+ * it is another completion.
+ */
+static bool nbd_poll_over(struct sio_queue *q, void *cqe_data, int res)
+{
+	uintptr_t tag = (uintptr_t)cqe_data & QUEUE_TAG_MASK;
+	struct queue_nbd *l;
+
+	if (tag != QUEUE_NBD_IN_TAG && tag != QUEUE_NBD_OUT_TAG)
+		return false;
+	l = (struct queue_nbd *)((uintptr_t)cqe_data & ~QUEUE_TAG_MASK);
+	q->nbd_polls--;
+	if (tag == QUEUE_NBD_IN_TAG)
+		l->in_armed = false;
+	else
+		l->out_armed = false;
+	sio_nbd_conn_notify(l->conn, res);
+	nbd_service(q, l);
+	return true;
+}
+
 static int check_aligned(const struct sio_req *req, uint64_t len)
 {
 	const struct sio_file *f = req->file;
 	int i;
 
-	if (!f->direct)
+	/* An NBD export's minimum block size applies as direct I/O's. */
+	if (!f->direct && !f->nbd)
 		return 0;
 	if (!sx_is_aligned(req->off, f->align) || !sx_is_aligned(len, f->align))
 		return -EINVAL;
@@ -295,6 +478,15 @@ static int validate(const struct sio_req *req, uint64_t *lenp)
 	if (req->file->mem)
 		return sx_error(-EOPNOTSUPP,
 				"%s: a memory file cannot go on a queue", path);
+	if (req->file->nbd &&
+	    (req->op == SIO_OP_WRITE || req->op == SIO_OP_FALLOCATE))
+		return sx_error(
+			-EROFS, "%s: %s: NBD exports are read-only", path,
+			req->op == SIO_OP_WRITE ? "write" : "fallocate");
+	if (req->file->nbd && req->op == SIO_OP_POLL)
+		return sx_error(-EINVAL,
+				"%s: an NBD export has no descriptor to poll",
+				path);
 	switch (req->op) {
 	case SIO_OP_READ:
 	case SIO_OP_WRITE:
@@ -532,6 +724,8 @@ static unsigned reap(struct sio_queue *q, bool (*only)(struct sio_req *req))
 		res = cqe->res;
 		/* Free the slot first: the callback may submit more. */
 		io_uring_cqe_seen(&q->ring, cqe);
+		if (nbd_poll_over(q, req, res))
+			continue;
 		q->in_ring--;
 		if (hold_over(q, req))
 			continue;
@@ -559,10 +753,17 @@ int sio_queue_run(struct sio_queue *q, unsigned min_complete)
 	for (;;) {
 		ran += run_finished(q);
 		fill_ring(q);
+		nbd_arm_all(q);
 		want = 0;
-		/* Only wait for what is in the ring: each gives one CQE. */
+		/*
+		 * Only wait for what is in the ring: each gives one CQE, and
+		 * so does (at least) one armed poll while NBD reads wait.
+		 */
 		if (ran < min_complete)
-			want = (unsigned)sx_min(min_complete - ran, q->in_ring);
+			want = (unsigned)sx_min(
+				min_complete - ran,
+				q->in_ring +
+					(q->nbd_busy && q->nbd_polls ? 1 : 0));
 		ret = io_uring_submit_and_wait(&q->ring, want);
 		if (ret < 0 && ret != -EINTR && ret != -EAGAIN &&
 		    ret != -EBUSY && ret != -ETIME)
@@ -572,11 +773,12 @@ int sio_queue_run(struct sio_queue *q, unsigned min_complete)
 		if (ran >= min_complete && !q->finished_head)
 			break;
 		if (ran < min_complete && !q->finished_head && !q->in_ring &&
-		    !q->backlog_head)
+		    !q->backlog_head && !q->nbd_busy)
 			break; /* nothing left that could complete */
 	}
 	/* Hand over what the callbacks queued without waiting for it. */
 	fill_ring(q);
+	nbd_arm_all(q);
 	ret = io_uring_submit(&q->ring);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
 		return sx_error(ret, "io_uring_submit: %s", strerror(-ret));
@@ -616,7 +818,8 @@ int sio_queue_run_only(struct sio_queue *q, bool (*only)(struct sio_req *req),
 			continue;
 		}
 		fill_ring(q);
-		if (!q->in_ring)
+		nbd_arm_all(q);
+		if (!q->in_ring && !q->nbd_busy)
 			return -EAGAIN; /* nothing in flight could end it */
 		ret = io_uring_submit_and_wait(&q->ring, 1);
 		if (ret < 0 && ret != -EINTR && ret != -EAGAIN &&
@@ -638,6 +841,7 @@ unsigned sio_queue_inflight(const struct sio_queue *q)
 
 void sio_queue_destroy(struct sio_queue *q)
 {
+	struct queue_nbd *l;
 	unsigned errors = 0;
 
 	if (!q)
@@ -651,5 +855,10 @@ void sio_queue_destroy(struct sio_queue *q)
 			errors++;
 	}
 	io_uring_queue_exit(&q->ring);
+	while ((l = q->nbd)) {
+		q->nbd = l->next;
+		sio_nbd_conn_close(l->conn);
+		free(l);
+	}
 	free(q);
 }

@@ -4,14 +4,16 @@
 # the Debian 12 packages siphon needs to build, test and benchmark, and
 # helpers to install them and to set up a meson build directory.
 
-# Build: compiler, meson/ninja, the libraries; clang for the second
-# compiler that tests/run-all.sh builds with. Tests: Check, qemu-img/qemu-io
-# (the oracle; qemu-system-common carries qemu's shared data), python3.
+# Build: compiler, meson/ninja, the libraries (libnbd for NBD backing
+# layers); clang for the second compiler that tests/run-all.sh builds with.
+# Tests: Check, qemu-img/qemu-io/qemu-nbd (the oracle and an NBD server;
+# qemu-system-common carries qemu's shared data), nbdkit (NBD servers with
+# fault filters), libnbd-bin (nbdinfo, nbdcopy), python3.
 # Benchmarks: fio, GNU time (/usr/bin/time -v for max RSS).
 SIPHON_DEPS=(
 	build-essential clang meson ninja-build pkg-config
-	liburing-dev zlib1g-dev libzstd-dev
-	check qemu-utils qemu-system-common python3
+	liburing-dev zlib1g-dev libzstd-dev libnbd-dev
+	check qemu-utils qemu-system-common nbdkit libnbd-bin python3
 	fio time
 )
 

@@ -1,0 +1,837 @@
+/*
+ * NBD exports as sio_files, through libnbd (issue 12). See io/nbd.h for
+ * what a user sees and io/nbd_priv.h for what file.c and queue.c call.
+ *
+ * Two kinds of connection to an export:
+ *  - the file's own (struct sio_nbd), opened by sio_nbd_open(), used by the
+ *    synchronous helpers and block status through libnbd's blocking calls,
+ *    one caller at a time under n->lock;
+ *  - a queue's (struct sio_nbd_conn), one per (queue, file), driven
+ *    through libnbd's asynchronous calls by the queue that owns it: the
+ *    queue polls the socket on its ring and calls sio_nbd_conn_notify().
+ *
+ * Invariants of a queue's connection:
+ *  - a request it holds is in exactly one place: the wait list (some of
+ *    its bytes not asked for yet, because the connection has CONN_DEPTH
+ *    reads in flight), with libnbd only (every byte asked for, parts > 0),
+ *    or the done list (finished, its result in _nbd.err);
+ *  - req->_done_bytes counts the bytes asked for, _nbd.parts the reads of
+ *    it in flight; a request is finished when both say so (every byte
+ *    asked for, none in flight), or at its first error once nothing of it
+ *    is in flight any more;
+ *  - libnbd's completion callback (read_done) only records: it touches
+ *    the request, the counters and the done list, never the caller, and
+ *    calls no nbd_* function (libnbd holds the handle's lock there);
+ *  - a read libnbd accepted (a cookie) always gets its callback, also when
+ *    the connection dies (libnbd fails every command in flight then); a
+ *    read it refused (-1) never does.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libnbd.h>
+
+#include "common/checked.h"
+#include "common/error.h"
+#include "io/io.h"
+#include "io/nbd.h"
+#include "io/nbd_priv.h"
+
+/* Largest read when the server advertises no maximum (NBD's safe size). */
+#define DEFAULT_MAX_REQUEST (32U << 20)
+/* libnbd refuses reads larger than this whatever the server says. */
+#define LIBNBD_MAX_REQUEST (64U << 20)
+/* Reads a queue's connection keeps in flight at most. */
+#define CONN_DEPTH 128
+/* Largest block status request (the protocol's lengths are 32-bit). */
+#define BS_MAX_REQUEST (1ULL << 31)
+/* Bounce buffer for unaligned reads on a server with a minimum block. */
+#define BOUNCE_MAX (1U << 20)
+
+struct sio_nbd {
+	pthread_mutex_t lock; /* the synchronous connection's one user */
+	struct nbd_handle *h;
+	uint64_t id; /* tells conns of this file from those of a dead one */
+	enum sio_nbd_transport transport;
+	char *host, *port, *socket, *export_name;
+	char *uri; /* canonical; also the file's path */
+	char *server; /* for messages and info */
+	uint64_t size;
+	uint32_t min_block, pref_block, max_block;
+	uint32_t align; /* min_block when > 1, else 1 */
+	uint32_t max_io; /* largest read sent */
+	bool multi_conn, block_status;
+};
+
+struct sio_nbd_conn {
+	struct nbd_handle *h;
+	const struct sio_file *file; /* compared, never dereferenced */
+	uint64_t id;
+	char *uri;
+	uint32_t max_io;
+	int fd;
+	unsigned inflight; /* reads in libnbd */
+	bool dead;
+	char dead_msg[256]; /* libnbd's word when it died */
+	struct sio_req *wait_head, *wait_tail;
+	struct sio_req *done_head, *done_tail;
+};
+
+static atomic_uint_fast64_t next_id = 1;
+
+/* Append req to the list (head, tail); it is in no other. */
+static void list_append(struct sio_req **head, struct sio_req **tail,
+			struct sio_req *req)
+{
+	req->_next = NULL;
+	if (*tail)
+		(*tail)->_next = req;
+	else
+		*head = req;
+	*tail = req;
+}
+
+/* Unlink and return the list's first request, or NULL. */
+static struct sio_req *list_pop(struct sio_req **head, struct sio_req **tail)
+{
+	struct sio_req *req = *head;
+
+	if (req) {
+		*head = req->_next;
+		if (!*head)
+			*tail = NULL;
+		req->_next = NULL;
+	}
+	return req;
+}
+
+/* libnbd's message of the last failure on this thread, never NULL. */
+static const char *lib_msg(void)
+{
+	const char *m = nbd_get_error();
+
+	return m && *m ? m : "unknown libnbd error";
+}
+
+/* "unix:PATH" or "HOST:PORT" ([HOST] for IPv6): malloc'd, or NULL. */
+static char *make_server(const struct sio_nbd *n)
+{
+	char *s = NULL;
+	int r;
+
+	if (n->transport == SIO_NBD_UNIX)
+		r = asprintf(&s, "unix:%s", n->socket);
+	else if (strchr(n->host, ':'))
+		r = asprintf(&s, "[%s]:%s", n->host, n->port);
+	else
+		r = asprintf(&s, "%s:%s", n->host, n->port);
+	return r < 0 ? NULL : s;
+}
+
+/* Whether h's connection is gone for good (no reconnect yet). */
+static bool lib_is_dead(struct nbd_handle *h)
+{
+	return nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1;
+}
+
+/*
+ * Close h, telling an idle server goodbye (NBD_CMD_DISC) if the socket
+ * takes it now: never waiting for a server that may be gone or hung, as
+ * nbd_shutdown() would. NULL is a no-op.
+ */
+static void lib_close(struct nbd_handle *h)
+{
+	if (h && nbd_aio_is_ready(h) == 1 && nbd_aio_in_flight(h) == 0)
+		nbd_aio_disconnect(h, 0);
+	nbd_close(h);
+}
+
+/*
+ * A connection to n's export, handshake done. 0 and *out, or -errno with
+ * a message naming the server and the export.
+ */
+static int lib_connect(const struct sio_nbd *n, struct nbd_handle **out)
+{
+	struct nbd_handle *h;
+	const char *msg;
+	int r, err, ret = 0;
+
+	h = nbd_create();
+	if (!h) {
+		err = nbd_get_errno();
+		ret = sx_error(err ? -err : -ENOMEM, "%s: nbd_create: %s",
+			       n->uri, lib_msg());
+		goto out;
+	}
+	/* The library never prints, whatever LIBNBD_DEBUG says. */
+	nbd_set_debug(h, false);
+	if (nbd_set_export_name(h, n->export_name) < 0 ||
+	    nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0) {
+		err = nbd_get_errno();
+		ret = sx_error(err ? -err : -EINVAL, "%s: %s", n->uri,
+			       lib_msg());
+		goto out;
+	}
+	if (n->transport == SIO_NBD_UNIX)
+		r = nbd_connect_unix(h, n->socket);
+	else
+		r = nbd_connect_tcp(h, n->host, n->port);
+	if (r == 0)
+		goto out;
+	err = nbd_get_errno();
+	msg = lib_msg();
+	if (strstr(msg, "TLS"))
+		ret = sx_error(-EOPNOTSUPP,
+			       "%s: NBD server %s requires TLS for export "
+			       "'%s'; TLS is not supported yet (%s)",
+			       n->uri, n->server, n->export_name, msg);
+	else
+		ret = sx_error(err ? -err : -EIO,
+			       "%s: cannot open export '%s' on NBD server %s: "
+			       "%s",
+			       n->uri, n->export_name, n->server, msg);
+out:
+	if (ret < 0)
+		lib_close(h);
+	else
+		*out = h;
+	return ret;
+}
+
+/*
+ * A failed read or block status on h: -errno with a message naming the
+ * server. A lost connection says so and is -EIO.
+ */
+static int lib_io_error(struct nbd_handle *h, const char *uri, const char *what,
+			uint64_t len, uint64_t off)
+{
+	int err = nbd_get_errno();
+	const char *msg = lib_msg();
+
+	if (lib_is_dead(h) || !err)
+		return sx_error(-EIO,
+				"%s: %s of %" PRIu64 " bytes at offset %" PRIu64
+				": connection to the NBD server lost: %s",
+				uri, what, len, off, msg);
+	return sx_error(-err,
+			"%s: %s of %" PRIu64 " bytes at offset %" PRIu64 ": %s",
+			uri, what, len, off, msg);
+}
+
+void sio_nbd_free(struct sio_nbd *n)
+{
+	if (!n)
+		return;
+	lib_close(n->h);
+	pthread_mutex_destroy(&n->lock);
+	free(n->host);
+	free(n->port);
+	free(n->socket);
+	free(n->export_name);
+	free(n->uri);
+	free(n->server);
+	free(n);
+}
+
+/* Copy what a says into n. 0, -EINVAL or -ENOMEM (messages recorded). */
+static int copy_addr(struct sio_nbd *n, const struct sio_nbd_addr *a)
+{
+	n->transport = a->transport;
+	if (a->transport == SIO_NBD_UNIX) {
+		if (!a->socket || !*a->socket)
+			return sx_error(-EINVAL, "sio_nbd_open: Unix socket "
+						 "address without a path");
+		n->socket = strdup(a->socket);
+		if (!n->socket)
+			goto nomem;
+	} else if (a->transport == SIO_NBD_TCP) {
+		if (!a->host || !*a->host || !a->port || !*a->port)
+			return sx_error(-EINVAL, "sio_nbd_open: TCP address "
+						 "without host or port");
+		n->host = strdup(a->host);
+		n->port = strdup(a->port);
+		if (!n->host || !n->port)
+			goto nomem;
+	} else {
+		return sx_error(-EINVAL, "sio_nbd_open: unknown transport %d",
+				(int)a->transport);
+	}
+	n->export_name = strdup(a->export_name ? a->export_name : "");
+	if (!n->export_name)
+		goto nomem;
+	n->uri = sio_nbd_addr_uri(&(struct sio_nbd_addr){
+		.transport = n->transport,
+		.host = n->host,
+		.port = n->port,
+		.socket = n->socket,
+		.export_name = n->export_name,
+	});
+	n->server = make_server(n);
+	if (!n->uri || !n->server)
+		goto nomem;
+	return 0;
+nomem:
+	return sx_error(-ENOMEM, "sio_nbd_open: out of memory");
+}
+
+/* Sizes and capabilities from the handshake on n->h. */
+static int learn_export(struct sio_nbd *n)
+{
+	int64_t size, v[3];
+	int i;
+
+	size = nbd_get_size(n->h);
+	if (size < 0)
+		return sx_error(-EIO, "%s: cannot get the export's size: %s",
+				n->uri, lib_msg());
+	n->size = (uint64_t)size;
+	for (i = 0; i < 3; i++) {
+		v[i] = nbd_get_block_size(n->h, i);
+		if (v[i] < 0 || v[i] > UINT32_MAX)
+			v[i] = 0;
+	}
+	n->min_block = (uint32_t)v[LIBNBD_SIZE_MINIMUM];
+	n->pref_block = (uint32_t)v[LIBNBD_SIZE_PREFERRED];
+	n->max_block = (uint32_t)v[LIBNBD_SIZE_MAXIMUM];
+	n->align = 1;
+	if (n->min_block > 1 && sx_is_pow2(n->min_block))
+		n->align = n->min_block;
+	n->max_io = n->max_block ? n->max_block : DEFAULT_MAX_REQUEST;
+	n->max_io = (uint32_t)sx_min(n->max_io, LIBNBD_MAX_REQUEST);
+	n->max_io = (uint32_t)sx_align_down(n->max_io, n->align);
+	if (!n->max_io)
+		return sx_error(-EPROTO,
+				"%s: server's block sizes make no sense "
+				"(minimum %" PRIu32 ", maximum %" PRIu32 ")",
+				n->uri, n->min_block, n->max_block);
+	n->multi_conn = nbd_can_multi_conn(n->h) == 1;
+	n->block_status =
+		nbd_can_meta_context(n->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+	return 0;
+}
+
+int sio_nbd_open(const struct sio_nbd_addr *a, unsigned flags,
+		 struct sio_file **out)
+{
+	struct sio_file *f = NULL;
+	struct sio_nbd *n = NULL;
+	int ret;
+
+	if (!a || !out)
+		return sx_error(-EINVAL, "sio_nbd_open: NULL argument");
+	if (flags & ~(unsigned)SIO_OPEN_MASK)
+		return sx_error(-EINVAL, "sio_nbd_open: invalid flags 0x%x",
+				flags);
+	if (flags & (SIO_RDWR | SIO_CREATE | SIO_TRUNC | SIO_EXCL))
+		return sx_error(-EROFS,
+				"NBD export '%s': exports are opened "
+				"read-only (write access asked for)",
+				a->export_name ? a->export_name : "");
+	f = calloc(1, sizeof(*f));
+	n = calloc(1, sizeof(*n));
+	if (!f || !n) {
+		ret = sx_error(-ENOMEM, "sio_nbd_open: out of memory");
+		goto out;
+	}
+	f->fd = -1;
+	ret = pthread_mutex_init(&n->lock, NULL);
+	if (ret) {
+		ret = sx_error(-ret, "sio_nbd_open: pthread_mutex_init: %s",
+			       strerror(ret));
+		free(n);
+		n = NULL;
+		goto out;
+	}
+	ret = copy_addr(n, a);
+	if (ret < 0)
+		goto out;
+	ret = lib_connect(n, &n->h);
+	if (ret < 0)
+		goto out;
+	ret = learn_export(n);
+	if (ret < 0)
+		goto out;
+	n->id = atomic_fetch_add(&next_id, 1);
+	f->path = strdup(n->uri);
+	if (!f->path) {
+		ret = sx_error(-ENOMEM, "%s: out of memory", n->uri);
+		goto out;
+	}
+	/* No memory alignment: bytes go through a socket, not DMA. */
+	f->align = n->align;
+	f->mem_align = 1;
+	f->nbd = n;
+out:
+	if (ret < 0) {
+		sio_nbd_free(n);
+		if (f)
+			free(f->path);
+		free(f);
+	} else {
+		*out = f;
+	}
+	return ret;
+}
+
+bool sio_file_is_nbd(const struct sio_file *f)
+{
+	return f && f->nbd;
+}
+
+int sio_nbd_get_info(const struct sio_file *f, struct sio_nbd_info *out)
+{
+	const struct sio_nbd *n;
+
+	if (!sio_file_is_nbd(f) || !out)
+		return sx_error(-EINVAL, "sio_nbd_get_info: not an NBD file");
+	n = f->nbd;
+	memset(out, 0, sizeof(*out));
+	out->uri = n->uri;
+	out->server = n->server;
+	out->export_name = n->export_name;
+	out->size = n->size;
+	out->min_block = n->min_block;
+	out->pref_block = n->pref_block;
+	out->max_block = n->max_block;
+	out->max_request = n->max_io;
+	out->can_multi_conn = n->multi_conn;
+	out->block_status = n->block_status;
+	return 0;
+}
+
+uint64_t sio_nbd_size(const struct sio_file *f)
+{
+	return f->nbd->size;
+}
+
+/* Read [off, off + len), within the export, in pieces the server takes. */
+static int read_pieces(struct sio_nbd *n, char *buf, uint64_t len, uint64_t off)
+{
+	uint64_t done, piece;
+
+	for (done = 0; done < len; done += piece) {
+		piece = sx_min(len - done, n->max_io);
+		if (nbd_pread(n->h, buf + done, (size_t)piece, off + done, 0) <
+		    0)
+			return lib_io_error(n->h, n->uri, "read", piece,
+					    off + done);
+	}
+	return 0;
+}
+
+/*
+ * Unaligned read on a server with a minimum block size: the aligned
+ * blocks around it, a bounce buffer at a time.
+ */
+static int read_bounced(struct sio_nbd *n, char *buf, uint64_t len,
+			uint64_t off)
+{
+	uint64_t start, end, pos, from, to, bsz, piece;
+	char *bounce = NULL;
+	int ret;
+
+	/* A size off the grid leaves its last bytes out of reach: zeros. */
+	memset(buf, 0, len);
+	start = sx_align_down(off, n->align);
+	ret = sx_align_up(off + len, n->align, &end);
+	if (ret < 0)
+		goto out;
+	end = sx_min(end, sx_align_down(n->size, n->align));
+	bsz = sx_min(sx_max(sx_align_down(BOUNCE_MAX, n->align), n->align),
+		     end - start);
+	bounce = malloc(bsz ? bsz : 1);
+	if (!bounce) {
+		ret = sx_error(-ENOMEM, "%s: read: out of memory", n->uri);
+		goto out;
+	}
+	for (pos = start; pos < end; pos += piece) {
+		piece = sx_min(bsz, end - pos);
+		ret = read_pieces(n, bounce, piece, pos);
+		if (ret < 0)
+			goto out;
+		from = sx_max(pos, off);
+		to = sx_min(pos + piece, off + len);
+		if (to > from)
+			memcpy(buf + (from - off), bounce + (from - pos),
+			       to - from);
+	}
+out:
+	free(bounce);
+	return ret;
+}
+
+int sio_nbd_pread(struct sio_file *f, void *buf, size_t len, uint64_t off)
+{
+	struct sio_nbd *n = f->nbd;
+	uint64_t avail;
+	int ret;
+
+	avail = off >= n->size ? 0 : sx_min(len, n->size - off);
+	/* Past the export's end reads as zeros, as past a file's end. */
+	memset((char *)buf + avail, 0, len - avail);
+	if (!avail)
+		return 0;
+	pthread_mutex_lock(&n->lock);
+	if (!sx_is_aligned(off, n->align) || !sx_is_aligned(avail, n->align))
+		ret = read_bounced(n, buf, avail, off);
+	else
+		ret = read_pieces(n, buf, avail, off);
+	pthread_mutex_unlock(&n->lock);
+	return ret;
+}
+
+/* Where a block status walk is, for its extent callback. */
+struct bs_walk {
+	struct sio_nbd_extent *v;
+	unsigned max, n;
+	uint64_t pos, end; /* next byte to describe, end of the range */
+	bool seen; /* base:allocation already answered this request */
+	bool full; /* v has no room left */
+};
+
+/* Add [pos, pos + len) with flags to the walk. false when v is full. */
+static bool bs_add(struct bs_walk *w, uint64_t len, uint32_t flags)
+{
+	if (w->n && w->v[w->n - 1].flags == flags) {
+		w->v[w->n - 1].len += len;
+	} else if (w->n < w->max) {
+		w->v[w->n].len = len;
+		w->v[w->n].flags = flags;
+		w->n++;
+	} else {
+		w->full = true;
+		return false;
+	}
+	w->pos += len;
+	return true;
+}
+
+/*
+ * libnbd's extent callback: the base:allocation extents from offset, in
+ * (length, flags) pairs, added to the walk from where it is, up to its
+ * end. Only records; always 0 (the status is not failed from here).
+ */
+static int bs_extent(void *user_data, const char *context, uint64_t offset,
+		     uint32_t *entries, size_t nr_entries, int *error)
+{
+	struct bs_walk *w = user_data;
+	uint64_t at = offset, from, to;
+	uint32_t flags;
+	size_t i;
+
+	(void)error;
+	/* A server may answer twice (libnbd warns); trust the first. */
+	if (strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) || w->seen)
+		return 0;
+	w->seen = true;
+	for (i = 0; i + 1 < nr_entries; i += 2) {
+		from = sx_max(at, w->pos);
+		at += entries[i];
+		to = sx_min(at, w->end);
+		if (at <= w->pos)
+			continue;
+		if (from != w->pos || to <= from)
+			break; /* a gap, or past the range: stop there */
+		flags = entries[i + 1] & (SIO_NBD_HOLE | SIO_NBD_ZERO);
+		if (!bs_add(w, to - from, flags))
+			break;
+	}
+	return 0;
+}
+
+int sio_nbd_block_status(struct sio_file *f, uint64_t off, uint64_t len,
+			 struct sio_nbd_extent *v, unsigned max, unsigned *n)
+{
+	struct bs_walk w = {.v = v, .max = max, .pos = off};
+	struct sio_nbd *nb;
+	uint64_t start, end, before;
+	int ret = 0;
+
+	if (!sio_file_is_nbd(f) || !v || !max || !n)
+		return sx_error(-EINVAL, "sio_nbd_block_status: bad arguments");
+	nb = f->nbd;
+	w.end = off >= nb->size ? off : off + sx_min(len, nb->size - off);
+	if (!nb->block_status) {
+		if (w.end > off)
+			bs_add(&w, w.end - off, 0);
+		goto out;
+	}
+	pthread_mutex_lock(&nb->lock);
+	while (w.pos < w.end && !w.full) {
+		before = w.pos;
+		start = sx_align_down(w.pos, nb->align);
+		end = sx_min(w.end, start + BS_MAX_REQUEST);
+		if (sx_align_up(end, nb->align, &end) < 0 || end > nb->size)
+			end = nb->size;
+		w.seen = false;
+		if (nbd_block_status(nb->h, end - start, start,
+				     (nbd_extent_callback){
+					     .callback = bs_extent,
+					     .user_data = &w,
+				     },
+				     0) < 0) {
+			ret = lib_io_error(nb->h, nb->uri, "block status",
+					   end - start, start);
+			break;
+		}
+		if (w.pos == before) {
+			ret = sx_error(-EIO,
+				       "%s: block status at offset %" PRIu64
+				       ": the server described nothing",
+				       nb->uri, before);
+			break;
+		}
+	}
+	pthread_mutex_unlock(&nb->lock);
+out:
+	if (ret == 0)
+		*n = w.n;
+	return ret;
+}
+
+int sio_nbd_conn_open(struct sio_file *f, struct sio_nbd_conn **out)
+{
+	struct sio_nbd_conn *c;
+	struct sio_nbd *n = f->nbd;
+	int ret;
+
+	c = calloc(1, sizeof(*c));
+	if (!c)
+		return sx_error(-ENOMEM, "%s: out of memory", n->uri);
+	c->file = f;
+	c->id = n->id;
+	c->max_io = n->max_io;
+	c->uri = strdup(n->uri);
+	if (!c->uri) {
+		ret = sx_error(-ENOMEM, "%s: out of memory", n->uri);
+		goto out;
+	}
+	ret = lib_connect(n, &c->h);
+	if (ret < 0)
+		goto out;
+	c->fd = nbd_aio_get_fd(c->h);
+	if (c->fd < 0)
+		ret = sx_error(-EIO, "%s: no socket: %s", n->uri, lib_msg());
+out:
+	if (ret < 0)
+		sio_nbd_conn_close(c);
+	else
+		*out = c;
+	return ret;
+}
+
+bool sio_nbd_conn_owns(const struct sio_nbd_conn *c, const struct sio_file *f)
+{
+	return c->file == f && f->nbd && f->nbd->id == c->id;
+}
+
+int sio_nbd_conn_fd(const struct sio_nbd_conn *c)
+{
+	return c->fd;
+}
+
+/* The connection has died: remember libnbd's word for the messages. */
+static void conn_check_dead(struct sio_nbd_conn *c, const char *msg)
+{
+	if (c->dead || !lib_is_dead(c->h))
+		return;
+	c->dead = true;
+	snprintf(c->dead_msg, sizeof(c->dead_msg), "%s",
+		 msg ? msg : "the server closed the connection");
+}
+
+/* libnbd's completion callback: record, never call back (see the top). */
+static int read_done(void *user_data, int *error)
+{
+	struct sio_req *req = user_data;
+	struct sio_nbd_conn *c = req->_nbd.conn;
+
+	c->inflight--;
+	if (*error && !req->_nbd.err)
+		req->_nbd.err = -*error;
+	req->_nbd.parts--;
+	if (!req->_nbd.parts && req->_done_bytes == req->_nbd.end)
+		list_append(&c->done_head, &c->done_tail, req);
+	return 1; /* retire the command: nobody asks for it by cookie */
+}
+
+/* The memory of req at byte pos, and how much of it one read may fill. */
+static char *req_mem(const struct sio_req *req, uint64_t pos, uint64_t max,
+		     uint64_t *n)
+{
+	uint64_t at = 0, len;
+	int i;
+
+	if (req->buf) {
+		*n = max;
+		return (char *)req->buf + pos;
+	}
+	for (i = 0; i < req->iovcnt; i++) {
+		len = req->iov[i].iov_len;
+		if (pos < at + len) {
+			*n = sx_min(max, at + len - pos);
+			return (char *)req->iov[i].iov_base + (pos - at);
+		}
+		at += len;
+	}
+	*n = 0; /* unreachable: the queue checked the iovec's length */
+	return NULL;
+}
+
+/* The head of the wait list asks for nothing more: it leaves the list. */
+static void wait_done(struct sio_nbd_conn *c, struct sio_req *req)
+{
+	list_pop(&c->wait_head, &c->wait_tail);
+	if (req->_nbd.err)
+		req->_done_bytes = req->_nbd.end; /* the rest is not read */
+	if (!req->_nbd.parts)
+		list_append(&c->done_head, &c->done_tail, req);
+}
+
+/* Ask for more of the waiting requests while there is room in flight. */
+static void conn_pump(struct sio_nbd_conn *c)
+{
+	struct sio_req *req;
+	uint64_t pos, n;
+	int64_t cookie;
+	char *p;
+	int err;
+
+	while ((req = c->wait_head) && c->inflight < CONN_DEPTH) {
+		if (c->dead && !req->_nbd.err)
+			req->_nbd.err = -EIO;
+		if (req->_nbd.err) {
+			wait_done(c, req);
+			continue;
+		}
+		pos = req->_done_bytes;
+		p = req_mem(req, pos, sx_min(req->_nbd.end - pos, c->max_io),
+			    &n);
+		if (!p || !n) {
+			req->_nbd.err = -EINVAL;
+			wait_done(c, req);
+			continue;
+		}
+		/* Counted before the call: libnbd may finish it inside. */
+		req->_done_bytes += n;
+		req->_nbd.parts++;
+		c->inflight++;
+		if (req->_done_bytes == req->_nbd.end)
+			list_pop(&c->wait_head, &c->wait_tail);
+		cookie = nbd_aio_pread(c->h, p, (size_t)n, req->off + pos,
+				       (nbd_completion_callback){
+					       .callback = read_done,
+					       .user_data = req,
+				       },
+				       0);
+		if (cookie >= 0)
+			continue;
+		/* Refused: libnbd will not call back for this one. */
+		err = nbd_get_errno();
+		conn_check_dead(c, lib_msg());
+		req->_nbd.parts--;
+		c->inflight--;
+		if (!req->_nbd.err)
+			req->_nbd.err = err ? -err : -EIO;
+		if (c->wait_head == req) {
+			wait_done(c, req);
+		} else {
+			req->_done_bytes = req->_nbd.end;
+			if (!req->_nbd.parts)
+				list_append(&c->done_head, &c->done_tail, req);
+		}
+	}
+	/* A read that libnbd queued may have found the connection dead. */
+	conn_check_dead(c, NULL);
+}
+
+void sio_nbd_conn_submit(struct sio_nbd_conn *c, struct sio_req *req,
+			 uint64_t n)
+{
+	req->_done_bytes = 0;
+	req->_nbd.conn = c;
+	req->_nbd.end = n;
+	req->_nbd.parts = 0;
+	req->_nbd.err = 0;
+	list_append(&c->wait_head, &c->wait_tail, req);
+	conn_pump(c);
+}
+
+unsigned sio_nbd_conn_events(const struct sio_nbd_conn *c)
+{
+	unsigned dir, ev = 0;
+
+	if (c->dead)
+		return 0;
+	dir = nbd_aio_get_direction(c->h);
+	if ((dir & LIBNBD_AIO_DIRECTION_READ) && c->inflight)
+		ev |= POLLIN;
+	if (dir & LIBNBD_AIO_DIRECTION_WRITE)
+		ev |= POLLOUT;
+	/* In flight but libnbd waits for nothing: only a death tells. */
+	if (!ev && c->inflight)
+		ev = POLLIN;
+	return ev;
+}
+
+void sio_nbd_conn_notify(struct sio_nbd_conn *c, int revents)
+{
+	unsigned dir;
+	int r = 0;
+
+	if (c->dead)
+		goto out;
+	if (revents < 0)
+		revents = POLLERR; /* let libnbd find out what it was */
+	dir = nbd_aio_get_direction(c->h);
+	/* Read first: a reply may change what libnbd wants to write. */
+	if ((revents & (POLLIN | POLLHUP | POLLERR)) &&
+	    (dir & LIBNBD_AIO_DIRECTION_READ))
+		r = nbd_aio_notify_read(c->h);
+	else if ((revents & (POLLOUT | POLLHUP | POLLERR)) &&
+		 (dir & LIBNBD_AIO_DIRECTION_WRITE))
+		r = nbd_aio_notify_write(c->h);
+	conn_check_dead(c, r < 0 ? lib_msg() : NULL);
+out:
+	conn_pump(c);
+}
+
+struct sio_req *sio_nbd_conn_pop(struct sio_nbd_conn *c, int *res)
+{
+	struct sio_req *req;
+	int err;
+
+	req = list_pop(&c->done_head, &c->done_tail);
+	if (!req)
+		return NULL;
+	err = req->_nbd.err;
+	if (err < 0 && c->dead)
+		err = sx_error(-EIO,
+			       "%s: read of %" PRIu64
+			       " bytes at offset %" PRIu64
+			       ": connection to the NBD server lost (%s)",
+			       c->uri, req->_nbd.end, req->off, c->dead_msg);
+	else if (err < 0)
+		err = sx_error(err,
+			       "%s: read of %" PRIu64
+			       " bytes at offset %" PRIu64 ": %s",
+			       c->uri, req->_nbd.end, req->off, strerror(-err));
+	*res = err;
+	return req;
+}
+
+void sio_nbd_conn_close(struct sio_nbd_conn *c)
+{
+	if (!c)
+		return;
+	lib_close(c->h);
+	free(c->uri);
+	free(c);
+}

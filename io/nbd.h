@@ -1,0 +1,93 @@
+/*
+ * NBD exports as sio_files (issue 12): a backing layer on an NBD server
+ * read through libnbd, so that the formats above io/ read a remote export
+ * exactly as they read a local file.
+ *
+ * An NBD sio_file is read-only. It has no descriptor (fd -1), no direct
+ * I/O, and an alignment of 1 unless the server advertises a larger
+ * minimum block size; its path is the export's canonical URI, which is
+ * also what fault rules (sio_fault_add()) match. The synchronous helpers
+ * (sio_pread, ...) read over a connection of the file's own, opened by
+ * sio_nbd_open() and shared under a mutex; a sio_queue reads over a
+ * connection of its own per file, opened at its first request, its
+ * socket polled on the queue's ring (no thread anywhere). Writes,
+ * truncates and fallocates fail with -EROFS; fsync and fdatasync succeed
+ * (nothing to flush on a read-only export); reads past the export's end
+ * read as zeros, as on files.
+ *
+ * Threads: as any sio_file (io.h).
+ */
+#ifndef SIPHON_IO_NBD_H
+#define SIPHON_IO_NBD_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "io/nbd_name.h"
+
+struct sio_file;
+
+/*
+ * Connect to the export a names and open it as a sio_file: 0 and *out,
+ * or -errno with a message naming the server and the export:
+ * -EINVAL (bad arguments or flags), -EROFS (SIO_RDWR or a flag that
+ * implies it: exports are read-only), -EOPNOTSUPP (the server requires
+ * TLS, which is not supported yet), -ENOMEM, or the connection's error
+ * (-ECONNREFUSED, -ENOENT for a missing socket or export, ...).
+ * The connection asks for the base:allocation meta context. a is only
+ * read; the file keeps copies. Thread safe.
+ */
+int sio_nbd_open(const struct sio_nbd_addr *a, unsigned flags,
+		 struct sio_file **out);
+
+/* Whether f is an NBD export (sio_nbd_open()). NULL: false. */
+bool sio_file_is_nbd(const struct sio_file *f);
+
+/*
+ * What `siphon info` shows of an NBD layer. The strings belong to the
+ * file and live until it is closed.
+ */
+struct sio_nbd_info {
+	const char *uri; /* canonical URI, as sio_file.path */
+	const char *server; /* "unix:PATH" or "HOST:PORT" */
+	const char *export_name; /* "" for the default export */
+	uint64_t size; /* bytes */
+	uint32_t min_block; /* the server's block sizes, 0: not advertised */
+	uint32_t pref_block;
+	uint32_t max_block;
+	uint32_t max_request; /* largest read sent (max_block or 32 MiB) */
+	bool can_multi_conn; /* the server allows several connections */
+	bool block_status; /* base:allocation is available */
+};
+
+/* Fill *out for the NBD file f: 0, or -EINVAL when f is not one. */
+int sio_nbd_get_info(const struct sio_file *f, struct sio_nbd_info *out);
+
+/* Flags of an extent, as base:allocation defines them. */
+enum sio_nbd_extent_flags {
+	SIO_NBD_HOLE = 1 << 0, /* not allocated on the server */
+	SIO_NBD_ZERO = 1 << 1, /* reads as zeros */
+};
+
+/* A run of bytes with the same allocation status. */
+struct sio_nbd_extent {
+	uint64_t len;
+	uint32_t flags; /* enum sio_nbd_extent_flags */
+};
+
+/*
+ * Allocation status of [off, off + len) of the NBD file f, asked of the
+ * server synchronously (on the file's own connection). Fills v[0..*n)
+ * with consecutive extents from off, neighbours of equal flags merged,
+ * at most max of them: they cover all of the range clipped to the
+ * export's end, or a prefix of it when max is reached (ask again from
+ * where they end). Without base:allocation on the server, everything is
+ * data (one extent, flags 0). *n is 0 when off is at or past the end.
+ * Returns 0, -EINVAL (not an NBD file, max 0, NULL argument), -EIO
+ * (connection lost, or a reply that makes no progress) or the server's
+ * -errno, with a message naming the server. Thread safe.
+ */
+int sio_nbd_block_status(struct sio_file *f, uint64_t off, uint64_t len,
+			 struct sio_nbd_extent *v, unsigned max, unsigned *n);
+
+#endif
