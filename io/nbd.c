@@ -25,6 +25,23 @@
  *  - a read libnbd accepted (a cookie) always gets its callback, also when
  *    the connection dies (libnbd fails every command in flight then); a
  *    read it refused (-1) never does.
+
+ *
+ * Reconnecting (a queue's connection; io/nbd.h says what a user sees):
+ * UP -> (the handle dies: reset, EOF, or the request timeout shut its
+ * socket) BACKOFF -> CONNECTING (a new handle, nbd_aio_connect_*, its
+ * handshake driven by the same polls) -> UP when ready and the export's
+ * size is the one it had; an attempt that fails goes back to BACKOFF with
+ * the wait doubled; past window_end, DOWN: what waits fails, and a later
+ * request starts a new window. When the handle dies every request not
+ * finished goes back to the wait list whole (conn_requeue()): reads are
+ * idempotent, and the memory is the caller's until its callback, so
+ * sending them again cannot put bytes anywhere but where they belong.
+ * The queue arms a timer while sio_nbd_conn_deadline() says so and
+ * calls sio_nbd_conn_tick(); a poll armed for an older handle is known by
+ * the generation's parity in its tag (queue.c) and ignored. The file's own
+ * connection does the same synchronously (sync_revive()), without the
+ * request timeout (libnbd's blocking calls have none).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -35,6 +52,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <time.h>
 
 #include <libnbd.h>
 
@@ -70,21 +89,60 @@ struct sio_nbd {
 	bool multi_conn, block_status;
 };
 
+/* Where a queue's connection is (see "Reconnecting" above). */
+enum conn_state {
+	CONN_UP, /* handshake done: reads go out */
+	CONN_CONNECTING, /* a new handle's connect and handshake run */
+	CONN_BACKOFF, /* waiting until next_try to connect again */
+	CONN_DOWN, /* given up: reads fail (a new one starts over) */
+};
+
 struct sio_nbd_conn {
-	struct nbd_handle *h;
+	struct nbd_handle *h; /* NULL in CONN_BACKOFF and CONN_DOWN */
 	const struct sio_file *file; /* compared, never dereferenced */
 	uint64_t id;
 	char *uri;
+	char *server;
+	/* The export, for connecting again. */
+	enum sio_nbd_transport transport;
+	char *host, *port, *socket, *export_name;
+	uint64_t size; /* the export's: a new connection must say the same */
 	uint32_t max_io;
 	int fd;
+	unsigned gen; /* handles made so far: tells polls of old ones */
+	enum conn_state state;
+	unsigned reconnect_ms, timeout_ms; /* the settings it was made with */
+	uint64_t window_end; /* reconnecting gives up then (ns) */
+	uint64_t next_try; /* CONN_BACKOFF: connect again then (ns) */
+	unsigned backoff_ms;
+	uint64_t last_reply; /* a reply came, or the first read went (ns) */
+	bool replied; /* read_done ran since last_reply was set */
 	unsigned inflight; /* reads in libnbd */
-	bool dead;
-	char dead_msg[256]; /* libnbd's word when it died */
+	bool dead; /* CONN_DOWN: requests fail with dead_msg */
+	bool hung; /* the timeout shut the socket: why it died */
+	char dead_msg[256]; /* why it died or was given up */
 	struct sio_req *wait_head, *wait_tail;
 	struct sio_req *done_head, *done_tail;
 };
 
+/* Reconnect window and request timeout for connections made from now. */
+static _Atomic unsigned nbd_reconnect_ms = SIO_NBD_DEFAULT_RECONNECT_MS;
+static _Atomic unsigned nbd_timeout_ms = SIO_NBD_DEFAULT_TIMEOUT_MS;
+
 static atomic_uint_fast64_t next_id = 1;
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+#define MS_NS 1000000ull
+/* Backoff between connection attempts: from the first, doubling to. */
+#define BACKOFF_FIRST_MS 50u
+#define BACKOFF_MAX_MS 1000u
 
 /* Append req to the list (head, tail); it is in no other. */
 static void list_append(struct sio_req **head, struct sio_req **tail,
@@ -110,6 +168,16 @@ static struct sio_req *list_pop(struct sio_req **head, struct sio_req **tail)
 		req->_next = NULL;
 	}
 	return req;
+}
+
+/* Put req first on the list (head, tail); it is in no other. */
+static void list_push_front(struct sio_req **head, struct sio_req **tail,
+			    struct sio_req *req)
+{
+	req->_next = *head;
+	*head = req;
+	if (!*tail)
+		*tail = req;
 }
 
 /* libnbd's message of the last failure on this thread, never NULL. */
@@ -411,17 +479,86 @@ uint64_t sio_nbd_size(const struct sio_file *f)
 	return f->nbd->size;
 }
 
+/*
+ * The file's own connection is gone (n->h dead, or NULL after a revive
+ * that failed): connect again, blocking, with the backoff of the queue's
+ * connections, within the reconnect window (io/nbd.h). 0 with n->h
+ * ready for the same export, or -errno with a message. Under n->lock.
+ */
+static int sync_revive(struct sio_nbd *n)
+{
+	unsigned window = atomic_load(&nbd_reconnect_ms);
+	unsigned backoff = BACKOFF_FIRST_MS;
+	uint64_t end = now_ns() + window * MS_NS;
+	struct timespec nap;
+	struct nbd_handle *h;
+	int64_t size;
+	int ret;
+
+	lib_close(n->h);
+	n->h = NULL;
+	for (;;) {
+		ret = lib_connect(n, &h);
+		if (ret == 0)
+			break;
+		if (now_ns() >= end)
+			return ret;
+		nap.tv_sec = backoff / 1000;
+		nap.tv_nsec = (long)(backoff % 1000) * 1000000;
+		nanosleep(&nap, NULL);
+		backoff = sx_min(backoff * 2, BACKOFF_MAX_MS);
+	}
+	size = nbd_get_size(h);
+	if (size < 0 || (uint64_t)size != n->size) {
+		lib_close(h);
+		return sx_error(-EIO,
+				"%s: after reconnecting the export's size is "
+				"%" PRId64 " bytes, not %" PRIu64
+				": not the same export, refused",
+				n->uri, size, n->size);
+	}
+	n->h = h;
+	return 0;
+}
+
+/*
+ * Whether a failed call on the file's own connection is worth another
+ * try: the connection is gone and a reconnect window is set, and
+ * sync_revive() made a new one. *ret is its error when it failed.
+ */
+static bool sync_retry(struct sio_nbd *n, int *ret)
+{
+	if (n->h && !lib_is_dead(n->h))
+		return false; /* the server's error: *ret stays */
+	if (!atomic_load(&nbd_reconnect_ms)) {
+		if (!n->h)
+			*ret = sx_error(-EIO,
+					"%s: connection to the NBD server %s "
+					"lost",
+					n->uri, n->server);
+		return false;
+	}
+	*ret = sync_revive(n);
+	return *ret == 0;
+}
+
 /* Read [off, off + len), within the export, in pieces the server takes. */
 static int read_pieces(struct sio_nbd *n, char *buf, uint64_t len, uint64_t off)
 {
 	uint64_t done, piece;
+	int ret;
 
 	for (done = 0; done < len; done += piece) {
 		piece = sx_min(len - done, n->max_io);
-		if (nbd_pread(n->h, buf + done, (size_t)piece, off + done, 0) <
+		if (!n->h && !sync_retry(n, &ret))
+			return ret;
+		if (nbd_pread(n->h, buf + done, (size_t)piece, off + done, 0) ==
 		    0)
-			return lib_io_error(n->h, n->uri, "read", piece,
-					    off + done);
+			continue;
+		ret = lib_io_error(n->h, n->uri, "read", piece, off + done);
+		if (!sync_retry(n, &ret))
+			return ret;
+		piece = 0; /* connected again: the same piece */
 	}
 	return 0;
 }
@@ -571,6 +708,8 @@ int sio_nbd_block_status(struct sio_file *f, uint64_t off, uint64_t len,
 		if (sx_align_up(end, nb->align, &end) < 0 || end > nb->size)
 			end = nb->size;
 		w.seen = false;
+		if (!nb->h && !sync_retry(nb, &ret))
+			break;
 		if (nbd_block_status(nb->h, end - start, start,
 				     (nbd_extent_callback){
 					     .callback = bs_extent,
@@ -579,6 +718,11 @@ int sio_nbd_block_status(struct sio_file *f, uint64_t off, uint64_t len,
 				     0) < 0) {
 			ret = lib_io_error(nb->h, nb->uri, "block status",
 					   end - start, start);
+			/* Again, if nothing of it was taken (w as it was). */
+			if (w.pos == before && sync_retry(nb, &ret)) {
+				ret = 0;
+				continue;
+			}
 			break;
 		}
 		if (w.pos == before) {
@@ -596,6 +740,30 @@ out:
 	return ret;
 }
 
+void sio_nbd_set_timeouts(unsigned reconnect_ms, unsigned timeout_ms)
+{
+	atomic_store(&nbd_reconnect_ms, reconnect_ms);
+	atomic_store(&nbd_timeout_ms, timeout_ms);
+}
+
+static int conn_copy(struct sio_nbd_conn *c, const struct sio_nbd *n)
+{
+	c->transport = n->transport;
+	c->uri = strdup(n->uri);
+	c->server = strdup(n->server);
+	c->export_name = strdup(n->export_name);
+	if (n->transport == SIO_NBD_UNIX) {
+		c->socket = strdup(n->socket);
+	} else {
+		c->host = strdup(n->host);
+		c->port = strdup(n->port);
+	}
+	if (!c->uri || !c->server || !c->export_name ||
+	    (n->transport == SIO_NBD_UNIX ? !c->socket : !c->host || !c->port))
+		return sx_error(-ENOMEM, "%s: out of memory", n->uri);
+	return 0;
+}
+
 int sio_nbd_conn_open(struct sio_file *f, struct sio_nbd_conn **out)
 {
 	struct sio_nbd_conn *c;
@@ -608,14 +776,17 @@ int sio_nbd_conn_open(struct sio_file *f, struct sio_nbd_conn **out)
 	c->file = f;
 	c->id = n->id;
 	c->max_io = n->max_io;
-	c->uri = strdup(n->uri);
-	if (!c->uri) {
-		ret = sx_error(-ENOMEM, "%s: out of memory", n->uri);
+	c->size = n->size;
+	c->reconnect_ms = atomic_load(&nbd_reconnect_ms);
+	c->timeout_ms = atomic_load(&nbd_timeout_ms);
+	ret = conn_copy(c, n);
+	if (ret < 0)
 		goto out;
-	}
 	ret = lib_connect(n, &c->h);
 	if (ret < 0)
 		goto out;
+	c->gen = 1;
+	c->state = CONN_UP;
 	c->fd = nbd_aio_get_fd(c->h);
 	if (c->fd < 0)
 		ret = sx_error(-EIO, "%s: no socket: %s", n->uri, lib_msg());
@@ -637,14 +808,9 @@ int sio_nbd_conn_fd(const struct sio_nbd_conn *c)
 	return c->fd;
 }
 
-/* The connection has died: remember libnbd's word for the messages. */
-static void conn_check_dead(struct sio_nbd_conn *c, const char *msg)
+unsigned sio_nbd_conn_gen(const struct sio_nbd_conn *c)
 {
-	if (c->dead || !lib_is_dead(c->h))
-		return;
-	c->dead = true;
-	snprintf(c->dead_msg, sizeof(c->dead_msg), "%s",
-		 msg ? msg : "the server closed the connection");
+	return c->gen;
 }
 
 /* libnbd's completion callback: record, never call back (see the top). */
@@ -654,6 +820,7 @@ static int read_done(void *user_data, int *error)
 	struct sio_nbd_conn *c = req->_nbd.conn;
 
 	c->inflight--;
+	c->replied = true;
 	if (*error && !req->_nbd.err)
 		req->_nbd.err = -*error;
 	req->_nbd.parts--;
@@ -695,8 +862,193 @@ static void wait_done(struct sio_nbd_conn *c, struct sio_req *req)
 		list_append(&c->done_head, &c->done_tail, req);
 }
 
+/* Give up: every request waiting fails (dead_msg says why). */
+static void conn_down(struct sio_nbd_conn *c, const char *why)
+{
+	struct sio_req *req;
+
+	if (c->h) {
+		lib_close(c->h);
+		c->h = NULL;
+	}
+	c->fd = -1;
+	c->state = CONN_DOWN;
+	c->dead = true;
+	if (why)
+		snprintf(c->dead_msg, sizeof(c->dead_msg), "%s", why);
+	while ((req = c->wait_head)) {
+		if (!req->_nbd.err)
+			req->_nbd.err = -EIO;
+		wait_done(c, req);
+	}
+}
+
+/*
+ * Put back on the wait list, from its first byte, every request the dead
+ * connection failed or left unfinished (a successful one keeps its
+ * place on the done list): they go to the next connection whole, into
+ * the same memory. Nothing of them is in flight any more (libnbd fails
+ * every command of a dead handle).
+ */
+static void conn_requeue(struct sio_nbd_conn *c)
+{
+	struct sio_req *keep_head = NULL, *keep_tail = NULL;
+	struct sio_req *again_head = NULL, *again_tail = NULL, *req;
+
+	while ((req = list_pop(&c->done_head, &c->done_tail))) {
+		if (req->_nbd.err)
+			list_append(&again_head, &again_tail, req);
+		else
+			list_append(&keep_head, &keep_tail, req);
+	}
+	c->done_head = keep_head;
+	c->done_tail = keep_tail;
+	while ((req = list_pop(&c->wait_head, &c->wait_tail)))
+		list_append(&again_head, &again_tail, req);
+	for (req = again_head; req; req = req->_next) {
+		req->_done_bytes = 0;
+		req->_nbd.parts = 0;
+		req->_nbd.err = 0;
+	}
+	c->wait_head = again_head;
+	c->wait_tail = again_tail;
+	c->inflight = 0;
+}
+
+/*
+ * The handle died (reset, server gone, the timeout shut it): close it and
+ * start reconnecting, or give up when no window is set.
+ */
+static void conn_died(struct sio_nbd_conn *c, const char *msg, uint64_t now)
+{
+	char why[sizeof(c->dead_msg)];
+
+	if (c->hung)
+		snprintf(why, sizeof(why),
+			 "the server did not answer for %u ms", c->timeout_ms);
+	else
+		snprintf(why, sizeof(why), "%s",
+			 msg ? msg : "the server closed the connection");
+	c->hung = false;
+	lib_close(c->h);
+	c->h = NULL;
+	c->fd = -1;
+	snprintf(c->dead_msg, sizeof(c->dead_msg), "%s", why);
+	if (!c->reconnect_ms) {
+		conn_down(c, NULL);
+		return;
+	}
+	conn_requeue(c);
+	if (c->state == CONN_UP)
+		c->window_end = now + c->reconnect_ms * MS_NS;
+	c->state = CONN_BACKOFF;
+	c->next_try = now;
+	if (!c->backoff_ms)
+		c->backoff_ms = BACKOFF_FIRST_MS;
+}
+
+/* Whether the handle is gone; if so, conn_died(). */
+static bool conn_check_dead(struct sio_nbd_conn *c, const char *msg,
+			    uint64_t now)
+{
+	if (!c->h || !lib_is_dead(c->h))
+		return false;
+	conn_died(c, msg, now);
+	return true;
+}
+
+/* Start connecting a new handle, without waiting (CONN_CONNECTING). */
+static void conn_start(struct sio_nbd_conn *c, uint64_t now)
+{
+	struct nbd_handle *h = nbd_create();
+	int r = -1;
+
+	if (h) {
+		nbd_set_debug(h, false);
+		if (nbd_set_export_name(h, c->export_name) == 0 &&
+		    nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) ==
+			    0)
+			r = c->transport == SIO_NBD_UNIX
+				    ? nbd_aio_connect_unix(h, c->socket)
+				    : nbd_aio_connect_tcp(h, c->host, c->port);
+	}
+	if (r < 0 || nbd_aio_get_fd(h) < 0) {
+		/* Refused at once (no socket, nobody listening): later. */
+		snprintf(c->dead_msg, sizeof(c->dead_msg), "%s", lib_msg());
+		if (h)
+			nbd_close(h);
+		c->next_try = now + c->backoff_ms * MS_NS;
+		c->backoff_ms = sx_min(c->backoff_ms * 2, BACKOFF_MAX_MS);
+		return;
+	}
+	c->h = h;
+	c->fd = nbd_aio_get_fd(h);
+	c->gen++;
+	c->state = CONN_CONNECTING;
+}
+
+/*
+ * A new handle finished its handshake: the same export (its size), or
+ * the layer is refused for good.
+ */
+static void conn_ready(struct sio_nbd_conn *c, uint64_t now)
+{
+	int64_t size = nbd_get_size(c->h);
+	char why[sizeof(c->dead_msg)];
+
+	if (size < 0 || (uint64_t)size != c->size) {
+		snprintf(why, sizeof(why),
+			 "after reconnecting the export's size is %" PRId64
+			 " bytes, not %" PRIu64
+			 ": not the same export, refused",
+			 size, c->size);
+		c->reconnect_ms = 0; /* never again on this one */
+		conn_down(c, why);
+		return;
+	}
+	c->state = CONN_UP;
+	c->backoff_ms = 0;
+	c->last_reply = now;
+	c->replied = false;
+}
+
+/* Where the reconnect is, at now: connect, wait, or give up. */
+static void conn_advance(struct sio_nbd_conn *c, uint64_t now)
+{
+	char why[sizeof(c->dead_msg)];
+
+	if (c->state == CONN_CONNECTING) {
+		if (nbd_aio_is_ready(c->h) == 1) {
+			conn_ready(c, now);
+			return;
+		}
+		if (lib_is_dead(c->h)) {
+			snprintf(c->dead_msg, sizeof(c->dead_msg), "%s",
+				 lib_msg());
+			lib_close(c->h);
+			c->h = NULL;
+			c->fd = -1;
+			c->state = CONN_BACKOFF;
+			c->next_try = now + c->backoff_ms * MS_NS;
+			c->backoff_ms =
+				sx_min(c->backoff_ms * 2, BACKOFF_MAX_MS);
+		}
+	}
+	if (c->state != CONN_BACKOFF && c->state != CONN_CONNECTING)
+		return;
+	if (now >= c->window_end) {
+		snprintf(why, sizeof(why),
+			 "no connection for %u ms, giving up (last: %.160s)",
+			 c->reconnect_ms, c->dead_msg);
+		conn_down(c, why);
+		return;
+	}
+	if (c->state == CONN_BACKOFF && now >= c->next_try)
+		conn_start(c, now);
+}
+
 /* Ask for more of the waiting requests while there is room in flight. */
-static void conn_pump(struct sio_nbd_conn *c)
+static void conn_pump(struct sio_nbd_conn *c, uint64_t now)
 {
 	struct sio_req *req;
 	uint64_t pos, n;
@@ -704,9 +1056,8 @@ static void conn_pump(struct sio_nbd_conn *c)
 	char *p;
 	int err;
 
-	while ((req = c->wait_head) && c->inflight < CONN_DEPTH) {
-		if (c->dead && !req->_nbd.err)
-			req->_nbd.err = -EIO;
+	while ((req = c->wait_head) && c->state == CONN_UP &&
+	       c->inflight < CONN_DEPTH) {
 		if (req->_nbd.err) {
 			wait_done(c, req);
 			continue;
@@ -720,6 +1071,8 @@ static void conn_pump(struct sio_nbd_conn *c)
 			continue;
 		}
 		/* Counted before the call: libnbd may finish it inside. */
+		if (!c->inflight)
+			c->last_reply = now; /* the timeout counts from here */
 		req->_done_bytes += n;
 		req->_nbd.parts++;
 		c->inflight++;
@@ -735,43 +1088,58 @@ static void conn_pump(struct sio_nbd_conn *c)
 			continue;
 		/* Refused: libnbd will not call back for this one. */
 		err = nbd_get_errno();
-		conn_check_dead(c, lib_msg());
 		req->_nbd.parts--;
 		c->inflight--;
+		if (req->_done_bytes == req->_nbd.end && c->wait_head != req)
+			/* Off the wait list: back on it, at the head. */
+			list_push_front(&c->wait_head, &c->wait_tail, req);
+		if (conn_check_dead(c, lib_msg(), now))
+			break; /* requeued whole: the next connection reads it */
 		if (!req->_nbd.err)
 			req->_nbd.err = err ? -err : -EIO;
-		if (c->wait_head == req) {
-			wait_done(c, req);
-		} else {
-			req->_done_bytes = req->_nbd.end;
-			if (!req->_nbd.parts)
-				list_append(&c->done_head, &c->done_tail, req);
-		}
+		wait_done(c, req);
 	}
 	/* A read that libnbd queued may have found the connection dead. */
-	conn_check_dead(c, NULL);
+	if (c->state == CONN_UP && conn_check_dead(c, NULL, now))
+		conn_advance(c, now);
 }
 
 void sio_nbd_conn_submit(struct sio_nbd_conn *c, struct sio_req *req,
 			 uint64_t n)
 {
+	uint64_t now = now_ns();
+
 	req->_done_bytes = 0;
 	req->_nbd.conn = c;
 	req->_nbd.end = n;
 	req->_nbd.parts = 0;
 	req->_nbd.err = 0;
 	list_append(&c->wait_head, &c->wait_tail, req);
-	conn_pump(c);
+	if (c->state == CONN_DOWN) {
+		if (!c->reconnect_ms) {
+			conn_down(c, NULL); /* fails it with the old reason */
+			return;
+		}
+		/* Given up before: this request gets a window of its own. */
+		c->dead = false;
+		c->state = CONN_BACKOFF;
+		c->next_try = now;
+		c->window_end = now + c->reconnect_ms * MS_NS;
+		c->backoff_ms = BACKOFF_FIRST_MS;
+		conn_advance(c, now);
+	}
+	conn_pump(c, now);
 }
 
 unsigned sio_nbd_conn_events(const struct sio_nbd_conn *c)
 {
 	unsigned dir, ev = 0;
 
-	if (c->dead)
+	if (!c->h || (c->state != CONN_UP && c->state != CONN_CONNECTING))
 		return 0;
 	dir = nbd_aio_get_direction(c->h);
-	if ((dir & LIBNBD_AIO_DIRECTION_READ) && c->inflight)
+	if ((dir & LIBNBD_AIO_DIRECTION_READ) &&
+	    (c->inflight || c->state == CONN_CONNECTING))
 		ev |= POLLIN;
 	if (dir & LIBNBD_AIO_DIRECTION_WRITE)
 		ev |= POLLOUT;
@@ -781,12 +1149,49 @@ unsigned sio_nbd_conn_events(const struct sio_nbd_conn *c)
 	return ev;
 }
 
+uint64_t sio_nbd_conn_deadline(const struct sio_nbd_conn *c)
+{
+	switch (c->state) {
+	case CONN_BACKOFF:
+		return sx_min(c->next_try, c->window_end);
+	case CONN_CONNECTING:
+		return c->window_end;
+	case CONN_UP:
+		if (c->inflight && c->timeout_ms)
+			return c->last_reply + c->timeout_ms * MS_NS;
+		return 0;
+	case CONN_DOWN:
+		break;
+	}
+	return 0;
+}
+
+void sio_nbd_conn_tick(struct sio_nbd_conn *c)
+{
+	uint64_t now = now_ns();
+
+	if (c->state == CONN_UP && c->inflight && c->timeout_ms &&
+	    now >= c->last_reply + c->timeout_ms * MS_NS && !c->hung) {
+		/*
+		 * A server that stopped answering: shut the socket, so that
+		 * libnbd sees the end, fails what is in flight and the
+		 * connection goes the way of any dead one.
+		 */
+		c->hung = true;
+		shutdown(c->fd, SHUT_RDWR);
+		return; /* the poll reports it */
+	}
+	conn_advance(c, now);
+	conn_pump(c, now);
+}
+
 void sio_nbd_conn_notify(struct sio_nbd_conn *c, int revents)
 {
+	uint64_t now = now_ns();
 	unsigned dir;
 	int r = 0;
 
-	if (c->dead)
+	if (!c->h)
 		goto out;
 	if (revents < 0)
 		revents = POLLERR; /* let libnbd find out what it was */
@@ -798,9 +1203,15 @@ void sio_nbd_conn_notify(struct sio_nbd_conn *c, int revents)
 	else if ((revents & (POLLOUT | POLLHUP | POLLERR)) &&
 		 (dir & LIBNBD_AIO_DIRECTION_WRITE))
 		r = nbd_aio_notify_write(c->h);
-	conn_check_dead(c, r < 0 ? lib_msg() : NULL);
+	if (c->replied) {
+		c->replied = false;
+		c->last_reply = now;
+	}
+	if (c->state == CONN_UP)
+		conn_check_dead(c, r < 0 ? lib_msg() : NULL, now);
+	conn_advance(c, now);
 out:
-	conn_pump(c);
+	conn_pump(c, now);
 }
 
 struct sio_req *sio_nbd_conn_pop(struct sio_nbd_conn *c, int *res)
@@ -816,8 +1227,9 @@ struct sio_req *sio_nbd_conn_pop(struct sio_nbd_conn *c, int *res)
 		err = sx_error(-EIO,
 			       "%s: read of %" PRIu64
 			       " bytes at offset %" PRIu64
-			       ": connection to the NBD server lost (%s)",
-			       c->uri, req->_nbd.end, req->off, c->dead_msg);
+			       ": connection to the NBD server %s lost (%s)",
+			       c->uri, req->_nbd.end, req->off, c->server,
+			       c->dead_msg);
 	else if (err < 0)
 		err = sx_error(err,
 			       "%s: read of %" PRIu64
@@ -833,5 +1245,10 @@ void sio_nbd_conn_close(struct sio_nbd_conn *c)
 		return;
 	lib_close(c->h);
 	free(c->uri);
+	free(c->server);
+	free(c->host);
+	free(c->port);
+	free(c->socket);
+	free(c->export_name);
 	free(c);
 }

@@ -40,6 +40,22 @@ struct sio_file;
 int sio_nbd_open(const struct sio_nbd_addr *a, unsigned flags,
 		 struct sio_file **out);
 
+/*
+ * A connection that drops is connected again, with a backoff (50 ms,
+ * doubling to 1 s), for up to the reconnect window; meanwhile the reads
+ * on it wait, and afterwards they are sent again whole on the new
+ * connection (the export must have the same size, else the layer is
+ * refused for good). Past the window they fail with -EIO and a message
+ * naming the server; a later read starts a window of its own. A read the
+ * server leaves unanswered for the request timeout counts as a dropped
+ * connection. 0 turns either off. The defaults below hold until
+ * sio_nbd_set_timeouts() changes them for the connections made after it
+ * (process-wide; thread safe).
+ */
+#define SIO_NBD_DEFAULT_RECONNECT_MS 10000u
+#define SIO_NBD_DEFAULT_TIMEOUT_MS 30000u
+void sio_nbd_set_timeouts(unsigned reconnect_ms, unsigned timeout_ms);
+
 /* Whether f is an NBD export (sio_nbd_open()). NULL: false. */
 bool sio_file_is_nbd(const struct sio_file *f);
 

@@ -54,7 +54,7 @@ bool sio_nbd_conn_owns(const struct sio_nbd_conn *c, const struct sio_file *f);
 void sio_nbd_conn_submit(struct sio_nbd_conn *c, struct sio_req *req,
 			 uint64_t n);
 
-/* The socket to poll. */
+/* The socket to poll (changes when it reconnects; -1 while it has none). */
 int sio_nbd_conn_fd(const struct sio_nbd_conn *c);
 
 /*
@@ -63,6 +63,23 @@ int sio_nbd_conn_fd(const struct sio_nbd_conn *c);
  * holds requests that the server must answer.
  */
 unsigned sio_nbd_conn_events(const struct sio_nbd_conn *c);
+
+/*
+ * Handles the connection has made so far: the socket (sio_nbd_conn_fd())
+ * changes with it, and a poll armed for an older one says nothing about
+ * the current one.
+ */
+unsigned sio_nbd_conn_gen(const struct sio_nbd_conn *c);
+
+/*
+ * When the connection wants sio_nbd_conn_tick() (CLOCK_MONOTONIC ns), 0
+ * for never: the next connection attempt, the end of the reconnect
+ * window, the request timeout of what is in flight.
+ */
+uint64_t sio_nbd_conn_deadline(const struct sio_nbd_conn *c);
+
+/* Time passed: connect again, give up, or catch a hung server. */
+void sio_nbd_conn_tick(struct sio_nbd_conn *c);
 
 /* A poll of the socket reported revents (or failed: res < 0). */
 void sio_nbd_conn_notify(struct sio_nbd_conn *c, int revents);

@@ -44,6 +44,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <liburing.h>
 
@@ -66,10 +67,18 @@
 #define QUEUE_HELD UINT64_MAX
 /* user_data of a hold's timeout SQE: the request's address, tagged. */
 #define QUEUE_HOLD_TAG ((uintptr_t)1)
-/* user_data of an NBD socket poll: its struct queue_nbd's address, tagged. */
-#define QUEUE_NBD_IN_TAG ((uintptr_t)2)
-#define QUEUE_NBD_OUT_TAG ((uintptr_t)4)
+/*
+ * user_data of an NBD socket poll or timer: its struct queue_nbd's
+ * address, tagged with what it is and, for a poll, the parity of the
+ * connection's handle it was armed for (a poll of the handle before
+ * tells nothing about the current one: see nbd_poll_over()).
+ */
+#define QUEUE_NBD_IN_TAG ((uintptr_t)2) /* | parity */
+#define QUEUE_NBD_OUT_TAG ((uintptr_t)4) /* | parity */
+#define QUEUE_NBD_TIMER_TAG ((uintptr_t)6)
 #define QUEUE_TAG_MASK ((uintptr_t)7)
+/* Longest an NBD timer sleeps: a deadline that comes nearer is seen. */
+#define QUEUE_NBD_TICK_NS (250ull * 1000 * 1000)
 
 _Static_assert(sizeof(((struct sio_req *)0)->_iov_tmp) >=
 		       sizeof(struct __kernel_timespec),
@@ -78,7 +87,10 @@ _Static_assert(sizeof(((struct sio_req *)0)->_iov_tmp) >=
 /* The queue's connection to one NBD file, and its socket's polls. */
 struct queue_nbd {
 	struct sio_nbd_conn *conn;
-	bool in_armed, out_armed;
+	bool in_armed, out_armed; /* for the handle of in_gen, out_gen */
+	unsigned in_gen, out_gen;
+	bool timer_armed;
+	struct __kernel_timespec ts; /* the timer's, while armed */
 	struct queue_nbd *next;
 };
 
@@ -94,7 +106,7 @@ struct sio_queue {
 	struct sio_req *backlog_head, *backlog_tail;
 	struct sio_req *finished_head, *finished_tail;
 	struct queue_nbd *nbd; /* connections, one per NBD file */
-	unsigned nbd_polls; /* polls armed */
+	unsigned nbd_polls; /* polls and timers armed */
 	unsigned nbd_busy; /* requests the connections hold */
 };
 
@@ -306,8 +318,7 @@ static void finish_now(struct sio_queue *q, struct sio_req *req, int res)
  * has no room even after handing it over (the next sio_queue_run() tries
  * again, before it waits).
  */
-static bool nbd_poll_add(struct sio_queue *q, struct queue_nbd *l,
-			 unsigned events, uintptr_t tag)
+static struct io_uring_sqe *nbd_sqe(struct sio_queue *q)
 {
 	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
 
@@ -315,23 +326,70 @@ static bool nbd_poll_add(struct sio_queue *q, struct queue_nbd *l,
 		io_uring_submit(&q->ring);
 		sqe = io_uring_get_sqe(&q->ring);
 	}
+	return sqe;
+}
+
+static bool nbd_poll_add(struct sio_queue *q, struct queue_nbd *l,
+			 unsigned events, uintptr_t tag)
+{
+	struct io_uring_sqe *sqe = nbd_sqe(q);
+
 	if (!sqe)
 		return false;
 	io_uring_prep_poll_add(sqe, sio_nbd_conn_fd(l->conn), events);
+	tag |= sio_nbd_conn_gen(l->conn) & 1;
 	io_uring_sqe_set_data(sqe, (void *)((uintptr_t)l | tag));
 	q->nbd_polls++;
 	return true;
 }
 
-/* Arm the polls that l's connection waits for and that are not armed. */
+/*
+ * A timer until l's connection's deadline, QUEUE_NBD_TICK_NS at most (a
+ * deadline that moves nearer meanwhile is seen at the next tick).
+ */
+static void nbd_timer_add(struct sio_queue *q, struct queue_nbd *l,
+			  uint64_t deadline)
+{
+	struct io_uring_sqe *sqe;
+	struct timespec now;
+	uint64_t t, wait;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	t = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+	wait = deadline > t ? deadline - t : 0;
+	wait = sx_max(sx_min(wait, QUEUE_NBD_TICK_NS), 1000000ull);
+	sqe = nbd_sqe(q);
+	if (!sqe)
+		return;
+	l->ts.tv_sec = (long long)(wait / 1000000000u);
+	l->ts.tv_nsec = (long long)(wait % 1000000000u);
+	io_uring_prep_timeout(sqe, &l->ts, 0, 0);
+	io_uring_sqe_set_data(sqe,
+			      (void *)((uintptr_t)l | QUEUE_NBD_TIMER_TAG));
+	l->timer_armed = true;
+	q->nbd_polls++;
+}
+
+/*
+ * Arm the polls that l's connection waits for and that are not armed for
+ * its current handle, and a timer when it has a deadline.
+ */
 static void nbd_arm(struct sio_queue *q, struct queue_nbd *l)
 {
 	unsigned ev = sio_nbd_conn_events(l->conn);
+	unsigned gen = sio_nbd_conn_gen(l->conn);
+	uint64_t deadline = sio_nbd_conn_deadline(l->conn);
 
-	if ((ev & POLLIN) && !l->in_armed)
+	if ((ev & POLLIN) && !(l->in_armed && l->in_gen == gen)) {
 		l->in_armed = nbd_poll_add(q, l, POLLIN, QUEUE_NBD_IN_TAG);
-	if ((ev & POLLOUT) && !l->out_armed)
+		l->in_gen = gen;
+	}
+	if ((ev & POLLOUT) && !(l->out_armed && l->out_gen == gen)) {
 		l->out_armed = nbd_poll_add(q, l, POLLOUT, QUEUE_NBD_OUT_TAG);
+		l->out_gen = gen;
+	}
+	if (deadline && !l->timer_armed)
+		nbd_timer_add(q, l, deadline);
 }
 
 /* nbd_arm() for every connection: none may wait without a poll. */
@@ -429,13 +487,32 @@ static void nbd_enqueue(struct sio_queue *q, struct sio_req *req)
 static bool nbd_poll_over(struct sio_queue *q, void *cqe_data, int res)
 {
 	uintptr_t tag = (uintptr_t)cqe_data & QUEUE_TAG_MASK;
+	uintptr_t kind = tag & ~(uintptr_t)1, parity = tag & 1;
 	struct queue_nbd *l;
+	unsigned gen;
 
-	if (tag != QUEUE_NBD_IN_TAG && tag != QUEUE_NBD_OUT_TAG)
+	if (tag == QUEUE_NBD_TIMER_TAG) {
+		l = (struct queue_nbd *)((uintptr_t)cqe_data & ~QUEUE_TAG_MASK);
+		q->nbd_polls--;
+		l->timer_armed = false;
+		sio_nbd_conn_tick(l->conn);
+		nbd_service(q, l);
+		return true;
+	}
+	if (kind != QUEUE_NBD_IN_TAG && kind != QUEUE_NBD_OUT_TAG)
 		return false;
 	l = (struct queue_nbd *)((uintptr_t)cqe_data & ~QUEUE_TAG_MASK);
 	q->nbd_polls--;
-	if (tag == QUEUE_NBD_IN_TAG)
+	gen = sio_nbd_conn_gen(l->conn);
+	/*
+	 * A poll of a handle closed since (its socket hung up): nothing for
+	 * the current one, whose own poll is armed apart.
+	 */
+	if (parity != (gen & 1)) {
+		nbd_service(q, l);
+		return true;
+	}
+	if (kind == QUEUE_NBD_IN_TAG)
 		l->in_armed = false;
 	else
 		l->out_armed = false;

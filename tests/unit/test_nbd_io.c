@@ -696,6 +696,7 @@ START_TEST(test_server_killed)
 	struct sio_file *f;
 	unsigned i;
 
+	sio_nbd_set_timeouts(0, 0); /* no reconnect: fail at once */
 	snprintf(log, sizeof(log), "%s/delay-%d.log", tmpdir, (int)getpid());
 	snprintf(logarg, sizeof(logarg), "logfile=%s", log);
 	args[6] = logarg;
@@ -753,6 +754,7 @@ START_TEST(test_server_killed_qemu)
 	struct sio_file *f;
 	unsigned i;
 
+	sio_nbd_set_timeouts(0, 0); /* no reconnect: fail at once */
 	start_qemu(&srv);
 	f = open_unix(srv.sock, "exp");
 	ck_assert_int_eq(sio_queue_create(64, &q), 0);
@@ -783,6 +785,257 @@ START_TEST(test_server_killed_qemu)
 	ck_assert_int_eq(recs[0].res, -EIO);
 	sio_queue_destroy(q);
 	sio_file_close(f);
+}
+END_TEST
+
+/*
+ * The base file served by nbdkit (file plugin, read-only) on "re.sock",
+ * with nbdkit's delay filter holding each read rdelay seconds when rdelay
+ * is not NULL, and its log filter writing log.
+ */
+static void start_file_kit(struct nbd_server *s, const char *rdelay,
+			   const char *log)
+{
+	static char filearg[PATH_MAX + 8], logarg[PATH_MAX + 16], delayarg[64];
+	const char *args[10];
+	unsigned n = 0;
+
+	snprintf(filearg, sizeof(filearg), "file=%s", base_path);
+	snprintf(logarg, sizeof(logarg), "logfile=%s", log);
+	args[n++] = "-r";
+	args[n++] = "--threads=128";
+	args[n++] = "--filter=log";
+	if (rdelay)
+		args[n++] = "--filter=delay";
+	args[n++] = "file";
+	args[n++] = filearg;
+	args[n++] = logarg;
+	if (rdelay) {
+		snprintf(delayarg, sizeof(delayarg), "rdelay=%s", rdelay);
+		args[n++] = delayarg;
+	}
+	args[n] = NULL;
+	start_kit(s, "re.sock", args);
+}
+
+/* Run q until the server's log shows n reads started (bounded). */
+static void wait_logged(struct sio_queue *q, const char *log, unsigned n)
+{
+	struct timespec nap = {.tv_nsec = 10 * 1000 * 1000};
+	unsigned i;
+
+	for (i = 0; i < 3000 && logged_reads(log) < n; i++) {
+		ck_assert_int_ge(sio_queue_run(q, 0), 0);
+		nanosleep(&nap, NULL);
+	}
+	ck_assert_uint_ge(logged_reads(log), n);
+}
+
+/*
+ * The server killed while N reads wait on it, and started again within
+ * the reconnect window: every read completes once, with the right bytes
+ * (sent again whole on the new connection, into the same memory); the
+ * file's own connection (synchronous reads) comes back too.
+ */
+START_TEST(test_reconnect)
+{
+	enum { N = 64 };
+	static unsigned char bufs[N][32 * KIB];
+	struct sio_req reqs[N];
+	struct done_rec recs[N] = {{0}};
+	char log[PATH_MAX], log2[PATH_MAX];
+	unsigned char sync_buf[8 * KIB];
+	struct nbd_server srv;
+	struct sio_queue *q;
+	struct sio_file *f;
+	unsigned i;
+
+	sio_nbd_set_timeouts(20000, 0);
+	snprintf(log, sizeof(log), "%s/re-%d.log", tmpdir, (int)getpid());
+	snprintf(log2, sizeof(log2), "%s/re2-%d.log", tmpdir, (int)getpid());
+	start_file_kit(&srv, "60", log);
+	f = open_unix(srv.sock, "");
+	ck_assert_int_eq(sio_queue_create(32, &q), 0);
+	for (i = 0; i < N; i++) {
+		memset(bufs[i], 0xee, sizeof(bufs[i]));
+		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
+					   .file = f,
+					   .buf = bufs[i],
+					   .off = (i * 60 * KIB) %
+						  (RAW_SIZE - 32 * KIB),
+					   .len = 32 * KIB,
+					   .done = on_done,
+					   .priv = &recs[i]};
+		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
+	}
+	wait_logged(q, log, N);
+	nbd_server_stop(&srv);
+	/* The reads wait for a new server rather than fail. */
+	for (i = 0; i < 20; i++)
+		ck_assert_int_ge(sio_queue_run(q, 0), 0);
+	ck_assert_uint_eq(sio_queue_inflight(q), N);
+	start_file_kit(&srv, NULL, log2);
+	drain(q);
+	for (i = 0; i < N; i++) {
+		ck_assert_int_eq(recs[i].calls, 1);
+		ck_assert_msg(recs[i].res == 32 * KIB, "read %u: %d (%s)", i,
+			      recs[i].res, sx_last_error());
+		check_bytes(raw, RAW_SIZE, bufs[i], 32 * KIB, reqs[i].off);
+	}
+	ck_assert_int_eq(sio_pread(f, sync_buf, sizeof(sync_buf), 12345), 0);
+	check_bytes(raw, RAW_SIZE, sync_buf, sizeof(sync_buf), 12345);
+	sio_queue_destroy(q);
+	sio_file_close(f);
+	nbd_server_stop(&srv);
+}
+END_TEST
+
+/*
+ * Killed for good: past the window the reads fail with -EIO, naming the
+ * server and saying it gave up; a read after a new server came up gets
+ * a window of its own and succeeds.
+ */
+START_TEST(test_reconnect_gives_up)
+{
+	enum { N = 16 };
+	static unsigned char bufs[N][16 * KIB];
+	struct sio_req reqs[N + 1];
+	struct done_rec recs[N + 1] = {{0}};
+	char log[PATH_MAX];
+	struct nbd_server srv;
+	struct sio_queue *q;
+	struct sio_file *f;
+	unsigned i;
+
+	sio_nbd_set_timeouts(500, 0);
+	snprintf(log, sizeof(log), "%s/gu-%d.log", tmpdir, (int)getpid());
+	start_file_kit(&srv, "60", log);
+	f = open_unix(srv.sock, "");
+	ck_assert_int_eq(sio_queue_create(32, &q), 0);
+	for (i = 0; i < N; i++) {
+		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
+					   .file = f,
+					   .buf = bufs[i],
+					   .off = i * 16 * KIB,
+					   .len = 16 * KIB,
+					   .done = on_done,
+					   .priv = &recs[i]};
+		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
+	}
+	wait_logged(q, log, N);
+	nbd_server_stop(&srv);
+	drain(q);
+	for (i = 0; i < N; i++) {
+		ck_assert_int_eq(recs[i].calls, 1);
+		ck_assert_int_eq(recs[i].res, -EIO);
+	}
+	ck_assert_ptr_nonnull(strstr(sx_last_error(), srv.sock));
+	ck_assert_ptr_nonnull(strstr(sx_last_error(), "giving up"));
+	/* A server again, and a new read: it connects and reads. */
+	start_file_kit(&srv, NULL, log);
+	reqs[N] = reqs[3];
+	reqs[N].priv = &recs[N];
+	ck_assert_int_eq(sio_queue_submit(q, &reqs[N]), 0);
+	drain(q);
+	ck_assert_int_eq(recs[N].res, 16 * KIB);
+	check_bytes(raw, RAW_SIZE, bufs[3], 16 * KIB, reqs[N].off);
+	sio_queue_destroy(q);
+	sio_file_close(f);
+	nbd_server_stop(&srv);
+}
+END_TEST
+
+/*
+ * The server comes back with another export (a different size) on the
+ * same socket: the layer is refused, its reads fail, nothing is read
+ * from the wrong export.
+ */
+START_TEST(test_reconnect_other_export)
+{
+	enum { N = 8 };
+	static unsigned char bufs[N][16 * KIB];
+	const char *mem[] = {"--filter=log", "memory", "8M", NULL, NULL};
+	struct sio_req reqs[N];
+	struct done_rec recs[N] = {{0}};
+	char log[PATH_MAX], logarg[PATH_MAX + 16];
+	struct nbd_server srv;
+	struct sio_queue *q;
+	struct sio_file *f;
+	unsigned i;
+
+	sio_nbd_set_timeouts(20000, 0);
+	snprintf(log, sizeof(log), "%s/oe-%d.log", tmpdir, (int)getpid());
+	start_file_kit(&srv, "60", log);
+	f = open_unix(srv.sock, "");
+	ck_assert_int_eq(sio_queue_create(32, &q), 0);
+	for (i = 0; i < N; i++) {
+		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
+					   .file = f,
+					   .buf = bufs[i],
+					   .off = i * 16 * KIB,
+					   .len = 16 * KIB,
+					   .done = on_done,
+					   .priv = &recs[i]};
+		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
+	}
+	wait_logged(q, log, N);
+	nbd_server_stop(&srv);
+	snprintf(logarg, sizeof(logarg), "logfile=%s", log);
+	mem[3] = logarg;
+	start_kit(&srv, "re.sock", mem);
+	drain(q);
+	for (i = 0; i < N; i++)
+		ck_assert_int_eq(recs[i].res, -EIO);
+	ck_assert_ptr_nonnull(strstr(sx_last_error(), "not the same export"));
+	ck_assert_int_eq(sio_pread(f, bufs[0], 4096, 0), -EIO);
+	ck_assert_ptr_nonnull(strstr(sx_last_error(), "not the same export"));
+	sio_queue_destroy(q);
+	sio_file_close(f);
+	nbd_server_stop(&srv);
+}
+END_TEST
+
+/*
+ * A server that accepts reads and never answers: the request timeout
+ * ends them with -EIO saying so (no reconnect window here), the queue
+ * drains instead of waiting for ever.
+ */
+START_TEST(test_hung_server)
+{
+	enum { N = 4 };
+	static unsigned char bufs[N][16 * KIB];
+	struct sio_req reqs[N];
+	struct done_rec recs[N] = {{0}};
+	char log[PATH_MAX];
+	struct nbd_server srv;
+	struct sio_queue *q;
+	struct sio_file *f;
+	unsigned i;
+
+	sio_nbd_set_timeouts(0, 300);
+	snprintf(log, sizeof(log), "%s/hung-%d.log", tmpdir, (int)getpid());
+	start_file_kit(&srv, "600", log);
+	f = open_unix(srv.sock, "");
+	ck_assert_int_eq(sio_queue_create(32, &q), 0);
+	for (i = 0; i < N; i++) {
+		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
+					   .file = f,
+					   .buf = bufs[i],
+					   .off = i * 16 * KIB,
+					   .len = 16 * KIB,
+					   .done = on_done,
+					   .priv = &recs[i]};
+		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
+	}
+	drain(q);
+	for (i = 0; i < N; i++) {
+		ck_assert_int_eq(recs[i].calls, 1);
+		ck_assert_int_eq(recs[i].res, -EIO);
+	}
+	ck_assert_ptr_nonnull(strstr(sx_last_error(), "did not answer"));
+	sio_queue_destroy(q);
+	sio_file_close(f);
+	nbd_server_stop(&srv);
 }
 END_TEST
 
@@ -1068,6 +1321,14 @@ static Suite *nbd_suite(void)
 	tcase_add_test(tc, test_server_errors);
 	tcase_add_test(tc, test_connect_errors);
 	tcase_add_test(tc, test_fault_rules);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("reconnect");
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, test_reconnect);
+	tcase_add_test(tc, test_reconnect_gives_up);
+	tcase_add_test(tc, test_reconnect_other_export);
+	tcase_add_test(tc, test_hung_server);
 	suite_add_tcase(s, tc);
 	return s;
 }
