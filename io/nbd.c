@@ -114,13 +114,14 @@ struct sio_nbd_conn {
 	unsigned reconnect_ms, timeout_ms; /* the settings it was made with */
 	uint64_t window_end; /* reconnecting gives up then (ns) */
 	uint64_t next_try; /* CONN_BACKOFF: connect again then (ns) */
+	uint64_t connect_end; /* CONN_CONNECTING: the handshake's limit */
 	unsigned backoff_ms;
 	uint64_t last_reply; /* a reply came, or the first read went (ns) */
 	bool replied; /* read_done ran since last_reply was set */
 	unsigned inflight; /* reads in libnbd */
 	bool dead; /* CONN_DOWN: requests fail with dead_msg */
 	bool hung; /* the timeout shut the socket: why it died */
-	char dead_msg[256]; /* why it died or was given up */
+	char dead_msg[640]; /* why it died or was given up */
 	struct sio_req *wait_head, *wait_tail;
 	struct sio_req *done_head, *done_tail;
 };
@@ -222,8 +223,54 @@ static void lib_close(struct nbd_handle *h)
 }
 
 /*
+ * What a handshake that never ends most likely means: printf format of
+ * the server and the milliseconds waited.
+ */
+#define HANDSHAKE_HINT                                                      \
+	"NBD server %s accepted the connection but did not finish the "     \
+	"handshake within %u ms: a server that takes one client at a time " \
+	"(qemu-nbd without --shared) may be serving another; siphon opens " \
+	"a connection per layer for its own reads and one per worker "      \
+	"(start qemu-nbd with --shared=4 or more)"
+
+/* How long a handshake may take, with a request timeout of timeout_ms. */
+static unsigned handshake_ms(unsigned timeout_ms)
+{
+	return timeout_ms ? timeout_ms : SIO_NBD_CONNECT_TIMEOUT_MS;
+}
+
+/*
+ * Connect h to n's export without libnbd's blocking connect, which waits
+ * for ever on a server that accepts and never answers: the handshake gets
+ * SIO_NBD_CONNECT_TIMEOUT_MS. 0 (ready), -ETIMEDOUT, or -1 (libnbd's
+ * error: nbd_get_errno(), nbd_get_error()).
+ */
+static int lib_connect_wait(const struct sio_nbd *n, struct nbd_handle *h)
+{
+	uint64_t end = now_ns() +
+		       handshake_ms(atomic_load(&nbd_timeout_ms)) * MS_NS,
+		 t;
+	int r;
+
+	r = n->transport == SIO_NBD_UNIX
+		    ? nbd_aio_connect_unix(h, n->socket)
+		    : nbd_aio_connect_tcp(h, n->host, n->port);
+	if (r < 0)
+		return -1;
+	while (nbd_aio_is_connecting(h) == 1) {
+		t = now_ns();
+		if (t >= end)
+			return -ETIMEDOUT;
+		if (nbd_poll(h, (int)((end - t) / MS_NS + 1)) < 0)
+			return -1;
+	}
+	return nbd_aio_is_ready(h) == 1 ? 0 : -1;
+}
+
+/*
  * A connection to n's export, handshake done. 0 and *out, or -errno with
- * a message naming the server and the export.
+ * a message naming the server and the export (-ETIMEDOUT: the handshake
+ * did not finish in time).
  */
 static int lib_connect(const struct sio_nbd *n, struct nbd_handle **out)
 {
@@ -247,12 +294,15 @@ static int lib_connect(const struct sio_nbd *n, struct nbd_handle **out)
 			       lib_msg());
 		goto out;
 	}
-	if (n->transport == SIO_NBD_UNIX)
-		r = nbd_connect_unix(h, n->socket);
-	else
-		r = nbd_connect_tcp(h, n->host, n->port);
+	r = lib_connect_wait(n, h);
 	if (r == 0)
 		goto out;
+	if (r == -ETIMEDOUT) {
+		ret = sx_error(-ETIMEDOUT, "%s: " HANDSHAKE_HINT, n->uri,
+			       n->server,
+			       handshake_ms(atomic_load(&nbd_timeout_ms)));
+		goto out;
+	}
 	err = nbd_get_errno();
 	msg = lib_msg();
 	if (strstr(msg, "TLS"))
@@ -764,10 +814,13 @@ static int conn_copy(struct sio_nbd_conn *c, const struct sio_nbd *n)
 	return 0;
 }
 
+static void conn_advance(struct sio_nbd_conn *c, uint64_t now);
+
 int sio_nbd_conn_open(struct sio_file *f, struct sio_nbd_conn **out)
 {
 	struct sio_nbd_conn *c;
 	struct sio_nbd *n = f->nbd;
+	uint64_t now;
 	int ret;
 
 	c = calloc(1, sizeof(*c));
@@ -782,14 +835,19 @@ int sio_nbd_conn_open(struct sio_file *f, struct sio_nbd_conn **out)
 	ret = conn_copy(c, n);
 	if (ret < 0)
 		goto out;
-	ret = lib_connect(n, &c->h);
-	if (ret < 0)
-		goto out;
-	c->gen = 1;
-	c->state = CONN_UP;
-	c->fd = nbd_aio_get_fd(c->h);
-	if (c->fd < 0)
-		ret = sx_error(-EIO, "%s: no socket: %s", n->uri, lib_msg());
+	/*
+	 * Connected the way a dropped connection is connected again: the
+	 * owner's thread never waits for the server (its requests do).
+	 */
+	c->fd = -1;
+	c->state = CONN_BACKOFF;
+	c->backoff_ms = BACKOFF_FIRST_MS;
+	now = now_ns();
+	c->next_try = now;
+	c->window_end =
+		now +
+		sx_max(c->reconnect_ms, handshake_ms(c->timeout_ms)) * MS_NS;
+	conn_advance(c, now);
 out:
 	if (ret < 0)
 		sio_nbd_conn_close(c);
@@ -957,6 +1015,21 @@ static bool conn_check_dead(struct sio_nbd_conn *c, const char *msg,
 	return true;
 }
 
+/*
+ * An attempt failed (dead_msg says how): the next after the backoff, or,
+ * without a reconnect window, give up now.
+ */
+static void conn_retry_later(struct sio_nbd_conn *c, uint64_t now)
+{
+	c->state = CONN_BACKOFF;
+	if (!c->reconnect_ms) {
+		conn_down(c, NULL);
+		return;
+	}
+	c->next_try = now + c->backoff_ms * MS_NS;
+	c->backoff_ms = sx_min(c->backoff_ms * 2, BACKOFF_MAX_MS);
+}
+
 /* Start connecting a new handle, without waiting (CONN_CONNECTING). */
 static void conn_start(struct sio_nbd_conn *c, uint64_t now)
 {
@@ -977,14 +1050,14 @@ static void conn_start(struct sio_nbd_conn *c, uint64_t now)
 		snprintf(c->dead_msg, sizeof(c->dead_msg), "%s", lib_msg());
 		if (h)
 			nbd_close(h);
-		c->next_try = now + c->backoff_ms * MS_NS;
-		c->backoff_ms = sx_min(c->backoff_ms * 2, BACKOFF_MAX_MS);
+		conn_retry_later(c, now);
 		return;
 	}
 	c->h = h;
 	c->fd = nbd_aio_get_fd(h);
 	c->gen++;
 	c->state = CONN_CONNECTING;
+	c->connect_end = now + handshake_ms(c->timeout_ms) * MS_NS;
 }
 
 /*
@@ -1022,23 +1095,27 @@ static void conn_advance(struct sio_nbd_conn *c, uint64_t now)
 			conn_ready(c, now);
 			return;
 		}
-		if (lib_is_dead(c->h)) {
-			snprintf(c->dead_msg, sizeof(c->dead_msg), "%s",
-				 lib_msg());
+		if (lib_is_dead(c->h) || now >= c->connect_end) {
+			if (lib_is_dead(c->h))
+				snprintf(c->dead_msg, sizeof(c->dead_msg), "%s",
+					 lib_msg());
+			else
+				snprintf(c->dead_msg, sizeof(c->dead_msg),
+					 HANDSHAKE_HINT, c->server,
+					 handshake_ms(c->timeout_ms));
 			lib_close(c->h);
 			c->h = NULL;
 			c->fd = -1;
-			c->state = CONN_BACKOFF;
-			c->next_try = now + c->backoff_ms * MS_NS;
-			c->backoff_ms =
-				sx_min(c->backoff_ms * 2, BACKOFF_MAX_MS);
+			conn_retry_later(c, now);
+			if (c->state == CONN_DOWN)
+				return;
 		}
 	}
 	if (c->state != CONN_BACKOFF && c->state != CONN_CONNECTING)
 		return;
 	if (now >= c->window_end) {
 		snprintf(why, sizeof(why),
-			 "no connection for %u ms, giving up (last: %.160s)",
+			 "no connection for %u ms, giving up (last: %.480s)",
 			 c->reconnect_ms, c->dead_msg);
 		conn_down(c, why);
 		return;
@@ -1155,7 +1232,7 @@ uint64_t sio_nbd_conn_deadline(const struct sio_nbd_conn *c)
 	case CONN_BACKOFF:
 		return sx_min(c->next_try, c->window_end);
 	case CONN_CONNECTING:
-		return c->window_end;
+		return sx_min(c->window_end, c->connect_end);
 	case CONN_UP:
 		if (c->inflight && c->timeout_ms)
 			return c->last_reply + c->timeout_ms * MS_NS;

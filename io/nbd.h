@@ -52,6 +52,16 @@ int sio_nbd_open(const struct sio_nbd_addr *a, unsigned flags,
  * sio_nbd_set_timeouts() changes them for the connections made after it
  * (process-wide; thread safe).
  */
+/*
+ * Every connection's handshake (at open, and each reconnect attempt) must
+ * finish within the request timeout, or SIO_NBD_CONNECT_TIMEOUT_MS when
+ * that is off: a server that accepts and
+ * never answers (qemu-nbd busy with its one allowed client) gets a
+ * message saying so, not a wait for ever. A queue's first connection is
+ * made like a reconnect: its requests wait for it, the queue's thread
+ * does not.
+ */
+#define SIO_NBD_CONNECT_TIMEOUT_MS 10000u
 #define SIO_NBD_DEFAULT_RECONNECT_MS 10000u
 #define SIO_NBD_DEFAULT_TIMEOUT_MS 30000u
 void sio_nbd_set_timeouts(unsigned reconnect_ms, unsigned timeout_ms);

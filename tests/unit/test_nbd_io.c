@@ -1039,6 +1039,53 @@ START_TEST(test_hung_server)
 }
 END_TEST
 
+/*
+ * qemu-nbd as users start it, one client at a time (no --shared): the
+ * file's own connection is that client; the queue's connection and a
+ * second open get no handshake and end with a message saying why,
+ * instead of waiting for ever (the request timeout bounds handshakes).
+ */
+START_TEST(test_one_client_server)
+{
+	static unsigned char buf[16 * KIB];
+	struct sio_req req;
+	struct done_rec rec = {0};
+	struct nbd_server srv;
+	struct sio_queue *q;
+	struct sio_file *f, *g = NULL;
+	char sock[PATH_MAX];
+	char *argv[] = {"qemu-nbd",	"-k",	   sock,  "-x",
+			"exp",		"-f",	   "raw", "-r",
+			"--persistent", base_path, NULL};
+
+	sio_nbd_set_timeouts(0, 500);
+	snprintf(sock, sizeof(sock), "%s/one.sock", tmpdir);
+	ck_assert_int_eq(nbd_server_start(&srv, sock, argv), 0);
+	f = open_unix(srv.sock, "exp");
+	ck_assert_int_eq(sio_pread(f, buf, sizeof(buf), 0), 0);
+	check_bytes(raw, RAW_SIZE, buf, sizeof(buf), 0);
+	ck_assert_int_eq(open_addr(srv.sock, "exp", SIO_RDONLY, &g),
+			 -ETIMEDOUT);
+	ck_assert_ptr_nonnull(strstr(sx_last_error(), "--shared"));
+	ck_assert_int_eq(sio_queue_create(8, &q), 0);
+	req = (struct sio_req){.op = SIO_OP_READ,
+			       .file = f,
+			       .buf = buf,
+			       .off = 0,
+			       .len = sizeof(buf),
+			       .done = on_done,
+			       .priv = &rec};
+	ck_assert_int_eq(sio_queue_submit(q, &req), 0);
+	drain(q);
+	ck_assert_int_eq(rec.calls, 1);
+	ck_assert_int_eq(rec.res, -EIO);
+	ck_assert_ptr_nonnull(strstr(sx_last_error(), "--shared"));
+	sio_queue_destroy(q);
+	sio_file_close(f);
+	nbd_server_stop(&srv);
+}
+END_TEST
+
 /* nbdkit's error filter fails every read: -EIO, sync and queued. */
 START_TEST(test_server_errors)
 {
@@ -1329,6 +1376,7 @@ static Suite *nbd_suite(void)
 	tcase_add_test(tc, test_reconnect_gives_up);
 	tcase_add_test(tc, test_reconnect_other_export);
 	tcase_add_test(tc, test_hung_server);
+	tcase_add_test(tc, test_one_client_server);
 	suite_add_tcase(s, tc);
 	return s;
 }
