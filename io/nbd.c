@@ -119,6 +119,7 @@ struct sio_nbd_conn {
 	uint64_t last_reply; /* a reply came, or the first read went (ns) */
 	bool replied; /* read_done ran since last_reply was set */
 	unsigned inflight; /* reads in libnbd */
+	unsigned held; /* requests submitted and not popped */
 	bool dead; /* CONN_DOWN: requests fail with dead_msg */
 	bool hung; /* the timeout shut the socket: why it died */
 	char dead_msg[640]; /* why it died or was given up */
@@ -129,6 +130,7 @@ struct sio_nbd_conn {
 /* Reconnect window and request timeout for connections made from now. */
 static _Atomic unsigned nbd_reconnect_ms = SIO_NBD_DEFAULT_RECONNECT_MS;
 static _Atomic unsigned nbd_timeout_ms = SIO_NBD_DEFAULT_TIMEOUT_MS;
+static _Atomic unsigned nbd_connections = SIO_NBD_DEFAULT_CONNECTIONS;
 
 static atomic_uint_fast64_t next_id = 1;
 
@@ -520,6 +522,7 @@ int sio_nbd_get_info(const struct sio_file *f, struct sio_nbd_info *out)
 	out->max_block = n->max_block;
 	out->max_request = n->max_io;
 	out->can_multi_conn = n->multi_conn;
+	out->connections = sio_nbd_conns_wanted(f);
 	out->block_status = n->block_status;
 	return 0;
 }
@@ -788,6 +791,28 @@ out:
 	if (ret == 0)
 		*n = w.n;
 	return ret;
+}
+
+void sio_nbd_set_connections(unsigned n)
+{
+	if (!n)
+		n = SIO_NBD_DEFAULT_CONNECTIONS;
+	atomic_store(&nbd_connections, sx_min(n, SIO_NBD_MAX_CONNECTIONS));
+}
+
+unsigned sio_nbd_conns_wanted(const struct sio_file *f)
+{
+	return f->nbd->multi_conn ? atomic_load(&nbd_connections) : 1;
+}
+
+bool sio_nbd_conn_up(const struct sio_nbd_conn *c)
+{
+	return c->state == CONN_UP;
+}
+
+unsigned sio_nbd_conn_held(const struct sio_nbd_conn *c)
+{
+	return c->held;
 }
 
 void sio_nbd_set_timeouts(unsigned reconnect_ms, unsigned timeout_ms)
@@ -1191,6 +1216,7 @@ void sio_nbd_conn_submit(struct sio_nbd_conn *c, struct sio_req *req,
 	req->_nbd.end = n;
 	req->_nbd.parts = 0;
 	req->_nbd.err = 0;
+	c->held++;
 	list_append(&c->wait_head, &c->wait_tail, req);
 	if (c->state == CONN_DOWN) {
 		if (!c->reconnect_ms) {
@@ -1299,6 +1325,7 @@ struct sio_req *sio_nbd_conn_pop(struct sio_nbd_conn *c, int *res)
 	req = list_pop(&c->done_head, &c->done_tail);
 	if (!req)
 		return NULL;
+	c->held--;
 	err = req->_nbd.err;
 	if (err < 0 && c->dead)
 		err = sx_error(-EIO,

@@ -66,6 +66,17 @@ int sio_nbd_open(const struct sio_nbd_addr *a, unsigned flags,
 #define SIO_NBD_DEFAULT_TIMEOUT_MS 30000u
 void sio_nbd_set_timeouts(unsigned reconnect_ms, unsigned timeout_ms);
 
+/*
+ * Connections a queue opens to one export when the server advertises
+ * multi-conn (one otherwise): each holds its own reads in flight, a new
+ * one is opened while all the others are busy. n in [1,
+ * SIO_NBD_MAX_CONNECTIONS], 0 for the default; process-wide, for the
+ * connections opened after it.
+ */
+#define SIO_NBD_DEFAULT_CONNECTIONS 4u
+#define SIO_NBD_MAX_CONNECTIONS 16u
+void sio_nbd_set_connections(unsigned n);
+
 /* Whether f is an NBD export (sio_nbd_open()). NULL: false. */
 bool sio_file_is_nbd(const struct sio_file *f);
 
@@ -83,6 +94,7 @@ struct sio_nbd_info {
 	uint32_t max_block;
 	uint32_t max_request; /* largest read sent (max_block or 32 MiB) */
 	bool can_multi_conn; /* the server allows several connections */
+	unsigned connections; /* a queue opens this many at most */
 	bool block_status; /* base:allocation is available */
 };
 

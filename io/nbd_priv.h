@@ -54,6 +54,19 @@ bool sio_nbd_conn_owns(const struct sio_nbd_conn *c, const struct sio_file *f);
 void sio_nbd_conn_submit(struct sio_nbd_conn *c, struct sio_req *req,
 			 uint64_t n);
 
+/* Whether c's handshake is done and it sends reads. */
+bool sio_nbd_conn_up(const struct sio_nbd_conn *c);
+
+/* Requests c holds (submitted, not popped yet). */
+unsigned sio_nbd_conn_held(const struct sio_nbd_conn *c);
+
+/*
+ * How many connections a queue may open to the NBD file f: the setting
+ * (sio_nbd_set_connections()) when the server allows several
+ * (multi-conn), else 1.
+ */
+unsigned sio_nbd_conns_wanted(const struct sio_file *f);
+
 /* The socket to poll (changes when it reconnects; -1 while it has none). */
 int sio_nbd_conn_fd(const struct sio_nbd_conn *c);
 

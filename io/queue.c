@@ -424,25 +424,47 @@ static void nbd_service(struct sio_queue *q, struct queue_nbd *l)
 static struct queue_nbd *nbd_link(struct sio_queue *q, struct sio_file *f,
 				  int *err)
 {
-	struct queue_nbd *l;
+	struct queue_nbd *l, *best = NULL, *first = NULL;
+	unsigned have = 0;
 
+	/*
+	 * The least loaded of the file's connections that are up (the first
+	 * one also while it connects: requests wait for it). While every
+	 * one holds requests and the server takes more (multi-conn), one
+	 * more is opened; it gets requests once it is up, and one that never
+	 * comes up (a server with fewer slots than it says) just stays out.
+	 */
 	for (l = q->nbd; l; l = l->next) {
-		if (sio_nbd_conn_owns(l->conn, f))
-			return l;
+		if (!sio_nbd_conn_owns(l->conn, f))
+			continue;
+		have++;
+		first = l; /* the list is newest first */
+		if (!sio_nbd_conn_up(l->conn))
+			continue;
+		if (!best ||
+		    sio_nbd_conn_held(l->conn) < sio_nbd_conn_held(best->conn))
+			best = l;
 	}
+	if (!best)
+		best = first;
+	if (best &&
+	    (!sio_nbd_conn_held(best->conn) || have >= sio_nbd_conns_wanted(f)))
+		return best;
 	l = calloc(1, sizeof(*l));
 	if (!l) {
+		if (best)
+			return best;
 		*err = sx_error(-ENOMEM, "%s: out of memory", f->path);
 		return NULL;
 	}
 	*err = sio_nbd_conn_open(f, &l->conn);
 	if (*err < 0) {
 		free(l);
-		return NULL;
+		return best;
 	}
 	l->next = q->nbd;
 	q->nbd = l;
-	return l;
+	return best ? best : l;
 }
 
 /*

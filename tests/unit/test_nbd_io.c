@@ -1339,6 +1339,111 @@ START_TEST(test_multi_conn)
 }
 END_TEST
 
+/* Distinct connections that nbdkit's log shows reading. */
+static unsigned logged_read_conns(const char *log)
+{
+	char line[1024], *c;
+	unsigned seen[64], n = 0, id, i;
+	FILE *fp = fopen(log, "r");
+
+	if (!fp)
+		return 0;
+	while (fgets(line, sizeof(line), fp)) {
+		if (!strstr(line, "Read id=") || strstr(line, "return="))
+			continue;
+		c = strstr(line, "connection=");
+		if (!c || sscanf(c, "connection=%u", &id) != 1)
+			continue;
+		for (i = 0; i < n && seen[i] != id; i++)
+			;
+		if (i == n && n < 64)
+			seen[n++] = id;
+	}
+	fclose(fp);
+	return n;
+}
+
+/*
+ * Reads of one queue spread over several connections when the server
+ * allows it (multi-conn), and stay on one when it does not; the bytes
+ * are right either way.
+ */
+START_TEST(test_multi_conn_reads)
+{
+	enum { N = 64 };
+	static unsigned char bufs[N][64 * KIB];
+	char log[PATH_MAX], logarg[PATH_MAX + 16], filearg[PATH_MAX + 8];
+	struct sio_req reqs[N];
+	struct done_rec recs[N];
+	struct nbd_server srv;
+	struct sio_nbd_info info;
+	struct sio_queue *q;
+	struct sio_file *f;
+	unsigned i, round;
+
+	sio_nbd_set_connections(4);
+	snprintf(filearg, sizeof(filearg), "file=%s", base_path);
+	for (round = 0; round < 2; round++) {
+		/* Round 1: the multi-conn filter hides the flag. */
+		const char *multi[] = {"-r",
+				       "--threads=64",
+				       "--filter=log",
+				       "--filter=delay",
+				       "file",
+				       filearg,
+				       logarg,
+				       "rdelay=50ms",
+				       NULL};
+		const char *single[] = {"-r",
+					"--threads=64",
+					"--filter=log",
+					"--filter=multi-conn",
+					"--filter=delay",
+					"file",
+					filearg,
+					logarg,
+					"rdelay=50ms",
+					"multi-conn-mode=disable",
+					NULL};
+
+		snprintf(log, sizeof(log), "%s/mc%u-%d.log", tmpdir, round,
+			 (int)getpid());
+		snprintf(logarg, sizeof(logarg), "logfile=%s", log);
+		start_kit(&srv, "mc.sock", round ? single : multi);
+		f = open_unix(srv.sock, "");
+		ck_assert_int_eq(sio_nbd_get_info(f, &info), 0);
+		ck_assert(info.can_multi_conn == !round);
+		ck_assert_uint_eq(info.connections, (round ? 1 : 4));
+		ck_assert_int_eq(sio_queue_create(64, &q), 0);
+		memset(recs, 0, sizeof(recs));
+		/* As a stream does: 16 in flight, one more as one ends. */
+		for (i = 0; i < N; i++) {
+			reqs[i] = (struct sio_req){.op = SIO_OP_READ,
+						   .file = f,
+						   .buf = bufs[i],
+						   .off = i * 64 * KIB %
+							  (RAW_SIZE - 64 * KIB),
+						   .len = 64 * KIB,
+						   .done = on_done,
+						   .priv = &recs[i]};
+			while (sio_queue_inflight(q) >= 16)
+				ck_assert_int_ge(sio_queue_run(q, 1), 0);
+			ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
+		}
+		drain(q);
+		for (i = 0; i < N; i++) {
+			ck_assert_int_eq(recs[i].res, 64 * KIB);
+			check_bytes(raw, RAW_SIZE, bufs[i], 64 * KIB,
+				    reqs[i].off);
+		}
+		ck_assert_uint_eq(logged_read_conns(log), (round ? 1 : 4));
+		sio_queue_destroy(q);
+		sio_file_close(f);
+		nbd_server_stop(&srv);
+	}
+}
+END_TEST
+
 static Suite *nbd_suite(void)
 {
 	Suite *s = suite_create("nbd_io");
@@ -1354,6 +1459,7 @@ static Suite *nbd_suite(void)
 	tcase_add_test(tc, test_two_queues);
 	tcase_add_test(tc, test_destroy_drains);
 	tcase_add_test(tc, test_multi_conn);
+	tcase_add_test(tc, test_multi_conn_reads);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("status");
