@@ -7,6 +7,13 @@
  * `siphon map` matches `qemu-img map`. Where the file (or block device) cannot
  * answer SEEK_DATA, everything is data.
  *
+ * Over an NBD export (io/nbd.h) the server's base:allocation answers
+ * instead, as qemu's nbd driver reads it: a run that reads as zeros
+ * (NBD_STATE_ZERO, with or without HOLE) is IMG_ZERO with a valid host
+ * offset, which `qemu-img map` shows as "zero": true, "data": false for the
+ * holes qemu-nbd and nbdkit report; a hole without ZERO has unspecified
+ * contents and stays data. A server without block status: all data.
+ *
  * Invariants: img->size is the file size at open rounded up to a sector (as
  * qemu does); block_status never looks past it (the chain layer clips
  * requests to the size), and the partial sector past EOF is a hole.
@@ -23,6 +30,7 @@
 #include "formats/format.h"
 #include "formats/image.h"
 #include "io/io.h"
+#include "io/nbd.h"
 
 static int raw_probe(const uint8_t *buf, size_t len)
 {
@@ -84,17 +92,43 @@ static void remember(struct img *img, uint64_t lo, uint64_t hi,
 }
 
 /*
+ * Status of [off, off + len) of an NBD export from the server: the first
+ * extent only (the chain layer asks again from where it ends). The bytes
+ * of the last 512-byte sector past the export's end read as zeros.
+ */
+static int raw_nbd_status(struct img *img, uint64_t off, uint64_t len,
+			  struct img_extent *ext)
+{
+	struct sio_nbd_extent v;
+	unsigned n = 0;
+	int ret;
+
+	ret = sio_nbd_block_status(img->file, off, len, &v, 1, &n);
+	if (ret < 0)
+		return ret;
+	if (n == 0 || v.len == 0) {
+		/* At or past the export's end: the sector's zero tail. */
+		ext->status = IMG_ZERO;
+		ext->len = len;
+		return 0;
+	}
+	ext->status = v.flags & SIO_NBD_ZERO ? IMG_ZERO : IMG_DATA;
+	ext->len = sx_min(v.len, len);
+	remember(img, off, off + ext->len, ext->status);
+	return 0;
+}
+
+/*
  * Status of [off, off + len). SEEK_DATA from off tells whether off is in a
  * hole (the result is beyond off) and SEEK_HOLE where its data ends.
  */
 static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 			    struct img_extent *ext)
 {
+	struct raw_state *r = img->priv;
 	int fd = img->file->fd;
 	off_t data, hole;
 	uint64_t run;
-
-	struct raw_state *r = img->priv;
 
 	ext->file = img->file;
 	ext->host_off = off;
@@ -107,6 +141,8 @@ static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 		ext->len = sx_min(r->hi - off, len);
 		return 0;
 	}
+	if (sio_file_is_nbd(img->file))
+		return raw_nbd_status(img, off, len, ext);
 
 	data = lseek(fd, (off_t)off, SEEK_DATA);
 	if (data < 0) {
@@ -148,7 +184,9 @@ static int raw_info(struct img *img, struct img_info_item *items, int n)
 		return 0;
 	snprintf(items[0].key, sizeof(items[0].key), "file type");
 	snprintf(items[0].value, sizeof(items[0].value), "%s",
-		 img->file->is_blockdev ? "block device" : "regular file");
+		 sio_file_is_nbd(img->file) ? "NBD export" :
+		 img->file->is_blockdev	    ? "block device" :
+					      "regular file");
 	return 1;
 }
 
