@@ -846,15 +846,38 @@ const char *img_format(const struct img *img)
 	return img->drv->name;
 }
 
+/* The canonical URI of NBD name name (malloc'd), NULL if it does not parse. */
+static char *nbd_canon(const char *name)
+{
+	struct sio_nbd_addr a;
+	char *uri;
+
+	if (sio_nbd_name_parse(name, &a) < 0)
+		return NULL;
+	uri = sio_nbd_addr_uri(&a);
+	sio_nbd_addr_free(&a);
+	return uri;
+}
+
+/*
+ * Whether names a and b are the same layer: the same local file, or two
+ * NBD names of the same export (by canonical URI; never stat'ed).
+ */
 static bool same_file(const char *a, const char *b)
 {
 	struct stat sa, sb;
 
 	if (!strcmp(a, b))
 		return true;
-	/* NBD layers go by canonical URI: no stat for those. */
-	if (sio_nbd_name_is_remote(a) || sio_nbd_name_is_remote(b))
-		return false;
+	if (sio_nbd_name_is_remote(a) || sio_nbd_name_is_remote(b)) {
+		char *ua = sio_nbd_name_is_remote(a) ? nbd_canon(a) : NULL;
+		char *ub = sio_nbd_name_is_remote(b) ? nbd_canon(b) : NULL;
+		bool same = ua && ub && !strcmp(ua, ub);
+
+		free(ua);
+		free(ub);
+		return same;
+	}
 	if (sio_stat(a, &sa) < 0 || sio_stat(b, &sb) < 0)
 		return false;
 	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
