@@ -102,6 +102,33 @@ static int probe_open_file(struct sio_file *f, const struct img_driver **out)
 	return 0;
 }
 
+/*
+ * Open the file of layer `name`: a local file, or, for an NBD name, the
+ * export it names (read-only: SIO_RDWR is refused with -EROFS). Errors
+ * keep the transport's message; names that do not parse say why.
+ */
+static int layer_file_open(const char *name, unsigned sflags,
+			   struct sio_file **out)
+{
+	struct sio_nbd_addr a;
+	int ret;
+
+	if (!sio_nbd_name_is_remote(name))
+		return sio_file_open(name, sflags, out);
+	if (sflags & SIO_RDWR)
+		return sx_error(-EROFS,
+				"%s: NBD exports are read-only; open it "
+				"read-only (as a backing file, or with "
+				"info, map, dump)",
+				name);
+	ret = sio_nbd_name_parse(name, &a);
+	if (ret < 0)
+		return ret;
+	ret = sio_nbd_open(&a, sflags, out);
+	sio_nbd_addr_free(&a);
+	return ret;
+}
+
 const struct img_driver *img_probe_file(const char *path, int *err)
 {
 	const struct img_driver *drv = NULL;
@@ -112,7 +139,7 @@ const struct img_driver *img_probe_file(const char *path, int *err)
 		ret = sx_error(-EINVAL, "no image path given");
 		goto out;
 	}
-	ret = sio_file_open(path, SIO_RDONLY | SIO_BUFFERED, &f);
+	ret = layer_file_open(path, SIO_RDONLY | SIO_BUFFERED, &f);
 	if (ret < 0)
 		goto out;
 	ret = probe_open_file(f, &drv);
@@ -176,33 +203,6 @@ static int chain_read_below(struct img *img, void *buf, uint64_t len,
 	}
 	memset((uint8_t *)buf + n, 0, len - n);
 	return 0;
-}
-
-/*
- * Open the file of layer `name`: a local file, or, for an NBD name, the
- * export it names (read-only: SIO_RDWR is refused with -EROFS). Errors
- * keep the transport's message; names that do not parse say why.
- */
-static int layer_file_open(const char *name, unsigned sflags,
-			   struct sio_file **out)
-{
-	struct sio_nbd_addr a;
-	int ret;
-
-	if (!sio_nbd_name_is_remote(name))
-		return sio_file_open(name, sflags, out);
-	if (sflags & SIO_RDWR)
-		return sx_error(-EROFS,
-				"%s: NBD exports are read-only; open it "
-				"read-only (as a backing file, or with "
-				"info, map, dump)",
-				name);
-	ret = sio_nbd_name_parse(name, &a);
-	if (ret < 0)
-		return ret;
-	ret = sio_nbd_open(&a, sflags, out);
-	sio_nbd_addr_free(&a);
-	return ret;
 }
 
 /*
@@ -558,6 +558,11 @@ int img_create(const char *path, const char *fmt,
 	if (!drv->create)
 		return sx_error(ENOTSUP, "%s: format %s cannot create images",
 				path, drv->name);
+	if (sio_nbd_name_is_remote(path))
+		return sx_error(-EROFS,
+				"%s: cannot create an image on an NBD "
+				"export (exports are read-only)",
+				path);
 	ret = sio_file_open(path, SIO_RDWR | SIO_CREATE, &f);
 	if (ret < 0)
 		return ret;

@@ -380,6 +380,12 @@ static int dump_image(struct img *img, const char *out_path, bool force)
 	unsigned flags;
 	int ret, i;
 
+	/* Not a local file with an odd name either. */
+	if (sio_nbd_name_is_remote(out_path))
+		return sx_error(-EROFS,
+				"%s: cannot dump onto an NBD export "
+				"(exports are read-only)",
+				out_path);
 	if (stat(out_path, &st) == 0) {
 		if (!force)
 			return sx_error(-EEXIST,

@@ -257,6 +257,13 @@ out=$("$siphon" stream "$U" 2>&1)
 out=$("$siphon" io "$U" 'write 0 512' 2>&1)
 [ $? -eq 1 ] && echo "$out" | grep -q 'read-only' ||
 	bad "siphon io write $U: not refused as read-only: $out"
+(cd "$dir" && "$siphon" dump "$dir/a.qcow2" "$U" >/dev/null 2>&1)
+[ $? -eq 1 ] && [ -z "$(ls "$dir" | grep '^nbd')" ] ||
+	bad "siphon dump onto $U: not refused, or a local file made"
+(cd "$dir" && "$siphon" create -q -f qcow2 "$U" 1M >/dev/null 2>&1)
+[ $? -eq 1 ] && [ -z "$(ls "$dir" | grep '^nbd')" ] ||
+	bad "siphon create on $U: not refused, or a local file made"
+cmp -s "$dir/d.raw" "$dir/base.raw" || bad "the base changed"
 
 # Sparse bases: map shows the holes, stream moves only the data.
 qemu-img create -q -f qcow2 -b "$SU" -F raw "$dir/f.qcow2" || exit 1
