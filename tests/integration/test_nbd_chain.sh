@@ -263,7 +263,6 @@ out=$("$siphon" io "$U" 'write 0 512' 2>&1)
 (cd "$dir" && "$siphon" create -q -f qcow2 "$U" 1M >/dev/null 2>&1)
 [ $? -eq 1 ] && [ -z "$(ls "$dir" | grep '^nbd')" ] ||
 	bad "siphon create on $U: not refused, or a local file made"
-cmp -s "$dir/d.raw" "$dir/base.raw" || bad "the base changed"
 
 # Sparse bases: map shows the holes, stream moves only the data.
 qemu-img create -q -f qcow2 -b "$SU" -F raw "$dir/f.qcow2" || exit 1
