@@ -112,6 +112,8 @@ static int map_entry_at(struct map_state *ms, uint64_t off,
 	case IMG_ZERO:
 		me->present = true;
 		me->zero = true;
+		/* Zeros an NBD export stores: qemu calls them data. */
+		me->data = e.zero_data;
 		me->has_offset = e.host_valid;
 		break;
 	case IMG_UNALLOC:

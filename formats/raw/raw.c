@@ -10,9 +10,10 @@
  * Over an NBD export (io/nbd.h) the server's base:allocation answers
  * instead, as qemu's nbd driver reads it: a run that reads as zeros
  * (NBD_STATE_ZERO, with or without HOLE) is IMG_ZERO with a valid host
- * offset, which `qemu-img map` shows as "zero": true, "data": false for the
- * holes qemu-nbd and nbdkit report; a hole without ZERO has unspecified
- * contents and stays data. A server without block status: all data.
+ * offset, never transferred; `qemu-img map` shows it "zero": true and
+ * "data": false when it is a HOLE too, "data": true when not (zero_data
+ * says which). A hole without ZERO has unspecified contents and stays
+ * data. A server without block status: all data.
  *
  * Invariants: img->size is the file size at open rounded up to a sector (as
  * qemu does); block_status never looks past it (the chain layer clips
@@ -78,6 +79,7 @@ struct raw_state {
 	uint64_t lo;
 	uint64_t hi;
 	enum img_status status;
+	bool zero_data; /* img_extent.zero_data of the run */
 	bool valid;
 };
 
@@ -88,7 +90,7 @@ static void remember(struct img *img, uint64_t lo, uint64_t hi,
 
 	if (img->writable)
 		return;
-	*r = (struct raw_state){lo, hi, status, true};
+	*r = (struct raw_state){lo, hi, status, false, true};
 }
 
 /*
@@ -113,8 +115,11 @@ static int raw_nbd_status(struct img *img, uint64_t off, uint64_t len,
 		return 0;
 	}
 	ext->status = v.flags & SIO_NBD_ZERO ? IMG_ZERO : IMG_DATA;
+	ext->zero_data = (v.flags & (SIO_NBD_ZERO | SIO_NBD_HOLE)) ==
+			 SIO_NBD_ZERO;
 	ext->len = sx_min(v.len, len);
 	remember(img, off, off + ext->len, ext->status);
+	((struct raw_state *)img->priv)->zero_data = ext->zero_data;
 	return 0;
 }
 
@@ -138,6 +143,7 @@ static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 		goto all_data;
 	if (r->valid && off >= r->lo && off < r->hi) {
 		ext->status = r->status;
+		ext->zero_data = r->zero_data;
 		ext->len = sx_min(r->hi - off, len);
 		return 0;
 	}

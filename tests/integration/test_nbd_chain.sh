@@ -8,8 +8,8 @@
 # with clusters written by qemu-io; one chain has a local qcow2 layer
 # between the overlay and the NBD base, one names its base with json:.
 # For each chain:
-#  - `siphon map --output=json` gives the same (zero, data) for every byte
-#    as `qemu-img map --output=json`;
+#  - `siphon map --output=json` prints what `qemu-img map --output=json`
+#    prints, and so the same (zero, data) for every byte;
 #  - `siphon dump` equals `qemu-img convert -O raw` of the chain;
 #  - `siphon stream` leaves an overlay with no backing that `qemu-img
 #    compare` finds identical to a raw copy of the chain taken before and
@@ -63,9 +63,10 @@ wait_sock() {
 	done
 }
 
-# serve SOCK EXPORT FILE: qemu-nbd serving FILE's bytes read-only.
+# serve SOCK EXPORT FILE [FMT]: qemu-nbd serving FILE read-only, its bytes
+# (FMT raw, the default) or the guest content of its format FMT.
 serve() {
-	qemu-nbd -f raw -r -t -e 8 -x "$2" -k "$1" "$3" >"$1.log" 2>&1 &
+	qemu-nbd -f "${4:-raw}" -r -t -e 8 -x "$2" -k "$1" "$3" >"$1.log" 2>&1 &
 	pids="$pids $!"
 	wait_sock "$1" $!
 }
@@ -108,6 +109,10 @@ map_same() {
 		{ bad "qemu-img map $1: $(cat "$dir/q.err")"; return; }
 	"$siphon" map --output=json "$1" >"$dir/s.map" 2>"$dir/s.err" ||
 		{ bad "siphon map $1: $(cat "$dir/s.err")"; return; }
+	# Byte for byte, as the corpus test compares (depth, offset too) ...
+	cmp -s "$dir/q.map" "$dir/s.map" || bad "map of $1 differs from qemu's:
+$(diff "$dir/q.map" "$dir/s.map")"
+	# ... and, to say what differs, (zero, data) of every byte.
 	python3 - "$dir/q.map" "$dir/s.map" <<'EOF' || bad "map of $1 differs"
 import json, sys
 
@@ -263,6 +268,18 @@ out=$("$siphon" io "$U" 'write 0 512' 2>&1)
 (cd "$dir" && "$siphon" create -q -f qcow2 "$U" 1M >/dev/null 2>&1)
 [ $? -eq 1 ] && [ -z "$(ls "$dir" | grep '^nbd')" ] ||
 	bad "siphon create on $U: not refused, or a local file made"
+
+# Guest content of a metadata-preallocated qcow2 (qemu-nbd -f qcow2): zero
+# runs that are not holes, which qemu-img map calls data.
+qemu-img create -q -f qcow2 -o preallocation=metadata "$dir/pre.qcow2" 4M ||
+	exit 1
+qemu-io -f qcow2 -c 'write -P 0xb1 1M 128k' "$dir/pre.qcow2" >/dev/null ||
+	exit 1
+serve "$dir/g.sock" guest "$dir/pre.qcow2" qcow2
+qemu-img create -q -f qcow2 -b "nbd+unix:///guest?socket=$dir/g.sock" -F raw \
+	"$dir/h.qcow2" || exit 1
+overlay "$dir/h.qcow2" 'write -P 0xb2 3M 64k'
+chain_ok "$dir/h.qcow2" 131072
 
 # Sparse bases: map shows the holes, stream moves only the data.
 qemu-img create -q -f qcow2 -b "$SU" -F raw "$dir/f.qcow2" || exit 1
