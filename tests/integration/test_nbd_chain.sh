@@ -16,8 +16,11 @@
 #    `qemu-img check` finds clean.
 # The sparse bases: stream copies only their data (bytes_copied).
 # Errors (server down, unknown export, unknown query parameter, TLS
-# option, a loop through the same export twice) exit 1 with a message
-# saying what is wrong and leave the overlay's bytes unchanged.
+# option, a server demanding TLS, a loop through the same export twice, a
+# relative backing name inside an export) exit 1 from map, stream, info
+# and dump with a message saying what is wrong, and leave the overlay's
+# bytes unchanged. Writing to an export (stream, io, create, dump onto it)
+# is refused as read-only.
 # Servers are killed by the EXIT trap whatever happens.
 # Usage: test_nbd_chain.sh SIPHON. Exits 77 without qemu-nbd, qemu-img,
 # qemu-io.
@@ -347,6 +350,19 @@ out=$("$siphon" create -q -f qcow2 -b "nbd+unix:///b?socket=$dir/none.sock" \
 	echo "$out" | grep -qF "unix:$dir/none.sock" ||
 	bad "siphon create with no server: $out"
 
+# A server that demands TLS (nbdkit with a PSK): said so, refused.
+if command -v nbdkit >/dev/null; then
+	printf 'alice:%s\n' "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')" \
+		>"$dir/k.psk" && chmod 600 "$dir/k.psk"
+	nbdkit -f -U "$dir/t.sock" --tls=require --tls-psk="$dir/k.psk" \
+		memory 4M >"$dir/t.sock.log" 2>&1 &
+	pids="$pids $!"
+	wait_sock "$dir/t.sock" $!
+	qemu-img create -q -f qcow2 -u -b "nbd+unix:///?socket=$dir/t.sock" \
+		-F raw "$dir/x9.qcow2" 4M || exit 1
+	refused "$dir/x9.qcow2" "requires TLS" "unix:$dir/t.sock" "x9.qcow2"
+fi
+
 # A loop through an export: a qcow2 export whose backing is itself.
 qemu-img create -q -f qcow2 -u -b "nbd+unix:///lp?socket=$dir/l.sock" \
 	-F qcow2 "$dir/lp.qcow2" 4M || exit 1
@@ -354,6 +370,16 @@ serve "$dir/l.sock" lp "$dir/lp.qcow2"
 qemu-img create -q -f qcow2 -u -b "nbd+unix:///lp?socket=$dir/l.sock" \
 	-F qcow2 "$dir/x7.qcow2" 4M || exit 1
 refused "$dir/x7.qcow2" "loop"
+
+# A qcow2 export naming a relative backing file: an export has no
+# directory, so the name is refused, never resolved against the cwd.
+qemu-img create -q -f qcow2 -u -b base.raw -F raw "$dir/rel.qcow2" 4M ||
+	exit 1
+serve "$dir/r.sock" rel "$dir/rel.qcow2"
+qemu-img create -q -f qcow2 -u -b "nbd+unix:///rel?socket=$dir/r.sock" \
+	-F qcow2 "$dir/x8.qcow2" 4M || exit 1
+(cd "$dir" && refused "$dir/x8.qcow2" "'base.raw' is relative"; exit $fail) ||
+	fail=1
 
 [ $fail -eq 0 ] && echo "all NBD chains agree with qemu"
 exit $fail
