@@ -358,8 +358,8 @@ struct file_id {
 };
 
 /*
- * Whether a local file with id `id` is among ids[0..n): a loop. NBD layers
- * have no id; their loops are found by URI (nbd_in_chain()).
+ * Whether the local file st is among ids[0..n): a loop. NBD layers have
+ * no id; their loops are found by URI (nbd_in_chain()).
  */
 static bool id_in_chain(const struct file_id *ids, unsigned n,
 			const struct stat *st)
@@ -397,8 +397,8 @@ static int backing_error(int err, const struct img *cur)
 }
 
 /*
- * The canonical URI of the NBD name `name` that cur names as its backing
- * file (malloc'd into *uri), or -errno with a message naming cur.
+ * The canonical URI of the NBD name cur has as its backing name (malloc'd
+ * into *uri), or -errno with a message naming cur.
  */
 static int backing_nbd_uri(const struct img *cur, char **uri)
 {
@@ -421,8 +421,8 @@ static int backing_nbd_uri(const struct img *cur, char **uri)
  * *st). Refuses a layer already in the chain (-ELOOP). *path is malloc'd.
  */
 static int backing_locate(struct img *top, const struct img *cur,
-			  const struct file_id *ids, unsigned nids,
-			  char **path, bool *remote, struct stat *st)
+			  const struct file_id *ids, unsigned nids, char **path,
+			  bool *remote, struct stat *st)
 {
 	int ret;
 

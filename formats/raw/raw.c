@@ -115,8 +115,8 @@ static int raw_nbd_status(struct img *img, uint64_t off, uint64_t len,
 		return 0;
 	}
 	ext->status = v.flags & SIO_NBD_ZERO ? IMG_ZERO : IMG_DATA;
-	ext->zero_data = (v.flags & (SIO_NBD_ZERO | SIO_NBD_HOLE)) ==
-			 SIO_NBD_ZERO;
+	ext->zero_data =
+		(v.flags & (SIO_NBD_ZERO | SIO_NBD_HOLE)) == SIO_NBD_ZERO;
 	ext->len = sx_min(v.len, len);
 	remember(img, off, off + ext->len, ext->status);
 	((struct raw_state *)img->priv)->zero_data = ext->zero_data;
@@ -186,13 +186,16 @@ all_data:
 
 static int raw_info(struct img *img, struct img_info_item *items, int n)
 {
+	const char *what = "regular file";
+
 	if (n < 1)
 		return 0;
 	snprintf(items[0].key, sizeof(items[0].key), "file type");
-	snprintf(items[0].value, sizeof(items[0].value), "%s",
-		 sio_file_is_nbd(img->file) ? "NBD export" :
-		 img->file->is_blockdev	    ? "block device" :
-					      "regular file");
+	if (sio_file_is_nbd(img->file))
+		what = "NBD export";
+	else if (img->file->is_blockdev)
+		what = "block device";
+	snprintf(items[0].value, sizeof(items[0].value), "%s", what);
 	return 1;
 }
 

@@ -121,8 +121,8 @@ START_TEST(test_stream_nbd_base_guest_reads)
 	ck_assert_int_eq(siphon_block_stream_set_speed(dom, top, 0, 0), 0);
 	ev = next_event(dom);
 	ck_assert_str_eq(ev.path, top);
-	ck_assert_msg(ev.kind == SIPHON_EVENT_STREAM_COMPLETED,
-		      "event %d: %s", ev.kind, ev.message);
+	ck_assert_msg(ev.kind == SIPHON_EVENT_STREAM_COMPLETED, "event %d: %s",
+		      ev.kind, ev.message);
 	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
 	siphon_domain_close(dom);
 	nbd_server_stop(&srv);
@@ -132,9 +132,8 @@ START_TEST(test_stream_nbd_base_guest_reads)
 			    "grep -q backing-filename",
 			    top),
 			 0);
-	ck_assert_int_eq(sh("qemu-img compare -q -f raw -F qcow2 %s %s", ref,
-			    top),
-			 0);
+	ck_assert_int_eq(
+		sh("qemu-img compare -q -f raw -F qcow2 %s %s", ref, top), 0);
 	ck_assert_int_eq(sh("qemu-img check -q %s", top), 0);
 	free(want);
 	free(buf);
