@@ -42,6 +42,12 @@ struct img_extent {
 	 * look metadata-preallocated, as qemu does (its BLOCK_RECURSE).
 	 */
 	bool host_refine;
+	/*
+	 * IMG_ZERO only: the layer stores these zeros as allocated data (an
+	 * NBD export's run that is ZERO but not a HOLE); `qemu-img map` shows
+	 * such a run as "data": true. Readers need not read it.
+	 */
+	bool zero_data;
 };
 
 /*

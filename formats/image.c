@@ -15,7 +15,12 @@
  *  - a writable open holds qemu-compatible image locks (io/lock.h) on the
  *    top as a writer and on every backing layer as a reader, taken before
  *    the driver reads any metadata; read-only opens (info, map, dump) take
- *    none, like `qemu-img -U`, so they can look at images in use.
+ *    none, like `qemu-img -U`, so they can look at images in use;
+ *  - a layer whose name is an NBD name (io/nbd_name.h) is an export opened
+ *    with sio_nbd_open(): never resolved against a directory, never
+ *    stat'ed, never locked, always read-only; its path is the export's
+ *    canonical URI, and two layers with the same URI are a loop. Nothing
+ *    here touches an NBD file's descriptor (it has none).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -32,6 +37,8 @@
 #include "formats/port.h"
 #include "io/io.h"
 #include "io/lock.h"
+#include "io/nbd.h"
+#include "io/nbd_name.h"
 
 /* How much of a file the probes see. */
 #define PROBE_LEN 4096
@@ -95,6 +102,33 @@ static int probe_open_file(struct sio_file *f, const struct img_driver **out)
 	return 0;
 }
 
+/*
+ * Open the file of layer `name`: a local file, or, for an NBD name, the
+ * export it names (read-only: SIO_RDWR is refused with -EROFS). Errors
+ * keep the transport's message; names that do not parse say why.
+ */
+static int layer_file_open(const char *name, unsigned sflags,
+			   struct sio_file **out)
+{
+	struct sio_nbd_addr a;
+	int ret;
+
+	if (!sio_nbd_name_is_remote(name))
+		return sio_file_open(name, sflags, out);
+	if (sflags & SIO_RDWR)
+		return sx_error(-EROFS,
+				"%s: NBD exports are read-only; open it "
+				"read-only (as a backing file, or with "
+				"info, map, dump)",
+				name);
+	ret = sio_nbd_name_parse(name, &a);
+	if (ret < 0)
+		return ret;
+	ret = sio_nbd_open(&a, sflags, out);
+	sio_nbd_addr_free(&a);
+	return ret;
+}
+
 const struct img_driver *img_probe_file(const char *path, int *err)
 {
 	const struct img_driver *drv = NULL;
@@ -105,7 +139,7 @@ const struct img_driver *img_probe_file(const char *path, int *err)
 		ret = sx_error(-EINVAL, "no image path given");
 		goto out;
 	}
-	ret = sio_file_open(path, SIO_RDONLY | SIO_BUFFERED, &f);
+	ret = layer_file_open(path, SIO_RDONLY | SIO_BUFFERED, &f);
 	if (ret < 0)
 		goto out;
 	ret = probe_open_file(f, &drv);
@@ -189,11 +223,6 @@ static int layer_open(const char *path, const struct img_driver *drv,
 	img = calloc(1, sizeof(*img));
 	if (!img)
 		return sx_error(-ENOMEM, "%s: out of memory", path);
-	img->path = strdup(path);
-	if (!img->path) {
-		ret = sx_error(-ENOMEM, "%s: out of memory", path);
-		goto fail;
-	}
 	img->writable = writable;
 	img->depth = depth;
 	img->read_below = chain_read_below;
@@ -202,10 +231,18 @@ static int layer_open(const char *path, const struct img_driver *drv,
 		sflags |= SIO_RDWR;
 	if (buffered)
 		sflags |= SIO_BUFFERED;
-	ret = sio_file_open(path, sflags, &img->file);
+	ret = layer_file_open(path, sflags, &img->file);
 	if (ret < 0)
 		goto fail;
-	if (writable)
+	/* An export goes by its canonical URI, whatever name found it. */
+	img->path = strdup(sio_file_is_nbd(img->file) ? img->file->path : path);
+	if (!img->path) {
+		ret = sx_error(-ENOMEM, "%s: out of memory", path);
+		goto fail;
+	}
+	if (sio_file_is_nbd(img->file))
+		ret = 0; /* no image locks on a server's export */
+	else if (writable)
 		ret = sio_file_lock(img->file, SIO_LOCK_WRITER_PERM,
 				    SIO_LOCK_WRITER_UNSHARED);
 	else if (lock)
@@ -320,6 +357,112 @@ struct file_id {
 	ino_t ino;
 };
 
+/*
+ * Whether the local file st is among ids[0..n): a loop. NBD layers have
+ * no id; their loops are found by URI (nbd_in_chain()).
+ */
+static bool id_in_chain(const struct file_id *ids, unsigned n,
+			const struct stat *st)
+{
+	unsigned i;
+
+	for (i = 0; i < n; i++)
+		if (ids[i].dev == st->st_dev && ids[i].ino == st->st_ino)
+			return true;
+	return false;
+}
+
+/* Whether the export with canonical URI uri is a layer of top's chain. */
+static bool nbd_in_chain(struct img *top, const char *uri)
+{
+	struct img *l;
+
+	for (l = top; l; l = l->backing)
+		if (sio_file_is_nbd(l->file) && !strcmp(l->path, uri))
+			return true;
+	return false;
+}
+
+/*
+ * Prefix the message recorded for err with the layer that names the
+ * backing file and the name, so that "which layer" is never lost.
+ */
+static int backing_error(int err, const struct img *cur)
+{
+	char msg[SX_ERROR_MAX];
+
+	snprintf(msg, sizeof(msg), "%s", sx_last_error());
+	return sx_error(err, "%s: backing file '%s': %s", cur->path,
+			cur->backing_name, msg[0] ? msg : strerror(-err));
+}
+
+/*
+ * The canonical URI of the NBD name cur has as its backing name (malloc'd
+ * into *uri), or -errno with a message naming cur.
+ */
+static int backing_nbd_uri(const struct img *cur, char **uri)
+{
+	struct sio_nbd_addr a;
+	int ret;
+
+	ret = sio_nbd_name_parse(cur->backing_name, &a);
+	if (ret < 0)
+		return backing_error(ret, cur);
+	*uri = sio_nbd_addr_uri(&a);
+	sio_nbd_addr_free(&a);
+	if (!*uri)
+		return sx_error(-ENOMEM, "%s: out of memory", cur->path);
+	return 0;
+}
+
+/*
+ * Where the backing file of cur is: an NBD name's canonical URI (*remote
+ * set), or the absolute path of a local file, which must exist (its id in
+ * *st). Refuses a layer already in the chain (-ELOOP). *path is malloc'd.
+ */
+static int backing_locate(struct img *top, const struct img *cur,
+			  const struct file_id *ids, unsigned nids, char **path,
+			  bool *remote, struct stat *st)
+{
+	int ret;
+
+	*path = NULL;
+	*remote = sio_nbd_name_is_remote(cur->backing_name);
+	if (*remote) {
+		ret = backing_nbd_uri(cur, path);
+		if (ret < 0)
+			return ret;
+		if (nbd_in_chain(top, *path))
+			return sx_error(-ELOOP,
+					"%s: backing file '%s' (%s) is "
+					"already in the chain: loop",
+					cur->path, cur->backing_name, *path);
+		return 0;
+	}
+	if (sio_file_is_nbd(cur->file) && cur->backing_name[0] != '/')
+		return sx_error(-EINVAL,
+				"%s: backing file '%s' is relative, and an "
+				"NBD export has no directory to resolve it in",
+				cur->path, cur->backing_name);
+	ret = resolve_backing(cur->path, cur->backing_name, path);
+	if (ret < 0)
+		return ret;
+	ret = sio_stat(*path, st);
+	if (ret == -ENOENT)
+		return sx_error(-ENOENT, "%s: backing file '%s' (%s) not found",
+				cur->path, cur->backing_name, *path);
+	if (ret < 0)
+		return sx_error(ret, "%s: backing file '%s' (%s): %s",
+				cur->path, cur->backing_name, *path,
+				strerror(-ret));
+	if (id_in_chain(ids, nids, st))
+		return sx_error(-ELOOP,
+				"%s: backing file '%s' (%s) is already in "
+				"the chain: loop",
+				cur->path, cur->backing_name, *path);
+	return 0;
+}
+
 /* Open the layers below top, one at a time, refusing loops and depth. */
 static int open_chain(struct img *top, bool buffered)
 {
@@ -329,16 +472,18 @@ static int open_chain(struct img *top, bool buffered)
 	struct stat st;
 	int ret = 0;
 
-	if (fstat(top->file->fd, &st) < 0)
-		return sx_error(-errno, "%s: fstat: %s", top->path,
-				strerror(errno));
-	ids[nids++] = (struct file_id){st.st_dev, st.st_ino};
+	if (!sio_file_is_nbd(top->file)) {
+		if (fstat(top->file->fd, &st) < 0)
+			return sx_error(-errno, "%s: fstat: %s", top->path,
+					strerror(errno));
+		ids[nids++] = (struct file_id){st.st_dev, st.st_ino};
+	}
 
 	while (cur->backing_name) {
 		const struct img_driver *drv = NULL;
 		struct img *next = NULL;
 		char *path = NULL;
-		unsigned i;
+		bool remote;
 
 		if (cur->depth + 1 > IMG_MAX_DEPTH)
 			return sx_error(-ELOOP,
@@ -347,39 +492,9 @@ static int open_chain(struct img *top, bool buffered)
 					top->path, IMG_MAX_DEPTH,
 					cur->backing_name);
 
-		ret = resolve_backing(cur->path, cur->backing_name, &path);
+		ret = backing_locate(top, cur, ids, nids, &path, &remote, &st);
 		if (ret < 0)
-			return ret;
-		ret = sio_stat(path, &st);
-		if (ret < 0) {
-			int err = -ret;
-
-			if (err == ENOENT)
-				ret = sx_error(-ENOENT,
-					       "%s: backing file "
-					       "'%s' (%s) not found",
-					       cur->path, cur->backing_name,
-					       path);
-			else
-				ret = sx_error(-err,
-					       "%s: backing file '%s' "
-					       "(%s): %s",
-					       cur->path, cur->backing_name,
-					       path, strerror(err));
 			goto next_out;
-		}
-		for (i = 0; i < nids; i++) {
-			if (ids[i].dev == st.st_dev &&
-			    ids[i].ino == st.st_ino) {
-				ret = sx_error(-ELOOP,
-					       "%s: backing file '%s' "
-					       "(%s) is already in the chain: "
-					       "loop",
-					       cur->path, cur->backing_name,
-					       path);
-				goto next_out;
-			}
-		}
 
 		if (cur->backing_fmt) {
 			drv = img_find_driver(cur->backing_fmt);
@@ -395,10 +510,16 @@ static int open_chain(struct img *top, bool buffered)
 		}
 		ret = layer_open(path, drv, false, buffered, top->writable,
 				 cur->depth + 1, &next, NULL);
-		if (ret < 0)
+		if (ret < 0) {
+			/* The transport's message lacks the naming layer. */
+			if (remote)
+				ret = backing_error(ret, cur);
 			goto next_out;
+		}
 		cur->backing_fmt_probed = !drv;
 		cur->backing = next;
+		if (remote)
+			goto next_layer;
 
 		/* The file we opened may differ from the one we stat'ed. */
 		if (fstat(next->file->fd, &st) < 0) {
@@ -406,19 +527,15 @@ static int open_chain(struct img *top, bool buffered)
 				       strerror(errno));
 			goto next_out;
 		}
-		for (i = 0; i < nids; i++) {
-			if (ids[i].dev == st.st_dev &&
-			    ids[i].ino == st.st_ino) {
-				ret = sx_error(-ELOOP,
-					       "%s: backing file '%s' "
-					       "(%s) is already in the chain: "
-					       "loop",
-					       cur->path, cur->backing_name,
-					       path);
-				goto next_out;
-			}
+		if (id_in_chain(ids, nids, &st)) {
+			ret = sx_error(-ELOOP,
+				       "%s: backing file '%s' (%s) is already "
+				       "in the chain: loop",
+				       cur->path, cur->backing_name, path);
+			goto next_out;
 		}
 		ids[nids++] = (struct file_id){st.st_dev, st.st_ino};
+	next_layer:
 		cur = next;
 	next_out:
 		free(path);
@@ -441,6 +558,11 @@ int img_create(const char *path, const char *fmt,
 	if (!drv->create)
 		return sx_error(ENOTSUP, "%s: format %s cannot create images",
 				path, drv->name);
+	if (sio_nbd_name_is_remote(path))
+		return sx_error(-EROFS,
+				"%s: cannot create an image on an NBD "
+				"export (exports are read-only)",
+				path);
 	ret = sio_file_open(path, SIO_RDWR | SIO_CREATE, &f);
 	if (ret < 0)
 		return ret;
@@ -729,12 +851,38 @@ const char *img_format(const struct img *img)
 	return img->drv->name;
 }
 
+/* The canonical URI of NBD name name (malloc'd), NULL if it does not parse. */
+static char *nbd_canon(const char *name)
+{
+	struct sio_nbd_addr a;
+	char *uri;
+
+	if (sio_nbd_name_parse(name, &a) < 0)
+		return NULL;
+	uri = sio_nbd_addr_uri(&a);
+	sio_nbd_addr_free(&a);
+	return uri;
+}
+
+/*
+ * Whether names a and b are the same layer: the same local file, or two
+ * NBD names of the same export (by canonical URI; never stat'ed).
+ */
 static bool same_file(const char *a, const char *b)
 {
 	struct stat sa, sb;
 
 	if (!strcmp(a, b))
 		return true;
+	if (sio_nbd_name_is_remote(a) || sio_nbd_name_is_remote(b)) {
+		char *ua = sio_nbd_name_is_remote(a) ? nbd_canon(a) : NULL;
+		char *ub = sio_nbd_name_is_remote(b) ? nbd_canon(b) : NULL;
+		bool same = ua && ub && !strcmp(ua, ub);
+
+		free(ua);
+		free(ub);
+		return same;
+	}
 	if (sio_stat(a, &sa) < 0 || sio_stat(b, &sb) < 0)
 		return false;
 	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;

@@ -9,6 +9,12 @@
  * A chain that loops, is deeper than IMG_MAX_DEPTH, or names a missing file
  * is refused with a message naming the offending path.
  *
+ * A name of an NBD export (io/nbd_name.h: nbd://, nbd+unix://, json:), as
+ * a backing name or as the image itself, opens the export read-only over
+ * the network (io/nbd.h) and never resolves against a directory; its
+ * layer's path is the export's canonical URI. Opening one read-write, or
+ * creating an image on one, is -EROFS.
+ *
  * Invariants: every layer below the top is read-only; img->depth is 0 for
  * the top and grows by one per layer.
  */

@@ -29,6 +29,7 @@
 #include "common/error.h"
 #include "formats/image.h"
 #include "io/io.h"
+#include "io/nbd.h"
 #include "cmd.h"
 
 #define CHUNK (1U << 20)
@@ -357,6 +358,9 @@ static int check_not_in_chain(struct img *img, const char *out,
 	struct stat st;
 
 	for (; img; img = img->backing) {
+		/* An export is not a local file that out could be. */
+		if (sio_file_is_nbd(img->file))
+			continue;
 		if (fstat(img->file->fd, &st) < 0)
 			continue;
 		if (st.st_dev == ost->st_dev && st.st_ino == ost->st_ino)
@@ -376,6 +380,12 @@ static int dump_image(struct img *img, const char *out_path, bool force)
 	unsigned flags;
 	int ret, i;
 
+	/* Not a local file with an odd name either. */
+	if (sio_nbd_name_is_remote(out_path))
+		return sx_error(-EROFS,
+				"%s: cannot dump onto an NBD export "
+				"(exports are read-only)",
+				out_path);
 	if (stat(out_path, &st) == 0) {
 		if (!force)
 			return sx_error(-EEXIST,

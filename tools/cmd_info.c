@@ -6,6 +6,11 @@
  * "allocated" counts the guest bytes a layer itself maps to data (its own
  * block_status, not the chain's); "disk size" is what the file occupies on
  * disk (st_blocks).
+ *
+ * An NBD layer (io/nbd.h) has no file on this host: instead of a disk size
+ * it shows the export (canonical URI, server, export name, size) and what
+ * the server offers (multi-conn, base:allocation block status, block
+ * sizes), from sio_nbd_get_info().
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -18,6 +23,7 @@
 #include "common/error.h"
 #include "formats/image.h"
 #include "io/io.h"
+#include "io/nbd.h"
 #include "cmd.h"
 #include "json.h"
 
@@ -26,8 +32,10 @@
 struct layer_info {
 	uint64_t allocated; /* guest bytes mapped to data in this layer */
 	uint64_t compressed; /* guest bytes in compressed clusters */
-	uint64_t disk_size; /* st_blocks * 512 */
+	uint64_t disk_size; /* st_blocks * 512; 0 for an NBD layer */
 	bool probed;
+	bool nbd; /* an NBD export: nbd is valid, disk_size is not */
+	struct sio_nbd_info nbdi;
 	struct img_info_item items[MAX_INFO_ITEMS];
 	int nitems;
 };
@@ -52,10 +60,18 @@ static int layer_scan(struct img *img, bool probed, struct layer_info *li)
 			li->compressed += e.len;
 		off += e.len;
 	}
-	if (fstat(img->file->fd, &st) < 0)
+	if (sio_file_is_nbd(img->file)) {
+		li->nbd = true;
+		ret = sio_nbd_get_info(img->file, &li->nbdi);
+		if (ret < 0)
+			return sx_error(ret, "%s: no NBD information",
+					img->path);
+	} else if (fstat(img->file->fd, &st) < 0) {
 		return sx_error(-errno, "%s: fstat: %s", img->path,
 				strerror(errno));
-	li->disk_size = (uint64_t)st.st_blocks * 512;
+	} else {
+		li->disk_size = (uint64_t)st.st_blocks * 512;
+	}
 	li->nitems = img_get_info(img, li->items, MAX_INFO_ITEMS);
 	if (li->nitems < 0)
 		return li->nitems;
@@ -70,6 +86,21 @@ static void print_size_line(const char *indent, const char *what, uint64_t v)
 
 	printf("%s%s: %s (%" PRIu64 " bytes)\n", indent, what,
 	       tool_human_size(v, buf, sizeof(buf)), v);
+}
+
+/* The NBD lines of a layer (human output). */
+static void human_nbd(const char *in, const struct sio_nbd_info *n)
+{
+	printf("%snbd uri: %s\n", in, n->uri);
+	printf("%snbd server: %s\n", in, n->server);
+	printf("%snbd export: '%s'\n", in, n->export_name);
+	print_size_line(in, "nbd export size", n->size);
+	printf("%snbd multi-conn: %s\n", in, n->can_multi_conn ? "yes" : "no");
+	printf("%snbd block status: %s\n", in,
+	       n->block_status ? "yes (base:allocation)" : "no");
+	printf("%snbd block sizes: min %" PRIu32 ", preferred %" PRIu32
+	       ", max %" PRIu32 " (0: not advertised), request %" PRIu32 "\n",
+	       in, n->min_block, n->pref_block, n->max_block, n->max_request);
 }
 
 static void human_layer(struct img *img, const struct layer_info *li)
@@ -88,15 +119,21 @@ static void human_layer(struct img *img, const struct layer_info *li)
 		printf("%sbacking file: %s%s%s\n", in, img->backing_name,
 		       img->backing_fmt ? ", format " : "",
 		       img->backing_fmt ? img->backing_fmt : "");
-	if (img->file->direct)
+	if (li->nbd)
+		printf("%sio: NBD, alignment %" PRIu32 "\n", in,
+		       img->file->align);
+	else if (img->file->direct)
 		printf("%sio: O_DIRECT, alignment %" PRIu32 "\n", in,
 		       img->file->align);
 	else
 		printf("%sio: buffered\n", in);
+	if (li->nbd)
+		human_nbd(in, &li->nbdi);
 	print_size_line(in, "allocated", li->allocated);
 	if (li->compressed)
 		print_size_line(in, "compressed", li->compressed);
-	print_size_line(in, "disk size", li->disk_size);
+	if (!li->nbd)
+		print_size_line(in, "disk size", li->disk_size);
 }
 
 static void json_layer(struct json_out *j, struct img *img,
@@ -119,9 +156,26 @@ static void json_layer(struct json_out *j, struct img *img,
 	json_bool(j, "direct", img->file->direct);
 	json_u64(j, "alignment", img->file->align);
 	json_end_object(j);
+	if (li->nbd) {
+		const struct sio_nbd_info *n = &li->nbdi;
+
+		json_begin_object(j, "nbd");
+		json_str(j, "uri", n->uri);
+		json_str(j, "server", n->server);
+		json_str(j, "export", n->export_name);
+		json_u64(j, "size", n->size);
+		json_bool(j, "multi-conn", n->can_multi_conn);
+		json_bool(j, "block-status", n->block_status);
+		json_u64(j, "min-block", n->min_block);
+		json_u64(j, "preferred-block", n->pref_block);
+		json_u64(j, "max-block", n->max_block);
+		json_u64(j, "max-request", n->max_request);
+		json_end_object(j);
+	}
 	json_u64(j, "allocated-bytes", li->allocated);
 	json_u64(j, "compressed-bytes", li->compressed);
-	json_u64(j, "actual-size", li->disk_size);
+	if (!li->nbd)
+		json_u64(j, "actual-size", li->disk_size);
 	json_begin_object(j, "format-specific");
 	for (i = 0; i < li->nitems; i++)
 		json_str(j, li->items[i].key, li->items[i].value);

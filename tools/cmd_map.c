@@ -24,6 +24,7 @@
 #include "common/error.h"
 #include "formats/image.h"
 #include "io/io.h"
+#include "io/nbd.h"
 #include "cmd.h"
 
 /* qemu-img asks at most 1 GiB at a time; merging hides the difference. */
@@ -53,7 +54,8 @@ static void refine_from_host(struct map_entry *me, const struct img_extent *e)
 	off_t data, hole;
 	struct stat st;
 
-	if (fstat(fd, &st) < 0)
+	/* qemu asks an NBD export nothing more (and it has no fd). */
+	if (sio_file_is_nbd(e->file) || fstat(fd, &st) < 0)
 		return;
 	if (off >= (uint64_t)st.st_size) {
 		me->zero = true;
@@ -110,6 +112,8 @@ static int map_entry_at(struct map_state *ms, uint64_t off,
 	case IMG_ZERO:
 		me->present = true;
 		me->zero = true;
+		/* Zeros an NBD export stores: qemu calls them data. */
+		me->data = e.zero_data;
 		me->has_offset = e.host_valid;
 		break;
 	case IMG_UNALLOC:

@@ -19,6 +19,7 @@
 
 #include "common/error.h"
 #include "formats/image.h"
+#include "io/nbd_name.h"
 #include "cmd.h"
 
 static void rebase_help(FILE *out)
@@ -115,8 +116,14 @@ static int rebase_run(const struct siphon_cmd *cmd, int argc, char **argv)
 			ret = -ENOMEM;
 			goto fail;
 		}
-		/* Probe NEW when it is there; an absent NEW is stored bare. */
-		if (stat(bpath, &st) == 0) {
+		/*
+		 * Probe NEW when it is there; an absent NEW is stored bare,
+		 * and so is an NBD export that cannot be reached.
+		 */
+		if (sio_nbd_name_is_remote(bpath)) {
+			bfmt = img_probe_format(bpath, &ret);
+			probed = bfmt != NULL;
+		} else if (stat(bpath, &st) == 0) {
 			bfmt = img_probe_format(bpath, &ret);
 			if (!bfmt)
 				goto fail;

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "common/error.h"
+#include "io/nbd_name.h"
 #include "siphon.h"
 #include "cmd.h"
 #include "json.h"
@@ -446,6 +447,15 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	else if (ui.output != TOOL_OUT_JSON && !ui.bar)
 		progress_ms = -1;
 
+	/* An export cannot be written: it can be a base, never IMAGE. */
+	if (sio_nbd_name_is_remote(path)) {
+		ret = sx_error(-EROFS,
+			       "%s: an NBD export is read-only and cannot be "
+			       "streamed into; stream an overlay that has it "
+			       "as backing file",
+			       path);
+		goto fail;
+	}
 	/* Disks are named by the absolute path of their image. */
 	if (!realpath(path, abs)) {
 		ret = sx_error(-errno, "%s: %s", path, strerror(errno));

@@ -19,6 +19,7 @@
 #include "common/error.h"
 #include "formats/image.h"
 #include "io/io.h"
+#include "io/nbd.h"
 #include "cmd.h"
 
 #ifndef SIPHON_VERSION
@@ -136,7 +137,8 @@ char *tool_resolve_backing(const char *image, const char *backing)
 	const char *slash = strrchr(image, '/');
 	char *out = NULL;
 
-	if (backing[0] == '/' || !slash)
+	/* NBD names are never relative to the image's directory. */
+	if (backing[0] == '/' || !slash || sio_nbd_name_is_remote(backing))
 		return strdup(backing);
 	if (asprintf(&out, "%.*s/%s", (int)(slash - image), image, backing) < 0)
 		return NULL;

@@ -29,6 +29,7 @@
 #include "common/error.h"
 #include "formats/image.h"
 #include "io/io.h"
+#include "io/nbd.h"
 #include "qcow2.h"
 
 int qcow2_l2e_decode(const struct qcow2 *s, uint64_t word, uint64_t bitmap,
@@ -380,7 +381,8 @@ static bool looks_preallocated(struct img *img, struct qcow2 *s)
 	if (s->prealloc)
 		return s->prealloc == 2;
 	s->prealloc = 1;
-	if (fstat(img->file->fd, &st) < 0)
+	/* An export has no host blocks to count (and no descriptor). */
+	if (sio_file_is_nbd(img->file) || fstat(img->file->fd, &st) < 0)
 		return false;
 	real = (uint64_t)st.st_blocks * 512 / s->cluster_size;
 	threshold = sx_max(real * 10 / 9, real + 2);

@@ -7,6 +7,14 @@
  * `siphon map` matches `qemu-img map`. Where the file (or block device) cannot
  * answer SEEK_DATA, everything is data.
  *
+ * Over an NBD export (io/nbd.h) the server's base:allocation answers
+ * instead, as qemu's nbd driver reads it: a run that reads as zeros
+ * (NBD_STATE_ZERO, with or without HOLE) is IMG_ZERO with a valid host
+ * offset, never transferred; `qemu-img map` shows it "zero": true and
+ * "data": false when it is a HOLE too, "data": true when not (zero_data
+ * says which). A hole without ZERO has unspecified contents and stays
+ * data. A server without block status: all data.
+ *
  * Invariants: img->size is the file size at open rounded up to a sector (as
  * qemu does); block_status never looks past it (the chain layer clips
  * requests to the size), and the partial sector past EOF is a hole.
@@ -23,6 +31,7 @@
 #include "formats/format.h"
 #include "formats/image.h"
 #include "io/io.h"
+#include "io/nbd.h"
 
 static int raw_probe(const uint8_t *buf, size_t len)
 {
@@ -70,6 +79,7 @@ struct raw_state {
 	uint64_t lo;
 	uint64_t hi;
 	enum img_status status;
+	bool zero_data; /* img_extent.zero_data of the run */
 	bool valid;
 };
 
@@ -80,7 +90,37 @@ static void remember(struct img *img, uint64_t lo, uint64_t hi,
 
 	if (img->writable)
 		return;
-	*r = (struct raw_state){lo, hi, status, true};
+	*r = (struct raw_state){lo, hi, status, false, true};
+}
+
+/*
+ * Status of [off, off + len) of an NBD export from the server: the first
+ * extent only (the chain layer asks again from where it ends). The bytes
+ * of the last 512-byte sector past the export's end read as zeros.
+ */
+static int raw_nbd_status(struct img *img, uint64_t off, uint64_t len,
+			  struct img_extent *ext)
+{
+	struct sio_nbd_extent v;
+	unsigned n = 0;
+	int ret;
+
+	ret = sio_nbd_block_status(img->file, off, len, &v, 1, &n);
+	if (ret < 0)
+		return ret;
+	if (n == 0 || v.len == 0) {
+		/* At or past the export's end: the sector's zero tail. */
+		ext->status = IMG_ZERO;
+		ext->len = len;
+		return 0;
+	}
+	ext->status = v.flags & SIO_NBD_ZERO ? IMG_ZERO : IMG_DATA;
+	ext->zero_data =
+		(v.flags & (SIO_NBD_ZERO | SIO_NBD_HOLE)) == SIO_NBD_ZERO;
+	ext->len = sx_min(v.len, len);
+	remember(img, off, off + ext->len, ext->status);
+	((struct raw_state *)img->priv)->zero_data = ext->zero_data;
+	return 0;
 }
 
 /*
@@ -90,11 +130,10 @@ static void remember(struct img *img, uint64_t lo, uint64_t hi,
 static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 			    struct img_extent *ext)
 {
+	struct raw_state *r = img->priv;
 	int fd = img->file->fd;
 	off_t data, hole;
 	uint64_t run;
-
-	struct raw_state *r = img->priv;
 
 	ext->file = img->file;
 	ext->host_off = off;
@@ -104,9 +143,12 @@ static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 		goto all_data;
 	if (r->valid && off >= r->lo && off < r->hi) {
 		ext->status = r->status;
+		ext->zero_data = r->zero_data;
 		ext->len = sx_min(r->hi - off, len);
 		return 0;
 	}
+	if (sio_file_is_nbd(img->file))
+		return raw_nbd_status(img, off, len, ext);
 
 	data = lseek(fd, (off_t)off, SEEK_DATA);
 	if (data < 0) {
@@ -144,11 +186,16 @@ all_data:
 
 static int raw_info(struct img *img, struct img_info_item *items, int n)
 {
+	const char *what = "regular file";
+
 	if (n < 1)
 		return 0;
 	snprintf(items[0].key, sizeof(items[0].key), "file type");
-	snprintf(items[0].value, sizeof(items[0].value), "%s",
-		 img->file->is_blockdev ? "block device" : "regular file");
+	if (sio_file_is_nbd(img->file))
+		what = "NBD export";
+	else if (img->file->is_blockdev)
+		what = "block device";
+	snprintf(items[0].value, sizeof(items[0].value), "%s", what);
 	return 1;
 }
 
