@@ -96,6 +96,7 @@ static void human_nbd(const char *in, const struct sio_nbd_info *n)
 	printf("%snbd export: '%s'\n", in, n->export_name);
 	print_size_line(in, "nbd export size", n->size);
 	printf("%snbd multi-conn: %s\n", in, n->can_multi_conn ? "yes" : "no");
+	printf("%snbd connections: %u per worker\n", in, n->connections);
 	printf("%snbd block status: %s\n", in,
 	       n->block_status ? "yes (base:allocation)" : "no");
 	printf("%snbd block sizes: min %" PRIu32 ", preferred %" PRIu32
@@ -165,6 +166,7 @@ static void json_layer(struct json_out *j, struct img *img,
 		json_str(j, "export", n->export_name);
 		json_u64(j, "size", n->size);
 		json_bool(j, "multi-conn", n->can_multi_conn);
+		json_u64(j, "connections", n->connections);
 		json_bool(j, "block-status", n->block_status);
 		json_u64(j, "min-block", n->min_block);
 		json_u64(j, "preferred-block", n->pref_block);

@@ -242,7 +242,7 @@ chain_ok "$dir/e.qcow2"
 	bad "siphon info $U: $(cat "$dir/s.err")"
 for want in "nbd uri: $U" "nbd server: unix:$S" "nbd export: 'base'" \
 	"nbd export size: 4 MiB" "nbd multi-conn: yes" \
-	"nbd block status: yes"; do
+	"nbd connections: 4 per worker" "nbd block status: yes"; do
 	grep -qF "$want" "$dir/info.txt" || bad "siphon info: no '$want'"
 done
 "$siphon" info --output=json "$dir/a.qcow2" >"$dir/info.json" ||
@@ -254,6 +254,7 @@ n = j["chain"][1]["nbd"]
 assert n["uri"] == sys.argv[2] and n["server"] == sys.argv[3], n
 assert n["export"] == "base" and n["size"] == 4194304, n
 assert n["multi-conn"] is True and n["block-status"] is True, n
+assert n["connections"] == 4, n
 EOF
 map_same "$U"
 rm -f "$dir/d.raw"
