@@ -160,12 +160,14 @@ static void op_io_done(struct sio_req *req, int res)
 {
 	struct copy_op *op = req->priv;
 
+	const char *why = res < 0 ? sio_req_error(req) : NULL;
+
 	if (res < 0 && !op->err)
-		op_fail(op,
-			sx_error(res, "%s: %s at offset %llu: %s",
-				 req->file->path,
-				 req->op == SIO_OP_READ ? "read" : "write",
-				 (unsigned long long)req->off, strerror(-res)));
+		op_fail(op, sx_error(res, "%s: %s at offset %llu: %s",
+				     req->file->path,
+				     req->op == SIO_OP_READ ? "read" : "write",
+				     (unsigned long long)req->off,
+				     why ? why : strerror(-res)));
 	op_put(op);
 }
 

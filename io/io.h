@@ -184,8 +184,16 @@ struct sio_req {
 		uint64_t end; /* bytes read from the server (past: zeros) */
 		uint32_t parts; /* reads in flight for it */
 		int err; /* first error, -errno */
+		const char *msg; /* why it failed (the connection's), or NULL */
 	} _nbd;
 };
+
+/*
+ * Why the request req failed, when io/ knows more than its errno (an NBD
+ * read: the server, and the connection lost or given up), or NULL. Valid
+ * in req's callback, until its queue is destroyed.
+ */
+const char *sio_req_error(const struct sio_req *req);
 
 struct sio_queue;
 

@@ -123,6 +123,7 @@ struct sio_nbd_conn {
 	bool dead; /* CONN_DOWN: requests fail with dead_msg */
 	bool hung; /* the timeout shut the socket: why it died */
 	char dead_msg[640]; /* why it died or was given up */
+	char fail_msg[768]; /* what its failed requests say (sio_req_error) */
 	struct sio_req *wait_head, *wait_tail;
 	struct sio_req *done_head, *done_tail;
 };
@@ -498,6 +499,11 @@ out:
 		*out = f;
 	}
 	return ret;
+}
+
+const char *sio_req_error(const struct sio_req *req)
+{
+	return req->file && req->file->nbd ? req->_nbd.msg : NULL;
 }
 
 bool sio_file_is_nbd(const struct sio_file *f)
@@ -1327,6 +1333,13 @@ struct sio_req *sio_nbd_conn_pop(struct sio_nbd_conn *c, int *res)
 		return NULL;
 	c->held--;
 	err = req->_nbd.err;
+	req->_nbd.msg = NULL;
+	if (err < 0 && c->dead) {
+		snprintf(c->fail_msg, sizeof(c->fail_msg),
+			 "connection to the NBD server %s lost (%s)", c->server,
+			 c->dead_msg);
+		req->_nbd.msg = c->fail_msg;
+	}
 	if (err < 0 && c->dead)
 		err = sx_error(-EIO,
 			       "%s: read of %" PRIu64

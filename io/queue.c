@@ -478,6 +478,7 @@ static void nbd_enqueue(struct sio_queue *q, struct sio_req *req)
 	struct queue_nbd *l;
 	int err;
 
+	req->_nbd.msg = NULL;
 	if (req->op != SIO_OP_READ) {
 		finish_now(q, req, 0);
 		return;
