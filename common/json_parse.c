@@ -74,7 +74,7 @@ static void free_value(struct sx_json *v)
 	memset(v, 0, sizeof(*v));
 }
 
-static int hex_digit(unsigned char c)
+int sx_hex_digit(unsigned char c)
 {
 	if (c >= '0' && c <= '9')
 		return c - '0';
@@ -97,7 +97,7 @@ static int parse_hex4(struct parser *p, unsigned *cp)
 	if (p->len - p->pos < 4)
 		return bad(p->pos, "truncated \\u escape");
 	for (i = 0; i < 4; i++) {
-		d = hex_digit(p->s[p->pos + i]);
+		d = sx_hex_digit(p->s[p->pos + i]);
 		if (d < 0)
 			return bad(p->pos + i, "bad hex digit in \\u escape");
 		v = v << 4 | (unsigned)d;

@@ -80,4 +80,7 @@ const struct sx_json *sx_json_get(const struct sx_json *obj, const char *key);
  */
 int sx_json_int64(const struct sx_json *v, int64_t *out);
 
+/* The value of the hex digit c (0-9, a-f, A-F), or -1. */
+int sx_hex_digit(unsigned char c);
+
 #endif

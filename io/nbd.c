@@ -62,6 +62,7 @@
 #include "io/io.h"
 #include "io/nbd.h"
 #include "io/nbd_priv.h"
+#include "io/reqlist.h"
 
 /* Largest read when the server advertises no maximum (NBD's safe size). */
 #define DEFAULT_MAX_REQUEST (32U << 20)
@@ -147,42 +148,6 @@ static uint64_t now_ns(void)
 /* Backoff between connection attempts: from the first, doubling to. */
 #define BACKOFF_FIRST_MS 50u
 #define BACKOFF_MAX_MS 1000u
-
-/* Append req to the list (head, tail); it is in no other. */
-static void list_append(struct sio_req **head, struct sio_req **tail,
-			struct sio_req *req)
-{
-	req->_next = NULL;
-	if (*tail)
-		(*tail)->_next = req;
-	else
-		*head = req;
-	*tail = req;
-}
-
-/* Unlink and return the list's first request, or NULL. */
-static struct sio_req *list_pop(struct sio_req **head, struct sio_req **tail)
-{
-	struct sio_req *req = *head;
-
-	if (req) {
-		*head = req->_next;
-		if (!*head)
-			*tail = NULL;
-		req->_next = NULL;
-	}
-	return req;
-}
-
-/* Put req first on the list (head, tail); it is in no other. */
-static void list_push_front(struct sio_req **head, struct sio_req **tail,
-			    struct sio_req *req)
-{
-	req->_next = *head;
-	*head = req;
-	if (!*tail)
-		*tail = req;
-}
 
 /* libnbd's message of the last failure on this thread, never NULL. */
 static const char *lib_msg(void)

@@ -92,17 +92,6 @@ static bool is_unreserved(unsigned char c)
 	       c == '~';
 }
 
-static int hex_value(unsigned char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /*
  * Whether the n bytes at s are each unreserved, in extra, or a %XX escape
  * that does not decode to NUL. On false, *bad is the offending offset.
@@ -117,8 +106,8 @@ static bool uri_chars_ok(const char *s, size_t n, const char *extra,
 		c = (unsigned char)s[i];
 		if (c == '%') {
 			if (n - i < 3 ||
-			    hex_value((unsigned char)s[i + 1]) < 0 ||
-			    hex_value((unsigned char)s[i + 2]) < 0 ||
+			    sx_hex_digit((unsigned char)s[i + 1]) < 0 ||
+			    sx_hex_digit((unsigned char)s[i + 2]) < 0 ||
 			    (s[i + 1] == '0' && s[i + 2] == '0')) {
 				*bad = i;
 				return false;
@@ -146,9 +135,9 @@ static int pct_decode(const char *s, size_t n, char **out)
 		return no_memory();
 	for (i = 0; i < n; i++) {
 		if (s[i] == '%') {
-			d[k++] =
-				(char)(hex_value((unsigned char)s[i + 1]) << 4 |
-				       hex_value((unsigned char)s[i + 2]));
+			d[k++] = (char)(sx_hex_digit((unsigned char)s[i + 1])
+						<< 4 |
+					sx_hex_digit((unsigned char)s[i + 2]));
 			i += 2;
 		} else {
 			d[k++] = s[i];

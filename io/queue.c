@@ -54,6 +54,7 @@
 #include "io/io.h"
 #include "io/iolog.h"
 #include "io/nbd_priv.h"
+#include "io/reqlist.h"
 #include "io/ring.h"
 
 /* Largest single transfer handed to the kernel; it caps near 2 GiB. */
@@ -109,30 +110,6 @@ struct sio_queue {
 	unsigned nbd_polls; /* polls and timers armed */
 	unsigned nbd_busy; /* requests the connections hold */
 };
-
-static void list_append(struct sio_req **head, struct sio_req **tail,
-			struct sio_req *req)
-{
-	req->_next = NULL;
-	if (*tail)
-		(*tail)->_next = req;
-	else
-		*head = req;
-	*tail = req;
-}
-
-static struct sio_req *list_pop(struct sio_req **head, struct sio_req **tail)
-{
-	struct sio_req *req = *head;
-
-	if (req) {
-		*head = req->_next;
-		if (!*head)
-			*tail = NULL;
-		req->_next = NULL;
-	}
-	return req;
-}
 
 static bool is_rw(const struct sio_req *req)
 {

@@ -187,6 +187,19 @@ static void on_done(struct sio_req *req, int res)
 	d->calls++;
 }
 
+/* A read of len bytes at off of f into buf, its result into rec. */
+static struct sio_req read_req(struct sio_file *f, void *buf, uint64_t off,
+			       uint64_t len, struct done_rec *rec)
+{
+	return (struct sio_req){.op = SIO_OP_READ,
+				.file = f,
+				.buf = buf,
+				.off = off,
+				.len = len,
+				.done = on_done,
+				.priv = rec};
+}
+
 static void drain(struct sio_queue *q)
 {
 	while (sio_queue_inflight(q))
@@ -410,13 +423,7 @@ START_TEST(test_split_max_block)
 
 	ck_assert_int_eq(sio_queue_create(8, &q), 0);
 	memset(buf, 0, 2 * MIB);
-	req = (struct sio_req){.op = SIO_OP_READ,
-			       .file = f,
-			       .buf = buf,
-			       .off = MIB + 3,
-			       .len = 2 * MIB,
-			       .done = on_done,
-			       .priv = &rec};
+	req = read_req(f, buf, MIB + 3, 2 * MIB, &rec);
 	ck_assert_int_eq(sio_queue_submit(q, &req), 0);
 	drain(q);
 	ck_assert_int_eq(rec.calls, 1);
@@ -461,13 +468,7 @@ START_TEST(test_min_block)
 	check_bytes(bytes, 4 * MIB, buf, 64 * KIB, 4 * MIB - 10);
 	/* Queued reads must be aligned, as on direct files. */
 	ck_assert_int_eq(sio_queue_create(8, &q), 0);
-	req = (struct sio_req){.op = SIO_OP_READ,
-			       .file = f,
-			       .buf = buf,
-			       .off = 100,
-			       .len = 4096,
-			       .done = on_done,
-			       .priv = &rec};
+	req = read_req(f, buf, 100, 4096, &rec);
 	ck_assert_int_eq(sio_queue_submit(q, &req), -EINVAL);
 	req.off = 8192;
 	req.len = 16384;
@@ -704,13 +705,8 @@ START_TEST(test_server_killed)
 	f = open_unix(srv.sock, "");
 	ck_assert_int_eq(sio_queue_create(32, &q), 0);
 	for (i = 0; i < N; i++) {
-		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
-					   .file = f,
-					   .buf = bufs[i],
-					   .off = i * 64 * KIB,
-					   .len = 64 * KIB,
-					   .done = on_done,
-					   .priv = &recs[i]};
+		reqs[i] =
+			read_req(f, bufs[i], i * 64 * KIB, 64 * KIB, &recs[i]);
 		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
 	}
 	/* Until the server has them all (bounded: a stuck one fails). */
@@ -759,13 +755,8 @@ START_TEST(test_server_killed_qemu)
 	f = open_unix(srv.sock, "exp");
 	ck_assert_int_eq(sio_queue_create(64, &q), 0);
 	for (i = 0; i < N; i++) {
-		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
-					   .file = f,
-					   .buf = bufs[i],
-					   .off = (i * 20 * KIB) % RAW_SIZE,
-					   .len = 16 * KIB,
-					   .done = on_done,
-					   .priv = &recs[i]};
+		reqs[i] = read_req(f, bufs[i], (i * 20 * KIB) % RAW_SIZE,
+				   16 * KIB, &recs[i]);
 		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
 	}
 	nbd_server_stop(&srv);
@@ -858,14 +849,9 @@ START_TEST(test_reconnect)
 	ck_assert_int_eq(sio_queue_create(32, &q), 0);
 	for (i = 0; i < N; i++) {
 		memset(bufs[i], 0xee, sizeof(bufs[i]));
-		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
-					   .file = f,
-					   .buf = bufs[i],
-					   .off = (i * 60 * KIB) %
-						  (RAW_SIZE - 32 * KIB),
-					   .len = 32 * KIB,
-					   .done = on_done,
-					   .priv = &recs[i]};
+		reqs[i] = read_req(f, bufs[i],
+				   (i * 60 * KIB) % (RAW_SIZE - 32 * KIB),
+				   32 * KIB, &recs[i]);
 		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
 	}
 	wait_logged(q, log, N);
@@ -913,13 +899,8 @@ START_TEST(test_reconnect_gives_up)
 	f = open_unix(srv.sock, "");
 	ck_assert_int_eq(sio_queue_create(32, &q), 0);
 	for (i = 0; i < N; i++) {
-		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
-					   .file = f,
-					   .buf = bufs[i],
-					   .off = i * 16 * KIB,
-					   .len = 16 * KIB,
-					   .done = on_done,
-					   .priv = &recs[i]};
+		reqs[i] =
+			read_req(f, bufs[i], i * 16 * KIB, 16 * KIB, &recs[i]);
 		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
 	}
 	wait_logged(q, log, N);
@@ -969,13 +950,8 @@ START_TEST(test_reconnect_other_export)
 	f = open_unix(srv.sock, "");
 	ck_assert_int_eq(sio_queue_create(32, &q), 0);
 	for (i = 0; i < N; i++) {
-		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
-					   .file = f,
-					   .buf = bufs[i],
-					   .off = i * 16 * KIB,
-					   .len = 16 * KIB,
-					   .done = on_done,
-					   .priv = &recs[i]};
+		reqs[i] =
+			read_req(f, bufs[i], i * 16 * KIB, 16 * KIB, &recs[i]);
 		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
 	}
 	wait_logged(q, log, N);
@@ -1018,13 +994,8 @@ START_TEST(test_hung_server)
 	f = open_unix(srv.sock, "");
 	ck_assert_int_eq(sio_queue_create(32, &q), 0);
 	for (i = 0; i < N; i++) {
-		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
-					   .file = f,
-					   .buf = bufs[i],
-					   .off = i * 16 * KIB,
-					   .len = 16 * KIB,
-					   .done = on_done,
-					   .priv = &recs[i]};
+		reqs[i] =
+			read_req(f, bufs[i], i * 16 * KIB, 16 * KIB, &recs[i]);
 		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
 	}
 	drain(q);
@@ -1068,13 +1039,7 @@ START_TEST(test_one_client_server)
 			 -ETIMEDOUT);
 	ck_assert_ptr_nonnull(strstr(sx_last_error(), "--shared"));
 	ck_assert_int_eq(sio_queue_create(8, &q), 0);
-	req = (struct sio_req){.op = SIO_OP_READ,
-			       .file = f,
-			       .buf = buf,
-			       .off = 0,
-			       .len = sizeof(buf),
-			       .done = on_done,
-			       .priv = &rec};
+	req = read_req(f, buf, 0, sizeof(buf), &rec);
 	ck_assert_int_eq(sio_queue_submit(q, &req), 0);
 	drain(q);
 	ck_assert_int_eq(rec.calls, 1);
@@ -1106,13 +1071,7 @@ START_TEST(test_server_errors)
 	ck_assert_int_eq(sio_pread(f, buf, sizeof(buf), 0), -EIO);
 	ck_assert_ptr_nonnull(strstr(sx_last_error(), srv.sock));
 	ck_assert_int_eq(sio_queue_create(8, &q), 0);
-	req = (struct sio_req){.op = SIO_OP_READ,
-			       .file = f,
-			       .buf = buf,
-			       .off = 4096,
-			       .len = sizeof(buf),
-			       .done = on_done,
-			       .priv = &rec};
+	req = read_req(f, buf, 4096, sizeof(buf), &rec);
 	ck_assert_int_eq(sio_queue_submit(q, &req), 0);
 	drain(q);
 	ck_assert_int_eq(rec.calls, 1);
@@ -1254,13 +1213,7 @@ START_TEST(test_destroy_drains)
 	f = open_unix(srv.sock, "exp");
 	ck_assert_int_eq(sio_queue_create(16, &q), 0);
 	for (i = 0; i < N; i++) {
-		reqs[i] = (struct sio_req){.op = SIO_OP_READ,
-					   .file = f,
-					   .buf = bufs[i],
-					   .off = i * 8 * KIB,
-					   .len = 8 * KIB,
-					   .done = on_done,
-					   .priv = &recs[i]};
+		reqs[i] = read_req(f, bufs[i], i * 8 * KIB, 8 * KIB, &recs[i]);
 		ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
 	}
 	sio_queue_destroy(q);
@@ -1292,13 +1245,7 @@ START_TEST(test_fault_rules)
 	ck_assert_int_eq(sio_pread(f, buf, sizeof(buf), 8192), 0);
 	check_bytes(raw, RAW_SIZE, (unsigned char *)buf, sizeof(buf), 8192);
 	ck_assert_int_eq(sio_queue_create(8, &q), 0);
-	req = (struct sio_req){.op = SIO_OP_READ,
-			       .file = f,
-			       .buf = buf,
-			       .off = 0,
-			       .len = sizeof(buf),
-			       .done = on_done,
-			       .priv = &rec};
+	req = read_req(f, buf, 0, sizeof(buf), &rec);
 	ck_assert_int_eq(sio_queue_submit(q, &req), 0);
 	drain(q);
 	ck_assert_int_eq(rec.res, -EIO);
@@ -1418,14 +1365,9 @@ START_TEST(test_multi_conn_reads)
 		memset(recs, 0, sizeof(recs));
 		/* As a stream does: 16 in flight, one more as one ends. */
 		for (i = 0; i < N; i++) {
-			reqs[i] = (struct sio_req){.op = SIO_OP_READ,
-						   .file = f,
-						   .buf = bufs[i],
-						   .off = i * 64 * KIB %
-							  (RAW_SIZE - 64 * KIB),
-						   .len = 64 * KIB,
-						   .done = on_done,
-						   .priv = &recs[i]};
+			reqs[i] = read_req(f, bufs[i],
+					   i * 64 * KIB % (RAW_SIZE - 64 * KIB),
+					   64 * KIB, &recs[i]);
 			while (sio_queue_inflight(q) >= 16)
 				ck_assert_int_ge(sio_queue_run(q, 1), 0);
 			ck_assert_int_eq(sio_queue_submit(q, &reqs[i]), 0);
