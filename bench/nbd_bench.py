@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+"""Streaming from an NBD backing layer: siphon against qemu and nbdcopy.
+
+Issue 12's performance section. A raw base of incompressible data is
+exported over a Unix socket in the bench directory, and a qcow2 overlay
+(64 KiB clusters, every tenth cluster already local: 90% to move) has the
+export as its backing file, `nbd+unix:///base?socket=SOCK`, format raw.
+Chains (each row repeated --reps times, page cache dropped before every
+timed run, medians reported):
+
+  qemu-nbd      `qemu-nbd -r -f raw -x base --shared=16 --persistent`,
+                base of --size
+      siphon      siphon stream --output=json --no-progress TOP
+      qsd-stream  qemu-storage-daemon: the overlay (file + qcow2) over an
+                  nbd blockdev + raw; QMP block-stream, timed to the
+                  daemon's exit after quit
+      nbdcopy     nbdcopy --flush URI OUT.raw: the whole export to a
+                  local file (its ratio is scaled to the bytes the stream
+                  must move)
+  delay-1ms     `nbdkit -r -U SOCK --filter=delay file BASE rdelay=1ms`,
+  delay-10ms    base of --delay-size: siphon and qsd-stream as above
+
+Every siphon and qsd-stream result is checked: qemu-img compare against
+the pristine chain (read through the same server) and qemu-img check, and
+the streamed overlay must have no backing file left. The servers are
+started and stopped by the script and killed on any exit.
+
+Usage: bench/nbd_bench.py [--size 4G] [--delay-size 512M] [--reps 3]
+       [--delays 1ms,10ms] [--only siphon,qsd-stream,nbdcopy]
+       [--siphon build-release/tools/siphon] [--json FILE]
+       [--dir /var/tmp/siphon-bench]
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchlib import (MiB, bytes_to_move, drop_caches, human, make_overlay,
+                      make_raw_base, need_tools, parse_size, rss_kib, run,
+                      timed, verify, warn_if_warm)
+from stream_bench import fresh_top, qmp
+
+ROWS = ("siphon", "qsd-stream", "nbdcopy")
+CLUSTER = 65536
+
+# (peer, target for the peer's time / siphon's time) per kind of chain
+TARGETS = {"qemu-nbd": (("qsd-stream", 2.0), ("nbdcopy", 0.9)),
+           "delay-1ms": (("qsd-stream", None),),
+           "delay-10ms": (("qsd-stream", 4.0),)}
+
+# the fields of siphon's JSON summary kept for diagnosis
+SIPHON_FIELDS = ("bytes_copied", "bytes_skipped", "bytes_zero",
+                 "window_bytes", "request_bytes", "read_request_bytes",
+                 "write_request_bytes", "device_rate", "latency_us",
+                 "seconds")
+
+
+class Server:
+    """An NBD server on a Unix socket, run in the foreground as a child."""
+
+    def __init__(self, cmd, sock):
+        self.cmd, self.sock, self.p = cmd, sock, None
+
+    def start(self):
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.p = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        for _ in range(200):
+            if self.p.poll() is not None:
+                raise RuntimeError("%s exited: %s" %
+                                   (self.cmd[0], self.p.stderr.read()))
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(self.sock)
+                return self
+            except OSError:
+                time.sleep(0.05)
+            finally:
+                s.close()
+        raise RuntimeError("%s never listened on %s" %
+                           (self.cmd[0], self.sock))
+
+    def stop(self):
+        if self.p and self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.p = None
+
+
+def uri(sock):
+    return "nbd+unix:///base?socket=" + sock
+
+
+def no_backing(img):
+    """The image names no backing file any more."""
+    info = json.loads(run(["qemu-img", "info", "--output=json", "-U",
+                           img]).stdout)
+    return "backing-filename" not in info and \
+        "full-backing-filename" not in info
+
+
+def siphon_stream(binary, top):
+    """One timed siphon stream: (seconds, peak RSS KiB, summary fields)."""
+    el, p = timed(["/usr/bin/time", "-v", binary, "stream", "--output=json",
+                   "--no-progress", top])
+    done = {}
+    for line in p.stdout.splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") in ("done", "failed", "aborted"):
+            done = ev
+    if done.get("event") != "done":
+        raise RuntimeError("siphon stream: " + json.dumps(done))
+    return el, rss_kib(p.stderr), {k: done.get(k) for k in SIPHON_FIELDS}
+
+
+def qsd_blockdevs(top, sock):
+    """The overlay over an nbd blockdev (export base) with a raw node."""
+    nbd = {"driver": "nbd", "node-name": "nbd0", "read-only": True,
+           "server": {"type": "unix", "path": sock}, "export": "base"}
+    raw = {"driver": "raw", "node-name": "base0", "file": "nbd0",
+           "read-only": True}
+    return ["--blockdev", json.dumps(nbd), "--blockdev", json.dumps(raw),
+            "--blockdev", "driver=file,filename=%s,node-name=file0" % top,
+            "--blockdev", "driver=qcow2,file=file0,node-name=top0,"
+            "backing=base0"]
+
+
+def run_qsd(d, top, sock):
+    """Seconds from block-stream to the daemon's exit after quit."""
+    qsock = os.path.join(d, "qmp.sock")
+    if os.path.exists(qsock):
+        os.unlink(qsock)
+    drop_caches()
+    p = subprocess.Popen([
+        "qemu-storage-daemon",
+        "--chardev", "socket,path=%s,server=on,wait=off,id=qmp0" % qsock,
+        "--monitor", "chardev=qmp0"] + qsd_blockdevs(top, sock),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        s, cmd, event = qmp(qsock)
+        cmd("qmp_capabilities")
+        t = time.monotonic()
+        cmd("block-stream", **{"job-id": "s0", "device": "top0"})
+        ev = event("BLOCK_JOB_COMPLETED")
+        if "error" in ev.get("data", {}):
+            raise RuntimeError("block-stream: " + ev["data"]["error"])
+        cmd("quit")
+        s.close()
+        p.wait(timeout=7200)
+        el = time.monotonic() - t
+    finally:
+        if p.poll() is None:
+            p.kill()
+        err = p.communicate()[1]
+    if p.returncode != 0:
+        raise RuntimeError("qemu-storage-daemon failed: " + err.strip())
+    return el
+
+
+class Chain:
+    """One served base, its overlay, and what was measured on it."""
+
+    def __init__(self, kind, size):
+        self.kind, self.size = kind, size
+        self.moved = bytes_to_move(size, CLUSTER, "tenth")
+        self.times, self.ok, self.rss, self.siphon = {}, {}, 0, []
+
+    @property
+    def name(self):
+        return "%s/%s" % (self.kind, human(self.size))
+
+    def record(self, row, secs, ok=True):
+        self.times.setdefault(row, []).append(secs)
+        self.ok.setdefault(row, []).append(ok)
+        print("  %-16s %-11s %9.3f s%s" % (self.name, row, secs,
+                                           "" if ok else "  VERIFY FAILED"),
+              flush=True)
+
+    def moves(self, row):
+        """Bytes the row transfers: nbdcopy copies the whole export."""
+        return self.size if row == "nbdcopy" else self.moved
+
+    def medians(self):
+        return {r: statistics.median(v) for r, v in self.times.items()}
+
+    def ratios(self):
+        """Peer's median / siphon's, nbdcopy's scaled to the bytes the
+        stream moves (its time at its own rate for those bytes)."""
+        med = self.medians()
+        if "siphon" not in med:
+            return {}
+        out = {}
+        for peer, _ in TARGETS[self.kind]:
+            if peer in med:
+                t = med[peer] * self.moved / self.moves(peer)
+                out[peer] = t / med["siphon"]
+        return out
+
+    def to_json(self):
+        med = self.medians()
+        return {
+            "name": self.name, "server": self.kind, "size": self.size,
+            "cluster_size": CLUSTER, "bytes_to_move": self.moved,
+            "rows": {r: {"seconds": v, "verified": self.ok[r],
+                         "median": med[r], "spread": max(v) - min(v),
+                         "bytes": self.moves(r),
+                         "mib_s": self.moves(r) / MiB / med[r]}
+                     for r, v in self.times.items()},
+            "ratios": self.ratios(),
+            "targets": {p: t for p, t in TARGETS[self.kind]},
+            "siphon_peak_rss_kib": self.rss,
+            "siphon_summaries": self.siphon,
+        }
+
+
+def bench_chain(a, d, ch, server, want):
+    """All repetitions of the wanted rows on one chain, server running."""
+    sock = server.sock
+    pristine = os.path.join(d, "top.pristine.qcow2")
+    make_overlay(pristine, uri(sock), "raw", ch.size, CLUSTER, "tenth")
+    siphon = os.path.abspath(a.siphon)
+    for rep in range(a.reps):
+        print("%s: repetition %d/%d" % (ch.name, rep + 1, a.reps),
+              flush=True)
+        if want("siphon"):
+            top = fresh_top(d, pristine)
+            el, rss, summ = siphon_stream(siphon, top)
+            ch.rss = max(ch.rss, rss)
+            ch.siphon.append(summ)
+            ok = verify(d, top, pristine) and no_backing(top)
+            ch.record("siphon", el, ok)
+            if summ["bytes_copied"] != ch.moved:
+                print("  note: siphon copied %s bytes, %d to move" %
+                      (summ["bytes_copied"], ch.moved))
+        if want("qsd-stream"):
+            top = fresh_top(d, pristine)
+            el = run_qsd(d, top, sock)
+            ch.record("qsd-stream", el,
+                      verify(d, top, pristine) and no_backing(top))
+        if want("nbdcopy") and ch.kind == "qemu-nbd":
+            out = os.path.join(d, "out.raw")
+            el, _ = timed(["nbdcopy", "--flush", uri(sock), out])
+            ch.record("nbdcopy", el, os.path.getsize(out) == ch.size)
+            os.unlink(out)
+    for f in ("top.qcow2", "top.pristine.qcow2"):
+        if os.path.exists(os.path.join(d, f)):
+            os.unlink(os.path.join(d, f))
+
+
+def print_chain(ch, a):
+    med = ch.medians()
+    print()
+    print("%s: %d MiB base, cluster 64 KiB, %.1f MiB to move, %d reps" %
+          (ch.name, ch.size // MiB, ch.moved / MiB, a.reps))
+    print("%-12s %9s %9s %9s" % ("method", "median s", "spread s", "MiB/s"))
+    for row, v in ch.times.items():
+        print("%-12s %9.3f %9.3f %9.1f%s%s" % (
+            row, med[row], max(v) - min(v), ch.moves(row) / MiB / med[row],
+            "  (whole export)" if row == "nbdcopy" else "",
+            "" if all(ch.ok[row]) else "  VERIFY FAILED"))
+    rat = ch.ratios()
+    for peer, target in TARGETS[ch.kind]:
+        if peer not in rat:
+            continue
+        print("siphon vs %-11s %6.2fx%s%s" % (
+            peer, rat[peer],
+            "  (scaled to the bytes moved)" if peer == "nbdcopy" else "",
+            "" if target is None else "  (target >= %.1fx%s)" %
+            (target, "" if rat[peer] >= target else ": missed")))
+    if ch.rss:
+        print("siphon peak RSS: %.1f MiB" % (ch.rss / 1024))
+    if ch.siphon:
+        s = ch.siphon[len(ch.siphon) // 2]
+        print("siphon summary: request %s B, window %s B, latency %s us, "
+              "device rate %.1f MiB/s" %
+              (s["request_bytes"], s["window_bytes"], s["latency_us"],
+               (s["device_rate"] or 0) / MiB))
+
+
+def bench(a, d, chains, want):
+    servers = []
+
+    def serve(cmd, sock):
+        srv = Server(cmd, sock).start()
+        servers.append(srv)
+        return srv
+
+    try:
+        if a.size:
+            base = os.path.join(d, "base.raw")
+            print("building a %s raw base" % human(a.size), flush=True)
+            make_raw_base(base, a.size)
+            sock = os.path.join(d, "qemu-nbd.sock")
+            srv = serve(["qemu-nbd", "-r", "-f", "raw", "-x", "base",
+                         "--shared=16", "-k", sock, "--persistent", base],
+                        sock)
+            ch = Chain("qemu-nbd", a.size)
+            chains.append(ch)
+            bench_chain(a, d, ch, srv, want)
+            srv.stop()
+            os.unlink(base)
+        delays = [x for x in a.delays.split(",") if x]
+        if delays:
+            base = os.path.join(d, "dbase.raw")
+            print("building a %s raw base" % human(a.delay_size), flush=True)
+            make_raw_base(base, a.delay_size)
+            for delay in delays:
+                sock = os.path.join(d, "nbdkit.sock")
+                srv = serve(["nbdkit", "-f", "-r", "--exit-with-parent",
+                             "-U", sock, "--filter=delay", "file", base,
+                             "rdelay=" + delay], sock)
+                ch = Chain("delay-" + delay, a.delay_size)
+                chains.append(ch)
+                bench_chain(a, d, ch, srv, lambda r: r != "nbdcopy" and
+                            want(r))
+                srv.stop()
+            os.unlink(base)
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=parse_size, default=parse_size("4G"),
+                    help="base served by qemu-nbd (default 4G; 0 skips)")
+    ap.add_argument("--delay-size", type=parse_size,
+                    default=parse_size("512M"),
+                    help="base served by nbdkit's delay filter (512M)")
+    ap.add_argument("--delays", default="1ms,10ms",
+                    help="rdelay values of the delay chains ('' skips)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dir", default=os.environ.get(
+        "BENCH_DIR", "/var/tmp/siphon-bench"))
+    ap.add_argument("--siphon", default=os.environ.get("SIPHON") or
+                    os.path.join(os.path.dirname(os.path.abspath(
+                        __file__)), "..", "build-release", "tools",
+                        "siphon"))
+    ap.add_argument("--only", default="",
+                    help="comma-separated subset of: " + ",".join(ROWS))
+    ap.add_argument("--json", default="",
+                    help="write every timing and median to this file")
+    a = ap.parse_args()
+
+    only = set(filter(None, a.only.split(",")))
+    if only - set(ROWS):
+        sys.exit("--only: unknown rows " + ",".join(sorted(only -
+                                                            set(ROWS))))
+    need_tools("qemu-img", "qemu-io", "qemu-storage-daemon", "qemu-nbd",
+               "nbdkit", "nbdcopy")
+    if not os.access("/usr/bin/time", os.X_OK):
+        sys.exit("missing /usr/bin/time (GNU time)")
+    if not os.access(a.siphon, os.X_OK):
+        sys.exit("no siphon binary at %s (build it, or --siphon)" % a.siphon)
+    warn_if_warm()
+    # a SIGTERM or SIGHUP unwinds like Ctrl-C: the servers are stopped
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(1))
+    os.makedirs(a.dir, exist_ok=True)
+    d = tempfile.mkdtemp(prefix="nbd.", dir=os.path.abspath(a.dir))
+    chains = []
+    try:
+        bench(a, d, chains, lambda row: not only or row in only)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"args": vars(a), "siphon": os.path.abspath(
+                    a.siphon), "chains": [c.to_json() for c in chains]},
+                    f, indent=1)
+    for ch in chains:
+        print_chain(ch, a)
+    if any(not all(v) for c in chains for v in c.ok.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
