@@ -788,7 +788,7 @@ static void start_file_kit(struct nbd_server *s, const char *rdelay,
 			   const char *log)
 {
 	static char filearg[PATH_MAX + 8], logarg[PATH_MAX + 16], delayarg[64];
-	const char *args[10];
+	const char *args[17];
 	unsigned n = 0;
 
 	snprintf(filearg, sizeof(filearg), "file=%s", base_path);
@@ -935,7 +935,7 @@ START_TEST(test_reconnect_other_export)
 {
 	enum { N = 8 };
 	static unsigned char bufs[N][16 * KIB];
-	const char *mem[] = {"--filter=log", "memory", "8M", NULL, NULL};
+	const char *mem[17] = {"--filter=log", "memory", "8M", NULL, NULL};
 	struct sio_req reqs[N];
 	struct done_rec recs[N] = {{0}};
 	char log[PATH_MAX], logarg[PATH_MAX + 16];
@@ -1332,26 +1332,26 @@ START_TEST(test_multi_conn_reads)
 	snprintf(filearg, sizeof(filearg), "file=%s", base_path);
 	for (round = 0; round < 2; round++) {
 		/* Round 1: the multi-conn filter hides the flag. */
-		const char *multi[] = {"-r",
-				       "--threads=64",
-				       "--filter=log",
-				       "--filter=delay",
-				       "file",
-				       filearg,
-				       logarg,
-				       "rdelay=50ms",
-				       NULL};
-		const char *single[] = {"-r",
-					"--threads=64",
-					"--filter=log",
-					"--filter=multi-conn",
-					"--filter=delay",
-					"file",
-					filearg,
-					logarg,
-					"rdelay=50ms",
-					"multi-conn-mode=disable",
-					NULL};
+		const char *multi[17] = {"-r",
+					 "--threads=64",
+					 "--filter=log",
+					 "--filter=delay",
+					 "file",
+					 filearg,
+					 logarg,
+					 "rdelay=50ms",
+					 NULL};
+		const char *single[17] = {"-r",
+					  "--threads=64",
+					  "--filter=log",
+					  "--filter=multi-conn",
+					  "--filter=delay",
+					  "file",
+					  filearg,
+					  logarg,
+					  "rdelay=50ms",
+					  "multi-conn-mode=disable",
+					  NULL};
 
 		snprintf(log, sizeof(log), "%s/mc%u-%d.log", tmpdir, round,
 			 (int)getpid());
