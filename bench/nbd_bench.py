@@ -42,10 +42,11 @@ import sys
 import tempfile
 import time
 
-from benchlib import (MiB, bytes_to_move, drop_caches, human, make_overlay,
-                      make_raw_base, need_tools, parse_size, rss_kib, run,
+from benchlib import (MiB, bytes_to_move, human, make_overlay, make_raw_base,
+                      need_tools, parse_size, rss_kib, run,
                       timed, verify, warn_if_warm)
-from stream_bench import fresh_top, qmp
+import stream_bench
+from stream_bench import fresh_top
 
 ROWS = ("siphon", "qsd-stream", "nbdcopy")
 CLUSTER = 65536
@@ -142,34 +143,8 @@ def qsd_blockdevs(top, sock):
 
 def run_qsd(d, top, sock):
     """Seconds from block-stream to the daemon's exit after quit."""
-    qsock = os.path.join(d, "qmp.sock")
-    if os.path.exists(qsock):
-        os.unlink(qsock)
-    drop_caches()
-    p = subprocess.Popen([
-        "qemu-storage-daemon",
-        "--chardev", "socket,path=%s,server=on,wait=off,id=qmp0" % qsock,
-        "--monitor", "chardev=qmp0"] + qsd_blockdevs(top, sock),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        s, cmd, event = qmp(qsock)
-        cmd("qmp_capabilities")
-        t = time.monotonic()
-        cmd("block-stream", **{"job-id": "s0", "device": "top0"})
-        ev = event("BLOCK_JOB_COMPLETED")
-        if "error" in ev.get("data", {}):
-            raise RuntimeError("block-stream: " + ev["data"]["error"])
-        cmd("quit")
-        s.close()
-        p.wait(timeout=7200)
-        el = time.monotonic() - t
-    finally:
-        if p.poll() is None:
-            p.kill()
-        err = p.communicate()[1]
-    if p.returncode != 0:
-        raise RuntimeError("qemu-storage-daemon failed: " + err.strip())
-    return el
+    return stream_bench.qsd_stream_time(d, qsd_blockdevs(top, sock),
+                                        timeout=7200)
 
 
 class Chain:

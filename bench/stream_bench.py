@@ -120,6 +120,12 @@ def qsd_blockdevs(top, base, base_fmt, direct):
 def run_qsd(d, top, base, base_fmt, direct):
     """Seconds from block-stream to the daemon's exit after quit (its close
     flushes what the page cache still holds: the data is on disk)."""
+    return qsd_stream_time(d, qsd_blockdevs(top, base, base_fmt, direct))
+
+
+def qsd_stream_time(d, blockdevs, timeout=600):
+    """qemu-storage-daemon with blockdevs (the overlay's node is top0):
+    seconds from block-stream to the daemon's exit after quit."""
     sock = os.path.join(d, "qmp.sock")
     if os.path.exists(sock):
         os.unlink(sock)
@@ -127,8 +133,7 @@ def run_qsd(d, top, base, base_fmt, direct):
     p = subprocess.Popen([
         "qemu-storage-daemon",
         "--chardev", "socket,path=%s,server=on,wait=off,id=qmp0" % sock,
-        "--monitor", "chardev=qmp0"] +
-        qsd_blockdevs(top, base, base_fmt, direct),
+        "--monitor", "chardev=qmp0"] + blockdevs,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         s, cmd, event = qmp(sock)
@@ -140,7 +145,7 @@ def run_qsd(d, top, base, base_fmt, direct):
             raise RuntimeError("block-stream: " + ev["data"]["error"])
         cmd("quit")
         s.close()
-        p.wait(timeout=600)
+        p.wait(timeout=timeout)
         el = time.monotonic() - t
     finally:
         if p.poll() is None:
