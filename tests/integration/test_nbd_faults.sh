@@ -88,11 +88,35 @@ sys.exit(1 if "backing-filename" in json.load(sys.stdin) else 0)' ||
 		bad "$2: $1 still has a backing file"
 }
 
+# stream_bg NAME: `siphon stream` of $dir/NAME.qcow2 in the background
+# (spid), slowed so the kills land mid-stream.
+stream_bg() {
+	"$siphon" stream --no-progress --speed 2M "$dir/$1.qcow2" \
+		>"$dir/$1.out" 2>"$dir/$1.err" &
+	spid=$!
+}
+
+# wait_stream: the stream's exit status in rc, waiting at most 120 s (a
+# stream that hangs is killed and fails the test).
+wait_stream() {
+	i=0
+	while kill -0 "$spid" 2>/dev/null; do
+		i=$((i + 1))
+		if [ $i -gt 1200 ]; then
+			kill -9 "$spid"
+			bad "the stream did not end within 120 s"
+			break
+		fi
+		sleep 0.1
+	done
+	wait "$spid"
+	rc=$?
+	spid=
+}
+
 # 1. Killed and started again inside the window.
 overlay "$dir/a.qcow2"
-"$siphon" stream --no-progress --speed 2M "$dir/a.qcow2" \
-	>"$dir/a.out" 2>"$dir/a.err" &
-spid=$!
+stream_bg a
 sleep 2
 kill -0 "$spid" 2>/dev/null || bad "restart: the stream ended before the kill"
 stop
@@ -100,9 +124,7 @@ sleep 2
 kill -0 "$spid" 2>/dev/null ||
 	bad "restart: the stream ended while the server was down"
 start
-wait "$spid"
-rc=$?
-spid=
+wait_stream
 [ $rc -eq 0 ] || bad "restart: stream exit $rc: $(cat "$dir/a.err")"
 same_as_base "$dir/a.qcow2" restart
 no_backing "$dir/a.qcow2" restart
@@ -110,15 +132,11 @@ no_backing "$dir/a.qcow2" restart
 # 2. Killed for good: the stream fails after the window, the image is
 # clean; with the server back a second stream resumes and completes.
 overlay "$dir/b.qcow2"
-"$siphon" stream --no-progress --speed 2M "$dir/b.qcow2" \
-	>"$dir/b.out" 2>"$dir/b.err" &
-spid=$!
+stream_bg b
 sleep 2
 kill -0 "$spid" 2>/dev/null || bad "gone: the stream ended before the kill"
 stop
-wait "$spid"
-rc=$?
-spid=
+wait_stream
 [ $rc -eq 1 ] || bad "gone: stream exit $rc, not 1"
 grep -q "$S" "$dir/b.err" || bad "gone: the message names no server: $(cat "$dir/b.err")"
 grep -q "giving up" "$dir/b.err" ||
