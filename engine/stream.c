@@ -550,8 +550,8 @@ static void ex_done(struct copy_op *op, int err)
 
 /*
  * The extent size for the next extent: the owner's bound while it limits
- * the stream, else the controller's (whole clusters either way). Buffers
- * are of this size, so the pool reuses them as long as it holds.
+ * the stream, else the controller's (whole clusters either way). An
+ * extent is at most this long; its buffer is as long as the extent.
  */
 static uint64_t next_extent(const struct stream *s)
 {
@@ -561,11 +561,18 @@ static uint64_t next_extent(const struct stream *s)
 }
 
 /* Whether another extent may start now. */
-static bool may_start(const struct stream *s)
+/*
+ * Whether an extent of bytes may start now. Asked with the extent's own
+ * length once it is planned: extents end where the copy work does (a local
+ * run, a hole of the base), and asking for a whole next_extent() each time
+ * left windows of short extents three quarters empty, which the controller
+ * can never measure (it then kept its window for the rest of the stream).
+ */
+static bool may_start(const struct stream *s, uint64_t bytes)
 {
 	if (s->limited)
 		return s->inflight < s->max_inflight;
-	return ifc_may_start(&s->ifc, next_extent(s));
+	return ifc_may_start(&s->ifc, bytes);
 }
 
 /*
@@ -672,11 +679,12 @@ static int start_copy(struct stream *s, uint64_t cl, uint64_t n, void *token,
  * Grow a COPY extent of n clusters at the planner over what follows, up to
  * max clusters: further COPY runs (another layer's, say), and local runs
  * of at most gap clusters between two COPY runs, which the copy reads over
- * and never writes (counted as skipped here). Stops at anything else, or
+ * and never writes (their bytes added to *over: skipped, once the extent
+ * starts; planning may stop short and plan it again). Stops at anything else, or
  * where a lookup would wait for metadata (the next extent starts there).
  */
 static uint64_t extend_extent(struct stream *s, uint64_t limit, uint64_t max,
-			      uint64_t n, uint64_t gap)
+			      uint64_t n, uint64_t gap, uint64_t *over)
 {
 	uint64_t at, m, m2;
 	enum run_kind k;
@@ -695,7 +703,7 @@ static uint64_t extend_extent(struct stream *s, uint64_t limit, uint64_t max,
 		if (classify(s, at + m, limit - at - m, &k, &m2) != 0 ||
 		    k != RUN_COPY)
 			break;
-		atomic_fetch_add(&s->bytes_skipped, m * s->cs);
+		*over += m * s->cs;
 		n += m + sx_min(m2, max - n - m);
 	}
 	return n;
@@ -836,7 +844,7 @@ static int flush_start(struct stream *s)
 int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 {
 	enum run_kind kind = RUN_LOCAL;
-	uint64_t n = 0, max, wait, ext;
+	uint64_t n = 0, max, wait, ext, len, over;
 	uint8_t *buf = NULL;
 	void *token;
 	int ret = 0;
@@ -862,7 +870,7 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 	if (!s->err && !atomic_load(&s->abort))
 		meta_ahead_pump(s->ahead, s->planner * s->cs);
 	while (!s->err && !atomic_load(&s->abort) && s->planner < limit &&
-	       may_start(s) && s->plan_budget && !s->mf.busy) {
+	       may_start(s, s->cs) && s->plan_budget && !s->mf.busy) {
 		meta_ahead_pump(s->ahead, s->planner * s->cs);
 		ext = next_extent(s);
 		max = sx_min(limit - s->planner, ext / s->cs);
@@ -900,33 +908,39 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 			__attribute__((fallthrough));
 		case RUN_COPY:
 			n = sx_min(n, max);
+			over = 0;
 			if (kind == RUN_COPY)
 				n = extend_extent(s, limit, max, n,
-						  gap_bytes(s, ext) / s->cs);
-			ret = take_buf(s, ext, &buf);
+						  gap_bytes(s, ext) / s->cs,
+						  &over);
+			len = n * s->cs;
+			if (!may_start(s, len))
+				goto out; /* a completion makes room */
+			ret = take_buf(s, len, &buf);
 			if (ret <= 0)
 				goto out;
 			ret = range_lock(s, s->planner, n, &token);
 			if (ret <= 0) {
-				extent_pool_put(s->pu, buf, ext);
+				extent_pool_put(s->pu, buf, len);
 				goto out;
 			}
 			ret = 0;
-			wait = copy_gate(s, n * s->cs);
+			wait = copy_gate(s, len);
 			if (wait) {
-				extent_pool_put(s->pu, buf, ext);
+				extent_pool_put(s->pu, buf, len);
 				if (token)
 					s->unlock(s->lock_opaque, token);
 				if (!s->inflight)
 					*wait_ns = wait;
 				return 0;
 			}
+			atomic_fetch_add(&s->bytes_skipped, over);
 			if (s->plan_budget != UINT64_MAX)
 				s->plan_budget -=
 					sx_min(s->plan_budget, n * s->cs);
 			/* The extent owns clusters [planner, planner + n). */
 			s->planner += n;
-			ret = start_copy(s, s->planner - n, n, token, buf, ext);
+			ret = start_copy(s, s->planner - n, n, token, buf, len);
 			update_cursor(s);
 			if (ret < 0)
 				goto out;
