@@ -4,7 +4,9 @@
  * Invariants: at most one read per struct meta_fetch in flight (busy); the
  * read covers the missing range rounded out to the file's direct-I/O
  * alignment, so any slice size works on any file; its buffer lives from
- * meta_fetch_start() to just before done runs.
+ * meta_fetch_start() to just before done runs. A miss of kind
+ * IMG_META_NBD_STATUS is a block status request on the queue instead,
+ * into a zeroed array of extents (one more than asked: the end marker).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -12,7 +14,11 @@
 
 #include "common/checked.h"
 #include "common/error.h"
+#include "io/nbd.h"
 #include "meta_fetch.h"
+
+/* A block status answer: the extents asked for and the end marker. */
+#define STATUS_BYTES ((IMG_META_EXTENTS + 1) * sizeof(struct sio_nbd_extent))
 
 static void fetch_done(struct sio_req *io, int res)
 {
@@ -42,6 +48,27 @@ int meta_fetch_start(struct meta_fetch *f, struct sio_queue *q,
 	if (f->busy || !f->miss.layer || !file || !r->len)
 		return -EINVAL;
 	f->misses++;
+	if (r->kind == IMG_META_NBD_STATUS) {
+		/* Zeroed: an extent of length 0 ends what the server said. */
+		f->buf = sio_buf_alloc(STATUS_BYTES);
+		if (!f->buf)
+			return -ENOMEM;
+		memset(f->buf, 0, STATUS_BYTES);
+		f->skip = 0;
+		f->done = done;
+		f->priv = priv;
+		f->io = (struct sio_req){
+			.op = SIO_OP_NBD_STATUS,
+			.file = file,
+			.buf = f->buf,
+			.off = r->host_off,
+			.len = r->len,
+			.mode = IMG_META_EXTENTS,
+			.done = fetch_done,
+			.priv = f,
+		};
+		goto submit;
+	}
 	a = sx_align_down(r->host_off, file->align);
 	if (sx_align_up(r->host_off + r->len, file->align, &b) < 0)
 		return -EOVERFLOW;
@@ -60,6 +87,7 @@ int meta_fetch_start(struct meta_fetch *f, struct sio_queue *q,
 		.done = fetch_done,
 		.priv = f,
 	};
+submit:
 	ret = sio_queue_submit(q, &f->io);
 	if (ret < 0) {
 		sio_buf_free(f->buf);

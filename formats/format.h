@@ -50,6 +50,20 @@ struct img_extent {
 	bool zero_data;
 };
 
+/* What a struct img_meta_req asks of its file. */
+enum img_meta_kind {
+	/* Read len bytes at host_off; meta_fill gets them. */
+	IMG_META_READ = 0,
+	/*
+	 * The allocation of [host_off, host_off + len) of an NBD export
+	 * (SIO_OP_NBD_STATUS); meta_fill gets up to IMG_META_EXTENTS struct
+	 * sio_nbd_extent from host_off, ended by one of length 0 when fewer.
+	 */
+	IMG_META_NBD_STATUS,
+};
+
+#define IMG_META_EXTENTS 16
+
 /*
  * A metadata read that block_status will need, planned ahead of use so the
  * caller can do it asynchronously (see meta_want and meta_fill).
@@ -60,6 +74,7 @@ struct img_meta_req {
 	uint64_t len;
 	uint64_t guest_off; /* the first guest byte the metadata describes */
 	uint64_t tag; /* the driver's, for meta_fill */
+	enum img_meta_kind kind;
 };
 
 /* Flags of write_zeroes. */
@@ -209,9 +224,11 @@ struct img_driver {
 			      uint64_t *next);
 
 	/*
-	 * Install a read planned by meta_want (buf holds req->len bytes read
-	 * from req->host_off). Ignored when the metadata may have changed
-	 * since the read was planned or is cached already. Never fails.
+	 * Install a read planned by meta_want or asked by
+	 * block_status_nowait (buf holds req->len bytes read from
+	 * req->host_off, or the extents of an IMG_META_NBD_STATUS). Ignored
+	 * when the metadata may have changed since the read was planned or
+	 * is cached already. Never fails.
 	 */
 	void (*meta_fill)(struct img *img, const struct img_meta_req *req,
 			  const void *buf);

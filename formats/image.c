@@ -1160,7 +1160,7 @@ unsigned img_meta_want(struct img *img, uint64_t off, struct img_meta_req *reqs,
 void img_meta_fill(struct img *img, const struct img_meta_req *req,
 		   const void *buf)
 {
-	if (img_can_read_ahead(img))
+	if (img->drv->meta_fill)
 		img->drv->meta_fill(img, req, buf);
 }
 

@@ -76,6 +76,11 @@ uint64_t sio_sync_waits(void)
 {
 	return tl_sync_waits;
 }
+
+void sio_count_sync_wait(void)
+{
+	tl_sync_waits++;
+}
 static pthread_key_t ring_key;
 static pthread_once_t ring_once = PTHREAD_ONCE_INIT;
 static int ring_key_err;

@@ -147,6 +147,18 @@ enum sio_op {
 	 * sio_queue_run() also wake for commands or timers.
 	 */
 	SIO_OP_POLL,
+	/*
+	 * The allocation of [off, off + len) of an NBD export (sio_nbd_open,
+	 * io/nbd.h: base:allocation), asked on one of the queue's
+	 * connections like a read: buf has room for `mode` struct
+	 * sio_nbd_extent, filled in order from off, neighbours of equal
+	 * flags merged; res is how many (they may end before off + len:
+	 * ask again from there; 0 at or past the export's end) or -errno
+	 * (-EIO also for a reply that describes nothing). A server without
+	 * block status answers one extent of data (flags 0) at once, with
+	 * no round trip. NBD files only (-EINVAL otherwise).
+	 */
+	SIO_OP_NBD_STATUS,
 };
 
 struct sio_req;
@@ -170,7 +182,7 @@ struct sio_req {
 	 * uses only the first len bytes; a larger one is -EINVAL.
 	 */
 	uint64_t len;
-	int mode; /* FALLOCATE mode */
+	int mode; /* FALLOCATE mode; NBD_STATUS: extents buf holds */
 	sio_done_fn done;
 	void *priv; /* caller's */
 
@@ -185,6 +197,7 @@ struct sio_req {
 		uint32_t parts; /* reads in flight for it */
 		int err; /* first error, -errno */
 		const char *msg; /* why it failed (the connection's), or NULL */
+		void *walk; /* NBD_STATUS: the answer being collected */
 	} _nbd;
 };
 

@@ -109,6 +109,8 @@ struct sio_nbd_conn {
 	char *host, *port, *socket, *export_name;
 	uint64_t size; /* the export's: a new connection must say the same */
 	uint32_t max_io;
+	uint32_t align; /* the export's minimum block (block status) */
+	bool block_status; /* base:allocation was negotiated */
 	int fd;
 	unsigned gen; /* handles made so far: tells polls of old ones */
 	enum conn_state state;
@@ -119,7 +121,8 @@ struct sio_nbd_conn {
 	unsigned backoff_ms;
 	uint64_t last_reply; /* a reply came, or the first read went (ns) */
 	bool replied; /* read_done ran since last_reply was set */
-	unsigned inflight; /* reads in libnbd */
+	unsigned inflight; /* reads and block status in libnbd */
+	unsigned cb_runs; /* completions called back (see issued_back()) */
 	unsigned held; /* requests submitted and not popped */
 	bool dead; /* CONN_DOWN: requests fail with dead_msg */
 	bool hung; /* the timeout shut the socket: why it died */
@@ -639,6 +642,7 @@ int sio_nbd_pread(struct sio_file *f, void *buf, size_t len, uint64_t off)
 	memset((char *)buf + avail, 0, len - avail);
 	if (!avail)
 		return 0;
+	sio_count_sync_wait();
 	pthread_mutex_lock(&n->lock);
 	if (!sx_is_aligned(off, n->align) || !sx_is_aligned(avail, n->align))
 		ret = read_bounced(n, buf, avail, off);
@@ -655,6 +659,7 @@ struct bs_walk {
 	uint64_t pos, end; /* next byte to describe, end of the range */
 	bool seen; /* base:allocation already answered this request */
 	bool full; /* v has no room left */
+	struct sio_req *owner; /* a queue's request (status_send), or NULL */
 };
 
 /* Add [pos, pos + len) with flags to the walk. false when v is full. */
@@ -734,6 +739,7 @@ int sio_nbd_block_status(struct sio_file *f, uint64_t off, uint64_t len,
 		w.seen = false;
 		if (!nb->h && !sync_retry(nb, &ret))
 			break;
+		sio_count_sync_wait();
 		if (nbd_block_status(nb->h, end - start, start,
 				     (nbd_extent_callback){
 					     .callback = bs_extent,
@@ -774,6 +780,11 @@ void sio_nbd_set_connections(unsigned n)
 unsigned sio_nbd_conns_wanted(const struct sio_file *f)
 {
 	return f->nbd->multi_conn ? atomic_load(&nbd_connections) : 1;
+}
+
+bool sio_nbd_has_block_status(const struct sio_file *f)
+{
+	return sio_file_is_nbd(f) && f->nbd->block_status;
 }
 
 bool sio_nbd_conn_up(const struct sio_nbd_conn *c)
@@ -825,6 +836,8 @@ int sio_nbd_conn_open(struct sio_file *f, struct sio_nbd_conn **out)
 	c->file = f;
 	c->id = n->id;
 	c->max_io = n->max_io;
+	c->align = n->align;
+	c->block_status = n->block_status;
 	c->size = n->size;
 	c->reconnect_ms = atomic_load(&nbd_reconnect_ms);
 	c->timeout_ms = atomic_load(&nbd_timeout_ms);
@@ -874,6 +887,7 @@ static int read_done(void *user_data, int *error)
 	struct sio_nbd_conn *c = req->_nbd.conn;
 
 	c->inflight--;
+	c->cb_runs++;
 	c->replied = true;
 	if (*error && !req->_nbd.err)
 		req->_nbd.err = -*error;
@@ -1120,12 +1134,134 @@ static void conn_advance(struct sio_nbd_conn *c, uint64_t now)
 		conn_start(c, now);
 }
 
+/*
+ * A command was refused (its call returned -1) with `issued` commands in
+ * flight counting it, `runs` completions called back during the call: did
+ * libnbd call the refused one back too? It does when the handle dies
+ * while sending it (seen with a server killed: a broken pipe): every
+ * command of the handle is then retired through its callback, the
+ * refused one included, and that callback did its accounting, which the
+ * caller must not do again (it underflowed the count in flight and put a
+ * request on two lists).
+ */
+static bool issued_back(unsigned issued, unsigned runs)
+{
+	return runs >= issued;
+}
+
+/*
+ * libnbd's completion of a block status command: the request is done,
+ * with the extents its walk collected (req->_done_bytes counts them).
+ */
+static int status_done(void *user_data, int *error)
+{
+	struct sio_req *req = user_data;
+	struct sio_nbd_conn *c = req->_nbd.conn;
+	struct bs_walk *w = req->_nbd.walk;
+
+	c->inflight--;
+	c->cb_runs++;
+	c->replied = true;
+	req->_nbd.parts--;
+	if (*error && !req->_nbd.err)
+		req->_nbd.err = -*error;
+	if (!req->_nbd.err && (!w || w->pos == req->off))
+		req->_nbd.err = -EIO; /* described nothing */
+	req->_done_bytes = !req->_nbd.err && w ? w->n : 0;
+	list_append(&c->done_head, &c->done_tail, req);
+	return 1;
+}
+
+/* The block status walk of a request is no longer needed by libnbd. */
+static void walk_free(void *user_data)
+{
+	struct bs_walk *w = user_data;
+
+	if (w && w->owner && w->owner->_nbd.walk == w)
+		w->owner->_nbd.walk = NULL;
+	free(w);
+}
+
+/*
+ * Send the block status request at the head of the wait list (it leaves
+ * the list): one command for [off, off + len) clipped to the export and
+ * to BS_MAX_REQUEST, its start aligned down to the minimum block. 1 sent,
+ * 0 refused (req failed or requeued; *stop when the connection died).
+ */
+static int status_send(struct sio_nbd_conn *c, struct sio_req *req,
+		       uint64_t now, bool *stop)
+{
+	uint64_t start, end;
+	struct bs_walk *w;
+	unsigned issued;
+	int64_t cookie;
+	int err;
+
+	list_pop(&c->wait_head, &c->wait_tail);
+	w = calloc(1, sizeof(*w));
+	if (!w) {
+		req->_nbd.err = -ENOMEM;
+		list_append(&c->done_head, &c->done_tail, req);
+		return 0;
+	}
+	w->v = req->buf;
+	w->max = (unsigned)req->mode;
+	w->pos = req->off;
+	w->end = req->off + req->_nbd.end;
+	w->owner = req;
+	start = sx_align_down(req->off, c->align ? c->align : 1);
+	end = sx_min(w->end, start + BS_MAX_REQUEST);
+	if (c->align && sx_align_up(end, c->align, &end) < 0)
+		end = c->size;
+	end = sx_min(end, c->size);
+	req->_nbd.walk = w;
+	if (!c->inflight)
+		c->last_reply = now;
+	req->_nbd.parts++;
+	c->inflight++;
+	issued = c->inflight;
+	c->cb_runs = 0;
+	cookie = nbd_aio_block_status(c->h, end - start, start,
+				      (nbd_extent_callback){
+					      .callback = bs_extent,
+					      .user_data = w,
+					      .free = walk_free,
+				      },
+				      (nbd_completion_callback){
+					      .callback = status_done,
+					      .user_data = req,
+				      },
+				      0);
+	if (cookie >= 0)
+		return 1;
+	err = nbd_get_errno();
+	if (issued_back(issued, c->cb_runs)) {
+		/* Done through status_done(), with an error. */
+		*stop = conn_check_dead(c, lib_msg(), now);
+		return 0;
+	}
+	/* Refused: libnbd calls neither back, but frees the walk. */
+	req->_nbd.parts--;
+	c->inflight--;
+	list_push_front(&c->wait_head, &c->wait_tail, req);
+	if (conn_check_dead(c, lib_msg(), now)) {
+		*stop = true;
+		return 0;
+	}
+	list_pop(&c->wait_head, &c->wait_tail);
+	req->_nbd.err = err ? -err : -EIO;
+	list_append(&c->done_head, &c->done_tail, req);
+	return 0;
+}
+
 /* Ask for more of the waiting requests while there is room in flight. */
 static void conn_pump(struct sio_nbd_conn *c, uint64_t now)
 {
 	struct sio_req *req;
 	uint64_t pos, n;
+	unsigned issued;
 	int64_t cookie;
+	bool stop = false;
 	char *p;
 	int err;
 
@@ -1133,6 +1269,12 @@ static void conn_pump(struct sio_nbd_conn *c, uint64_t now)
 	       c->inflight < CONN_DEPTH) {
 		if (req->_nbd.err) {
 			wait_done(c, req);
+			continue;
+		}
+		if (req->op == SIO_OP_NBD_STATUS) {
+			status_send(c, req, now, &stop);
+			if (stop)
+				break;
 			continue;
 		}
 		pos = req->_done_bytes;
@@ -1151,6 +1293,8 @@ static void conn_pump(struct sio_nbd_conn *c, uint64_t now)
 		c->inflight++;
 		if (req->_done_bytes == req->_nbd.end)
 			list_pop(&c->wait_head, &c->wait_tail);
+		issued = c->inflight;
+		c->cb_runs = 0;
 		cookie = nbd_aio_pread(c->h, p, (size_t)n, req->off + pos,
 				       (nbd_completion_callback){
 					       .callback = read_done,
@@ -1159,8 +1303,14 @@ static void conn_pump(struct sio_nbd_conn *c, uint64_t now)
 				       0);
 		if (cookie >= 0)
 			continue;
-		/* Refused: libnbd will not call back for this one. */
 		err = nbd_get_errno();
+		if (issued_back(issued, c->cb_runs)) {
+			/* Failed through read_done(): the rest is requeued. */
+			if (conn_check_dead(c, lib_msg(), now))
+				break;
+			continue;
+		}
+		/* Refused: libnbd will not call back for this one. */
 		req->_nbd.parts--;
 		c->inflight--;
 		if (req->_done_bytes == req->_nbd.end && c->wait_head != req)
@@ -1290,6 +1440,7 @@ out:
 
 struct sio_req *sio_nbd_conn_pop(struct sio_nbd_conn *c, int *res)
 {
+	const char *what;
 	struct sio_req *req;
 	int err;
 
@@ -1305,19 +1456,19 @@ struct sio_req *sio_nbd_conn_pop(struct sio_nbd_conn *c, int *res)
 			 c->dead_msg);
 		req->_nbd.msg = c->fail_msg;
 	}
+	what = req->op == SIO_OP_NBD_STATUS ? "block status" : "read";
 	if (err < 0 && c->dead)
 		err = sx_error(-EIO,
-			       "%s: read of %" PRIu64
-			       " bytes at offset %" PRIu64
+			       "%s: %s of %" PRIu64 " bytes at offset %" PRIu64
 			       ": connection to the NBD server %s lost (%s)",
-			       c->uri, req->_nbd.end, req->off, c->server,
+			       c->uri, what, req->_nbd.end, req->off, c->server,
 			       c->dead_msg);
 	else if (err < 0)
-		err = sx_error(err,
-			       "%s: read of %" PRIu64
-			       " bytes at offset %" PRIu64 ": %s",
-			       c->uri, req->_nbd.end, req->off, strerror(-err));
-	*res = err;
+		err = sx_error(
+			err,
+			"%s: %s of %" PRIu64 " bytes at offset %" PRIu64 ": %s",
+			c->uri, what, req->_nbd.end, req->off, strerror(-err));
+	*res = err < 0 ? err : (int)req->_done_bytes;
 	return req;
 }
 

@@ -101,6 +101,12 @@ struct sio_nbd_info {
 /* Fill *out for the NBD file f: 0, or -EINVAL when f is not one. */
 int sio_nbd_get_info(const struct sio_file *f, struct sio_nbd_info *out);
 
+/*
+ * Whether the server of the NBD file f answers base:allocation (false for
+ * any other file). Asking costs no round trip.
+ */
+bool sio_nbd_has_block_status(const struct sio_file *f);
+
 /* Flags of an extent, as base:allocation defines them. */
 enum sio_nbd_extent_flags {
 	SIO_NBD_HOLE = 1 << 0, /* not allocated on the server */

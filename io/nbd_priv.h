@@ -31,6 +31,12 @@ uint64_t sio_nbd_size(const struct sio_file *f);
 /* Disconnect and free what sio_nbd_open() made for f. NULL is a no-op. */
 void sio_nbd_free(struct sio_nbd *n);
 
+/*
+ * Count a round trip the calling thread waits for (io/file.c, for
+ * sio_sync_waits()): the synchronous NBD helpers wait for the server.
+ */
+void sio_count_sync_wait(void);
+
 struct sio_nbd_conn;
 
 /*
@@ -47,9 +53,10 @@ bool sio_nbd_conn_owns(const struct sio_nbd_conn *c, const struct sio_file *f);
 
 /*
  * Start reading the first n bytes (0 < n, within the export) of the read
- * req into its memory. Never fails: an error finishes the request with
- * it. The request is the connection's until sio_nbd_conn_pop() returns
- * it.
+ * req into its memory, or asking the allocation of them (SIO_OP_NBD_STATUS,
+ * on a connection to a server with block status). Never fails: an error
+ * finishes the request with it. The request is the connection's until
+ * sio_nbd_conn_pop() returns it.
  */
 void sio_nbd_conn_submit(struct sio_nbd_conn *c, struct sio_req *req,
 			 uint64_t n);
@@ -98,8 +105,9 @@ void sio_nbd_conn_tick(struct sio_nbd_conn *c);
 void sio_nbd_conn_notify(struct sio_nbd_conn *c, int revents);
 
 /*
- * A finished request, or NULL: *res is its result, 0 or -errno (a
- * message naming the server is recorded for an error).
+ * A finished request, or NULL: *res is its result, 0 (a read), the number
+ * of extents (a block status) or -errno (a message naming the server is
+ * recorded for an error).
  */
 struct sio_req *sio_nbd_conn_pop(struct sio_nbd_conn *c, int *res);
 

@@ -241,6 +241,10 @@ static void prep(struct io_uring_sqe *sqe, struct sio_req *req)
 	case SIO_OP_POLL:
 		io_uring_prep_poll_add(sqe, fd, POLLIN);
 		break;
+	case SIO_OP_NBD_STATUS:
+		/* Unreachable: NBD files go to nbd_enqueue(). */
+		io_uring_prep_nop(sqe);
+		break;
 	}
 	io_uring_sqe_set_data(sqe, req);
 }
@@ -389,7 +393,9 @@ static void nbd_service(struct sio_queue *q, struct queue_nbd *l)
 
 	while ((req = sio_nbd_conn_pop(l->conn, &res))) {
 		q->nbd_busy--;
-		finish_now(q, req, res < 0 ? res : (int)req_len(req));
+		if (res >= 0 && req->op == SIO_OP_READ)
+			res = (int)req_len(req);
+		finish_now(q, req, res);
 	}
 	nbd_arm(q, l);
 }
@@ -445,9 +451,41 @@ static struct queue_nbd *nbd_link(struct sio_queue *q, struct sio_file *f,
 }
 
 /*
+ * A block status request: to a connection when the server answers
+ * base:allocation and the range is in the export; else answered now (all
+ * data, or nothing past the end).
+ */
+static void nbd_status(struct sio_queue *q, struct sio_req *req)
+{
+	struct sio_nbd_extent *v = req->buf;
+	uint64_t size = sio_nbd_size(req->file), n;
+	struct queue_nbd *l;
+	int err;
+
+	n = req->off >= size ? 0 : sx_min(req->len, size - req->off);
+	if (!n) {
+		finish_now(q, req, 0);
+		return;
+	}
+	if (!sio_nbd_has_block_status(req->file)) {
+		v[0] = (struct sio_nbd_extent){.len = n, .flags = 0};
+		finish_now(q, req, 1);
+		return;
+	}
+	l = nbd_link(q, req->file, &err);
+	if (!l) {
+		finish_now(q, req, err);
+		return;
+	}
+	q->nbd_busy++;
+	sio_nbd_conn_submit(l->conn, req, n);
+	nbd_service(q, l);
+}
+
+/*
  * An NBD request: a read goes to the connection (the part past the
- * export's end is zeros at once), a sync completes now (nothing to
- * flush on a read-only export).
+ * export's end is zeros at once), a block status too (nbd_status()), a
+ * sync completes now (nothing to flush on a read-only export).
  */
 static void nbd_enqueue(struct sio_queue *q, struct sio_req *req)
 {
@@ -456,6 +494,11 @@ static void nbd_enqueue(struct sio_queue *q, struct sio_req *req)
 	int err;
 
 	req->_nbd.msg = NULL;
+	req->_nbd.walk = NULL;
+	if (req->op == SIO_OP_NBD_STATUS) {
+		nbd_status(q, req);
+		return;
+	}
 	if (req->op != SIO_OP_READ) {
 		finish_now(q, req, 0);
 		return;
@@ -599,6 +642,20 @@ static int validate(const struct sio_req *req, uint64_t *lenp)
 	case SIO_OP_FSYNC:
 	case SIO_OP_FDATASYNC:
 	case SIO_OP_POLL:
+		break;
+	case SIO_OP_NBD_STATUS:
+		if (!req->file->nbd || !req->buf || req->mode <= 0)
+			return sx_error(-EINVAL, "%s: block status: %s", path,
+					!req->file->nbd
+						? "not an NBD export"
+						: "no room for extents");
+		len = req->len;
+		if (sx_add(req->off, len, &end) < 0 || end > INT64_MAX)
+			return sx_error(-EOVERFLOW,
+					"%s: block status of %" PRIu64
+					" bytes at offset %" PRIu64
+					" overflows",
+					path, len, req->off);
 		break;
 	default:
 		return sx_error(-EINVAL, "%s: unknown request op %d", path,

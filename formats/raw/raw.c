@@ -69,58 +69,183 @@ static void raw_close(struct img *img)
 }
 
 /*
- * The last run that lseek reported, [lo, hi) with one status. The stream
- * planner and the reader ask about neighbouring ranges of a run many times;
- * answering from here saves two lseeks each (thousands on a sparse 1 TiB
- * base). Only for read-only images: a backing file is locked against
- * writers, and a writable raw image changes under its own writes.
+ * The last runs that lseek or the NBD server reported: consecutive runs
+ * from lo, run[i] ending at run[i].hi, with one status each. The stream
+ * planner and the reader ask about neighbouring ranges of a run many
+ * times; answering from here saves two lseeks each (thousands on a sparse
+ * 1 TiB base), or a round trip to the server. Several runs, because one
+ * cluster may hold several (qemu-nbd reports the first 4 KiB of a raw
+ * file as data apart): a planner that asks about each piece of the
+ * cluster and parks for each answer would otherwise replace the run it
+ * needs next, forever. Only for read-only images: a backing file is
+ * locked against writers (an NBD export is read-only), and a writable
+ * raw image changes under its own writes.
  */
-struct raw_state {
-	uint64_t lo;
+#define RAW_RUNS IMG_META_EXTENTS
+
+struct raw_run {
 	uint64_t hi;
 	enum img_status status;
 	bool zero_data; /* img_extent.zero_data of the run */
-	bool valid;
 };
 
+struct raw_state {
+	uint64_t lo;
+	unsigned n; /* runs held; 0: nothing */
+	struct raw_run run[RAW_RUNS];
+};
+
+/* Forget the runs, then hold [lo, hi) with status (the first one). */
 static void remember(struct img *img, uint64_t lo, uint64_t hi,
 		     enum img_status status)
 {
 	struct raw_state *r = img->priv;
 
-	if (img->writable)
+	r->n = 0;
+	if (img->writable || hi <= lo)
 		return;
-	*r = (struct raw_state){lo, hi, status, false, true};
+	r->lo = lo;
+	r->run[0] = (struct raw_run){hi, status, false};
+	r->n = 1;
+}
+
+/* Add the run [last end, hi) with status after what remember() holds. */
+static void remember_more(struct img *img, uint64_t hi, enum img_status status,
+			  bool zero_data)
+{
+	struct raw_state *r = img->priv;
+
+	if (!r->n || r->n == RAW_RUNS || hi <= r->run[r->n - 1].hi)
+		return;
+	r->run[r->n++] = (struct raw_run){hi, status, zero_data};
+}
+
+/* Answer [off, off + len) from the runs held: true when they cover off. */
+static bool recall(struct img *img, uint64_t off, uint64_t len,
+		   struct img_extent *ext)
+{
+	const struct raw_state *r = img->priv;
+	unsigned i;
+
+	if (!r->n || off < r->lo || off >= r->run[r->n - 1].hi)
+		return false;
+	for (i = 0; off >= r->run[i].hi; i++)
+		;
+	ext->status = r->run[i].status;
+	ext->zero_data = r->run[i].zero_data;
+	ext->len = sx_min(r->run[i].hi - off, len);
+	return true;
+}
+
+/* The status of an NBD extent's flags, and its zero_data. */
+static enum img_status nbd_status_of(uint32_t flags, bool *zero_data)
+{
+	*zero_data = (flags & (SIO_NBD_ZERO | SIO_NBD_HOLE)) == SIO_NBD_ZERO;
+	return flags & SIO_NBD_ZERO ? IMG_ZERO : IMG_DATA;
 }
 
 /*
- * Status of [off, off + len) of an NBD export from the server: the first
- * extent only (the chain layer asks again from where it ends). The bytes
- * of the last 512-byte sector past the export's end read as zeros.
+ * Hold the extents v[0..n) a server reported from off (n > 0): their
+ * statuses as runs, clipped to end.
+ */
+static void remember_extents(struct img *img, uint64_t off, uint64_t end,
+			     const struct sio_nbd_extent *v, unsigned n)
+{
+	struct raw_state *r = img->priv;
+	uint64_t at = off;
+	enum img_status st;
+	bool zd;
+	unsigned i;
+
+	for (i = 0; i < n && at < end && v[i].len; i++) {
+		st = nbd_status_of(v[i].flags, &zd);
+		at = sx_min(at + v[i].len, end);
+		if (i == 0) {
+			remember(img, off, at, st);
+			if (r->n)
+				r->run[0].zero_data = zd;
+		} else {
+			remember_more(img, at, st, zd);
+		}
+	}
+}
+
+/*
+ * Status of [off, off + len) of an NBD export from the server,
+ * synchronously: the first extent (the chain layer asks again from where
+ * it ends; the next ones are remembered). The bytes of the last 512-byte
+ * sector past the export's end read as zeros.
  */
 static int raw_nbd_status(struct img *img, uint64_t off, uint64_t len,
 			  struct img_extent *ext)
 {
-	struct sio_nbd_extent v;
+	struct sio_nbd_extent v[RAW_RUNS];
 	unsigned n = 0;
 	int ret;
 
-	ret = sio_nbd_block_status(img->file, off, len, &v, 1, &n);
+	ret = sio_nbd_block_status(img->file, off, len, v, RAW_RUNS, &n);
 	if (ret < 0)
 		return ret;
-	if (n == 0 || v.len == 0) {
+	if (n == 0 || v[0].len == 0) {
 		/* At or past the export's end: the sector's zero tail. */
 		ext->status = IMG_ZERO;
 		ext->len = len;
 		return 0;
 	}
-	ext->status = v.flags & SIO_NBD_ZERO ? IMG_ZERO : IMG_DATA;
-	ext->zero_data =
-		(v.flags & (SIO_NBD_ZERO | SIO_NBD_HOLE)) == SIO_NBD_ZERO;
-	ext->len = sx_min(v.len, len);
-	remember(img, off, off + ext->len, ext->status);
-	((struct raw_state *)img->priv)->zero_data = ext->zero_data;
+	ext->status = nbd_status_of(v[0].flags, &ext->zero_data);
+	ext->len = sx_min(v[0].len, len);
+	remember_extents(img, off, off + len, v, n);
 	return 0;
+}
+
+/* The tag of raw's block status requests (img_meta_req.tag). */
+#define RAW_META_STATUS 1
+
+static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
+			    struct img_extent *ext);
+
+/*
+ * block_status without waiting: over an NBD export with block status, a
+ * run that the last answer does not cover is asked on the caller's queue
+ * (-EAGAIN, *req an IMG_META_NBD_STATUS) and comes back through
+ * raw_meta_fill(). Anything else answers as raw_block_status (lseek is
+ * the filesystem's metadata, no device round trip).
+ */
+static int raw_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
+				   struct img_extent *ext,
+				   struct img_meta_req *req)
+{
+	if (!sio_nbd_has_block_status(img->file) || recall(img, off, len, ext))
+		return raw_block_status(img, off, len, ext);
+	*req = (struct img_meta_req){
+		.file = img->file,
+		.host_off = off,
+		.len = len,
+		.guest_off = off,
+		.tag = RAW_META_STATUS,
+		.kind = IMG_META_NBD_STATUS,
+	};
+	return -EAGAIN;
+}
+
+/*
+ * The server's answer to a request of raw_block_status_nowait(): its
+ * first extent becomes the remembered run, as raw_nbd_status() would
+ * have made it (no extent: past the export's end, the zero tail).
+ */
+static void raw_meta_fill(struct img *img, const struct img_meta_req *req,
+			  const void *buf)
+{
+	const struct sio_nbd_extent *v = buf;
+
+	if (req->tag != RAW_META_STATUS || req->kind != IMG_META_NBD_STATUS)
+		return;
+	if (v[0].len)
+		remember_extents(img, req->host_off, req->host_off + req->len,
+				 v, IMG_META_EXTENTS);
+	else
+		remember(img, req->host_off, req->host_off + req->len,
+			 IMG_ZERO);
 }
 
 /*
@@ -130,7 +255,6 @@ static int raw_nbd_status(struct img *img, uint64_t off, uint64_t len,
 static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 			    struct img_extent *ext)
 {
-	struct raw_state *r = img->priv;
 	int fd = img->file->fd;
 	off_t data, hole;
 	uint64_t run;
@@ -141,12 +265,8 @@ static int raw_block_status(struct img *img, uint64_t off, uint64_t len,
 
 	if (img->file->is_blockdev)
 		goto all_data;
-	if (r->valid && off >= r->lo && off < r->hi) {
-		ext->status = r->status;
-		ext->zero_data = r->zero_data;
-		ext->len = sx_min(r->hi - off, len);
+	if (recall(img, off, len, ext))
 		return 0;
-	}
 	if (sio_file_is_nbd(img->file))
 		return raw_nbd_status(img, off, len, ext);
 
@@ -265,6 +385,8 @@ const struct img_driver img_driver_raw = {
 	.open = raw_open,
 	.close = raw_close,
 	.block_status = raw_block_status,
+	.block_status_nowait = raw_block_status_nowait,
+	.meta_fill = raw_meta_fill,
 	.info = raw_info,
 	.pwrite = raw_pwrite,
 	.write_zeroes = raw_write_zeroes,

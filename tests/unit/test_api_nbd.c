@@ -140,6 +140,65 @@ START_TEST(test_stream_nbd_base_guest_reads)
 }
 END_TEST
 
+/*
+ * The worker never waits for the server while streaming (issue 12: a
+ * remote layer must never stall the disk's event loop): over a sparse base
+ * the planner asks the server for block status many times, on the queue;
+ * siphon_disk_stats.sync_waits (round trips the worker waited for) stays
+ * 0 from the stream's start to its end. Then the result is qemu's copy.
+ */
+START_TEST(test_stream_nbd_sparse_no_waits)
+{
+	char *d = tmpdir, top[512], base[512];
+	struct siphon_disk_stats st = {.size = sizeof(st)};
+	struct nbd_server srv;
+	struct siphon_event ev;
+	siphon_domain *dom = NULL;
+	siphon_disk *disk = NULL;
+	int ret;
+
+	/* Data in a few places, holes between: many runs to ask about. */
+	RUN("cd %s && qemu-img create -q -f raw sparse.raw 16M && "
+	    "qemu-io -f raw -c 'write -P 0x31 1M 64k' "
+	    "-c 'write -P 0x32 3M 4k' -c 'write -P 0x33 5M 192k' "
+	    "-c 'write -P 0x34 9M 64k' -c 'write -P 0 11M 1M' "
+	    "-c 'write -P 0x35 16320k 64k' sparse.raw >/dev/null",
+	    d);
+	snprintf(base, sizeof(base), "%s/sparse.raw", d);
+	ck_assert_int_eq(nbd_server_qemu(&srv, d, "sp.sock", base), 0);
+	RUN("cd %s && qemu-img create -q -f qcow2 "
+	    "-b 'nbd+unix:///exp?socket=%s' -F raw sp.qcow2 && "
+	    "qemu-io -f qcow2 -c 'write -P 0x41 2M 64k' sp.qcow2 "
+	    ">/dev/null && qemu-img convert -O raw sp.qcow2 sp.ref.raw",
+	    d, srv.sock);
+	snprintf(top, sizeof(top), "%s/sp.qcow2", d);
+
+	ck_assert_int_eq(siphon_domain_create(NULL, &dom), 0);
+	ret = siphon_disk_attach(dom, top, NULL);
+	ck_assert_msg(ret == 0, "attach: %d %s", ret, siphon_get_error());
+	ret = siphon_block_stream(dom, top, NULL, SIPHON_STREAM_CONTINUOUS);
+	ck_assert_msg(ret == 0, "stream: %d %s", ret, siphon_get_error());
+	ev = next_event(dom);
+	ck_assert_msg(ev.kind == SIPHON_EVENT_STREAM_COMPLETED, "event %d: %s",
+		      ev.kind, ev.message);
+	ck_assert_int_eq(siphon_disk_get(dom, top, &disk), 0);
+	ck_assert_int_eq(siphon_disk_get_stats(disk, &st), 0);
+	siphon_disk_put(disk);
+	ck_assert_msg(st.sync_waits == 0,
+		      "the worker waited %llu times for the server while "
+		      "streaming",
+		      (unsigned long long)st.sync_waits);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+	nbd_server_stop(&srv);
+	ck_assert_int_eq(sh("qemu-img compare -q -f raw -F qcow2 %s/sp.ref.raw "
+			    "%s",
+			    d, top),
+			 0);
+	ck_assert_int_eq(sh("qemu-img check -q %s", top), 0);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("api_nbd");
@@ -155,6 +214,7 @@ int main(void)
 	}
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, test_stream_nbd_base_guest_reads);
+	tcase_add_test(tc, test_stream_nbd_sparse_no_waits);
 	suite_add_tcase(s, tc);
 	return run_suite(s, tmpdir, RUN_URING | RUN_QEMU);
 }

@@ -571,6 +571,90 @@ START_TEST(test_block_status)
 }
 END_TEST
 
+/* One SIO_OP_NBD_STATUS of [off, off + len) on q: its result, into v[4]. */
+static int queue_status(struct sio_queue *q, struct sio_file *f, uint64_t off,
+			uint64_t len, struct sio_nbd_extent *v)
+{
+	struct done_rec rec = {0};
+	struct sio_req req = {.op = SIO_OP_NBD_STATUS,
+			      .file = f,
+			      .buf = v,
+			      .off = off,
+			      .len = len,
+			      .mode = 4,
+			      .done = on_done,
+			      .priv = &rec};
+
+	ck_assert_msg(sio_queue_submit(q, &req) == 0, "%s", sx_last_error());
+	drain(q);
+	ck_assert_int_eq(rec.calls, 1);
+	return rec.res;
+}
+
+/*
+ * The same walk on a queue (SIO_OP_NBD_STATUS, the engine's way: the
+ * worker never waits for the server), against qemu-img map; and what the
+ * queue refuses.
+ */
+START_TEST(test_block_status_queue)
+{
+	static bool qdata[BLOCKS], qzero[BLOCKS], data[BLOCKS], zero[BLOCKS];
+	struct sio_nbd_extent v[4];
+	struct nbd_server srv;
+	struct sio_queue *q;
+	struct sio_file *f, *plain;
+	uint64_t off = 0, b, waits;
+	int i, n;
+
+	qemu_map(qdata, qzero);
+	start_qemu(&srv);
+	f = open_unix(srv.sock, "exp");
+	ck_assert_int_eq(sio_queue_create(16, &q), 0);
+	waits = sio_sync_waits();
+	while (off < RAW_SIZE) {
+		n = queue_status(q, f, off, RAW_SIZE - off, v);
+		ck_assert_msg(n > 0 && n <= 4, "status at %llu: %d %s",
+			      (unsigned long long)off, n, sx_last_error());
+		for (i = 0; i < n; i++) {
+			ck_assert_uint_gt(v[i].len, 0);
+			for (b = off / 4096; b < (off + v[i].len) / 4096; b++) {
+				data[b] = !(v[i].flags & SIO_NBD_HOLE);
+				zero[b] = v[i].flags & SIO_NBD_ZERO;
+			}
+			off += v[i].len;
+		}
+	}
+	ck_assert_uint_eq(off, RAW_SIZE);
+	ck_assert_uint_eq(sio_sync_waits(), waits);
+	for (b = 0; b < BLOCKS; b++)
+		ck_assert_msg(data[b] == qdata[b] && zero[b] == qzero[b],
+			      "block %llu: data %d zero %d, qemu-img map says "
+			      "data %d zero %d",
+			      (unsigned long long)b, data[b], zero[b], qdata[b],
+			      qzero[b]);
+	ck_assert_int_eq(queue_status(q, f, RAW_SIZE, MIB, v), 0);
+	{
+		struct sio_req req = {.op = SIO_OP_NBD_STATUS,
+				      .file = f,
+				      .buf = v,
+				      .len = MIB,
+				      .mode = 0,
+				      .done = on_done};
+
+		ck_assert_int_eq(sio_queue_submit(q, &req), -EINVAL);
+		ck_assert_int_eq(sio_file_open(base_path, SIO_RDONLY, &plain),
+				 0);
+		req.file = plain;
+		req.mode = 4;
+		ck_assert_int_eq(sio_queue_submit(q, &req), -EINVAL);
+		sio_file_close(plain);
+	}
+	sio_queue_destroy(q);
+	sio_file_close(f);
+	nbd_server_stop(&srv);
+}
+END_TEST
+
 /*
  * Without base:allocation on the server, everything is data. (nbdkit
  * without structured replies cannot offer any meta context; its
@@ -1406,6 +1490,7 @@ static Suite *nbd_suite(void)
 
 	tc = tcase_create("status");
 	tcase_add_test(tc, test_block_status);
+	tcase_add_test(tc, test_block_status_queue);
 	tcase_add_test(tc, test_block_status_unsupported);
 	suite_add_tcase(s, tc);
 
