@@ -450,28 +450,12 @@ static struct queue_nbd *nbd_link(struct sio_queue *q, struct sio_file *f,
 	return best ? best : l;
 }
 
-/*
- * A block status request: to a connection when the server answers
- * base:allocation and the range is in the export; else answered now (all
- * data, or nothing past the end).
- */
-static void nbd_status(struct sio_queue *q, struct sio_req *req)
+/* Give the first n bytes of req to a connection of its file. */
+static void nbd_hand_over(struct sio_queue *q, struct sio_req *req, uint64_t n)
 {
-	struct sio_nbd_extent *v = req->buf;
-	uint64_t size = sio_nbd_size(req->file), n;
 	struct queue_nbd *l;
 	int err;
 
-	n = req->off >= size ? 0 : sx_min(req->len, size - req->off);
-	if (!n) {
-		finish_now(q, req, 0);
-		return;
-	}
-	if (!sio_nbd_has_block_status(req->file)) {
-		v[0] = (struct sio_nbd_extent){.len = n, .flags = 0};
-		finish_now(q, req, 1);
-		return;
-	}
 	l = nbd_link(q, req->file, &err);
 	if (!l) {
 		finish_now(q, req, err);
@@ -483,6 +467,29 @@ static void nbd_status(struct sio_queue *q, struct sio_req *req)
 }
 
 /*
+ * A block status request: to a connection when the server answers
+ * base:allocation and the range is in the export; else answered now (all
+ * data, or nothing past the end).
+ */
+static void nbd_status(struct sio_queue *q, struct sio_req *req)
+{
+	struct sio_nbd_extent *v = req->buf;
+	uint64_t size = sio_nbd_size(req->file), n;
+
+	n = req->off >= size ? 0 : sx_min(req->len, size - req->off);
+	if (!n) {
+		finish_now(q, req, 0);
+		return;
+	}
+	if (!sio_nbd_has_block_status(req->file)) {
+		v[0] = (struct sio_nbd_extent){.len = n, .flags = 0};
+		finish_now(q, req, 1);
+		return;
+	}
+	nbd_hand_over(q, req, n);
+}
+
+/*
  * An NBD request: a read goes to the connection (the part past the
  * export's end is zeros at once), a block status too (nbd_status()), a
  * sync completes now (nothing to flush on a read-only export).
@@ -490,8 +497,6 @@ static void nbd_status(struct sio_queue *q, struct sio_req *req)
 static void nbd_enqueue(struct sio_queue *q, struct sio_req *req)
 {
 	uint64_t len, size, avail;
-	struct queue_nbd *l;
-	int err;
 
 	req->_nbd.msg = NULL;
 	req->_nbd.walk = NULL;
@@ -512,14 +517,7 @@ static void nbd_enqueue(struct sio_queue *q, struct sio_req *req)
 		finish_now(q, req, (int)len);
 		return;
 	}
-	l = nbd_link(q, req->file, &err);
-	if (!l) {
-		finish_now(q, req, err);
-		return;
-	}
-	q->nbd_busy++;
-	sio_nbd_conn_submit(l->conn, req, avail);
-	nbd_service(q, l);
+	nbd_hand_over(q, req, avail);
 }
 
 /*
