@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "common/error.h"
+#include "io/nbd.h"
 #include "io/nbd_name.h"
 #include "siphon.h"
 #include "cmd.h"
@@ -185,6 +186,20 @@ static int parse_size(const char *s, uint64_t *out)
 	return 0;
 }
 
+/* Seconds (a decimal, 0..3600) as milliseconds: 0, or -EINVAL. */
+static int parse_seconds(const char *s, unsigned *ms)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(s, &end);
+	if (end == s || *end || errno || !(v >= 0 && v <= 3600))
+		return -EINVAL;
+	*ms = (unsigned)(v * 1000 + 0.5);
+	return 0;
+}
+
 static void stream_help(FILE *out)
 {
 	fprintf(out,
@@ -195,8 +210,8 @@ static void stream_help(FILE *out)
 		"BASE). Interrupting (Ctrl-C) stops cleanly; running the command again\n"
 		"resumes, skipping what is already local. Backing layers may be NBD\n"
 		"exports (nbd://, nbd+unix://, json:); a dropped connection is made\n"
-		"again for up to 10 s while the copy waits, then the stream fails\n"
-		"and a later run resumes.\n"
+		"again for up to 10 s (--nbd-reconnect) while the copy waits, then\n"
+		"the stream fails and a later run resumes.\n"
 		"\n"
 		"Options:\n"
 		"  -f, --format FMT      format of IMAGE (default: probe)\n"
@@ -215,6 +230,19 @@ static void stream_help(FILE *out)
 		"      --progress        draw progress on stderr (default on a\n"
 		"                        terminal)\n"
 		"      --no-progress     do not\n"
+		"      --nbd-reconnect SECONDS\n"
+		"                        how long a dropped NBD connection is tried\n"
+		"                        again, with backoff, before reads fail and\n"
+		"                        the stream ends (0..3600, default 10; 0:\n"
+		"                        never)\n"
+		"      --nbd-timeout SECONDS\n"
+		"                        a server that answers no request for this\n"
+		"                        long counts as dropped (0..3600, default\n"
+		"                        30; 0: wait forever)\n"
+		"      --nbd-connections N\n"
+		"                        connections per worker to a server that\n"
+		"                        allows several (multi-conn), 1..16\n"
+		"                        (default 4)\n"
 		"  -o, --output FMT      human (default) or json: JSON lines on stdout,\n"
 		"                        {\"event\": \"progress\", ...} then one summary\n"
 		"                        {\"event\": \"done\"|\"aborted\"|\"failed\", ...}\n"
@@ -372,9 +400,14 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"progress", no_argument, NULL, 'P'},
 		{"no-progress", no_argument, NULL, 'N'},
 		{"output", required_argument, NULL, 'o'},
+		{"nbd-reconnect", required_argument, NULL, 'R'},
+		{"nbd-timeout", required_argument, NULL, 'T'},
+		{"nbd-connections", required_argument, NULL, 'C'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
+	unsigned reconnect_ms = SIO_NBD_DEFAULT_RECONNECT_MS;
+	unsigned timeout_ms = SIO_NBD_DEFAULT_TIMEOUT_MS;
 	struct siphon_block_stream_params prm = {.size = sizeof(prm)};
 	struct siphon_attach_opts ao = {.size = sizeof(ao)};
 	struct siphon_domain_opts dopt = {.size = sizeof(dopt)};
@@ -433,6 +466,29 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 				return tool_usage(cmd, "unknown output '%s'",
 						  optarg);
 			break;
+		case 'R':
+			if (parse_seconds(optarg, &reconnect_ms) < 0)
+				return tool_usage(
+					cmd,
+					"--nbd-reconnect takes 0..3600 "
+					"seconds, not '%s'",
+					optarg);
+			break;
+		case 'T':
+			if (parse_seconds(optarg, &timeout_ms) < 0)
+				return tool_usage(cmd,
+						  "--nbd-timeout takes 0..3600 "
+						  "seconds, not '%s'",
+						  optarg);
+			break;
+		case 'C':
+			if (parse_size(optarg, &v) < 0 || v < 1 ||
+			    v > SIO_NBD_MAX_CONNECTIONS)
+				return tool_usage(
+					cmd, "--nbd-connections takes 1..%u",
+					SIO_NBD_MAX_CONNECTIONS);
+			sio_nbd_set_connections((unsigned)v);
+			break;
 		case 'h':
 			stream_help(stdout);
 			return TOOL_OK;
@@ -442,6 +498,8 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	}
 	if (optind != argc - 1)
 		return tool_usage(cmd, "expected one IMAGE");
+	/* Process-wide: for every connection this run makes. */
+	sio_nbd_set_timeouts(reconnect_ms, timeout_ms);
 	path = argv[optind];
 	ui.bar = progress == 1 || (progress == -1 && isatty(STDERR_FILENO));
 	/* JSON without progress: only the summary. */

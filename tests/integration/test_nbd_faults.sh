@@ -88,11 +88,13 @@ sys.exit(1 if "backing-filename" in json.load(sys.stdin) else 0)' ||
 		bad "$2: $1 still has a backing file"
 }
 
-# stream_bg NAME: `siphon stream` of $dir/NAME.qcow2 in the background
-# (spid), slowed so the kills land mid-stream.
+# stream_bg NAME [OPTION...]: `siphon stream` of $dir/NAME.qcow2 in the
+# background (spid), slowed so the kills land mid-stream.
 stream_bg() {
-	"$siphon" stream --no-progress --speed 2M "$dir/$1.qcow2" \
-		>"$dir/$1.out" 2>"$dir/$1.err" &
+	name=$1
+	shift
+	"$siphon" stream --no-progress --speed 2M "$@" "$dir/$name.qcow2" \
+		>"$dir/$name.out" 2>"$dir/$name.err" &
 	spid=$!
 }
 
@@ -129,18 +131,19 @@ wait_stream
 same_as_base "$dir/a.qcow2" restart
 no_backing "$dir/a.qcow2" restart
 
-# 2. Killed for good: the stream fails after the window, the image is
-# clean; with the server back a second stream resumes and completes.
+# 2. Killed for good: the stream fails after the window (set to 1.5 s by
+# --nbd-reconnect, and the message says so), the image is clean; with the
+# server back a second stream resumes and completes.
 overlay "$dir/b.qcow2"
-stream_bg b
+stream_bg b --nbd-reconnect 1.5
 sleep 2
 kill -0 "$spid" 2>/dev/null || bad "gone: the stream ended before the kill"
 stop
 wait_stream
 [ $rc -eq 1 ] || bad "gone: stream exit $rc, not 1"
 grep -q "$S" "$dir/b.err" || bad "gone: the message names no server: $(cat "$dir/b.err")"
-grep -q "giving up" "$dir/b.err" ||
-	bad "gone: the message does not say it gave up: $(cat "$dir/b.err")"
+grep -q "no connection for 1500 ms, giving up" "$dir/b.err" ||
+	bad "gone: the message does not say it gave up after the window set: $(cat "$dir/b.err")"
 start
 # (qemu-img check opens the backing file: with the server back.)
 qemu-img check -q "$dir/b.qcow2" || bad "gone: qemu-img check after the failure"
@@ -157,6 +160,17 @@ assert done["bytes_copied"] < 16 << 20, done
 EOF
 same_as_base "$dir/b.qcow2" gone
 no_backing "$dir/b.qcow2" gone
+
+# 3. The NBD options refuse what they cannot take (usage errors, exit 2).
+for o in "--nbd-reconnect -1" "--nbd-reconnect 3601" "--nbd-timeout x" \
+	"--nbd-connections 0" "--nbd-connections 17"; do
+	# shellcheck disable=SC2086
+	"$siphon" stream $o "$dir/b.qcow2" >/dev/null 2>"$dir/u.err"
+	rc=$?
+	[ $rc -eq 2 ] || bad "stream $o: exit $rc, not 2: $(cat "$dir/u.err")"
+	grep -q -- "${o%% *}" "$dir/u.err" ||
+		bad "stream $o: the message does not name the option: $(cat "$dir/u.err")"
+done
 
 [ $fail -eq 0 ] && echo "nbd faults: ok"
 exit $fail
