@@ -42,52 +42,44 @@ int meta_fetch_start(struct meta_fetch *f, struct sio_queue *q,
 {
 	const struct img_meta_req *r = &f->miss.req;
 	struct sio_file *file = r->file;
-	uint64_t a, b;
+	uint64_t a, b, bytes;
 	int ret;
 
 	if (f->busy || !f->miss.layer || !file || !r->len)
 		return -EINVAL;
 	f->misses++;
 	if (r->kind == IMG_META_NBD_STATUS) {
-		/* Zeroed: an extent of length 0 ends what the server said. */
-		f->buf = sio_buf_alloc(STATUS_BYTES);
-		if (!f->buf)
-			return -ENOMEM;
-		memset(f->buf, 0, STATUS_BYTES);
-		f->skip = 0;
-		f->done = done;
-		f->priv = priv;
-		f->io = (struct sio_req){
-			.op = SIO_OP_NBD_STATUS,
-			.file = file,
-			.buf = f->buf,
-			.off = r->host_off,
-			.len = r->len,
-			.mode = IMG_META_EXTENTS,
-			.done = fetch_done,
-			.priv = f,
-		};
-		goto submit;
+		/* The server's extents, into room for them and the end. */
+		a = r->host_off;
+		b = a + r->len;
+		bytes = STATUS_BYTES;
+	} else {
+		/* The slice, rounded out to the file's alignment. */
+		a = sx_align_down(r->host_off, file->align);
+		if (sx_align_up(r->host_off + r->len, file->align, &b) < 0)
+			return -EOVERFLOW;
+		bytes = b - a;
 	}
-	a = sx_align_down(r->host_off, file->align);
-	if (sx_align_up(r->host_off + r->len, file->align, &b) < 0)
-		return -EOVERFLOW;
-	f->buf = sio_buf_alloc(b - a);
+	f->buf = sio_buf_alloc(bytes);
 	if (!f->buf)
 		return -ENOMEM;
+	/* Zeroed: an extent of length 0 ends what the server said. */
+	if (r->kind == IMG_META_NBD_STATUS)
+		memset(f->buf, 0, bytes);
 	f->skip = r->host_off - a;
 	f->done = done;
 	f->priv = priv;
 	f->io = (struct sio_req){
-		.op = SIO_OP_READ,
+		.op = r->kind == IMG_META_NBD_STATUS ? SIO_OP_NBD_STATUS
+						     : SIO_OP_READ,
 		.file = file,
 		.buf = f->buf,
 		.off = a,
 		.len = b - a,
+		.mode = IMG_META_EXTENTS, /* NBD_STATUS only */
 		.done = fetch_done,
 		.priv = f,
 	};
-submit:
 	ret = sio_queue_submit(q, &f->io);
 	if (ret < 0) {
 		sio_buf_free(f->buf);

@@ -560,7 +560,6 @@ static uint64_t next_extent(const struct stream *s)
 	return whole_clusters(s, ifc_extent_bytes(&s->ifc));
 }
 
-/* Whether another extent may start now. */
 /*
  * Whether an extent of bytes may start now. Asked with the extent's own
  * length once it is planned: extents end where the copy work does (a local
@@ -936,8 +935,7 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 			}
 			atomic_fetch_add(&s->bytes_skipped, over);
 			if (s->plan_budget != UINT64_MAX)
-				s->plan_budget -=
-					sx_min(s->plan_budget, n * s->cs);
+				s->plan_budget -= sx_min(s->plan_budget, len);
 			/* The extent owns clusters [planner, planner + n). */
 			s->planner += n;
 			ret = start_copy(s, s->planner - n, n, token, buf, len);

@@ -110,7 +110,6 @@ struct sio_nbd_conn {
 	uint64_t size; /* the export's: a new connection must say the same */
 	uint32_t max_io;
 	uint32_t align; /* the export's minimum block (block status) */
-	bool block_status; /* base:allocation was negotiated */
 	int fd;
 	unsigned gen; /* handles made so far: tells polls of old ones */
 	enum conn_state state;
@@ -837,7 +836,6 @@ int sio_nbd_conn_open(struct sio_file *f, struct sio_nbd_conn **out)
 	c->id = n->id;
 	c->max_io = n->max_io;
 	c->align = n->align;
-	c->block_status = n->block_status;
 	c->size = n->size;
 	c->reconnect_ms = atomic_load(&nbd_reconnect_ms);
 	c->timeout_ms = atomic_load(&nbd_timeout_ms);

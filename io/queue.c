@@ -648,19 +648,14 @@ static int validate(const struct sio_req *req, uint64_t *lenp)
 						? "not an NBD export"
 						: "no room for extents");
 		len = req->len;
-		if (sx_add(req->off, len, &end) < 0 || end > INT64_MAX)
-			return sx_error(-EOVERFLOW,
-					"%s: block status of %" PRIu64
-					" bytes at offset %" PRIu64
-					" overflows",
-					path, len, req->off);
 		break;
 	default:
 		return sx_error(-EINVAL, "%s: unknown request op %d", path,
 				(int)req->op);
 	}
 	/* off means nothing to FSYNC, FDATASYNC and POLL. */
-	if ((is_rw(req) || req->op == SIO_OP_FALLOCATE) &&
+	if ((is_rw(req) || req->op == SIO_OP_FALLOCATE ||
+	     req->op == SIO_OP_NBD_STATUS) &&
 	    (sx_add(req->off, len, &end) < 0 || end > INT64_MAX))
 		return sx_error(-EOVERFLOW,
 				"%s: request of %" PRIu64

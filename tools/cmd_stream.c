@@ -408,6 +408,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	};
 	unsigned reconnect_ms = SIO_NBD_DEFAULT_RECONNECT_MS;
 	unsigned timeout_ms = SIO_NBD_DEFAULT_TIMEOUT_MS;
+	unsigned connections = SIO_NBD_DEFAULT_CONNECTIONS;
 	struct siphon_block_stream_params prm = {.size = sizeof(prm)};
 	struct siphon_attach_opts ao = {.size = sizeof(ao)};
 	struct siphon_domain_opts dopt = {.size = sizeof(dopt)};
@@ -487,7 +488,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 				return tool_usage(
 					cmd, "--nbd-connections takes 1..%u",
 					SIO_NBD_MAX_CONNECTIONS);
-			sio_nbd_set_connections((unsigned)v);
+			connections = (unsigned)v;
 			break;
 		case 'h':
 			stream_help(stdout);
@@ -500,6 +501,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		return tool_usage(cmd, "expected one IMAGE");
 	/* Process-wide: for every connection this run makes. */
 	sio_nbd_set_timeouts(reconnect_ms, timeout_ms);
+	sio_nbd_set_connections(connections);
 	path = argv[optind];
 	ui.bar = progress == 1 || (progress == -1 && isatty(STDERR_FILENO));
 	/* JSON without progress: only the summary. */

@@ -95,45 +95,59 @@ struct raw_state {
 	struct raw_run run[RAW_RUNS];
 };
 
-/* Forget the runs, then hold [lo, hi) with status (the first one). */
-static void remember(struct img *img, uint64_t lo, uint64_t hi,
-		     enum img_status status)
+/* Forget the runs; the next ones held start at lo. */
+static void forget(struct img *img, uint64_t lo)
 {
 	struct raw_state *r = img->priv;
 
 	r->n = 0;
-	if (img->writable || hi <= lo)
-		return;
 	r->lo = lo;
-	r->run[0] = (struct raw_run){hi, status, false};
-	r->n = 1;
 }
 
-/* Add the run [last end, hi) with status after what remember() holds. */
-static void remember_more(struct img *img, uint64_t hi, enum img_status status,
-			  bool zero_data)
+/* Hold the run [end of the last one (or lo), hi) with status. */
+static void remember_run(struct img *img, uint64_t hi, enum img_status status,
+			 bool zero_data)
 {
 	struct raw_state *r = img->priv;
 
-	if (!r->n || r->n == RAW_RUNS || hi <= r->run[r->n - 1].hi)
+	if (img->writable || r->n == RAW_RUNS ||
+	    hi <= (r->n ? r->run[r->n - 1].hi : r->lo))
 		return;
 	r->run[r->n++] = (struct raw_run){hi, status, zero_data};
+}
+
+/* Hold [lo, hi) with status, and nothing else. */
+static void remember(struct img *img, uint64_t lo, uint64_t hi,
+		     enum img_status status)
+{
+	forget(img, lo);
+	remember_run(img, hi, status, false);
+}
+
+/* The run held that covers off, or NULL. */
+static const struct raw_run *held(const struct img *img, uint64_t off)
+{
+	const struct raw_state *r = img->priv;
+	unsigned i;
+
+	if (!r->n || off < r->lo || off >= r->run[r->n - 1].hi)
+		return NULL;
+	for (i = 0; off >= r->run[i].hi; i++)
+		;
+	return &r->run[i];
 }
 
 /* Answer [off, off + len) from the runs held: true when they cover off. */
 static bool recall(struct img *img, uint64_t off, uint64_t len,
 		   struct img_extent *ext)
 {
-	const struct raw_state *r = img->priv;
-	unsigned i;
+	const struct raw_run *run = held(img, off);
 
-	if (!r->n || off < r->lo || off >= r->run[r->n - 1].hi)
+	if (!run)
 		return false;
-	for (i = 0; off >= r->run[i].hi; i++)
-		;
-	ext->status = r->run[i].status;
-	ext->zero_data = r->run[i].zero_data;
-	ext->len = sx_min(r->run[i].hi - off, len);
+	ext->status = run->status;
+	ext->zero_data = run->zero_data;
+	ext->len = sx_min(run->hi - off, len);
 	return true;
 }
 
@@ -145,28 +159,22 @@ static enum img_status nbd_status_of(uint32_t flags, bool *zero_data)
 }
 
 /*
- * Hold the extents v[0..n) a server reported from off (n > 0): their
- * statuses as runs, clipped to end.
+ * Hold the extents v[0..n) a server reported from off (n > 0; an extent
+ * of length 0 ends them early): their statuses as runs, clipped to end.
  */
 static void remember_extents(struct img *img, uint64_t off, uint64_t end,
 			     const struct sio_nbd_extent *v, unsigned n)
 {
-	struct raw_state *r = img->priv;
 	uint64_t at = off;
 	enum img_status st;
 	bool zd;
 	unsigned i;
 
+	forget(img, off);
 	for (i = 0; i < n && at < end && v[i].len; i++) {
 		st = nbd_status_of(v[i].flags, &zd);
 		at = sx_min(at + v[i].len, end);
-		if (i == 0) {
-			remember(img, off, at, st);
-			if (r->n)
-				r->run[0].zero_data = zd;
-		} else {
-			remember_more(img, at, st, zd);
-		}
+		remember_run(img, at, st, zd);
 	}
 }
 
@@ -215,7 +223,7 @@ static int raw_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
 				   struct img_extent *ext,
 				   struct img_meta_req *req)
 {
-	if (!sio_nbd_has_block_status(img->file) || recall(img, off, len, ext))
+	if (!sio_nbd_has_block_status(img->file) || held(img, off))
 		return raw_block_status(img, off, len, ext);
 	*req = (struct img_meta_req){
 		.file = img->file,
