@@ -385,6 +385,7 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 				  const struct siphon_attach_opts *opts)
 {
 	struct siphon_attach_opts o;
+	struct edisk_opts eo;
 	struct disk *d = NULL;
 	int ret;
 
@@ -400,6 +401,10 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 	if (o.flags & ~(unsigned)SIPHON_ATTACH_MASK)
 		return sx_error(EINVAL, "%s: unknown attach flags 0x%x", path,
 				o.flags & ~(unsigned)SIPHON_ATTACH_MASK);
+	if (o.nbd_connections > SIPHON_NBD_MAX_CONNECTIONS)
+		return sx_error(
+			EINVAL, "%s: %u NBD connections asked for, at most %u",
+			path, o.nbd_connections, SIPHON_NBD_MAX_CONNECTIONS);
 
 	d = calloc(1, sizeof(*d));
 	if (!d)
@@ -424,8 +429,14 @@ SIPHON_API int siphon_disk_attach(siphon_domain *dom, const char *path,
 		sx_error(ret, "%s: disk already attached", path);
 		goto out;
 	}
-	ret = edisk_open(path, o.format, o.flags & SIPHON_ATTACH_BUFFERED,
-			 &d->eng);
+	eo = (struct edisk_opts){
+		.fmt = o.format,
+		.buffered = o.flags & SIPHON_ATTACH_BUFFERED,
+		.nbd_reconnect_ms = o.nbd_reconnect_ms,
+		.nbd_timeout_ms = o.nbd_timeout_ms,
+		.nbd_connections = o.nbd_connections,
+	};
+	ret = edisk_open(path, &eo, &d->eng);
 	if (ret < 0)
 		goto out;
 	d->size = edisk_size(d->eng);

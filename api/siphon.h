@@ -174,10 +174,33 @@ enum siphon_attach_flags {
 	SIPHON_ATTACH_MASK = (1 << 1) - 1,
 };
 
+/*
+ * Backing layers on an NBD server (nbd://, nbd+unix://, json:{...} backing
+ * names). A connection that drops is connected again, with a backoff, for
+ * up to the reconnect window; meanwhile the stream pauses and guest reads
+ * wait. Past it their reads fail with -EIO and a stream ends FAILED. A
+ * read unanswered for the request timeout counts as a dropped connection.
+ * Each worker reading the disk opens up to nbd_connections connections to
+ * a server that allows multi-conn (one otherwise).
+ */
+#define SIPHON_NBD_DEFAULT_RECONNECT_MS 10000u
+#define SIPHON_NBD_DEFAULT_TIMEOUT_MS 30000u
+#define SIPHON_NBD_DEFAULT_CONNECTIONS 4u
+#define SIPHON_NBD_MAX_CONNECTIONS 16u
+#define SIPHON_NBD_OFF 0xffffffffu /* no reconnect window, no timeout */
+
 struct siphon_attach_opts {
 	size_t size; /* sizeof(struct siphon_attach_opts) */
 	const char *format; /* "qcow2", "raw", or NULL: probe */
 	unsigned flags; /* enum siphon_attach_flags */
+	/*
+	 * This disk's NBD layers (above), 0 for the default of each; the
+	 * window and the timeout in ms, or SIPHON_NBD_OFF. At most
+	 * SIPHON_NBD_MAX_CONNECTIONS connections (-EINVAL above).
+	 */
+	unsigned nbd_reconnect_ms;
+	unsigned nbd_timeout_ms;
+	unsigned nbd_connections;
 };
 
 /*

@@ -335,7 +335,9 @@ static int op_piece(struct copy_op *op, uint64_t pos, uint64_t len,
 		if (!meta_fetch_sync(&op->mf))
 			return ret;
 	}
-	meta_fetch_hit(&op->mf);
+	ret = meta_fetch_take_error(&op->mf);
+	if (ret < 0)
+		return ret;
 	return img_chain_piece(top, pos, len, pc);
 }
 

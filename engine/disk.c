@@ -20,6 +20,7 @@
 #include "formats/image.h"
 #include "formats/port.h"
 #include "io/io.h"
+#include "io/nbd.h"
 
 struct edisk {
 	struct img *img;
@@ -44,16 +45,24 @@ static _Atomic uint64_t test_flush_bytes;
 #define WAITS_END(e, phase) \
 	((e)->waits[(phase)] += sio_sync_waits() - waits_at_)
 
-int edisk_open(const char *path, const char *fmt, bool buffered,
-	       struct edisk **out)
+int edisk_open(const char *path, const struct edisk_opts *o, struct edisk **out)
 {
-	unsigned flags = IMG_OPEN_RDWR | (buffered ? IMG_OPEN_BUFFERED : 0);
-	struct edisk *e = calloc(1, sizeof(*e));
+	const struct edisk_opts none = {0};
+	struct sio_nbd_opts nbd;
+	struct edisk *e;
+	unsigned flags;
 	int ret;
 
+	if (!o)
+		o = &none;
+	flags = IMG_OPEN_RDWR | (o->buffered ? IMG_OPEN_BUFFERED : 0);
+	nbd = (struct sio_nbd_opts){.reconnect_ms = o->nbd_reconnect_ms,
+				    .timeout_ms = o->nbd_timeout_ms,
+				    .connections = o->nbd_connections};
+	e = calloc(1, sizeof(*e));
 	if (!e)
 		return sx_error(ENOMEM, "out of memory");
-	ret = img_open(path, fmt, flags, &e->img);
+	ret = img_open_nbd(path, o->fmt, flags, &nbd, &e->img);
 	if (ret < 0) {
 		free(e);
 		return ret;

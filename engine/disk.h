@@ -32,11 +32,22 @@ struct guest_stats;
 struct sio_queue;
 struct stream;
 
+/* How edisk_open() opens a disk's chain. */
+struct edisk_opts {
+	const char *fmt; /* the top's format, NULL: probe */
+	bool buffered; /* never O_DIRECT */
+	/*
+	 * The chain's NBD layers (io/nbd.h's sio_nbd_opts: 0 for the
+	 * process-wide value, SIO_NBD_OFF for off).
+	 */
+	unsigned nbd_reconnect_ms, nbd_timeout_ms, nbd_connections;
+};
+
 /*
- * Open the image at path (format fmt, NULL: probe) read-write with its
- * backing chain; buffered: never O_DIRECT. -errno with a message.
+ * Open the image at path read-write with its backing chain, as o says (NULL:
+ * probe, defaults). -errno with a message.
  */
-int edisk_open(const char *path, const char *fmt, bool buffered,
+int edisk_open(const char *path, const struct edisk_opts *o,
 	       struct edisk **out);
 
 /* Virtual size in bytes. */

@@ -592,7 +592,9 @@ static int gio_piece(struct gio *gio, uint64_t pos, uint64_t len,
 		if (!meta_fetch_sync(&gio->mf))
 			return ret;
 	}
-	meta_fetch_hit(&gio->mf);
+	ret = meta_fetch_take_error(&gio->mf);
+	if (ret < 0)
+		return ret;
 	return img_chain_piece(top, pos, len, pc);
 }
 
@@ -613,7 +615,9 @@ static int gio_lacks(struct gio *gio, uint64_t off, uint64_t len, bool all)
 		if (!meta_fetch_sync(&gio->mf))
 			return ret;
 	}
-	meta_fetch_hit(&gio->mf);
+	ret = meta_fetch_take_error(&gio->mf);
+	if (ret < 0)
+		return ret;
 	return all ? img_lacks_all(top, off, len)
 		   : img_lacks_any(top, off, len);
 }
@@ -621,7 +625,8 @@ static int gio_lacks(struct gio *gio, uint64_t off, uint64_t len, bool all)
 /*
  * Bring the top's metadata for [off, off + len) into memory, so that the
  * synchronous status calls of a write that follow (in this same turn,
- * nothing evicts meanwhile) find it: 0, or GIO_PARKED. Lookup errors are
+ * nothing evicts meanwhile) find it: 0, GIO_PARKED, or the error of a
+ * failed fetch from a server (meta_fetch_take_error()). Lookup errors are
  * left for those calls to meet and report.
  */
 static int gio_warm_top(struct gio *gio, uint64_t off, uint64_t len)
@@ -631,10 +636,8 @@ static int gio_warm_top(struct gio *gio, uint64_t off, uint64_t len)
 	struct img_extent e;
 	int ret;
 
-	if (meta_fetch_sync(&gio->mf)) {
-		meta_fetch_hit(&gio->mf);
-		return 0;
-	}
+	if (meta_fetch_sync(&gio->mf))
+		return meta_fetch_take_error(&gio->mf);
 	for (; pos < end; pos += e.len) {
 		ret = img_block_status_nowait(top, pos, end - pos, &e,
 					      &gio->mf.miss.req);
@@ -1077,8 +1080,11 @@ static void write_go(struct gio *gio)
 		if (ret < 0)
 			goto out;
 	}
-	if (gio_warm_top(gio, a, b - a) == GIO_PARKED)
+	ret = gio_warm_top(gio, a, b - a);
+	if (ret == GIO_PARKED)
 		return;
+	if (ret < 0)
+		goto out;
 	ret = aw_plan(gio, a, b, &aws);
 	if (ret < 0)
 		goto out;

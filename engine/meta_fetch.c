@@ -28,8 +28,14 @@ static void fetch_done(struct sio_req *io, int res)
 		img_meta_fill(f->miss.layer, &f->miss.req, f->buf + f->skip);
 		res = 0;
 	} else {
-		/* The synchronous retry meets it again and reports it. */
+		/*
+		 * A local file: the synchronous retry meets the error again
+		 * and reports it with its message. A server's: this is the
+		 * answer (meta_fetch.h).
+		 */
 		f->misses = META_FETCH_TRIES;
+		if (sio_file_is_nbd(io->file))
+			f->err = res;
 	}
 	sio_buf_free(f->buf);
 	f->buf = NULL;

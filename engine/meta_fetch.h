@@ -12,7 +12,10 @@
  * or evict it before the request asks again), so a request counts its
  * misses in a row (meta_fetch.misses) and, after META_FETCH_TRIES of
  * them or a failed read, asks once synchronously (meta_fetch_sync()),
- * which always answers and reports a real error with its message.
+ * which always answers and reports a real error with its message. A
+ * failed request to an NBD layer is not asked again: its error is the
+ * answer (meta_fetch_take_error()), since asking synchronously would wait
+ * for the server on the owner's thread, for a second reconnect window.
  *
  * A struct meta_fetch is embedded in the request (no allocation on the
  * path where the metadata is cached; the read's buffer is allocated per
@@ -36,6 +39,7 @@ struct meta_fetch {
 	struct img_meta_miss miss; /* filled by the nowait call */
 	unsigned misses; /* in a row; reset by meta_fetch_hit() */
 	bool busy; /* a read is in flight */
+	int err; /* a failed fetch from an NBD layer: the answer, or 0 */
 
 	/* Private to meta_fetch.c. */
 	struct sio_req io;
@@ -69,6 +73,20 @@ bool meta_fetch_sync(const struct meta_fetch *f);
 static inline void meta_fetch_hit(struct meta_fetch *f)
 {
 	f->misses = 0;
+	f->err = 0;
+}
+
+/*
+ * Before asking synchronously (meta_fetch_sync()): the error of a failed
+ * fetch from an NBD layer, which is then the answer, or 0 (ask). The count
+ * of misses starts again either way.
+ */
+static inline int meta_fetch_take_error(struct meta_fetch *f)
+{
+	int err = f->err;
+
+	meta_fetch_hit(f);
+	return err;
 }
 
 #endif

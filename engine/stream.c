@@ -388,7 +388,9 @@ static int plan_status(struct stream *s, uint64_t off, uint64_t len,
 		if (!meta_fetch_sync(&s->mf))
 			return ret;
 	}
-	meta_fetch_hit(&s->mf);
+	ret = meta_fetch_take_error(&s->mf);
+	if (ret < 0)
+		return ret;
 	return img_chain_status(s->top, s->base, off, len, e, depth);
 }
 

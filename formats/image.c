@@ -108,6 +108,7 @@ static int probe_open_file(struct sio_file *f, const struct img_driver **out)
  * keep the transport's message; names that do not parse say why.
  */
 static int layer_file_open(const char *name, unsigned sflags,
+			   const struct sio_nbd_opts *nbd,
 			   struct sio_file **out)
 {
 	struct sio_nbd_addr a;
@@ -124,7 +125,7 @@ static int layer_file_open(const char *name, unsigned sflags,
 	ret = sio_nbd_name_parse(name, &a);
 	if (ret < 0)
 		return ret;
-	ret = sio_nbd_open(&a, sflags, out);
+	ret = sio_nbd_open_opts(&a, sflags, nbd, out);
 	sio_nbd_addr_free(&a);
 	return ret;
 }
@@ -139,7 +140,7 @@ const struct img_driver *img_probe_file(const char *path, int *err)
 		ret = sx_error(-EINVAL, "no image path given");
 		goto out;
 	}
-	ret = layer_file_open(path, SIO_RDONLY | SIO_BUFFERED, &f);
+	ret = layer_file_open(path, SIO_RDONLY | SIO_BUFFERED, NULL, &f);
 	if (ret < 0)
 		goto out;
 	ret = probe_open_file(f, &drv);
@@ -214,7 +215,8 @@ static int chain_read_below(struct img *img, void *buf, uint64_t len,
  */
 static int layer_open(const char *path, const struct img_driver *drv,
 		      bool writable, bool buffered, bool lock, unsigned depth,
-		      struct img **out, struct img **failed)
+		      const struct sio_nbd_opts *nbd, struct img **out,
+		      struct img **failed)
 {
 	unsigned sflags = SIO_RDONLY;
 	struct img *img;
@@ -231,7 +233,7 @@ static int layer_open(const char *path, const struct img_driver *drv,
 		sflags |= SIO_RDWR;
 	if (buffered)
 		sflags |= SIO_BUFFERED;
-	ret = layer_file_open(path, sflags, &img->file);
+	ret = layer_file_open(path, sflags, nbd, &img->file);
 	if (ret < 0)
 		goto fail;
 	/* An export goes by its canonical URI, whatever name found it. */
@@ -464,7 +466,8 @@ static int backing_locate(struct img *top, const struct img *cur,
 }
 
 /* Open the layers below top, one at a time, refusing loops and depth. */
-static int open_chain(struct img *top, bool buffered)
+static int open_chain(struct img *top, bool buffered,
+		      const struct sio_nbd_opts *nbd)
 {
 	struct file_id ids[IMG_MAX_DEPTH + 1];
 	unsigned nids = 0;
@@ -509,7 +512,7 @@ static int open_chain(struct img *top, bool buffered)
 			}
 		}
 		ret = layer_open(path, drv, false, buffered, top->writable,
-				 cur->depth + 1, &next, NULL);
+				 cur->depth + 1, nbd, &next, NULL);
 		if (ret < 0) {
 			/* The transport's message lacks the naming layer. */
 			if (remote)
@@ -576,6 +579,12 @@ int img_create(const char *path, const char *fmt,
 int img_open(const char *path, const char *fmt, unsigned flags,
 	     struct img **out)
 {
+	return img_open_nbd(path, fmt, flags, NULL, out);
+}
+
+int img_open_nbd(const char *path, const char *fmt, unsigned flags,
+		 const struct sio_nbd_opts *nbd, struct img **out)
+{
 	const struct img_driver *drv = NULL;
 	bool buffered = flags & IMG_OPEN_BUFFERED;
 	struct img *top = NULL;
@@ -594,11 +603,11 @@ int img_open(const char *path, const char *fmt, unsigned flags,
 	}
 
 	ret = layer_open(path, drv, flags & IMG_OPEN_RDWR, buffered, false, 0,
-			 &top, NULL);
+			 nbd, &top, NULL);
 	if (ret < 0)
 		return ret;
 	if (!(flags & IMG_OPEN_NO_BACKING)) {
-		ret = open_chain(top, buffered);
+		ret = open_chain(top, buffered, nbd);
 		if (ret < 0)
 			goto out;
 	}
@@ -624,7 +633,7 @@ int img_open_layer(const char *path, const char *fmt, unsigned flags,
 	if (!drv)
 		return sx_error(-EINVAL, "%s: unknown format '%s'", path, fmt);
 	return layer_open(path, drv, flags & IMG_OPEN_RDWR,
-			  flags & IMG_OPEN_BUFFERED, false, 0, out, out);
+			  flags & IMG_OPEN_BUFFERED, false, 0, NULL, out, out);
 }
 
 /*

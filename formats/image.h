@@ -83,6 +83,14 @@ int img_open(const char *path, const char *fmt, unsigned flags,
 	     struct img **out);
 
 /*
+ * img_open() with settings of the chain's NBD layers' own (io/nbd.h); nbd
+ * NULL: the process-wide ones. -EINVAL for settings io/ refuses.
+ */
+struct sio_nbd_opts;
+int img_open_nbd(const char *path, const char *fmt, unsigned flags,
+		 const struct sio_nbd_opts *nbd, struct img **out);
+
+/*
  * For the format unit tests: open the file at path as one layer of format
  * fmt (named, never probed), without its chain and without image locks
  * unless IMG_OPEN_RDWR (the only flags, with IMG_OPEN_BUFFERED, taken).

@@ -88,6 +88,8 @@ struct sio_nbd {
 	uint32_t align; /* min_block when > 1, else 1 */
 	uint32_t max_io; /* largest read sent */
 	bool multi_conn, block_status;
+	/* Its settings (io/nbd.h), fixed at open: SIO_NBD_OFF is 0 here. */
+	unsigned reconnect_ms, timeout_ms, connections;
 };
 
 /* Where a queue's connection is (see "Reconnecting" above). */
@@ -131,7 +133,7 @@ struct sio_nbd_conn {
 	struct sio_req *done_head, *done_tail;
 };
 
-/* Reconnect window and request timeout for connections made from now. */
+/* The settings of exports opened from now that do not name their own. */
 static _Atomic unsigned nbd_reconnect_ms = SIO_NBD_DEFAULT_RECONNECT_MS;
 static _Atomic unsigned nbd_timeout_ms = SIO_NBD_DEFAULT_TIMEOUT_MS;
 static _Atomic unsigned nbd_connections = SIO_NBD_DEFAULT_CONNECTIONS;
@@ -217,9 +219,7 @@ static unsigned handshake_ms(unsigned timeout_ms)
  */
 static int lib_connect_wait(const struct sio_nbd *n, struct nbd_handle *h)
 {
-	uint64_t end = now_ns() +
-		       handshake_ms(atomic_load(&nbd_timeout_ms)) * MS_NS,
-		 t;
+	uint64_t end = now_ns() + handshake_ms(n->timeout_ms) * MS_NS, t;
 	int r;
 
 	r = n->transport == SIO_NBD_UNIX
@@ -269,8 +269,7 @@ static int lib_connect(const struct sio_nbd *n, struct nbd_handle **out)
 		goto out;
 	if (r == -ETIMEDOUT) {
 		ret = sx_error(-ETIMEDOUT, "%s: " HANDSHAKE_HINT, n->uri,
-			       n->server,
-			       handshake_ms(atomic_load(&nbd_timeout_ms)));
+			       n->server, handshake_ms(n->timeout_ms));
 		goto out;
 	}
 	err = nbd_get_errno();
@@ -405,15 +404,36 @@ static int learn_export(struct sio_nbd *n)
 	return 0;
 }
 
+/* A setting of sio_nbd_opts: 0 takes the process-wide value g. */
+static unsigned opt_value(unsigned v, unsigned g)
+{
+	return v == SIO_NBD_OFF ? 0 : v ? v : g;
+}
+
 int sio_nbd_open(const struct sio_nbd_addr *a, unsigned flags,
 		 struct sio_file **out)
 {
+	return sio_nbd_open_opts(a, flags, NULL, out);
+}
+
+int sio_nbd_open_opts(const struct sio_nbd_addr *a, unsigned flags,
+		      const struct sio_nbd_opts *o, struct sio_file **out)
+{
+	const struct sio_nbd_opts none = {0};
 	struct sio_file *f = NULL;
 	struct sio_nbd *n = NULL;
 	int ret;
 
 	if (!a || !out)
 		return sx_error(-EINVAL, "sio_nbd_open: NULL argument");
+	if (!o)
+		o = &none;
+	if (o->connections > SIO_NBD_MAX_CONNECTIONS)
+		return sx_error(-EINVAL,
+				"NBD export '%s': %u connections asked for, "
+				"at most %u",
+				a->export_name ? a->export_name : "",
+				o->connections, SIO_NBD_MAX_CONNECTIONS);
 	if (flags & ~(unsigned)SIO_OPEN_MASK)
 		return sx_error(-EINVAL, "sio_nbd_open: invalid flags 0x%x",
 				flags);
@@ -437,6 +457,11 @@ int sio_nbd_open(const struct sio_nbd_addr *a, unsigned flags,
 		n = NULL;
 		goto out;
 	}
+	n->reconnect_ms =
+		opt_value(o->reconnect_ms, atomic_load(&nbd_reconnect_ms));
+	n->timeout_ms = opt_value(o->timeout_ms, atomic_load(&nbd_timeout_ms));
+	n->connections =
+		o->connections ? o->connections : atomic_load(&nbd_connections);
 	ret = copy_addr(n, a);
 	if (ret < 0)
 		goto out;
@@ -513,8 +538,9 @@ uint64_t sio_nbd_size(const struct sio_file *f)
  */
 static int sync_revive(struct sio_nbd *n)
 {
-	unsigned window = atomic_load(&nbd_reconnect_ms);
+	unsigned window = n->reconnect_ms;
 	unsigned backoff = BACKOFF_FIRST_MS;
+	char last[480];
 	uint64_t end = now_ns() + window * MS_NS;
 	struct timespec nap;
 	struct nbd_handle *h;
@@ -527,8 +553,15 @@ static int sync_revive(struct sio_nbd *n)
 		ret = lib_connect(n, &h);
 		if (ret == 0)
 			break;
-		if (now_ns() >= end)
-			return ret;
+		if (now_ns() >= end) {
+			/* Its message, out of the buffer it is rewritten in. */
+			snprintf(last, sizeof(last), "%s", sx_last_error());
+			return sx_error(-EIO,
+					"%s: connection to the NBD server %s "
+					"lost: no connection for %u ms, giving "
+					"up (last: %s)",
+					n->uri, n->server, window, last);
+		}
 		nap.tv_sec = backoff / 1000;
 		nap.tv_nsec = (long)(backoff % 1000) * 1000000;
 		nanosleep(&nap, NULL);
@@ -556,7 +589,7 @@ static bool sync_retry(struct sio_nbd *n, int *ret)
 {
 	if (n->h && !lib_is_dead(n->h))
 		return false; /* the server's error: *ret stays */
-	if (!atomic_load(&nbd_reconnect_ms)) {
+	if (!n->reconnect_ms) {
 		if (!n->h)
 			*ret = sx_error(-EIO,
 					"%s: connection to the NBD server %s "
@@ -778,7 +811,7 @@ void sio_nbd_set_connections(unsigned n)
 
 unsigned sio_nbd_conns_wanted(const struct sio_file *f)
 {
-	return f->nbd->multi_conn ? atomic_load(&nbd_connections) : 1;
+	return f->nbd->multi_conn ? f->nbd->connections : 1;
 }
 
 bool sio_nbd_has_block_status(const struct sio_file *f)
@@ -837,8 +870,8 @@ int sio_nbd_conn_open(struct sio_file *f, struct sio_nbd_conn **out)
 	c->max_io = n->max_io;
 	c->align = n->align;
 	c->size = n->size;
-	c->reconnect_ms = atomic_load(&nbd_reconnect_ms);
-	c->timeout_ms = atomic_load(&nbd_timeout_ms);
+	c->reconnect_ms = n->reconnect_ms;
+	c->timeout_ms = n->timeout_ms;
 	ret = conn_copy(c, n);
 	if (ret < 0)
 		goto out;

@@ -41,6 +41,27 @@ int sio_nbd_open(const struct sio_nbd_addr *a, unsigned flags,
 		 struct sio_file **out);
 
 /*
+ * Settings of one export (sio_nbd_open_opts()), each 0 for the
+ * process-wide value (below) at the time of the open, SIO_NBD_OFF to turn
+ * a window or timeout off. They hold for the file's own connection and
+ * for every queue connection made to it.
+ */
+#define SIO_NBD_OFF 0xffffffffu
+struct sio_nbd_opts {
+	unsigned reconnect_ms; /* reconnect window */
+	unsigned timeout_ms; /* request timeout */
+	unsigned connections; /* per queue with multi-conn, at most MAX */
+};
+
+/*
+ * sio_nbd_open() with settings of this export's own; o NULL: the
+ * process-wide ones. -EINVAL for connections above
+ * SIO_NBD_MAX_CONNECTIONS.
+ */
+int sio_nbd_open_opts(const struct sio_nbd_addr *a, unsigned flags,
+		      const struct sio_nbd_opts *o, struct sio_file **out);
+
+/*
  * A connection that drops is connected again, with a backoff (50 ms,
  * doubling to 1 s), for up to the reconnect window; meanwhile the reads
  * on it wait, and afterwards they are sent again whole on the new
@@ -49,8 +70,9 @@ int sio_nbd_open(const struct sio_nbd_addr *a, unsigned flags,
  * naming the server; a later read starts a window of its own. A read the
  * server leaves unanswered for the request timeout counts as a dropped
  * connection. 0 turns either off. The defaults below hold until
- * sio_nbd_set_timeouts() changes them for the connections made after it
- * (process-wide; thread safe).
+ * sio_nbd_set_timeouts() changes them for the exports opened after it
+ * (process-wide; thread safe), unless the open names its own
+ * (sio_nbd_open_opts()).
  */
 /*
  * Every connection's handshake (at open, and each reconnect attempt) must
@@ -71,7 +93,7 @@ void sio_nbd_set_timeouts(unsigned reconnect_ms, unsigned timeout_ms);
  * multi-conn (one otherwise): each holds its own reads in flight, a new
  * one is opened while all the others are busy. n in [1,
  * SIO_NBD_MAX_CONNECTIONS], 0 for the default; process-wide, for the
- * connections opened after it.
+ * exports opened after it (unless the open names its own).
  */
 #define SIO_NBD_DEFAULT_CONNECTIONS 4u
 #define SIO_NBD_MAX_CONNECTIONS 16u

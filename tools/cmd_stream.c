@@ -35,6 +35,15 @@
 #include "cmd.h"
 #include "json.h"
 
+/* The library documents io's defaults and limits as its own. */
+_Static_assert(
+	SIPHON_NBD_DEFAULT_RECONNECT_MS == SIO_NBD_DEFAULT_RECONNECT_MS &&
+		SIPHON_NBD_DEFAULT_TIMEOUT_MS == SIO_NBD_DEFAULT_TIMEOUT_MS &&
+		SIPHON_NBD_DEFAULT_CONNECTIONS == SIO_NBD_DEFAULT_CONNECTIONS &&
+		SIPHON_NBD_MAX_CONNECTIONS == SIO_NBD_MAX_CONNECTIONS &&
+		SIPHON_NBD_OFF == SIO_NBD_OFF,
+	"siphon.h and io/nbd.h disagree on NBD settings");
+
 /* Exit code when interrupted, as shells report a SIGINT death. */
 #define TOOL_INTERRUPTED 130
 
@@ -406,9 +415,9 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
-	unsigned reconnect_ms = SIO_NBD_DEFAULT_RECONNECT_MS;
-	unsigned timeout_ms = SIO_NBD_DEFAULT_TIMEOUT_MS;
-	unsigned connections = SIO_NBD_DEFAULT_CONNECTIONS;
+	unsigned reconnect_ms = SIPHON_NBD_DEFAULT_RECONNECT_MS;
+	unsigned timeout_ms = SIPHON_NBD_DEFAULT_TIMEOUT_MS;
+	unsigned connections = SIPHON_NBD_DEFAULT_CONNECTIONS;
 	struct siphon_block_stream_params prm = {.size = sizeof(prm)};
 	struct siphon_attach_opts ao = {.size = sizeof(ao)};
 	struct siphon_domain_opts dopt = {.size = sizeof(dopt)};
@@ -484,10 +493,10 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 			break;
 		case 'C':
 			if (parse_size(optarg, &v) < 0 || v < 1 ||
-			    v > SIO_NBD_MAX_CONNECTIONS)
+			    v > SIPHON_NBD_MAX_CONNECTIONS)
 				return tool_usage(
 					cmd, "--nbd-connections takes 1..%u",
-					SIO_NBD_MAX_CONNECTIONS);
+					SIPHON_NBD_MAX_CONNECTIONS);
 			connections = (unsigned)v;
 			break;
 		case 'h':
@@ -499,9 +508,10 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	}
 	if (optind != argc - 1)
 		return tool_usage(cmd, "expected one IMAGE");
-	/* Process-wide: for every connection this run makes. */
-	sio_nbd_set_timeouts(reconnect_ms, timeout_ms);
-	sio_nbd_set_connections(connections);
+	/* 0 on the command line is off; in the attach options, the default. */
+	ao.nbd_reconnect_ms = reconnect_ms ? reconnect_ms : SIPHON_NBD_OFF;
+	ao.nbd_timeout_ms = timeout_ms ? timeout_ms : SIPHON_NBD_OFF;
+	ao.nbd_connections = connections;
 	path = argv[optind];
 	ui.bar = progress == 1 || (progress == -1 && isatty(STDERR_FILENO));
 	/* JSON without progress: only the summary. */

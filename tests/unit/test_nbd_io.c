@@ -237,7 +237,27 @@ START_TEST(test_open_and_info)
 	/* Not an NBD file, or none at all. */
 	ck_assert(!sio_file_is_nbd(NULL));
 	ck_assert_int_eq(sio_nbd_get_info(NULL, &info), -EINVAL);
+	ck_assert(info.can_multi_conn);
+	ck_assert_uint_eq(info.connections, SIO_NBD_DEFAULT_CONNECTIONS);
 	sio_file_close(f);
+
+	/* Settings of the export's own: held by it, checked. */
+	{
+		struct sio_nbd_addr a = {.transport = SIO_NBD_UNIX,
+					 .socket = srv.sock,
+					 .export_name = "exp"};
+		struct sio_nbd_opts o = {.connections = 2};
+
+		ck_assert_int_eq(sio_nbd_open_opts(&a, SIO_RDONLY, &o, &f), 0);
+		ck_assert_int_eq(sio_nbd_get_info(f, &info), 0);
+		ck_assert_uint_eq(info.connections, 2);
+		sio_file_close(f);
+		f = NULL;
+		o.connections = SIO_NBD_MAX_CONNECTIONS + 1;
+		ck_assert_int_eq(sio_nbd_open_opts(&a, SIO_RDONLY, &o, &f),
+				 -EINVAL);
+		ck_assert_ptr_null(f);
+	}
 	nbd_server_stop(&srv);
 }
 END_TEST
