@@ -5,6 +5,7 @@
 # above the transport), and a sparse raw base (export "sparse"); nbdkit's
 # memory plugin serves a sparse export too when nbdkit is there. Overlays
 # come from `qemu-img create -b NAME` and from `siphon create -b NAME`,
+# the raw and qcow2 bases served over TCP on 127.0.0.1 as well,
 # with clusters written by qemu-io; one chain has a local qcow2 layer
 # between the overlay and the NBD base, one names its base with json:.
 # For each chain:
@@ -41,29 +42,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 1' HUP INT TERM
 
-fail=0
-bad() {
-	echo "FAIL: $*"
-	fail=1
-}
+. "$(dirname "$0")/nbdlib.sh"
 
-# wait_sock SOCK PID: bounded wait for a server to listen (no timing
-# assertion: a server that never listens is an error, not a slow pass).
+# wait_sock SOCK PID: until the server logging to SOCK.log listens.
 wait_sock() {
-	i=0
-	while [ ! -S "$1" ]; do
-		if ! kill -0 "$2" 2>/dev/null; then
-			echo "server for $1 exited:"
-			cat "$1.log"
-			exit 1
-		fi
-		i=$((i + 1))
-		if [ $i -gt 600 ]; then
-			echo "server for $1: no socket after 60 s"
-			exit 1
-		fi
-		sleep 0.1
-	done
+	nbd_wait_unix "$1" "$2" "$1.log"
 }
 
 # serve SOCK EXPORT FILE [FMT]: qemu-nbd serving FILE read-only, its bytes
@@ -237,6 +220,45 @@ qemu-img create -q -f qcow2 -u -b "$J" -F raw "$dir/e.qcow2" 4M || exit 1
 overlay "$dir/e.qcow2" 'write -P 0x81 0 64k'
 chain_ok "$dir/e.qcow2"
 
+# Over TCP on 127.0.0.1 (never another address): nbd://HOST:PORT/EXPORT
+# and the json: inet form. A free port is asked of the kernel; should
+# another program take it before qemu-nbd does, the next one is tried.
+# serve_tcp EXPORT FILE [FMT]: sets PORT.
+serve_tcp() {
+	for try in 1 2 3 4 5; do
+		PORT=$(nbd_free_port)
+		log=$dir/tcp-$1.log
+		qemu-nbd -f "${3:-raw}" -r -t -e 8 -x "$1" -b 127.0.0.1 \
+			-p "$PORT" "$2" >"$log" 2>&1 &
+		p=$!
+		pids="$pids $p"
+		nbd_wait_tcp "$PORT" "$p" && return 0
+		kill "$p" 2>/dev/null
+	done
+	echo "qemu-nbd on 127.0.0.1: never listened:"
+	cat "$log"
+	exit 1
+}
+serve_tcp base "$dir/base.raw"
+TPORT=$PORT
+TU="nbd://127.0.0.1:$TPORT/base"
+qemu-img create -q -f qcow2 -b "$TU" -F raw "$dir/t1.qcow2" || exit 1
+overlay "$dir/t1.qcow2" 'write -P 0xc1 64k 64k' 'write -z 2112k 64k'
+chain_ok "$dir/t1.qcow2"
+"$siphon" info "$TU" >"$dir/info.txt" 2>"$dir/s.err" ||
+	bad "siphon info $TU: $(cat "$dir/s.err")"
+grep -qF "nbd server: 127.0.0.1:$TPORT" "$dir/info.txt" ||
+	bad "siphon info $TU: no 'nbd server: 127.0.0.1:$TPORT'"
+J="json:{\"file.driver\":\"nbd\",\"file.server.type\":\"inet\",\"file.server.host\":\"127.0.0.1\",\"file.server.port\":\"$TPORT\",\"file.export\":\"base\"}"
+qemu-img create -q -f qcow2 -u -b "$J" -F raw "$dir/t2.qcow2" 4M || exit 1
+overlay "$dir/t2.qcow2" 'write -P 0xc2 3M 64k'
+chain_ok "$dir/t2.qcow2"
+serve_tcp qbase "$dir/qbase.qcow2"
+qemu-img create -q -f qcow2 -b "nbd://127.0.0.1:$PORT/qbase" -F qcow2 \
+	"$dir/t3.qcow2" || exit 1
+overlay "$dir/t3.qcow2" 'write -P 0xc3 1M 64k'
+chain_ok "$dir/t3.qcow2"
+
 # The export itself, read-only: info, map, dump.
 "$siphon" info "$U" >"$dir/info.txt" 2>"$dir/s.err" ||
 	bad "siphon info $U: $(cat "$dir/s.err")"
@@ -344,6 +366,11 @@ refused "$dir/x4.qcow2" "TLS" "x4.qcow2"
 T="json:{\"file.driver\":\"nbd\",\"file.server.type\":\"unix\",\"file.server.path\":\"$S\",\"file.export\":\"base\",\"file.tls-creds\":\"tls0\"}"
 qemu-img create -q -f qcow2 -u -b "$T" -F raw "$dir/x5.qcow2" 4M || exit 1
 refused "$dir/x5.qcow2" "TLS" "x5.qcow2"
+# Nothing listening on a TCP port of 127.0.0.1.
+NP=$(nbd_free_port)
+qemu-img create -q -f qcow2 -u -b "nbd://127.0.0.1:$NP/base" -F raw \
+	"$dir/x10.qcow2" 4M || exit 1
+refused "$dir/x10.qcow2" "127.0.0.1:$NP" "x10.qcow2"
 # siphon create against a server that is not there changes nothing either.
 out=$("$siphon" create -q -f qcow2 -b "nbd+unix:///b?socket=$dir/none.sock" \
 	"$dir/x6.qcow2" 2>&1)

@@ -32,11 +32,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 1' HUP INT TERM
 
-fail=0
-bad() {
-	echo "FAIL: $*"
-	fail=1
-}
+. "$(dirname "$0")/nbdlib.sh"
 
 S=$dir/s.sock
 URI="nbd+unix:///base?socket=$S"
@@ -47,16 +43,7 @@ start() {
 	qemu-nbd -f raw -r -t -e 8 -x base -k "$S" "$dir/base.raw" \
 		>>"$dir/qemu-nbd.log" 2>&1 &
 	srv=$!
-	i=0
-	while [ ! -S "$S" ]; do
-		kill -0 "$srv" 2>/dev/null || {
-			cat "$dir/qemu-nbd.log"
-			exit 1
-		}
-		i=$((i + 1))
-		[ $i -le 600 ] || { echo "qemu-nbd: no socket"; exit 1; }
-		sleep 0.1
-	done
+	nbd_wait_unix "$S" "$srv" "$dir/qemu-nbd.log"
 }
 
 stop() {

@@ -34,24 +34,8 @@ qemu-img create -q -f raw "$dir/base.raw" $size || exit 1
 qemu-nbd -k "$sock" -x "$exp" -f raw -r -t "$dir/base.raw" \
 	2>"$dir/nbd.err" &
 pid=$!
-# Bounded wait for the server to listen (not a timing assertion).
-i=0
-while [ ! -S "$sock" ]; do
-	if ! kill -0 "$pid" 2>/dev/null; then
-		echo "qemu-nbd exited:"
-		cat "$dir/nbd.err"
-		pid=
-		exit 1
-	fi
-	i=$((i + 1))
-	if [ $i -gt 600 ]; then
-		echo "qemu-nbd: no socket after 60 s"
-		exit 1
-	fi
-	sleep 0.1
-done
-
-fail=0
+. "$(dirname "$0")/nbdlib.sh"
+nbd_wait_unix "$sock" "$pid" "$dir/nbd.err"
 
 # qemu_reads NAME: qemu-img opens NAME and sees the served export's size.
 qemu_reads() {
