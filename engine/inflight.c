@@ -26,9 +26,15 @@
  *    in bursts (a device serving many at once ends them together): a
  *    window that starts or ends inside a burst is off by the burst, where
  *    the averages are not. Mean and minimum latency are kept for the
- *    report. A window whose bytes in flight averaged less than 3/4 of the
- *    target (the stream had less to send, or the scheduler held it for the
- *    guest) says nothing about the device: it is measured again. (Per
+ *    report. A window whose bytes in flight averaged less than 3/4 of what
+ *    the target can hold (the stream had less to send, or the scheduler
+ *    held it for the guest) says nothing about the device: it is measured
+ *    again. What it can hold is the target rounded down to the largest
+ *    extent started since the window began: an extent is admitted only
+ *    whole (ifc_may_start()), so a 1 MiB window holds one extent of 576
+ *    KiB (the runs between the local clusters of a top that holds every
+ *    tenth), and measured against the whole 1 MiB no window was ever full:
+ *    the controller stayed at its first window for the whole stream. (Per
  *    completion "was there room?" would be fooled by completions reaped in
  *    a batch before the stream refills.)
  *  - Startup: W doubles each window (S stays at its start size) while
@@ -396,6 +402,26 @@ static void probe_step(struct ifc *c, double x, uint64_t now)
 	next_probe(c, c->probe + 1, false, now);
 }
 
+/*
+ * The bytes the window can hold in flight: extents are admitted whole, so
+ * with adaptive depth the target rounded down to the largest extent
+ * started in it (the target itself if none was or one exceeds it); with a
+ * fixed depth, that many extents of the mean length completed.
+ */
+static uint64_t holds(const struct ifc *c)
+{
+	const struct ifc_window *win = &c->win;
+	uint64_t len = win->max_len;
+
+	if (c->fixed_depth)
+		return win->samples
+			       ? c->fixed_depth * (win->bytes / win->samples)
+			       : c->target;
+	if (!len || len >= c->target)
+		return c->target;
+	return round_down(c->target, len);
+}
+
 /* The window closed: update the report and decide. */
 static void window_end(struct ifc *c, uint64_t now)
 {
@@ -403,10 +429,11 @@ static void window_end(struct ifc *c, uint64_t now)
 	double x;
 
 	/*
-	 * Less than IFC_FULL of the window used on average: the stream had
-	 * less to send, or was held back; that says nothing about the device.
+	 * Less than IFC_FULL of what the window holds used on average: the
+	 * stream had less to send, or was held back; that says nothing about
+	 * the device.
 	 */
-	if (win->area < IFC_FULL * (double)c->target *
+	if (win->area < IFC_FULL * (double)holds(c) *
 				(double)(win->t_last - win->t_first)) {
 		window_reset(c, now);
 		return;
@@ -503,6 +530,8 @@ static void integrate(struct ifc *c, uint64_t now)
 void ifc_started(struct ifc *c, uint64_t bytes, uint64_t now)
 {
 	integrate(c, now);
+	if (bytes > c->win.max_len)
+		c->win.max_len = bytes;
 	c->inflight_bytes += bytes;
 	c->inflight_count++;
 }

@@ -67,6 +67,7 @@ struct ifc_window {
 	double lat_bytes; /* sum of bytes x latency of the samples */
 	uint64_t bytes; /* of the samples */
 	unsigned samples; /* completions counted, the first one included */
+	uint64_t max_len; /* largest extent started since t0 */
 	uint64_t lat_sum;
 	uint64_t lat_min;
 };

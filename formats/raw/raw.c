@@ -179,6 +179,23 @@ static void remember_extents(struct img *img, uint64_t off, uint64_t end,
 }
 
 /*
+ * What to ask a server about from off when [off, off + len) is wanted: at
+ * least RAW_NBD_AHEAD (to the export's end), so that the runs it answers
+ * cover what the caller asks next. A chain asks the base about the run
+ * the layers above lack, which over a top holding every tenth cluster is
+ * 576 KiB: asked for exactly that, each next run was a round trip, and
+ * the stream's extents could not read over the local clusters (the
+ * lookup would have waited).
+ */
+#define RAW_NBD_AHEAD (256ull << 20)
+static uint64_t nbd_ask_len(const struct img *img, uint64_t off, uint64_t len)
+{
+	uint64_t ahead = off < img->size ? img->size - off : 0;
+
+	return sx_max(len, sx_min(ahead, RAW_NBD_AHEAD));
+}
+
+/*
  * Status of [off, off + len) of an NBD export from the server,
  * synchronously: the first extent (the chain layer asks again from where
  * it ends; the next ones are remembered). The bytes of the last 512-byte
@@ -187,11 +204,12 @@ static void remember_extents(struct img *img, uint64_t off, uint64_t end,
 static int raw_nbd_status(struct img *img, uint64_t off, uint64_t len,
 			  struct img_extent *ext)
 {
+	uint64_t ask = nbd_ask_len(img, off, len);
 	struct sio_nbd_extent v[RAW_RUNS];
 	unsigned n = 0;
 	int ret;
 
-	ret = sio_nbd_block_status(img->file, off, len, v, RAW_RUNS, &n);
+	ret = sio_nbd_block_status(img->file, off, ask, v, RAW_RUNS, &n);
 	if (ret < 0)
 		return ret;
 	if (n == 0 || v[0].len == 0) {
@@ -202,7 +220,7 @@ static int raw_nbd_status(struct img *img, uint64_t off, uint64_t len,
 	}
 	ext->status = nbd_status_of(v[0].flags, &ext->zero_data);
 	ext->len = sx_min(v[0].len, len);
-	remember_extents(img, off, off + len, v, n);
+	remember_extents(img, off, off + ask, v, n);
 	return 0;
 }
 
@@ -228,7 +246,7 @@ static int raw_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
 	*req = (struct img_meta_req){
 		.file = img->file,
 		.host_off = off,
-		.len = len,
+		.len = nbd_ask_len(img, off, len),
 		.guest_off = off,
 		.tag = RAW_META_STATUS,
 		.kind = IMG_META_NBD_STATUS,
