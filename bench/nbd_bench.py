@@ -66,7 +66,7 @@ TARGETS = {"qemu-nbd": (("qsd-stream", 2.0), ("nbdcopy", 0.9)),
            "sparse": ()}
 # --sparse-tib: the 1 TiB sparse base's stream may take this much longer
 # than the dense base holding the same data ("about the time", issue 12)
-SPARSE_TARGET = 1.25
+SPARSE_TARGET = 1.2
 TIB = 1 << 40
 
 # the fields of siphon's JSON summary kept for diagnosis
