@@ -40,24 +40,7 @@ static void *worker(void *arg)
 		exit(2);
 	for (i = 0;; i++) {
 		wl_next(&rng, t, nthreads, disk_size, &op);
-		switch (op.kind) {
-		case WL_READ:
-			ret = siphon_disk_pread(disk, buf, op.len, op.off, 0);
-			break;
-		case WL_WRITE:
-			wl_fill(buf, &op);
-			ret = siphon_disk_pwrite(disk, buf, op.len, op.off, 0);
-			break;
-		case WL_DISCARD:
-			ret = siphon_disk_discard(disk, op.off, op.len, 0);
-			break;
-		case WL_ZEROES:
-			ret = siphon_disk_write_zeroes(disk, op.off, op.len, 0);
-			break;
-		case WL_FLUSH:
-			ret = siphon_disk_flush(disk, 0);
-			break;
-		}
+		ret = wl_issue(disk, &op, buf);
 		if (ret < 0) {
 			fprintf(stderr, "op %u failed: %s\n", i,
 				siphon_get_error());

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "siphon.h"
+
 #define WL_STRIPE (256u * 1024)
 
 enum wl_kind {
@@ -108,6 +110,28 @@ static inline void wl_apply(uint8_t *model, const struct wl_op *op, uint64_t cs)
 		break;
 	default:
 		break;
+	}
+}
+
+/*
+ * Issue op on disk through the synchronous API: a read lands in buf, a
+ * write's data (wl_fill()) is made there first. 0 or -errno.
+ */
+static inline int wl_issue(siphon_disk *disk, const struct wl_op *op,
+			   uint8_t *buf)
+{
+	switch (op->kind) {
+	case WL_READ:
+		return siphon_disk_pread(disk, buf, op->len, op->off, 0);
+	case WL_WRITE:
+		wl_fill(buf, op);
+		return siphon_disk_pwrite(disk, buf, op->len, op->off, 0);
+	case WL_DISCARD:
+		return siphon_disk_discard(disk, op->off, op->len, 0);
+	case WL_ZEROES:
+		return siphon_disk_write_zeroes(disk, op->off, op->len, 0);
+	default:
+		return siphon_disk_flush(disk, 0);
 	}
 }
 

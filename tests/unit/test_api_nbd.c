@@ -372,34 +372,14 @@ static void *faults_guest(void *arg)
 		wl_next(&rng, a->t, 2, FDISK, &op);
 		if (f->reads_only && op.kind != WL_READ)
 			continue;
-		switch (op.kind) {
-		case WL_READ:
-			ret = siphon_disk_pread(f->disk, buf, op.len, op.off,
-						0);
-			if (ret == 0 && memcmp(buf, f->model + op.off, op.len))
-				if (atomic_fetch_add(&f->mismatches, 1) == 0)
-					snprintf(f->msg, sizeof(f->msg),
-						 "read of [%llu, +%llu) "
-						 "differs from the model",
-						 (unsigned long long)op.off,
-						 (unsigned long long)op.len);
-			break;
-		case WL_WRITE:
-			wl_fill(buf, &op);
-			ret = siphon_disk_pwrite(f->disk, buf, op.len, op.off,
-						 0);
-			break;
-		case WL_DISCARD:
-			ret = siphon_disk_discard(f->disk, op.off, op.len, 0);
-			break;
-		case WL_ZEROES:
-			ret = siphon_disk_write_zeroes(f->disk, op.off, op.len,
-						       0);
-			break;
-		default:
-			ret = siphon_disk_flush(f->disk, 0);
-			break;
-		}
+		ret = wl_issue(f->disk, &op, buf);
+		if (op.kind == WL_READ && ret == 0 &&
+		    memcmp(buf, f->model + op.off, op.len) &&
+		    atomic_fetch_add(&f->mismatches, 1) == 0)
+			snprintf(f->msg, sizeof(f->msg),
+				 "read of [%llu, +%llu) differs from the model",
+				 (unsigned long long)op.off,
+				 (unsigned long long)op.len);
 		atomic_fetch_add(&f->ops, 1);
 		if (ret == -EIO && f->reads_only)
 			atomic_fetch_add(&f->eio, 1);

@@ -110,38 +110,17 @@ static void *stress_thread(void *arg)
 
 	for (i = 0; i < s->ops; i++) {
 		wl_next(&rng, ta->t, s->nthreads, DISK_SIZE, &op);
-		switch (op.kind) {
-		case WL_READ:
-			/* Odd addresses too: the bounce path. */
-			ret = siphon_disk_pread(s->disk, buf + (i & 1), op.len,
-						op.off, 0);
-			if (ret == 0 &&
-			    memcmp(buf + (i & 1), s->model + op.off, op.len)) {
-				if (atomic_fetch_add(&s->mismatches, 1) == 0)
-					snprintf(s->msg, sizeof(s->msg),
-						 "thread %u op %u: read of "
-						 "[%llu, +%llu) differs",
-						 ta->t, i,
-						 (unsigned long long)op.off,
-						 (unsigned long long)op.len);
-			}
-			break;
-		case WL_WRITE:
-			wl_fill(buf, &op);
-			ret = siphon_disk_pwrite(s->disk, buf, op.len, op.off,
-						 0);
-			break;
-		case WL_DISCARD:
-			ret = siphon_disk_discard(s->disk, op.off, op.len, 0);
-			break;
-		case WL_ZEROES:
-			ret = siphon_disk_write_zeroes(s->disk, op.off, op.len,
-						       0);
-			break;
-		case WL_FLUSH:
-			ret = siphon_disk_flush(s->disk, 0);
-			break;
-		}
+		/* Reads at odd addresses too: the bounce path. */
+		ret = wl_issue(s->disk, &op,
+			       op.kind == WL_READ ? buf + (i & 1) : buf);
+		if (op.kind == WL_READ && ret == 0 &&
+		    memcmp(buf + (i & 1), s->model + op.off, op.len) &&
+		    atomic_fetch_add(&s->mismatches, 1) == 0)
+			snprintf(
+				s->msg, sizeof(s->msg),
+				"thread %u op %u: read of [%llu, +%llu) differs",
+				ta->t, i, (unsigned long long)op.off,
+				(unsigned long long)op.len);
 		if (ret < 0 && atomic_fetch_add(&s->errors, 1) == 0)
 			snprintf(s->msg, sizeof(s->msg), "thread %u op %u: %s",
 				 ta->t, i, siphon_get_error());
