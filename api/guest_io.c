@@ -15,6 +15,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,7 +128,20 @@ static const char *op_name(enum guest_op op)
 static void api_complete(struct guest_req *g, int ret)
 {
 	struct api_req *r = (struct api_req *)g;
+	char why[SX_ERROR_MAX / 2];
 
+	/*
+	 * The callback's siphon_get_error() (the worker's message): what
+	 * failed below, when the last message recorded here was about this
+	 * errno, else strerror; either way naming the disk and the request.
+	 */
+	if (ret < 0) {
+		snprintf(why, sizeof(why), "%s",
+			 sx_last_errno() == -ret ? sx_last_error()
+						 : strerror(-ret));
+		sx_error(ret, "%s: guest %s at %llu failed: %s", r->d->path,
+			 op_name(g->op), (unsigned long long)g->off, why);
+	}
 	r->cb((siphon_disk *)r->d, ret, r->opaque);
 	free(r);
 }
@@ -264,6 +278,7 @@ struct waiter {
 	pthread_cond_t cond;
 	bool done;
 	int ret;
+	char msg[SX_ERROR_MAX]; /* the worker's message when ret < 0 */
 };
 
 static void wake_waiter(siphon_disk *disk, int ret, void *opaque)
@@ -273,6 +288,8 @@ static void wake_waiter(siphon_disk *disk, int ret, void *opaque)
 	(void)disk;
 	pthread_mutex_lock(&w->lock);
 	w->ret = ret;
+	if (ret < 0)
+		snprintf(w->msg, sizeof(w->msg), "%s", sx_last_error());
 	w->done = true;
 	pthread_cond_signal(&w->cond);
 	pthread_mutex_unlock(&w->lock);
@@ -298,10 +315,9 @@ static int sync_call(siphon_disk *disk, enum guest_op op,
 			pthread_cond_wait(&w.cond, &w.lock);
 		pthread_mutex_unlock(&w.lock);
 		ret = w.ret;
+		/* The worker's message, on the caller's thread. */
 		if (ret < 0)
-			sx_error(ret, "%s: guest %s at %llu failed: %s",
-				 to_disk(disk)->path, op_name(op),
-				 (unsigned long long)off, strerror(-ret));
+			sx_error(ret, "%s", w.msg);
 	}
 	pthread_cond_destroy(&w.cond);
 	pthread_mutex_destroy(&w.lock);

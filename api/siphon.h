@@ -462,7 +462,9 @@ enum siphon_cor_mode {
  * synchronous guest I/O functions of the same disk, nor of another disk on
  * the same worker thread (-EDEADLK); it may submit new asynchronous
  * requests. To wake an
- * event loop, write to an eventfd of your own from here.
+ * event loop, write to an eventfd of your own from here. When ret < 0,
+ * siphon_get_error() called from the callback says why (naming the disk,
+ * the request, and what failed below it: a file, an NBD server).
  */
 typedef void (*siphon_io_fn)(siphon_disk *disk, int ret, void *opaque);
 

@@ -220,7 +220,8 @@ END_TEST
  * A disk's own NBD settings (siphon_attach_opts): a VMM sets the reconnect
  * window and the request timeout per disk, and they hold for its stream
  * (the FAILED event names the value set, not the default's 10 s window or
- * 30 s timeout) and its guest reads (-EIO); a connection count above the
+ * 30 s timeout) and its guest reads (-EIO, the message naming the server
+ * and the window); a connection count above the
  * limit is refused before anything is opened.
  */
 START_TEST(test_attach_nbd_settings)
@@ -270,6 +271,11 @@ START_TEST(test_attach_nbd_settings)
 	nbd_server_stop(&srv);
 	ret = siphon_disk_pread(disk, buf, READ_LEN, 12 * MiB, 0);
 	ck_assert_int_eq(ret, -EIO);
+	/* The read's message says what failed below it, not just EIO. */
+	ck_assert_msg(strstr(siphon_get_error(), "guest read at 12582912") &&
+			      strstr(siphon_get_error(), srv.sock) &&
+			      strstr(siphon_get_error(), "300 ms"),
+		      "%s", siphon_get_error());
 	ev = next_event(dom);
 	ck_assert_msg(ev.kind == SIPHON_EVENT_STREAM_FAILED, "event %d: %s",
 		      ev.kind, ev.message);
