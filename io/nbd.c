@@ -5,7 +5,9 @@
  * Two kinds of connection to an export:
  *  - the file's own (struct sio_nbd), opened by sio_nbd_open(), used by the
  *    synchronous helpers and block status through libnbd's blocking calls,
- *    one caller at a time under n->lock;
+ *    one caller at a time under n->lock; closed when a queue connects to
+ *    a server without multi-conn (which may take one client at a time)
+ *    and made again by the next synchronous call (sync_make_way());
  *  - a queue's (struct sio_nbd_conn), one per (queue, file), driven
  *    through libnbd's asynchronous calls by the queue that owns it: the
  *    queue polls the socket on its ring and calls sio_nbd_conn_notify().
@@ -90,6 +92,7 @@ struct sio_nbd {
 	bool multi_conn, block_status;
 	/* Its settings (io/nbd.h), fixed at open: SIO_NBD_OFF is 0 here. */
 	unsigned reconnect_ms, timeout_ms, connections;
+	bool parked; /* h closed to make way for a queue's (sync_make_way) */
 };
 
 /* Where a queue's connection is (see "Reconnecting" above). */
@@ -531,6 +534,26 @@ uint64_t sio_nbd_size(const struct sio_file *f)
 }
 
 /*
+ * h, a new connection to n's export, becomes the file's own if the export
+ * still has its size: 0, or -EIO (h closed). Under n->lock.
+ */
+static int sync_adopt(struct sio_nbd *n, struct nbd_handle *h)
+{
+	int64_t size = nbd_get_size(h);
+
+	if (size < 0 || (uint64_t)size != n->size) {
+		lib_close(h);
+		return sx_error(-EIO,
+				"%s: after reconnecting the export's size is "
+				"%" PRId64 " bytes, not %" PRIu64
+				": not the same export, refused",
+				n->uri, size, n->size);
+	}
+	n->h = h;
+	return 0;
+}
+
+/*
  * The file's own connection is gone (n->h dead, or NULL after a revive
  * that failed): connect again, blocking, with the backoff of the queue's
  * connections, within the reconnect window (io/nbd.h). 0 with n->h
@@ -544,7 +567,6 @@ static int sync_revive(struct sio_nbd *n)
 	uint64_t end = now_ns() + window * MS_NS;
 	struct timespec nap;
 	struct nbd_handle *h;
-	int64_t size;
 	int ret;
 
 	lib_close(n->h);
@@ -567,17 +589,45 @@ static int sync_revive(struct sio_nbd *n)
 		nanosleep(&nap, NULL);
 		backoff = sx_min(backoff * 2, BACKOFF_MAX_MS);
 	}
-	size = nbd_get_size(h);
-	if (size < 0 || (uint64_t)size != n->size) {
-		lib_close(h);
-		return sx_error(-EIO,
-				"%s: after reconnecting the export's size is "
-				"%" PRId64 " bytes, not %" PRIu64
-				": not the same export, refused",
-				n->uri, size, n->size);
+	return sync_adopt(n, h);
+}
+
+/*
+ * The file's own connection made way for a queue's (sync_make_way()):
+ * connect again, once (a server that takes one client and has none free
+ * says so through the handshake's timeout). Under n->lock.
+ */
+static int sync_unpark(struct sio_nbd *n)
+{
+	struct nbd_handle *h;
+	int ret;
+
+	ret = lib_connect(n, &h);
+	if (ret < 0)
+		return ret;
+	ret = sync_adopt(n, h);
+	if (ret == 0)
+		n->parked = false;
+	return ret;
+}
+
+/*
+ * A queue starts a connection to a server that does not advertise
+ * multi-conn, which may take one client at a time (qemu-nbd without
+ * --shared): the file's own connection, when idle, makes way (closed;
+ * the next synchronous call connects again). One in use stays (trylock:
+ * the queue's thread never waits for it).
+ */
+static void sync_make_way(struct sio_nbd *n)
+{
+	if (n->multi_conn || pthread_mutex_trylock(&n->lock) != 0)
+		return;
+	if (n->h) {
+		lib_close(n->h);
+		n->h = NULL;
+		n->parked = true;
 	}
-	n->h = h;
-	return 0;
+	pthread_mutex_unlock(&n->lock);
 }
 
 /*
@@ -587,6 +637,10 @@ static int sync_revive(struct sio_nbd *n)
  */
 static bool sync_retry(struct sio_nbd *n, int *ret)
 {
+	if (!n->h && n->parked) {
+		*ret = sync_unpark(n);
+		return *ret == 0;
+	}
 	if (n->h && !lib_is_dead(n->h))
 		return false; /* the server's error: *ret stays */
 	if (!n->reconnect_ms) {
@@ -865,6 +919,7 @@ int sio_nbd_conn_open(struct sio_file *f, struct sio_nbd_conn **out)
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		return sx_error(-ENOMEM, "%s: out of memory", n->uri);
+	sync_make_way(n);
 	c->file = f;
 	c->id = n->id;
 	c->max_io = n->max_io;

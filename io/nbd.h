@@ -8,7 +8,9 @@
  * minimum block size; its path is the export's canonical URI, which is
  * also what fault rules (sio_fault_add()) match. The synchronous helpers
  * (sio_pread, ...) read over a connection of the file's own, opened by
- * sio_nbd_open() and shared under a mutex; a sio_queue reads over a
+ * sio_nbd_open() and shared under a mutex (on a server without multi-conn
+ * it makes way while a queue's is open, and is made again by the next
+ * synchronous call); a sio_queue reads over a
  * connection of its own per file, opened at its first request, its
  * socket polled on the queue's ring (no thread anywhere). Writes,
  * truncates and fallocates fail with -EROFS; fsync and fdatasync succeed

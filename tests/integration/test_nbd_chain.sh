@@ -5,7 +5,8 @@
 # above the transport), and a sparse raw base (export "sparse"); nbdkit's
 # memory plugin serves a sparse export too when nbdkit is there. Overlays
 # come from `qemu-img create -b NAME` and from `siphon create -b NAME`,
-# the raw and qcow2 bases served over TCP on 127.0.0.1 as well,
+# the raw and qcow2 bases served over TCP on 127.0.0.1 as well, one by a
+# qemu-nbd that takes a single client,
 # with clusters written by qemu-io; one chain has a local qcow2 layer
 # between the overlay and the NBD base, one names its base with json:.
 # For each chain:
@@ -258,6 +259,17 @@ qemu-img create -q -f qcow2 -b "nbd://127.0.0.1:$PORT/qbase" -F qcow2 \
 	"$dir/t3.qcow2" || exit 1
 overlay "$dir/t3.qcow2" 'write -P 0xc3 1M 64k'
 chain_ok "$dir/t3.qcow2"
+
+# A server that takes one client at a time (qemu-nbd without --shared, so
+# no multi-conn): siphon's own connection makes way for the worker's.
+qemu-nbd -f raw -r -t -x base -k "$dir/one.sock" "$dir/base.raw" \
+	>"$dir/one.sock.log" 2>&1 &
+pids="$pids $!"
+wait_sock "$dir/one.sock" $!
+qemu-img create -q -f qcow2 -b "nbd+unix:///base?socket=$dir/one.sock" \
+	-F raw "$dir/one.qcow2" || exit 1
+overlay "$dir/one.qcow2" 'write -P 0xd1 1M 64k'
+chain_ok "$dir/one.qcow2"
 
 # The export itself, read-only: info, map, dump.
 "$siphon" info "$U" >"$dir/info.txt" 2>"$dir/s.err" ||

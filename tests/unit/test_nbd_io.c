@@ -1115,10 +1115,13 @@ START_TEST(test_hung_server)
 END_TEST
 
 /*
- * qemu-nbd as users start it, one client at a time (no --shared): the
- * file's own connection is that client; the queue's connection and a
- * second open get no handshake and end with a message saying why,
- * instead of waiting for ever (the request timeout bounds handshakes).
+ * qemu-nbd as users start it, one client at a time (no --shared, and so
+ * no multi-conn): the file's own connection is that client, and a second
+ * open gets no handshake and ends with a message saying why instead of
+ * waiting for ever (the request timeout bounds handshakes). A queue's
+ * connection gets the client's place (the file's own makes way), and the
+ * file's own comes back when the queue is gone; a synchronous read while
+ * the queue holds the place fails with that message.
  */
 START_TEST(test_one_client_server)
 {
@@ -1143,13 +1146,20 @@ START_TEST(test_one_client_server)
 			 -ETIMEDOUT);
 	ck_assert_ptr_nonnull(strstr(sx_last_error(), "--shared"));
 	ck_assert_int_eq(sio_queue_create(8, &q), 0);
-	req = read_req(f, buf, 0, sizeof(buf), &rec);
+	memset(buf, 0, sizeof(buf));
+	req = read_req(f, buf, 4096, sizeof(buf), &rec);
 	ck_assert_int_eq(sio_queue_submit(q, &req), 0);
 	drain(q);
 	ck_assert_int_eq(rec.calls, 1);
-	ck_assert_int_eq(rec.res, -EIO);
+	ck_assert_msg(rec.res == (int)sizeof(buf), "%d: %s", rec.res,
+		      sx_last_error());
+	check_bytes(raw, RAW_SIZE, buf, sizeof(buf), 4096);
+	ck_assert_int_eq(sio_pread(f, buf, sizeof(buf), 0), -ETIMEDOUT);
 	ck_assert_ptr_nonnull(strstr(sx_last_error(), "--shared"));
 	sio_queue_destroy(q);
+	memset(buf, 0, sizeof(buf));
+	ck_assert_int_eq(sio_pread(f, buf, sizeof(buf), 8192), 0);
+	check_bytes(raw, RAW_SIZE, buf, sizeof(buf), 8192);
 	sio_file_close(f);
 	nbd_server_stop(&srv);
 }
