@@ -113,6 +113,13 @@ class Server:
         self.p = None
 
 
+def qemu_nbd(base, sock):
+    """qemu-nbd exporting the raw file base as "base" on sock, for up to 16
+    clients (so with multi-conn), surviving their disconnects."""
+    return ["qemu-nbd", "-r", "-f", "raw", "-x", "base", "--shared=16",
+            "-k", sock, "--persistent", base]
+
+
 def uri(sock):
     return "nbd+unix:///base?socket=" + sock
 
@@ -365,8 +372,7 @@ def bench_sparse(a, d, chains, serve):
             flush=True)
         make_raw_base(base, a.sparse_data, sparse_total=total)
         sock = os.path.join(d, kind + ".sock")
-        srv = serve(["qemu-nbd", "-r", "-f", "raw", "-x", "base",
-                     "--shared=16", "-k", sock, "--persistent", base], sock)
+        srv = serve(qemu_nbd(base, sock), sock)
         ch = Chain(kind, a.sparse_data, sparse_total=total)
         chains.append(ch)
         bench_chain(a, d, ch, srv, lambda r: r == "siphon")
@@ -409,9 +415,7 @@ def bench(a, d, chains, want, guest):
             print("building a %s raw base" % human(a.size), flush=True)
             make_raw_base(base, a.size)
             sock = os.path.join(d, "qemu-nbd.sock")
-            srv = serve(["qemu-nbd", "-r", "-f", "raw", "-x", "base",
-                         "--shared=16", "-k", sock, "--persistent", base],
-                        sock)
+            srv = serve(qemu_nbd(base, sock), sock)
             ch = Chain("qemu-nbd", a.size)
             chains.append(ch)
             bench_chain(a, d, ch, srv, want)

@@ -594,8 +594,10 @@ static int sync_revive(struct sio_nbd *n)
 
 /*
  * The file's own connection made way for a queue's (sync_make_way()):
- * connect again, once (a server that takes one client and has none free
- * says so through the handshake's timeout). Under n->lock.
+ * connect again, once. -ETIMEDOUT: a server that takes one client has
+ * none free (the message says so); another error: the server went away
+ * meanwhile (the caller treats it as a dropped connection). Under
+ * n->lock.
  */
 static int sync_unpark(struct sio_nbd *n)
 {
@@ -632,14 +634,18 @@ static void sync_make_way(struct sio_nbd *n)
 
 /*
  * Whether a failed call on the file's own connection is worth another
- * try: the connection is gone and a reconnect window is set, and
- * sync_revive() made a new one. *ret is its error when it failed.
+ * try: it made way for a queue's and is made again (sync_unpark()), or
+ * it is gone, a reconnect window is set and sync_revive() made a new one.
+ * *ret is its error when it failed.
  */
 static bool sync_retry(struct sio_nbd *n, int *ret)
 {
 	if (!n->h && n->parked) {
 		*ret = sync_unpark(n);
-		return *ret == 0;
+		if (*ret == 0 || *ret == -ETIMEDOUT)
+			return *ret == 0;
+		/* Gone meanwhile: as a dropped connection, below. */
+		n->parked = false;
 	}
 	if (n->h && !lib_is_dead(n->h))
 		return false; /* the server's error: *ret stays */

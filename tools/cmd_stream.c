@@ -195,7 +195,10 @@ static int parse_size(const char *s, uint64_t *out)
 	return 0;
 }
 
-/* Seconds (a decimal, 0..3600) as milliseconds: 0, or -EINVAL. */
+/*
+ * Seconds (a decimal, 0..3600) as milliseconds, at least 1 unless 0 (which
+ * turns the setting off): 0, or -EINVAL.
+ */
 static int parse_seconds(const char *s, unsigned *ms)
 {
 	char *end;
@@ -206,6 +209,8 @@ static int parse_seconds(const char *s, unsigned *ms)
 	if (end == s || *end || errno || !(v >= 0 && v <= 3600))
 		return -EINVAL;
 	*ms = (unsigned)(v * 1000 + 0.5);
+	if (v > 0 && !*ms)
+		*ms = 1;
 	return 0;
 }
 

@@ -256,8 +256,8 @@ static int raw_block_status_nowait(struct img *img, uint64_t off, uint64_t len,
 
 /*
  * The server's answer to a request of raw_block_status_nowait(): its
- * first extent becomes the remembered run, as raw_nbd_status() would
- * have made it (no extent: past the export's end, the zero tail).
+ * extents become the runs held, as raw_nbd_status() would have made them
+ * (no extent: past the export's end, the zero tail).
  */
 static void raw_meta_fill(struct img *img, const struct img_meta_req *req,
 			  const void *buf)

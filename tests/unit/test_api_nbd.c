@@ -80,9 +80,38 @@ static void check_alone(const char *path)
 		      "qemu-img check %s fails", path);
 }
 
+/*
+ * A chain in the test's directory: NAME.raw (16 MiB, written by the
+ * qemu-io options base_io) exported by qemu-nbd on NAME.sock into *srv,
+ * under NAME.qcow2 (its clusters written by top_io, NULL: none), and
+ * NAME.ref.raw, qemu-img convert of the chain. The image's path into top.
+ */
+static void serve_chain(const char *name, const char *base_io,
+			const char *top_io, struct nbd_server *srv, char *top,
+			size_t top_len)
+{
+	char base[512], sock[64];
+
+	RUN("cd %s && qemu-img create -q -f raw %s.raw 16M && "
+	    "qemu-io -f raw %s %s.raw >/dev/null",
+	    tmpdir, name, base_io, name);
+	snprintf(base, sizeof(base), "%s/%s.raw", tmpdir, name);
+	snprintf(sock, sizeof(sock), "%s.sock", name);
+	ck_assert_int_eq(nbd_server_qemu(srv, tmpdir, sock, base), 0);
+	RUN("cd %s && qemu-img create -q -f qcow2 "
+	    "-b 'nbd+unix:///exp?socket=%s' -F raw %s.qcow2",
+	    tmpdir, srv->sock, name);
+	if (top_io)
+		RUN("cd %s && qemu-io -f qcow2 %s %s.qcow2 >/dev/null", tmpdir,
+		    top_io, name);
+	RUN("cd %s && qemu-img convert -O raw %s.qcow2 %s.ref.raw", tmpdir,
+	    name, name);
+	snprintf(top, top_len, "%s/%s.qcow2", tmpdir, name);
+}
+
 START_TEST(test_stream_nbd_base_guest_reads)
 {
-	char *d = tmpdir, top[512], ref[512], base[512];
+	char top[512], ref[512];
 	struct siphon_block_stream_params prm = {.size = sizeof(prm),
 						 .bandwidth = 8 * MiB};
 	struct nbd_server srv;
@@ -96,22 +125,13 @@ START_TEST(test_stream_nbd_base_guest_reads)
 
 	ck_assert_ptr_nonnull(buf);
 	/* Data, a written zero run and holes in the base. */
-	RUN("cd %s && qemu-img create -q -f raw base.raw 16M && "
-	    "qemu-io -f raw -c 'write -P 0x11 0 3M' -c 'write -P 0 4M 1M' "
-	    "-c 'write -P 0x12 7M 2M' -c 'write -P 0x13 15M 1M' base.raw "
-	    ">/dev/null",
-	    d);
-	snprintf(base, sizeof(base), "%s/base.raw", d);
-	ck_assert_int_eq(nbd_server_qemu(&srv, d, "b.sock", base), 0);
-	RUN("cd %s && qemu-img create -q -f qcow2 "
-	    "-b 'nbd+unix:///exp?socket=%s' -F raw top.qcow2 && "
-	    "qemu-io -f qcow2 -c 'write -P 0x21 1M 128k' "
-	    "-c 'write -z 8M 64k' -c 'write -P 0x22 12M 64k' top.qcow2 "
-	    ">/dev/null && "
-	    "qemu-img convert -O raw top.qcow2 ref.raw",
-	    d, srv.sock);
-	snprintf(top, sizeof(top), "%s/top.qcow2", d);
-	snprintf(ref, sizeof(ref), "%s/ref.raw", d);
+	serve_chain("top",
+		    "-c 'write -P 0x11 0 3M' -c 'write -P 0 4M 1M' "
+		    "-c 'write -P 0x12 7M 2M' -c 'write -P 0x13 15M 1M'",
+		    "-c 'write -P 0x21 1M 128k' -c 'write -z 8M 64k' "
+		    "-c 'write -P 0x22 12M 64k'",
+		    &srv, top, sizeof(top));
+	snprintf(ref, sizeof(ref), "%s/top.ref.raw", tmpdir);
 	want = slurp(ref);
 
 	ck_assert_int_eq(siphon_domain_create(NULL, &dom), 0);
@@ -166,7 +186,7 @@ END_TEST
  */
 START_TEST(test_stream_nbd_sparse_no_waits)
 {
-	char *d = tmpdir, top[512], base[512];
+	char *d = tmpdir, top[512];
 	struct siphon_disk_stats st = {.size = sizeof(st)};
 	struct nbd_server srv;
 	struct siphon_event ev;
@@ -175,20 +195,11 @@ START_TEST(test_stream_nbd_sparse_no_waits)
 	int ret;
 
 	/* Data in a few places, holes between: many runs to ask about. */
-	RUN("cd %s && qemu-img create -q -f raw sparse.raw 16M && "
-	    "qemu-io -f raw -c 'write -P 0x31 1M 64k' "
-	    "-c 'write -P 0x32 3M 4k' -c 'write -P 0x33 5M 192k' "
-	    "-c 'write -P 0x34 9M 64k' -c 'write -P 0 11M 1M' "
-	    "-c 'write -P 0x35 16320k 64k' sparse.raw >/dev/null",
-	    d);
-	snprintf(base, sizeof(base), "%s/sparse.raw", d);
-	ck_assert_int_eq(nbd_server_qemu(&srv, d, "sp.sock", base), 0);
-	RUN("cd %s && qemu-img create -q -f qcow2 "
-	    "-b 'nbd+unix:///exp?socket=%s' -F raw sp.qcow2 && "
-	    "qemu-io -f qcow2 -c 'write -P 0x41 2M 64k' sp.qcow2 "
-	    ">/dev/null && qemu-img convert -O raw sp.qcow2 sp.ref.raw",
-	    d, srv.sock);
-	snprintf(top, sizeof(top), "%s/sp.qcow2", d);
+	serve_chain("sp",
+		    "-c 'write -P 0x31 1M 64k' -c 'write -P 0x32 3M 4k' "
+		    "-c 'write -P 0x33 5M 192k' -c 'write -P 0x34 9M 64k' "
+		    "-c 'write -P 0 11M 1M' -c 'write -P 0x35 16320k 64k'",
+		    "-c 'write -P 0x41 2M 64k'", &srv, top, sizeof(top));
 
 	ck_assert_int_eq(siphon_domain_create(NULL, &dom), 0);
 	ret = siphon_disk_attach(dom, top, NULL);
@@ -240,15 +251,9 @@ START_TEST(test_attach_nbd_settings)
 	int ret;
 
 	ck_assert_ptr_nonnull(buf);
-	RUN("cd %s && qemu-img create -q -f raw set.raw 16M && "
-	    "qemu-io -f raw -c 'write -P 0x51 0 16M' set.raw >/dev/null",
-	    d);
-	snprintf(base, sizeof(base), "%s/set.raw", d);
-	snprintf(top, sizeof(top), "%s/set.qcow2", d);
-	ck_assert_int_eq(nbd_server_qemu(&srv, d, "st.sock", base), 0);
-	RUN("cd %s && qemu-img create -q -f qcow2 "
-	    "-b 'nbd+unix:///exp?socket=%s' -F raw set.qcow2",
-	    d, srv.sock);
+	serve_chain("st", "-c 'write -P 0x51 0 16M'", NULL, &srv, top,
+		    sizeof(top));
+	snprintf(base, sizeof(base), "%s/st.raw", tmpdir);
 	ck_assert_int_eq(siphon_domain_create(NULL, &dom), 0);
 
 	ao.nbd_connections = SIPHON_NBD_MAX_CONNECTIONS + 1;

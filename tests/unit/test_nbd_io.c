@@ -1160,6 +1160,17 @@ START_TEST(test_one_client_server)
 	memset(buf, 0, sizeof(buf));
 	ck_assert_int_eq(sio_pread(f, buf, sizeof(buf), 8192), 0);
 	check_bytes(raw, RAW_SIZE, buf, sizeof(buf), 8192);
+	/* Made way again, and the server gone meanwhile: a dropped one. */
+	ck_assert_int_eq(sio_queue_create(8, &q), 0);
+	rec = (struct done_rec){0};
+	req = read_req(f, buf, 0, sizeof(buf), &rec);
+	ck_assert_int_eq(sio_queue_submit(q, &req), 0);
+	drain(q);
+	ck_assert_int_eq(rec.res, (int)sizeof(buf));
+	sio_queue_destroy(q);
+	nbd_server_stop(&srv);
+	ck_assert_int_eq(sio_pread(f, buf, sizeof(buf), 0), -EIO);
+	ck_assert_ptr_nonnull(strstr(sx_last_error(), "lost"));
 	sio_file_close(f);
 	nbd_server_stop(&srv);
 }
