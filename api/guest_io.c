@@ -21,11 +21,21 @@
 
 #include "domain.h"
 
+/* Most runs one block status request finds (1 MiB of engine memory). */
+#define STATUS_MAX_EXTENTS 65536u
+
+/* Where a block status request's answer goes (the caller's memory). */
+struct status_out {
+	struct siphon_extent *ext;
+	unsigned *n;
+};
+
 struct api_req {
 	struct guest_req g;
 	struct disk *d;
 	siphon_io_fn cb;
 	void *opaque;
+	struct status_out st; /* STATUS: g.ext is the engine's copy */
 	struct iovec iov[];
 };
 
@@ -121,6 +131,8 @@ static const char *op_name(enum guest_op op)
 		return "discard";
 	case GUEST_WRITE_ZEROES:
 		return "write zeroes";
+	case GUEST_STATUS:
+		return "block status";
 	}
 	return "?";
 }
@@ -142,7 +154,20 @@ static void api_complete(struct guest_req *g, int ret)
 		sx_error(ret, "%s: guest %s at %llu failed: %s", r->d->path,
 			 op_name(g->op), (unsigned long long)g->off, why);
 	}
+	if (g->op == GUEST_STATUS && ret >= 0) {
+		for (unsigned i = 0; i < g->ext_n; i++)
+			r->st.ext[i] = (struct siphon_extent){
+				.len = g->ext[i].len,
+				.flags = (g->ext[i].flags & GUEST_EXT_HOLE
+						  ? SIPHON_EXTENT_HOLE
+						  : 0) |
+					 (g->ext[i].flags & GUEST_EXT_ZERO
+						  ? SIPHON_EXTENT_ZERO
+						  : 0)};
+		*r->st.n = g->ext_n;
+	}
 	r->cb((siphon_disk *)r->d, ret, r->opaque);
+	free(g->ext);
 	free(r);
 }
 
@@ -151,7 +176,7 @@ static int check_range(struct disk *d, enum guest_op op, uint64_t off,
 {
 	uint64_t size = d->size;
 
-	if (len > SIPHON_IO_MAX_BYTES)
+	if (len > SIPHON_IO_MAX_BYTES && op != GUEST_STATUS)
 		return sx_error(EINVAL, "%s: %s of %llu bytes: more than %u",
 				d->path, op_name(op), (unsigned long long)len,
 				SIPHON_IO_MAX_BYTES);
@@ -173,7 +198,7 @@ static int check_range(struct disk *d, enum guest_op op, uint64_t off,
 
 static int submit(siphon_disk *disk, enum guest_op op, const struct iovec *iov,
 		  int iovcnt, uint64_t off, uint64_t len, unsigned flags,
-		  siphon_io_fn cb, void *opaque)
+		  const struct status_out *st, siphon_io_fn cb, void *opaque)
 {
 	struct disk *d = to_disk(disk);
 	unsigned allowed = 0, gflags = 0;
@@ -208,6 +233,9 @@ static int submit(siphon_disk *disk, enum guest_op op, const struct iovec *iov,
 		if (ret < 0)
 			return ret;
 	}
+	if (op == GUEST_STATUS && (!st->ext || !st->n || !*st->n))
+		return sx_error(EINVAL, "%s: block status: no room for extents",
+				d->path);
 	r = malloc(sizeof(*r) + (size_t)iovcnt * sizeof(struct iovec));
 	if (!r)
 		return sx_error(ENOMEM, "out of memory");
@@ -225,12 +253,25 @@ static int submit(siphon_disk *disk, enum guest_op op, const struct iovec *iov,
 	r->g.off = off;
 	r->g.len = len;
 	r->g.complete = api_complete;
+	if (op == GUEST_STATUS) {
+		/* Fewer runs than asked for is an answer too (siphon.h). */
+		r->g.ext_max = *st->n < STATUS_MAX_EXTENTS ? *st->n
+							   : STATUS_MAX_EXTENTS;
+		r->g.ext = calloc(r->g.ext_max, sizeof(*r->g.ext));
+		if (!r->g.ext) {
+			free(r);
+			return sx_error(ENOMEM, "out of memory");
+		}
+		r->st = *st;
+	}
 	r->d = d;
 	r->cb = cb;
 	r->opaque = opaque;
 	ret = disk_guest_post(d, &r->g);
-	if (ret < 0)
+	if (ret < 0) {
+		free(r->g.ext);
 		free(r);
+	}
 	return ret;
 }
 
@@ -238,28 +279,42 @@ SIPHON_API int siphon_disk_aio_read(siphon_disk *disk, const struct iovec *iov,
 				    int iovcnt, uint64_t off, unsigned flags,
 				    siphon_io_fn cb, void *opaque)
 {
-	return submit(disk, GUEST_READ, iov, iovcnt, off, 0, flags, cb, opaque);
+	return submit(disk, GUEST_READ, iov, iovcnt, off, 0, flags, NULL, cb,
+		      opaque);
 }
 
 SIPHON_API int siphon_disk_aio_write(siphon_disk *disk, const struct iovec *iov,
 				     int iovcnt, uint64_t off, unsigned flags,
 				     siphon_io_fn cb, void *opaque)
 {
-	return submit(disk, GUEST_WRITE, iov, iovcnt, off, 0, flags, cb,
+	return submit(disk, GUEST_WRITE, iov, iovcnt, off, 0, flags, NULL, cb,
 		      opaque);
 }
 
 SIPHON_API int siphon_disk_aio_flush(siphon_disk *disk, unsigned flags,
 				     siphon_io_fn cb, void *opaque)
 {
-	return submit(disk, GUEST_FLUSH, NULL, 0, 0, 0, flags, cb, opaque);
+	return submit(disk, GUEST_FLUSH, NULL, 0, 0, 0, flags, NULL, cb,
+		      opaque);
 }
 
 SIPHON_API int siphon_disk_aio_discard(siphon_disk *disk, uint64_t off,
 				       uint64_t len, unsigned flags,
 				       siphon_io_fn cb, void *opaque)
 {
-	return submit(disk, GUEST_DISCARD, NULL, 0, off, len, flags, cb,
+	return submit(disk, GUEST_DISCARD, NULL, 0, off, len, flags, NULL, cb,
+		      opaque);
+}
+
+SIPHON_API int siphon_disk_aio_block_status(siphon_disk *disk, uint64_t off,
+					    uint64_t len, unsigned flags,
+					    struct siphon_extent *ext,
+					    unsigned *n, siphon_io_fn cb,
+					    void *opaque)
+{
+	struct status_out st = {.ext = ext, .n = n};
+
+	return submit(disk, GUEST_STATUS, NULL, 0, off, len, flags, &st, cb,
 		      opaque);
 }
 
@@ -267,8 +322,8 @@ SIPHON_API int siphon_disk_aio_write_zeroes(siphon_disk *disk, uint64_t off,
 					    uint64_t len, unsigned flags,
 					    siphon_io_fn cb, void *opaque)
 {
-	return submit(disk, GUEST_WRITE_ZEROES, NULL, 0, off, len, flags, cb,
-		      opaque);
+	return submit(disk, GUEST_WRITE_ZEROES, NULL, 0, off, len, flags, NULL,
+		      cb, opaque);
 }
 
 /* ---- synchronous wrappers ---- */
@@ -297,7 +352,7 @@ static void wake_waiter(siphon_disk *disk, int ret, void *opaque)
 
 static int sync_call(siphon_disk *disk, enum guest_op op,
 		     const struct iovec *iov, int iovcnt, uint64_t off,
-		     uint64_t len, unsigned flags)
+		     uint64_t len, unsigned flags, const struct status_out *st)
 {
 	struct waiter w = {.done = false};
 	int ret;
@@ -308,7 +363,8 @@ static int sync_call(siphon_disk *disk, enum guest_op op,
 				to_disk(disk)->path);
 	pthread_mutex_init(&w.lock, NULL);
 	pthread_cond_init(&w.cond, NULL);
-	ret = submit(disk, op, iov, iovcnt, off, len, flags, wake_waiter, &w);
+	ret = submit(disk, op, iov, iovcnt, off, len, flags, st, wake_waiter,
+		     &w);
 	if (ret >= 0) {
 		pthread_mutex_lock(&w.lock);
 		while (!w.done)
@@ -327,13 +383,13 @@ static int sync_call(siphon_disk *disk, enum guest_op op,
 SIPHON_API int siphon_disk_read(siphon_disk *disk, const struct iovec *iov,
 				int iovcnt, uint64_t off, unsigned flags)
 {
-	return sync_call(disk, GUEST_READ, iov, iovcnt, off, 0, flags);
+	return sync_call(disk, GUEST_READ, iov, iovcnt, off, 0, flags, NULL);
 }
 
 SIPHON_API int siphon_disk_write(siphon_disk *disk, const struct iovec *iov,
 				 int iovcnt, uint64_t off, unsigned flags)
 {
-	return sync_call(disk, GUEST_WRITE, iov, iovcnt, off, 0, flags);
+	return sync_call(disk, GUEST_WRITE, iov, iovcnt, off, 0, flags, NULL);
 }
 
 SIPHON_API int siphon_disk_pread(siphon_disk *disk, void *buf, size_t len,
@@ -341,7 +397,7 @@ SIPHON_API int siphon_disk_pread(siphon_disk *disk, void *buf, size_t len,
 {
 	struct iovec v = {.iov_base = buf, .iov_len = len};
 
-	return sync_call(disk, GUEST_READ, &v, 1, off, 0, flags);
+	return sync_call(disk, GUEST_READ, &v, 1, off, 0, flags, NULL);
 }
 
 SIPHON_API int siphon_disk_pwrite(siphon_disk *disk, const void *buf,
@@ -349,22 +405,32 @@ SIPHON_API int siphon_disk_pwrite(siphon_disk *disk, const void *buf,
 {
 	struct iovec v = {.iov_base = (void *)buf, .iov_len = len};
 
-	return sync_call(disk, GUEST_WRITE, &v, 1, off, 0, flags);
+	return sync_call(disk, GUEST_WRITE, &v, 1, off, 0, flags, NULL);
 }
 
 SIPHON_API int siphon_disk_flush(siphon_disk *disk, unsigned flags)
 {
-	return sync_call(disk, GUEST_FLUSH, NULL, 0, 0, 0, flags);
+	return sync_call(disk, GUEST_FLUSH, NULL, 0, 0, 0, flags, NULL);
 }
 
 SIPHON_API int siphon_disk_discard(siphon_disk *disk, uint64_t off,
 				   uint64_t len, unsigned flags)
 {
-	return sync_call(disk, GUEST_DISCARD, NULL, 0, off, len, flags);
+	return sync_call(disk, GUEST_DISCARD, NULL, 0, off, len, flags, NULL);
 }
 
 SIPHON_API int siphon_disk_write_zeroes(siphon_disk *disk, uint64_t off,
 					uint64_t len, unsigned flags)
 {
-	return sync_call(disk, GUEST_WRITE_ZEROES, NULL, 0, off, len, flags);
+	return sync_call(disk, GUEST_WRITE_ZEROES, NULL, 0, off, len, flags,
+			 NULL);
+}
+
+SIPHON_API int siphon_disk_block_status(siphon_disk *disk, uint64_t off,
+					uint64_t len, unsigned flags,
+					struct siphon_extent *ext, unsigned *n)
+{
+	struct status_out st = {.ext = ext, .n = n};
+
+	return sync_call(disk, GUEST_STATUS, NULL, 0, off, len, flags, &st);
 }

@@ -552,6 +552,37 @@ SIPHON_API int siphon_disk_aio_write_zeroes(siphon_disk *disk, uint64_t off,
 					    siphon_io_fn cb, void *opaque);
 
 /*
+ * Block status: what a reader of [off, off + len) gets, as runs (struct
+ * siphon_extent) from off on, the way an NBD server reports base:allocation.
+ * SIPHON_EXTENT_HOLE: no layer of the chain stores data there (unallocated
+ * everywhere, a zero cluster, a hole of a raw file); SIPHON_EXTENT_ZERO:
+ * reads as zeros. Flags 0: data. The runs are adjacent, each with other
+ * flags than the one before; they cover off up to at most off + len, and
+ * may stop earlier (when *n runs are found); at least one run unless the
+ * request fails. Status is advice, as in NBD: a stream or a guest write
+ * may change it the moment after (data stays what it reads as).
+ * Ranges as above, but len may exceed SIPHON_IO_MAX_BYTES (up to the end of
+ * the disk). flags: none yet, must be 0. *n: room in ext (>= 1) when
+ * called; the number of runs stored when cb runs with ret == 0. ext and n
+ * belong to the caller and must stay valid until cb runs.
+ */
+struct siphon_extent {
+	uint64_t len;
+	uint32_t flags; /* enum siphon_extent_flags */
+};
+
+enum siphon_extent_flags {
+	SIPHON_EXTENT_HOLE = 1 << 0,
+	SIPHON_EXTENT_ZERO = 1 << 1,
+};
+
+SIPHON_API int siphon_disk_aio_block_status(siphon_disk *disk, uint64_t off,
+					    uint64_t len, unsigned flags,
+					    struct siphon_extent *ext,
+					    unsigned *n, siphon_io_fn cb,
+					    void *opaque);
+
+/*
  * Synchronous guest I/O: the asynchronous call, waited for. Returns 0 or
  * -errno: every error of the asynchronous call and of its completion, and
  * -EDEADLK when called from a completion callback run by the disk's worker
@@ -572,6 +603,10 @@ SIPHON_API int siphon_disk_discard(siphon_disk *disk, uint64_t off,
 				   uint64_t len, unsigned flags);
 SIPHON_API int siphon_disk_write_zeroes(siphon_disk *disk, uint64_t off,
 					uint64_t len, unsigned flags);
+/* Block status, waited for (*n as above). */
+SIPHON_API int siphon_disk_block_status(siphon_disk *disk, uint64_t off,
+					uint64_t len, unsigned flags,
+					struct siphon_extent *ext, unsigned *n);
 
 #ifdef __cplusplus
 }

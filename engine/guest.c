@@ -555,6 +555,7 @@ fail:
 static void read_go(struct gio *gio);
 static void write_go(struct gio *gio);
 static void zd_go(struct gio *gio);
+static void status_go(struct gio *gio);
 
 /* The missing metadata is in (or failed: the retry is synchronous). */
 static void gio_fetched(struct meta_fetch *f, int res)
@@ -565,6 +566,8 @@ static void gio_fetched(struct meta_fetch *f, int res)
 	gio->g->st.meta_fetches++;
 	if (gio->req && gio->req->op == GUEST_READ)
 		read_go(gio);
+	else if (gio->req && gio->req->op == GUEST_STATUS)
+		status_go(gio);
 	else
 		write_go(gio);
 }
@@ -822,7 +825,8 @@ static void gio_put(struct gio *gio)
 {
 	if (--gio->pending)
 		return;
-	if (gio->req && gio->req->op == GUEST_READ)
+	if (gio->req &&
+	    (gio->req->op == GUEST_READ || gio->req->op == GUEST_STATUS))
 		read_done(gio);
 	else
 		write_done(gio);
@@ -877,6 +881,116 @@ static void read_start(struct guest *g, struct guest_req *req)
 		return;
 	}
 	read_go(gio);
+}
+
+/* ---- block status ---- */
+
+/*
+ * The chain's status at pos, without waiting for metadata: 0 and *e,
+ * GIO_PARKED, or -errno (as gio_piece()).
+ */
+static int gio_status(struct gio *gio, uint64_t pos, uint64_t len,
+		      struct img_extent *e)
+{
+	struct img *top = gio->g->top;
+	unsigned depth;
+	int ret;
+
+	if (!meta_fetch_sync(&gio->mf)) {
+		ret = img_chain_status_nowait(top, NULL, pos, len, e, &depth,
+					      &gio->mf.miss);
+		if (gio_park(gio, ret))
+			return GIO_PARKED;
+		if (!meta_fetch_sync(&gio->mf))
+			return ret;
+	}
+	ret = meta_fetch_take_error(&gio->mf);
+	if (ret < 0)
+		return ret;
+	return img_chain_status(top, NULL, pos, len, e, &depth);
+}
+
+/*
+ * What a reader of the first *len bytes of e gets, as GUEST_EXT_* flags
+ * (*len clipped where the host file's holes change the answer). As qemu
+ * reports them: zeros a layer stores as data (an NBD export's) are data.
+ */
+static unsigned status_flags(const struct img_extent *e, uint64_t *len)
+{
+	switch (e->status) {
+	case IMG_DATA:
+		if (e->host_valid && e->file && e->host_refine &&
+		    img_host_hole(e->file, e->host_off, len))
+			return GUEST_EXT_HOLE | GUEST_EXT_ZERO;
+		return 0;
+	case IMG_COMPRESSED:
+		return 0;
+	case IMG_ZERO:
+		return e->zero_data ? GUEST_EXT_ZERO
+				    : GUEST_EXT_HOLE | GUEST_EXT_ZERO;
+	case IMG_UNALLOC:
+	default:
+		return GUEST_EXT_HOLE | GUEST_EXT_ZERO;
+	}
+}
+
+/*
+ * Walk the chain's status from gio->rpos, merging runs with the same
+ * flags, until the range or the room for extents ends. A lookup that
+ * misses parks the request and gio_fetched() resumes the walk.
+ */
+static void status_go(struct gio *gio)
+{
+	struct guest_req *req = gio->req;
+	uint64_t pos = gio->rpos, end = req->off + req->len, len;
+	struct guest_extent *last;
+	struct img_extent e;
+	unsigned flags;
+	int ret = 0;
+
+	while (pos < end) {
+		ret = gio_status(gio, pos, end - pos, &e);
+		if (ret == GIO_PARKED) {
+			gio->rpos = pos;
+			return;
+		}
+		if (ret < 0) {
+			gio->err = ret;
+			break;
+		}
+		len = sx_min(e.len, end - pos);
+		flags = status_flags(&e, &len);
+		last = req->ext_n ? &req->ext[req->ext_n - 1] : NULL;
+		if (last && last->flags == flags) {
+			last->len += len;
+		} else {
+			if (req->ext_n == req->ext_max)
+				break;
+			req->ext[req->ext_n++] = (struct guest_extent){
+				.len = len, .flags = flags};
+		}
+		pos += len;
+	}
+	gio_put(gio);
+}
+
+static void status_start(struct guest *g, struct guest_req *req)
+{
+	struct gio *gio;
+
+	req->ext_n = 0;
+	if (!req->ext_max || !req->ext) {
+		req->complete(req, sx_error(EINVAL, "%s: no room for extents",
+					    g->top->path));
+		return;
+	}
+	gio = gio_new(g, req);
+	if (!gio) {
+		req->complete(req, -ENOMEM);
+		return;
+	}
+	gio->rpos = req->off;
+	status_go(gio);
 }
 
 /* ---- writes ---- */
@@ -1344,6 +1458,14 @@ static void start(struct guest *g, struct guest_req *req)
 	case GUEST_DISCARD:
 	case GUEST_WRITE_ZEROES:
 		zd_start(g, req);
+		break;
+	case GUEST_STATUS:
+		if (!req->len) {
+			req->ext_n = 0;
+			req->complete(req, 0);
+		} else {
+			status_start(g, req);
+		}
 		break;
 	default:
 		req->complete(req, sx_error(EINVAL, "unknown guest op %d",

@@ -1,7 +1,8 @@
 /*
- * Guest I/O on one disk: reads, writes, flush, discard and write-zeroes of a
- * top image and its backing chain, served on the disk's worker thread next
- * to the stream engine (engine/stream.c), with copy-on-read.
+ * Guest I/O on one disk: reads, writes, flush, discard, write-zeroes and
+ * block status of a top image and its backing chain, served on the disk's
+ * worker thread next to the stream engine (engine/stream.c), with
+ * copy-on-read.
  *
  * Requests come in with guest_submit() and finish with their complete()
  * callback, called on the worker thread, from guest_submit() itself or from
@@ -45,6 +46,18 @@ enum guest_op {
 	GUEST_FLUSH,
 	GUEST_DISCARD,
 	GUEST_WRITE_ZEROES,
+	GUEST_STATUS, /* what a reader of [off, off + len) gets, as extents */
+};
+
+/* A run of a GUEST_STATUS answer. */
+enum guest_ext_flags {
+	GUEST_EXT_HOLE = 1 << 0, /* no layer stores data here */
+	GUEST_EXT_ZERO = 1 << 1, /* reads as zeros */
+};
+
+struct guest_extent {
+	uint64_t len;
+	unsigned flags; /* enum guest_ext_flags */
 };
 
 enum guest_flags {
@@ -59,6 +72,14 @@ struct guest_req {
 	int iovcnt;
 	uint64_t off; /* 512-aligned */
 	uint64_t len; /* 512-aligned or up to the end of the image */
+	/*
+	 * STATUS: room for ext_max extents; on completion ext_n of them (at
+	 * least one unless ret < 0), adjacent ones with different flags,
+	 * covering [off, off + their lengths) within the range.
+	 */
+	struct guest_extent *ext;
+	unsigned ext_max;
+	unsigned ext_n;
 	/* Called once on the worker thread; ret 0 or -errno. */
 	void (*complete)(struct guest_req *req, int ret);
 	void *priv;

@@ -1215,3 +1215,29 @@ void img_drop_layers(struct img *top, struct img *base)
 	for (l = top->backing; l; l = l->backing)
 		l->depth = depth++;
 }
+
+bool img_host_hole(struct sio_file *file, uint64_t host_off, uint64_t *len)
+{
+	off_t data, hole;
+	struct stat st;
+
+	if (sio_file_is_nbd(file) || fstat(file->fd, &st) < 0)
+		return false;
+	if (host_off >= (uint64_t)st.st_size)
+		return true;
+	data = lseek(file->fd, (off_t)host_off, SEEK_DATA);
+	if (data < 0) {
+		if (errno == ENXIO)
+			return true; /* a hole up to the end of the file */
+		*len = sx_min(*len, (uint64_t)st.st_size - host_off);
+		return false;
+	}
+	if ((uint64_t)data > host_off) {
+		*len = sx_min(*len, (uint64_t)data - host_off);
+		return true;
+	}
+	hole = lseek(file->fd, (off_t)host_off, SEEK_HOLE);
+	if (hole > (off_t)host_off)
+		*len = sx_min(*len, (uint64_t)hole - host_off);
+	return false;
+}

@@ -156,6 +156,15 @@ int img_chain_status_nowait(struct img *img, struct img *stop, uint64_t off,
 			    unsigned *depth, struct img_meta_miss *miss);
 
 /*
+ * What the host file says about data stored at host_off of file (an
+ * IMG_DATA run whose host_refine is set): true when its first *len bytes
+ * start in a hole of the file or past its end (they read as zeros), with
+ * *len clipped to where the answer may change. False for an NBD export
+ * (qemu asks it nothing more) or when the file cannot tell.
+ */
+bool img_host_hole(struct sio_file *file, uint64_t host_off, uint64_t *len);
+
+/*
  * Read guest data [off, off + len) of the chain into buf, synchronously.
  * Unallocated everywhere reads as zeros.
  */

@@ -40,6 +40,7 @@ extern const struct siphon_cmd cmd_stream;
 extern const struct siphon_cmd cmd_create;
 extern const struct siphon_cmd cmd_rebase;
 extern const struct siphon_cmd cmd_io;
+extern const struct siphon_cmd cmd_serve;
 
 /* Text of the exit-code section shared by every command's help. */
 extern const char tool_exit_help[];

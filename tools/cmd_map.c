@@ -46,39 +46,6 @@ struct map_state {
 	struct img *img;
 };
 
-/* What the host file says about a data run (see the top comment). */
-static void refine_from_host(struct map_entry *me, const struct img_extent *e)
-{
-	int fd = e->file->fd;
-	uint64_t off = e->host_off;
-	off_t data, hole;
-	struct stat st;
-
-	/* qemu asks an NBD export nothing more (and it has no fd). */
-	if (sio_file_is_nbd(e->file) || fstat(fd, &st) < 0)
-		return;
-	if (off >= (uint64_t)st.st_size) {
-		me->zero = true;
-		return;
-	}
-	data = lseek(fd, (off_t)off, SEEK_DATA);
-	if (data < 0) {
-		if (errno == ENXIO)
-			me->zero = true; /* a hole up to EOF */
-		else
-			me->len = sx_min(me->len, (uint64_t)st.st_size - off);
-		return;
-	}
-	if ((uint64_t)data > off) {
-		me->zero = true;
-		me->len = sx_min(me->len, (uint64_t)data - off);
-		return;
-	}
-	hole = lseek(fd, (off_t)off, SEEK_HOLE);
-	if (hole > (off_t)off)
-		me->len = sx_min(me->len, (uint64_t)hole - off);
-}
-
 /* The first entry at off, from the chain's status. */
 static int map_entry_at(struct map_state *ms, uint64_t off,
 			struct map_entry *me)
@@ -101,8 +68,10 @@ static int map_entry_at(struct map_state *ms, uint64_t off,
 		me->present = true;
 		me->data = true;
 		me->has_offset = e.host_valid;
-		if (e.host_valid && e.file && e.host_refine)
-			refine_from_host(me, &e);
+		/* What the host file says (see the top comment). */
+		if (e.host_valid && e.file && e.host_refine &&
+		    img_host_hole(e.file, e.host_off, &me->len))
+			me->zero = true;
 		break;
 	case IMG_COMPRESSED:
 		/* qemu knows no single host offset for compressed data. */

@@ -846,6 +846,127 @@ START_TEST(test_compressed_backing)
 }
 END_TEST
 
+/*
+ * The chain's runs as qemu-img map shows them, merged: "start len data
+ * zero" per line into runs[] (at most max); returns the count.
+ */
+static int qemu_runs(const char *path, uint64_t (*runs)[4], int max)
+{
+	char cmd[1024], line[256];
+	int n = 0;
+	FILE *p;
+
+	snprintf(
+		cmd, sizeof(cmd),
+		"qemu-img map -U -f qcow2 --output=json %s | python3 -c '"
+		"import json,sys\n"
+		"o=[]\n"
+		"for e in json.load(sys.stdin):\n"
+		"  k=[int(e[\"data\"]),int(e[\"zero\"])]\n"
+		"  if o and o[-1][2:]==k and o[-1][0]+o[-1][1]==e[\"start\"]:\n"
+		"    o[-1][1]+=e[\"length\"]\n"
+		"  else: o.append([e[\"start\"],e[\"length\"],k[0],k[1]])\n"
+		"for r in o: print(*r)'",
+		path);
+	p = popen(cmd, "r");
+	ck_assert_ptr_nonnull(p);
+	while (n < max && fgets(line, sizeof(line), p)) {
+		unsigned long long a, b, c, d;
+
+		ck_assert_int_eq(
+			sscanf(line, "%llu %llu %llu %llu", &a, &b, &c, &d), 4);
+		runs[n][0] = a;
+		runs[n][1] = b;
+		runs[n][2] = c;
+		runs[n][3] = d;
+		n++;
+	}
+	pclose(p);
+	return n;
+}
+
+/* Block status agrees with qemu-img map, run for run. */
+static void check_status(siphon_disk *disk, const char *top)
+{
+	uint64_t runs[64][4], pos = 0;
+	struct siphon_extent ext[64];
+	unsigned n = 64;
+	int nq, i;
+
+	nq = qemu_runs(top, runs, 64);
+	ck_assert_int_gt(nq, 1);
+	ck_assert_int_eq(siphon_disk_block_status(disk, 0, 4 << 20, 0, ext, &n),
+			 0);
+	ck_assert_int_eq((int)n, nq);
+	for (i = 0; i < nq; i++) {
+		ck_assert_uint_eq(runs[i][0], pos);
+		ck_assert_uint_eq(ext[i].len, runs[i][1]);
+		ck_assert_uint_eq(!(ext[i].flags & SIPHON_EXTENT_HOLE),
+				  runs[i][2]);
+		ck_assert_uint_eq(!!(ext[i].flags & SIPHON_EXTENT_ZERO),
+				  runs[i][3]);
+		pos += ext[i].len;
+	}
+	ck_assert_uint_eq(pos, 4 << 20);
+}
+
+START_TEST(test_block_status)
+{
+	const char *top = make_chain("bs", "4M", "");
+	static uint8_t data[512];
+	struct siphon_extent ext[4];
+	struct fixture f;
+	unsigned n;
+
+	/* A zero cluster in the top, beside the raw base's written zeros. */
+	RUN("qemu-io -f qcow2 -c 'write -z 2M 64k' %s >/dev/null", top);
+	open_disk(&f, top);
+	check_status(f.disk, top);
+
+	/* Room for one run: the first, cut at the range's end (data runs on
+	   into the base). */
+	n = 1;
+	ck_assert_int_eq(
+		siphon_disk_block_status(f.disk, 512, 65536, 0, ext, &n), 0);
+	ck_assert_uint_eq(n, 1);
+	ck_assert_uint_eq(ext[0].len, 65536);
+	ck_assert_uint_eq(ext[0].flags, 0);
+	n = 4;
+	ck_assert_int_eq(
+		siphon_disk_block_status(f.disk, 2 << 20, 4096, 0, ext, &n), 0);
+	ck_assert_uint_eq(n, 1);
+	ck_assert_uint_eq(ext[0].len, 4096);
+	ck_assert_uint_eq(ext[0].flags,
+			  SIPHON_EXTENT_HOLE | SIPHON_EXTENT_ZERO);
+
+	/* Bad calls. */
+	n = 0;
+	ck_assert_int_eq(siphon_disk_block_status(f.disk, 0, 65536, 0, ext, &n),
+			 -EINVAL);
+	n = 4;
+	ck_assert_int_eq(
+		siphon_disk_block_status(f.disk, 0, 65536, 0, NULL, &n),
+		-EINVAL);
+	ck_assert_int_eq(siphon_disk_block_status(f.disk, 0, 65536, 1, ext, &n),
+			 -EINVAL);
+	ck_assert_int_eq(
+		siphon_disk_block_status(f.disk, 100, 65536, 0, ext, &n),
+		-EINVAL);
+	ck_assert_int_eq(
+		siphon_disk_block_status(f.disk, 512, 4 << 20, 0, ext, &n),
+		-EINVAL);
+
+	/* What siphon writes shows the same way qemu sees it. */
+	ck_assert_int_eq(siphon_disk_write_zeroes(f.disk, 3 << 20, 65536, 0),
+			 0);
+	memset(data, 0x5a, sizeof(data));
+	ck_assert_int_eq(siphon_disk_pwrite(f.disk, data, 512, 3 << 19, 0), 0);
+	ck_assert_int_eq(siphon_disk_flush(f.disk, 0), 0);
+	check_status(f.disk, top);
+	close_disk(&f);
+}
+END_TEST
+
 static Suite *guest_suite(void)
 {
 	Suite *s = suite_create("guest_io");
@@ -865,6 +986,7 @@ static Suite *guest_suite(void)
 	tcase_add_test(tc, test_cor_with_stream);
 	tcase_add_test(tc, test_step_does_not_block_guest);
 	tcase_add_test(tc, test_compressed_backing);
+	tcase_add_test(tc, test_block_status);
 	suite_add_tcase(s, tc);
 	return s;
 }

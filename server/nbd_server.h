@@ -1,0 +1,112 @@
+/*
+ * An NBD server in front of siphon's guest I/O: each export is an attached
+ * disk (siphon_disk), served to any number of clients through the public
+ * API exactly as a VMM would (copy-on-read, never clobbered by a stream,
+ * guest requests first). Written from the protocol specification: fixed
+ * newstyle handshake (EXPORT_NAME, ABORT, LIST, INFO, GO,
+ * STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT for
+ * base:allocation), then READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE,
+ * DISC and BLOCK_STATUS with FUA, NO_HOLE, DF and REQ_ONE, simple or
+ * structured replies, many requests in flight per connection, replies in
+ * completion order.
+ *
+ * One thread runs the server: nbd_server_run() polls the listening
+ * sockets, the connections and an eventfd that the disks' worker threads
+ * signal when a request completes (their callbacks only queue the
+ * request; the server thread sends every reply). A connection's socket is
+ * never read while it has too much in flight (NBD_SERVER_CONN_MAX_*), so a
+ * client cannot make the server hold unbounded memory.
+ *
+ * Bad clients: a request out of range, over the maximum block size, with
+ * an unknown command or flag gets an error reply (EINVAL, EPERM on a
+ * read-only export, EOVERFLOW); a malformed packet (bad magic, an option
+ * longer than NBD_SERVER_OPT_MAX) or a handshake not finished within the
+ * timeout closes that connection only. Nothing here prints: messages go
+ * to the log callback.
+ *
+ * Alignment: the exports take requests at 512-byte granularity (advertised
+ * as the minimum block size); an unaligned read is widened internally, an
+ * unaligned write, trim or write-zeroes fails with EINVAL.
+ */
+#ifndef SIPHON_SERVER_NBD_SERVER_H
+#define SIPHON_SERVER_NBD_SERVER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "siphon.h"
+
+/* The block sizes every export advertises (NBD_INFO_BLOCK_SIZE). */
+#define NBD_SERVER_MIN_BLOCK 512u
+#define NBD_SERVER_PREF_BLOCK 4096u
+#define NBD_SERVER_MAX_BLOCK (32u * 1024 * 1024)
+
+/* Longest option a client may send (the rest of the connection's input). */
+#define NBD_SERVER_OPT_MAX (64u * 1024)
+
+/* A connection's socket is not read while it has this much in flight. */
+#define NBD_SERVER_CONN_MAX_REQS 256u
+#define NBD_SERVER_CONN_MAX_BYTES (128ull * 1024 * 1024)
+
+#define NBD_SERVER_DEFAULT_MAX_CONNECTIONS 64u
+#define NBD_SERVER_DEFAULT_HANDSHAKE_MS 10000u
+
+enum nbd_log_level {
+	NBD_LOG_ERROR,
+	NBD_LOG_WARN,
+	NBD_LOG_INFO,
+	NBD_LOG_DEBUG,
+};
+
+typedef void (*nbd_log_fn)(void *opaque, enum nbd_log_level level,
+			   const char *msg);
+
+struct nbd_server_opts {
+	unsigned max_connections; /* 0: the default; more are refused */
+	unsigned handshake_ms; /* 0: the default; time to finish the
+				  handshake before the connection is dropped */
+	nbd_log_fn log; /* NULL: no messages */
+	void *log_opaque;
+};
+
+struct nbd_server;
+
+/* -errno (ENOMEM, EMFILE) with a message. opts may be NULL. */
+int nbd_server_create(const struct nbd_server_opts *opts,
+		      struct nbd_server **out);
+
+/*
+ * Export disk as name (at most NBD_MAX_STRING bytes, not empty, unique).
+ * The first export is also the default one (the empty name). The caller
+ * keeps the handle valid until nbd_server_destroy(). Before
+ * nbd_server_run() only. -EINVAL, -EEXIST, -ENOMEM.
+ */
+int nbd_server_add_export(struct nbd_server *s, const char *name,
+			  siphon_disk *disk, bool read_only);
+
+/*
+ * Listen on addr: "unix:PATH" (the socket is created mode 0600; an old
+ * socket file there is replaced, any other file is not) or
+ * "tcp:HOST:PORT" (HOST a name or address, [v6] in brackets). Before
+ * nbd_server_run() only. -errno with a message.
+ */
+int nbd_server_listen(struct nbd_server *s, const char *addr);
+
+/*
+ * Serve until nbd_server_stop(): then stop accepting, read no more
+ * requests, let those in flight complete and their replies go out (a
+ * client that does not read them is dropped after a few seconds), close
+ * every connection and return 0. -errno (a failure of the poll itself).
+ */
+int nbd_server_run(struct nbd_server *s);
+
+/* Make nbd_server_run() return. Any thread; async-signal-safe. */
+void nbd_server_stop(struct nbd_server *s);
+
+/* Connections now open (any thread, approximate). */
+unsigned nbd_server_connections(struct nbd_server *s);
+
+/* Close the listeners (unlinking Unix sockets) and free. NULL ok. */
+void nbd_server_destroy(struct nbd_server *s);
+
+#endif
