@@ -43,7 +43,7 @@
 #include "server/nbd_server.h"
 
 #define IN_SIZE (64u * 1024) /* a connection's staging buffer */
-#define HDR_ROOM 32u /* room before read data for a reply header */
+#define BUF_ALIGN 4096u /* data buffers: O_DIRECT needs no bounce */
 #define MAX_EXPORTS 1024u
 #define MAX_LISTENERS 16u
 #define OUT_IOV 64 /* replies sent by one writev */
@@ -126,8 +126,9 @@ enum conn_state {
 struct conn;
 
 /*
- * A request, or any reply at all (options too): once built, [out, out +
- * out_len) is what goes on the wire, inside mem.
+ * A request, or any reply at all (options too): once built, hdr[0,
+ * hdr_len) then [out, out + out_len) is what goes on the wire (out inside
+ * mem); sent counts over both.
  */
 struct nreq {
 	struct conn *c;
@@ -142,6 +143,8 @@ struct nreq {
 	uint32_t got; /* WRITE: payload bytes received */
 	unsigned n; /* BLOCK_STATUS: runs */
 	struct siphon_extent *ext;
+	uint8_t hdr[32];
+	unsigned hdr_len;
 	const uint8_t *out;
 	size_t out_len, out_sent;
 	bool counted; /* in the connection's inflight accounting */
@@ -528,9 +531,17 @@ static void conn_send(struct conn *c)
 
 	while (c->fd >= 0 && c->out_head) {
 		cnt = 0;
-		for (r = c->out_head; r && cnt < OUT_IOV; r = r->next) {
-			iov[cnt].iov_base = (void *)(r->out + r->out_sent);
-			iov[cnt].iov_len = r->out_len - r->out_sent;
+		for (r = c->out_head; r && cnt < OUT_IOV - 1; r = r->next) {
+			size_t hs = r->out_sent < r->hdr_len ? r->out_sent
+							     : r->hdr_len;
+
+			if (hs < r->hdr_len)
+				iov[cnt++] = (struct iovec){
+					.iov_base = r->hdr + hs,
+					.iov_len = r->hdr_len - hs};
+			iov[cnt].iov_base =
+				(void *)(r->out + (r->out_sent - hs));
+			iov[cnt].iov_len = r->out_len - (r->out_sent - hs);
 			cnt++;
 		}
 		struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
@@ -545,7 +556,7 @@ static void conn_send(struct conn *c)
 			return;
 		}
 		while (n > 0 && (r = c->out_head)) {
-			size_t left = r->out_len - r->out_sent;
+			size_t left = r->hdr_len + r->out_len - r->out_sent;
 
 			if ((size_t)n < left) {
 				r->out_sent += (size_t)n;
@@ -895,25 +906,24 @@ static void tx_reply_plain(struct conn *c, struct nreq *r, int err)
 /* A read's data, with its header laid in the room before it. */
 static void tx_reply_read(struct conn *c, struct nreq *r)
 {
-	uint8_t *h;
+	uint8_t *h = r->hdr;
 
 	if (!c->structured) {
-		h = r->data - NBD_SIMPLE_REPLY_SIZE;
 		put32(h, NBD_SIMPLE_REPLY_MAGIC);
 		put32(h + 4, 0);
 		memcpy(h + 8, r->cookie, 8);
-		r->out_len = NBD_SIMPLE_REPLY_SIZE + (size_t)r->len;
+		r->hdr_len = NBD_SIMPLE_REPLY_SIZE;
 	} else {
-		h = r->data - NBD_STRUCTURED_REPLY_SIZE - 8;
 		put32(h, NBD_STRUCTURED_REPLY_MAGIC);
 		put16(h + 4, NBD_REPLY_FLAG_DONE);
 		put16(h + 6, NBD_REPLY_TYPE_OFFSET_DATA);
 		memcpy(h + 8, r->cookie, 8);
 		put32(h + 16, 8 + r->len);
 		put64(h + 20, r->off);
-		r->out_len = NBD_STRUCTURED_REPLY_SIZE + 8 + (size_t)r->len;
+		r->hdr_len = NBD_STRUCTURED_REPLY_SIZE + 8;
 	}
-	r->out = h;
+	r->out = r->data;
+	r->out_len = r->len;
 	r->out_sent = 0;
 	conn_queue(c, r);
 }
@@ -1053,13 +1063,14 @@ static void tx_submit(struct conn *c, struct nreq *r)
 		    ~(uint64_t)(NBD_SERVER_MIN_BLOCK - 1);
 		if (b > e->size)
 			b = e->size;
-		r->mem = malloc(HDR_ROOM + (size_t)(b - a));
-		if (!r->mem) {
+		if (posix_memalign((void **)&r->mem, BUF_ALIGN,
+				   (size_t)(b - a))) {
+			r->mem = NULL;
 			ret = -ENOMEM;
 			break;
 		}
-		r->data = r->mem + HDR_ROOM + (r->off - a);
-		v = (struct iovec){.iov_base = r->mem + HDR_ROOM,
+		r->data = r->mem + (r->off - a);
+		v = (struct iovec){.iov_base = r->mem,
 				   .iov_len = (size_t)(b - a)};
 		/* CACHE: a read that copies into the top (copy-on-read). */
 		ret = siphon_disk_aio_read(d, &v, 1, a, 0, io_done, r);
@@ -1201,8 +1212,9 @@ static bool tx_header(struct conn *c, const uint8_t *h)
 				  (unsigned)get32(h + 24));
 			return false;
 		}
-		r->mem = malloc(r->len ? r->len : 1);
-		if (!r->mem) {
+		if (posix_memalign((void **)&r->mem, BUF_ALIGN,
+				   r->len ? r->len : 1)) {
+			r->mem = NULL;
 			nreq_free(r);
 			conn_close(c, "out of memory");
 			return false;
