@@ -99,12 +99,16 @@ struct item {
 	enum item_kind kind;
 };
 
-struct export
-{
+/*
+ * An export: held by the table while listed and by each connection that
+ * chose it (refs, under exp_mu); the last reference releases the disk.
+ */
+struct nbd_export {
 	char *name;
 	siphon_disk *disk;
 	uint64_t size;
 	bool ro;
+	unsigned refs;
 };
 
 struct listener {
@@ -163,8 +167,8 @@ struct conn {
 	uint32_t opt_type, opt_len, opt_got;
 	uint8_t *opt;
 	bool no_zeroes, structured, meta;
-	const struct export *meta_exp; /* export the meta context is set for */
-	const struct export *exp; /* transmission */
+	struct nbd_export *meta_exp; /* export the meta context is set for */
+	struct nbd_export *exp; /* transmission */
 	/* transmission */
 	struct nreq *wr; /* CS_TX_PAYLOAD: the write being received */
 	unsigned inflight; /* at the disks */
@@ -176,8 +180,9 @@ struct conn {
 
 struct nbd_server {
 	struct nbd_server_opts o;
-	struct export exp[MAX_EXPORTS];
+	struct nbd_export *exp[MAX_EXPORTS]; /* the first is the default */
 	unsigned nexp;
+	pthread_mutex_t exp_mu; /* exp, nexp, every export's refs */
 	struct listener lis[MAX_LISTENERS];
 	unsigned nlis;
 	int ep;
@@ -260,6 +265,7 @@ int nbd_server_create(const struct nbd_server_opts *opts,
 	if (!s->o.handshake_ms)
 		s->o.handshake_ms = NBD_SERVER_DEFAULT_HANDSHAKE_MS;
 	pthread_mutex_init(&s->mu, NULL);
+	pthread_mutex_init(&s->exp_mu, NULL);
 	s->ep = epoll_create1(EPOLL_CLOEXEC);
 	s->done_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	s->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -283,10 +289,26 @@ fail : {
 }
 }
 
+static void exp_put(struct nbd_server *s, struct nbd_export *e)
+{
+	bool last;
+
+	if (!e)
+		return;
+	pthread_mutex_lock(&s->exp_mu);
+	last = !--e->refs;
+	pthread_mutex_unlock(&s->exp_mu);
+	if (last) {
+		siphon_disk_put(e->disk);
+		free(e->name);
+		free(e);
+	}
+}
+
 int nbd_server_add_export(struct nbd_server *s, const char *name,
 			  siphon_disk *disk, bool read_only)
 {
-	struct export *e;
+	struct nbd_export *e;
 	uint64_t size;
 	size_t len;
 	int ret;
@@ -296,22 +318,53 @@ int nbd_server_add_export(struct nbd_server *s, const char *name,
 	len = strlen(name);
 	if (!len || len > NBD_MAX_STRING)
 		return -EINVAL;
-	for (unsigned i = 0; i < s->nexp; i++)
-		if (!strcmp(s->exp[i].name, name))
-			return -EEXIST;
-	if (s->nexp == MAX_EXPORTS)
-		return -ENOSPC;
 	ret = siphon_disk_get_size(disk, &size);
 	if (ret < 0)
 		return ret;
-	e = &s->exp[s->nexp];
-	e->name = strdup(name);
-	if (!e->name)
+	e = calloc(1, sizeof(*e));
+	if (!e || !(e->name = strdup(name))) {
+		free(e);
 		return -ENOMEM;
+	}
 	e->disk = disk;
 	e->size = size;
 	e->ro = read_only;
-	s->nexp++;
+	e->refs = 1;
+	pthread_mutex_lock(&s->exp_mu);
+	ret = s->nexp == MAX_EXPORTS ? -ENOSPC : 0;
+	for (unsigned i = 0; i < s->nexp && !ret; i++)
+		if (!strcmp(s->exp[i]->name, name))
+			ret = -EEXIST;
+	if (!ret)
+		s->exp[s->nexp++] = e;
+	pthread_mutex_unlock(&s->exp_mu);
+	if (ret) {
+		free(e->name);
+		free(e);
+	}
+	return ret;
+}
+
+int nbd_server_remove_export(struct nbd_server *s, const char *name)
+{
+	struct nbd_export *e = NULL;
+
+	if (!s || !name)
+		return -EINVAL;
+	pthread_mutex_lock(&s->exp_mu);
+	for (unsigned i = 0; i < s->nexp; i++) {
+		if (strcmp(s->exp[i]->name, name))
+			continue;
+		e = s->exp[i];
+		memmove(&s->exp[i], &s->exp[i + 1],
+			(s->nexp - i - 1) * sizeof(s->exp[0]));
+		s->nexp--;
+		break;
+	}
+	pthread_mutex_unlock(&s->exp_mu);
+	if (!e)
+		return -ENOENT;
+	exp_put(s, e);
 	return 0;
 }
 
@@ -482,6 +535,8 @@ static void conn_reap(struct nbd_server *s)
 			c->next->prev = c->prev;
 		free(c->opt);
 		nreq_free(c->wr);
+		exp_put(s, c->exp);
+		exp_put(s, c->meta_exp);
 		free(c);
 	}
 }
@@ -631,19 +686,26 @@ static void opt_error(struct conn *c, uint32_t opt, uint32_t type,
 	opt_reply(c, opt, type, msg, (uint32_t)strlen(msg));
 }
 
-static const struct export *find_export(struct nbd_server *s,
-					const uint8_t *name, uint32_t len)
+/* The export of that name (empty: the default), with a reference. */
+static struct nbd_export *find_export(struct nbd_server *s, const uint8_t *name,
+				      uint32_t len)
 {
-	if (!len)
-		return s->nexp ? &s->exp[0] : NULL;
-	for (unsigned i = 0; i < s->nexp; i++)
-		if (strlen(s->exp[i].name) == len &&
-		    !memcmp(s->exp[i].name, name, len))
-			return &s->exp[i];
-	return NULL;
+	struct nbd_export *e = NULL;
+
+	pthread_mutex_lock(&s->exp_mu);
+	if (!len && s->nexp)
+		e = s->exp[0];
+	for (unsigned i = 0; i < s->nexp && !e; i++)
+		if (strlen(s->exp[i]->name) == len &&
+		    !memcmp(s->exp[i]->name, name, len))
+			e = s->exp[i];
+	if (e)
+		e->refs++;
+	pthread_mutex_unlock(&s->exp_mu);
+	return e;
 }
 
-static uint16_t tx_flags(const struct export *e)
+static uint16_t tx_flags(const struct nbd_export *e)
 {
 	uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH |
 		     NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_DF |
@@ -656,7 +718,8 @@ static uint16_t tx_flags(const struct export *e)
 	return f;
 }
 
-static void enter_tx(struct conn *c, const struct export *e)
+/* Transmission on e (the connection keeps the reference). */
+static void enter_tx(struct conn *c, struct nbd_export *e)
 {
 	c->exp = e;
 	c->st = CS_TX_HDR;
@@ -669,7 +732,7 @@ static void enter_tx(struct conn *c, const struct export *e)
 
 static void opt_export_name(struct conn *c)
 {
-	const struct export *e = find_export(c->s, c->opt, c->opt_len);
+	struct nbd_export *e = find_export(c->s, c->opt, c->opt_len);
 	struct nreq *r;
 	uint8_t *p;
 	size_t len = 10 + (c->no_zeroes ? 0 : 124);
@@ -680,8 +743,10 @@ static void opt_export_name(struct conn *c)
 		return;
 	}
 	p = reply_new(c, len, &r);
-	if (!p)
+	if (!p) {
+		exp_put(c->s, e);
 		return;
+	}
 	memset(p, 0, len);
 	p = put64(p, e->size);
 	put16(p, tx_flags(e));
@@ -695,7 +760,7 @@ static void opt_info_go(struct conn *c)
 {
 	const uint8_t *d = c->opt;
 	uint32_t len = c->opt_len, nl, nreq;
-	const struct export *e;
+	struct nbd_export *e;
 	uint8_t buf[16], *p;
 
 	if (len < 6 || (nl = get32(d)) > len - 6 ||
@@ -723,6 +788,8 @@ static void opt_info_go(struct conn *c)
 	opt_reply(c, c->opt_type, NBD_REP_ACK, NULL, 0);
 	if (c->opt_type == NBD_OPT_GO)
 		enter_tx(c, e);
+	else
+		exp_put(c->s, e);
 }
 
 static void opt_list(struct conn *c)
@@ -734,13 +801,15 @@ static void opt_list(struct conn *c)
 			  "NBD_OPT_LIST takes no data");
 		return;
 	}
+	pthread_mutex_lock(&c->s->exp_mu);
 	for (unsigned i = 0; i < c->s->nexp; i++) {
-		uint32_t nl = (uint32_t)strlen(c->s->exp[i].name);
+		uint32_t nl = (uint32_t)strlen(c->s->exp[i]->name);
 
 		put32(buf, nl);
-		memcpy(buf + 4, c->s->exp[i].name, nl);
+		memcpy(buf + 4, c->s->exp[i]->name, nl);
 		opt_reply(c, NBD_OPT_LIST, NBD_REP_SERVER, buf, 4 + nl);
 	}
+	pthread_mutex_unlock(&c->s->exp_mu);
 	opt_reply(c, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
 }
 
@@ -754,7 +823,7 @@ static void opt_meta(struct conn *c)
 	const uint8_t *d = c->opt;
 	uint32_t len = c->opt_len, nl, nq, pos, ql;
 	bool set = c->opt_type == NBD_OPT_SET_META_CONTEXT, found = false;
-	const struct export *e;
+	struct nbd_export *e;
 	const char *name = NBD_META_BASE_ALLOCATION;
 	uint32_t bl = (uint32_t)strlen(name);
 	uint8_t buf[4 + 64];
@@ -808,7 +877,12 @@ static void opt_meta(struct conn *c)
 	}
 	if (set) {
 		c->meta = found;
+		exp_put(c->s, c->meta_exp);
 		c->meta_exp = found ? e : NULL;
+		if (!found)
+			exp_put(c->s, e);
+	} else {
+		exp_put(c->s, e);
 	}
 	opt_reply(c, c->opt_type, NBD_REP_ACK, NULL, 0);
 }
@@ -1046,7 +1120,7 @@ static void take_done(struct nbd_server *s)
 /* Submit r (header parsed, payload in) to its disk, or answer it now. */
 static void tx_submit(struct conn *c, struct nreq *r)
 {
-	const struct export *e = c->exp;
+	const struct nbd_export *e = c->exp;
 	siphon_disk *d = e->disk;
 	unsigned fua = (r->flags & NBD_CMD_FLAG_FUA) ? SIPHON_IO_FUA : 0;
 	uint64_t a, b;
@@ -1148,7 +1222,7 @@ static uint16_t cmd_flags_allowed(uint16_t type)
  */
 static int tx_check(struct conn *c, const struct nreq *r)
 {
-	const struct export *e = c->exp;
+	const struct nbd_export *e = c->exp;
 	bool writes = r->type == NBD_CMD_WRITE || r->type == NBD_CMD_TRIM ||
 		      r->type == NBD_CMD_WRITE_ZEROES;
 
@@ -1612,7 +1686,7 @@ void nbd_server_destroy(struct nbd_server *s)
 		free(s->lis[i].addr);
 	}
 	for (unsigned i = 0; i < s->nexp; i++)
-		free(s->exp[i].name);
+		exp_put(s, s->exp[i]);
 	if (s->ep >= 0)
 		close(s->ep);
 	if (s->done_fd >= 0)
@@ -1620,5 +1694,6 @@ void nbd_server_destroy(struct nbd_server *s)
 	if (s->stop_fd >= 0)
 		close(s->stop_fd);
 	pthread_mutex_destroy(&s->mu);
+	pthread_mutex_destroy(&s->exp_mu);
 	free(s);
 }

@@ -77,12 +77,21 @@ int nbd_server_create(const struct nbd_server_opts *opts,
 
 /*
  * Export disk as name (at most NBD_MAX_STRING bytes, not empty, unique).
- * The first export is also the default one (the empty name). The caller
- * keeps the handle valid until nbd_server_destroy(). Before
- * nbd_server_run() only. -EINVAL, -EEXIST, -ENOMEM.
+ * The first export listed is also the default one (the empty name). The
+ * server takes the handle: it is released (siphon_disk_put()) when the
+ * export is removed or the server destroyed and no connection uses it any
+ * more. Any thread, also while nbd_server_run() serves. -EINVAL, -EEXIST,
+ * -ENOSPC, -ENOMEM (the handle stays the caller's then).
  */
 int nbd_server_add_export(struct nbd_server *s, const char *name,
 			  siphon_disk *disk, bool read_only);
+
+/*
+ * Stop exporting name: new clients no longer find it; connections already
+ * on it keep it (their requests fail once the disk is detached). Any
+ * thread. -ENOENT.
+ */
+int nbd_server_remove_export(struct nbd_server *s, const char *name);
 
 /*
  * Listen on addr: "unix:PATH" (the socket is created mode 0600; an old

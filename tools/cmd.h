@@ -41,6 +41,7 @@ extern const struct siphon_cmd cmd_create;
 extern const struct siphon_cmd cmd_rebase;
 extern const struct siphon_cmd cmd_io;
 extern const struct siphon_cmd cmd_serve;
+extern const struct siphon_cmd cmd_ctl;
 
 /* Text of the exit-code section shared by every command's help. */
 extern const char tool_exit_help[];

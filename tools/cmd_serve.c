@@ -26,19 +26,25 @@
 
 #include "common/error.h"
 #include "io/nbd.h"
+#include "server/control.h"
 #include "server/nbd_server.h"
 #include "siphon.h"
 #include "cmd.h"
 
-#define MAX_IMAGES 256
 #define MAX_LISTEN 16
 
 static struct nbd_server *g_server; /* for the signal handler */
+static struct ctl *g_ctl; /* for the event callback */
 
 static void on_signal(int sig)
 {
 	(void)sig;
 	nbd_server_stop(g_server);
+}
+
+static void on_quit(void *opaque)
+{
+	nbd_server_stop(opaque);
 }
 
 static int g_log_level = NBD_LOG_INFO;
@@ -97,12 +103,13 @@ static void on_event(siphon_domain *dom, const struct siphon_event *ev,
 		     ev->message[0] ? ev->message : strerror(ev->error));
 		break;
 	}
+	ctl_event(g_ctl, ev);
 }
 
 static void serve_help(FILE *out)
 {
 	fprintf(out,
-		"Usage: siphon serve [OPTIONS] IMAGE[=EXPORT]...\n"
+		"Usage: siphon serve [OPTIONS] [IMAGE[=EXPORT]...]\n"
 		"\n"
 		"Attach each IMAGE (its backing chain too) and export it over NBD\n"
 		"as EXPORT (default: the image's file name; the first image is\n"
@@ -136,6 +143,10 @@ static void serve_help(FILE *out)
 		"  -s, --speed RATE      with --stream: at most RATE bytes/s per\n"
 		"                        disk (K, M, G suffixes; 0 = unlimited)\n"
 		"  -f, --format FMT      format of every IMAGE (default: probe)\n"
+		"  -c, --control PATH    a JSON-lines control socket at PATH (mode\n"
+		"                        0600): attach, detach, stream, abort,\n"
+		"                        set-speed, info, events, quit; drive it with\n"
+		"                        `siphon ctl PATH ...` (see siphon help ctl)\n"
 		"      --max-connections N\n"
 		"                        clients at once, 1..4096 (default %u);\n"
 		"                        more are refused\n"
@@ -155,13 +166,6 @@ static void serve_help(FILE *out)
 		NBD_SERVER_DEFAULT_MAX_CONNECTIONS,
 		NBD_SERVER_DEFAULT_HANDSHAKE_MS / 1000);
 }
-
-struct image_arg {
-	char path[PATH_MAX]; /* absolute: the disk's name */
-	const char *export_name;
-	siphon_disk *disk;
-	bool attached;
-};
 
 /*
  * IMAGE[=EXPORT]: split at the last '=' when what follows names no
@@ -226,6 +230,7 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"base", required_argument, NULL, 'b'},
 		{"speed", required_argument, NULL, 's'},
 		{"format", required_argument, NULL, 'f'},
+		{"control", required_argument, NULL, 'c'},
 		{"max-connections", required_argument, NULL, 'M'},
 		{"handshake-timeout", required_argument, NULL, 'H'},
 		{"pidfile", required_argument, NULL, 'p'},
@@ -233,23 +238,24 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
-	static struct image_arg imgs[MAX_IMAGES];
-	const char *listen[MAX_LISTEN];
-	unsigned nlisten = 0, nimg = 0, secs = 0;
+	const char *listen[MAX_LISTEN], *control = NULL;
+	unsigned nlisten = 0, secs = 0;
 	struct nbd_server_opts so = {.log = server_log};
 	struct siphon_block_stream_params prm = {.size = sizeof(prm)};
-	struct siphon_attach_opts ao = {.size = sizeof(ao)};
+	struct ctl_opts co = {.log = server_log,
+			      .attach = {.size = sizeof(co.attach)}};
 	struct siphon_domain_opts dopt = {.size = sizeof(dopt),
 					  .event_cb = on_event};
 	struct sigaction sa = {0}, old_int, old_term, old_pipe;
 	const char *pidfile = NULL, *image, *exp;
 	struct nbd_server *srv = NULL;
 	siphon_domain *dom = NULL;
+	struct ctl *ctl = NULL;
 	bool ro = false, stream = false, handlers = false, pid_written = false;
 	int c, ret = 0, rc = TOOL_ERR;
 	unsigned i;
 
-	while ((c = getopt_long(argc, argv, "+:l:rb:s:f:h", opts, NULL)) !=
+	while ((c = getopt_long(argc, argv, "+:l:rb:s:f:c:h", opts, NULL)) !=
 	       -1) {
 		switch (c) {
 		case 'l':
@@ -279,7 +285,10 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 						  optarg);
 			break;
 		case 'f':
-			ao.format = optarg;
+			co.attach.format = optarg;
+			break;
+		case 'c':
+			control = optarg;
 			break;
 		case 'M':
 			if (parse_uint(optarg, 1, 4096, &so.max_connections))
@@ -312,10 +321,11 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 			return tool_bad_option(cmd, c, argv);
 		}
 	}
-	if (optind == argc)
-		return tool_usage(cmd, "expected at least one IMAGE");
-	if (argc - optind > MAX_IMAGES)
-		return tool_usage(cmd, "at most %d images", MAX_IMAGES);
+	if (optind == argc && !control)
+		return tool_usage(cmd, "expected an IMAGE (or --control, to "
+				       "attach them later)");
+	if (argc - optind > (int)CTL_MAX_DISKS)
+		return tool_usage(cmd, "at most %u images", CTL_MAX_DISKS);
 	if ((prm.base || prm.bandwidth) && !stream)
 		return tool_usage(cmd, "--base and --speed go with --stream");
 	if (!nlisten)
@@ -329,9 +339,16 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	ret = siphon_domain_create(&dopt, &dom);
 	if (ret < 0)
 		goto fail;
+	co.dom = dom;
+	co.nbd = srv;
+	co.read_only = ro;
+	co.quit = on_quit;
+	co.quit_opaque = srv;
+	ret = ctl_create(&co, &ctl);
+	if (ret < 0)
+		goto fail;
+	g_ctl = ctl;
 	for (; optind < argc; optind++) {
-		struct image_arg *ia = &imgs[nimg];
-
 		split_export(argv[optind], &image, &exp);
 		if (sio_nbd_name_is_remote(image)) {
 			ret = sx_error(-EROFS,
@@ -341,29 +358,11 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 				       image);
 			goto fail;
 		}
-		if (!realpath(image, ia->path)) {
-			ret = sx_error(-errno, "%s: %s", image,
-				       strerror(errno));
-			goto fail;
-		}
-		ia->export_name = exp;
-		ret = siphon_disk_attach(dom, ia->path, &ao);
-		if (ret < 0)
-			goto fail;
-		ia->attached = true;
-		nimg++;
-		ret = siphon_disk_get(dom, ia->path, &ia->disk);
-		if (ret < 0)
-			goto fail;
-		ret = nbd_server_add_export(srv, exp, ia->disk, ro);
+		ret = ctl_attach(ctl, image, exp, NULL);
 		if (ret < 0) {
-			sx_error(ret, "export '%s' (%s): %s", exp, ia->path,
-				 ret == -EEXIST ? "the name is taken"
-						: strerror(-ret));
+			sx_error(ret, "%s", siphon_get_error());
 			goto fail;
 		}
-		slog(NBD_LOG_INFO, "export '%s': %s%s", exp, ia->path,
-		     ro ? " (read-only)" : "");
 	}
 	for (i = 0; i < nlisten; i++) {
 		ret = nbd_server_listen(srv, listen[i]);
@@ -382,15 +381,19 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	sa.sa_handler = SIG_IGN;
 	sigaction(SIGPIPE, &sa, &old_pipe);
 	handlers = true;
-	if (stream) {
-		for (i = 0; i < nimg; i++) {
-			ret = siphon_block_stream_ex(dom, imgs[i].path, NULL,
-						     SIPHON_STREAM_CONTINUOUS,
-						     &prm);
-			if (ret < 0)
-				goto fail;
-			slog(NBD_LOG_INFO, "%s: streaming", imgs[i].path);
+	if (control) {
+		ret = ctl_listen(ctl, control);
+		if (ret < 0) {
+			sx_error(ret, "cannot listen on %s: %s", control,
+				 strerror(-ret));
+			goto fail;
 		}
+		slog(NBD_LOG_INFO, "control socket %s", control);
+	}
+	if (stream) {
+		ret = ctl_stream_all(ctl, &prm);
+		if (ret < 0)
+			goto fail;
 	}
 	if (pidfile) {
 		ret = write_pidfile(pidfile);
@@ -408,22 +411,21 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 fail:
 	rc = tool_fail(ret);
 out:
+	/* No command may race with the domain's close. */
+	ctl_stop(ctl);
 	/* Nothing is in flight any more: make what clients wrote durable. */
-	for (i = 0; i < nimg; i++) {
-		if (imgs[i].disk) {
-			ret = siphon_disk_flush(imgs[i].disk, 0);
-			if (ret < 0 && rc == TOOL_OK)
-				rc = tool_fail(ret);
-		}
+	if (ctl) {
+		ret = ctl_flush_all(ctl);
+		if (ret < 0 && rc == TOOL_OK)
+			rc = tool_fail(ret);
 	}
-	for (i = 0; i < nimg; i++) {
-		siphon_disk_put(imgs[i].disk);
-		imgs[i].disk = NULL;
-	}
-	/* Aborts the streams cleanly, detaches and closes every disk. */
-	siphon_domain_close(dom);
+	/* Releases the disk handles; then the domain stops the streams
+	   cleanly, detaches and closes every disk. */
 	nbd_server_destroy(srv);
 	g_server = NULL;
+	siphon_domain_close(dom);
+	g_ctl = NULL;
+	ctl_destroy(ctl);
 	if (handlers) {
 		sigaction(SIGINT, &old_int, NULL);
 		sigaction(SIGTERM, &old_term, NULL);

@@ -25,7 +25,14 @@ served on a Unix socket in the temp dir, and on 127.0.0.1 over TCP:
   dropped after --handshake-timeout; connections beyond
   --max-connections are refused; through all of it another client still
   reads the right bytes;
-- SIGTERM with clients connected exits 0 and leaves a clean image.
+- SIGTERM with clients connected exits 0 and leaves a clean image;
+- the control socket (mode 0600), through `siphon ctl`: info, attach (the
+  export appears), stream with a speed, set-speed, the completed event,
+  an incremental stream stepped with the cursor to the end (no backing
+  left), ENOENT and ESRCH errors, error replies to an unknown command,
+  to text that is not JSON and to an over-long line (which also closes
+  the connection), detach (the export goes), quit (exit 0, image clean
+  and as its chain read).
 
 Closing line: "N passed, N failed[, N skipped]"; exit 1 on failure, 77
 without qemu-img, qemu-io or nbdinfo. Servers are stopped whatever happens.
@@ -553,6 +560,158 @@ def case_stream_writes(rep, siphon, tmp, top, expect) -> None:
     rep.emit("stream/flat-clean-and-as-written", probs)
 
 
+def ctl(siphon: str, sock: str, *args: str) -> harness.Result:
+    return harness.run([siphon, "ctl", sock, *args])
+
+
+def ctl_json(siphon: str, sock: str, *args: str) -> tuple[dict, str]:
+    """The daemon's reply to `siphon ctl --output=json`, and problems."""
+    r = harness.run([siphon, "ctl", "--output=json", sock, *args])
+    try:
+        return json.loads(r.out.decode().splitlines()[0]), ""
+    except (ValueError, IndexError):
+        return {}, r.describe()
+
+
+def raw_request(sock: str, data: bytes) -> tuple[list[dict], bool]:
+    """Send raw bytes to the control socket: the reply lines, and whether
+    the daemon then closed the connection."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(WAIT)
+    s.connect(sock)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    buf = b""
+    closed = False
+    try:
+        while True:
+            c = s.recv(65536)
+            if not c:
+                closed = True
+                break
+            buf += c
+    except ConnectionResetError:
+        closed = True
+    except socket.timeout:
+        pass
+    s.close()
+    return [json.loads(x) for x in buf.decode().splitlines() if x], closed
+
+
+def case_control(rep, siphon, tmp, top, expect) -> None:
+    work = os.path.join(tmp, "ctl-a.qcow2")
+    shutil.copy(top, work)
+    other = os.path.join(tmp, "ctl-b.qcow2")
+    corpus.create_qcow2(other, 4 * MiB, backing=os.path.join(tmp, "base.raw"),
+                        backing_fmt="raw")
+    csock = os.path.join(tmp, "ctl.sock")
+    srv = Server(siphon, tmp, ["--control", csock, work + "=a"], "control")
+    ev = None
+    try:
+        if not srv.ready or not os.path.exists(csock):
+            rep.emit("control/start", [srv.text()])
+            return
+        mode = os.stat(csock).st_mode & 0o777
+        rep.emit("control/socket-mode-0600", [] if mode == 0o600 else
+                 [oct(mode)])
+        r, probs = ctl_json(siphon, csock, "info")
+        disks = r.get("disks", [])
+        rep.emit("control/info", [probs] if probs else [] if
+                 [d["export"] for d in disks] == ["a"] and
+                 disks[0]["path"] == work and disks[0]["size"] == SIZE
+                 else [json.dumps(r)])
+        r, probs = ctl_json(siphon, csock, "attach", other + "=b")
+        lst = harness.run(["nbdinfo", "--list", "--json",
+                           f"nbd+unix:///?socket={srv.sock}"])
+        names = [] if lst.rc else sorted(
+            e["export-name"] for e in json.loads(lst.out)["exports"])
+        rep.emit("control/attach-exports", [] if r.get("ok") and
+                 names == ["a", "b"] else [probs, json.dumps(r),
+                                           str(names)])
+        ev = subprocess.Popen([siphon, "ctl", "--output=json", csock,
+                               "events"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        time.sleep(0.3)
+        r, probs = ctl_json(siphon, csock, "stream", "a", "--speed", "1M")
+        r2, _ = ctl_json(siphon, csock, "info")
+        st = next((d.get("stream", {}) for d in r2.get("disks", [])
+                   if d["export"] == "a"), {})
+        rep.emit("control/stream-running",
+                 [] if r.get("ok") and st.get("state") == "running" and
+                 st.get("bandwidth") == MiB else [probs, json.dumps(r2)])
+        r, probs = ctl_json(siphon, csock, "set-speed", "a", "0")
+        rep.emit("control/set-speed", [] if r.get("ok") else [probs])
+        # The event arrives when the stream completes.
+        line = b""
+        end = time.monotonic() + WAIT
+        while time.monotonic() < end and b"completed" not in line:
+            line = ev.stdout.readline()
+            if not line:
+                break
+        got = json.loads(line) if line.strip() else {}
+        rep.emit("control/event-completed",
+                 [] if got.get("event") == "completed" and
+                 got.get("path") == work else [repr(line)])
+        # An increment at a time from the opaque cursor, to the end.
+        r, probs = ctl_json(siphon, csock, "stream", "b", "--step", "0")
+        cur, steps, probs2 = r.get("cursor"), 0, [probs] if probs else []
+        while r.get("ok") and cur != r.get("end") and steps < 10000:
+            r, p2 = ctl_json(siphon, csock, "stream", "b", "--step",
+                             str(cur))
+            cur = r.get("cursor")
+            steps += 1
+            if p2:
+                probs2.append(p2)
+        info = json.loads(corpus.qemu_img("info", "-U", "--output=json",
+                                          other).stdout)
+        if "backing-filename" in info:
+            probs2.append("backing left after the last increment")
+        rep.emit("control/incremental-to-the-end", probs2,
+                 info=f"{steps} steps")
+        # Errors: ENOENT, unknown command, not JSON, an over-long line.
+        r = ctl(siphon, csock, "abort", "nosuch")
+        rep.emit("control/error-enoent", [] if r.rc == 1 and
+                 "ENOENT" in r.err else [r.describe()])
+        r = ctl(siphon, csock, "abort", "a")
+        rep.emit("control/error-esrch", [] if r.rc == 1 and
+                 "ESRCH" in r.err else [r.describe()])
+        replies, _ = raw_request(csock, b'{"cmd":"frobnicate","id":7}\n'
+                                 b'not json\n[1]\n')
+        rep.emit("control/error-replies",
+                 [] if [(x.get("ok"), x.get("errno"), x.get("id"))
+                        for x in replies] ==
+                 [(False, "EINVAL", 7), (False, "EINVAL", None),
+                  (False, "EINVAL", None)] else [json.dumps(replies)])
+        # Exactly the limit without a newline: all read, none left over
+        # (so the close is a FIN after the reply, not a reset).
+        replies, closed = raw_request(csock, b"{" + b" " * (64 * 1024 - 1))
+        rep.emit("control/line-too-long",
+                 [] if closed and replies and
+                 replies[0].get("errno") == "EINVAL" else
+                 [json.dumps(replies), f"closed {closed}"])
+        r, probs = ctl_json(siphon, csock, "detach", "b")
+        n = harness.run(["nbdinfo", "--size",
+                         f"nbd+unix:///b?socket={srv.sock}"])
+        rep.emit("control/detach", [] if r.get("ok") and n.rc != 0 else
+                 [probs, n.describe()])
+        r, probs = ctl_json(siphon, csock, "quit")
+        try:
+            srv.p.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            pass
+        rep.emit("control/quit", [] if r.get("ok") and
+                 srv.p.returncode == 0 else [probs, srv.text()])
+        c = harness.run(["qemu-img", "check", work])
+        c2 = harness.run(["qemu-img", "compare", "-F", "raw", work, expect])
+        rep.emit("control/streamed-image", [] if c.rc == 0 and c2.rc == 0
+                 else [c.describe(), c2.describe()])
+    finally:
+        if ev:
+            ev.kill()
+            ev.wait()
+        srv.stop()
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="siphon-serve-") as tmp:
         siphon = harness.preflight(tmp)
@@ -565,6 +724,7 @@ def main() -> int:
         case_clients(rep, siphon, tmp, top, expect)
         case_bad_clients(rep, siphon, tmp, top, expect)
         case_stream_writes(rep, siphon, tmp, top, expect)
+        case_control(rep, siphon, tmp, top, expect)
         return rep.finish()
 
 
