@@ -20,6 +20,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -1484,32 +1485,26 @@ static void conn_read(struct conn *c)
 		conn_send(c);
 }
 
-static void accept_one(struct nbd_server *s, struct listener *l)
+/* Take the connected socket fd (non-blocking) on: greet it. */
+static int adopt(struct nbd_server *s, int fd, const char *from)
 {
 	struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP};
 	struct nreq *r;
 	struct conn *c;
 	uint8_t *p;
-	int fd, one = 1;
+	int one = 1;
 
-	fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-	if (fd < 0) {
-		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-			logf_(s, NBD_LOG_WARN, "%s: accept: %s", l->addr,
-			      strerror(errno));
-		return;
-	}
 	if (s->stopping || atomic_load(&s->nconn) >= s->o.max_connections) {
-		logf_(s, NBD_LOG_WARN, "%s: connection refused: %s", l->addr,
+		logf_(s, NBD_LOG_WARN, "%s: connection refused: %s", from,
 		      s->stopping ? "shutting down" : "too many connections");
 		close(fd);
-		return;
+		return -EAGAIN;
 	}
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	c = calloc(1, sizeof(*c));
 	if (!c) {
 		close(fd);
-		return;
+		return -ENOMEM;
 	}
 	c->it.kind = ITEM_CONN;
 	c->s = s;
@@ -1521,25 +1516,53 @@ static void accept_one(struct nbd_server *s, struct listener *l)
 	c->deadline_ns = now_ns() + (uint64_t)s->o.handshake_ms * 1000000ull;
 	ev.data.ptr = &c->it;
 	if (epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+		int err = -errno;
+
 		close(fd);
 		free(c);
-		return;
+		return err;
 	}
 	c->next = s->conns;
 	if (s->conns)
 		s->conns->prev = c;
 	s->conns = c;
 	atomic_fetch_add(&s->nconn, 1);
-	logf_(s, NBD_LOG_DEBUG, "connection %u on %s", c->id, l->addr);
+	logf_(s, NBD_LOG_DEBUG, "connection %u on %s", c->id, from);
 	/* The fixed newstyle greeting. */
 	p = reply_new(c, 18, &r);
 	if (!p)
-		return;
+		return 0;
 	p = put64(p, NBD_MAGIC);
 	p = put64(p, NBD_IHAVEOPT);
 	put16(p, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
 	conn_queue(c, r);
 	conn_send(c);
+	return 0;
+}
+
+static void accept_one(struct nbd_server *s, struct listener *l)
+{
+	int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+	if (fd < 0) {
+		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+			logf_(s, NBD_LOG_WARN, "%s: accept: %s", l->addr,
+			      strerror(errno));
+		return;
+	}
+	adopt(s, fd, l->addr);
+}
+
+int nbd_server_add_connection(struct nbd_server *s, int fd)
+{
+	int fl;
+
+	if (!s || fd < 0)
+		return -EINVAL;
+	fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+		return -errno;
+	return adopt(s, fd, "a connected socket");
 }
 
 /* Handshakes past their deadline, and a shutdown's drain. */
@@ -1595,62 +1618,81 @@ static void begin_stop(struct nbd_server *s)
 	}
 }
 
-int nbd_server_run(struct nbd_server *s)
+/* One batch of events, waiting at most timeout ms (-1: the deadlines). */
+static int step(struct nbd_server *s, int timeout)
 {
 	struct epoll_event evs[64];
-	int n, timeout;
+	int n, dl = check_deadlines(s);
 
-	if (!s)
-		return -EINVAL;
-	for (;;) {
-		if (s->stopping && !s->nconn && !s->pending)
+	if (timeout < 0 || (dl >= 0 && dl < timeout))
+		timeout = dl;
+	n = epoll_wait(s->ep, evs, 64, timeout);
+	if (n < 0)
+		return errno == EINTR ? 0 : -errno;
+	for (int i = 0; i < n; i++) {
+		struct item *it = evs[i].data.ptr;
+
+		switch (it->kind) {
+		case ITEM_LISTENER:
+			accept_one(s, (struct listener *)it);
 			break;
-		timeout = check_deadlines(s);
-		n = epoll_wait(s->ep, evs, 64, timeout);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		for (int i = 0; i < n; i++) {
-			struct item *it = evs[i].data.ptr;
+		case ITEM_DONE:
+			take_done(s);
+			break;
+		case ITEM_STOP:
+			begin_stop(s);
+			break;
+		case ITEM_CONN: {
+			struct conn *c = (struct conn *)it;
 
-			switch (it->kind) {
-			case ITEM_LISTENER:
-				accept_one(s, (struct listener *)it);
+			/* Closed by an earlier event of this batch. */
+			if (c->fd < 0)
 				break;
-			case ITEM_DONE:
-				take_done(s);
-				break;
-			case ITEM_STOP:
-				begin_stop(s);
-				break;
-			case ITEM_CONN: {
-				struct conn *c = (struct conn *)it;
-
-				/* Closed by an earlier event of this batch. */
-				if (c->fd < 0)
-					break;
-				if (evs[i].events & (EPOLLIN | EPOLLRDHUP |
-						     EPOLLHUP | EPOLLERR))
-					conn_read(c);
-				if (c->fd >= 0 && (evs[i].events & EPOLLOUT))
-					conn_send(c);
-				/* Gone both ways: no reply can reach it. */
-				if (c->fd >= 0 &&
-				    (evs[i].events & (EPOLLHUP | EPOLLERR)))
-					conn_close(c, "the client went away");
-				if (c->fd >= 0 && c->st == CS_CLOSING &&
-				    !c->out_head && !c->inflight)
-					conn_close(c, "finished");
-				break;
-			}
-			}
+			if (evs[i].events &
+			    (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+				conn_read(c);
+			if (c->fd >= 0 && (evs[i].events & EPOLLOUT))
+				conn_send(c);
+			/* Gone both ways: no reply can reach it. */
+			if (c->fd >= 0 &&
+			    (evs[i].events & (EPOLLHUP | EPOLLERR)))
+				conn_close(c, "the client went away");
+			if (c->fd >= 0 && c->st == CS_CLOSING && !c->out_head &&
+			    !c->inflight)
+				conn_close(c, "finished");
+			break;
 		}
-		conn_reap(s);
+		}
 	}
 	conn_reap(s);
 	return 0;
+}
+
+int nbd_server_run(struct nbd_server *s)
+{
+	int ret;
+
+	if (!s)
+		return -EINVAL;
+	while (!s->stopping || s->nconn || s->pending) {
+		ret = step(s, -1);
+		if (ret < 0)
+			return ret;
+	}
+	conn_reap(s);
+	return 0;
+}
+
+int nbd_server_step(struct nbd_server *s, int timeout_ms)
+{
+	int ret;
+
+	if (!s)
+		return -EINVAL;
+	ret = step(s, timeout_ms);
+	if (ret < 0)
+		return ret;
+	return (int)(atomic_load(&s->nconn) + s->pending);
 }
 
 void nbd_server_stop(struct nbd_server *s)

@@ -109,6 +109,23 @@ int nbd_server_listen(struct nbd_server *s, const char *addr);
  */
 int nbd_server_run(struct nbd_server *s);
 
+/*
+ * Serve the connected socket fd as a client (it is made non-blocking; the
+ * server owns it from now on, whatever the result): for a socket handed
+ * over by a supervisor, or a test. Server thread only (before or between
+ * nbd_server_run()/nbd_server_step()). -EAGAIN (too many connections, or
+ * stopping: fd closed), -ENOMEM, -EINVAL.
+ */
+int nbd_server_add_connection(struct nbd_server *s, int fd);
+
+/*
+ * One round of nbd_server_run(): handle the events that arrive within
+ * timeout_ms (0: those already there; -1: until the next). Returns the
+ * connections open plus the requests at the disks (0: idle), or -errno.
+ * For embedding the server in another loop, and for the fuzz target.
+ */
+int nbd_server_step(struct nbd_server *s, int timeout_ms);
+
 /* Make nbd_server_run() return. Any thread; async-signal-safe. */
 void nbd_server_stop(struct nbd_server *s);
 

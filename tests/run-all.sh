@@ -7,7 +7,8 @@
 # build is configured with -Dwerror=true (the development and CI setting; the
 # project's defaults leave it off for packagers), and two more builds are
 # only compiled, to catch warnings that appear with other compilers and
-# optimisation: --buildtype=release with gcc and with clang.
+# optimisation: --buildtype=release with gcc and with clang. The fuzz
+# targets then run for a minute each (clang, ASan/UBSan, build-fuzz/).
 # Exits non-zero if any suite or build fails.
 #
 # Build directories (reused when they exist): build/, build-asan/,
@@ -84,6 +85,41 @@ else
 	skipped+=("release-clang (clang missing)")
 fi
 run_suite asan "$build_asan" -Db_sanitize=address,undefined -Db_lundef=false
+if ((${#test_args[@]} == 0)); then
+	run_fuzz
+fi
+# Fuzz targets (libFuzzer, clang, ASan/UBSan): a short run of each from its
+# seeds and its regression inputs (fuzz/regress/TARGET/, every crash ever
+# found); bench/fuzz_long.sh runs them at length.
+run_fuzz() {
+	local dir=${SIPHON_BUILD_FUZZ:-build-fuzz} secs=${SIPHON_FUZZ_SECS:-60}
+	local t work
+	if ! command -v clang >/dev/null 2>&1; then
+		echo "=== fuzz: skipped, clang missing"
+		skipped+=("fuzz (clang missing)")
+		return 0
+	fi
+	CC=clang build_only fuzz "$dir" -Dfuzz=true -Dtests=false \
+		-Db_sanitize=address,undefined -Db_lundef=false || return 0
+	for t in nbd_server; do
+		work=$(mktemp -d /tmp/siphon-fuzz-XXXXXX)
+		python3 fuzz/nbd_seeds.py "$work/corpus"
+		mkdir -p "fuzz/regress/$t"
+		echo "=== fuzz: fuzz_$t for ${secs}s"
+		if ! "$dir/fuzz/fuzz_$t" -max_total_time="$secs" -timeout=10 \
+			-rss_limit_mb=2048 -print_final_stats=1 \
+			-artifact_prefix="$work/" "$work/corpus" \
+			"fuzz/regress/$t" 2>"$work/log"; then
+			tail -40 "$work/log"
+			echo "=== fuzz: fuzz_$t FAILED; inputs kept in $work"
+			failed+=("fuzz ($t)")
+			continue
+		fi
+		grep -E "^stat::number_of_executed_units|^Done" "$work/log" || true
+		rm -rf "$work"
+	done
+}
+
 # ThreadSanitizer for what runs threads: the API (one worker per disk) and
 # guest I/O from several threads, unless the caller chose suites.
 if ((${#test_args[@]} == 0)); then
