@@ -9,11 +9,15 @@
 # Tests: Check, qemu-img/qemu-io/qemu-nbd (the oracle and an NBD server;
 # qemu-system-common carries qemu's shared data), nbdkit (NBD servers with
 # fault filters), libnbd-bin (nbdinfo, nbdcopy), python3.
+# The VM test of `siphon serve`: qemu-system-x86, Debian's kernel (its
+# virtio modules go into an initramfs built by the test), a static
+# busybox, cpio.
 # Benchmarks: fio, GNU time (/usr/bin/time -v for max RSS).
 SIPHON_DEPS=(
 	build-essential clang meson ninja-build pkg-config
 	liburing-dev zlib1g-dev libzstd-dev libnbd-dev
 	check qemu-utils qemu-system-common nbdkit libnbd-bin python3
+	qemu-system-x86 linux-image-amd64 busybox-static cpio
 	fio time
 )
 
