@@ -287,6 +287,19 @@ int ctl_attach(struct ctl *c, const char *path, const char *name, char *out)
 			disk = NULL; /* the server's now */
 	}
 	siphon_disk_put(disk);
+	disk = NULL;
+	if (ret >= 0 && c->o.fuse) {
+		ret = siphon_disk_get(c->o.dom, abs, &disk);
+		if (ret >= 0)
+			ret = fuse_export_add(c->o.fuse, name, disk,
+					      c->o.read_only);
+		if (ret < 0) {
+			siphon_disk_put(disk);
+			nbd_server_remove_export(c->o.nbd, name);
+			ret = fail(ret, "FUSE file '%s': %s", name,
+				   strerror(-ret));
+		}
+	}
 	if (ret >= 0) {
 		pthread_mutex_lock(&c->mu);
 		d = &c->disks[c->ndisks];
@@ -298,8 +311,11 @@ int ctl_attach(struct ctl *c, const char *path, const char *name, char *out)
 		else
 			ret = -ENOMEM;
 		pthread_mutex_unlock(&c->mu);
-		if (ret < 0)
+		if (ret < 0) {
 			nbd_server_remove_export(c->o.nbd, name);
+			if (c->o.fuse)
+				fuse_export_remove(c->o.fuse, name);
+		}
 	}
 	if (ret < 0) {
 		char keep[512];
@@ -333,6 +349,8 @@ static int ctl_detach(struct ctl *c, const char *name)
 	*d = c->disks[--c->ndisks];
 	pthread_mutex_unlock(&c->mu);
 	nbd_server_remove_export(c->o.nbd, exp);
+	if (c->o.fuse)
+		fuse_export_remove(c->o.fuse, exp);
 	ret = siphon_disk_detach(c->o.dom, path, 0);
 	clog_(c, NBD_LOG_INFO, "export '%s' (%s) detached", exp, path);
 	free(exp);

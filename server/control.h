@@ -46,6 +46,7 @@
 
 #include <stdbool.h>
 
+#include "server/fuse_export.h"
 #include "server/nbd_server.h"
 #include "siphon.h"
 
@@ -56,6 +57,7 @@
 struct ctl_opts {
 	siphon_domain *dom;
 	struct nbd_server *nbd;
+	struct fuse_export *fuse; /* also a file per disk there, or NULL */
 	struct siphon_attach_opts attach; /* for every attach */
 	bool read_only; /* exports refuse writes */
 	nbd_log_fn log; /* NULL: no messages */

@@ -27,6 +27,7 @@
 #include "common/error.h"
 #include "io/nbd.h"
 #include "server/control.h"
+#include "server/fuse_export.h"
 #include "server/nbd_server.h"
 #include "siphon.h"
 #include "cmd.h"
@@ -143,6 +144,10 @@ static void serve_help(FILE *out)
 		"  -s, --speed RATE      with --stream: at most RATE bytes/s per\n"
 		"                        disk (K, M, G suffixes; 0 = unlimited)\n"
 		"  -f, --format FMT      format of every IMAGE (default: probe)\n"
+		"      --fuse DIR        also show every disk as a file DIR/EXPORT of\n"
+		"                        its virtual size (FUSE): read, write, fsync,\n"
+		"                        fallocate punch-hole/zero-range,\n"
+		"                        SEEK_DATA/SEEK_HOLE; unmounted at exit\n"
 		"  -c, --control PATH    a JSON-lines control socket at PATH (mode\n"
 		"                        0600): attach, detach, stream, abort,\n"
 		"                        set-speed, info, events, quit; drive it with\n"
@@ -231,6 +236,7 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"speed", required_argument, NULL, 's'},
 		{"format", required_argument, NULL, 'f'},
 		{"control", required_argument, NULL, 'c'},
+		{"fuse", required_argument, NULL, 'F'},
 		{"max-connections", required_argument, NULL, 'M'},
 		{"handshake-timeout", required_argument, NULL, 'H'},
 		{"pidfile", required_argument, NULL, 'p'},
@@ -238,7 +244,8 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
-	const char *listen[MAX_LISTEN], *control = NULL;
+	const char *listen[MAX_LISTEN], *control = NULL, *fuse = NULL;
+	struct fuse_export *fx = NULL;
 	unsigned nlisten = 0, secs = 0;
 	struct nbd_server_opts so = {.log = server_log};
 	struct siphon_block_stream_params prm = {.size = sizeof(prm)};
@@ -289,6 +296,9 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 			break;
 		case 'c':
 			control = optarg;
+			break;
+		case 'F':
+			fuse = optarg;
 			break;
 		case 'M':
 			if (parse_uint(optarg, 1, 4096, &so.max_connections))
@@ -344,6 +354,20 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	co.read_only = ro;
 	co.quit = on_quit;
 	co.quit_opaque = srv;
+	if (fuse) {
+		ret = fuse_export_start(fuse, server_log, NULL, &fx);
+		if (ret < 0) {
+			sx_error(ret,
+				 "cannot mount a FUSE file system on %s: %s",
+				 fuse,
+				 ret == -ENODEV
+					 ? "no /dev/fuse (modprobe fuse, or "
+					   "run the container with it)"
+					 : strerror(-ret));
+			goto fail;
+		}
+		co.fuse = fx;
+	}
 	ret = ctl_create(&co, &ctl);
 	if (ret < 0)
 		goto fail;
@@ -421,6 +445,7 @@ out:
 	}
 	/* Releases the disk handles; then the domain stops the streams
 	   cleanly, detaches and closes every disk. */
+	fuse_export_stop(fx);
 	nbd_server_destroy(srv);
 	g_server = NULL;
 	siphon_domain_close(dom);

@@ -15,7 +15,7 @@
 # Benchmarks: fio, GNU time (/usr/bin/time -v for max RSS).
 SIPHON_DEPS=(
 	build-essential clang meson ninja-build pkg-config
-	liburing-dev zlib1g-dev libzstd-dev libnbd-dev
+	liburing-dev zlib1g-dev libzstd-dev libnbd-dev libfuse3-dev fuse3
 	check qemu-utils qemu-system-common nbdkit libnbd-bin python3
 	qemu-system-x86 linux-image-amd64 busybox-static cpio
 	fio time

@@ -32,7 +32,12 @@ served on a Unix socket in the temp dir, and on 127.0.0.1 over TCP:
   left), ENOENT and ESRCH errors, error replies to an unknown command,
   to text that is not JSON and to an over-long line (which also closes
   the connection), detach (the export goes), quit (exit 0, image clean
-  and as its chain read).
+  and as its chain read);
+- the FUSE export (skipped where FUSE cannot mount): the file's size,
+  qemu-img compare, SEEK_DATA/SEEK_HOLE at every run of the chain's map,
+  unaligned and aligned writes, punch-hole and zero-range, fsync; after
+  SIGTERM the mount is gone and the image is the model; read-only refuses
+  opening for writing.
 
 Closing line: "N passed, N failed[, N skipped]"; exit 1 on failure, 77
 without qemu-img, qemu-io or nbdinfo. Servers are stopped whatever happens.
@@ -712,6 +717,105 @@ def case_control(rep, siphon, tmp, top, expect) -> None:
         srv.stop()
 
 
+def case_fuse(rep, siphon, tmp, top, expect) -> None:
+    work = os.path.join(tmp, "fuse.qcow2")
+    shutil.copy(top, work)
+    model = os.path.join(tmp, "fuse-model.raw")
+    shutil.copy(expect, model)
+    mnt = os.path.join(tmp, "mnt")
+    os.mkdir(mnt)
+    srv = Server(siphon, tmp, ["--fuse", mnt, work + "=disk"], "fuse")
+    path = os.path.join(mnt, "disk")
+    try:
+        end = time.monotonic() + WAIT
+        while time.monotonic() < end and srv.p.poll() is None and \
+                not os.path.exists(path):
+            time.sleep(0.05)
+        if not os.path.exists(path):
+            why = srv.text()
+            if "cannot mount a FUSE" in why:
+                rep.emit("fuse/mount", [], skip="FUSE unavailable: " +
+                         why.strip().splitlines()[-1])
+            else:
+                rep.emit("fuse/mount", [why])
+            return
+        st = os.stat(path)
+        rep.emit("fuse/file", [] if st.st_size == SIZE else
+                 [f"size {st.st_size}"])
+        r = harness.run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
+                         path, expect])
+        rep.emit("fuse/qemu-img-compare", [] if r.rc == 0 else
+                 [r.describe()])
+        # SEEK_DATA / SEEK_HOLE at every run of the chain's map.
+        probs = []
+        runs = qemu_map(top, "qcow2")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            for (a, b, data, zero) in runs:
+                want_hole = zero
+                h = os.lseek(fd, a, os.SEEK_HOLE)
+                if want_hole and h != a:
+                    probs.append(f"SEEK_HOLE at {a}: {h}")
+                if not want_hole and h < b:
+                    probs.append(f"SEEK_HOLE at {a}: {h}, run ends {b}")
+                try:
+                    d = os.lseek(fd, a, os.SEEK_DATA)
+                except OSError:
+                    d = SIZE
+                if not want_hole and d != a:
+                    probs.append(f"SEEK_DATA at {a}: {d}")
+                if want_hole and d < b:
+                    probs.append(f"SEEK_DATA at {a}: {d}, hole ends {b}")
+            rep.emit("fuse/seek-data-hole", probs)
+            # Writes, aligned and not, punch-hole and zero-range.
+            data = bytes(range(256)) * 256
+            with open(model, "r+b") as m:
+                for off, buf in ((1000, b"hello"), (3 * MiB, data),
+                                 (7 * MiB + 4095, data[:3000])):
+                    os.pwrite(fd, buf, off)
+                    m.seek(off)
+                    m.write(buf)
+                for off, ln, flag in ((5 * MiB, 128 * 1024, "-p"),
+                                      (6 * MiB + 100, 5000, "-z")):
+                    r = harness.run(["fallocate", flag, "-o", str(off),
+                                     "-l", str(ln), path])
+                    if r.rc != 0:
+                        probs.append(r.describe())
+                    m.seek(off)
+                    m.write(bytes(ln))
+            os.fsync(fd)
+            back = os.pread(fd, 5, 1000)
+            rep.emit("fuse/writes", probs if probs or back == b"hello"
+                     else [f"read back {back!r}"])
+        finally:
+            os.close(fd)
+    finally:
+        rc = srv.stop()
+    rep.emit("fuse/sigterm-unmounts", [] if rc == 0 and
+             not os.path.ismount(mnt) else [f"exit {rc}", srv.text()])
+    r = harness.run(["qemu-img", "check", work])
+    c = harness.run(["qemu-img", "compare", "-F", "raw", work, model])
+    rep.emit("fuse/image-as-written", [] if r.rc == 0 and c.rc == 0 else
+             [r.describe(), c.describe()])
+    # Read-only: writes refused.
+    srv = Server(siphon, tmp, ["--read-only", "--fuse", mnt,
+                               work + "=disk"], "fuse-ro")
+    try:
+        end = time.monotonic() + WAIT
+        while time.monotonic() < end and srv.p.poll() is None and \
+                not os.path.exists(path):
+            time.sleep(0.05)
+        try:
+            os.close(os.open(path, os.O_RDWR))
+            refused = False
+        except OSError as e:
+            refused = e.errno in (13, 30)  # EACCES, EROFS
+        rep.emit("fuse/read-only", [] if refused else
+                 ["a read-only file opened for writing"])
+    finally:
+        srv.stop()
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="siphon-serve-") as tmp:
         siphon = harness.preflight(tmp)
@@ -725,6 +829,7 @@ def main() -> int:
         case_bad_clients(rep, siphon, tmp, top, expect)
         case_stream_writes(rep, siphon, tmp, top, expect)
         case_control(rep, siphon, tmp, top, expect)
+        case_fuse(rep, siphon, tmp, top, expect)
         return rep.finish()
 
 

@@ -99,6 +99,7 @@ qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/top.qcow2" ||
 qemu-io -f qcow2 -c 'write -P 0x51 4M 1M' "$dir/top.qcow2" >/dev/null ||
 	exit 1
 qemu-img convert -O raw "$dir/top.qcow2" "$dir/model.raw" || exit 1
+cp "$dir/top.qcow2" "$dir/fuse.qcow2" # for the boot from the FUSE file
 dd if="$root/pattern" of="$dir/model.raw" bs=4096 seek=256 conv=notrunc \
 	2>/dev/null
 model_sum=$(md5sum "$dir/model.raw" | cut -d' ' -f1)
@@ -135,38 +136,42 @@ cpu=
 # --- serve it, streaming slowly, and boot ---
 sock=$dir/nbd.sock
 "$siphon" serve --stream --speed 2M --listen "unix:$sock" \
-	"$dir/top.qcow2=disk" >"$dir/serve.log" 2>&1 &
+	"$dir/top.qcow2=disk" >"$dir/console.log.serve" 2>&1 &
 spid=$!
 pids="$pids $spid"
-nbd_wait_unix "$sock" $spid "$dir/serve.log"
-# The stream runs while the guest boots (its reads of the whole disk copy
-# what is left: then the stream completes too, before or after).
-grep -q "stream completed" "$dir/serve.log" &&
-	bad "the stream ended before the VM started (the test wants both at once)"
-# shellcheck disable=SC2086 # $cpu is empty or two words
-timeout 300 qemu-system-x86_64 -machine "accel=$accel" $cpu -m 256 -smp 1 \
-	-nographic -no-reboot -nodefaults -serial stdio \
-	-kernel "$kernel" -initrd "$dir/initrd.gz" \
-	-append "console=ttyS0 panic=-1 quiet" \
-	-drive "file=nbd+unix:///disk?socket=$sock,format=raw,if=virtio,cache=none" \
-	>"$dir/console.log" 2>&1
-vmrc=$?
-tr -d '\r' <"$dir/console.log" | grep "GUEST:" || true
-if [ $vmrc -ne 0 ]; then
-	bad "qemu-system-x86_64 exited $vmrc (accel $accel)"
-	tail -30 "$dir/console.log"
-fi
-grep -q "GUEST: PATTERN OK" "$dir/console.log" ||
-	bad "the guest did not read its pattern back"
-guest_sum=$(tr -d '\r' <"$dir/console.log" | sed -n 's/^GUEST: DISKSUM //p')
-[ "$guest_sum" = "$model_sum" ] ||
-	bad "guest md5 '$guest_sum', model's $model_sum"
+nbd_wait_unix "$sock" $spid "$dir/console.log.serve"
+# boot DRIVE LOG: boot the guest on DRIVE (a -drive file=...), check what
+# it printed on LOG's console against the model.
+boot() {
+	# The stream runs while the guest boots (its reads of the whole disk
+	# copy what is left: then the stream completes too, before or after).
+	grep -q "stream completed" "$2.serve" &&
+		bad "$2: the stream ended before the VM started"
+	# shellcheck disable=SC2086 # $cpu is empty or two words
+	timeout 300 qemu-system-x86_64 -machine "accel=$accel" $cpu -m 256 \
+		-smp 1 -nographic -no-reboot -nodefaults -serial stdio \
+		-kernel "$kernel" -initrd "$dir/initrd.gz" \
+		-append "console=ttyS0 panic=-1 quiet" \
+		-drive "$1,format=raw,if=virtio" >"$2" 2>&1
+	vmrc=$?
+	tr -d '\r' <"$2" | grep "GUEST:" || true
+	if [ $vmrc -ne 0 ]; then
+		bad "$2: qemu-system-x86_64 exited $vmrc (accel $accel)"
+		tail -30 "$2"
+	fi
+	grep -q "GUEST: PATTERN OK" "$2" ||
+		bad "$2: the guest did not read its pattern back"
+	guest_sum=$(tr -d '\r' <"$2" | sed -n 's/^GUEST: DISKSUM //p')
+	[ "$guest_sum" = "$model_sum" ] ||
+		bad "$2: guest md5 '$guest_sum', model's $model_sum"
+}
+boot "file=nbd+unix:///disk?socket=$sock,cache=none" "$dir/console.log"
 
 kill -TERM $spid
 wait $spid
 rc=$?
 pids=
-[ $rc -eq 0 ] || { bad "siphon serve exited $rc after SIGTERM"; cat "$dir/serve.log"; }
+[ $rc -eq 0 ] || { bad "siphon serve exited $rc after SIGTERM"; cat "$dir/console.log.serve"; }
 qemu-img check -q "$dir/top.qcow2" || bad "qemu-img check after SIGTERM"
 qemu-img convert -O raw "$dir/top.qcow2" "$dir/now.raw" || exit 1
 img_sum=$(md5sum "$dir/now.raw" | cut -d' ' -f1)
@@ -196,7 +201,40 @@ qemu-img convert -O raw "$dir/top.qcow2" "$dir/now.raw" || exit 1
 img_sum=$(md5sum "$dir/now.raw" | cut -d' ' -f1)
 [ "$img_sum" = "$model_sum" ] || bad "flat image md5 $img_sum, model's $model_sum"
 
+# --- the same VM from the FUSE file (skipped where FUSE cannot mount) ---
+mnt=$dir/mnt
+mkdir -p "$mnt"
+"$siphon" serve --stream --speed 2M --listen "unix:$dir/f.sock" \
+	--fuse "$mnt" "$dir/fuse.qcow2=disk" >"$dir/fuse.log.serve" 2>&1 &
+spid=$!
+pids="$spid"
+i=0
+while [ ! -f "$mnt/disk" ] && kill -0 $spid 2>/dev/null && [ $i -lt 600 ]; do
+	sleep 0.1
+	i=$((i + 1))
+done
+fuse=skipped
+if [ -f "$mnt/disk" ]; then
+	fuse=ok
+	boot "file=$mnt/disk" "$dir/fuse.log"
+	kill -TERM $spid
+	wait $spid || bad "serve --fuse exited $? after SIGTERM"
+	pids=
+	qemu-img check -q "$dir/fuse.qcow2" || bad "qemu-img check (FUSE)"
+	rm -f "$dir/now.raw"
+	qemu-img convert -O raw "$dir/fuse.qcow2" "$dir/now.raw" || exit 1
+	img_sum=$(md5sum "$dir/now.raw" | cut -d' ' -f1)
+	[ "$img_sum" = "$model_sum" ] ||
+		bad "FUSE image md5 $img_sum, model's $model_sum"
+elif grep -q "cannot mount a FUSE" "$dir/fuse.log.serve"; then
+	echo "SKIP: the boot from the FUSE file: $(tail -1 "$dir/fuse.log.serve")"
+else
+	bad "serve --fuse: no file"
+	cat "$dir/fuse.log.serve"
+fi
+
 if [ $fail -eq 0 ]; then
-	echo "PASS: VM (accel $accel) booted on siphon serve, its writes and md5 match"
+	echo "PASS: VM (accel $accel) booted on siphon serve over NBD and" \
+		"from the FUSE file ($fuse), its writes and md5 match"
 fi
 exit $fail
