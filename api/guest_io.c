@@ -209,8 +209,10 @@ static int submit(siphon_disk *disk, enum guest_op op, const struct iovec *iov,
 		return sx_error(EINVAL, "disk or callback is NULL");
 	if (op == GUEST_READ)
 		allowed = SIPHON_IO_NO_COR;
-	else if (op == GUEST_WRITE || op == GUEST_WRITE_ZEROES)
+	else if (op == GUEST_WRITE)
 		allowed = SIPHON_IO_FUA;
+	else if (op == GUEST_WRITE_ZEROES)
+		allowed = SIPHON_IO_FUA | SIPHON_IO_FAST_ZERO;
 	if (flags & ~allowed)
 		return sx_error(EINVAL, "%s: %s: flags 0x%x not allowed",
 				d->path, op_name(op), flags & ~allowed);
@@ -246,6 +248,8 @@ static int submit(siphon_disk *disk, enum guest_op op, const struct iovec *iov,
 		gflags |= GUEST_F_FUA;
 	if (flags & SIPHON_IO_NO_COR)
 		gflags |= GUEST_F_NO_COR;
+	if (flags & SIPHON_IO_FAST_ZERO)
+		gflags |= GUEST_F_FAST_ZERO;
 	r->g.op = op;
 	r->g.flags = gflags;
 	r->g.iov = r->iov;

@@ -441,7 +441,13 @@ typedef struct siphon_disk siphon_disk;
 enum siphon_io_flags {
 	SIPHON_IO_FUA = 1 << 0, /* write, write-zeroes: durable when done */
 	SIPHON_IO_NO_COR = 1 << 1, /* read: never copy into the top */
-	SIPHON_IO_MASK = (1 << 2) - 1,
+	/*
+	 * write-zeroes: only as metadata (zero clusters of a qcow2 v3 top,
+	 * whole clusters): -ENOTSUP rather than writing zeros, nothing done
+	 * (NBD's FAST_ZERO). Since 0.1.3.
+	 */
+	SIPHON_IO_FAST_ZERO = 1 << 2,
+	SIPHON_IO_MASK = (1 << 3) - 1,
 };
 
 enum siphon_cor_mode {
@@ -530,8 +536,8 @@ SIPHON_API int siphon_disk_get_stats(siphon_disk *disk,
  * above SIPHON_IO_MAX_IOV, unknown flags or flags the operation does not
  * take, misaligned or out-of-range offset or length, length above
  * SIPHON_IO_MAX_BYTES), -ENOMEM, -ENOENT (disk detached).
- * read: SIPHON_IO_NO_COR; write, write_zeroes: SIPHON_IO_FUA; discard and
- * flush: no flags. Ownership: the iov array is copied; the buffers it
+ * read: SIPHON_IO_NO_COR; write: SIPHON_IO_FUA; write_zeroes: SIPHON_IO_FUA
+ * and SIPHON_IO_FAST_ZERO; discard and flush: no flags. Ownership: the iov array is copied; the buffers it
  * points at belong to the caller and must stay valid (and, for reads,
  * untouched) until cb runs. Thread safe: any thread, including a
  * completion callback.

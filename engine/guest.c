@@ -1352,12 +1352,21 @@ static int zd_zeroes(struct gio *gio)
 	uint64_t wa, wb;
 	int ret = 0;
 
+	unsigned wz = (req->flags & GUEST_F_FAST_ZERO) ? IMG_WZ_NO_FALLBACK : 0;
+
 	if (!img_can_alloc(top) || !req->len)
-		return img_write_zeroes(top, off, req->len, 0);
+		return img_write_zeroes(top, off, req->len, wz);
 	wa = sx_min(off % cs ? off + cs - off % cs : off, end);
 	wb = sx_max(end == top->size ? end : end - end % cs, wa);
+	/* Fast: whole clusters only (the edges would be writes of data). */
+	if (wz && (off < wa || wb < end))
+		return sx_error(-ENOTSUP,
+				"%s: write-zeroes of [%llu, +%llu) is not "
+				"whole clusters: not fast",
+				top->path, (unsigned long long)off,
+				(unsigned long long)req->len);
 	if (wb > wa)
-		ret = img_write_zeroes(top, wa, wb - wa, 0);
+		ret = img_write_zeroes(top, wa, wb - wa, wz);
 	if (ret >= 0 && off < wa)
 		ret = zd_part(gio, off, wa - off);
 	if (ret >= 0 && wb < end)

@@ -63,6 +63,8 @@ struct guest_extent {
 enum guest_flags {
 	GUEST_F_FUA = 1 << 0, /* durable (flushed) before completion */
 	GUEST_F_NO_COR = 1 << 1, /* this read never copies */
+	GUEST_F_FAST_ZERO = 1 << 2, /* write-zeroes: metadata only, or
+				       -ENOTSUP with nothing done */
 };
 
 struct guest_req {

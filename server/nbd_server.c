@@ -715,7 +715,8 @@ static uint16_t tx_flags(const struct nbd_export *e)
 	if (e->ro)
 		f |= NBD_FLAG_READ_ONLY;
 	else
-		f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+		f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES |
+		     NBD_FLAG_SEND_FAST_ZERO;
 	return f;
 }
 
@@ -1171,8 +1172,12 @@ static void tx_submit(struct conn *c, struct nreq *r)
 		ret = siphon_disk_aio_discard(d, a, b - a, 0, io_done, r);
 		break;
 	case NBD_CMD_WRITE_ZEROES:
-		ret = siphon_disk_aio_write_zeroes(d, r->off, r->len, fua,
-						   io_done, r);
+		ret = siphon_disk_aio_write_zeroes(
+			d, r->off, r->len,
+			fua | ((r->flags & NBD_CMD_FLAG_FAST_ZERO)
+				       ? SIPHON_IO_FAST_ZERO
+				       : 0),
+			io_done, r);
 		break;
 	case NBD_CMD_BLOCK_STATUS:
 		r->n = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : STATUS_EXTENTS;
@@ -1207,7 +1212,8 @@ static uint16_t cmd_flags_allowed(uint16_t type)
 	case NBD_CMD_WRITE:
 		return NBD_CMD_FLAG_FUA;
 	case NBD_CMD_WRITE_ZEROES:
-		return NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE;
+		return NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE |
+		       NBD_CMD_FLAG_FAST_ZERO;
 	case NBD_CMD_TRIM:
 		return NBD_CMD_FLAG_FUA;
 	case NBD_CMD_BLOCK_STATUS:

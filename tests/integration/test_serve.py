@@ -73,7 +73,8 @@ SIMPLE_MAGIC = 0x67446698
 STRUCT_MAGIC = 0x668E33EF
 OPT_GO, OPT_STRUCTURED, OPT_SET_META = 7, 8, 10
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_BLOCK_STATUS = 0, 1, 2, 7
-EPERM, EINVAL, EOVERFLOW = 1, 22, 75
+CMD_WRITE_ZEROES, FLAG_FAST_ZERO = 6, 1 << 4
+EPERM, EINVAL, EOVERFLOW, ENOTSUP = 1, 22, 75, 95
 
 
 class Server:
@@ -520,6 +521,22 @@ def case_stream_writes(rep, siphon, tmp, top, expect) -> None:
         if not srv.ready:
             rep.emit("stream/restart", [srv.text()])
             return
+        # FAST_ZERO: whole clusters are metadata (done), a partial one
+        # would be a write of zeros (ENOTSUP, nothing done).
+        c = Client(srv.sock)
+        c.go("disk")
+        probs = expect_err(c, 0, "fast zero, whole clusters",
+                           cmd=CMD_WRITE_ZEROES, off=10 * MiB, ln=65536,
+                           flags=FLAG_FAST_ZERO)
+        probs += expect_err(c, ENOTSUP, "fast zero, partial cluster",
+                            cmd=CMD_WRITE_ZEROES, off=11 * MiB + 512,
+                            ln=1024, flags=FLAG_FAST_ZERO)
+        c.request(CMD_DISC, 0, 0)
+        c.close()
+        with open(model, "r+b") as m:
+            m.seek(10 * MiB)
+            m.write(bytes(65536))
+        rep.emit("stream/fast-zero", probs)
         if fio:
             # Random data written and verified in [4M, 8M), which the
             # model then takes from the export.

@@ -967,6 +967,49 @@ START_TEST(test_block_status)
 }
 END_TEST
 
+/* SIPHON_IO_FAST_ZERO: whole clusters of a v3 top only; else -ENOTSUP. */
+START_TEST(test_fast_zero)
+{
+	char top[512], v2[512];
+	uint8_t *buf = malloc(65536), *ref;
+	struct fixture f;
+
+	/* make_chain() returns its own static buffer. */
+	snprintf(top, sizeof(top), "%s", make_chain("fz", "4M", ""));
+	snprintf(v2, sizeof(v2), "%s", make_chain("fz2", "4M", ",compat=0.10"));
+	ref = load_ref("fz");
+	open_disk(&f, top);
+	ck_assert_msg(siphon_disk_write_zeroes(f.disk, 2 << 20, 65536,
+					       SIPHON_IO_FAST_ZERO) == 0,
+		      "%s", siphon_get_error());
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 65536, 2 << 20, 0), 0);
+	for (int i = 0; i < 65536; i++)
+		ck_assert_uint_eq(buf[i], 0);
+	/* A partial cluster: refused, nothing changed. */
+	ck_assert_int_eq(siphon_disk_write_zeroes(f.disk, (3 << 20) + 512, 1024,
+						  SIPHON_IO_FAST_ZERO),
+			 -ENOTSUP);
+	ck_assert_int_eq(siphon_disk_pread(f.disk, buf, 65536, 3 << 20, 0), 0);
+	ck_assert_mem_eq(buf, ref + (3 << 20), 65536);
+	/* Not for other operations. */
+	ck_assert_int_eq(
+		siphon_disk_pwrite(f.disk, buf, 512, 0, SIPHON_IO_FAST_ZERO),
+		-EINVAL);
+	close_disk(&f);
+	/* A version 2 image has no zero clusters. */
+	open_disk(&f, v2);
+	ck_assert_int_eq(siphon_disk_write_zeroes(f.disk, 2 << 20, 65536,
+						  SIPHON_IO_FAST_ZERO),
+			 -ENOTSUP);
+	ck_assert_int_eq(siphon_disk_write_zeroes(f.disk, 2 << 20, 65536, 0),
+			 0);
+	close_disk(&f);
+	RUN("qemu-img check -q %s && qemu-img check -q %s", top, v2);
+	free(buf);
+	free(ref);
+}
+END_TEST
+
 static Suite *guest_suite(void)
 {
 	Suite *s = suite_create("guest_io");
@@ -987,6 +1030,7 @@ static Suite *guest_suite(void)
 	tcase_add_test(tc, test_step_does_not_block_guest);
 	tcase_add_test(tc, test_compressed_backing);
 	tcase_add_test(tc, test_block_status);
+	tcase_add_test(tc, test_fast_zero);
 	suite_add_tcase(s, tc);
 	return s;
 }
