@@ -48,19 +48,8 @@ struct ctl {
 	bool running;
 };
 
-__attribute__((format(printf, 3, 4))) static void
-clog_(struct ctl *c, enum nbd_log_level lv, const char *fmt, ...)
-{
-	char msg[512];
-	va_list ap;
-
-	if (!c->o.log)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	c->o.log(c->o.log_opaque, lv, msg);
-}
+#define clog_(c, lv, ...) \
+	nbd_logf((c)->o.log, (c)->o.log_opaque, lv, __VA_ARGS__)
 
 /* ---- a one-line JSON writer ---- */
 
@@ -357,20 +346,26 @@ static int ctl_detach(struct ctl *c, const char *name)
 	return ret;
 }
 
+/* The path of the i-th disk into path (PATH_MAX): false past the last. */
+static bool disk_path_at(struct ctl *c, unsigned i, char *path)
+{
+	bool ok;
+
+	pthread_mutex_lock(&c->mu);
+	ok = i < c->ndisks;
+	if (ok)
+		snprintf(path, PATH_MAX, "%s", c->disks[i].path);
+	pthread_mutex_unlock(&c->mu);
+	return ok;
+}
+
 int ctl_stream_all(struct ctl *c,
 		   const struct siphon_block_stream_params *params)
 {
 	char path[PATH_MAX];
 	int ret = 0;
 
-	for (unsigned i = 0;; i++) {
-		pthread_mutex_lock(&c->mu);
-		if (i >= c->ndisks) {
-			pthread_mutex_unlock(&c->mu);
-			break;
-		}
-		snprintf(path, sizeof(path), "%s", c->disks[i].path);
-		pthread_mutex_unlock(&c->mu);
+	for (unsigned i = 0; disk_path_at(c, i, path); i++) {
 		ret = siphon_block_stream_ex(c->o.dom, path, NULL,
 					     SIPHON_STREAM_CONTINUOUS, params);
 		if (ret < 0)
@@ -386,14 +381,7 @@ int ctl_flush_all(struct ctl *c)
 	siphon_disk *disk;
 	int ret, first = 0;
 
-	for (unsigned i = 0;; i++) {
-		pthread_mutex_lock(&c->mu);
-		if (i >= c->ndisks) {
-			pthread_mutex_unlock(&c->mu);
-			break;
-		}
-		snprintf(path, sizeof(path), "%s", c->disks[i].path);
-		pthread_mutex_unlock(&c->mu);
+	for (unsigned i = 0; disk_path_at(c, i, path); i++) {
 		ret = siphon_disk_get(c->o.dom, path, &disk);
 		if (ret >= 0) {
 			ret = siphon_disk_flush(disk, 0);
@@ -823,29 +811,14 @@ int ctl_create(const struct ctl_opts *o, struct ctl **out)
 
 int ctl_listen(struct ctl *c, const char *path)
 {
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	struct stat st;
-	mode_t old;
 	int ret;
 
 	if (c->lfd >= 0)
 		return -EBUSY;
-	if (strlen(path) >= sizeof(sa.sun_path))
-		return -ENAMETOOLONG;
-	strcpy(sa.sun_path, path);
-	if (lstat(path, &st) == 0) {
-		if (!S_ISSOCK(st.st_mode))
-			return -EEXIST;
-		unlink(path);
-	}
-	c->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	c->lfd = nbd_unix_listen(path);
 	if (c->lfd < 0)
-		return -errno;
-	old = umask(0177);
-	ret = bind(c->lfd, (struct sockaddr *)&sa, sizeof(sa));
-	umask(old);
-	if (ret < 0 || listen(c->lfd, 16) < 0 ||
-	    pipe2(c->wake, O_CLOEXEC) < 0) {
+		return c->lfd;
+	if (pipe2(c->wake, O_CLOEXEC) < 0) {
 		ret = -errno;
 		close(c->lfd);
 		c->lfd = -1;

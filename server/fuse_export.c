@@ -44,19 +44,7 @@ struct fuse_export {
 	time_t t0;
 };
 
-__attribute__((format(printf, 3, 4))) static void
-flog(struct fuse_export *fx, enum nbd_log_level lv, const char *fmt, ...)
-{
-	char msg[512];
-	va_list ap;
-
-	if (!fx->log)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	fx->log(fx->log_opaque, lv, msg);
-}
+#define flog(fx, lv, ...) nbd_logf((fx)->log, (fx)->log_opaque, lv, __VA_ARGS__)
 
 static struct fuse_export *self(void)
 {
@@ -198,11 +186,33 @@ static bool aligned(const struct fx_file *f, uint64_t off, uint64_t len)
 	return !(off % BLOCK) && (!(len % BLOCK) || off + len == f->size);
 }
 
+/*
+ * The 512-byte blocks around [off, off + len) read into a new buffer
+ * (*tmp, from *a): 0 or -errno.
+ */
+static int read_widened(const struct fx_file *f, uint64_t off, size_t len,
+			unsigned flags, uint8_t **tmp, uint64_t *a)
+{
+	uint64_t b;
+	int ret;
+
+	widen(f, off, len, a, &b);
+	*tmp = malloc(b - *a);
+	if (!*tmp)
+		return -ENOMEM;
+	ret = siphon_disk_pread(f->disk, *tmp, b - *a, *a, flags);
+	if (ret < 0) {
+		free(*tmp);
+		*tmp = NULL;
+	}
+	return ret;
+}
+
 static int fx_read(const char *path, char *buf, size_t len, off_t off,
 		   struct fuse_file_info *fi)
 {
 	struct fx_file *f = opened(fi);
-	uint64_t a, b;
+	uint64_t a;
 	uint8_t *tmp;
 	int ret;
 
@@ -215,15 +225,12 @@ static int fx_read(const char *path, char *buf, size_t len, off_t off,
 		ret = siphon_disk_pread(f->disk, buf, len, (uint64_t)off, 0);
 		return ret < 0 ? ret : (int)len;
 	}
-	widen(f, (uint64_t)off, len, &a, &b);
-	tmp = malloc(b - a);
-	if (!tmp)
-		return -ENOMEM;
-	ret = siphon_disk_pread(f->disk, tmp, b - a, a, 0);
-	if (ret >= 0)
-		memcpy(buf, tmp + ((uint64_t)off - a), len);
+	ret = read_widened(f, (uint64_t)off, len, 0, &tmp, &a);
+	if (ret < 0)
+		return ret;
+	memcpy(buf, tmp + ((uint64_t)off - a), len);
 	free(tmp);
-	return ret < 0 ? ret : (int)len;
+	return (int)len;
 }
 
 static int fx_write(const char *path, const char *buf, size_t len, off_t off,
@@ -247,18 +254,15 @@ static int fx_write(const char *path, const char *buf, size_t len, off_t off,
 		ret = siphon_disk_pwrite(f->disk, buf, len, (uint64_t)off, 0);
 		return ret < 0 ? ret : (int)len;
 	}
-	widen(f, (uint64_t)off, len, &a, &b);
-	tmp = malloc(b - a);
-	if (!tmp)
-		return -ENOMEM;
 	pthread_mutex_lock(&f->rmw);
-	ret = siphon_disk_pread(f->disk, tmp, b - a, a, SIPHON_IO_NO_COR);
+	ret = read_widened(f, (uint64_t)off, len, SIPHON_IO_NO_COR, &tmp, &a);
 	if (ret >= 0) {
+		widen(f, (uint64_t)off, len, &a, &b);
 		memcpy(tmp + ((uint64_t)off - a), buf, len);
 		ret = siphon_disk_pwrite(f->disk, tmp, b - a, a, 0);
+		free(tmp);
 	}
 	pthread_mutex_unlock(&f->rmw);
-	free(tmp);
 	return ret < 0 ? ret : (int)len;
 }
 

@@ -207,18 +207,21 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-__attribute__((format(printf, 3, 4))) static void
-logf_(struct nbd_server *s, enum nbd_log_level lv, const char *fmt, ...)
+#define logf_(s, lv, ...) \
+	nbd_logf((s)->o.log, (s)->o.log_opaque, lv, __VA_ARGS__)
+
+void nbd_logf(nbd_log_fn fn, void *opaque, enum nbd_log_level lv,
+	      const char *fmt, ...)
 {
 	char msg[512];
 	va_list ap;
 
-	if (!s->o.log)
+	if (!fn)
 		return;
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	s->o.log(s->o.log_opaque, lv, msg);
+	fn(opaque, lv, msg);
 }
 
 static uint32_t nbd_errno(int err)
@@ -369,7 +372,7 @@ int nbd_server_remove_export(struct nbd_server *s, const char *name)
 	return 0;
 }
 
-static int listen_unix(struct listener *l, const char *path)
+int nbd_unix_listen(const char *path)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	struct stat st;
@@ -396,6 +399,15 @@ static int listen_unix(struct listener *l, const char *path)
 		close(fd);
 		return ret;
 	}
+	return fd;
+}
+
+static int listen_unix(struct listener *l, const char *path)
+{
+	int fd = nbd_unix_listen(path);
+
+	if (fd < 0)
+		return fd;
 	l->fd = fd;
 	l->unix_path = strdup(path);
 	return l->unix_path ? 0 : -ENOMEM;
@@ -706,6 +718,18 @@ static struct nbd_export *find_export(struct nbd_server *s, const uint8_t *name,
 	return e;
 }
 
+/* find_export(), or NBD_REP_ERR_UNKNOWN to the option and NULL. */
+static struct nbd_export *opt_find_export(struct conn *c, const uint8_t *name,
+					  uint32_t len)
+{
+	struct nbd_export *e = find_export(c->s, name, len);
+
+	if (!e)
+		opt_error(c, c->opt_type, NBD_REP_ERR_UNKNOWN,
+			  "no such export");
+	return e;
+}
+
 static uint16_t tx_flags(const struct nbd_export *e)
 {
 	uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH |
@@ -771,12 +795,9 @@ static void opt_info_go(struct conn *c)
 			  "malformed NBD_OPT_INFO/GO");
 		return;
 	}
-	e = find_export(c->s, d + 4, nl);
-	if (!e) {
-		opt_error(c, c->opt_type, NBD_REP_ERR_UNKNOWN,
-			  "no such export");
+	e = opt_find_export(c, d + 4, nl);
+	if (!e)
 		return;
-	}
 	p = put16(buf, NBD_INFO_EXPORT);
 	p = put64(p, e->size);
 	put16(p, tx_flags(e));
@@ -856,12 +877,9 @@ static void opt_meta(struct conn *c)
 			  "trailing bytes after the meta context queries");
 		return;
 	}
-	e = find_export(c->s, d + 4, nl);
-	if (!e) {
-		opt_error(c, c->opt_type, NBD_REP_ERR_UNKNOWN,
-			  "no such export");
+	e = opt_find_export(c, d + 4, nl);
+	if (!e)
 		return;
-	}
 	pos = 8 + nl;
 	for (uint32_t i = 0; i < nq; i++) {
 		ql = get32(d + pos);

@@ -61,6 +61,10 @@ enum nbd_log_level {
 typedef void (*nbd_log_fn)(void *opaque, enum nbd_log_level level,
 			   const char *msg);
 
+/* Format a message for fn (a no-op when fn is NULL); for server/. */
+void nbd_logf(nbd_log_fn fn, void *opaque, enum nbd_log_level lv,
+	      const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
 struct nbd_server_opts {
 	unsigned max_connections; /* 0: the default; more are refused */
 	unsigned handshake_ms; /* 0: the default; time to finish the
@@ -85,6 +89,13 @@ int nbd_server_create(const struct nbd_server_opts *opts,
  */
 int nbd_server_add_export(struct nbd_server *s, const char *name,
 			  siphon_disk *disk, bool read_only);
+
+/*
+ * A listening Unix socket at path (mode 0600, non-blocking; an old socket
+ * there is replaced, another kind of file is not): the fd, or -errno. For
+ * server/'s sockets.
+ */
+int nbd_unix_listen(const char *path);
 
 /*
  * Stop exporting name: new clients no longer find it; connections already
