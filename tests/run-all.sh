@@ -64,30 +64,6 @@ run_suite() {
 	fi
 }
 
-test_args=("$@")
-run_suite normal "$build"
-# Compile-only: gcc at -O3 finds what debugoptimized does not (it did:
-# -Wmaybe-uninitialized, -Warray-bounds), and clang warns differently
-# (clang++ too, for the C++ test of the public headers).
-build_only release-gcc "$build_release" --buildtype=release || true
-if command -v clang >/dev/null 2>&1; then
-	# CC only counts when the directory is first set up; meson keeps the
-	# compiler of an existing one, so check that it is clang.
-	if CC=clang CXX=clang++ build_only release-clang "$build_clang" \
-		--buildtype=release &&
-		! grep -q '"command": "clang' \
-			"$build_clang/compile_commands.json"; then
-		echo "=== release-clang: $build_clang was not set up with clang"
-		failed+=("release-clang (not clang: remove $build_clang)")
-	fi
-else
-	echo "=== release-clang: skipped, clang missing"
-	skipped+=("release-clang (clang missing)")
-fi
-run_suite asan "$build_asan" -Db_sanitize=address,undefined -Db_lundef=false
-if ((${#test_args[@]} == 0)); then
-	run_fuzz
-fi
 # Fuzz targets (libFuzzer, clang, ASan/UBSan): a short run of each from its
 # seeds and its regression inputs (fuzz/regress/TARGET/, every crash ever
 # found); bench/fuzz_long.sh runs them at length.
@@ -120,6 +96,30 @@ run_fuzz() {
 	done
 }
 
+test_args=("$@")
+run_suite normal "$build"
+# Compile-only: gcc at -O3 finds what debugoptimized does not (it did:
+# -Wmaybe-uninitialized, -Warray-bounds), and clang warns differently
+# (clang++ too, for the C++ test of the public headers).
+build_only release-gcc "$build_release" --buildtype=release || true
+if command -v clang >/dev/null 2>&1; then
+	# CC only counts when the directory is first set up; meson keeps the
+	# compiler of an existing one, so check that it is clang.
+	if CC=clang CXX=clang++ build_only release-clang "$build_clang" \
+		--buildtype=release &&
+		! grep -q '"command": "clang' \
+			"$build_clang/compile_commands.json"; then
+		echo "=== release-clang: $build_clang was not set up with clang"
+		failed+=("release-clang (not clang: remove $build_clang)")
+	fi
+else
+	echo "=== release-clang: skipped, clang missing"
+	skipped+=("release-clang (clang missing)")
+fi
+run_suite asan "$build_asan" -Db_sanitize=address,undefined -Db_lundef=false
+if ((${#test_args[@]} == 0)); then
+	run_fuzz
+fi
 # ThreadSanitizer for what runs threads: the API (one worker per disk) and
 # guest I/O from several threads, unless the caller chose suites.
 if ((${#test_args[@]} == 0)); then
