@@ -75,12 +75,16 @@ static void req_u64(FILE *f, const char *key, uint64_t v)
 	fprintf(f, ":%" PRIu64, v);
 }
 
-/* DISK as the daemon knows it: an existing file made absolute. */
+/*
+ * DISK as the daemon knows it: a file here (named with a '/', or present
+ * in this directory) by its absolute path, anything else (an export
+ * name) as given.
+ */
 static const char *disk_arg(const char *arg, char *buf)
 {
-	return strchr(arg, '/') && realpath(arg, buf)		? buf
-	       : (access(arg, F_OK) == 0 && realpath(arg, buf)) ? buf
-								: arg;
+	if ((strchr(arg, '/') || access(arg, F_OK) == 0) && realpath(arg, buf))
+		return buf;
+	return arg;
 }
 
 static int connect_to(const char *path)

@@ -212,20 +212,6 @@ static int write_pidfile(const char *path)
 	return 0;
 }
 
-static int parse_uint(const char *s, unsigned long lo, unsigned long hi,
-		      unsigned *out)
-{
-	char *end;
-	unsigned long v;
-
-	errno = 0;
-	v = strtoul(s, &end, 10);
-	if (errno || end == s || *end || v < lo || v > hi)
-		return -EINVAL;
-	*out = (unsigned)v;
-	return 0;
-}
-
 static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -246,7 +232,8 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	};
 	const char *listen[MAX_LISTEN], *control = NULL, *fuse = NULL;
 	struct fuse_export *fx = NULL;
-	unsigned nlisten = 0, secs = 0;
+	unsigned nlisten = 0;
+	uint64_t v;
 	struct nbd_server_opts so = {.log = server_log};
 	struct siphon_block_stream_params prm = {.size = sizeof(prm)};
 	struct ctl_opts co = {.log = server_log,
@@ -301,15 +288,18 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 			fuse = optarg;
 			break;
 		case 'M':
-			if (parse_uint(optarg, 1, 4096, &so.max_connections))
+			if (tool_parse_bytes(optarg, &v) < 0 || v < 1 ||
+			    v > 4096)
 				return tool_usage(
 					cmd, "--max-connections takes 1..4096");
+			so.max_connections = (unsigned)v;
 			break;
 		case 'H':
-			if (parse_uint(optarg, 1, 3600, &secs))
+			if (tool_parse_bytes(optarg, &v) < 0 || v < 1 ||
+			    v > 3600)
 				return tool_usage(cmd, "--handshake-timeout "
 						       "takes 1..3600 seconds");
-			so.handshake_ms = secs * 1000;
+			so.handshake_ms = (unsigned)v * 1000;
 			break;
 		case 'p':
 			pidfile = optarg;
