@@ -44,6 +44,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	char *path = access("/dev/shm", W_OK) == 0 ? shm : tmp;
 	struct siphon_domain_opts dopt = {.size = sizeof(dopt), .workers = 1};
 	struct siphon_attach_opts ao = {.size = sizeof(ao), .format = "raw"};
+	struct nbd_server_opts so = {.writeback = true};
 	siphon_domain *dom;
 	siphon_disk *disk;
 	int fd;
@@ -65,7 +66,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	}
 	/* The file is open: it can go now (nothing else needs its name). */
 	cleanup_file(path);
-	if (nbd_server_create(NULL, &srv) < 0 ||
+	/* Write-back on: its holds and early answers are parsed paths too
+	   (FUA writes and every other request take the write-through ones). */
+	if (nbd_server_create(&so, &srv) < 0 ||
 	    nbd_server_add_export(srv, "disk", disk, false) < 0) {
 		fprintf(stderr, "fuzz: server\n");
 		exit(1);

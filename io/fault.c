@@ -162,16 +162,20 @@ static int parse_errno(const char *s, size_t n, int *out)
 	return 0;
 }
 
-/* One "read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]]" of n bytes at s. */
+/*
+ * One "read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]]" of n bytes at s;
+ * ERRNO may instead be "delayMS" (a delay rule of MS milliseconds, 1 to
+ * 60000; no AFTER).
+ */
 static int parse_rule(const char *s, size_t n, struct fault_rule **out)
 {
 	const char *field[7];
 	size_t flen[7];
 	unsigned nf = 0;
 	const char *p = s, *end = s + n, *colon;
-	uint64_t off, len, count = 0, after = 0;
+	uint64_t off, len, count = 0, after = 0, ms = 0;
 	enum sio_op op;
-	int err;
+	int err = 0;
 
 	do {
 		colon = memchr(p, ':', (size_t)(end - p));
@@ -189,9 +193,15 @@ static int parse_rule(const char *s, size_t n, struct fault_rule **out)
 	else
 		return -EINVAL;
 	if (parse_u64(field[2], flen[2], &off) < 0 ||
-	    parse_u64(field[3], flen[3], &len) < 0 ||
-	    parse_errno(field[4], flen[4], &err) < 0)
+	    parse_u64(field[3], flen[3], &len) < 0)
 		return -EINVAL;
+	if (flen[4] > 5 && !strncmp(field[4], "delay", 5)) {
+		if (parse_u64(field[4] + 5, flen[4] - 5, &ms) < 0 || !ms ||
+		    ms > 60000 || nf > 6)
+			return -EINVAL;
+	} else if (parse_errno(field[4], flen[4], &err) < 0) {
+		return -EINVAL;
+	}
 	if (nf > 5 &&
 	    (parse_u64(field[5], flen[5], &count) < 0 || count > UINT32_MAX))
 		return -EINVAL;
@@ -200,6 +210,8 @@ static int parse_rule(const char *s, size_t n, struct fault_rule **out)
 		return -EINVAL;
 	*out = new_rule(op, field[1], flen[1], off, len, err, (unsigned)count,
 			(unsigned)after);
+	if (*out && ms)
+		(*out)->delay_ns = ms * 1000000ull;
 	return *out ? 0 : -ENOMEM;
 }
 

@@ -267,7 +267,8 @@ void sio_fault_clear(void);
 /*
  * Add the rules of spec: one or more
  * "read|write:SUFFIX:OFF:LEN:ERRNO[:COUNT[:AFTER]]" separated by ';'
- * (ERRNO a number or a name such as EIO). Returns 0, -EINVAL for a
+ * (ERRNO a number or a name such as EIO, or "delayMS": hold the requests
+ * MS milliseconds, as sio_fault_add_delay(), instead of failing them). Returns 0, -EINVAL for a
  * malformed spec (no rule added, message recorded), or -ENOMEM.
  */
 int sio_fault_parse(const char *spec);

@@ -52,6 +52,10 @@
 #define META_CONTEXT_ID 1u /* base:allocation's id on every connection */
 #define SHUTDOWN_DRAIN_MS 5000u /* replies a client may take to read */
 
+/* Write-back: acknowledged writes an export may have at its disk. */
+#define WB_MAX_REQS 256u
+#define WB_MAX_BYTES (32ull * 1024 * 1024)
+
 /* ---- byte order ---- */
 
 static uint16_t get16(const uint8_t *p)
@@ -110,6 +114,20 @@ struct nbd_export {
 	uint64_t size;
 	bool ro;
 	unsigned refs;
+	/*
+	 * Write-back (nbd_server_opts.writeback; the server thread only):
+	 * writes answered before the disk completed them (wb, linked by
+	 * wb_prev/wb_next), requests held until those they overlap are done
+	 * (held; no write is answered early while one waits, so none
+	 * starves), and failures of answered writes (wb_gen counts them;
+	 * wb_err is the last one's errno).
+	 */
+	struct nreq *wb;
+	unsigned wb_reqs;
+	uint64_t wb_bytes;
+	struct nreq *held, **held_tail;
+	unsigned wb_gen;
+	int wb_err;
 };
 
 struct listener {
@@ -153,6 +171,8 @@ struct nreq {
 	const uint8_t *out;
 	size_t out_len, out_sent;
 	bool counted; /* in the connection's inflight accounting */
+	bool early; /* a write already answered (write-back) */
+	struct nreq *wb_prev, *wb_next; /* early: the export's list */
 };
 
 struct conn {
@@ -177,6 +197,7 @@ struct conn {
 	struct nreq *out_head, **out_tail;
 	bool want_in, want_out; /* what epoll watches */
 	uint64_t deadline_ns; /* handshake (or shutdown drain) deadline */
+	unsigned wb_seen; /* the export's wb_gen its FLUSHes have reported */
 };
 
 struct nbd_server {
@@ -334,6 +355,7 @@ int nbd_server_add_export(struct nbd_server *s, const char *name,
 	e->size = size;
 	e->ro = read_only;
 	e->refs = 1;
+	e->held_tail = &e->held;
 	pthread_mutex_lock(&s->exp_mu);
 	ret = s->nexp == MAX_EXPORTS ? -ENOSPC : 0;
 	for (unsigned i = 0; i < s->nexp && !ret; i++)
@@ -748,6 +770,7 @@ static uint16_t tx_flags(const struct nbd_export *e)
 static void enter_tx(struct conn *c, struct nbd_export *e)
 {
 	c->exp = e;
+	c->wb_seen = e->wb_gen;
 	c->st = CS_TX_HDR;
 	c->deadline_ns = 0;
 	if (c->meta_exp != e)
@@ -1062,15 +1085,64 @@ static void tx_reply_status(struct conn *c, struct nreq *r)
 }
 
 /* The server thread: a request came back from its disk. */
+static void wb_release(struct nbd_export *e);
+
+/* r is at the disk (or held for it): the connection's accounting. */
+static void count_in(struct conn *c, struct nreq *r)
+{
+	r->counted = true;
+	c->inflight++;
+	c->inflight_bytes += r->len;
+	c->s->pending++;
+}
+
+static void count_out(struct conn *c, struct nreq *r)
+{
+	if (!r->counted)
+		return;
+	r->counted = false;
+	c->inflight--;
+	c->inflight_bytes -= r->len;
+	c->s->pending--;
+}
+
+static void wb_unlink(struct nbd_export *e, struct nreq *r)
+{
+	if (r->wb_prev)
+		r->wb_prev->wb_next = r->wb_next;
+	else
+		e->wb = r->wb_next;
+	if (r->wb_next)
+		r->wb_next->wb_prev = r->wb_prev;
+	e->wb_reqs--;
+	e->wb_bytes -= r->len;
+}
+
 static void tx_done(struct nreq *r)
 {
 	struct conn *c = r->c;
+	struct nbd_export *e = c->exp;
 
-	if (r->counted) {
-		c->inflight--;
-		c->inflight_bytes -= r->len;
-		c->s->pending--;
+	count_out(c, r);
+	if (r->early) {
+		wb_unlink(e, r);
+		if (r->ret < 0) {
+			e->wb_err = r->ret;
+			e->wb_gen++;
+			logf_(c->s, NBD_LOG_ERROR,
+			      "export %s: an acknowledged write of %u bytes at "
+			      "%llu failed (%s); the next FLUSH reports it",
+			      e->name, (unsigned)r->len,
+			      (unsigned long long)r->off, strerror(-r->ret));
+		}
+		nreq_free(r);
+		wb_release(e);
+		return;
 	}
+	if (r->type == NBD_CMD_FLUSH && r->ret == 0 && c->wb_seen != e->wb_gen)
+		r->ret = e->wb_err;
+	if (r->type == NBD_CMD_FLUSH)
+		c->wb_seen = e->wb_gen;
 	if (c->fd < 0) {
 		nreq_free(r);
 		return;
@@ -1137,8 +1209,8 @@ static void take_done(struct nbd_server *s)
 	}
 }
 
-/* Submit r (header parsed, payload in) to its disk, or answer it now. */
-static void tx_submit(struct conn *c, struct nreq *r)
+/* Hand r (header parsed, payload in) to its disk: 0, 1 (answered), -errno. */
+static int tx_start(struct conn *c, struct nreq *r)
 {
 	const struct nbd_export *e = c->exp;
 	siphon_disk *d = e->disk;
@@ -1185,7 +1257,7 @@ static void tx_submit(struct conn *c, struct nreq *r)
 			b &= ~(uint64_t)(NBD_SERVER_MIN_BLOCK - 1);
 		if (b <= a) {
 			tx_reply_plain(c, r, 0);
-			return;
+			return 1;
 		}
 		ret = siphon_disk_aio_discard(d, a, b - a, 0, io_done, r);
 		break;
@@ -1211,14 +1283,107 @@ static void tx_submit(struct conn *c, struct nreq *r)
 		ret = -EINVAL;
 		break;
 	}
+	return ret < 0 ? ret : 0;
+}
+
+/*
+ * Write-back: does r have to wait for writes already answered? A read,
+ * CACHE or BLOCK_STATUS must see every answered write it overlaps, and a
+ * FLUSH must cover them all. Writes, TRIM and WRITE_ZEROES need not wait:
+ * the engine keeps overlapping writes in the order they came (guest.h).
+ */
+static bool wb_conflicts(const struct nbd_export *e, const struct nreq *r)
+{
+	const struct nreq *w;
+
+	switch (r->type) {
+	case NBD_CMD_FLUSH:
+		return e->wb != NULL;
+	case NBD_CMD_READ:
+	case NBD_CMD_CACHE:
+	case NBD_CMD_BLOCK_STATUS:
+		for (w = e->wb; w; w = w->wb_next)
+			if (r->off < w->off + w->len &&
+			    w->off < r->off + r->len)
+				return true;
+		return false;
+	default:
+		return false;
+	}
+}
+
+static bool wb_may_answer(const struct nbd_server *s,
+			  const struct nbd_export *e, const struct nreq *r)
+{
+	return s->o.writeback && r->type == NBD_CMD_WRITE && r->len &&
+	       !(r->flags & NBD_CMD_FLAG_FUA) && !e->held &&
+	       e->wb_reqs < WB_MAX_REQS && e->wb_bytes + r->len <= WB_MAX_BYTES;
+}
+
+/* Answer the write r now; it completes at the disk later (tx_done()). */
+static void wb_answer(struct conn *c, struct nreq *r)
+{
+	struct nbd_export *e = c->exp;
+	struct nreq *q = calloc(1, sizeof(*q));
+
+	if (!q)
+		return; /* answered when it completes, then */
+	q->c = c;
+	memcpy(q->cookie, r->cookie, sizeof(q->cookie));
+	r->early = true;
+	r->wb_prev = NULL;
+	r->wb_next = e->wb;
+	if (e->wb)
+		e->wb->wb_prev = r;
+	e->wb = r;
+	e->wb_reqs++;
+	e->wb_bytes += r->len;
+	tx_reply_plain(c, q, 0);
+}
+
+static void tx_submit(struct conn *c, struct nreq *r)
+{
+	struct nbd_export *e = c->exp;
+	int ret;
+
+	if (wb_conflicts(e, r)) {
+		r->next = NULL;
+		*e->held_tail = r;
+		e->held_tail = &r->next;
+		count_in(c, r);
+		return;
+	}
+	ret = tx_start(c, r);
+	if (ret > 0)
+		return;
 	if (ret < 0) {
 		tx_reply_plain(c, r, ret);
 		return;
 	}
-	r->counted = true;
-	c->inflight++;
-	c->inflight_bytes += r->len;
-	c->s->pending++;
+	count_in(c, r);
+	if (wb_may_answer(c->s, e, r))
+		wb_answer(c, r);
+}
+
+/* Write-back: start the held requests that no longer have to wait. */
+static void wb_release(struct nbd_export *e)
+{
+	struct nreq **pp = &e->held, *r;
+
+	while ((r = *pp)) {
+		if (wb_conflicts(e, r)) {
+			pp = &r->next;
+			continue;
+		}
+		*pp = r->next;
+		if (!*pp)
+			e->held_tail = pp;
+		count_out(r->c, r);
+		if (r->c->fd < 0)
+			nreq_free(r);
+		else
+			tx_submit(r->c, r);
+	}
 }
 
 /* Which command flags each command takes. */

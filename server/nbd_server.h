@@ -24,6 +24,20 @@
  * timeout closes that connection only. Nothing here prints: messages go
  * to the log callback.
  *
+ * Write-back (opts.writeback): a WRITE without FUA is answered once it is
+ * at the disk, up to 256 writes or 32 MiB per export (more wait for
+ * their completion as without write-back). Every later request still sees
+ * it: a READ, CACHE or BLOCK_STATUS that overlaps an answered write that
+ * has not completed waits for it, a FLUSH on any connection waits for all
+ * of the export's, and the engine keeps overlapping writes in order. A
+ * write that fails after its answer is reported by the next FLUSH on each
+ * connection (EIO, ENOSPC: its errno) and logged, once per connection as
+ * fsync(2) reports writeback errors. What write-back costs: answered
+ * writes not yet complete are lost if the process dies (SIGKILL, a
+ * crash), as a disk's volatile cache loses them on power loss; a client
+ * that needs them durable sends FLUSH or FUA, which NBD already asks of
+ * it. Stopping (nbd_server_stop()) completes every one.
+ *
  * Alignment: the exports take requests at 512-byte granularity (advertised
  * as the minimum block size); an unaligned read is widened internally, an
  * unaligned write, trim or write-zeroes fails with EINVAL.
@@ -67,6 +81,12 @@ void nbd_logf(nbd_log_fn fn, void *opaque, enum nbd_log_level lv,
 
 struct nbd_server_opts {
 	unsigned max_connections; /* 0: the default; more are refused */
+	/*
+	 * Write-back: answer a WRITE (without FUA) as soon as it is handed to
+	 * the disk, before the disk completes it, as a disk's volatile cache
+	 * does; a FLUSH (or FUA) makes it durable. See "Write-back" above.
+	 */
+	bool writeback;
 	unsigned handshake_ms; /* 0: the default; time to finish the
 				  handshake before the connection is dropped */
 	nbd_log_fn log; /* NULL: no messages */

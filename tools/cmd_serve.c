@@ -137,6 +137,16 @@ static void serve_help(FILE *out)
 		"  -r, --read-only       refuse writes, trims and write-zeroes\n"
 		"                        (EPERM); reads may still copy into the\n"
 		"                        image while a stream runs\n"
+		"      --cache MODE      none (default): a write is answered when\n"
+		"                        the disk has it (O_DIRECT, as qemu's\n"
+		"                        cache=none); writeback: answered when it is\n"
+		"                        handed to the disk (at most 256 writes or\n"
+		"                        32 MiB per export ahead), like a disk's\n"
+		"                        write cache: later reads see it, FLUSH\n"
+		"                        and FUA make it durable, a failure is\n"
+		"                        reported by the next FLUSH; writes not yet\n"
+		"                        done are lost if the daemon is killed\n"
+		"                        (SIGKILL), not on SIGTERM\n"
 		"      --stream          stream every disk in the background from\n"
 		"                        the start (as `siphon stream`)\n"
 		"  -b, --base BASE       with --stream: stream only the layers above\n"
@@ -217,6 +227,7 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	static const struct option opts[] = {
 		{"listen", required_argument, NULL, 'l'},
 		{"read-only", no_argument, NULL, 'r'},
+		{"cache", required_argument, NULL, 'C'},
 		{"stream", no_argument, NULL, 'S'},
 		{"base", required_argument, NULL, 'b'},
 		{"speed", required_argument, NULL, 's'},
@@ -266,6 +277,17 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 			break;
 		case 'r':
 			ro = true;
+			break;
+		case 'C':
+			if (!strcmp(optarg, "writeback"))
+				so.writeback = true;
+			else if (!strcmp(optarg, "none"))
+				so.writeback = false;
+			else
+				return tool_usage(cmd,
+						  "--cache takes none or "
+						  "writeback, not '%s'",
+						  optarg);
 			break;
 		case 'S':
 			stream = true;

@@ -26,6 +26,17 @@ served on a Unix socket in the temp dir, and on 127.0.0.1 over TCP:
   --max-connections are refused; through all of it another client still
   reads the right bytes;
 - SIGTERM with clients connected exits 0 and leaves a clean image;
+- `--cache writeback` with every write held 30 ms at the disk (a
+  SIPHON_FAULT delay rule), so that writes are answered long before they
+  complete: a read right after a write's reply, on the same connection
+  and on another, returns the new bytes (in clusters the top holds and in
+  clusters still in the backing), 32 pipelined writes read back after a
+  FLUSH on another connection, fio writes and verifies over 4
+  connections while a stream runs, and after SIGTERM the image holds
+  every answered write (clean, as the export read); a write that fails
+  at the disk after its answer (an injected EIO) makes the next FLUSH of
+  each connection fail with EIO, once, and is logged; without write-back
+  the same write fails itself;
 - the control socket (mode 0600), through `siphon ctl`: info, attach (the
   export appears), stream with a speed, set-speed, the completed event,
   an incremental stream stepped with the cursor to the end (no backing
@@ -73,15 +84,16 @@ REQ_MAGIC = 0x25609513
 SIMPLE_MAGIC = 0x67446698
 STRUCT_MAGIC = 0x668E33EF
 OPT_GO, OPT_STRUCTURED, OPT_SET_META = 7, 8, 10
-CMD_READ, CMD_WRITE, CMD_DISC, CMD_BLOCK_STATUS = 0, 1, 2, 7
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_BLOCK_STATUS = 0, 1, 2, 3, 7
 CMD_WRITE_ZEROES, FLAG_FAST_ZERO = 6, 1 << 4
-EPERM, EINVAL, EOVERFLOW, ENOTSUP = 1, 22, 75, 95
+EPERM, EIO, EINVAL, EOVERFLOW, ENOTSUP = 1, 5, 22, 75, 95
 
 
 class Server:
     """`siphon serve ARGS`, logging to a file, stopped by stop()."""
 
-    def __init__(self, siphon: str, tmp: str, args: list[str], name: str):
+    def __init__(self, siphon: str, tmp: str, args: list[str], name: str,
+                 env: dict | None = None):
         self.log = os.path.join(tmp, name + ".log")
         self.sock = os.path.join(tmp, name + ".sock")
         if os.path.exists(self.sock):
@@ -90,7 +102,8 @@ class Server:
         self.p = subprocess.Popen(
             [siphon, "serve", "--listen", "unix:" + self.sock,
              "--log-level", "debug"] + args,
-            stdout=self.f, stderr=subprocess.STDOUT)
+            stdout=self.f, stderr=subprocess.STDOUT,
+            env=dict(os.environ, **(env or {})))
         self.ready = self._wait_sock()
 
     def _wait_sock(self) -> bool:
@@ -547,7 +560,7 @@ def case_stream_writes(rep, siphon, tmp, top, expect) -> None:
                              "--offset=4M", "--size=1M",
                              "--offset_increment=1M", "--verify=crc32c",
                              "--do_verify=1", "--group_reporting"],
-                            timeout=300)
+                            timeout=300, cwd=tmp)
             rep.emit("stream/fio-verify",
                      [] if r.rc == 0 else [r.describe(),
                                            r.out.decode()[-2000:]])
@@ -581,6 +594,157 @@ def case_stream_writes(rep, siphon, tmp, top, expect) -> None:
     if c.rc != 0:
         probs.append(c.describe())
     rep.emit("stream/flat-clean-and-as-written", probs)
+
+
+def wb_write(c: Client, off: int, data: bytes, cookie: int = 7) -> int:
+    c.request(CMD_WRITE, off, len(data), cookie=cookie, payload=data)
+    return c.reply()[1]
+
+
+def wb_flush(c: Client) -> int:
+    c.request(CMD_FLUSH, 0, 0)
+    return c.reply()[1]
+
+
+def case_writeback(rep, siphon, tmp, top, expect) -> None:
+    work = os.path.join(tmp, "wb.qcow2")
+    shutil.copy(top, work)
+    model = os.path.join(tmp, "wb-model.raw")
+    shutil.copy(expect, model)
+    srv = Server(siphon, tmp, ["--cache", "writeback", "--stream",
+                               "--speed", "4M", work + "=disk"], "wb",
+                 env={"SIPHON_FAULT": "write:wb.qcow2:0:0:delay30"})
+    try:
+        if not srv.ready:
+            rep.emit("writeback/start", [srv.text()])
+            return
+        c1, c2 = Client(srv.sock), Client(srv.sock)
+        c1.go("disk")
+        c2.go("disk")
+        probs = []
+        written = []
+        # 2M: a cluster of the top; 5M, 9M, 14M: still in the backing.
+        for i, off in enumerate((2 * MiB, 5 * MiB + 4096, 9 * MiB,
+                                 14 * MiB + 65536, 2 * MiB + 8192)):
+            data = bytes([0x40 + i]) * (4096 if i % 2 else 65536)
+            err = wb_write(c1, off, data)
+            reader = c1 if i % 2 else c2
+            rerr, back = reader.read(off, len(data))
+            written.append((off, data))
+            if err or rerr or back != data:
+                probs.append(f"write at {off} (err {err}) read back by "
+                             f"{'the same' if reader is c1 else 'another'}"
+                             f" connection: err {rerr}, "
+                             f"{'same' if back == data else 'old'} bytes")
+        rep.emit("writeback/read-after-write", probs)
+        # 32 writes in a row, every reply, a FLUSH on the other connection,
+        # then read back there.
+        probs = []
+        batch = [(3 * MiB + i * 8192, bytes([0x60 + i]) * 4096)
+                 for i in range(32)]
+        for i, (off, data) in enumerate(batch):
+            c1.request(CMD_WRITE, off, len(data), cookie=100 + i,
+                       payload=data)
+        errs = [c1.reply()[1] for _ in batch]
+        ferr = wb_flush(c2)
+        for off, data in batch:
+            rerr, back = c2.read(off, len(data))
+            if rerr or back != data:
+                probs.append(f"pipelined write at {off}: err {rerr}")
+        if any(errs) or ferr:
+            probs.append(f"write errors {errs}, flush {ferr}")
+        written += batch
+        rep.emit("writeback/pipelined-then-flush", probs)
+        for c in (c1, c2):
+            c.request(CMD_DISC, 0, 0)
+            c.close()
+        with open(model, "r+b") as m:
+            for off, data in written:
+                m.seek(off)
+                m.write(data)
+        fio = shutil.which("fio")
+        if fio:
+            r = harness.run([fio, "--name=v", "--ioengine=nbd",
+                             f"--uri={srv.uri()}", "--rw=randwrite",
+                             "--bs=4k", "--iodepth=16", "--numjobs=4",
+                             "--offset=8M", "--size=512k",
+                             "--offset_increment=1M", "--verify=crc32c",
+                             "--do_verify=1", "--group_reporting"],
+                            timeout=300, cwd=tmp)
+            rep.emit("writeback/fio-verify",
+                     [] if r.rc == 0 else [r.describe(),
+                                           r.out.decode()[-2000:]])
+        else:
+            rep.emit("writeback/fio-verify", [], skip="fio not installed")
+        # What the export reads now is what the image must hold.
+        part = os.path.join(tmp, "wb-part.raw")
+        r = harness.run(["nbdcopy", srv.uri(), part])
+        probs = [] if r.rc == 0 else [r.describe()]
+        if r.rc == 0:
+            with open(part, "rb") as f, open(model, "r+b") as m:
+                f.seek(8 * MiB)
+                m.seek(8 * MiB)
+                m.write(f.read(4 * MiB))
+            r = harness.run(["qemu-img", "compare", "-f", "raw", "-F",
+                             "raw", part, model])
+            if r.rc != 0:
+                probs.append("the export is not the model: " + r.describe())
+        rep.emit("writeback/export-as-written", probs)
+    finally:
+        rc = srv.stop()
+    r = harness.run(["qemu-img", "check", work])
+    c = harness.run(["qemu-img", "compare", "-F", "raw", work, model])
+    rep.emit("writeback/sigterm-keeps-answered-writes",
+             [] if rc == 0 and r.rc == 0 and c.rc == 0 else
+             [f"exit {rc}", r.describe(), c.describe()])
+    case_writeback_error(rep, siphon, tmp)
+
+
+def case_writeback_error(rep, siphon, tmp) -> None:
+    img = os.path.join(tmp, "wbe.qcow2")
+    corpus.create_qcow2(img, 4 * MiB)
+    corpus.qemu_io(img, "qcow2", "write -P 0x51 0 4M")
+    m = json.loads(corpus.qemu_img("map", "--output=json", img).stdout)
+    host = next(e["offset"] + MiB - e["start"] for e in m
+                if e["start"] <= MiB < e["start"] + e["length"])
+    fault = {"SIPHON_FAULT": f"write:wbe.qcow2:{host}:65536:EIO:1"}
+    srv = Server(siphon, tmp, ["--cache", "writeback", img + "=disk"],
+                 "wbe", env=fault)
+    try:
+        if not srv.ready:
+            rep.emit("writeback/error-start", [srv.text()])
+            return
+        c1, c2 = Client(srv.sock), Client(srv.sock)
+        c1.go("disk")
+        c2.go("disk")
+        got = [wb_write(c1, MiB, b"\x52" * 4096)]
+        got += [wb_flush(c1), wb_flush(c1), wb_flush(c2)]
+        c3 = Client(srv.sock)
+        c3.go("disk")
+        got.append(wb_flush(c3))
+        for c in (c1, c2, c3):
+            c.close()
+        want = [0, EIO, 0, EIO, 0]
+        logged = srv.wait_log("acknowledged write")
+        rep.emit("writeback/failed-write-reported-by-flush",
+                 [] if got == want and logged else
+                 [f"write, flush, flush, other flush, new flush: {got}, "
+                  f"want {want}", srv.text()])
+    finally:
+        srv.stop()
+    srv = Server(siphon, tmp, [img + "=disk"], "wbe2", env=fault)
+    try:
+        if not srv.ready:
+            rep.emit("writeback/error-start", [srv.text()])
+            return
+        c1 = Client(srv.sock)
+        c1.go("disk")
+        got = [wb_write(c1, MiB, b"\x53" * 4096), wb_flush(c1)]
+        c1.close()
+        rep.emit("writeback/without-it-the-write-fails",
+                 [] if got == [EIO, 0] else [f"write, flush: {got}"])
+    finally:
+        srv.stop()
 
 
 def ctl(siphon: str, sock: str, *args: str) -> harness.Result:
@@ -855,6 +1019,7 @@ def main() -> int:
         case_clients(rep, siphon, tmp, top, expect)
         case_bad_clients(rep, siphon, tmp, top, expect)
         case_stream_writes(rep, siphon, tmp, top, expect)
+        case_writeback(rep, siphon, tmp, top, expect)
         case_control(rep, siphon, tmp, top, expect)
         case_fuse(rep, siphon, tmp, top, expect)
         return rep.finish()

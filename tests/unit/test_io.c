@@ -1028,6 +1028,30 @@ START_TEST(test_fault_spec)
 }
 END_TEST
 
+/* "delayMS" in place of the errno: the request is held, then succeeds. */
+START_TEST(test_fault_spec_delay)
+{
+	struct sio_file *f;
+	char buf[16] = {0};
+	uint64_t before = sio_fault_delays();
+
+	ck_assert_int_eq(sio_fault_parse("write:specdelay.img:0:0:delay0"),
+			 -EINVAL);
+	ck_assert_int_eq(sio_fault_parse("write:specdelay.img:0:0:delay1:1:1"),
+			 -EINVAL);
+	ck_assert_int_eq(sio_fault_parse("write:specdelay.img:0:0:delay1:1"),
+			 0);
+	f = open_new(disk_dir, "specdelay.img", 0);
+	ck_assert_int_eq(sio_pwrite(f, buf, sizeof(buf), 0), 0);
+	ck_assert_uint_eq(sio_fault_delays(), before + 1);
+	/* The count ran out: the next write is not held. */
+	ck_assert_int_eq(sio_pwrite(f, buf, sizeof(buf), 0), 0);
+	ck_assert_uint_eq(sio_fault_delays(), before + 1);
+	sio_fault_clear();
+	sio_file_close(f);
+}
+END_TEST
+
 START_TEST(test_fault_spec_malformed)
 {
 	struct sio_file *f;
@@ -1187,6 +1211,7 @@ static Suite *io_suite(void)
 	tcase_add_test(tc, test_fault_delay);
 	tcase_add_test(tc, test_fault_parse);
 	tcase_add_test(tc, test_fault_spec);
+	tcase_add_test(tc, test_fault_spec_delay);
 	tcase_add_test(tc, test_fault_spec_malformed);
 	tcase_add_test(tc, test_fault_env_ignored);
 	suite_add_tcase(s, tc);
