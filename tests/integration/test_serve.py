@@ -495,6 +495,20 @@ def case_bad_clients(rep, siphon, tmp, top, expect) -> None:
                                                     srv.text()])
 
 
+def fio_verify(rep, name: str, fio: str, srv: Server, tmp: str,
+               offset: str, size: str) -> None:
+    """fio writes random data over 4 connections, job i in [offset + i M,
+    + size), and reads it back verified (crc32c)."""
+    r = harness.run([fio, "--name=v", "--ioengine=nbd", f"--uri={srv.uri()}",
+                     "--rw=randwrite", "--bs=4k", "--iodepth=16",
+                     "--numjobs=4", f"--offset={offset}", f"--size={size}",
+                     "--offset_increment=1M", "--verify=crc32c",
+                     "--do_verify=1", "--group_reporting"],
+                    timeout=300, cwd=tmp)
+    rep.emit(name, [] if r.rc == 0 else [r.describe(),
+                                         r.out.decode()[-2000:]])
+
+
 def case_stream_writes(rep, siphon, tmp, top, expect) -> None:
     work = os.path.join(tmp, "work.qcow2")
     shutil.copy(top, work)
@@ -554,16 +568,7 @@ def case_stream_writes(rep, siphon, tmp, top, expect) -> None:
         if fio:
             # Random data written and verified in [4M, 8M), which the
             # model then takes from the export.
-            r = harness.run([fio, "--name=v", "--ioengine=nbd",
-                             f"--uri={srv.uri()}", "--rw=randwrite",
-                             "--bs=4k", "--iodepth=16", "--numjobs=4",
-                             "--offset=4M", "--size=1M",
-                             "--offset_increment=1M", "--verify=crc32c",
-                             "--do_verify=1", "--group_reporting"],
-                            timeout=300, cwd=tmp)
-            rep.emit("stream/fio-verify",
-                     [] if r.rc == 0 else [r.describe(),
-                                           r.out.decode()[-2000:]])
+            fio_verify(rep, "stream/fio-verify", fio, srv, tmp, "4M", "1M")
             part = os.path.join(tmp, "part.raw")
             r2 = harness.run(["nbdcopy", srv.uri(), part])
             if r2.rc == 0:
@@ -664,16 +669,8 @@ def case_writeback(rep, siphon, tmp, top, expect) -> None:
                 m.write(data)
         fio = shutil.which("fio")
         if fio:
-            r = harness.run([fio, "--name=v", "--ioengine=nbd",
-                             f"--uri={srv.uri()}", "--rw=randwrite",
-                             "--bs=4k", "--iodepth=16", "--numjobs=4",
-                             "--offset=8M", "--size=512k",
-                             "--offset_increment=1M", "--verify=crc32c",
-                             "--do_verify=1", "--group_reporting"],
-                            timeout=300, cwd=tmp)
-            rep.emit("writeback/fio-verify",
-                     [] if r.rc == 0 else [r.describe(),
-                                           r.out.decode()[-2000:]])
+            fio_verify(rep, "writeback/fio-verify", fio, srv, tmp, "8M",
+                       "512k")
         else:
             rep.emit("writeback/fio-verify", [], skip="fio not installed")
         # What the export reads now is what the image must hold.
