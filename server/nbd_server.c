@@ -398,7 +398,6 @@ int nbd_unix_listen(const char *path)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	struct stat st;
-	mode_t old;
 	int fd, ret;
 
 	if (strlen(path) >= sizeof(sa.sun_path))
@@ -413,9 +412,18 @@ int nbd_unix_listen(const char *path)
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
-	old = umask(0177);
-	ret = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
-	umask(old);
+	/*
+	 * Linux makes the socket's file with the socket inode's mode (less
+	 * the umask): set that to 0600 first, so the node is never open to
+	 * others, without touching the process-wide umask. Checked after,
+	 * for a kernel that does otherwise.
+	 */
+	ret = fchmod(fd, 0600);
+	if (ret == 0)
+		ret = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+	if (ret == 0 && lstat(path, &st) == 0 && (st.st_mode & 0177) &&
+	    chmod(path, 0600) < 0)
+		ret = -1;
 	if (ret < 0 || listen(fd, 128) < 0) {
 		ret = -errno;
 		close(fd);

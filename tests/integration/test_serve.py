@@ -37,7 +37,7 @@ served on a Unix socket in the temp dir, and on 127.0.0.1 over TCP:
   at the disk after its answer (an injected EIO) makes the next FLUSH of
   each connection fail with EIO, once, and is logged; without write-back
   the same write fails itself;
-- the control socket (mode 0600), through `siphon ctl`: info, attach (the
+- the control socket and the NBD socket (mode 0600 under umask 0), through `siphon ctl`: info, attach (the
   export appears), stream with a speed, set-speed, the completed event,
   an incremental stream stepped with the cursor to the end (no backing
   left), ENOENT and ESRCH errors, error replies to an unknown command,
@@ -93,7 +93,7 @@ class Server:
     """`siphon serve ARGS`, logging to a file, stopped by stop()."""
 
     def __init__(self, siphon: str, tmp: str, args: list[str], name: str,
-                 env: dict | None = None):
+                 env: dict | None = None, umask: int | None = None):
         self.log = os.path.join(tmp, name + ".log")
         self.sock = os.path.join(tmp, name + ".sock")
         if os.path.exists(self.sock):
@@ -103,7 +103,8 @@ class Server:
             [siphon, "serve", "--listen", "unix:" + self.sock,
              "--log-level", "debug"] + args,
             stdout=self.f, stderr=subprocess.STDOUT,
-            env=dict(os.environ, **(env or {})))
+            env=dict(os.environ, **(env or {})),
+            preexec_fn=None if umask is None else lambda: os.umask(umask))
         self.ready = self._wait_sock()
 
     def _wait_sock(self) -> bool:
@@ -789,15 +790,17 @@ def case_control(rep, siphon, tmp, top, expect) -> None:
     corpus.create_qcow2(other, 4 * MiB, backing=os.path.join(tmp, "base.raw"),
                         backing_fmt="raw")
     csock = os.path.join(tmp, "ctl.sock")
-    srv = Server(siphon, tmp, ["--control", csock, work + "=a"], "control")
+    # umask 0: the sockets are 0600 by themselves, whatever the umask.
+    srv = Server(siphon, tmp, ["--control", csock, work + "=a"], "control",
+                 umask=0)
     ev = None
     try:
         if not srv.ready or not os.path.exists(csock):
             rep.emit("control/start", [srv.text()])
             return
-        mode = os.stat(csock).st_mode & 0o777
-        rep.emit("control/socket-mode-0600", [] if mode == 0o600 else
-                 [oct(mode)])
+        modes = [os.stat(p).st_mode & 0o777 for p in (csock, srv.sock)]
+        rep.emit("control/socket-mode-0600", [] if modes == [0o600] * 2
+                 else [f"control, NBD sockets: {list(map(oct, modes))}"])
         r, probs = ctl_json(siphon, csock, "info")
         disks = r.get("disks", [])
         rep.emit("control/info", [probs] if probs else [] if
