@@ -101,6 +101,76 @@ struct img_info_item {
 	char value[208];
 };
 
+/*
+ * A consistency check (img_check() in image.h): what a format's metadata
+ * says against what its reference counts say. Each finding is a leak
+ * (a refcount higher than the references: space wasted, nothing wrong
+ * read) or a corruption (everything else), as qemu-img check counts them.
+ */
+enum img_check_repair {
+	IMG_CHECK_NO_REPAIR = 0,
+	IMG_CHECK_REPAIR_LEAKS = 1, /* lower refcounts of leaked clusters */
+	/* also raise refcounts that are too low and fix COPIED flags */
+	IMG_CHECK_REPAIR_ALL = 2,
+};
+
+enum img_check_kind {
+	IMG_CK_LEAK = 0, /* refcount above the references */
+	IMG_CK_REFCOUNT_LOW, /* refcount below the references */
+	IMG_CK_OVERLAP, /* a cluster used twice (metadata and data, or two L2s) */
+	IMG_CK_UNALIGNED, /* a table or cluster pointer not cluster aligned */
+	IMG_CK_PAST_EOF, /* a reference past the end of the file */
+	IMG_CK_RESERVED, /* reserved bits set in a table entry */
+	IMG_CK_BAD_ENTRY, /* an L2 entry that cannot be valid */
+	IMG_CK_COPIED, /* a COPIED flag that disagrees with the refcount */
+	IMG_CK_OVERFLOW, /* more references than the refcount width holds */
+	IMG_CK_BAD_TABLE, /* a snapshot table or bitmap directory unreadable */
+	IMG_CK_NKINDS
+};
+
+#define IMG_CHECK_MAX_FINDINGS 32
+
+struct img_check_opts {
+	unsigned repair; /* enum img_check_repair */
+	/*
+	 * Host clusters whose references are counted at once (memory: four
+	 * bytes each); 0: the default (4 Mi). Larger files take more passes.
+	 */
+	uint64_t window;
+};
+
+struct img_check_finding {
+	uint8_t kind; /* enum img_check_kind */
+	bool repaired;
+	uint64_t offset; /* host offset in the image file */
+	char what[120];
+};
+
+struct img_check_report {
+	/* What the check found (before any repair). */
+	uint64_t found_leaks;
+	uint64_t found_corruptions;
+	uint64_t kinds[IMG_CK_NKINDS];
+	/* What is left: after a repair, what the second check found. */
+	uint64_t leaks;
+	uint64_t corruptions;
+	uint64_t leaks_fixed;
+	uint64_t corruptions_fixed;
+	/* Statistics of the active layer, as qemu-img check reports them. */
+	uint64_t total_clusters; /* guest clusters of the virtual size */
+	uint64_t allocated_clusters;
+	uint64_t fragmented_clusters;
+	uint64_t compressed_clusters;
+	uint64_t image_end_offset; /* end of the last cluster in use */
+	uint64_t file_size; /* file size when the check ended */
+	uint64_t trimmed_bytes; /* free tail cut by a repair */
+	unsigned passes; /* windows of the host file counted (memory bound) */
+	bool marked_corrupt; /* -r all left corruption: corrupt bit set */
+	bool cleared_dirty; /* the dirty bit was cleared after a repair */
+	unsigned n_findings; /* first findings (of the first check) */
+	struct img_check_finding findings[IMG_CHECK_MAX_FINDINGS];
+};
+
 struct img_driver {
 	/* Required. "qcow2", "raw". */
 	const char *name;
@@ -284,6 +354,16 @@ struct img_driver {
 			       unsigned flags,
 			       void (*done)(void *opaque, int res),
 			       void *opaque);
+
+	/*
+	 * Optional. Check the layer's metadata (opened read-only, without
+	 * its chain) into r; with repair, write the repairs through wfile
+	 * (the same file opened read-write under the writer lock). -errno
+	 * only when the check could not be completed (I/O error, memory).
+	 */
+	int (*check)(struct img *img, struct sio_file *wfile,
+		     const struct img_check_opts *o,
+		     struct img_check_report *r);
 };
 
 extern const struct img_driver img_driver_raw;

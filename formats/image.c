@@ -1241,3 +1241,121 @@ bool img_host_hole(struct sio_file *file, uint64_t host_off, uint64_t *len)
 		*len = sx_min(*len, (uint64_t)hole - host_off);
 	return false;
 }
+
+bool img_format_checks(const char *fmt)
+{
+	const struct img_driver *drv = fmt ? img_find_driver(fmt) : NULL;
+
+	return drv && drv->check;
+}
+
+const char *img_check_kind_name(unsigned kind)
+{
+	static const char *const names[IMG_CK_NKINDS] = {
+		[IMG_CK_LEAK] = "leak",
+		[IMG_CK_REFCOUNT_LOW] = "refcount_low",
+		[IMG_CK_OVERLAP] = "overlap",
+		[IMG_CK_UNALIGNED] = "unaligned",
+		[IMG_CK_PAST_EOF] = "past_eof",
+		[IMG_CK_RESERVED] = "reserved_bits",
+		[IMG_CK_BAD_ENTRY] = "bad_entry",
+		[IMG_CK_COPIED] = "copied_flag",
+		[IMG_CK_OVERFLOW] = "refcount_overflow",
+		[IMG_CK_BAD_TABLE] = "bad_table",
+	};
+
+	return kind < IMG_CK_NKINDS ? names[kind] : "unknown";
+}
+
+/* One check of the layer at path (opened read-only, no chain). */
+static int check_once(const char *path, const struct img_driver *drv,
+		      struct sio_file *wfile, const struct img_check_opts *o,
+		      struct img_check_report *r)
+{
+	struct img *img = NULL;
+	int ret;
+
+	memset(r, 0, sizeof(*r));
+	/* Locked already (the caller's file) unless an export. */
+	ret = layer_open(path, drv, false, false, false, 0, NULL, &img, NULL);
+	if (ret < 0)
+		return ret;
+	if (!img->drv->check)
+		ret = sx_error(-ENOTSUP,
+			       "%s: %s images have no metadata to check", path,
+			       img->drv->name);
+	else
+		ret = img->drv->check(img, wfile, o, r);
+	layer_free(img, true);
+	return ret;
+}
+
+int img_check(const char *path, const char *fmt, const struct img_check_opts *o,
+	      struct img_check_report *r)
+{
+	const struct img_driver *drv = NULL;
+	struct img_check_opts once;
+	struct img_check_report again;
+	struct sio_file *lf = NULL;
+	bool remote;
+	int ret;
+
+	if (!path || !o || !r)
+		return sx_error(-EINVAL, "img_check: NULL argument");
+	if (o->repair > IMG_CHECK_REPAIR_ALL)
+		return sx_error(-EINVAL, "%s: unknown repair mode %u", path,
+				o->repair);
+	if (fmt) {
+		drv = img_find_driver(fmt);
+		if (!drv)
+			return sx_error(-EINVAL, "%s: unknown format '%s'",
+					path, fmt);
+	}
+	remote = sio_nbd_name_is_remote(path);
+	if (remote && o->repair)
+		return sx_error(
+			-EROFS,
+			"%s: an NBD export cannot be repaired (it is read-only)",
+			path);
+	/*
+	 * The image lock is held on a file of our own for the whole check,
+	 * from before the metadata is read: a repair must be the only
+	 * writer, and a check should not race one.
+	 */
+	if (!remote) {
+		ret = sio_file_open(path, o->repair ? SIO_RDWR : SIO_RDONLY,
+				    &lf);
+		if (ret < 0)
+			return ret;
+		ret = o->repair ? sio_file_lock(lf, SIO_LOCK_WRITER_PERM,
+						SIO_LOCK_WRITER_UNSHARED)
+				: sio_file_lock(lf, SIO_LOCK_READER_PERM,
+						SIO_LOCK_READER_UNSHARED);
+		if (ret < 0)
+			goto out;
+	}
+	ret = check_once(path, drv, o->repair ? lf : NULL, o, r);
+	if (ret < 0)
+		goto out;
+	r->leaks = r->found_leaks;
+	r->corruptions = r->found_corruptions;
+	if (!o->repair || (!r->leaks_fixed && !r->corruptions_fixed &&
+			   !r->marked_corrupt && !r->cleared_dirty))
+		goto out;
+	/* What the repairs left: a second, read-only check. */
+	once = *o;
+	once.repair = IMG_CHECK_NO_REPAIR;
+	ret = check_once(path, drv, NULL, &once, &again);
+	if (ret < 0)
+		goto out;
+	r->leaks = again.found_leaks;
+	r->corruptions = again.found_corruptions;
+	r->allocated_clusters = again.allocated_clusters;
+	r->fragmented_clusters = again.fragmented_clusters;
+	r->compressed_clusters = again.compressed_clusters;
+	r->image_end_offset = again.image_end_offset;
+	r->file_size = again.file_size;
+out:
+	sio_file_close(lf);
+	return ret < 0 ? ret : 0;
+}

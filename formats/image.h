@@ -171,6 +171,26 @@ bool img_host_hole(struct sio_file *file, uint64_t host_off, uint64_t *len);
 int img_pread(struct img *img, void *buf, uint64_t len, uint64_t off);
 
 /*
+ * Check the image at path (format fmt, NULL: probe) against its own
+ * metadata, without its backing chain (formats/format.h: struct
+ * img_check_report), as qemu-img check does. With o->repair, repair what
+ * it allows and check again: r->leaks and r->corruptions are then what is
+ * left, r->found_* what was found. The image lock is held throughout (a
+ * writer's for a repair), so an image in use is refused (-EAGAIN/-EBUSY
+ * with a message). Returns 0 with r filled (whatever it found), or -errno
+ * when the check could not be done: -ENOTSUP (a format without metadata,
+ * raw), -EROFS (repairing an NBD export), I/O errors.
+ */
+int img_check(const char *path, const char *fmt,
+	      const struct img_check_opts *o, struct img_check_report *r);
+
+/* Whether format fmt has metadata img_check can check (qcow2, not raw). */
+bool img_format_checks(const char *fmt);
+
+/* "leak", "overlap", ... for enum img_check_kind (JSON keys). */
+const char *img_check_kind_name(unsigned kind);
+
+/*
  * ---- The facade: the only way above formats/ to reach a driver. ----
  *
  * Each call checks the optional vtable entries itself, so callers never

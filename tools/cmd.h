@@ -42,6 +42,7 @@ extern const struct siphon_cmd cmd_rebase;
 extern const struct siphon_cmd cmd_io;
 extern const struct siphon_cmd cmd_serve;
 extern const struct siphon_cmd cmd_ctl;
+extern const struct siphon_cmd cmd_check;
 
 /* Text of the exit-code section shared by every command's help. */
 extern const char tool_exit_help[];

@@ -332,4 +332,5 @@ const struct img_driver img_driver_qcow2 = {
 	.block_status_nowait = qcow2_block_status_nowait,
 	.prepare_write = qcow2_prepare_write,
 	.prepare_discard = qcow2_prepare_discard,
+	.check = qcow2_check,
 };

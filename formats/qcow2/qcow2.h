@@ -717,4 +717,26 @@ int qcow2_write_zeroes(struct img *img, uint64_t off, uint64_t len,
 		       unsigned flags);
 int qcow2_discard(struct img *img, uint64_t off, uint64_t len);
 
+/* ---- check.c ---- */
+
+/*
+ * Check (and with wfile and o->repair, repair) the image whose state s
+ * holds, reading through img->file: see formats/format.h. 0 with r
+ * filled, -errno when the check could not be completed.
+ */
+int qcow2_check_image(struct img *img, struct qcow2 *s, struct sio_file *wfile,
+		      const struct img_check_opts *o,
+		      struct img_check_report *r);
+
+/* drv->check: qcow2_check_image, then the dirty/corrupt bits set right. */
+int qcow2_check(struct img *img, struct sio_file *wfile,
+		const struct img_check_opts *o, struct img_check_report *r);
+
+/*
+ * Set and clear incompatible feature bits in the header through f, then
+ * fdatasync; s follows. -ENOTSUP on a version 2 image (it has none).
+ */
+int qcow2_set_incompat(struct img *img, struct qcow2 *s, struct sio_file *f,
+		       uint64_t set, uint64_t clear);
+
 #endif

@@ -1,0 +1,965 @@
+/*
+ * qcow2 consistency check and repair (drv->check, and the repair a
+ * read-write open runs on a dirty image).
+ *
+ * Every reference the metadata holds is counted: cluster 0, the active L1
+ * table and each snapshot's, every L2 table they point at and every data
+ * or compressed cluster those point at (once per L1 table, as snapshots
+ * share by refcount), the refcount table and blocks, the snapshot table,
+ * and, while the autoclear bit says they are consistent, the bitmap
+ * directory, tables and data. The counts are compared with the refcounts on
+ * disk: higher on disk is a leak, lower (or a cluster both metadata and
+ * something else) a corruption, as qemu-img check classifies them; so are
+ * pointers that are unaligned, past the end of the file or carry reserved
+ * bits, entries that cannot be valid, and COPIED flags (active L1 and its
+ * L2 tables) that disagree with the refcount.
+ *
+ * Memory is bounded: references are counted for one window of the host
+ * file at a time (16-bit saturating counters, o->window clusters, default
+ * 4 Mi: 16 MiB of counters with the on-disk copies), walking the tables
+ * once per window. A file of up to 4 Mi clusters (256 GiB at 64 KiB
+ * clusters) takes one pass; per-entry findings are reported by the first.
+ *
+ * Repairs (wfile set) are the safe ones: leaked refcounts are lowered
+ * (REPAIR_LEAKS), refcounts too low are raised where their refcount block
+ * exists and COPIED flags are set right (REPAIR_ALL); both only ever move
+ * an on-disk value to what the metadata says, so any order is crash safe.
+ * What cannot be repaired that way is left alone and reported.
+ */
+#define _GNU_SOURCE
+#include <endian.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/checked.h"
+#include "common/error.h"
+#include "formats/image.h"
+#include "io/io.h"
+#include "qcow2.h"
+
+#define CK_WINDOW_DEFAULT (1ull << 22)
+#define CK_SAT UINT16_MAX
+/* Bits of an L1 entry besides the offset and COPIED: reserved. */
+#define CK_L1_RESERVED (~(QCOW2_L1E_OFFSET_MASK | QCOW2_OFLAG_COPIED))
+/* Reserved bits of a standard (uncompressed) L2 entry: 1-8 and 56-61. */
+#define CK_L2_RESERVED 0x3f000000000001feull
+#define CK_REFT_RESERVED 0x1ffull
+#define CK_BMT_OFFSET_MASK 0x00fffffffffffe00ull
+#define CK_MAX_BITMAP_DIR (64ull << 20)
+
+struct ck_table {
+	uint64_t off;
+	uint64_t entries;
+};
+
+enum ck_pass { CK_COUNT, CK_COPIED };
+
+struct ck {
+	struct img *img;
+	struct qcow2 *s;
+	struct sio_file *wf; /* repairs go here; NULL: report only */
+	unsigned repair;
+	struct img_check_report *r;
+	uint64_t cs;
+	uint64_t file_size;
+	uint64_t nclusters; /* clusters of the file: the ones compared */
+	uint64_t w0, wn; /* the window: clusters [w0, w0 + wn) */
+	uint16_t *refs; /* references counted in the window */
+	uint16_t *drc; /* refcounts on disk (after repair) */
+	uint8_t *meta; /* bit set: referenced as metadata */
+	bool first; /* first window: per-entry findings and statistics */
+	uint8_t *buf; /* one cluster: an L2 table or a refcount block */
+	uint64_t *tbl; /* a snapshot's L1 table or a bitmap table */
+	size_t tbl_cap; /* bytes */
+	struct ck_table *snaps;
+	size_t nsnaps;
+	uint64_t snap_bytes;
+	struct ck_table *bmts;
+	size_t nbmts;
+	uint64_t bm_dir_off, bm_dir_bytes;
+	uint64_t next_host; /* fragmentation statistic */
+	uint64_t max_rc;
+	bool wrote; /* repairs written, not yet synced */
+};
+
+static void finding(struct ck *k, unsigned kind, uint64_t off, bool repaired,
+		    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+static void finding(struct ck *k, unsigned kind, uint64_t off, bool repaired,
+		    const char *fmt, ...)
+{
+	struct img_check_report *r = k->r;
+	va_list ap;
+
+	r->kinds[kind]++;
+	if (kind == IMG_CK_LEAK) {
+		r->found_leaks++;
+		r->leaks_fixed += repaired;
+	} else {
+		r->found_corruptions++;
+		r->corruptions_fixed += repaired;
+	}
+	if (r->n_findings >= IMG_CHECK_MAX_FINDINGS)
+		return;
+	struct img_check_finding *f = &r->findings[r->n_findings++];
+
+	f->kind = (uint8_t)kind;
+	f->repaired = repaired;
+	f->offset = off;
+	va_start(ap, fmt);
+	vsnprintf(f->what, sizeof(f->what), fmt, ap);
+	va_end(ap);
+}
+
+static bool in_window(const struct ck *k, uint64_t cluster)
+{
+	return cluster >= k->w0 && cluster - k->w0 < k->wn;
+}
+
+/*
+ * Count one reference to every cluster [off, off + len) touches. A region
+ * reaching a cluster or more past the end of the file is not counted: a
+ * corruption (qemu's rule, so a last partial cluster is fine).
+ */
+static void inc(struct ck *k, uint64_t off, uint64_t len, bool meta,
+		const char *what)
+{
+	uint64_t end, c, c0, c1;
+
+	if (!len)
+		return;
+	if (sx_add(off, len, &end) ||
+	    (end > k->file_size && end - k->file_size >= k->cs)) {
+		if (k->first)
+			finding(k, IMG_CK_PAST_EOF, off, false,
+				"%s at 0x%llx (%llu bytes) is past the end of the file (%llu bytes)",
+				what, (unsigned long long)off,
+				(unsigned long long)len,
+				(unsigned long long)k->file_size);
+		return;
+	}
+	c0 = sx_max(off / k->cs, k->w0);
+	c1 = sx_min((end - 1) / k->cs + 1, k->w0 + k->wn);
+	for (c = c0; c < c1; c++) {
+		uint64_t i = c - k->w0;
+
+		if (k->refs[i] < CK_SAT)
+			k->refs[i]++;
+		if (meta)
+			k->meta[i / 8] |= (uint8_t)(1u << (i % 8));
+	}
+}
+
+static bool is_meta(const struct ck *k, uint64_t i)
+{
+	return k->meta[i / 8] & (1u << (i % 8));
+}
+
+/* Read len bytes at off; what lies past the end of the file reads as 0. */
+static int read_at(struct ck *k, void *buf, uint64_t len, uint64_t off)
+{
+	uint64_t n = off < k->file_size ? sx_min(len, k->file_size - off) : 0;
+	int ret;
+
+	if (n) {
+		ret = sio_pread(k->img->file, buf, n, off);
+		if (ret)
+			return sx_error(ret, "%s: cannot read 0x%llx: %s",
+					k->img->path, (unsigned long long)off,
+					strerror(-ret));
+	}
+	memset((uint8_t *)buf + n, 0, len - n);
+	return 0;
+}
+
+static int write_at(struct ck *k, const void *buf, uint64_t len, uint64_t off)
+{
+	int ret = sio_pwrite(k->wf, buf, len, off);
+
+	if (ret)
+		return sx_error(ret, "%s: cannot write a repair at 0x%llx: %s",
+				k->img->path, (unsigned long long)off,
+				strerror(-ret));
+	k->wrote = true;
+	return 0;
+}
+
+static int tbl_reserve(struct ck *k, uint64_t bytes)
+{
+	uint64_t *p;
+
+	if (bytes <= k->tbl_cap)
+		return 0;
+	p = sio_buf_alloc(bytes);
+	if (!p)
+		return -ENOMEM;
+	sio_buf_free(k->tbl);
+	k->tbl = p;
+	k->tbl_cap = bytes;
+	return 0;
+}
+
+/* ---- the tables other than L1/L2, parsed once ---- */
+
+static int parse_snapshots(struct ck *k)
+{
+	const struct qcow2_header *h = &k->s->hdr;
+	uint64_t pos = h->snapshots_offset;
+	uint8_t e[40];
+	uint32_t i;
+	int ret;
+
+	if (!h->nb_snapshots)
+		return 0;
+	k->snaps = calloc(h->nb_snapshots, sizeof(*k->snaps));
+	if (!k->snaps)
+		return -ENOMEM;
+	if (!sx_is_aligned(pos, k->cs)) {
+		finding(k, IMG_CK_UNALIGNED, pos, false,
+			"snapshot table at 0x%llx is not cluster aligned",
+			(unsigned long long)pos);
+		return 0;
+	}
+	for (i = 0; i < h->nb_snapshots; i++) {
+		uint64_t l1_off, len, next;
+		uint32_t l1_size, extra;
+		uint16_t id_len, name_len;
+
+		if (!sx_range_within(pos, sizeof(e), k->file_size)) {
+			finding(k, IMG_CK_BAD_TABLE, pos, false,
+				"snapshot %u of %u at 0x%llx is past the end of the file",
+				i + 1, h->nb_snapshots,
+				(unsigned long long)pos);
+			break;
+		}
+		ret = read_at(k, e, sizeof(e), pos);
+		if (ret)
+			return ret;
+		memcpy(&l1_off, e, 8);
+		l1_off = be64toh(l1_off);
+		memcpy(&l1_size, e + 8, 4);
+		l1_size = be32toh(l1_size);
+		memcpy(&id_len, e + 12, 2);
+		id_len = be16toh(id_len);
+		memcpy(&name_len, e + 14, 2);
+		name_len = be16toh(name_len);
+		memcpy(&extra, e + 36, 4);
+		extra = be32toh(extra);
+		len = sizeof(e) + (uint64_t)extra + id_len + name_len;
+		len = (len + 7) & ~7ull;
+		if (sx_add(pos, len, &next)) {
+			finding(k, IMG_CK_BAD_TABLE, pos, false,
+				"snapshot %u: entry size overflows", i + 1);
+			break;
+		}
+		if ((uint64_t)l1_size * 8 > QCOW2_MAX_L1_BYTES ||
+		    !sx_is_aligned(l1_off, k->cs)) {
+			finding(k, IMG_CK_BAD_TABLE, l1_off, false,
+				"snapshot %u: L1 table at 0x%llx (%u entries) is unaligned or too large",
+				i + 1, (unsigned long long)l1_off, l1_size);
+		} else {
+			k->snaps[k->nsnaps].off = l1_off;
+			k->snaps[k->nsnaps].entries = l1_size;
+			k->nsnaps++;
+		}
+		pos = next;
+	}
+	k->snap_bytes = pos - h->snapshots_offset;
+	return 0;
+}
+
+static int parse_bitmaps(struct ck *k)
+{
+	const struct qcow2_ext *x = qcow2_find_ext(k->s, QCOW2_EXT_BITMAPS);
+	uint64_t pos, end, n;
+	uint8_t *dir;
+	uint32_t nb;
+	int ret;
+
+	/* Without the autoclear bit the bitmaps are stale: qemu drops them. */
+	if (!x || !(k->s->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
+		return 0;
+	if (x->len < 24) {
+		finding(k, IMG_CK_BAD_TABLE, 0, false,
+			"bitmaps extension too short (%u bytes)", x->len);
+		return 0;
+	}
+	memcpy(&nb, x->data, 4);
+	nb = be32toh(nb);
+	memcpy(&k->bm_dir_bytes, x->data + 8, 8);
+	k->bm_dir_bytes = be64toh(k->bm_dir_bytes);
+	memcpy(&k->bm_dir_off, x->data + 16, 8);
+	k->bm_dir_off = be64toh(k->bm_dir_off);
+	if (!nb)
+		return 0;
+	if (k->bm_dir_bytes > CK_MAX_BITMAP_DIR ||
+	    !sx_is_aligned(k->bm_dir_off, k->cs) ||
+	    !sx_range_within(k->bm_dir_off, k->bm_dir_bytes, k->file_size)) {
+		finding(k, IMG_CK_BAD_TABLE, k->bm_dir_off, false,
+			"bitmap directory at 0x%llx (%llu bytes) is unaligned, too large or past the end of the file",
+			(unsigned long long)k->bm_dir_off,
+			(unsigned long long)k->bm_dir_bytes);
+		k->bm_dir_bytes = 0;
+		return 0;
+	}
+	dir = malloc(k->bm_dir_bytes ? k->bm_dir_bytes : 1);
+	k->bmts = calloc(nb, sizeof(*k->bmts));
+	if (!dir || !k->bmts) {
+		free(dir);
+		return -ENOMEM;
+	}
+	ret = read_at(k, dir, k->bm_dir_bytes, k->bm_dir_off);
+	if (ret) {
+		free(dir);
+		return ret;
+	}
+	pos = 0;
+	end = k->bm_dir_bytes;
+	for (n = 0; n < nb; n++) {
+		uint64_t toff, len;
+		uint32_t tsize, extra;
+		uint16_t name_len;
+
+		if (end - pos < 24) {
+			finding(k, IMG_CK_BAD_TABLE, k->bm_dir_off + pos, false,
+				"bitmap directory ends inside entry %llu",
+				(unsigned long long)n + 1);
+			break;
+		}
+		memcpy(&toff, dir + pos, 8);
+		toff = be64toh(toff);
+		memcpy(&tsize, dir + pos + 8, 4);
+		tsize = be32toh(tsize);
+		memcpy(&name_len, dir + pos + 18, 2);
+		name_len = be16toh(name_len);
+		memcpy(&extra, dir + pos + 20, 4);
+		extra = be32toh(extra);
+		len = (24 + (uint64_t)extra + name_len + 7) & ~7ull;
+		if (len > end - pos) {
+			finding(k, IMG_CK_BAD_TABLE, k->bm_dir_off + pos, false,
+				"bitmap directory entry %llu runs past the directory",
+				(unsigned long long)n + 1);
+			break;
+		}
+		if (!sx_is_aligned(toff, k->cs) ||
+		    (uint64_t)tsize * 8 > QCOW2_MAX_L1_BYTES)
+			finding(k, IMG_CK_BAD_TABLE, toff, false,
+				"bitmap table at 0x%llx (%u entries) is unaligned or too large",
+				(unsigned long long)toff, tsize);
+		else
+			k->bmts[k->nbmts++] = (struct ck_table){
+				.off = toff, .entries = tsize};
+		pos += len;
+	}
+	free(dir);
+	return 0;
+}
+
+/* ---- counting ---- */
+
+/* Refcount block of refcount-table entry t: its offset, 0 if none. */
+static uint64_t rblock(struct ck *k, uint64_t t)
+{
+	uint64_t e = k->s->rc.table[t];
+	uint64_t off = e & QCOW2_REFT_OFFSET_MASK;
+
+	if (!off || !sx_is_aligned(off, k->cs) || off / k->cs >= k->nclusters)
+		return 0;
+	return off;
+}
+
+static void count_reftable(struct ck *k)
+{
+	const struct qcow2_refcount *rc = &k->s->rc;
+	uint64_t t;
+
+	inc(k, rc->table_offset, rc->table_entries * 8, true, "refcount table");
+	for (t = 0; t < rc->table_entries; t++) {
+		uint64_t e = rc->table[t];
+		uint64_t off = e & QCOW2_REFT_OFFSET_MASK;
+
+		if (!off)
+			continue;
+		if (k->first && (e & CK_REFT_RESERVED))
+			finding(k, IMG_CK_RESERVED, off, false,
+				"refcount table entry %llu has reserved bits set (0x%llx)",
+				(unsigned long long)t, (unsigned long long)e);
+		if (!sx_is_aligned(off, k->cs)) {
+			if (k->first)
+				finding(k, IMG_CK_UNALIGNED, off, false,
+					"refcount block %llu at 0x%llx is not cluster aligned",
+					(unsigned long long)t,
+					(unsigned long long)off);
+			continue;
+		}
+		if (off / k->cs >= k->nclusters) {
+			if (k->first)
+				finding(k, IMG_CK_PAST_EOF, off, false,
+					"refcount block %llu at 0x%llx is past the end of the file",
+					(unsigned long long)t,
+					(unsigned long long)off);
+			continue;
+		}
+		inc(k, off, k->cs, true, "refcount block");
+	}
+}
+
+static uint64_t get_be(const uint8_t *p)
+{
+	uint64_t v;
+
+	memcpy(&v, p, 8);
+	return be64toh(v);
+}
+
+static void put_be(uint8_t *p, uint64_t v)
+{
+	v = htobe64(v);
+	memcpy(p, &v, 8);
+}
+
+/* The refcount on disk of cluster c of the window, after repairs. */
+static uint64_t disk_rc(const struct ck *k, uint64_t c)
+{
+	return k->drc[c - k->w0];
+}
+
+static bool has_data_file(const struct ck *k)
+{
+	return k->s->hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE;
+}
+
+/*
+ * One L2 table (the cluster at l2_off, in k->buf) of L1 entry l1i. COUNT:
+ * count its references (per-entry findings and statistics in the first
+ * window, active table only for the statistics). COPIED: compare the
+ * flags of its entries in the window with the refcounts; *changed when a
+ * flag was repaired in k->buf.
+ */
+static void walk_l2(struct ck *k, uint64_t l1i, bool active, enum ck_pass pass,
+		    bool *changed)
+{
+	struct qcow2 *s = k->s;
+	unsigned esz = s->l2_entry_size;
+	uint64_t j;
+
+	/* qemu counts fragmentation within each L2 table. */
+	k->next_host = 0;
+	for (j = 0; j < s->l2_entries; j++) {
+		uint8_t *p = k->buf + j * esz;
+		uint64_t word = get_be(p);
+		uint64_t bm = s->extended_l2 ? get_be(p + 8) : 0;
+		uint64_t guest = ((l1i << s->l2_bits) + j) << s->cluster_bits;
+		struct qcow2_l2e e;
+		const char *why = NULL;
+
+		if (!word && !bm)
+			continue;
+		if (!(word & QCOW2_OFLAG_COMPRESSED) &&
+		    !sx_is_aligned(word & QCOW2_L2E_OFFSET_MASK, k->cs)) {
+			if (pass == CK_COUNT && k->first)
+				finding(k, IMG_CK_UNALIGNED,
+					word & QCOW2_L2E_OFFSET_MASK, false,
+					"data cluster at 0x%llx (guest 0x%llx) is not cluster aligned",
+					(unsigned long long)(word &
+							     QCOW2_L2E_OFFSET_MASK),
+					(unsigned long long)guest);
+			continue;
+		}
+		if (qcow2_l2e_decode(s, word, bm, &e, &why)) {
+			if (pass == CK_COUNT && k->first)
+				finding(k, IMG_CK_BAD_ENTRY,
+					word & QCOW2_L2E_OFFSET_MASK, false,
+					"L2 entry of guest 0x%llx: %s",
+					(unsigned long long)guest, why);
+			continue;
+		}
+		if (pass == CK_COUNT && k->first &&
+		    e.type != QCOW2_C_COMPRESSED && (word & CK_L2_RESERVED))
+			finding(k, IMG_CK_RESERVED, e.host_off, false,
+				"L2 entry of guest 0x%llx has reserved bits set (0x%016llx)",
+				(unsigned long long)guest,
+				(unsigned long long)word);
+		switch (e.type) {
+		case QCOW2_C_COMPRESSED:
+			if (pass != CK_COUNT)
+				break;
+			if (has_data_file(k)) {
+				if (k->first)
+					finding(k, IMG_CK_BAD_ENTRY, e.coff,
+						false,
+						"compressed cluster (guest 0x%llx) in an image with an external data file",
+						(unsigned long long)guest);
+				break;
+			}
+			inc(k, e.coff, e.csize, false, "compressed cluster");
+			if (k->first && active) {
+				k->r->allocated_clusters++;
+				k->r->compressed_clusters++;
+				/* fragmented by nature, as qemu counts */
+				k->r->fragmented_clusters++;
+			}
+			break;
+		case QCOW2_C_NORMAL:
+		case QCOW2_C_ZERO_ALLOC:
+			if (pass == CK_COUNT) {
+				if (!has_data_file(k))
+					inc(k, e.host_off, k->cs, false,
+					    "data cluster");
+				if (k->first && active) {
+					k->r->allocated_clusters++;
+					if (k->next_host &&
+					    e.host_off != k->next_host)
+						k->r->fragmented_clusters++;
+					k->next_host = e.host_off + k->cs;
+				}
+				break;
+			}
+			if (has_data_file(k) ||
+			    !in_window(k, e.host_off / k->cs))
+				break;
+			if ((disk_rc(k, e.host_off / k->cs) == 1) != e.copied) {
+				bool fix = k->wf &&
+					   k->repair >= IMG_CHECK_REPAIR_ALL;
+
+				finding(k, IMG_CK_COPIED, e.host_off, fix,
+					"COPIED flag of the data cluster at 0x%llx (guest 0x%llx) is %s, refcount %llu",
+					(unsigned long long)e.host_off,
+					(unsigned long long)guest,
+					e.copied ? "set" : "clear",
+					(unsigned long long)disk_rc(
+						k, e.host_off / k->cs));
+				if (fix) {
+					put_be(p, word ^ QCOW2_OFLAG_COPIED);
+					*changed = true;
+				}
+			}
+			break;
+		case QCOW2_C_ZERO_PLAIN:
+		case QCOW2_C_UNALLOC:
+			break;
+		}
+	}
+}
+
+/* Walk an L1 table of n entries (host-endian) at l1_off. */
+static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
+		   bool active, enum ck_pass pass)
+{
+	uint64_t i;
+	int ret;
+
+	for (i = 0; i < n; i++) {
+		uint64_t e = l1[i], off = e & QCOW2_L1E_OFFSET_MASK;
+		bool changed = false;
+
+		if (pass == CK_COUNT && k->first && (e & CK_L1_RESERVED))
+			finding(k, IMG_CK_RESERVED, off, false,
+				"L1 entry %llu has reserved bits set (0x%016llx)",
+				(unsigned long long)i, (unsigned long long)e);
+		if (!off)
+			continue;
+		if (!sx_is_aligned(off, k->cs)) {
+			if (pass == CK_COUNT && k->first)
+				finding(k, IMG_CK_UNALIGNED, off, false,
+					"L2 table at 0x%llx (L1 entry %llu) is not cluster aligned",
+					(unsigned long long)off,
+					(unsigned long long)i);
+			continue;
+		}
+		if (pass == CK_COUNT)
+			inc(k, off, k->cs, true, "L2 table");
+		if (pass == CK_COPIED && in_window(k, off / k->cs) &&
+		    (disk_rc(k, off / k->cs) == 1) !=
+			    !!(e & QCOW2_OFLAG_COPIED)) {
+			bool fix = k->wf && k->repair >= IMG_CHECK_REPAIR_ALL;
+
+			finding(k, IMG_CK_COPIED, off, fix,
+				"COPIED flag of the L2 table at 0x%llx (L1 entry %llu) is %s, refcount %llu",
+				(unsigned long long)off, (unsigned long long)i,
+				e & QCOW2_OFLAG_COPIED ? "set" : "clear",
+				(unsigned long long)disk_rc(k, off / k->cs));
+			if (fix) {
+				uint8_t be[8];
+
+				l1[i] = e ^ QCOW2_OFLAG_COPIED;
+				put_be(be, l1[i]);
+				ret = write_at(k, be, 8, l1_off + i * 8);
+				if (ret)
+					return ret;
+			}
+		}
+		if (off >= k->file_size)
+			continue; /* reads as zeros: nothing to count */
+		ret = read_at(k, k->buf, k->cs, off);
+		if (ret)
+			return ret;
+		walk_l2(k, i, active, pass, &changed);
+		if (changed) {
+			ret = write_at(k, k->buf, k->cs, off);
+			if (ret)
+				return ret;
+		}
+	}
+	return 0;
+}
+
+static int read_table(struct ck *k, const struct ck_table *t)
+{
+	uint64_t i;
+	int ret;
+
+	ret = tbl_reserve(k, t->entries * 8);
+	if (ret)
+		return ret;
+	ret = read_at(k, k->tbl, t->entries * 8, t->off);
+	if (ret)
+		return ret;
+	for (i = 0; i < t->entries; i++)
+		k->tbl[i] = be64toh(k->tbl[i]);
+	return 0;
+}
+
+static int count_window(struct ck *k)
+{
+	struct qcow2 *s = k->s;
+	size_t i;
+	int ret;
+
+	inc(k, 0, k->cs, true, "header");
+	inc(k, s->hdr.l1_table_offset, s->l1_size * 8, true, "L1 table");
+	ret = walk_l1(k, s->l1, s->l1_size, s->hdr.l1_table_offset, true,
+		      CK_COUNT);
+	if (ret)
+		return ret;
+	inc(k, s->hdr.snapshots_offset, k->snap_bytes, true, "snapshot table");
+	for (i = 0; i < k->nsnaps; i++) {
+		inc(k, k->snaps[i].off, k->snaps[i].entries * 8, true,
+		    "snapshot L1 table");
+		ret = read_table(k, &k->snaps[i]);
+		if (ret)
+			return ret;
+		ret = walk_l1(k, k->tbl, k->snaps[i].entries, k->snaps[i].off,
+			      false, CK_COUNT);
+		if (ret)
+			return ret;
+	}
+	count_reftable(k);
+	inc(k, k->bm_dir_off, k->bm_dir_bytes, true, "bitmap directory");
+	for (i = 0; i < k->nbmts; i++) {
+		uint64_t j;
+
+		inc(k, k->bmts[i].off, k->bmts[i].entries * 8, true,
+		    "bitmap table");
+		ret = read_table(k, &k->bmts[i]);
+		if (ret)
+			return ret;
+		for (j = 0; j < k->bmts[i].entries; j++) {
+			uint64_t off = k->tbl[j] & CK_BMT_OFFSET_MASK;
+
+			if (!off)
+				continue;
+			if (!sx_is_aligned(off, k->cs)) {
+				if (k->first)
+					finding(k, IMG_CK_UNALIGNED, off, false,
+						"bitmap data cluster at 0x%llx is not cluster aligned",
+						(unsigned long long)off);
+				continue;
+			}
+			inc(k, off, k->cs, true, "bitmap data cluster");
+		}
+	}
+	return 0;
+}
+
+/* Load the on-disk refcounts of the window into k->drc. */
+static int load_refcounts(struct ck *k)
+{
+	const struct qcow2_refcount *rc = &k->s->rc;
+	uint64_t E = rc->block_entries, t, c;
+	int ret;
+
+	memset(k->drc, 0, k->wn * sizeof(*k->drc));
+	for (t = k->w0 / E; t * E < k->w0 + k->wn && t < rc->table_entries;
+	     t++) {
+		uint64_t off = rblock(k, t);
+		uint64_t lo = sx_max(t * E, k->w0);
+		uint64_t hi = sx_min((t + 1) * E, k->w0 + k->wn);
+
+		if (!off)
+			continue;
+		ret = read_at(k, k->buf, k->cs, off);
+		if (ret)
+			return ret;
+		for (c = lo; c < hi; c++) {
+			uint64_t v = qcow2_refcount_entry_get(k->buf, rc->order,
+							      c - t * E);
+
+			k->drc[c - k->w0] = (uint16_t)sx_min(v, CK_SAT);
+		}
+	}
+	return 0;
+}
+
+/* Compare the window's counts with the refcounts; repair what may be. */
+static int compare_window(struct ck *k)
+{
+	const struct qcow2_refcount *rc = &k->s->rc;
+	uint64_t E = rc->block_entries, t, c;
+	bool nosnap = !k->s->hdr.nb_snapshots;
+	int ret;
+
+	for (t = k->w0 / E; t * E < k->w0 + k->wn; t++) {
+		uint64_t off = t < rc->table_entries ? rblock(k, t) : 0;
+		uint64_t lo = sx_max(t * E, k->w0);
+		uint64_t hi = sx_min(sx_min((t + 1) * E, k->w0 + k->wn),
+				     k->nclusters);
+		bool changed = false;
+
+		if (lo >= hi)
+			break;
+		if (off) {
+			ret = read_at(k, k->buf, k->cs, off);
+			if (ret)
+				return ret;
+		}
+		for (c = lo; c < hi; c++) {
+			uint64_t i = c - k->w0;
+			uint64_t ref = k->refs[i];
+			uint64_t have = k->drc[i];
+			uint64_t host = c * k->cs;
+			unsigned kind;
+			bool fix;
+
+			if (ref > k->max_rc) {
+				finding(k, IMG_CK_OVERFLOW, host, false,
+					"cluster at 0x%llx has %llu references, more than %u-bit refcounts hold",
+					(unsigned long long)host,
+					(unsigned long long)ref, rc->bits);
+				continue;
+			}
+			if (have == ref || (have == CK_SAT && ref == CK_SAT))
+				continue;
+			if (have > ref) {
+				fix = k->wf && off &&
+				      k->repair >= IMG_CHECK_REPAIR_LEAKS;
+				finding(k, IMG_CK_LEAK, host, fix,
+					"leaked cluster at 0x%llx: refcount %llu, references %llu",
+					(unsigned long long)host,
+					(unsigned long long)have,
+					(unsigned long long)ref);
+			} else {
+				kind = ref >= 2 && have >= 1 &&
+						       (is_meta(k, i) || nosnap)
+					       ? IMG_CK_OVERLAP
+					       : IMG_CK_REFCOUNT_LOW;
+				fix = k->wf && off &&
+				      k->repair >= IMG_CHECK_REPAIR_ALL;
+				finding(k, kind, host, fix,
+					"%s at 0x%llx: refcount %llu, references %llu%s",
+					kind == IMG_CK_OVERLAP
+						? "cluster used twice"
+						: "refcount too low",
+					(unsigned long long)host,
+					(unsigned long long)have,
+					(unsigned long long)ref,
+					is_meta(k, i) ? " (metadata)" : "");
+			}
+			if (!fix)
+				continue;
+			qcow2_refcount_entry_set(k->buf, rc->order, c - t * E,
+						 ref);
+			k->drc[i] = (uint16_t)ref;
+			changed = true;
+		}
+		if (changed) {
+			ret = write_at(k, k->buf, k->cs, off);
+			if (ret)
+				return ret;
+		}
+	}
+	/* The end of what is in use, after repairs. */
+	for (c = sx_min(k->w0 + k->wn, k->nclusters); c > k->w0; c--)
+		if (k->drc[c - 1 - k->w0] || k->refs[c - 1 - k->w0]) {
+			k->r->image_end_offset =
+				sx_max(k->r->image_end_offset, c * k->cs);
+			break;
+		}
+	return 0;
+}
+
+static int sync_repairs(struct ck *k)
+{
+	int ret;
+
+	if (!k->wrote)
+		return 0;
+	ret = sio_fdatasync(k->wf);
+	if (ret)
+		return sx_error(ret, "%s: cannot sync the repairs: %s",
+				k->img->path, strerror(-ret));
+	k->wrote = false;
+	return 0;
+}
+
+/*
+ * After a repair: cut a tail of the file that nothing uses (refcount 0
+ * and no reference), the way a clean close leaves the file.
+ */
+static int trim_tail(struct ck *k)
+{
+	uint64_t end = sx_max(k->r->image_end_offset, k->cs);
+	int ret;
+
+	if (has_data_file(k) || end >= k->file_size)
+		return 0;
+	ret = sio_file_truncate(k->wf, end);
+	if (ret)
+		return sx_error(ret, "%s: cannot trim the free tail: %s",
+				k->img->path, strerror(-ret));
+	k->r->trimmed_bytes = k->file_size - end;
+	k->file_size = end;
+	return 0;
+}
+
+static int run(struct ck *k, uint64_t window)
+{
+	struct qcow2 *s = k->s;
+	uint64_t E = s->rc.block_entries;
+	int ret;
+
+	k->cs = s->cluster_size;
+	k->max_rc = s->rc.bits == 64 ? UINT64_MAX : (1ull << s->rc.bits) - 1;
+	ret = sio_file_size(k->img->file, &k->file_size);
+	if (ret)
+		return ret;
+	k->nclusters = (k->file_size + k->cs - 1) / k->cs;
+	k->r->total_clusters = (k->img->size + k->cs - 1) / k->cs;
+	k->r->file_size = k->file_size;
+	if (!window)
+		window = CK_WINDOW_DEFAULT;
+	/* Windows of whole refcount blocks, so each block is read once. */
+	window = sx_max(window / E, 1) * E;
+	k->wn = sx_min(window, sx_max(k->nclusters, 1));
+	k->refs = calloc(k->wn, sizeof(*k->refs));
+	k->drc = calloc(k->wn, sizeof(*k->drc));
+	k->meta = calloc((k->wn + 7) / 8, 1);
+	k->buf = sio_buf_alloc(k->cs);
+	if (!k->refs || !k->drc || !k->meta || !k->buf)
+		return -ENOMEM;
+	k->first = true;
+	ret = parse_snapshots(k);
+	if (!ret)
+		ret = parse_bitmaps(k);
+	if (ret)
+		return ret;
+	for (k->w0 = 0; k->w0 < k->nclusters || k->w0 == 0; k->w0 += k->wn) {
+		memset(k->refs, 0, k->wn * sizeof(*k->refs));
+		memset(k->meta, 0, (k->wn + 7) / 8);
+		k->r->passes++;
+		ret = load_refcounts(k);
+		if (!ret)
+			ret = count_window(k);
+		if (!ret)
+			ret = compare_window(k);
+		if (!ret)
+			ret = sync_repairs(k);
+		/* COPIED flags against the refcounts as repaired. */
+		if (!ret)
+			ret = walk_l1(k, s->l1, s->l1_size,
+				      s->hdr.l1_table_offset, true, CK_COPIED);
+		if (!ret)
+			ret = sync_repairs(k);
+		if (ret)
+			return ret;
+		k->first = false;
+		if (k->nclusters == 0)
+			break;
+	}
+	if (k->wf && (k->r->leaks_fixed || k->r->corruptions_fixed))
+		ret = trim_tail(k);
+	if (!ret && k->wf && k->r->trimmed_bytes)
+		ret = sio_fsync(k->wf);
+	k->r->file_size = k->file_size;
+	return ret;
+}
+
+int qcow2_check_image(struct img *img, struct qcow2 *s, struct sio_file *wfile,
+		      const struct img_check_opts *o,
+		      struct img_check_report *r)
+{
+	struct ck k = {
+		.img = img,
+		.s = s,
+		.wf = o->repair ? wfile : NULL,
+		.repair = o->repair,
+		.r = r,
+	};
+	int ret;
+
+	ret = run(&k, o->window);
+	free(k.refs);
+	free(k.drc);
+	free(k.meta);
+	sio_buf_free(k.buf);
+	sio_buf_free(k.tbl);
+	free(k.snaps);
+	free(k.bmts);
+	return ret;
+}
+
+/* Set or clear incompatible feature bits on disk (v3 only). */
+int qcow2_set_incompat(struct img *img, struct qcow2 *s, struct sio_file *f,
+		       uint64_t set, uint64_t clear)
+{
+	uint64_t v = (s->hdr.incompatible_features | set) & ~clear;
+	uint8_t be[8];
+	int ret;
+
+	if (s->hdr.version < 3)
+		return -ENOTSUP;
+	if (v == s->hdr.incompatible_features)
+		return 0;
+	put_be(be, v);
+	ret = sio_pwrite(f, be, 8, 72);
+	if (!ret)
+		ret = sio_fdatasync(f);
+	if (ret)
+		return sx_error(ret, "%s: cannot update the header: %s",
+				img->path, strerror(-ret));
+	s->hdr.incompatible_features = v;
+	memcpy(s->hdr_raw + 72, be, 8);
+	s->dirty = v & QCOW2_INCOMPAT_DIRTY;
+	s->corrupt = v & QCOW2_INCOMPAT_CORRUPT;
+	return 0;
+}
+
+int qcow2_check(struct img *img, struct sio_file *wfile,
+		const struct img_check_opts *o, struct img_check_report *r)
+{
+	struct qcow2 *s = img->priv;
+	int ret;
+
+	ret = qcow2_check_image(img, s, wfile, o, r);
+	if (ret || !o->repair || !wfile)
+		return ret;
+	if (r->found_corruptions > r->corruptions_fixed) {
+		/* Left unrepaired: no writer may trust the image. */
+		if (o->repair >= IMG_CHECK_REPAIR_ALL && !s->corrupt &&
+		    !qcow2_set_incompat(img, s, wfile, QCOW2_INCOMPAT_CORRUPT,
+					0))
+			r->marked_corrupt = true;
+		return 0;
+	}
+	/* Consistent now: a dirty or corrupt mark has served its purpose. */
+	if (s->dirty && r->found_leaks == r->leaks_fixed &&
+	    !qcow2_set_incompat(img, s, wfile, 0, QCOW2_INCOMPAT_DIRTY))
+		r->cleared_dirty = true;
+	if (s->corrupt && o->repair >= IMG_CHECK_REPAIR_ALL &&
+	    r->found_leaks == r->leaks_fixed)
+		qcow2_set_incompat(img, s, wfile, 0, QCOW2_INCOMPAT_CORRUPT);
+	return 0;
+}
