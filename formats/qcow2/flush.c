@@ -667,11 +667,48 @@ int qcow2_flush_wait(struct img *img)
 	return f->port->wait(f->port, fl_busy, f);
 }
 
+/*
+ * An image left dirty (a writer crashed, or qemu's lazy refcounts): count
+ * every reference and set the refcounts right before anything is written,
+ * as qemu does when it opens such an image. Refused when corruption is
+ * left that refcounts cannot mend.
+ */
+static int repair_dirty(struct img *img, struct qcow2 *s)
+{
+	const struct img_check_opts o = {.repair = IMG_CHECK_REPAIR_ALL};
+	struct img_check_report *r;
+	int ret;
+
+	if (!s->dirty)
+		return 0;
+	r = calloc(1, sizeof(*r));
+	if (!r)
+		return -ENOMEM;
+	ret = qcow2_check_image(img, s, img->file, &o, r);
+	if (!ret && r->found_corruptions > r->corruptions_fixed)
+		ret = sx_error(
+			-EUCLEAN,
+			"%s: image is dirty and %llu corruptions cannot be repaired by setting refcounts; see `siphon check %s`",
+			img->path,
+			(unsigned long long)(r->found_corruptions -
+					     r->corruptions_fixed),
+			img->path);
+	free(r);
+	if (ret)
+		return ret;
+	/* Tables changed behind the cache (COPIED flags), the file may be cut. */
+	qcow2_l2cache_drop(&s->l2cache, 0, UINT64_MAX);
+	return qcow2_refresh_file_size(img, s);
+}
+
 int qcow2_write_open(struct img *img, struct qcow2 *s)
 {
 	int ret;
 
 	ret = qcow2_check_writable(img, s);
+	if (ret)
+		return ret;
+	ret = repair_dirty(img, s);
 	if (ret)
 		return ret;
 	s->w.zero_cluster = sio_buf_alloc(s->cluster_size);
@@ -690,6 +727,18 @@ int qcow2_write_open(struct img *img, struct qcow2 *s)
 	ret = qcow2_clear_autoclear(img, s);
 	if (ret)
 		return ret;
+	/*
+	 * The dirty bit says "refcounts may be wrong" until a clean close:
+	 * after a crash the next writer (this one, or qemu) repairs the
+	 * leaks a crash can leave. Version 2 has no feature bits: its leaks
+	 * stay for `siphon check -r leaks`.
+	 */
+	if (s->hdr.version >= 3) {
+		ret = qcow2_set_incompat(img, s, img->file,
+					 QCOW2_INCOMPAT_DIRTY, 0);
+		if (ret)
+			return ret;
+	}
 	s->w.on = true;
 	return 0;
 }
@@ -697,6 +746,7 @@ int qcow2_write_open(struct img *img, struct qcow2 *s)
 void qcow2_write_close(struct img *img, struct qcow2 *s)
 {
 	bool frees;
+	int ret;
 
 	if (qcow2_flush_busy_locked(s)) {
 		/*
@@ -714,9 +764,14 @@ void qcow2_write_close(struct img *img, struct qcow2 *s)
 		 * that the first one applied, so nothing is left leaked.
 		 */
 		frees = s->w.n_frees != 0;
-		if (!qcow2_flush_locked(img, s) && frees)
-			qcow2_flush_locked(img, s);
+		ret = qcow2_flush_locked(img, s);
+		if (!ret && frees)
+			ret = qcow2_flush_locked(img, s);
 		qcow2_trim_tail(img, s);
+		/* Everything durable and counted: clean again. */
+		if (!ret && s->dirty)
+			(void)qcow2_set_incompat(img, s, img->file, 0,
+						 QCOW2_INCOMPAT_DIRTY);
 		s->w.on = false;
 	}
 	qcow2_rc_fini_write(s);

@@ -548,11 +548,7 @@ int qcow2_check_writable(struct img *img, struct qcow2 *s)
 			-ENOTSUP,
 			"%s: images with an external data file cannot be written",
 			img->path);
-	if (h->incompatible_features & QCOW2_INCOMPAT_DIRTY)
-		return sx_error(
-			-EUCLEAN,
-			"%s: image is dirty (lazy refcounts): repair with 'qemu-img check -r all %s' first",
-			img->path, img->path);
+	/* A dirty image is repaired when opened (flush.c). */
 	return 0;
 }
 

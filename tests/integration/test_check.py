@@ -16,7 +16,10 @@
    passes.
 4. an image in use (qemu-io holds it open for writing): -r is refused with
    a message, nothing written.
-5. raw: exit 63, as qemu-img check.
+5. a crashed writer's image (leaks, dirty bit): a restarted `siphon stream`
+   leaves it clean (qemu-img check exit 0), dirty bit cleared, content
+   that of the chain.
+6. raw: exit 63, as qemu-img check.
 
 Exit 0 all passed, 1 any failure, 77 skipped. Env: SIPHON, SIPHON_SRC.
 """
@@ -370,6 +373,46 @@ def case_in_use(siphon: str, tmp: str, rep: harness.Report) -> None:
     rep.emit("image in use", probs)
 
 
+def case_restart_reclaims(siphon: str, tmp: str, rep: harness.Report) -> None:
+    """A writer that crashed leaves the dirty bit and leaks (clusters
+    refcounted, never linked): the next siphon writer reclaims them before
+    it writes, so a restarted stream leaves an image qemu-img check finds
+    clean, with the chain's content."""
+    d = os.path.join(tmp, "restart")
+    os.mkdir(d)
+    base = os.path.join(d, "base.qcow2")
+    top = os.path.join(d, "top.qcow2")
+    corpus.create_qcow2(base, 8 * MiB, "cluster_size=4096")
+    corpus.qemu_io(base, "qcow2", "write -P 0x5a 0 3M", "write -P 0x5b 5M 1M")
+    corpus.create_qcow2(top, 8 * MiB, "cluster_size=4096", backing=base,
+                        backing_fmt="qcow2", relative=True)
+    corpus.qemu_io(top, "qcow2", "write -P 0x11 1M 64k")
+    want = os.path.join(d, "want.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", top, want],
+                   check=True, timeout=120)
+    leak_at_end(top, 7)
+    q = Q(top)
+    q.put64(72, q.u64(72) | 1)  # dirty: the crashed writer's mark
+    probs = []
+    qrc, before = qemu_check(top)
+    if qrc != 3 or before.get("leaks") != 7:
+        probs.append(f"setup: qemu-img check exit {qrc} {summary(before)}")
+    r = run([siphon, "stream", "--no-progress", top], timeout=120)
+    if r.rc != 0:
+        probs.append(f"stream: {r.describe()}")
+    qrc, after = qemu_check(top)
+    if qrc != 0:
+        probs.append(f"after the stream: qemu-img check exit {qrc} "
+                     f"{summary(after)}")
+    if Q(top).u64(72) & 1:
+        probs.append("the dirty bit is still set after a clean close")
+    p = subprocess.run(["qemu-img", "compare", "-F", "raw", top, want],
+                       capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        probs.append(f"content: {p.stdout.strip()} {p.stderr.strip()}")
+    rep.emit("restart reclaims a crash's leaks", probs)
+
+
 def case_raw(siphon: str, tmp: str, rep: harness.Report) -> None:
     p = os.path.join(tmp, "x.raw")
     with open(p, "wb") as f:
@@ -391,6 +434,7 @@ def main() -> int:
             case_fault(siphon, tmp, name, patch, repair, counts, rep)
         case_window(siphon, tmp, rep)
         case_in_use(siphon, tmp, rep)
+        case_restart_reclaims(siphon, tmp, rep)
         case_raw(siphon, tmp, rep)
         case_corpus(siphon, tmp, rep)
     return rep.finish()

@@ -695,18 +695,36 @@ static void poke64(const char *path, off_t off, uint64_t v)
 	sio_file_close(f);
 }
 
+static uint64_t peek64(const char *path, uint64_t off)
+{
+	struct sio_file *f;
+	uint64_t v;
+
+	ck_assert_int_eq(sio_file_open(path, SIO_RDONLY | SIO_BUFFERED, &f), 0);
+	ck_assert_int_eq(sio_pread(f, &v, 8, off), 0);
+	sio_file_close(f);
+	return be64toh(v);
+}
+
 START_TEST(t_open_checks)
 {
 	const char *p = tpath("o.qcow2");
 	struct opts o = {.size = 1 * MiB};
 	struct img *img = NULL;
 
+	/*
+	 * A dirty image is repaired when opened for writing; while open it
+	 * is dirty, and a clean close clears the bit.
+	 */
 	create(p, &o);
 	poke64(p, 72, QCOW2_INCOMPAT_DIRTY);
-	ck_assert_int_eq(img_open(p, "qcow2", IMG_OPEN_RDWR, &img), -EUCLEAN);
-	ck_assert_ptr_nonnull(strstr(sx_last_error(), "qemu-img check -r all"));
-	ck_assert_int_eq(img_open(p, "qcow2", 0, &img), 0);
+	ck_assert_int_eq(img_open(p, "qcow2", IMG_OPEN_RDWR, &img), 0);
+	ck_assert_uint_eq(peek64(p, 72) & QCOW2_INCOMPAT_DIRTY,
+			  QCOW2_INCOMPAT_DIRTY);
 	img_close(img);
+	ck_assert_uint_eq(peek64(p, 72), 0);
+	if (have_qemu)
+		ck_assert_int_eq(qcheck(p), 0);
 
 	/* Unknown autoclear bits and the bitmaps bit are cleared. */
 	create(p, &o);
@@ -895,9 +913,14 @@ static void fail_one_run(enum sio_op op, int n, struct fail_run *r,
 	memcpy(r->m.b + 1536 * KiB, buf, 64 * KiB);
 	r->failed += img_pwrite(img, buf, 64 * KiB, 1536 * KiB) != 0;
 	r->failed += img_flush(img) != 0;
-	img_close(img);
+	/*
+	 * Counted before the close: its own requests (clearing the dirty
+	 * bit) cannot report a failure; one left dirty is repaired when
+	 * opened next.
+	 */
 	*writes = sio_mem_count(mem, SIO_OP_WRITE) - w0;
 	*syncs = sio_mem_count(mem, SIO_OP_FDATASYNC) - s0;
+	img_close(img);
 	ck_assert_int_eq(sio_mem_fail(mem, 0, 0, 0, EIO), 0);
 	free(buf);
 }
