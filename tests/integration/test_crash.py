@@ -6,7 +6,9 @@ random cluster runs of a qcow2 overlay that already holds some data, over a
 raw backing file full of another pattern (a cluster linked before its data
 landed reads zeros, which no write wrote), with a flush every few writes. After any crash every cluster must read either its
 initial content or the pattern of one of the writes that covered it, and
-`qemu-img check` must exit 0 or 3 (leaked clusters only, never corruption).
+`qemu-img check` must exit 0 or 3 (leaked clusters only, never corruption),
+and `siphon check` must exit as qemu-img check does. After a kill, the next
+writer (`siphon io IMAGE flush`) leaves the image clean: check exits 0.
 
 (a) SIGKILL: `siphon io` runs the workload and is killed at a random moment
     (seeded); the surviving image is checked. The page cache survives a
@@ -104,6 +106,13 @@ def verify(path: str, allowed: dict[int, set[int]], scratch: str) \
         if k.rc != 1 or "lock" not in k.err:
             break
         time.sleep(0.05)
+    # siphon check must classify every crash state as qemu does.
+    sc = harness.run([harness.siphon_binary() or "siphon", "check", "-q",
+                      "-f", "qcow2", path])
+    if sc.rc != k.rc:
+        problems.append(f"siphon check exits {sc.rc}, qemu-img check "
+                        f"{k.rc}: {sc.out.decode(errors='replace').strip()}"
+                        f" {sc.err.strip()}")
     if k.rc not in (0, 3):
         problems.append(f"qemu-img check exit {k.rc}: "
                         f"{k.out.decode(errors='replace').strip()} "
@@ -178,6 +187,16 @@ def run_kills(siphon: str, tmp: str, rep: harness.Report, kills: int,
         state = "killed" if p.returncode == -signal.SIGKILL else \
             f"exited {p.returncode} before the kill"
         problems = verify(img, allowed, d)
+        leaks = harness.run(["qemu-img", "check", "-f", "qcow2", img]).rc == 3
+        if not problems:
+            # The next writer reclaims what the kill leaked.
+            r = harness.run([siphon, "io", "-q", img, "flush"])
+            k = harness.run(["qemu-img", "check", "-f", "qcow2", img])
+            if r.rc != 0 or k.rc != 0:
+                problems.append("reopened for writing: " + r.describe() +
+                                " then " + k.describe())
+            if leaks:
+                state += ", leaks reclaimed by the next writer"
         if p.returncode not in (0, -signal.SIGKILL):
             problems.append(f"siphon io exit {p.returncode}: "
                             f"{err.decode(errors='replace')}")
