@@ -1,0 +1,126 @@
+#!/bin/bash
+#
+# siphon check against qemu-img check on large images: wall time and peak
+# memory, and whether the two agree (exit code, leaks, corruptions).
+#
+#   bash bench/check_bench.sh [SIZE [REPS]]          (default 1T 3)
+#
+# Images (64 KiB clusters, SIZE virtual):
+#   prealloc  preallocation=metadata: every L2 table and every data cluster
+#             referenced, the host file SIZE long (sparse): the most
+#             metadata a SIZE image can hold (128 MiB of L2 per TiB) and a
+#             host file of SIZE / 64 KiB clusters, so siphon counts it in
+#             several windows (4 Mi clusters each by default);
+#   leaky     the same with 1000 leaked clusters and a refcount lowered,
+#             so both tools have something to report.
+# Also the metadata bytes each check reads (L2 tables and refcount blocks)
+# divided by siphon's time: the rate it reads metadata at.
+#
+# Env: BENCH_DIR (default /var/tmp/siphon-bench), SIPHON, BENCH_KEEP=1.
+set -euo pipefail
+
+# shellcheck source=bench/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+size=${1:-1T}
+reps=${2:-3}
+bench_need qemu-img qemu-io python3 awk /usr/bin/time
+bench_workdir check
+
+echo "bench: $size images in $work"
+qemu-img create -q -f qcow2 -o cluster_size=64k,preallocation=metadata \
+	"$work/prealloc.qcow2" "$size"
+cp --sparse=always "$work/prealloc.qcow2" "$work/leaky.qcow2"
+# 1000 leaked clusters past the end, one data cluster's refcount lowered.
+python3 - "$work/leaky.qcow2" <<'PY'
+import os, struct, sys
+p = sys.argv[1]
+with open(p, "r+b") as f:
+    h = f.read(104)
+    cs = 1 << struct.unpack_from(">I", h, 20)[0]
+    l1_off = struct.unpack_from(">Q", h, 40)[0]
+    rt_off = struct.unpack_from(">Q", h, 48)[0]
+    per = cs // 2
+    def rc_addr(host):
+        c = host // cs
+        f.seek(rt_off + 8 * (c // per))
+        blk = struct.unpack(">Q", f.read(8))[0] & ~0x1ff
+        return blk + 2 * (c % per)
+    end = (os.path.getsize(p) + cs - 1) // cs * cs
+    f.truncate(end + 1000 * cs)
+    for i in range(1000):
+        a = rc_addr(end + i * cs)
+        assert a > 0x1ff, "no refcount block for the tail"
+        f.seek(a)
+        f.write(struct.pack(">H", 1))
+    f.seek(l1_off)
+    l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+    f.seek(l2 + 8 * 5)
+    data = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+    f.seek(rc_addr(data))
+    f.write(struct.pack(">H", 0))
+PY
+ls -ls "$work"
+
+measure() {
+	local name=$1
+	shift
+	drop_caches
+	set +e
+	/usr/bin/time -v -o "$work/$name.time" "$@" >"$work/$name.json" \
+		2>"$work/$name.err"
+	code=$?
+	set -e
+	wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {
+		n = split($2, p, ":"); s = 0
+		for (i = 1; i <= n; i++) s = s * 60 + p[i]
+		print s }' "$work/$name.time")
+	rss=$(awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }' \
+		"$work/$name.time")
+}
+
+field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], 0))' "$1" "$2"; }
+
+printf '\n%-9s %-4s %-9s %8s %12s %5s %6s %6s %7s\n' image rep tool "wall s" \
+	"max RSS MiB" exit leaks corr passes
+for img in prealloc leaky; do
+	for ((rep = 1; rep <= reps; rep++)); do
+		for tool in qemu-img siphon; do
+			if [[ $tool == siphon ]]; then
+				measure "$img-$tool" "$SIPHON" check --output=json \
+					"$work/$img.qcow2"
+				passes=$(field "$work/$img-$tool.json" passes)
+			else
+				measure "$img-$tool" qemu-img check --output=json \
+					"$work/$img.qcow2"
+				passes=-
+			fi
+			printf '%-9s %-4s %-9s %8s %12s %5s %6s %6s %7s\n' "$img" \
+				"$rep" "$tool" "$wall" "$rss" "$code" \
+				"$(field "$work/$img-$tool.json" leaks)" \
+				"$(field "$work/$img-$tool.json" corruptions)" "$passes"
+		done
+	done
+done
+# What siphon reads per pass: every L2 table twice (references, then
+# COPIED flags) and every refcount block twice (loaded, compared).
+python3 - "$work/prealloc.qcow2" "$wall" "$passes" <<'PY'
+import struct, sys
+p, wall, passes = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+with open(p, "rb") as f:
+    h = f.read(104)
+    cs = 1 << struct.unpack_from(">I", h, 20)[0]
+    l1n = struct.unpack_from(">I", h, 36)[0]
+    rtc = struct.unpack_from(">I", h, 56)[0]
+    l1_off = struct.unpack_from(">Q", h, 40)[0]
+    rt_off = struct.unpack_from(">Q", h, 48)[0]
+    f.seek(l1_off); l1 = struct.unpack(f">{l1n}Q", f.read(8 * l1n))
+    f.seek(rt_off); rt = struct.unpack(f">{rtc * cs // 8}Q", f.read(rtc * cs))
+l2 = sum(1 for e in l1 if e & 0x00fffffffffffe00)
+rb = sum(1 for e in rt if e)
+mib = (2 * l2 * passes + 2 * rb) * cs / 2**20
+print(f"\nleaky, last siphon run: {l2} L2 tables and {rb} refcount blocks; "
+      f"{passes} passes read {mib:.0f} MiB of metadata in {wall:.2f} s "
+      f"= {mib / wall:.0f} MiB/s")
+PY
+bench_cleanup
