@@ -62,22 +62,6 @@ with open(p, "r+b") as f:
 PY
 ls -ls "$work"
 
-measure() {
-	local name=$1
-	shift
-	drop_caches
-	set +e
-	/usr/bin/time -v -o "$work/$name.time" "$@" >"$work/$name.json" \
-		2>"$work/$name.err"
-	code=$?
-	set -e
-	wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {
-		n = split($2, p, ":"); s = 0
-		for (i = 1; i <= n; i++) s = s * 60 + p[i]
-		print s }' "$work/$name.time")
-	rss=$(awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }' \
-		"$work/$name.time")
-}
 
 field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], 0))' "$1" "$2"; }
 
@@ -87,16 +71,16 @@ for img in prealloc leaky; do
 	for ((rep = 1; rep <= reps; rep++)); do
 		for tool in qemu-img siphon; do
 			if [[ $tool == siphon ]]; then
-				measure "$img-$tool" "$SIPHON" check --output=json \
+				bench_time "$img-$tool" "$SIPHON" check --output=json \
 					"$work/$img.qcow2"
 				passes=$(field "$work/$img-$tool.json" passes)
 			else
-				measure "$img-$tool" qemu-img check --output=json \
+				bench_time "$img-$tool" qemu-img check --output=json \
 					"$work/$img.qcow2"
 				passes=-
 			fi
 			printf '%-9s %-4s %-9s %8s %12s %5s %6s %6s %7s\n' "$img" \
-				"$rep" "$tool" "$wall" "$rss" "$code" \
+				"$rep" "$tool" "$wall" "$(calc "$rss / 1024")" "$code" \
 				"$(field "$work/$img-$tool.json" leaks)" \
 				"$(field "$work/$img-$tool.json" corruptions)" "$passes"
 		done

@@ -62,6 +62,26 @@ now() {
 	date +%s.%N
 }
 
+# bench_time NAME CMD...: run CMD with the page cache dropped under GNU
+# time -v, stdout to $work/NAME.json, stderr to $work/NAME.err; sets
+# $wall (seconds), $rss (max RSS, KiB) and $code (CMD's exit code).
+bench_time() {
+	local name=$1
+	shift
+	drop_caches
+	set +e
+	/usr/bin/time -v -o "$work/$name.time" "$@" >"$work/$name.json" \
+		2>"$work/$name.err"
+	code=$?
+	set -e
+	wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {
+		n = split($2, p, ":"); s = 0
+		for (i = 1; i <= n; i++) s = s * 60 + p[i]
+		print s }' "$work/$name.time")
+	rss=$(awk -F': ' '/Maximum resident set size/ { print $2 }' \
+		"$work/$name.time")
+}
+
 # calc EXPR: floating point arithmetic with awk.
 calc() {
 	awk "BEGIN { printf \"%.3f\", $1 }"

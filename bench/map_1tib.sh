@@ -52,29 +52,15 @@ qemu-img create -q -f qcow2 -b base.raw -F raw "$work/top.qcow2" 1T
 write_scattered "$work/top.qcow2" qcow2 "$top_writes" 2 0x22
 ls -ls "$work"
 
-# measure NAME CMD...: wall seconds and max RSS KiB of CMD (stdout to
-# $work/NAME.json), via GNU time -v.
-measure() {
-	local name=$1
-	shift
-	drop_caches
-	/usr/bin/time -v -o "$work/$name.time" "$@" >"$work/$name.json"
-	wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {
-		n = split($2, p, ":"); s = 0
-		for (i = 1; i <= n; i++) s = s * 60 + p[i]
-		print s }' "$work/$name.time")
-	rss=$(awk -F': ' '/Maximum resident set size/ { print $2 }' \
-		"$work/$name.time")
-}
 
 printf '\n%-6s %-10s %10s %14s %10s\n' rep tool "wall s" "max RSS MiB" \
 	extents
 for ((rep = 1; rep <= reps; rep++)); do
 	for name in qemu-img siphon; do
 		if [[ $name == siphon ]]; then
-			measure siphon "$SIPHON" map --output=json "$work/top.qcow2"
+			bench_time siphon "$SIPHON" map --output=json "$work/top.qcow2"
 		else
-			measure qemu-img qemu-img map --output=json "$work/top.qcow2"
+			bench_time qemu-img qemu-img map --output=json "$work/top.qcow2"
 		fi
 		extents=$(grep -c '"start"' "$work/$name.json" || true)
 		printf '%-6s %-10s %10s %14s %10s\n' "$rep" "$name" "$wall" \
