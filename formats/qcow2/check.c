@@ -607,10 +607,18 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 	return 0;
 }
 
+/*
+ * Read a table of 64-bit entries into k->tbl: 0, or 1 when the table does
+ * not lie within the file (counting it reported that; a hostile
+ * table must not cost reads of zeros).
+ */
 static int read_table(struct ck *k, const struct ck_table *t)
 {
 	uint64_t i;
 	int ret;
+
+	if (!sx_range_within(t->off, t->entries * 8, k->file_size))
+		return 1;
 
 	ret = tbl_reserve(k, t->entries * 8);
 	if (ret)
@@ -640,8 +648,10 @@ static int count_window(struct ck *k)
 		inc(k, k->snaps[i].off, k->snaps[i].entries * 8, true,
 		    "snapshot L1 table");
 		ret = read_table(k, &k->snaps[i]);
-		if (ret)
+		if (ret < 0)
 			return ret;
+		if (ret)
+			continue;
 		ret = walk_l1(k, k->tbl, k->snaps[i].entries, k->snaps[i].off,
 			      false, CK_COUNT);
 		if (ret)
@@ -655,8 +665,10 @@ static int count_window(struct ck *k)
 		inc(k, k->bmts[i].off, k->bmts[i].entries * 8, true,
 		    "bitmap table");
 		ret = read_table(k, &k->bmts[i]);
-		if (ret)
+		if (ret < 0)
 			return ret;
+		if (ret)
+			continue;
 		for (j = 0; j < k->bmts[i].entries; j++) {
 			uint64_t off = k->tbl[j] & CK_BMT_OFFSET_MASK;
 
