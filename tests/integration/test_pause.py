@@ -17,7 +17,12 @@ leaves only ROOM bytes free on the tmpfs, so the stream hits ENOSPC part way.
   no corruption) and still reading as the chain;
 - stop: exit 1 with "No space left on device" on stderr; the image checks
   without corruption (exit 0 or leaks only, reported), reads as the chain,
-  and a later stream with room completes it.
+  and a later stream with room completes it;
+- the daemon: `siphon serve --control`, `siphon ctl stream DISK
+  --on-error=pause`: info reports state "paused" with errno ENOSPC, the
+  events connection gets a "paused" event, `siphon ctl resume DISK` once
+  the filler is gone leads to "completed" (identical, check clean), and
+  resume with no stream is refused with ESRCH.
 
 Every wait is a poll with a generous deadline (to never hang), not a timed
 assertion. The tmpfs is unmounted and everything removed in any case.
@@ -314,6 +319,110 @@ def case_stop(siphon, mnt, base, rep: harness.Report) -> None:
     rep.emit("stop", problems, info=info)
 
 
+def ctl(siphon: str, csock: str, *args: str) -> tuple[int | None, dict]:
+    r = harness.run([siphon, "ctl", "--output=json", csock] + list(args))
+    try:
+        return r.rc, json.loads(r.out.decode(errors="replace")
+                                .splitlines()[0])
+    except (ValueError, IndexError):
+        return r.rc, {"unparsed": r.out.decode(errors="replace"),
+                      "stderr": r.err}
+
+
+def ctl_stream_state(siphon: str, csock: str) -> dict:
+    _, r = ctl(siphon, csock, "info")
+    disks = r.get("disks") or [{}]
+    return disks[0].get("stream", {})
+
+
+def poll_state(siphon: str, csock: str, want: str, on_paused=None) -> dict:
+    """Poll the daemon's info until the stream's state is want (calling
+    on_paused() whenever it is paused); the last stream member seen."""
+    end = time.monotonic() + DEADLINE
+    st: dict = {}
+    while time.monotonic() < end:
+        st = ctl_stream_state(siphon, csock)
+        if st.get("state") == want:
+            break
+        if st.get("state") == "paused" and on_paused:
+            on_paused()
+        time.sleep(0.2)
+    return st
+
+
+def case_serve(siphon, tmp, mnt, base, rep: harness.Report) -> None:
+    """The daemon: stream with "on_error": "pause" on the control socket,
+    info says paused (ENOSPC), a paused event, resume once there is room,
+    completed; resume with no stream is ESRCH."""
+    problems: list[str] = []
+    top = make_top(mnt, base, "serve.qcow2")
+    filler = fill(mnt, ROOM)
+    csock = os.path.join(tmp, "ctl.sock")
+    log = open(os.path.join(tmp, "serve.log"), "wb")
+    srv = subprocess.Popen([siphon, "serve", "--listen",
+                            "unix:" + os.path.join(tmp, "nbd.sock"),
+                            "--control", csock, top + "=d"],
+                           stdout=log, stderr=subprocess.STDOUT)
+    ev = None
+    resumed = []
+    try:
+        end = time.monotonic() + DEADLINE
+        while not os.path.exists(csock) and srv.poll() is None and \
+                time.monotonic() < end:
+            time.sleep(0.05)
+        ev = Proc([siphon, "ctl", "--output=json", csock, "events"])
+        ev.wait_for(lambda s: b'"ok": true' in s.out or b'"ok":true' in
+                    s.out, 10)
+        rc, r = ctl(siphon, csock, "stream", "d", "--on-error=pause")
+        if rc != 0 or not r.get("ok"):
+            problems.append(f"stream --on-error=pause: {rc} {r!r}")
+        st = poll_state(siphon, csock, "paused")
+        if st.get("state") != "paused" or st.get("errno") != "ENOSPC" or \
+                "paused at offset" not in st.get("message", ""):
+            problems.append(f"info while paused: {st!r}")
+        if not ev.wait_for(lambda s: any(j.get("event") == "paused" and
+                                         j.get("errno") == "ENOSPC"
+                                         for j in s.json_lines())):
+            problems.append("no paused event: " + ev.describe())
+        os.unlink(filler)
+
+        def resume():
+            rc, r = ctl(siphon, csock, "resume", "d")
+            resumed.append((rc, r.get("ok"), r.get("errno")))
+        st = poll_state(siphon, csock, "completed", on_paused=resume)
+        if st.get("state") != "completed":
+            problems.append(f"not completed after resume: {st!r} "
+                            f"{resumed!r}")
+        if not any(x[1] for x in resumed):
+            problems.append(f"no resume answered ok: {resumed!r}")
+        rc, r = ctl(siphon, csock, "resume", "d")
+        if rc != 1 or r.get("errno") != "ESRCH":
+            problems.append(f"resume with no stream: {rc} {r!r}")
+    finally:
+        if ev:
+            ev.kill()
+        if srv.poll() is None:
+            srv.send_signal(signal.SIGTERM)
+            try:
+                srv.wait(timeout=DEADLINE)
+            except subprocess.TimeoutExpired:
+                srv.kill()
+                srv.wait()
+        log.close()
+        if os.path.exists(filler):
+            os.unlink(filler)
+    if srv.returncode != 0:
+        problems.append(f"serve exit {srv.returncode}")
+    if not problems:
+        problems += compare(top, base)
+        r = qemu_check(top)
+        if r.rc != 0:
+            problems.append("qemu-img check must be clean: " + r.describe())
+    os.unlink(top)
+    rep.emit("serve_control", problems,
+             info=f"{len(resumed)} resume(s) sent")
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="siphon-pause-") as tmp:
         siphon = harness.preflight(tmp)
@@ -331,6 +440,7 @@ def main() -> int:
             for case in (case_pause_human, case_pause_json,
                          case_pause_sigint, case_stop):
                 case(siphon, mnt, base, rep)
+            case_serve(siphon, tmp, mnt, base, rep)
         finally:
             umount(mnt)
         return rep.finish()
