@@ -71,7 +71,6 @@ struct stream_job {
 	uint64_t speed; /* (L) */
 	_Atomic bool abort;
 	char base_path[SIPHON_PATH_MAX];
-	int on_error; /* enum siphon_on_error */
 	/* (L) paused (SIPHON_ON_ERROR_PAUSE): written by the worker only */
 	bool paused;
 	int pause_err; /* positive errno */

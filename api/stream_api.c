@@ -67,7 +67,6 @@ static int job_new(struct disk *d, const struct disk_cmd *cmd, bool continuous)
 	job->end = p.end;
 	job->continuous = continuous;
 	job->speed = cmd->bandwidth;
-	job->on_error = cmd->on_error;
 	if (cmd->base)
 		snprintf(job->base_path, sizeof(job->base_path), "%s",
 			 cmd->base);
@@ -179,6 +178,9 @@ void stream_job_fail(struct disk *d, int err)
 			 sx_last_error()[0] ? sx_last_error() : strerror(-err));
 	}
 	stream_request_abort(job->s);
+	/* Paused, it is not pumped: disk_turn() reaps it instead. */
+	if (job->paused)
+		atomic_store(&job->abort, true);
 }
 
 /*
