@@ -184,6 +184,7 @@ static void handle_cmds(struct disk *d)
 		switch (cmd->kind) {
 		case DISK_CMD_STREAM_START:
 		case DISK_CMD_STREAM_STEP:
+		case DISK_CMD_STREAM_RESUME:
 			if (stream_cmd_run(d, cmd))
 				disk_cmd_finish(cmd, cmd->ret);
 			break;
@@ -253,13 +254,15 @@ static void disk_turn(struct disk *d)
 	edisk_kick(d->eng);
 	if (atomic_load(&d->stop) && d->job)
 		atomic_store(&d->job->abort, true);
-	if (d->job && d->job->abort && !d->job->continuous && !d->job->step)
+	if (d->job && d->job->abort &&
+	    (d->job->paused || (!d->job->continuous && !d->job->step)))
 		stream_job_reap(d);
 }
 
 static bool has_stream_work(const struct disk *d)
 {
-	return d->job && (d->job->continuous || d->job->step);
+	return d->job && !d->job->paused &&
+	       (d->job->continuous || d->job->step);
 }
 
 /* One pump for every disk with stream work, from a rotating start. */

@@ -71,6 +71,10 @@ struct stream_job {
 	uint64_t speed; /* (L) */
 	_Atomic bool abort;
 	char base_path[SIPHON_PATH_MAX];
+	/* (L) paused (SIPHON_ON_ERROR_PAUSE): written by the worker only */
+	bool paused;
+	int pause_err; /* positive errno */
+	char pause_msg[SIPHON_MESSAGE_MAX];
 
 	/* worker only */
 	uint64_t end; /* clusters */
@@ -78,12 +82,14 @@ struct stream_job {
 	uint64_t step_limit; /* its last cluster + 1 */
 	int err; /* the worker's own error (queue, flush) */
 	char errmsg[SIPHON_MESSAGE_MAX];
+	char abort_msg[SIPHON_MESSAGE_MAX]; /* a CANCELLED end's, or "" */
 };
 
 enum disk_cmd_kind {
 	DISK_CMD_STREAM_START = 1, /* CONTINUOUS */
 	DISK_CMD_STREAM_STEP, /* one incremental call */
 	DISK_CMD_GUEST_STATS, /* copy the guest engine's counters */
+	DISK_CMD_STREAM_RESUME, /* resume a paused stream */
 };
 
 /*
@@ -104,6 +110,7 @@ struct disk_cmd {
 	unsigned queue_depth; /* extents in flight, 0: default */
 	uint64_t extent_size; /* 0: default */
 	const char *base; /* NULL: whole chain */
+	int on_error; /* enum siphon_on_error */
 	struct guest_stats stats; /* DISK_CMD_GUEST_STATS */
 	uint64_t sync_waits[3]; /* DISK_CMD_GUEST_STATS: edisk_sync_waits() */
 
@@ -264,7 +271,10 @@ bool stream_cmd_run(struct disk *d, struct disk_cmd *cmd);
  * done.
  */
 void stream_job_pump(struct disk *d, uint64_t now);
-/* Worker: end an idle incremental stream (no step running) that was aborted. */
+/*
+ * Worker: end an aborted stream that is idle: an incremental one with no
+ * step running, or a paused one.
+ */
 void stream_job_reap(struct disk *d);
 /* Worker: stop the job with an error (e.g. the queue failed). */
 void stream_job_fail(struct disk *d, int err);

@@ -82,15 +82,27 @@ enum siphon_event_kind {
 	SIPHON_EVENT_STREAM_COMPLETED = 1, /* finalized: backing dropped */
 	SIPHON_EVENT_STREAM_CANCELLED = 2, /* aborted (abort, detach, close) */
 	SIPHON_EVENT_STREAM_FAILED = 3, /* stopped by an error */
+	/*
+	 * Since 0.1.4: paused by an error (on_error SIPHON_ON_ERROR_PAUSE);
+	 * not an end: the stream is still there, and resumes with
+	 * siphon_block_stream_resume(). Only streams started with that
+	 * option send it.
+	 */
+	SIPHON_EVENT_STREAM_PAUSED = 4,
 };
 
-/* A stream ended. One event per stream, CONTINUOUS or incremental. */
+/*
+ * A stream ended: one event per stream, CONTINUOUS or incremental. A stream
+ * with on_error SIPHON_ON_ERROR_PAUSE also sends a PAUSED event each time it
+ * pauses, before its one end event.
+ */
 struct siphon_event {
 	size_t size; /* caller: sizeof(struct siphon_event) */
 	int kind; /* enum siphon_event_kind */
 	int error; /* positive errno; 0 when completed */
 	char path[SIPHON_PATH_MAX]; /* the disk */
-	char message[SIPHON_MESSAGE_MAX]; /* why it failed, or "" */
+	/* why it failed or paused (naming the image and offset), or "" */
+	char message[SIPHON_MESSAGE_MAX];
 	uint64_t bytes_copied; /* by the whole stream */
 };
 
@@ -236,6 +248,24 @@ enum siphon_stream_flags {
 	SIPHON_STREAM_MASK = (1 << 1) - 1,
 };
 
+/*
+ * What a stream does when its own I/O (a copy, its flush: never a guest
+ * request) fails (siphon_block_stream_params.on_error).
+ */
+enum siphon_on_error {
+	SIPHON_ON_ERROR_STOP = 0, /* the stream ends FAILED (the default) */
+	/*
+	 * On ENOSPC, EDQUOT or EIO the stream pauses instead: state
+	 * SIPHON_STREAM_PAUSED, a SIPHON_EVENT_STREAM_PAUSED event with the
+	 * errno and a message. What it copied stays (the extents that failed
+	 * gave back their clusters; the cursor stays at the first cluster
+	 * not copied), guest I/O goes on being served, and the stream waits
+	 * for siphon_block_stream_resume() or an abort. Other errors end it
+	 * FAILED as with STOP.
+	 */
+	SIPHON_ON_ERROR_PAUSE = 1,
+};
+
 struct siphon_block_stream_params {
 	size_t size; /* sizeof(struct siphon_block_stream_params) */
 	const char *base; /* stream down to this layer of the chain: data
@@ -249,6 +279,8 @@ struct siphon_block_stream_params {
 	/* Since 0.1.1: fixed pipeline shape (0: the engine's default). */
 	unsigned queue_depth; /* copy extents in flight, at most 1024 */
 	uint64_t extent_size; /* bytes per copy extent, 512 B .. 64 MiB */
+	/* Since 0.1.4: enum siphon_on_error, read when a stream opens. */
+	unsigned on_error;
 };
 
 /*
@@ -283,7 +315,10 @@ SIPHON_API int siphon_block_stream(siphon_domain *dom, const char *path,
  * incremental step while a CONTINUOUS stream runs), -ENOTSUP (the top's
  * format cannot be written), -EROFS, -ECANCELED (the incremental stream was
  * aborted during the step), -EFBIG (too many clusters for a cursor), -EIO,
- * -ENOSPC and other I/O errors (the incremental stream then ends as FAILED).
+ * -ENOSPC and other I/O errors (the incremental stream then ends as FAILED;
+ * with SIPHON_ON_ERROR_PAUSE and ENOSPC, EDQUOT or EIO it stays open,
+ * PAUSED, and the step returns that error), -EAGAIN (a step of a paused
+ * incremental stream: resume it first).
  * Thread safe; an incremental step blocks the calling thread, not others.
  */
 SIPHON_API int
@@ -300,13 +335,28 @@ enum siphon_abort_flags {
  * Abort the stream of the disk at path (CONTINUOUS, or an open incremental
  * stream). Without SIPHON_ABORT_ASYNC, returns once the stream has stopped
  * and the image is flushed and consistent; with it, at once. A CANCELLED
- * event follows (COMPLETED if the stream finished first).
+ * event follows (COMPLETED if the stream finished first). A paused stream
+ * is aborted the same way (CANCELLED; should its flush fail again, the
+ * event's message says so and the metadata stays for the next flush).
  * Returns 0. Errors: -EINVAL (NULL, bad path, unknown flags),
  * -ENAMETOOLONG, -ENOENT (not attached), -ESRCH (no stream on the disk).
  * Thread safe.
  */
 SIPHON_API int siphon_block_stream_abort(siphon_domain *dom, const char *path,
 					 unsigned flags);
+
+/*
+ * Resume the disk's paused stream (SIPHON_ON_ERROR_PAUSE): it plans again
+ * from its cursor, copying what failed and skipping what is local. A
+ * CONTINUOUS stream goes on in the background (it may pause again: another
+ * PAUSED event); an incremental one takes steps again. flags: none yet,
+ * must be 0. Returns 0 once the stream runs again. Errors: -EINVAL (NULL,
+ * bad path, flags, or the stream is not paused), -ENAMETOOLONG, -ENOENT
+ * (not attached), -ESRCH (no stream on the disk), -ECANCELED (the stream
+ * is being aborted). Thread safe.
+ */
+SIPHON_API int siphon_block_stream_resume(siphon_domain *dom, const char *path,
+					  unsigned flags);
 
 /*
  * Change the bandwidth limit of the disk's stream (bytes/s, 0: unlimited),
@@ -327,7 +377,7 @@ struct siphon_block_stream_info {
 
 /*
  * Fill info[0 .. min(nr, count)) with the domain's active streams (running
- * CONTINUOUS streams and open incremental ones), in attach order. info may
+ * or paused CONTINUOUS streams and open incremental ones), in attach order. info may
  * be NULL when nr is 0. flags: must be 0.
  * Returns count, the number of active streams (may exceed nr). Errors:
  * -EINVAL (dom NULL, info NULL with nr > 0, flags). Thread safe: a snapshot.
@@ -342,6 +392,11 @@ enum siphon_stream_state {
 	SIPHON_STREAM_COMPLETED = 2, /* finalized */
 	SIPHON_STREAM_CANCELLED = 3,
 	SIPHON_STREAM_FAILED = 4,
+	/*
+	 * Since 0.1.4: paused by an error (SIPHON_ON_ERROR_PAUSE), error and
+	 * message say which; active, like RUNNING, until resumed or aborted.
+	 */
+	SIPHON_STREAM_PAUSED = 5,
 };
 
 enum siphon_info_flags {
@@ -356,7 +411,7 @@ struct siphon_block_stream_info_ex {
 	char base[SIPHON_PATH_MAX]; /* "" when streaming the whole chain */
 	int state; /* enum siphon_stream_state */
 	unsigned flags; /* SIPHON_STREAM_CONTINUOUS or 0 */
-	int error; /* positive errno once FAILED, else 0 */
+	int error; /* positive errno once FAILED or while PAUSED, else 0 */
 	char message[SIPHON_MESSAGE_MAX];
 	uint64_t cur; /* cursors, as in the proposal's info */
 	uint64_t end;

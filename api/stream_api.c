@@ -9,6 +9,13 @@
  * queues the event and wakes synchronous aborts, all in one critical
  * section, so a caller whose abort returned finds the event queued.
  *
+ * Pause (SIPHON_ON_ERROR_PAUSE): when the engine reports its stream paused
+ * (stream_paused(): stopped on ENOSPC, EDQUOT or EIO, drained, flushed if
+ * it could be), the job stays published with job->paused set, which takes
+ * it out of the worker's pumps; a PAUSED event is queued. A RESUME command
+ * clears it on the worker (stream_resume()) and the pumps take it up again;
+ * an abort reaps it like an idle incremental stream, after a flush.
+ *
  * Cursors: (cluster << CURSOR_TAG_BITS) | tag, where tag (never 0) is the
  * job's, drawn from a per-domain counter with a random start. The tag sits
  * in the low bits so that cur / end still approximates progress; a cursor of
@@ -42,6 +49,9 @@ static int job_new(struct disk *d, const struct disk_cmd *cmd, bool continuous)
 	sp.speed = cmd->bandwidth;
 	sp.queue_depth = cmd->queue_depth;
 	sp.extent_size = cmd->extent_size;
+	sp.on_error = cmd->on_error == SIPHON_ON_ERROR_PAUSE
+			      ? STREAM_ON_ERROR_PAUSE
+			      : STREAM_ON_ERROR_STOP;
 	ret = edisk_stream_create(d->eng, &sp, &job->s);
 	if (ret < 0) {
 		job->s = NULL;
@@ -84,6 +94,11 @@ static void job_report_running(struct stream_job *job, struct job_report *r)
 	r->speed = job->speed;
 	snprintf(r->base, sizeof(r->base), "%s", job->base_path);
 	stream_get_progress(job->s, &r->progress);
+	if (job->paused) {
+		r->state = SIPHON_STREAM_PAUSED;
+		r->error = job->pause_err;
+		snprintf(r->message, sizeof(r->message), "%s", job->pause_msg);
+	}
 }
 
 /*
@@ -101,6 +116,9 @@ static void job_end(struct disk *d, int ret)
 	pthread_mutex_lock(&dom->lock); /* job->speed */
 	job_report_running(job, &r);
 	pthread_mutex_unlock(&dom->lock);
+	r.state = SIPHON_STREAM_RUNNING;
+	r.error = 0;
+	r.message[0] = '\0';
 	if (r.progress.finalized) {
 		r.state = SIPHON_STREAM_COMPLETED;
 	} else if (job->err) {
@@ -110,7 +128,7 @@ static void job_end(struct disk *d, int ret)
 	} else if (ret == -ECANCELED || (ret >= 0 && job->abort)) {
 		r.state = SIPHON_STREAM_CANCELLED;
 		r.error = ECANCELED;
-		msg = "stream aborted";
+		msg = job->abort_msg[0] ? job->abort_msg : "stream aborted";
 	} else if (ret < 0) {
 		r.state = SIPHON_STREAM_FAILED;
 		r.error = -ret;
@@ -160,6 +178,48 @@ void stream_job_fail(struct disk *d, int err)
 			 sx_last_error()[0] ? sx_last_error() : strerror(-err));
 	}
 	stream_request_abort(job->s);
+	/* Paused, it is not pumped: disk_turn() reaps it instead. */
+	if (job->paused)
+		atomic_store(&job->abort, true);
+}
+
+/*
+ * The engine paused the stream (err < 0, msg its message): publish it as
+ * PAUSED and queue the event. A running step ends with the error, the
+ * stream staying open.
+ */
+static void job_pause(struct disk *d, int err, const char *msg)
+{
+	struct siphon_domain *dom = d->dom;
+	struct stream_job *job = d->job;
+	struct disk_cmd *cmd = job->step;
+	struct stream_progress p;
+	struct event_node *n;
+
+	stream_get_progress(job->s, &p);
+	n = calloc(1, sizeof(*n));
+	pthread_mutex_lock(&dom->lock);
+	job->paused = true;
+	job->pause_err = -err;
+	snprintf(job->pause_msg, sizeof(job->pause_msg),
+		 "%s: stream paused at offset %llu: %s", d->path,
+		 (unsigned long long)(p.cur * d->cluster_size), msg);
+	if (n) {
+		n->ev.size = sizeof(n->ev);
+		n->ev.kind = SIPHON_EVENT_STREAM_PAUSED;
+		n->ev.error = -err;
+		snprintf(n->ev.path, sizeof(n->ev.path), "%s", d->path);
+		snprintf(n->ev.message, sizeof(n->ev.message), "%s",
+			 job->pause_msg);
+		n->ev.bytes_copied = p.bytes_copied;
+	}
+	dom_push_event_locked(dom, n);
+	pthread_mutex_unlock(&dom->lock);
+	if (cmd) {
+		job->step = NULL;
+		stream_set_budget(job->s, 0);
+		disk_cmd_finish(cmd, sx_error(err, "%s", job->pause_msg));
+	}
 }
 
 /* The running step reached its limit, or was aborted, or failed. */
@@ -192,11 +252,20 @@ void stream_job_pump(struct disk *d, uint64_t now)
 {
 	struct stream_job *job = d->job;
 	uint64_t wait = 0, limit = job->step ? job->step_limit : job->end;
+	const char *msg = NULL;
 	int ret;
 
 	if (job->abort)
 		stream_request_abort(job->s);
 	if (edisk_stream_pump(d->eng, limit, job->abort, now, &wait)) {
+		ret = stream_paused(job->s, &msg);
+		if (ret < 0) {
+			job_pause(d, ret, msg);
+			return;
+		}
+		/* Aborted while pausing: flush and end CANCELLED. */
+		if (job->abort && stream_resume(job->s) < 0)
+			sx_error_clear();
 		if (job->step) {
 			step_end(d);
 			return;
@@ -212,7 +281,23 @@ void stream_job_pump(struct disk *d, uint64_t now)
 
 void stream_job_reap(struct disk *d)
 {
+	struct stream_job *job = d->job;
+
 	sx_error_clear();
+	if (job->paused && !job->err) {
+		/*
+		 * What it copied: durable if the device lets us now (it may
+		 * also have reached the end just before it paused: job_end()
+		 * then reports it COMPLETED).
+		 */
+		stream_resume(job->s);
+		if (edisk_stream_finish(d->eng) < 0)
+			snprintf(job->abort_msg, sizeof(job->abort_msg),
+				 "stream aborted while paused; its flush "
+				 "failed (detach flushes again): %s",
+				 sx_last_error());
+		sx_error_clear();
+	}
 	job_end(d, -ECANCELED);
 }
 
@@ -244,6 +329,8 @@ static int cmd_step(struct disk *d, struct disk_cmd *cmd)
 	if (job && job->continuous)
 		return sx_error(EBUSY, "%s: a CONTINUOUS stream is running",
 				d->path);
+	if (job && job->paused && cmd->cursor)
+		return sx_error(EAGAIN, "%s: resume it first", job->pause_msg);
 	if (cmd->cursor == 0) {
 		if (job)
 			return sx_error(EBUSY,
@@ -300,11 +387,39 @@ static int cmd_step(struct disk *d, struct disk_cmd *cmd)
 	return STEP_STARTED;
 }
 
+static int cmd_resume(struct disk *d)
+{
+	struct siphon_domain *dom = d->dom;
+	struct stream_job *job = d->job;
+	int ret;
+
+	if (!job)
+		return sx_error(ESRCH, "%s: no stream to resume", d->path);
+	if (job->abort)
+		return sx_error(ECANCELED, "%s: the stream is being aborted",
+				d->path);
+	if (!job->paused)
+		return sx_error(EINVAL, "%s: the stream is not paused",
+				d->path);
+	ret = stream_resume(job->s);
+	if (ret < 0)
+		return ret;
+	pthread_mutex_lock(&dom->lock);
+	job->paused = false;
+	job->pause_err = 0;
+	job->pause_msg[0] = '\0';
+	pthread_mutex_unlock(&dom->lock);
+	/* A CONTINUOUS stream: this turn's pumps take it up again. */
+	return 0;
+}
+
 bool stream_cmd_run(struct disk *d, struct disk_cmd *cmd)
 {
 	int ret;
 
-	if (cmd->kind == DISK_CMD_STREAM_START)
+	if (cmd->kind == DISK_CMD_STREAM_RESUME)
+		ret = cmd_resume(d);
+	else if (cmd->kind == DISK_CMD_STREAM_START)
 		ret = cmd_start(d, cmd);
 	else
 		ret = cmd_step(d, cmd);
@@ -354,6 +469,9 @@ siphon_block_stream_ex(siphon_domain *dom, const char *path, uint64_t *cursor,
 				"%s: queue_depth takes 1..1024 and extent_size "
 				"512 B..64 MiB",
 				path);
+	if (prm.on_error > SIPHON_ON_ERROR_PAUSE)
+		return sx_error(EINVAL, "%s: unknown on_error %u", path,
+				prm.on_error);
 	if (!(flags & SIPHON_STREAM_CONTINUOUS) && !cursor)
 		return sx_error(EINVAL,
 				"%s: incremental stream without a "
@@ -367,6 +485,7 @@ siphon_block_stream_ex(siphon_domain *dom, const char *path, uint64_t *cursor,
 	cmd.bandwidth = prm.bandwidth;
 	cmd.queue_depth = prm.queue_depth;
 	cmd.extent_size = prm.extent_size;
+	cmd.on_error = (int)prm.on_error;
 	cmd.set_bandwidth = params != NULL;
 	cmd.max_bytes =
 		prm.max_bytes ? prm.max_bytes : SIPHON_STREAM_DEFAULT_MAX_BYTES;
@@ -428,6 +547,27 @@ SIPHON_API int siphon_block_stream_abort(siphon_domain *dom, const char *path,
 out:
 	dom_put_disk(d);
 	return ret;
+}
+
+SIPHON_API int siphon_block_stream_resume(siphon_domain *dom, const char *path,
+					  unsigned flags)
+{
+	struct disk_cmd cmd = {0};
+	struct disk *d;
+	int ret;
+
+	ret = check_dom(dom);
+	if (ret < 0)
+		return ret;
+	if (flags)
+		return sx_error(EINVAL, "unknown resume flags 0x%x", flags);
+	ret = dom_get_disk(dom, path, &d);
+	if (ret < 0)
+		return ret;
+	cmd.kind = DISK_CMD_STREAM_RESUME;
+	ret = disk_cmd_call(d, &cmd);
+	dom_put_disk(d);
+	return ret < 0 ? ret : 0;
 }
 
 SIPHON_API int siphon_block_stream_set_speed(siphon_domain *dom,

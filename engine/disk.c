@@ -201,6 +201,7 @@ int edisk_stream_create(struct edisk *e, const struct edisk_stream_params *p,
 	so.speed = p->speed;
 	so.max_inflight = p->queue_depth;
 	so.extent_bytes = p->extent_size;
+	so.on_error = p->on_error;
 	so.lock = guest_stream_lock;
 	so.unlock = guest_stream_unlock;
 	so.lock_opaque = e->guest;

@@ -91,6 +91,7 @@ struct edisk_stream_params {
 	uint64_t speed; /* bytes/s, 0: unlimited */
 	unsigned queue_depth; /* extents in flight, 0: the engine's */
 	uint64_t extent_size; /* bytes per extent, 0: the engine's */
+	int on_error; /* enum stream_on_error (stream.h) */
 };
 
 /*

@@ -34,7 +34,10 @@
  * Invariants: extents are kept in planning order; the cursor is the start of
  * the oldest unfinished extent (or the planner's position when none is in
  * flight), so every cluster below it is done. The first error wins and stops
- * planning; what was committed stays committed.
+ * planning; what was committed stays committed. A pause (on_error) is that
+ * same stop, kept open: resuming clears the error and plans again from the
+ * cursor, which never passed failed work, so nothing is skipped, and what
+ * completed above it is local by then, so nothing is copied twice.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -118,6 +121,8 @@ struct stream {
 	int err;
 	char errmsg[SX_ERROR_MAX];
 	uint64_t failed_at; /* first cluster of failed work, or UINT64_MAX */
+	int on_error; /* enum stream_on_error */
+	bool pause_flushed; /* pausing: its best-effort flush was started */
 
 	_Atomic bool abort;
 	_Atomic uint64_t speed;
@@ -255,6 +260,7 @@ int stream_create(const struct stream_opts *o, struct stream **out)
 	s->end = o->top->size / s->cs + (o->top->size % s->cs != 0);
 	s->plan_budget = UINT64_MAX;
 	s->failed_at = UINT64_MAX;
+	s->on_error = o->on_error;
 	ret = controller_init(s, o);
 	if (ret < 0) {
 		free(s);
@@ -842,6 +848,27 @@ static int flush_start(struct stream *s)
 	return 0;
 }
 
+/* The stream's error is one it pauses on rather than fails. */
+static bool may_pause(const struct stream *s)
+{
+	return s->on_error == STREAM_ON_ERROR_PAUSE &&
+	       (s->err == -ENOSPC || s->err == -EDQUOT || s->err == -EIO);
+}
+
+/*
+ * Pausing, once the extents drained: one flush, so that what was copied
+ * is durable while the stream waits (it may well fail for the same
+ * reason: the metadata then stays dirty for a later flush, see flush.c).
+ */
+static void pause_flush(struct stream *s)
+{
+	if (s->pause_flushed || stream_inflight(s))
+		return;
+	s->pause_flushed = true;
+	if (flush_start(s) < 0)
+		sx_error_clear();
+}
+
 int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 {
 	enum run_kind kind = RUN_LOCAL;
@@ -972,6 +999,8 @@ int stream_pump(struct stream *s, uint64_t limit, uint64_t *wait_ns)
 out:
 	if (ret < 0)
 		stream_fail(s, ret);
+	if (s->err && may_pause(s) && !atomic_load(&s->abort))
+		pause_flush(s);
 	publish(s);
 	/* Not waiting for a buffer: leave the queue to those who are. */
 	if (!s->starved)
@@ -1089,6 +1118,31 @@ int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes)
 			ECANCELED, "%s: stream aborted at cluster %llu of %llu",
 			s->top->path, (unsigned long long)atomic_load(&s->cur),
 			(unsigned long long)s->end);
+	return 0;
+}
+
+int stream_paused(const struct stream *s, const char **msg)
+{
+	if (!s->err || !may_pause(s) || !s->pause_flushed ||
+	    atomic_load(&s->abort) || stream_inflight(s))
+		return 0;
+	if (msg)
+		*msg = s->errmsg;
+	return s->err;
+}
+
+int stream_resume(struct stream *s)
+{
+	/* Aborting while pausing: the same, so that stream_finish() flushes. */
+	if (!s->err || !may_pause(s) || stream_inflight(s))
+		return sx_error(EINVAL, "%s: the stream is not paused",
+				s->top->path);
+	s->err = 0;
+	s->errmsg[0] = '\0';
+	s->failed_at = UINT64_MAX;
+	s->pause_flushed = false;
+	s->planner = atomic_load(&s->cur);
+	update_cursor(s);
 	return 0;
 }
 

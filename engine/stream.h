@@ -58,6 +58,16 @@ struct stream_progress {
 	uint64_t write_request_bytes; /* mean write request sent, so far */
 };
 
+/* What a stream does when its own I/O fails (stream_opts.on_error). */
+enum stream_on_error {
+	STREAM_ON_ERROR_STOP = 0, /* it fails: stream_finish() says why */
+	/*
+	 * On -ENOSPC, -EDQUOT or -EIO it pauses (stream_paused()) until
+	 * stream_resume(); any other error fails it as STOP does.
+	 */
+	STREAM_ON_ERROR_PAUSE = 1,
+};
+
 struct stream_opts {
 	struct img *top; /* opened read-write, with its chain */
 	struct img *base; /* a layer of top's chain, or NULL: everything */
@@ -102,6 +112,7 @@ struct stream_opts {
 	 * pool's budget in flight.
 	 */
 	struct extent_pool *pool;
+	int on_error; /* enum stream_on_error */
 };
 
 #define STREAM_DEFAULT_FLUSH (256ull * 1024 * 1024)
@@ -172,6 +183,31 @@ int stream_finish(struct stream *s);
  * max_bytes bounds the bytes copied in this call (0: no bound).
  */
 int stream_run(struct stream *s, uint64_t limit, uint64_t max_bytes);
+
+/*
+ * Pause (STREAM_ON_ERROR_PAUSE): the stream stopped on an error that may
+ * go away (no space, quota, an I/O error), like a failure: planning
+ * stopped at the first error, the extents in flight completed (those that
+ * failed gave back their clusters, those that succeeded stay committed),
+ * and then one best-effort flush ran, so that what was copied reaches the
+ * disk if the device lets it. From then on, and not before (nothing is
+ * in flight), stream_paused() returns the error (-errno) and *msg (may be
+ * NULL) points at its message, valid until stream_resume(); 0 otherwise
+ * (running, failed for good, aborted). stream_pump() keeps returning the
+ * error meanwhile, and stream_finish() too. Owner only.
+ */
+int stream_paused(const struct stream *s, const char **msg);
+
+/*
+ * Go on after a pause: the error is forgotten and the planner starts again
+ * at the cursor (the first cluster not known to be local), so the failed
+ * extents are copied again and what completed after them is found local
+ * and skipped. Also for a stream aborted while it paused (stream_paused()
+ * is 0 then): its error is forgotten, so stream_finish() flushes and it
+ * ends as aborted. Returns 0, or -EINVAL when the stream holds no error it
+ * pauses on, or has work in flight. Owner only.
+ */
+int stream_resume(struct stream *s);
 
 /* Ask the stream to stop; in-flight work completes. Any thread. */
 void stream_request_abort(struct stream *s);

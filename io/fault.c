@@ -182,7 +182,8 @@ static int parse_rule(const char *s, size_t n, struct fault_rule **out)
 		field[nf] = p;
 		flen[nf] = colon ? (size_t)(colon - p) : (size_t)(end - p);
 		nf++;
-		p = colon + 1;
+		if (colon)
+			p = colon + 1; /* NULL + 1 is undefined (UBSan) */
 	} while (colon && nf < 7);
 	if (nf < 5 || colon)
 		return -EINVAL;

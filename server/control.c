@@ -406,6 +406,8 @@ static const char *state_name(int st)
 		return "cancelled";
 	case SIPHON_STREAM_FAILED:
 		return "failed";
+	case SIPHON_STREAM_PAUSED:
+		return "paused";
 	}
 	return "unknown";
 }
@@ -502,7 +504,7 @@ static int run_cmd(struct ctl *c, struct ctl_client *cl,
 		   const struct sx_json *req, struct jb *j, bool *quit)
 {
 	struct siphon_block_stream_params prm = {.size = sizeof(prm)};
-	const char *cmd, *path, *image, *name, *base;
+	const char *cmd, *path, *image, *name, *base, *on_error;
 	char abs[PATH_MAX], dpath[PATH_MAX];
 	struct ctl_disk *d;
 	uint64_t v = 0, cursor = 0;
@@ -560,6 +562,8 @@ static int run_cmd(struct ctl *c, struct ctl_client *cl,
 		return ctl_detach(c, path);
 	if (!strcmp(cmd, "abort"))
 		return siphon_block_stream_abort(c->o.dom, path, 0);
+	if (!strcmp(cmd, "resume"))
+		return siphon_block_stream_resume(c->o.dom, path, 0);
 	if (!strcmp(cmd, "set-speed")) {
 		has = arg_u64(req, "speed", &v);
 		if (has < 0)
@@ -573,6 +577,13 @@ static int run_cmd(struct ctl *c, struct ctl_client *cl,
 		if (bad)
 			return fail(-EINVAL, "\"base\" must be a string");
 		prm.base = base;
+		on_error = arg_str(req, "on_error", &bad);
+		if (bad || (on_error && strcmp(on_error, "stop") &&
+			    strcmp(on_error, "pause")))
+			return fail(-EINVAL,
+				    "\"on_error\" is \"stop\" or \"pause\"");
+		if (on_error && !strcmp(on_error, "pause"))
+			prm.on_error = SIPHON_ON_ERROR_PAUSE;
 		has = arg_u64(req, "speed", &prm.bandwidth);
 		if (has < 0)
 			return has;
@@ -663,6 +674,7 @@ void ctl_event(struct ctl *c, const struct siphon_event *ev)
 	const char *kind =
 		ev->kind == SIPHON_EVENT_STREAM_COMPLETED   ? "completed"
 		: ev->kind == SIPHON_EVENT_STREAM_CANCELLED ? "cancelled"
+		: ev->kind == SIPHON_EVENT_STREAM_PAUSED    ? "paused"
 							    : "failed";
 
 	if (!c)

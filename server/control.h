@@ -2,7 +2,7 @@
  * `siphon serve`'s disks and its control socket: the registry of attached
  * disks and their exports, and a JSON-lines protocol on a Unix socket that
  * drives them through the public API (attach, detach, stream, abort,
- * set-speed, info, events, quit). A client of api/ and of the NBD server,
+ * resume, set-speed, info, events, quit). A client of api/ and of the NBD server,
  * like the rest of server/.
  *
  * Protocol: the client sends one JSON object per line (at most
@@ -10,24 +10,33 @@
  *
  *   {"cmd": "info"}
  *     {"ok": true, "disks": [{"path", "export", "size", "read_only",
- *      "stream": {"state": "running"|"completed"|"cancelled"|"failed",
+ *      "stream": {"state": "running"|"paused"|"completed"|"cancelled"|
+ *      "failed",
  *      "continuous", "cur", "end", "bytes_copied", "bytes_skipped",
- *      "bytes_zero", "rate", "bandwidth", "base", "error", "message"}
- *      (absent when the disk never streamed)}, ...]}
+ *      "bytes_zero", "rate", "bandwidth", "base", "errno", "message"}
+ *      (errno and message once failed or while paused; the stream absent
+ *      when the disk never streamed)}, ...]}
  *   {"cmd": "attach", "image": PATH, "export": NAME}     (export optional)
  *     {"ok": true, "path": ABSOLUTE, "export": NAME}
  *   {"cmd": "detach", "path": PATH}
- *   {"cmd": "stream", "path": PATH, "base": B, "speed": BYTES_PER_S}
- *     CONTINUOUS in the background: {"ok": true}
+ *   {"cmd": "stream", "path": PATH, "base": B, "speed": BYTES_PER_S,
+ *    "on_error": "stop"|"pause"}
+ *     CONTINUOUS in the background: {"ok": true}; with "pause" the stream
+ *     pauses on ENOSPC, EDQUOT or EIO (state "paused", a "paused" event)
+ *     until "resume" (SIPHON_ON_ERROR_PAUSE)
  *   {"cmd": "stream", "path": PATH, "cursor": C}
  *     one increment from the proposal's opaque cursor (0 opens the stream):
  *     {"ok": true, "cursor": NEW, "end": END}
  *   {"cmd": "abort", "path": PATH}
+ *   {"cmd": "resume", "path": PATH}
+ *     a paused stream goes on (siphon_block_stream_resume(): EINVAL when it
+ *     is not paused, ESRCH when there is no stream)
  *   {"cmd": "set-speed", "path": PATH, "speed": BYTES_PER_S}
  *   {"cmd": "events"}
  *     {"ok": true}, then one line per stream that ends, on this connection
- *     until it closes: {"event": "completed"|"cancelled"|"failed", "path",
- *     "bytes_copied", "errno", "error"}
+ *     until it closes: {"event": "completed"|"cancelled"|"failed"|"paused",
+ *     "path", "bytes_copied", "errno", "error"} ("paused" is no end: the
+ *     stream's end event follows later)
  *   {"cmd": "quit"}
  *     {"ok": true}; the daemon then shuts down as on SIGTERM.
  *

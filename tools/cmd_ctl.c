@@ -34,12 +34,15 @@ static void ctl_help(FILE *out)
 		"  info                         every disk: export, size, its stream\n"
 		"  attach IMAGE[=EXPORT]        attach IMAGE and export it\n"
 		"  detach DISK                  stop exporting DISK and detach it\n"
-		"  stream DISK [--base BASE] [--speed RATE]\n"
-		"                               stream DISK in the background\n"
+		"  stream DISK [--base BASE] [--speed RATE] [--on-error=stop|pause]\n"
+		"                               stream DISK in the background; with\n"
+		"                               pause it pauses on ENOSPC, EDQUOT or\n"
+		"                               EIO (info: paused) until resumed\n"
 		"  stream DISK --step CURSOR    one increment from CURSOR (0 opens\n"
 		"                               the stream); prints the new cursor\n"
 		"                               and the end\n"
 		"  abort DISK                   stop DISK's stream cleanly\n"
+		"  resume DISK                  resume DISK's paused stream\n"
 		"  set-speed DISK RATE          change its limit (0 = unlimited)\n"
 		"  events                       print stream events as they come\n"
 		"  quit                         shut the daemon down cleanly\n"
@@ -199,11 +202,12 @@ static int ctl_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"base", required_argument, NULL, 'b'},
 		{"speed", required_argument, NULL, 's'},
 		{"step", required_argument, NULL, 'S'},
+		{"on-error", required_argument, NULL, 'E'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
 	enum tool_output out = TOOL_OUT_HUMAN;
-	const char *base = NULL, *sock, *verb;
+	const char *base = NULL, *on_error = NULL, *sock, *verb;
 	uint64_t speed = 0, cursor = 0;
 	bool has_speed = false, step = false;
 	char abs[PATH_MAX], *req = NULL, *line = NULL, *buf = NULL;
@@ -234,6 +238,14 @@ static int ctl_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 				return tool_usage(cmd, "bad --step '%s'",
 						  optarg);
 			step = true;
+			break;
+		case 'E':
+			if (strcmp(optarg, "stop") && strcmp(optarg, "pause"))
+				return tool_usage(cmd,
+						  "--on-error takes stop or "
+						  "pause, not '%s'",
+						  optarg);
+			on_error = optarg;
 			break;
 		case 'h':
 			ctl_help(stdout);
@@ -275,7 +287,8 @@ static int ctl_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		slash = realpath(arg, abs);
 		req_str(f, "image", slash ? abs : arg);
 	} else if (!strcmp(verb, "detach") || !strcmp(verb, "abort") ||
-		   !strcmp(verb, "stream") || !strcmp(verb, "set-speed")) {
+		   !strcmp(verb, "resume") || !strcmp(verb, "stream") ||
+		   !strcmp(verb, "set-speed")) {
 		int want = !strcmp(verb, "set-speed") ? 2 : 1;
 
 		if (argc - optind != want) {
@@ -301,6 +314,8 @@ static int ctl_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 				req_u64(f, "speed", speed);
 			if (step)
 				req_u64(f, "cursor", cursor);
+			if (on_error)
+				req_str(f, "on_error", on_error);
 		}
 	} else {
 		fclose(f);

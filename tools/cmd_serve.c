@@ -103,6 +103,11 @@ static void on_event(siphon_domain *dom, const struct siphon_event *ev,
 		slog(NBD_LOG_ERROR, "%s: stream failed: %s", ev->path,
 		     ev->message[0] ? ev->message : strerror(ev->error));
 		break;
+	case SIPHON_EVENT_STREAM_PAUSED:
+		slog(NBD_LOG_WARN,
+		     "%s; resume it with `siphon ctl SOCKET resume`",
+		     ev->message[0] ? ev->message : strerror(ev->error));
+		break;
 	}
 	ctl_event(g_ctl, ev);
 }
@@ -160,7 +165,8 @@ static void serve_help(FILE *out)
 		"                        SEEK_DATA/SEEK_HOLE; unmounted at exit\n"
 		"  -c, --control PATH    a JSON-lines control socket at PATH (mode\n"
 		"                        0600): attach, detach, stream, abort,\n"
-		"                        set-speed, info, events, quit; drive it with\n"
+		"                        resume, set-speed, info, events, quit; drive\n"
+		"                        it with\n"
 		"                        `siphon ctl PATH ...` (see siphon help ctl)\n"
 		"      --max-connections N\n"
 		"                        clients at once, 1..4096 (default %u);\n"

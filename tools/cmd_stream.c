@@ -11,6 +11,11 @@
  * (siphon_block_stream_abort): in-flight work completes, metadata is
  * flushed, and a later run resumes where it stopped.
  *
+ * --on-error=pause: a stream that runs out of space (or meets EIO, EDQUOT)
+ * pauses instead of failing; the tool says so once, then resumes it every
+ * RETRY_SECONDS, or sooner when the image's filesystem has more room
+ * (statvfs), until it completes or is interrupted.
+ *
  * The signal handler only writes a byte to a pipe; the main loop polls that
  * pipe next to the domain's event fd, so no siphon call runs in a handler.
  */
@@ -25,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -46,6 +52,11 @@ _Static_assert(
 
 /* Exit code when interrupted, as shells report a SIGINT death. */
 #define TOOL_INTERRUPTED 130
+
+/* --on-error=pause: resume a paused stream this often (or on more room). */
+#define RETRY_SECONDS 2
+/* How often, while paused, the free space is looked at. */
+#define PAUSED_POLL_MS 250
 
 /* Written by the signal handler, polled by the main loop. */
 static int sig_pipe[2] = {-1, -1};
@@ -70,6 +81,8 @@ struct stream_progress {
 	uint64_t bytes_zero;
 	uint64_t rate;
 	bool finalized;
+	int state; /* enum siphon_stream_state */
+	int error; /* positive errno while paused or once failed */
 	/* The pipeline (siphon_block_stream_info_ex, since 0.1.2). */
 	uint64_t inflight_bytes;
 	uint64_t window_bytes;
@@ -84,7 +97,42 @@ struct stream_ui {
 	enum tool_output output;
 	bool bar;
 	struct timespec t0;
+	unsigned pauses; /* PAUSED events seen */
 };
+
+/* --on-error=pause: the tool's side of a pause. */
+struct pause_state {
+	bool paused; /* the last event was PAUSED, not resumed since */
+	bool announced; /* said so; not again until it moved on */
+	uint64_t at; /* clusters_done when it paused */
+	uint64_t offset; /* the same in bytes */
+	uint64_t free_bytes; /* room on the image's filesystem then */
+	double retry_at; /* elapsed() of the next resume */
+};
+
+static const char *errno_name(int err)
+{
+	const char *n = strerrorname_np(err);
+
+	return n ? n : "EIO";
+}
+
+static const char *state_name(int state)
+{
+	switch (state) {
+	case SIPHON_STREAM_RUNNING:
+		return "running";
+	case SIPHON_STREAM_PAUSED:
+		return "paused";
+	case SIPHON_STREAM_COMPLETED:
+		return "completed";
+	case SIPHON_STREAM_CANCELLED:
+		return "cancelled";
+	case SIPHON_STREAM_FAILED:
+		return "failed";
+	}
+	return "unknown";
+}
 
 static double elapsed(const struct stream_ui *ui)
 {
@@ -115,6 +163,9 @@ static void print_counters_json(const struct stream_progress *p)
 	       p->inflight_bytes, p->window_bytes, p->request_bytes,
 	       p->device_rate, p->latency_us, p->read_request_bytes,
 	       p->write_request_bytes);
+	printf(", \"state\": \"%s\"", state_name(p->state));
+	if (p->error)
+		printf(", \"errno\": \"%s\"", errno_name(p->error));
 }
 
 static void on_progress(void *opaque, const struct stream_progress *p)
@@ -139,6 +190,13 @@ static void on_progress(void *opaque, const struct stream_progress *p)
 	fprintf(stderr, "\r[");
 	for (i = 0; i < 30; i++)
 		fputc(i < fill ? '#' : '.', stderr);
+	if (p->state == SIPHON_STREAM_PAUSED) {
+		fprintf(stderr, "] %5.1f%%  %s copied  paused: %s", pct,
+			tool_human_size(p->bytes_copied, done, sizeof(done)),
+			strerror(p->error));
+		fflush(stderr);
+		return;
+	}
 	fprintf(stderr, "] %5.1f%%  %s copied  %7.1f MiB/s", pct,
 		tool_human_size(p->bytes_copied, done, sizeof(done)),
 		/* The engine's rate needs half a second; average before. */
@@ -241,6 +299,13 @@ static void stream_help(FILE *out)
 		"  -m, --buffer-size SZ  copy buffers in flight at most, 1M..1G\n"
 		"                        (default 32M; with both -q and -e, at least\n"
 		"                        their product)\n"
+		"      --on-error=stop|pause\n"
+		"                        when the stream's own I/O fails: stop (the\n"
+		"                        default: it fails, exit 1) or, on ENOSPC,\n"
+		"                        EDQUOT or EIO, pause: say so, keep what was\n"
+		"                        copied, and resume every %d s (sooner when\n"
+		"                        the image's filesystem has more room) until\n"
+		"                        it completes or is interrupted\n"
 		"      --progress        draw progress on stderr (default on a\n"
 		"                        terminal)\n"
 		"      --no-progress     do not\n"
@@ -258,13 +323,15 @@ static void stream_help(FILE *out)
 		"                        allows several (multi-conn), 1..16\n"
 		"                        (default 4)\n"
 		"  -o, --output FMT      human (default) or json: JSON lines on stdout,\n"
-		"                        {\"event\": \"progress\", ...} then one summary\n"
+		"                        {\"event\": \"progress\", ..., \"state\": ...},\n"
+		"                        {\"event\": \"paused\"|\"resumed\", ...} with\n"
+		"                        --on-error=pause, then one summary\n"
 		"                        {\"event\": \"done\"|\"aborted\"|\"failed\", ...}\n"
 		"  -h, --help            this help\n"
 		"\n"
 		"%s"
 		"  130 interrupted; the image is consistent, run again to resume\n",
-		tool_exit_help);
+		RETRY_SECONDS, tool_exit_help);
 }
 
 static void summary(const struct stream_ui *ui, const char *path,
@@ -281,8 +348,8 @@ static void summary(const struct stream_ui *ui, const char *path,
 		json_string(stdout, path);
 		printf(", ");
 		print_counters_json(p);
-		printf(", \"seconds\": %.3f, \"finalized\": %s", secs,
-		       p->finalized ? "true" : "false");
+		printf(", \"seconds\": %.3f, \"finalized\": %s, \"pauses\": %u",
+		       secs, p->finalized ? "true" : "false", ui->pauses);
 		if (ret < 0) {
 			printf(", \"error\": ");
 			json_string(stdout, sx_last_error()[0]
@@ -333,6 +400,8 @@ static int get_progress(siphon_domain *dom, const char *abs,
 		p->bytes_zero = x[i].bytes_zero;
 		p->rate = x[i].rate;
 		p->finalized = x[i].state == SIPHON_STREAM_COMPLETED;
+		p->state = x[i].state;
+		p->error = x[i].error;
 		p->inflight_bytes = x[i].inflight_bytes;
 		p->window_bytes = x[i].window_bytes;
 		p->request_bytes = x[i].request_bytes;
@@ -347,19 +416,113 @@ static int get_progress(siphon_domain *dom, const char *abs,
 	return 0;
 }
 
+/* Bytes free for an unprivileged writer on the filesystem of path, or 0. */
+static uint64_t free_bytes(const char *path)
+{
+	struct statvfs sv;
+
+	if (statvfs(path, &sv) < 0)
+		return 0;
+	return (uint64_t)sv.f_bavail * sv.f_frsize;
+}
+
+/* A PAUSED event: say so (once per place it stops at), plan the retry. */
+static void on_paused(siphon_domain *dom, const char *abs, struct stream_ui *ui,
+		      struct pause_state *ps, const struct siphon_event *ev)
+{
+	struct siphon_block_stream_info_ex x;
+	struct stream_progress p;
+
+	ui->pauses++;
+	ps->paused = true;
+	ps->free_bytes = free_bytes(abs);
+	ps->retry_at = elapsed(ui) + RETRY_SECONDS;
+	if (get_progress(dom, abs, &p, &x) <= 0)
+		return;
+	if (ps->announced && ps->at == x.clusters_done)
+		return; /* the same place again: said already */
+	ps->announced = true;
+	ps->at = x.clusters_done;
+	ps->offset = x.clusters_done * x.cluster_size;
+	if (ui->output == TOOL_OUT_JSON) {
+		printf("{\"event\": \"paused\", \"image\": ");
+		json_string(stdout, abs);
+		printf(", \"errno\": \"%s\", \"error\": ",
+		       errno_name(ev->error));
+		json_string(stdout, ev->message);
+		printf(", \"offset\": %" PRIu64 ", \"retry_seconds\": %d, ",
+		       ps->offset, RETRY_SECONDS);
+		print_counters_json(&p);
+		printf(", \"seconds\": %.3f}\n", elapsed(ui));
+		fflush(stdout);
+		return;
+	}
+	if (ui->bar)
+		fputc('\n', stderr);
+	fprintf(stderr,
+		"siphon: paused: %s: %s at offset %" PRIu64
+		"; retrying every %d s\n",
+		abs, strerror(ev->error), ps->offset, RETRY_SECONDS);
+	fflush(stderr);
+}
+
+/* Paused: resume when it is time, or when the filesystem has more room. */
+static int maybe_resume(siphon_domain *dom, const char *abs,
+			struct stream_ui *ui, struct pause_state *ps)
+{
+	int ret;
+
+	if (elapsed(ui) < ps->retry_at && free_bytes(abs) <= ps->free_bytes)
+		return 0;
+	ret = siphon_block_stream_resume(dom, abs, 0);
+	/* Not paused (any more): its event is on the way. */
+	if (ret < 0 && ret != -EINVAL && ret != -ESRCH && ret != -ECANCELED)
+		return ret;
+	ps->paused = false;
+	return 0;
+}
+
+/* It copied past the place it paused at: say it goes on. */
+static void check_resumed(const char *abs, struct stream_ui *ui,
+			  struct pause_state *ps,
+			  const struct stream_progress *p)
+{
+	if (!ps->announced || ps->paused || p->state != SIPHON_STREAM_RUNNING ||
+	    p->cur <= ps->at)
+		return;
+	ps->announced = false;
+	if (ui->output == TOOL_OUT_JSON) {
+		printf("{\"event\": \"resumed\", \"image\": ");
+		json_string(stdout, abs);
+		printf(", \"offset\": %" PRIu64 ", \"seconds\": %.3f}\n",
+		       ps->offset, elapsed(ui));
+		fflush(stdout);
+		return;
+	}
+	if (ui->bar)
+		fputc('\n', stderr);
+	fprintf(stderr, "siphon: resumed: %s: from offset %" PRIu64 "\n", abs,
+		ps->offset);
+	fflush(stderr);
+}
+
 /*
  * Wait for the stream's end event, reporting progress every progress_ms
- * and turning a signal into an abort. Returns 0 (completed), -ECANCELED
- * (aborted), or the failure's -errno with its message recorded.
+ * and turning a signal into an abort; a PAUSED event (--on-error=pause) is
+ * announced and the stream resumed as maybe_resume() says. Returns 0
+ * (completed), -ECANCELED (aborted), or the failure's -errno with its
+ * message recorded.
  */
 static int wait_stream(siphon_domain *dom, const char *abs,
 		       struct stream_ui *ui, int progress_ms)
 {
 	struct siphon_event ev = {.size = sizeof(ev)};
+	struct pause_state ps = {0};
 	struct pollfd pfd[2];
 	struct stream_progress p;
 	bool aborting = false;
-	int ret;
+	double shown = 0;
+	int ret, timeout;
 
 	pfd[0].fd = siphon_domain_event_fd(dom);
 	pfd[0].events = POLLIN;
@@ -369,9 +532,19 @@ static int wait_stream(siphon_domain *dom, const char *abs,
 		ret = siphon_domain_next_event(dom, &ev);
 		if (ret < 0)
 			return ret;
-		if (ret > 0 && !strcmp(ev.path, abs))
-			break;
-		if (poll(pfd, 2, progress_ms) < 0 && errno != EINTR)
+		if (ret > 0 && !strcmp(ev.path, abs)) {
+			if (ev.kind != SIPHON_EVENT_STREAM_PAUSED)
+				break;
+			if (!aborting)
+				on_paused(dom, abs, ui, &ps, &ev);
+			continue;
+		}
+		timeout = progress_ms;
+		/* Paused, or waiting to see it move on: look often. */
+		if ((ps.paused || ps.announced) &&
+		    (timeout < 0 || timeout > PAUSED_POLL_MS))
+			timeout = PAUSED_POLL_MS;
+		if (poll(pfd, 2, timeout) < 0 && errno != EINTR)
 			return sx_error(-errno, "poll: %s", strerror(errno));
 		if ((pfd[1].revents & POLLIN) && !aborting) {
 			char c;
@@ -385,9 +558,24 @@ static int wait_stream(siphon_domain *dom, const char *abs,
 			if (ret < 0 && ret != -ESRCH)
 				return ret;
 		}
-		if (!(pfd[0].revents & POLLIN) &&
-		    get_progress(dom, abs, &p, NULL) > 0)
-			on_progress(ui, &p);
+		if (ps.paused && !aborting) {
+			ret = maybe_resume(dom, abs, ui, &ps);
+			if (ret < 0)
+				return ret;
+		}
+		if (pfd[0].revents & POLLIN)
+			continue;
+		if ((progress_ms >= 0 || ps.announced) &&
+		    get_progress(dom, abs, &p, NULL) > 0) {
+			check_resumed(abs, ui, &ps, &p);
+			/* Every progress_ms, however often it looks. */
+			if (progress_ms >= 0 &&
+			    elapsed(ui) - shown >=
+				    progress_ms / 1000.0 - 0.01) {
+				shown = elapsed(ui);
+				on_progress(ui, &p);
+			}
+		}
 	}
 	switch (ev.kind) {
 	case SIPHON_EVENT_STREAM_COMPLETED:
@@ -417,6 +605,7 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"nbd-reconnect", required_argument, NULL, 'R'},
 		{"nbd-timeout", required_argument, NULL, 'T'},
 		{"nbd-connections", required_argument, NULL, 'C'},
+		{"on-error", required_argument, NULL, 'E'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
@@ -503,6 +692,17 @@ static int stream_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 					cmd, "--nbd-connections takes 1..%u",
 					SIPHON_NBD_MAX_CONNECTIONS);
 			connections = (unsigned)v;
+			break;
+		case 'E':
+			if (!strcmp(optarg, "stop"))
+				prm.on_error = SIPHON_ON_ERROR_STOP;
+			else if (!strcmp(optarg, "pause"))
+				prm.on_error = SIPHON_ON_ERROR_PAUSE;
+			else
+				return tool_usage(cmd,
+						  "--on-error takes stop or "
+						  "pause, not '%s'",
+						  optarg);
 			break;
 		case 'h':
 			stream_help(stdout);

@@ -1656,6 +1656,289 @@ START_TEST(test_guest_flush_after_stream_flush)
 }
 END_TEST
 
+/* ------------------------------------------------------------------ */
+/* on_error: pause                                                      */
+
+/*
+ * Writes of the top image from host offset 3 MiB on fail with err: the
+ * stream of an 8 MiB disk copies the first clusters (its file is smaller
+ * than that when it starts), then every write of a new cluster fails.
+ */
+#define FAULT_HOST_OFF (3 * MiB)
+
+static void fail_top_writes(const char *name, int err)
+{
+	char suffix[64];
+
+	snprintf(suffix, sizeof(suffix), "/%s.qcow2", name);
+	ck_assert_int_eq(sio_fault_add(SIO_OP_WRITE, suffix, FAULT_HOST_OFF, 0,
+				       err, 0, 0),
+			 0);
+}
+
+static void start_on_error(siphon_domain *dom, const char *path,
+			   unsigned on_error)
+{
+	struct siphon_block_stream_params prm = {.size = sizeof(prm),
+						 .on_error = on_error};
+	int ret;
+
+	ret = siphon_block_stream_ex(dom, path, NULL, SIPHON_STREAM_CONTINUOUS,
+				     &prm);
+	ck_assert_msg(ret == 0, "stream %s: %d %s", path, ret,
+		      siphon_get_error());
+}
+
+/* The extended info of path's stream (the last one with SIPHON_INFO_ALL). */
+static struct siphon_block_stream_info_ex info_ex_of(siphon_domain *dom,
+						     const char *path)
+{
+	struct siphon_block_stream_info_ex x[4];
+	int n, i;
+
+	memset(x, 0, sizeof(x));
+	x[0].size = sizeof(x[0]);
+	n = siphon_get_block_stream_info_ex(dom, x, 4, SIPHON_INFO_ALL);
+	ck_assert_int_ge(n, 0);
+	for (i = 0; i < n && i < 4; i++)
+		if (!strcmp(x[i].path, path))
+			return x[i];
+	ck_abort_msg("%s: no stream in info_ex", path);
+	return x[0];
+}
+
+/* A PAUSED event for path with errno err; checks the info agrees. */
+static struct siphon_block_stream_info_ex
+expect_paused(siphon_domain *dom, const char *path, int err)
+{
+	struct siphon_block_stream_info_ex x;
+	struct siphon_event ev;
+
+	ev = expect_event(dom, path, SIPHON_EVENT_STREAM_PAUSED);
+	ck_assert_int_eq(ev.error, err);
+	ck_assert_msg(strstr(ev.message, path) &&
+			      strstr(ev.message, "paused at offset") &&
+			      strstr(ev.message, strerror(err)),
+		      "message: %s", ev.message);
+	x = info_ex_of(dom, path);
+	ck_assert_int_eq(x.state, SIPHON_STREAM_PAUSED);
+	ck_assert_int_eq(x.error, err);
+	ck_assert_str_eq(x.message, ev.message);
+	ck_assert_uint_eq(x.rate, 0);
+	ck_assert_uint_eq(x.inflight_bytes, 0);
+	/* Some clusters copied, not all: the cursor is inside. */
+	ck_assert_uint_gt(x.clusters_done, 0);
+	ck_assert_uint_lt(x.clusters_done, x.clusters);
+	/* Still an active stream, listed without SIPHON_INFO_ALL. */
+	ck_assert_int_eq(count_active(dom), 1);
+	return x;
+}
+
+START_TEST(test_pause_enospc_resume)
+{
+	siphon_domain *dom = new_domain();
+	const char *top = make_disk("pse", 8);
+	struct siphon_block_stream_info_ex x1, x2, x;
+	siphon_disk *disk;
+	uint8_t *buf = malloc(MiB);
+	uint64_t cur;
+
+	ck_assert_ptr_nonnull(buf);
+	attach(dom, top);
+	/* No stream: nothing to resume. */
+	ck_assert_int_eq(siphon_block_stream_resume(dom, top, 0), -ESRCH);
+	ck_assert_int_eq(
+		siphon_block_stream_resume(dom, tpath("none.qcow2"), 0),
+		-ENOENT);
+	ck_assert_int_eq(siphon_block_stream_resume(NULL, top, 0), -EINVAL);
+	ck_assert_int_eq(siphon_block_stream_resume(dom, "rel.qcow2", 0),
+			 -EINVAL);
+	{
+		struct siphon_block_stream_params bad = {.size = sizeof(bad),
+							 .on_error = 2};
+
+		ck_assert_int_eq(
+			siphon_block_stream_ex(dom, top, NULL,
+					       SIPHON_STREAM_CONTINUOUS, &bad),
+			-EINVAL);
+	}
+	fail_top_writes("pse", ENOSPC);
+	start_on_error(dom, top, SIPHON_ON_ERROR_PAUSE);
+	x1 = expect_paused(dom, top, ENOSPC);
+	ck_assert_int_eq(siphon_block_stream_resume(dom, top, 1), -EINVAL);
+
+	/*
+	 * Guest I/O goes on: reads are served, a write gets ENOSPC (now
+	 * every write of the top fails: the failed extents gave back
+	 * clusters below FAULT_HOST_OFF too), a read after it still shows
+	 * the chain.
+	 */
+	sio_fault_clear();
+	ck_assert_int_eq(
+		sio_fault_add(SIO_OP_WRITE, "/pse.qcow2", 0, 0, ENOSPC, 0, 0),
+		0);
+	ck_assert_int_eq(siphon_disk_get(dom, top, &disk), 0);
+	ck_assert_int_eq(siphon_disk_pread(disk, buf, MiB, 0, 0), 0);
+	memset(buf, 0x77, 65536);
+	ck_assert_int_eq(siphon_disk_pwrite(disk, buf, 65536, 7 * MiB, 0),
+			 -ENOSPC);
+	ck_assert_int_eq(siphon_disk_pread(disk, buf, 65536, 7 * MiB, 0), 0);
+	ck_assert_uint_eq(buf[0], 0); /* the chain: zeros past 5 MiB */
+
+	/* Resumed with the fault still there: it pauses again, no further. */
+	ck_assert_int_eq(siphon_block_stream_resume(dom, top, 0), 0);
+	x2 = expect_paused(dom, top, ENOSPC);
+	ck_assert_uint_eq(x2.clusters_done, x1.clusters_done);
+	cur = x2.cur;
+
+	/* Space is back: it completes, and the image reads as the chain. */
+	sio_fault_clear();
+	memset(buf, 0x77, 65536);
+	ck_assert_int_eq(siphon_disk_pwrite(disk, buf, 65536, 7 * MiB, 0), 0);
+	ck_assert_int_eq(siphon_block_stream_resume(dom, top, 0), 0);
+	expect_event(dom, top, SIPHON_EVENT_STREAM_COMPLETED);
+	x = info_ex_of(dom, top);
+	ck_assert_int_eq(x.state, SIPHON_STREAM_COMPLETED);
+	ck_assert_int_eq(x.error, 0);
+	ck_assert_str_eq(x.message, "");
+	ck_assert_uint_gt(x.cur, cur);
+	/* Ended: nothing to resume. */
+	ck_assert_int_eq(siphon_block_stream_resume(dom, top, 0), -ESRCH);
+	siphon_disk_put(disk);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+	RUN("cd %s && qemu-io -f raw -c 'write -P 0x77 7M 64k' pse.ref.raw "
+	    ">/dev/null",
+	    tmpdir);
+	verify_streamed("pse");
+	free(buf);
+}
+END_TEST
+
+/* The default, on_error stop: the same fault ends the stream FAILED. */
+START_TEST(test_pause_stop_fails)
+{
+	siphon_domain *dom = new_domain();
+	const char *top = make_disk("pstop", 8);
+	struct siphon_block_stream_info_ex x;
+	struct siphon_event ev;
+
+	attach(dom, top);
+	fail_top_writes("pstop", ENOSPC);
+	start_on_error(dom, top, SIPHON_ON_ERROR_STOP);
+	ev = expect_event(dom, top, SIPHON_EVENT_STREAM_FAILED);
+	ck_assert_int_eq(ev.error, ENOSPC);
+	x = info_ex_of(dom, top);
+	ck_assert_int_eq(x.state, SIPHON_STREAM_FAILED);
+	ck_assert_int_eq(count_active(dom), 0);
+	ck_assert_int_eq(siphon_block_stream_resume(dom, top, 0), -ESRCH);
+	/* A later stream completes what the failed one left. */
+	sio_fault_clear();
+	ck_assert_int_eq(
+		siphon_block_stream(dom, top, NULL, SIPHON_STREAM_CONTINUOUS),
+		0);
+	expect_event(dom, top, SIPHON_EVENT_STREAM_COMPLETED);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+	verify_streamed("pstop");
+}
+END_TEST
+
+/* EIO pauses too; aborting the paused stream cancels it cleanly. */
+START_TEST(test_pause_eio_abort)
+{
+	siphon_domain *dom = new_domain();
+	const char *top = make_disk("pabort", 8);
+	struct siphon_block_stream_info_ex x;
+	struct siphon_event ev;
+
+	attach(dom, top);
+	fail_top_writes("pabort", EIO);
+	start_on_error(dom, top, SIPHON_ON_ERROR_PAUSE);
+	expect_paused(dom, top, EIO);
+	sio_fault_clear();
+	ck_assert_int_eq(siphon_block_stream_abort(dom, top, 0), 0);
+	ev = expect_event(dom, top, SIPHON_EVENT_STREAM_CANCELLED);
+	ck_assert_int_eq(ev.error, ECANCELED);
+	x = info_ex_of(dom, top);
+	ck_assert_int_eq(x.state, SIPHON_STREAM_CANCELLED);
+	ck_assert_int_eq(count_active(dom), 0);
+	ck_assert_int_eq(siphon_block_stream_resume(dom, top, 0), -ESRCH);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+	verify_consistent("pabort");
+}
+END_TEST
+
+/*
+ * Detaching a paused stream cancels it too (while the fault is still
+ * there: the image stays consistent, leaks at most).
+ */
+START_TEST(test_pause_detach)
+{
+	siphon_domain *dom = new_domain();
+	const char *top = make_disk("pdet", 8);
+
+	attach(dom, top);
+	fail_top_writes("pdet", EDQUOT);
+	start_on_error(dom, top, SIPHON_ON_ERROR_PAUSE);
+	expect_paused(dom, top, EDQUOT);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	expect_event(dom, top, SIPHON_EVENT_STREAM_CANCELLED);
+	siphon_domain_close(dom);
+	sio_fault_clear();
+	ck_assert_int_eq(sh("qemu-img check -q %s/pdet.qcow2 >/dev/null 2>&1; "
+			    "r=$?; [ $r = 0 ] || [ $r = 3 ]",
+			    tmpdir),
+			 0);
+	ck_assert_int_eq(sh("qemu-img compare -q -f qcow2 -F raw "
+			    "%s/pdet.qcow2 %s/pdet.ref.raw",
+			    tmpdir, tmpdir),
+			 0);
+}
+END_TEST
+
+/* Incremental: the step that hits the fault returns it, the stream stays. */
+START_TEST(test_pause_incremental)
+{
+	siphon_domain *dom = new_domain();
+	const char *top = make_disk("pinc", 8);
+	struct siphon_block_stream_params prm = {
+		.size = sizeof(prm),
+		.on_error = SIPHON_ON_ERROR_PAUSE,
+	};
+	uint64_t cur = 0, before, end;
+	int ret;
+
+	attach(dom, top);
+	fail_top_writes("pinc", ENOSPC);
+	ck_assert_int_eq(siphon_block_stream_ex(dom, top, &cur, 0, &prm), 0);
+	end = info_of(dom, top).end;
+	do {
+		before = cur;
+		ret = siphon_block_stream_ex(dom, top, &cur, 0, &prm);
+	} while (ret == 0 && cur != end);
+	ck_assert_int_eq(ret, -ENOSPC);
+	/* A failed call leaves its output alone. */
+	ck_assert_uint_eq(cur, before);
+	expect_paused(dom, top, ENOSPC);
+	ck_assert_int_eq(siphon_block_stream_ex(dom, top, &cur, 0, &prm),
+			 -EAGAIN);
+	sio_fault_clear();
+	ck_assert_int_eq(siphon_block_stream_resume(dom, top, 0), 0);
+	ck_assert_int_eq(info_ex_of(dom, top).state, SIPHON_STREAM_RUNNING);
+	ck_assert_int_eq(siphon_block_stream_resume(dom, top, 0), -EINVAL);
+	while (cur != end) {
+		ret = siphon_block_stream_ex(dom, top, &cur, 0, &prm);
+		ck_assert_msg(ret == 0, "%s", siphon_get_error());
+	}
+	expect_event(dom, top, SIPHON_EVENT_STREAM_COMPLETED);
+	ck_assert_int_eq(siphon_disk_detach(dom, top, 0), 0);
+	siphon_domain_close(dom);
+	verify_streamed("pinc");
+}
+END_TEST
+
 static Suite *api_suite(bool streaming)
 {
 	Suite *s = suite_create("api");
@@ -1685,6 +1968,15 @@ static Suite *api_suite(bool streaming)
 	tcase_add_test(tc, test_detach_while_streaming);
 	tcase_add_test(tc, test_close_while_streaming_callback);
 	tcase_add_test(tc, test_base);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("pause");
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, test_pause_enospc_resume);
+	tcase_add_test(tc, test_pause_stop_fails);
+	tcase_add_test(tc, test_pause_eio_abort);
+	tcase_add_test(tc, test_pause_detach);
+	tcase_add_test(tc, test_pause_incremental);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("sync waits");
