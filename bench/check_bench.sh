@@ -13,8 +13,9 @@
 #             several windows (4 Mi clusters each by default);
 #   leaky     the same with 1000 leaked clusters and a refcount lowered,
 #             so both tools have something to report.
-# Also the metadata bytes each check reads (L2 tables and refcount blocks)
-# divided by siphon's time: the rate it reads metadata at.
+# Also what each check read from the device (GNU time's file system
+# inputs, the page cache dropped before each run) and that over its wall
+# time: the rate it reads metadata at.
 #
 # Env: BENCH_DIR (default /var/tmp/siphon-bench), SIPHON, BENCH_KEEP=1.
 set -euo pipefail
@@ -65,8 +66,8 @@ ls -ls "$work"
 
 field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], 0))' "$1" "$2"; }
 
-printf '\n%-9s %-4s %-9s %8s %12s %5s %6s %6s %7s\n' image rep tool "wall s" \
-	"max RSS MiB" exit leaks corr passes
+printf '\n%-9s %-4s %-9s %8s %12s %5s %6s %6s %7s %9s %7s\n' image rep tool \
+	"wall s" "max RSS MiB" exit leaks corr passes "read MiB" "MiB/s"
 for img in prealloc leaky; do
 	for ((rep = 1; rep <= reps; rep++)); do
 		for tool in qemu-img siphon; do
@@ -79,32 +80,15 @@ for img in prealloc leaky; do
 					"$work/$img.qcow2"
 				passes=-
 			fi
-			printf '%-9s %-4s %-9s %8s %12s %5s %6s %6s %7s\n' "$img" \
+			inputs=$(awk -F': ' '/File system inputs/ { print $2 }' \
+				"$work/$img-$tool.time")
+			printf '%-9s %-4s %-9s %8s %12s %5s %6s %6s %7s %9s %7s\n' "$img" \
 				"$rep" "$tool" "$wall" "$(calc "$rss / 1024")" "$code" \
 				"$(field "$work/$img-$tool.json" leaks)" \
-				"$(field "$work/$img-$tool.json" corruptions)" "$passes"
+				"$(field "$work/$img-$tool.json" corruptions)" "$passes" \
+				"$(calc "$inputs * 512 / 1048576")" \
+				"$(calc "$inputs * 512 / 1048576 / $wall")"
 		done
 	done
 done
-# What siphon reads per pass: every L2 table twice (references, then
-# COPIED flags) and every refcount block twice (loaded, compared).
-python3 - "$work/prealloc.qcow2" "$wall" "$passes" <<'PY'
-import struct, sys
-p, wall, passes = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-with open(p, "rb") as f:
-    h = f.read(104)
-    cs = 1 << struct.unpack_from(">I", h, 20)[0]
-    l1n = struct.unpack_from(">I", h, 36)[0]
-    rtc = struct.unpack_from(">I", h, 56)[0]
-    l1_off = struct.unpack_from(">Q", h, 40)[0]
-    rt_off = struct.unpack_from(">Q", h, 48)[0]
-    f.seek(l1_off); l1 = struct.unpack(f">{l1n}Q", f.read(8 * l1n))
-    f.seek(rt_off); rt = struct.unpack(f">{rtc * cs // 8}Q", f.read(rtc * cs))
-l2 = sum(1 for e in l1 if e & 0x00fffffffffffe00)
-rb = sum(1 for e in rt if e)
-mib = (2 * l2 * passes + 2 * rb) * cs / 2**20
-print(f"\nleaky, last siphon run: {l2} L2 tables and {rb} refcount blocks; "
-      f"{passes} passes read {mib:.0f} MiB of metadata in {wall:.2f} s "
-      f"= {mib / wall:.0f} MiB/s")
-PY
 bench_cleanup

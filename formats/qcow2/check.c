@@ -55,7 +55,11 @@ struct ck_table {
 	uint64_t entries;
 };
 
-enum ck_pass { CK_COUNT, CK_COPIED };
+/* What a walk of the tables does (bits). */
+enum ck_walk {
+	CK_COUNT = 1, /* count references (and per-entry findings) */
+	CK_COPIED = 2, /* compare COPIED flags with the window's refcounts */
+};
 
 struct ck {
 	struct img *img;
@@ -81,6 +85,13 @@ struct ck {
 	size_t nbmts;
 	uint64_t bm_dir_off, bm_dir_bytes;
 	uint64_t next_host; /* fragmentation statistic */
+	/*
+	 * Per active L1 entry, the windows its L2 table references (bit w,
+	 * bit 63 for 63 and up), found by the first window's walk: later
+	 * windows read only the L2 tables that reference them. NULL with
+	 * a single window.
+	 */
+	uint64_t *wmask;
 	uint64_t max_rc;
 	bool wrote; /* repairs written, not yet synced */
 };
@@ -439,7 +450,26 @@ static bool has_data_file(const struct ck *k)
  * flags of its entries in the window with the refcounts; *changed when a
  * flag was repaired in k->buf.
  */
-static void walk_l2(struct ck *k, uint64_t l1i, bool active, enum ck_pass pass,
+static uint64_t window_bit(const struct ck *k, uint64_t cluster)
+{
+	return 1ull << sx_min(cluster / k->wn, 63);
+}
+
+/* The first window's walk notes what windows an active L2 table reaches. */
+static void note_window(struct ck *k, uint64_t l1i, uint64_t off, uint64_t len)
+{
+	uint64_t c;
+
+	if (!k->wmask || !k->first || !len)
+		return;
+	for (c = off / k->cs; c <= (off + len - 1) / k->cs && c / k->wn < 64;
+	     c += k->wn - c % k->wn)
+		k->wmask[l1i] |= window_bit(k, c);
+	if (c / k->wn >= 64 && c <= (off + len - 1) / k->cs)
+		k->wmask[l1i] |= 1ull << 63;
+}
+
+static void walk_l2(struct ck *k, uint64_t l1i, bool active, unsigned pass,
 		    bool *changed)
 {
 	struct qcow2 *s = k->s;
@@ -460,7 +490,7 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, enum ck_pass pass,
 			continue;
 		if (!(word & QCOW2_OFLAG_COMPRESSED) &&
 		    !sx_is_aligned(word & QCOW2_L2E_OFFSET_MASK, k->cs)) {
-			if (pass == CK_COUNT && k->first)
+			if ((pass & CK_COUNT) && k->first)
 				finding(k, IMG_CK_UNALIGNED,
 					word & QCOW2_L2E_OFFSET_MASK, false,
 					"data cluster at 0x%llx (guest 0x%llx) is not cluster aligned",
@@ -470,14 +500,14 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, enum ck_pass pass,
 			continue;
 		}
 		if (qcow2_l2e_decode(s, word, bm, &e, &why)) {
-			if (pass == CK_COUNT && k->first)
+			if ((pass & CK_COUNT) && k->first)
 				finding(k, IMG_CK_BAD_ENTRY,
 					word & QCOW2_L2E_OFFSET_MASK, false,
 					"L2 entry of guest 0x%llx: %s",
 					(unsigned long long)guest, why);
 			continue;
 		}
-		if (pass == CK_COUNT && k->first &&
+		if ((pass & CK_COUNT) && k->first &&
 		    e.type != QCOW2_C_COMPRESSED && (word & CK_L2_RESERVED))
 			finding(k, IMG_CK_RESERVED, e.host_off, false,
 				"L2 entry of guest 0x%llx has reserved bits set (0x%016llx)",
@@ -485,7 +515,7 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, enum ck_pass pass,
 				(unsigned long long)word);
 		switch (e.type) {
 		case QCOW2_C_COMPRESSED:
-			if (pass != CK_COUNT)
+			if (!(pass & CK_COUNT))
 				break;
 			if (has_data_file(k)) {
 				if (k->first)
@@ -496,6 +526,8 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, enum ck_pass pass,
 				break;
 			}
 			inc(k, e.coff, e.csize, false, "compressed cluster");
+			if (active)
+				note_window(k, l1i, e.coff, e.csize);
 			if (k->first && active) {
 				k->r->allocated_clusters++;
 				k->r->compressed_clusters++;
@@ -505,10 +537,12 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, enum ck_pass pass,
 			break;
 		case QCOW2_C_NORMAL:
 		case QCOW2_C_ZERO_ALLOC:
-			if (pass == CK_COUNT) {
+			if (pass & CK_COUNT) {
 				if (!has_data_file(k))
 					inc(k, e.host_off, k->cs, false,
 					    "data cluster");
+				if (active && !has_data_file(k))
+					note_window(k, l1i, e.host_off, k->cs);
 				if (k->first && active) {
 					k->r->allocated_clusters++;
 					if (k->next_host &&
@@ -516,9 +550,8 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, enum ck_pass pass,
 						k->r->fragmented_clusters++;
 					k->next_host = e.host_off + k->cs;
 				}
-				break;
 			}
-			if (has_data_file(k) ||
+			if (!(pass & CK_COPIED) || has_data_file(k) ||
 			    !in_window(k, e.host_off / k->cs))
 				break;
 			if ((disk_rc(k, e.host_off / k->cs) == 1) != e.copied) {
@@ -547,7 +580,7 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, enum ck_pass pass,
 
 /* Walk an L1 table of n entries (host-endian) at l1_off. */
 static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
-		   bool active, enum ck_pass pass)
+		   bool active, unsigned pass)
 {
 	uint64_t i;
 	int ret;
@@ -556,23 +589,23 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 		uint64_t e = l1[i], off = e & QCOW2_L1E_OFFSET_MASK;
 		bool changed = false;
 
-		if (pass == CK_COUNT && k->first && (e & CK_L1_RESERVED))
+		if ((pass & CK_COUNT) && k->first && (e & CK_L1_RESERVED))
 			finding(k, IMG_CK_RESERVED, off, false,
 				"L1 entry %llu has reserved bits set (0x%016llx)",
 				(unsigned long long)i, (unsigned long long)e);
 		if (!off)
 			continue;
 		if (!sx_is_aligned(off, k->cs)) {
-			if (pass == CK_COUNT && k->first)
+			if ((pass & CK_COUNT) && k->first)
 				finding(k, IMG_CK_UNALIGNED, off, false,
 					"L2 table at 0x%llx (L1 entry %llu) is not cluster aligned",
 					(unsigned long long)off,
 					(unsigned long long)i);
 			continue;
 		}
-		if (pass == CK_COUNT)
+		if (pass & CK_COUNT)
 			inc(k, off, k->cs, true, "L2 table");
-		if (pass == CK_COPIED && in_window(k, off / k->cs) &&
+		if ((pass & CK_COPIED) && in_window(k, off / k->cs) &&
 		    (disk_rc(k, off / k->cs) == 1) !=
 			    !!(e & QCOW2_OFLAG_COPIED)) {
 			bool fix = k->wf && k->repair >= IMG_CHECK_REPAIR_ALL;
@@ -594,6 +627,10 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 		}
 		if (off >= k->file_size)
 			continue; /* reads as zeros: nothing to count */
+		/* Later windows: only the tables that reference them. */
+		if (active && k->wmask && !k->first &&
+		    !(k->wmask[i] & window_bit(k, k->w0)))
+			continue;
 		ret = read_at(k, k->buf, k->cs, off);
 		if (ret)
 			return ret;
@@ -639,8 +676,12 @@ static int count_window(struct ck *k)
 
 	inc(k, 0, k->cs, true, "header");
 	inc(k, s->hdr.l1_table_offset, s->l1_size * 8, true, "L1 table");
+	/*
+	 * Without repairs the refcounts loaded for the window are final, so
+	 * the COPIED flags are compared in the same walk.
+	 */
 	ret = walk_l1(k, s->l1, s->l1_size, s->hdr.l1_table_offset, true,
-		      CK_COUNT);
+		      k->wf ? CK_COUNT : CK_COUNT | CK_COPIED);
 	if (ret)
 		return ret;
 	inc(k, s->hdr.snapshots_offset, k->snap_bytes, true, "snapshot table");
@@ -733,11 +774,6 @@ static int compare_window(struct ck *k)
 
 		if (lo >= hi)
 			break;
-		if (off) {
-			ret = read_at(k, k->buf, k->cs, off);
-			if (ret)
-				return ret;
-		}
 		for (c = lo; c < hi; c++) {
 			uint64_t i = c - k->w0;
 			uint64_t ref = k->refs[i];
@@ -782,6 +818,12 @@ static int compare_window(struct ck *k)
 			}
 			if (!fix)
 				continue;
+			/* The block's bytes are needed only to change them. */
+			if (!changed) {
+				ret = read_at(k, k->buf, k->cs, off);
+				if (ret)
+					return ret;
+			}
 			qcow2_refcount_entry_set(k->buf, rc->order, c - t * E,
 						 ref);
 			k->drc[i] = (uint16_t)ref;
@@ -862,6 +904,11 @@ static int run(struct ck *k, uint64_t window)
 	k->buf = sio_buf_alloc(k->cs);
 	if (!k->refs || !k->drc || !k->meta || !k->buf)
 		return -ENOMEM;
+	if (k->nclusters > k->wn && s->l1_size) {
+		k->wmask = calloc(s->l1_size, sizeof(*k->wmask));
+		if (!k->wmask)
+			return -ENOMEM;
+	}
 	k->first = true;
 	ret = parse_snapshots(k);
 	if (!ret)
@@ -880,7 +927,7 @@ static int run(struct ck *k, uint64_t window)
 		if (!ret)
 			ret = sync_repairs(k);
 		/* COPIED flags against the refcounts as repaired. */
-		if (!ret)
+		if (!ret && k->wf)
 			ret = walk_l1(k, s->l1, s->l1_size,
 				      s->hdr.l1_table_offset, true, CK_COPIED);
 		if (!ret)
@@ -916,6 +963,7 @@ int qcow2_check_image(struct img *img, struct qcow2 *s, struct sio_file *wfile,
 	free(k.refs);
 	free(k.drc);
 	free(k.meta);
+	free(k.wmask);
 	sio_buf_free(k.buf);
 	sio_buf_free(k.tbl);
 	free(k.snaps);
