@@ -102,7 +102,7 @@ def workloads(seed):
     plain = b""
     for op, frac, n in ((0, 0, 7), (1, 0x4000, 15), (2, 0x8000, 127),
                         (0, 0x8100, 3), (3, 0, 0), (0, 0xfff0, 255),
-                        (1 | 4, 0x2000, 1), (2 | 4, 0, 255)):
+                        (2 | 4, 0x2000, 1), (0 | 4, 0x6000, 255)):
         plain += struct.pack(">BHB", op, frac, n)
     return [plain] + out
 
