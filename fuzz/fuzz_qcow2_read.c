@@ -2,7 +2,9 @@
  * libFuzzer target: the qcow2 reader (issue 14). Each input is the bytes of
  * one qcow2 image, put in a memory file (io.h sio_mem_create, no io_uring)
  * and opened read-only as one layer, without its backing chain. Then what
- * a reader does: the info lines, block status from the start (a bounded
+ * a reader does: the probe, the backing name as the chain would take it
+ * when it names an NBD export (parsed, never connected to: the chain is
+ * not opened), the info lines, block status from the start (a bounded
  * number of extents) and at points spread over the virtual size, the
  * metadata read-ahead (meta_want, meta_fill, nowait status), reads of a few
  * bounded ranges, and a decompression of the compressed clusters met.
@@ -26,6 +28,7 @@
 #include "common/checked.h"
 #include "formats/image.h"
 #include "io/io.h"
+#include "io/nbd_name.h"
 
 #define PATH "/siphon-fuzz/qcow2-read.qcow2"
 #define MAX_INPUT (1u << 20)
@@ -162,19 +165,40 @@ static void read_ranges(struct img *img)
 	free(buf);
 }
 
+/*
+ * The backing name as img_open() would resolve it, short of opening
+ * anything: an NBD name (json: included) parsed into its canonical URI.
+ */
+static void backing_name(const struct img *img)
+{
+	struct sio_nbd_addr a;
+	char *uri;
+
+	if (!img->backing_name || !sio_nbd_name_is_remote(img->backing_name))
+		return;
+	if (sio_nbd_name_parse(img->backing_name, &a) < 0)
+		return;
+	uri = sio_nbd_addr_uri(&a);
+	free(uri);
+	sio_nbd_addr_free(&a);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct img_info_item items[32];
 	struct img *img = NULL;
 	struct sio_mem *m;
 	unsigned compressed = MAX_COMPRESSED;
+	int err;
 
 	if (size > MAX_INPUT)
 		size = MAX_INPUT;
 	if (sio_mem_create(PATH, data, size, &m) < 0)
 		abort();
+	img_probe_format(PATH, &err);
 	if (img_open_layer(PATH, "qcow2", 0, &img) < 0)
 		goto out;
+	backing_name(img);
 	if (img_get_info(img, items, 32) > 32)
 		contract("info overflowed its array", 0);
 	if (img->size) {

@@ -21,9 +21,9 @@
  *   byte 0: bits 0-1 the op (write, write_zeroes, discard, flush); bit 2
  *           the length in units of 8 sectors; bit 3 write_zeroes with
  *           IMG_WZ_NO_FALLBACK; bits 4 and 5 both set: an unaligned
- *           offset (refused); bit 7 of the first record's: the file
- *           takes fallocate (else it says EOPNOTSUPP, as some
- *           filesystems do)
+ *           offset (refused); bits 6 and 7 both set in the first
+ *           record: the file takes fallocate (else it says EOPNOTSUPP,
+ *           as some filesystems do)
  *   bytes 1-2: the offset, as a fraction of the virtual size (/65536)
  *   byte 3: the length, (n + 1) sectors of 512 bytes (or 8 sectors)
  *
@@ -259,7 +259,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	 * memory file fills pages: ten times slower per input. Without
 	 * fallocate it only truncates (the same paths, the fallback's).
 	 */
-	if (!(data[size - WORKLOAD] & 0x80) &&
+	if ((data[size - WORKLOAD] & 0xc0) != 0xc0 &&
 	    sio_mem_fail(m, SIO_OP_FALLOCATE, 0, 0, EOPNOTSUPP) < 0)
 		abort();
 #ifdef SIPHON_HAVE_IMG_CHECK

@@ -3,7 +3,7 @@
 and qemu-io (the independent writer): small cluster sizes and virtual
 sizes so that each file stays a few KiB, in the variants the reader has
 to know (v2 and v3, extended L2, zlib and zstd compressed clusters, a
-backing name, data and zero clusters, refcount widths 1 and 64, a
+backing name (a file, an nbd:// URI, a json: name), data and zero clusters, refcount widths 1 and 64, a
 snapshot, a bitmap, preallocated metadata), one file each in DIR.
 
 With --workload, each image is followed by the fuzz_qcow2_write workload
@@ -48,6 +48,11 @@ VARIANTS = {
                  None),
     "backing": ("cluster_size=512", "64K", ["write -P 0xab 1k 2k"],
                 "backing"),
+    "backing-nbd": ("cluster_size=512", "64K", ["write -P 0xab 0 1k"],
+                    "nbd://localhost:10810/disk"),
+    "backing-json": ("cluster_size=512", "64K", [],
+                     'json:{"file": {"driver": "nbd", "server": {"type": '
+                     '"unix", "path": "/run/s"}, "export": "disk"}}'),
     "snapshot": ("cluster_size=512", "64K", ["write -P 0xab 0 4k"],
                  "snapshot"),
     "bitmap": ("cluster_size=4096", "256K", ["write -P 0xab 0 8k"],
@@ -83,6 +88,11 @@ def make(tmp, name, opts, size, cmds, extra):
         return None
     for c in cmds:
         if not run("qemu-io", "-f", "qcow2", "-c", c, path):
+            return None
+    if extra and extra.startswith(("nbd:", "json:")):
+        # An NBD backing name, set last and unsafely: stored, never opened.
+        if not run("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", extra,
+                   "-F", "raw", path):
             return None
     if extra == "snapshot":
         if not (run("qemu-img", "snapshot", "-c", "snap1", path) and
