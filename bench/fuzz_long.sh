@@ -1,30 +1,72 @@
 #!/bin/bash
-# Long fuzzing runs (issue 13, and issue 14's harness): each libFuzzer target
-# for SECS seconds (default 1800) on both cores (-jobs=2), from its seeds
-# and regression inputs; prints executions, coverage and crashes. A crash
-# input is kept under the work directory: add it to fuzz/regress/TARGET/.
-# Usage: bench/fuzz_long.sh [SECS] (needs clang; builds build-fuzz/).
+# Long fuzzing runs (issues 13 and 14): each libFuzzer target named (all of
+# fuzz/targets.sh by default) for SECS seconds (default 1800), from its
+# seeds and its regression inputs, one target after the other, on JOBS
+# cores (default 2: -jobs/-workers, each job a fresh process when one
+# stops). Prints, per target, the executions, the coverage (libFuzzer's
+# cov: edges and ft: features at the end), the peak RSS and the crash,
+# leak, timeout and out-of-memory inputs found. Those inputs are kept in the
+# work directory (/var/tmp/siphon-fuzz-long-*): add each to
+# fuzz/regress/TARGET/ once the bug is fixed. Exit 1 if any target found
+# one.
+# Usage: bench/fuzz_long.sh [SECS [TARGET...]] (needs clang; builds
+# build-fuzz/ or $SIPHON_BUILD_FUZZ; JOBS=1 on a shared machine).
 set -euo pipefail
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$src"
+# shellcheck source=fuzz/targets.sh
+source fuzz/targets.sh
 secs=${1:-1800}
+shift || true
+targets=("$@")
+((${#targets[@]})) || targets=("${fuzz_targets[@]}")
+jobs=${JOBS:-2}
 dir=${SIPHON_BUILD_FUZZ:-build-fuzz}
 if [[ ! -f $dir/meson-private/coredata.dat ]]; then
 	CC=clang meson setup "$dir" -Dfuzz=true -Dtests=false \
 		-Db_sanitize=address,undefined -Db_lundef=false
 fi
 ninja -C "$dir"
-for t in nbd_server; do
+bad=0
+summary=()
+for t in "${targets[@]}"; do
 	work=$(mktemp -d /var/tmp/siphon-fuzz-long-XXXXXX)
-	python3 fuzz/nbd_seeds.py "$work/corpus"
-	echo "fuzz_$t: ${secs}s, work dir $work"
+	fuzz_seed "$t" "$work/corpus"
+	mkdir -p "fuzz/regress/$t"
+	echo "fuzz_$t: ${secs}s on $jobs core(s), work dir $work"
+	par=()
+	if ((jobs > 1)); then
+		# Each job logs to fuzz-N.log in the current directory.
+		par=(-jobs="$jobs" -workers="$jobs")
+	fi
 	rc=0
-	"$dir/fuzz/fuzz_$t" -max_total_time="$secs" -timeout=10 \
-		-rss_limit_mb=4096 -print_final_stats=1 \
-		-artifact_prefix="$work/" "$work/corpus" "fuzz/regress/$t" \
-		>"$work/log" 2>&1 || rc=$?
-	grep -E "^stat::number_of_executed_units|^stat::peak_rss_mb|DONE|^Done" \
-		"$work/log" | tail -4
-	crashes=$(ls "$work" | grep -cE '^(crash|leak|timeout|oom)-' || true)
-	echo "fuzz_$t: exit $rc, $crashes crash/leak/timeout inputs in $work"
+	(cd "$work" && "$src/$dir/fuzz/fuzz_$t" -max_total_time="$secs" \
+		-timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
+		-artifact_prefix="$work/" "${par[@]}" "$work/corpus" \
+		"$src/fuzz/regress/$t" >"$work/log" 2>&1) || rc=$?
+	cat "$work"/fuzz-*.log >>"$work/log" 2>/dev/null || true
+	execs=$(grep -h '^stat::number_of_executed_units' "$work/log" |
+		awk '{n += $2} END {print n + 0}')
+	last=$(grep -hE '^#[0-9]+[[:space:]]+(DONE|pulse|NEW|REDUCE|INITED)' \
+		"$work/log" | tail -1)
+	cov=$(sed -nE 's/.*cov: ([0-9]+).*/\1/p' <<<"$last")
+	ft=$(sed -nE 's/.*ft: ([0-9]+).*/\1/p' <<<"$last")
+	rss=$(grep -h '^stat::peak_rss_mb' "$work/log" |
+		awk '$2 > m {m = $2} END {print m + 0}')
+	found=$(find "$work" -maxdepth 1 \( -name 'crash-*' -o -name 'leak-*' \
+		-o -name 'timeout-*' -o -name 'oom-*' \) | wc -l)
+	line="fuzz_$t: exit $rc, $execs execs ($((execs / secs))/s)"
+	line+=", cov ${cov:-?} ft ${ft:-?}, peak RSS ${rss} MB"
+	line+=", $found crash/leak/timeout/oom inputs"
+	echo "$line"
+	summary+=("$line")
+	if ((rc != 0 || found != 0)); then
+		bad=1
+		echo "fuzz_$t: inputs kept in $work"
+	else
+		rm -rf "$work"
+	fi
 done
+echo
+printf '%s\n' "${summary[@]}"
+exit $bad

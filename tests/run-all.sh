@@ -64,9 +64,11 @@ run_suite() {
 	fi
 }
 
-# Fuzz targets (libFuzzer, clang, ASan/UBSan): a short run of each from its
-# seeds and its regression inputs (fuzz/regress/TARGET/, every crash ever
-# found); bench/fuzz_long.sh runs them at length.
+# Fuzz targets (libFuzzer, clang, ASan/UBSan): a short run of each target
+# of fuzz/targets.sh for SIPHON_FUZZ_SECS seconds (default 60: five targets,
+# five minutes), from its seeds and its regression inputs
+# (fuzz/regress/TARGET/, every crash ever found); bench/fuzz_long.sh runs
+# them at length.
 run_fuzz() {
 	local dir=${SIPHON_BUILD_FUZZ:-build-fuzz} secs=${SIPHON_FUZZ_SECS:-60}
 	local t work
@@ -77,9 +79,11 @@ run_fuzz() {
 	fi
 	CC=clang build_only fuzz "$dir" -Dfuzz=true -Dtests=false \
 		-Db_sanitize=address,undefined -Db_lundef=false || return 0
-	for t in nbd_server; do
+	# shellcheck source=fuzz/targets.sh
+	source fuzz/targets.sh
+	for t in "${fuzz_targets[@]}"; do
 		work=$(mktemp -d /tmp/siphon-fuzz-XXXXXX)
-		python3 fuzz/nbd_seeds.py "$work/corpus"
+		fuzz_seed "$t" "$work/corpus"
 		mkdir -p "fuzz/regress/$t"
 		echo "=== fuzz: fuzz_$t for ${secs}s"
 		if ! "$dir/fuzz/fuzz_$t" -max_total_time="$secs" -timeout=10 \
@@ -91,7 +95,8 @@ run_fuzz() {
 			failed+=("fuzz ($t)")
 			continue
 		fi
-		grep -E "^stat::number_of_executed_units|^Done" "$work/log" || true
+		grep -E "^stat::number_of_executed_units|^#[0-9]+.*DONE" \
+			"$work/log" || true
 		rm -rf "$work"
 	done
 }

@@ -375,7 +375,7 @@ static bool run_add(struct run *r, enum img_status st, bool host_valid,
  */
 static bool looks_preallocated(struct img *img, struct qcow2 *s)
 {
-	uint64_t real, threshold, n = 0, c, end;
+	uint64_t real, threshold, n = 0, c, end, E, covered;
 	struct stat st;
 
 	if (s->prealloc)
@@ -389,9 +389,21 @@ static bool looks_preallocated(struct img *img, struct qcow2 *s)
 	end = ((uint64_t)st.st_size + s->cluster_size - 1) >> s->cluster_bits;
 	if (end < threshold)
 		return false; /* not even every cluster of the file would do */
+	/*
+	 * Only clusters with a refcount block can count: a sparse file of
+	 * 16 TiB with small clusters would otherwise be walked cluster by
+	 * cluster (billions of reads) at the first data extent.
+	 */
+	E = s->rc.block_entries;
+	if (sx_mul(s->rc.table_entries, E, &covered) == 0)
+		end = sx_min(end, covered);
 	for (c = 0; c < end && n < threshold; c++) {
 		uint64_t rc;
 
+		if (c % E == 0 && !s->rc.table[c / E]) {
+			c += E - 1; /* no block: every refcount is 0 */
+			continue;
+		}
 		if (qcow2_refcount_get(img, s, c, &rc) < 0)
 			return false;
 		n += rc > 0;

@@ -148,8 +148,12 @@ static int qcow2_open(struct img *img)
 	ret = sio_file_size(img->file, &file_size);
 	if (ret)
 		goto out;
-	/* Cluster 0 holds header, extensions and backing name: read it all. */
-	buf = malloc(1u << QCOW2_MAX_CLUSTER_BITS);
+	/*
+	 * Cluster 0 holds header, extensions and backing name: read it all,
+	 * in a buffer of the cluster's size (not the largest one's: 2 MiB
+	 * for every open cost an mmap, and under ASan its shadow).
+	 */
+	buf = malloc(512);
 	if (!buf) {
 		ret = -ENOMEM;
 		goto out;
@@ -162,10 +166,18 @@ static int qcow2_open(struct img *img)
 		uint32_t bits = ((uint32_t)buf[20] << 24) |
 				((uint32_t)buf[21] << 16) |
 				((uint32_t)buf[22] << 8) | buf[23];
+		uint8_t *big;
 
 		if (bits >= QCOW2_MIN_CLUSTER_BITS &&
-		    bits <= QCOW2_MAX_CLUSTER_BITS) {
+		    bits <= QCOW2_MAX_CLUSTER_BITS &&
+		    sx_min(file_size, 1ull << bits) > len) {
 			len = sx_min(file_size, 1ull << bits);
+			big = realloc(buf, len);
+			if (!big) {
+				ret = -ENOMEM;
+				goto out;
+			}
+			buf = big;
 			ret = sio_pread(img->file, buf, len, 0);
 			if (ret)
 				goto out;

@@ -215,9 +215,28 @@ static void rt_mark_dirty(struct qcow2 *s, uint64_t lo, uint64_t hi)
 int qcow2_rc_init_write(struct img *img, struct qcow2 *s)
 {
 	struct qcow2_wstate *w = &s->w;
-	uint64_t n = QCOW2_RCACHE_BYTES / s->cluster_size;
+	uint64_t n = QCOW2_RCACHE_BYTES / s->cluster_size, i, off;
 
-	(void)img;
+	/*
+	 * Every refcount block the table names must be in the file: the
+	 * write path loads blocks without the read path's check (a block
+	 * past the end reads as zeros) and writes them back where the table
+	 * says, so a corrupt entry would grow the file to that offset (up
+	 * to 16 EiB, sparse) and put refcounts there.
+	 */
+	for (i = 0; i < s->rc.table_entries; i++) {
+		off = s->rc.table[i] & QCOW2_REFT_OFFSET_MASK;
+		if (!off)
+			continue;
+		if (!sx_is_aligned(off, s->cluster_size) ||
+		    !sx_range_within(off, s->cluster_size, s->file_size))
+			return sx_error(
+				-EINVAL,
+				"%s: refcount block at 0x%llx (refcount table index %llu) is unaligned or beyond the end of the file (%llu bytes)",
+				img->path, (unsigned long long)off,
+				(unsigned long long)i,
+				(unsigned long long)s->file_size);
+	}
 	n = sx_max(sx_min(n, QCOW2_RCACHE_MAX_SLOTS), QCOW2_RCACHE_MIN_SLOTS);
 	w->rc_slots = calloc(n, sizeof(*w->rc_slots));
 	if (!w->rc_slots)

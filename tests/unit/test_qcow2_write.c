@@ -738,6 +738,33 @@ START_TEST(t_open_checks)
 			  0);
 	img_close(img);
 
+	/*
+	 * A refcount block past the end of the file (found by
+	 * fuzz_qcow2_write): refused for writing, where it was loaded as
+	 * zeros and written back there, growing the file to 5 EiB.
+	 */
+	create(p, &o);
+	{
+		struct sio_file *f;
+		uint64_t rt, size0, size1;
+
+		ck_assert_int_eq(sio_file_open(p, SIO_RDONLY, &f), 0);
+		ck_assert_int_eq(sio_pread(f, &rt, 8, 48), 0);
+		ck_assert_int_eq(sio_file_size(f, &size0), 0);
+		sio_file_close(f);
+		poke64(p, (off_t)be64toh(rt) + 8, 0x514649fb00000000ull);
+		ck_assert_int_eq(img_open(p, "qcow2", IMG_OPEN_RDWR, &img),
+				 -EINVAL);
+		ck_assert_ptr_nonnull(
+			strstr(sx_last_error(), "beyond the end of the file"));
+		ck_assert_int_eq(sio_file_open(p, SIO_RDONLY, &f), 0);
+		ck_assert_int_eq(sio_file_size(f, &size1), 0);
+		sio_file_close(f);
+		ck_assert_uint_eq(size1, size0);
+		ck_assert_int_eq(img_open(p, "qcow2", 0, &img), 0);
+		img_close(img);
+	}
+
 	if (have_qemu) {
 		create(p, &o);
 		mem_save_all();
