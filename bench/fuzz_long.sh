@@ -40,7 +40,8 @@ for t in "${targets[@]}"; do
 		par=(-jobs="$jobs" -workers="$jobs")
 	fi
 	rc=0
-	(cd "$work" && "$src/$dir/fuzz/fuzz_$t" -max_total_time="$secs" \
+	(cd "$work" && UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		"$src/$dir/fuzz/fuzz_$t" -max_total_time="$secs" \
 		-timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
 		-artifact_prefix="$work/" "${par[@]}" "$work/corpus" \
 		"$src/fuzz/regress/$t" >"$work/log" 2>&1) || rc=$?

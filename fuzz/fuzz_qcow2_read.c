@@ -183,6 +183,31 @@ static void backing_name(const struct img *img)
 	sio_nbd_addr_free(&a);
 }
 
+/*
+ * The consistency check reads the same untrusted bytes. Where it found
+ * only leaks, -r leaks must leave none and make no corruption; anything
+ * else gets -r all, which must not crash either.
+ */
+static void check_image(void)
+{
+	struct img_check_opts o = {.repair = IMG_CHECK_NO_REPAIR};
+	struct img_check_report r;
+
+	if (img_check(PATH, "qcow2", &o, &r) < 0)
+		return;
+	if (r.found_corruptions || !r.found_leaks) {
+		/* Whatever it repairs or marks, it must not crash. */
+		o.repair = IMG_CHECK_REPAIR_ALL;
+		img_check(PATH, "qcow2", &o, &r);
+		return;
+	}
+	o.repair = IMG_CHECK_REPAIR_LEAKS;
+	if (img_check(PATH, "qcow2", &o, &r) < 0)
+		return;
+	if (r.leaks || r.corruptions)
+		contract("-r leaks left leaks or made corruption", r.leaks);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct img_info_item items[32];
@@ -206,6 +231,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		read_ahead(img);
 		read_ranges(img);
 	}
+	img_close(img);
+	img = NULL;
+	check_image();
 out:
 	img_close(img);
 	sio_mem_destroy(m);

@@ -10,8 +10,7 @@
  * operations succeed or fail with -errno, and nothing crashes, leaks or
  * hangs.
  *
- * With SIPHON_HAVE_IMG_CHECK (defined by the build once formats/image.h
- * has img_check()), the image is also checked before and after: when the
+ * The image is also checked (img_check) before and after: when the
  * input had no corruption and the writer accepted it, the image it leaves
  * must have none either, must open again, and must read back what the
  * workload wrote (a corrupt input may stay corrupt: two L2 entries sharing
@@ -129,15 +128,14 @@ static void run(struct img *img, struct op *ops, unsigned n, uint8_t *buf)
 	}
 }
 
-#ifdef SIPHON_HAVE_IMG_CHECK
 /* Corruptions img_check() finds in the image at PATH, or -errno. */
 static long long corruptions(void)
 {
+	const struct img_check_opts o = {.repair = IMG_CHECK_NO_REPAIR};
 	struct img_check_report r;
 	int ret;
 
-	memset(&r, 0, sizeof(r));
-	ret = img_check(PATH, "qcow2", 0, &r);
+	ret = img_check(PATH, "qcow2", &o, &r);
 	return ret < 0 ? ret : (long long)r.corruptions;
 }
 
@@ -213,14 +211,6 @@ static void check_after(const struct op *ops, unsigned n, uint8_t *buf)
 		fail("the writer left corruptions", n, c);
 	verify(ops, n, buf);
 }
-#else
-static void check_after(const struct op *ops, unsigned n, uint8_t *buf)
-{
-	(void)ops;
-	(void)n;
-	(void)buf;
-}
-#endif
 
 /* Whatever a doubtful input left must still be safe to open and read. */
 static void read_left(const struct op *ops, unsigned n, uint8_t *buf)
@@ -262,9 +252,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if ((data[size - WORKLOAD] & 0xc0) != 0xc0 &&
 	    sio_mem_fail(m, SIO_OP_FALLOCATE, 0, 0, EOPNOTSUPP) < 0)
 		abort();
-#ifdef SIPHON_HAVE_IMG_CHECK
 	clean = corruptions() == 0;
-#endif
 	if (img_open_layer(PATH, "qcow2", IMG_OPEN_RDWR, &img) < 0)
 		goto out;
 	buf = malloc(MAX_LEN);

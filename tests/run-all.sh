@@ -86,7 +86,9 @@ run_fuzz() {
 		fuzz_seed "$t" "$work/corpus"
 		mkdir -p "fuzz/regress/$t"
 		echo "=== fuzz: fuzz_$t for ${secs}s"
-		if ! "$dir/fuzz/fuzz_$t" -max_total_time="$secs" -timeout=10 \
+		# Undefined behaviour is a finding, not a note in the log.
+		if ! UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+			"$dir/fuzz/fuzz_$t" -max_total_time="$secs" -timeout=10 \
 			-rss_limit_mb=2048 -print_final_stats=1 \
 			-artifact_prefix="$work/" "$work/corpus" \
 			"fuzz/regress/$t" 2>"$work/log"; then

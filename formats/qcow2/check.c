@@ -175,6 +175,8 @@ static int read_at(struct ck *k, void *buf, uint64_t len, uint64_t off)
 	uint64_t n = off < k->file_size ? sx_min(len, k->file_size - off) : 0;
 	int ret;
 
+	if (!len)
+		return 0;
 	if (n) {
 		ret = sio_pread(k->img->file, buf, n, off);
 		if (ret)
@@ -261,11 +263,18 @@ static int parse_snapshots(struct ck *k)
 		extra = be32toh(extra);
 		len = sizeof(e) + (uint64_t)extra + id_len + name_len;
 		len = (len + 7) & ~7ull;
-		if (sx_add(pos, len, &next)) {
+		if (sx_add(pos, len, &next) || next > k->file_size) {
 			finding(k, IMG_CK_BAD_TABLE, pos, false,
-				"snapshot %u: entry size overflows", i + 1);
+				"snapshot %u of %u at 0x%llx is incomplete (runs past the end of the file)",
+				i + 1, h->nb_snapshots,
+				(unsigned long long)pos);
 			break;
 		}
+		/* Version 3 snapshots carry the large VM state and disk size. */
+		if (h->version >= 3 && extra < 16)
+			finding(k, IMG_CK_BAD_TABLE, pos, false,
+				"snapshot %u of %u is incomplete: %u bytes of extra data, version 3 needs 16",
+				i + 1, h->nb_snapshots, extra);
 		if ((uint64_t)l1_size * 8 > QCOW2_MAX_L1_BYTES ||
 		    !sx_is_aligned(l1_off, k->cs)) {
 			finding(k, IMG_CK_BAD_TABLE, l1_off, false,
@@ -450,6 +459,15 @@ static bool has_data_file(const struct ck *k)
  * flags of its entries in the window with the refcounts; *changed when a
  * flag was repaired in k->buf.
  */
+/*
+ * COPIED flags are set right by any repair: lowering a leaked refcount to
+ * 1 makes a clear flag wrong (as qemu-img check -r leaks does too).
+ */
+static bool copied_fix(const struct ck *k)
+{
+	return k->wf && k->repair >= IMG_CHECK_REPAIR_LEAKS;
+}
+
 static uint64_t window_bit(const struct ck *k, uint64_t cluster)
 {
 	return 1ull << sx_min(cluster / k->wn, 63);
@@ -555,8 +573,7 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, unsigned pass,
 			    !in_window(k, e.host_off / k->cs))
 				break;
 			if ((disk_rc(k, e.host_off / k->cs) == 1) != e.copied) {
-				bool fix = k->wf &&
-					   k->repair >= IMG_CHECK_REPAIR_ALL;
+				bool fix = copied_fix(k);
 
 				finding(k, IMG_CK_COPIED, e.host_off, fix,
 					"COPIED flag of the data cluster at 0x%llx (guest 0x%llx) is %s, refcount %llu",
@@ -608,7 +625,7 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 		if ((pass & CK_COPIED) && in_window(k, off / k->cs) &&
 		    (disk_rc(k, off / k->cs) == 1) !=
 			    !!(e & QCOW2_OFLAG_COPIED)) {
-			bool fix = k->wf && k->repair >= IMG_CHECK_REPAIR_ALL;
+			bool fix = copied_fix(k);
 
 			finding(k, IMG_CK_COPIED, off, fix,
 				"COPIED flag of the L2 table at 0x%llx (L1 entry %llu) is %s, refcount %llu",
