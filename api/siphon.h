@@ -399,6 +399,13 @@ enum siphon_stream_state {
 	SIPHON_STREAM_PAUSED = 5,
 };
 
+/*
+ * "running", "paused", "completed", "cancelled", "failed" for an enum
+ * siphon_stream_state value ("unknown" otherwise): the names the tools and
+ * the control socket report. Since 0.1.4.
+ */
+SIPHON_API const char *siphon_stream_state_name(int state);
+
 enum siphon_info_flags {
 	/* Also list the last, ended stream of each disk without one running. */
 	SIPHON_INFO_ALL = 1 << 0,

@@ -717,3 +717,20 @@ siphon_get_block_stream_info_ex(siphon_domain *dom,
 	pthread_mutex_unlock(&dom->lock);
 	return (int)count;
 }
+
+SIPHON_API const char *siphon_stream_state_name(int state)
+{
+	switch (state) {
+	case SIPHON_STREAM_RUNNING:
+		return "running";
+	case SIPHON_STREAM_PAUSED:
+		return "paused";
+	case SIPHON_STREAM_COMPLETED:
+		return "completed";
+	case SIPHON_STREAM_CANCELLED:
+		return "cancelled";
+	case SIPHON_STREAM_FAILED:
+		return "failed";
+	}
+	return "unknown";
+}

@@ -395,23 +395,6 @@ int ctl_flush_all(struct ctl *c)
 
 /* ---- commands ---- */
 
-static const char *state_name(int st)
-{
-	switch (st) {
-	case SIPHON_STREAM_RUNNING:
-		return "running";
-	case SIPHON_STREAM_COMPLETED:
-		return "completed";
-	case SIPHON_STREAM_CANCELLED:
-		return "cancelled";
-	case SIPHON_STREAM_FAILED:
-		return "failed";
-	case SIPHON_STREAM_PAUSED:
-		return "paused";
-	}
-	return "unknown";
-}
-
 static void cmd_info(struct ctl *c, struct jb *j)
 {
 	struct siphon_block_stream_info_ex *x;
@@ -441,7 +424,8 @@ static void cmd_info(struct ctl *c, struct jb *j)
 			if (strcmp(x[k].path, d->path))
 				continue;
 			jb_open(j, "stream", "{");
-			jb_str(j, "state", state_name(x[k].state));
+			jb_str(j, "state",
+			       siphon_stream_state_name(x[k].state));
 			jb_bool(j, "continuous",
 				x[k].flags & SIPHON_STREAM_CONTINUOUS);
 			jb_u64(j, "cur", x[k].cur);

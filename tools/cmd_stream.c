@@ -117,23 +117,6 @@ static const char *errno_name(int err)
 	return n ? n : "EIO";
 }
 
-static const char *state_name(int state)
-{
-	switch (state) {
-	case SIPHON_STREAM_RUNNING:
-		return "running";
-	case SIPHON_STREAM_PAUSED:
-		return "paused";
-	case SIPHON_STREAM_COMPLETED:
-		return "completed";
-	case SIPHON_STREAM_CANCELLED:
-		return "cancelled";
-	case SIPHON_STREAM_FAILED:
-		return "failed";
-	}
-	return "unknown";
-}
-
 static double elapsed(const struct stream_ui *ui)
 {
 	struct timespec t;
@@ -163,7 +146,7 @@ static void print_counters_json(const struct stream_progress *p)
 	       p->inflight_bytes, p->window_bytes, p->request_bytes,
 	       p->device_rate, p->latency_us, p->read_request_bytes,
 	       p->write_request_bytes);
-	printf(", \"state\": \"%s\"", state_name(p->state));
+	printf(", \"state\": \"%s\"", siphon_stream_state_name(p->state));
 	if (p->error)
 		printf(", \"errno\": \"%s\"", errno_name(p->error));
 }
