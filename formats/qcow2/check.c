@@ -49,6 +49,8 @@
 #define CK_REFT_RESERVED 0x1ffull
 #define CK_BMT_OFFSET_MASK 0x00fffffffffffe00ull
 #define CK_MAX_BITMAP_DIR (64ull << 20)
+/* L2 tables that follow each other in the file are read this much at once. */
+#define CK_L2_BATCH (2ull << 20)
 
 struct ck_table {
 	uint64_t off;
@@ -68,6 +70,8 @@ struct ck {
 	unsigned repair;
 	struct img_check_report *r;
 	uint64_t cs;
+	unsigned cbits; /* log2(cs) */
+	unsigned wbits; /* log2 of the window with several windows */
 	uint64_t file_size;
 	uint64_t nclusters; /* clusters of the file: the ones compared */
 	uint64_t w0, wn; /* the window: clusters [w0, w0 + wn) */
@@ -75,7 +79,9 @@ struct ck {
 	uint16_t *drc; /* refcounts on disk (after repair) */
 	uint8_t *meta; /* bit set: referenced as metadata */
 	bool first; /* first window: per-entry findings and statistics */
-	uint8_t *buf; /* one cluster: an L2 table or a refcount block */
+	uint8_t *buf; /* one cluster: a refcount block */
+	uint8_t *l2b; /* L2 tables read together: l2b_len bytes from l2b_off */
+	uint64_t l2b_off, l2b_len, l2b_cap;
 	uint64_t *tbl; /* a snapshot's L1 table or a bitmap table */
 	size_t tbl_cap; /* bytes */
 	struct ck_table *snaps;
@@ -140,6 +146,15 @@ static void inc(struct ck *k, uint64_t off, uint64_t len, bool meta,
 {
 	uint64_t end, c, c0, c1;
 
+	/* The common case: one whole cluster inside the file. */
+	if (!meta && len == k->cs && !(off & (k->cs - 1)) &&
+	    off < k->file_size) {
+		uint64_t i = (off >> k->cbits) - k->w0;
+
+		if (i < k->wn && k->refs[i] < CK_SAT)
+			k->refs[i]++;
+		return;
+	}
 	if (!len)
 		return;
 	if (sx_add(off, len, &end) ||
@@ -152,8 +167,8 @@ static void inc(struct ck *k, uint64_t off, uint64_t len, bool meta,
 				(unsigned long long)k->file_size);
 		return;
 	}
-	c0 = sx_max(off / k->cs, k->w0);
-	c1 = sx_min((end - 1) / k->cs + 1, k->w0 + k->wn);
+	c0 = sx_max(off >> k->cbits, k->w0);
+	c1 = sx_min(((end - 1) >> k->cbits) + 1, k->w0 + k->wn);
 	for (c = c0; c < c1; c++) {
 		uint64_t i = c - k->w0;
 
@@ -386,7 +401,8 @@ static uint64_t rblock(struct ck *k, uint64_t t)
 	uint64_t e = k->s->rc.table[t];
 	uint64_t off = e & QCOW2_REFT_OFFSET_MASK;
 
-	if (!off || !sx_is_aligned(off, k->cs) || off / k->cs >= k->nclusters)
+	if (!off || !sx_is_aligned(off, k->cs) ||
+	    off >> k->cbits >= k->nclusters)
 		return 0;
 	return off;
 }
@@ -415,7 +431,7 @@ static void count_reftable(struct ck *k)
 					(unsigned long long)off);
 			continue;
 		}
-		if (off / k->cs >= k->nclusters) {
+		if (off >> k->cbits >= k->nclusters) {
 			if (k->first)
 				finding(k, IMG_CK_PAST_EOF, off, false,
 					"refcount block %llu at 0x%llx is past the end of the file",
@@ -453,13 +469,6 @@ static bool has_data_file(const struct ck *k)
 }
 
 /*
- * One L2 table (the cluster at l2_off, in k->buf) of L1 entry l1i. COUNT:
- * count its references (per-entry findings and statistics in the first
- * window, active table only for the statistics). COPIED: compare the
- * flags of its entries in the window with the refcounts; *changed when a
- * flag was repaired in k->buf.
- */
-/*
  * COPIED flags are set right by any repair: lowering a leaked refcount to
  * 1 makes a clear flag wrong (as qemu-img check -r leaks does too).
  */
@@ -470,7 +479,7 @@ static bool copied_fix(const struct ck *k)
 
 static uint64_t window_bit(const struct ck *k, uint64_t cluster)
 {
-	return 1ull << sx_min(cluster / k->wn, 63);
+	return 1ull << sx_min(cluster >> k->wbits, 63);
 }
 
 /* The first window's walk notes what windows an active L2 table reaches. */
@@ -480,15 +489,27 @@ static void note_window(struct ck *k, uint64_t l1i, uint64_t off, uint64_t len)
 
 	if (!k->wmask || !k->first || !len)
 		return;
-	for (c = off / k->cs; c <= (off + len - 1) / k->cs && c / k->wn < 64;
+	if (len == k->cs && !(off & (k->cs - 1))) {
+		k->wmask[l1i] |= window_bit(k, off >> k->cbits);
+		return;
+	}
+	for (c = off >> k->cbits;
+	     c <= (off + len - 1) >> k->cbits && c / k->wn < 64;
 	     c += k->wn - c % k->wn)
 		k->wmask[l1i] |= window_bit(k, c);
-	if (c / k->wn >= 64 && c <= (off + len - 1) / k->cs)
+	if (c / k->wn >= 64 && c <= (off + len - 1) >> k->cbits)
 		k->wmask[l1i] |= 1ull << 63;
 }
 
-static void walk_l2(struct ck *k, uint64_t l1i, bool active, unsigned pass,
-		    bool *changed)
+/*
+ * One L2 table (its bytes at l2) of L1 entry l1i. COUNT: count its
+ * references (per-entry findings and statistics in the first window,
+ * active table only for the statistics). COPIED: compare the flags of its
+ * entries in the window with the refcounts; *changed when a flag was
+ * repaired in l2.
+ */
+static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
+		    unsigned pass, bool *changed)
 {
 	struct qcow2 *s = k->s;
 	unsigned esz = s->l2_entry_size;
@@ -497,7 +518,7 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, unsigned pass,
 	/* qemu counts fragmentation within each L2 table. */
 	k->next_host = 0;
 	for (j = 0; j < s->l2_entries; j++) {
-		uint8_t *p = k->buf + j * esz;
+		uint8_t *p = l2 + j * esz;
 		uint64_t word = get_be(p);
 		uint64_t bm = s->extended_l2 ? get_be(p + 8) : 0;
 		uint64_t guest = ((l1i << s->l2_bits) + j) << s->cluster_bits;
@@ -570,9 +591,10 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, unsigned pass,
 				}
 			}
 			if (!(pass & CK_COPIED) || has_data_file(k) ||
-			    !in_window(k, e.host_off / k->cs))
+			    !in_window(k, e.host_off >> k->cbits))
 				break;
-			if ((disk_rc(k, e.host_off / k->cs) == 1) != e.copied) {
+			if ((disk_rc(k, e.host_off >> k->cbits) == 1) !=
+			    e.copied) {
 				bool fix = copied_fix(k);
 
 				finding(k, IMG_CK_COPIED, e.host_off, fix,
@@ -581,7 +603,7 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, unsigned pass,
 					(unsigned long long)guest,
 					e.copied ? "set" : "clear",
 					(unsigned long long)disk_rc(
-						k, e.host_off / k->cs));
+						k, e.host_off >> k->cbits));
 				if (fix) {
 					put_be(p, word ^ QCOW2_OFLAG_COPIED);
 					*changed = true;
@@ -595,6 +617,46 @@ static void walk_l2(struct ck *k, uint64_t l1i, bool active, unsigned pass,
 	}
 }
 
+/* Whether this walk reads the L2 table of L1 entry i. */
+static bool wants_l2(const struct ck *k, uint64_t i, bool active)
+{
+	/* Later windows: only the tables that reference them. */
+	return !active || !k->wmask || k->first ||
+	       (k->wmask[i] & window_bit(k, k->w0));
+}
+
+/*
+ * The L2 table of L1 entry i in *l2: from the batch read last, or read
+ * now together with the tables the next entries name when they follow it
+ * in the file (one request instead of many; metadata written in order
+ * lies that way). Changes made through *l2 keep the batch current.
+ */
+static int l2_table(struct ck *k, const uint64_t *l1, uint64_t n, uint64_t i,
+		    bool active, uint8_t **l2)
+{
+	uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK, len = k->cs, j;
+	int ret;
+
+	if (k->l2b_len && off >= k->l2b_off && off - k->l2b_off < k->l2b_len) {
+		*l2 = k->l2b + (off - k->l2b_off);
+		return 0;
+	}
+	for (j = i + 1; j < n && len < k->l2b_cap && wants_l2(k, j, active);
+	     j++)
+		if ((l1[j] & QCOW2_L1E_OFFSET_MASK) != off + len)
+			break;
+		else
+			len += k->cs;
+	k->l2b_len = 0;
+	ret = read_at(k, k->l2b, len, off);
+	if (ret)
+		return ret;
+	k->l2b_off = off;
+	k->l2b_len = len;
+	*l2 = k->l2b;
+	return 0;
+}
+
 /* Walk an L1 table of n entries (host-endian) at l1_off. */
 static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 		   bool active, unsigned pass)
@@ -602,9 +664,12 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 	uint64_t i;
 	int ret;
 
+	/* The batch may be stale: repairs wrote refcount blocks since. */
+	k->l2b_len = 0;
 	for (i = 0; i < n; i++) {
 		uint64_t e = l1[i], off = e & QCOW2_L1E_OFFSET_MASK;
 		bool changed = false;
+		uint8_t *l2;
 
 		if ((pass & CK_COUNT) && k->first && (e & CK_L1_RESERVED))
 			finding(k, IMG_CK_RESERVED, off, false,
@@ -622,8 +687,8 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 		}
 		if (pass & CK_COUNT)
 			inc(k, off, k->cs, true, "L2 table");
-		if ((pass & CK_COPIED) && in_window(k, off / k->cs) &&
-		    (disk_rc(k, off / k->cs) == 1) !=
+		if ((pass & CK_COPIED) && in_window(k, off >> k->cbits) &&
+		    (disk_rc(k, off >> k->cbits) == 1) !=
 			    !!(e & QCOW2_OFLAG_COPIED)) {
 			bool fix = copied_fix(k);
 
@@ -631,7 +696,8 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 				"COPIED flag of the L2 table at 0x%llx (L1 entry %llu) is %s, refcount %llu",
 				(unsigned long long)off, (unsigned long long)i,
 				e & QCOW2_OFLAG_COPIED ? "set" : "clear",
-				(unsigned long long)disk_rc(k, off / k->cs));
+				(unsigned long long)disk_rc(k,
+							    off >> k->cbits));
 			if (fix) {
 				uint8_t be[8];
 
@@ -644,16 +710,14 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 		}
 		if (off >= k->file_size)
 			continue; /* reads as zeros: nothing to count */
-		/* Later windows: only the tables that reference them. */
-		if (active && k->wmask && !k->first &&
-		    !(k->wmask[i] & window_bit(k, k->w0)))
+		if (!wants_l2(k, i, active))
 			continue;
-		ret = read_at(k, k->buf, k->cs, off);
+		ret = l2_table(k, l1, n, i, active, &l2);
 		if (ret)
 			return ret;
-		walk_l2(k, i, active, pass, &changed);
+		walk_l2(k, l2, i, active, pass, &changed);
 		if (changed) {
-			ret = write_at(k, k->buf, k->cs, off);
+			ret = write_at(k, l2, k->cs, off);
 			if (ret)
 				return ret;
 		}
@@ -903,23 +967,30 @@ static int run(struct ck *k, uint64_t window)
 	int ret;
 
 	k->cs = s->cluster_size;
+	k->cbits = s->cluster_bits;
 	k->max_rc = s->rc.bits == 64 ? UINT64_MAX : (1ull << s->rc.bits) - 1;
 	ret = sio_file_size(k->img->file, &k->file_size);
 	if (ret)
 		return ret;
-	k->nclusters = (k->file_size + k->cs - 1) / k->cs;
-	k->r->total_clusters = (k->img->size + k->cs - 1) / k->cs;
+	k->nclusters = (k->file_size + k->cs - 1) >> k->cbits;
+	k->r->total_clusters = (k->img->size + k->cs - 1) >> k->cbits;
 	k->r->file_size = k->file_size;
 	if (!window)
 		window = CK_WINDOW_DEFAULT;
-	/* Windows of whole refcount blocks, so each block is read once. */
-	window = sx_max(window / E, 1) * E;
+	/*
+	 * Windows of whole refcount blocks (a power of two, as the blocks),
+	 * so each block is read once.
+	 */
+	window = sx_max(1ull << (63 - __builtin_clzll(window)), E);
+	k->wbits = (unsigned)__builtin_ctzll(window);
 	k->wn = sx_min(window, sx_max(k->nclusters, 1));
 	k->refs = calloc(k->wn, sizeof(*k->refs));
 	k->drc = calloc(k->wn, sizeof(*k->drc));
 	k->meta = calloc((k->wn + 7) / 8, 1);
 	k->buf = sio_buf_alloc(k->cs);
-	if (!k->refs || !k->drc || !k->meta || !k->buf)
+	k->l2b_cap = sx_max(CK_L2_BATCH >> k->cbits, 1) * k->cs;
+	k->l2b = sio_buf_alloc(k->l2b_cap);
+	if (!k->refs || !k->drc || !k->meta || !k->buf || !k->l2b)
 		return -ENOMEM;
 	if (k->nclusters > k->wn && s->l1_size) {
 		k->wmask = calloc(s->l1_size, sizeof(*k->wmask));
@@ -982,6 +1053,7 @@ int qcow2_check_image(struct img *img, struct qcow2 *s, struct sio_file *wfile,
 	free(k.meta);
 	free(k.wmask);
 	sio_buf_free(k.buf);
+	sio_buf_free(k.l2b);
 	sio_buf_free(k.tbl);
 	free(k.snaps);
 	free(k.bmts);
