@@ -137,6 +137,12 @@ struct img_check_opts {
 	 * bytes each); 0: the default (4 Mi). Larger files take more passes.
 	 */
 	uint64_t window;
+	/*
+	 * Check without the image lock, as qemu-img check -U: an image a
+	 * writer holds open may be checked (read-only; what it finds may be
+	 * the writer's work in flight, not damage). Refused with repair.
+	 */
+	bool force_share;
 };
 
 struct img_check_finding {

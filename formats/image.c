@@ -1311,6 +1311,11 @@ int img_check(const char *path, const char *fmt, const struct img_check_opts *o,
 			return sx_error(-EINVAL, "%s: unknown format '%s'",
 					path, fmt);
 	}
+	if (o->force_share && o->repair)
+		return sx_error(
+			-EINVAL,
+			"%s: a repair needs the image to itself: it cannot share it",
+			path);
 	remote = sio_nbd_name_is_remote(path);
 	if (remote && o->repair)
 		return sx_error(
@@ -1322,7 +1327,7 @@ int img_check(const char *path, const char *fmt, const struct img_check_opts *o,
 	 * from before the metadata is read: a repair must be the only
 	 * writer, and a check should not race one.
 	 */
-	if (!remote) {
+	if (!remote && !o->force_share) {
 		ret = sio_file_open(path, o->repair ? SIO_RDWR : SIO_RDONLY,
 				    &lf);
 		if (ret < 0)

@@ -27,7 +27,7 @@ enum check_exit {
 static void check_help(FILE *out)
 {
 	fprintf(out,
-		"Usage: siphon check [-r leaks|all] [-f FMT] [--output=human|json] IMAGE\n"
+		"Usage: siphon check [-r leaks|all] [-U] [-f FMT] [--output=human|json] IMAGE\n"
 		"\n"
 		"Check IMAGE's metadata against its reference counts: every L1, L2,\n"
 		"refcount, snapshot and bitmap table reference is counted and compared\n"
@@ -53,6 +53,9 @@ static void check_help(FILE *out)
 		"  -f, --format FMT        IMAGE's format (default: probe)\n"
 		"      --output=OUT        human (default) or json\n"
 		"  -q, --quiet             human output: only the summary line\n"
+		"  -U, --force-share       check an image another program has open for\n"
+		"                          writing (read-only; its writes in flight may\n"
+		"                          show as leaks or worse); not with -r\n"
 		"      --window N          count references for N host clusters per\n"
 		"                          pass (default 4Mi: 16 MiB of memory; the\n"
 		"                          file is covered in as many passes as needed)\n"
@@ -187,6 +190,7 @@ static int check_run(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"output", required_argument, NULL, 'o'},
 		{"quiet", no_argument, NULL, 'q'},
 		{"window", required_argument, NULL, 'w'},
+		{"force-share", no_argument, NULL, 'U'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
@@ -197,7 +201,7 @@ static int check_run(const struct siphon_cmd *cmd, int argc, char **argv)
 	bool quiet = false;
 	int c, ret, code;
 
-	while ((c = getopt_long(argc, argv, ":r:f:qh", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":r:f:qUh", opts, NULL)) != -1) {
 		switch (c) {
 		case 'r':
 			if (!strcmp(optarg, "leaks"))
@@ -223,6 +227,9 @@ static int check_run(const struct siphon_cmd *cmd, int argc, char **argv)
 			break;
 		case 'q':
 			quiet = true;
+			break;
+		case 'U':
+			o.force_share = true;
 			break;
 		case 'w':
 			if (tool_parse_bytes(optarg, &o.window) < 0 ||

@@ -14,8 +14,9 @@
    reads it).
 3. a window smaller than the file (--window): the same findings in several
    passes.
-4. an image in use (qemu-io holds it open for writing): -r is refused with
-   a message, nothing written.
+4. an image in use (qemu-io holds it open for writing): -r and a plain
+   check are refused with a message, nothing written; -U checks it anyway,
+   as qemu-img check -U does.
 5. a crashed writer's image (leaks, dirty bit): a restarted `siphon stream`
    leaves it clean (qemu-img check exit 0), dirty bit cleared, content
    that of the chain.
@@ -365,6 +366,16 @@ def case_in_use(siphon: str, tmp: str, rep: harness.Report) -> None:
             probs.append(f"-r on an image in use: {r.describe()}")
         elif p not in r.err:
             probs.append(f"message does not name the image: {r.err!r}")
+        r = run([siphon, "check", "-q", p])
+        if r.rc != 1 or p not in r.err:
+            probs.append(f"check of an image in use: {r.describe()}")
+        # -U: read-only, without the lock, like qemu-img check -U.
+        r = run([siphon, "check", "-U", p])
+        q = subprocess.run(["qemu-img", "check", "-U", p],
+                           capture_output=True, timeout=60).returncode
+        if r.rc != q:
+            probs.append(f"check -U exits {r.rc}, qemu-img check -U {q}: "
+                         f"{r.describe()}")
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
