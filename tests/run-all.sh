@@ -8,7 +8,7 @@
 # project's defaults leave it off for packagers), and two more builds are
 # only compiled, to catch warnings that appear with other compilers and
 # optimisation: --buildtype=release with gcc and with clang. The fuzz
-# targets then run for a minute each (clang, ASan/UBSan, build-fuzz/).
+# targets then run for 45 s each (clang, ASan/UBSan, build-fuzz/).
 # Exits non-zero if any suite or build fails.
 #
 # Build directories (reused when they exist): build/, build-asan/,
@@ -65,12 +65,13 @@ run_suite() {
 }
 
 # Fuzz targets (libFuzzer, clang, ASan/UBSan): a short run of each target
-# of fuzz/targets.sh for SIPHON_FUZZ_SECS seconds (default 60: five targets,
-# five minutes), from its seeds and its regression inputs
-# (fuzz/regress/TARGET/, every crash ever found); bench/fuzz_long.sh runs
-# them at length.
+# of fuzz/targets.sh for SIPHON_FUZZ_SECS seconds (default 45: five
+# targets, under four minutes, so that the whole command stays well under
+# 20 minutes on two cores; it took 15m45s with 60 s each on a development
+# machine), from its seeds and its regression inputs (fuzz/regress/TARGET/,
+# every crash ever found); bench/fuzz_long.sh runs them at length.
 run_fuzz() {
-	local dir=${SIPHON_BUILD_FUZZ:-build-fuzz} secs=${SIPHON_FUZZ_SECS:-60}
+	local dir=${SIPHON_BUILD_FUZZ:-build-fuzz} secs=${SIPHON_FUZZ_SECS:-45}
 	local t work
 	if ! command -v clang >/dev/null 2>&1; then
 		echo "=== fuzz: skipped, clang missing"
