@@ -8,7 +8,8 @@
 #
 # then check that `siphon dump` reads the same guest content as qemu does,
 # stream the chain into top.qcow2 with progress, and verify the result with
-# qemu-img compare (against the original chain) and qemu-img check.
+# qemu-img compare (against the original chain), qemu-img check and siphon
+# check.
 # Files go to a temporary directory under $DEMO_DIR (default /var/tmp),
 # removed at the end unless DEMO_KEEP=1.
 set -euo pipefail
@@ -104,6 +105,7 @@ fi
 step "verify: the streamed image reads exactly as the chain did, and is clean"
 show qemu-img compare top.qcow2 top.orig.qcow2
 show qemu-img check top.qcow2
+show "$siphon" check top.qcow2
 show "$siphon" map top.qcow2
 
 step "demo finished: top.qcow2 is standalone and reads as its chain did"
