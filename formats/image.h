@@ -181,8 +181,8 @@ int img_pread(struct img *img, void *buf, uint64_t len, uint64_t off);
  * when the check could not be done: -ENOTSUP (a format without metadata,
  * raw), -EROFS (repairing an NBD export), I/O errors.
  */
-int img_check(const char *path, const char *fmt,
-	      const struct img_check_opts *o, struct img_check_report *r);
+int img_check(const char *path, const char *fmt, const struct img_check_opts *o,
+	      struct img_check_report *r);
 
 /* Whether format fmt has metadata img_check can check (qcow2, not raw). */
 bool img_format_checks(const char *fmt);

@@ -27,8 +27,8 @@
 #endif
 
 static const struct siphon_cmd *const commands[] = {
-	&cmd_info,   &cmd_map, &cmd_dump,  &cmd_stream, &cmd_create,
-	&cmd_rebase, &cmd_check, &cmd_io, &cmd_serve, &cmd_ctl,
+	&cmd_info,   &cmd_map,	 &cmd_dump, &cmd_stream, &cmd_create,
+	&cmd_rebase, &cmd_check, &cmd_io,   &cmd_serve,	 &cmd_ctl,
 };
 
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import struct
 import subprocess
@@ -360,6 +361,9 @@ def case_in_use(siphon: str, tmp: str, rep: harness.Report) -> None:
         # qemu-io prints its prompt once the image is open (and locked).
         holder.stdin.write(b"help\n")
         holder.stdin.flush()
+        ready, _, _ = select.select([holder.stdout], [], [], 60)
+        if not ready:
+            raise RuntimeError("qemu-io did not open the image in 60 s")
         holder.stdout.readline()
         r = run([siphon, "check", "-r", "leaks", p])
         if r.rc != 1 or not r.err.strip():
@@ -376,9 +380,15 @@ def case_in_use(siphon: str, tmp: str, rep: harness.Report) -> None:
         if r.rc != q:
             probs.append(f"check -U exits {r.rc}, qemu-img check -U {q}: "
                          f"{r.describe()}")
+    except RuntimeError as e:
+        probs.append(str(e))
     finally:
         holder.stdin.close()
-        holder.wait(timeout=60)
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
     if open(p, "rb").read() != before:
         probs.append("the image in use was written")
     rep.emit("image in use", probs)
