@@ -988,7 +988,9 @@ static int run(struct ck *k, uint64_t window)
 	k->drc = calloc(k->wn, sizeof(*k->drc));
 	k->meta = calloc((k->wn + 7) / 8, 1);
 	k->buf = sio_buf_alloc(k->cs);
+	/* No batch reaches past the file: a small image gets a small one. */
 	k->l2b_cap = sx_max(CK_L2_BATCH >> k->cbits, 1) * k->cs;
+	k->l2b_cap = sx_min(k->l2b_cap, sx_max(k->nclusters, 1) << k->cbits);
 	k->l2b = sio_buf_alloc(k->l2b_cap);
 	if (!k->refs || !k->drc || !k->meta || !k->buf || !k->l2b)
 		return -ENOMEM;
