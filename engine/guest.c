@@ -16,7 +16,8 @@
  *  - WRITE: into each run of clusters the top lacks entirely, one op of
  *    the copy pipeline (see aw_plan()). Pieces the top holds as data are
  *    written in place asynchronously, and every other piece (zero,
- *    compressed, partly allocated, misaligned for direct I/O) goes through
+ *    compressed, shared with a snapshot, partly allocated, misaligned for
+ *    direct I/O) goes through
  *    the driver's synchronous pwrite, which copies the rest of a partial
  *    cluster from the chain. The synchronous pieces are written before any
  *    asynchronous one is submitted, so a bounce read-modify-write never
@@ -1218,7 +1219,7 @@ static void write_go(struct gio *gio)
 			goto out;
 		if (gio->zeroing && reads_zero(top, &e))
 			continue;
-		if (e.status != IMG_DATA || !e.host_valid ||
+		if (e.status != IMG_DATA || !e.host_valid || e.shared ||
 		    !sx_is_aligned(e.host_off | e.len, top->file->align)) {
 			ret = write_sync(g, req, pos, e.len);
 			if (ret < 0)

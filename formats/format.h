@@ -48,6 +48,13 @@ struct img_extent {
 	 * such a run as "data": true. Readers need not read it.
 	 */
 	bool zero_data;
+	/*
+	 * IMG_DATA only: the layer does not own the host data alone (a qcow2
+	 * cluster shared with an internal snapshot). Writing it in place
+	 * would change the snapshot too: writes go through the driver's
+	 * pwrite, which copies it. Runs never mix shared and owned data.
+	 */
+	bool shared;
 };
 
 /* What a struct img_meta_req asks of its file. */
@@ -99,6 +106,22 @@ struct img_create_opts {
 struct img_info_item {
 	char key[48];
 	char value[208];
+};
+
+/*
+ * An internal snapshot (img_snapshots() in image.h), with what qemu-img
+ * snapshot -l shows. The strings belong to the image and live as long as
+ * it is open.
+ */
+struct img_snapshot {
+	const char *id;
+	const char *name;
+	uint64_t vm_state_size; /* bytes of saved VM state */
+	uint64_t date_sec; /* when it was taken, since the epoch */
+	uint32_t date_nsec;
+	uint64_t vm_clock_nsec; /* the guest's clock then */
+	uint64_t disk_size; /* virtual size then; UINT64_MAX: not recorded */
+	uint64_t icount; /* instructions executed; UINT64_MAX: not recorded */
 };
 
 /*
@@ -222,6 +245,8 @@ struct img_driver {
 	 * items were stored (at most n).
 	 */
 	int (*info)(struct img *img, struct img_info_item *items, int n);
+	/* Optional: the internal snapshots, as img_snapshots(). */
+	int (*snapshots)(struct img *img, struct img_snapshot *out, int n);
 
 	/* ---- write path: Optional, NULL for read-only drivers ---- */
 

@@ -995,6 +995,11 @@ int img_get_info(struct img *img, struct img_info_item *items, int n)
 	return img->drv->info ? img->drv->info(img, items, n) : 0;
 }
 
+int img_snapshots(struct img *img, struct img_snapshot *out, int n)
+{
+	return img->drv->snapshots ? img->drv->snapshots(img, out, n) : 0;
+}
+
 bool img_can_alloc(const struct img *img)
 {
 	return img->writable && img->drv->alloc_run && img->drv->commit_run;

@@ -241,6 +241,12 @@ int img_read_compressed(struct img *img, uint64_t off, void *buf);
 /* Format-specific lines for `siphon info` (0 when the format has none). */
 int img_get_info(struct img *img, struct img_info_item *items, int n);
 
+/*
+ * The image's internal snapshots, in table order: up to n copied into
+ * out; returns how many there are (0 when the format has none).
+ */
+int img_snapshots(struct img *img, struct img_snapshot *out, int n);
+
 /* Writable, with the allocation entries the copy pipeline needs. */
 bool img_can_alloc(const struct img *img);
 

@@ -16,8 +16,10 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "common/checked.h"
 #include "common/error.h"
@@ -38,7 +40,24 @@ struct layer_info {
 	struct sio_nbd_info nbdi;
 	struct img_info_item items[MAX_INFO_ITEMS];
 	int nitems;
+	struct img_snapshot *snaps; /* malloc'ed: nsnaps of them */
+	int nsnaps;
 };
+
+/* The layer's internal snapshots (malloc'ed), or NULL: none, or -errno. */
+static int snapshots_of(struct img *img, struct img_snapshot **out)
+{
+	int n = img_snapshots(img, NULL, 0), got;
+
+	*out = NULL;
+	if (n <= 0)
+		return n;
+	*out = calloc((size_t)n, sizeof(**out));
+	if (!*out)
+		return -ENOMEM;
+	got = img_snapshots(img, *out, n);
+	return got < n ? got : n;
+}
 
 static int layer_scan(struct img *img, bool probed, struct layer_info *li)
 {
@@ -46,6 +65,7 @@ static int layer_scan(struct img *img, bool probed, struct layer_info *li)
 	struct stat st;
 	int ret;
 
+	free(li->snaps);
 	memset(li, 0, sizeof(*li));
 	li->probed = probed;
 	while (off < img->size) {
@@ -77,7 +97,79 @@ static int layer_scan(struct img *img, bool probed, struct layer_info *li)
 		return li->nitems;
 	if (li->nitems > MAX_INFO_ITEMS)
 		li->nitems = MAX_INFO_ITEMS;
-	return 0;
+	li->nsnaps = snapshots_of(img, &li->snaps);
+	return li->nsnaps < 0 ? li->nsnaps : 0;
+}
+
+/* s for a terminal: control bytes shown as '?', at most max bytes. */
+static void printable(const char *s, char *out, size_t size)
+{
+	size_t i;
+
+	for (i = 0; s[i] && i + 1 < size; i++)
+		out[i] =
+			(unsigned char)s[i] < 0x20 || s[i] == 0x7f ? '?' : s[i];
+	out[i] = '\0';
+}
+
+/* The table qemu-img snapshot -l prints, indented. */
+static void human_snapshots(const char *in, const struct img_snapshot *sn,
+			    int n)
+{
+	char id[64], name[256], size[32], date[32], clock[32], icount[24];
+	uint64_t ms, secs;
+	struct tm tm;
+	time_t t;
+	int i;
+
+	printf("%ssnapshot list:\n", in);
+	printf("%s    %-9s %-16s %8s%20s%13s%11s\n", in, "ID", "TAG", "VM SIZE",
+	       "DATE", "VM CLOCK", "ICOUNT");
+	for (i = 0; i < n; i++) {
+		printable(sn[i].id, id, sizeof(id));
+		printable(sn[i].name, name, sizeof(name));
+		tool_human_size(sn[i].vm_state_size, size, sizeof(size));
+		t = (time_t)sn[i].date_sec;
+		if (localtime_r(&t, &tm))
+			strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+		else
+			snprintf(date, sizeof(date), "?");
+		ms = sn[i].vm_clock_nsec / 1000000;
+		secs = ms / 1000;
+		snprintf(clock, sizeof(clock), "%02" PRIu64 ":%02u:%02u.%03u",
+			 secs / 3600, (unsigned)(secs / 60 % 60),
+			 (unsigned)(secs % 60), (unsigned)(ms % 1000));
+		if (sn[i].icount == UINT64_MAX)
+			icount[0] = '\0';
+		else
+			snprintf(icount, sizeof(icount), "%" PRIu64,
+				 sn[i].icount);
+		printf("%s    %-9s %-16s %8s%20s%13s%11s\n", in, id, name, size,
+		       date, clock, icount);
+	}
+}
+
+/* The same, with qemu-img info's names. */
+static void json_snapshots(struct json_out *j, const struct img_snapshot *sn,
+			   int n)
+{
+	int i;
+
+	json_begin_array(j, "snapshots");
+	for (i = 0; i < n; i++) {
+		json_begin_object(j, NULL);
+		json_str(j, "id", sn[i].id);
+		json_str(j, "name", sn[i].name);
+		json_u64(j, "vm-state-size", sn[i].vm_state_size);
+		json_u64(j, "date-sec", sn[i].date_sec);
+		json_u64(j, "date-nsec", sn[i].date_nsec);
+		json_u64(j, "vm-clock-sec", sn[i].vm_clock_nsec / 1000000000);
+		json_u64(j, "vm-clock-nsec", sn[i].vm_clock_nsec % 1000000000);
+		if (sn[i].icount != UINT64_MAX)
+			json_u64(j, "icount", sn[i].icount);
+		json_end_object(j);
+	}
+	json_end_array(j);
 }
 
 static void print_size_line(const char *indent, const char *what, uint64_t v)
@@ -116,6 +208,8 @@ static void human_layer(struct img *img, const struct layer_info *li)
 	printf("%scluster size: %" PRIu32 "\n", in, img->cluster_size);
 	for (i = 0; i < li->nitems; i++)
 		printf("%s%s: %s\n", in, li->items[i].key, li->items[i].value);
+	if (li->nsnaps)
+		human_snapshots(in, li->snaps, li->nsnaps);
 	if (img->backing_name)
 		printf("%sbacking file: %s%s%s\n", in, img->backing_name,
 		       img->backing_fmt ? ", format " : "",
@@ -182,6 +276,8 @@ static void json_layer(struct json_out *j, struct img *img,
 	for (i = 0; i < li->nitems; i++)
 		json_str(j, li->items[i].key, li->items[i].value);
 	json_end_object(j);
+	if (li->nsnaps)
+		json_snapshots(j, li->snaps, li->nsnaps);
 	json_end_object(j);
 }
 
@@ -236,6 +332,8 @@ static int info_image(struct img *top, bool top_probed, enum tool_output out)
 		json_end_object(&j);
 		json_finish(&j);
 	}
+	free(li.snaps);
+	li.snaps = NULL;
 	return ret;
 }
 

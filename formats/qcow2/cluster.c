@@ -342,23 +342,26 @@ struct run {
 	bool have;
 	enum img_status st;
 	bool host_valid;
+	bool shared; /* data shared with a snapshot (COPIED clear) */
 	uint64_t host; /* host offset of the run's first byte */
 	uint64_t len;
 };
 
 /* Try to append a unit; false when it has a different status. */
 static bool run_add(struct run *r, enum img_status st, bool host_valid,
-		    uint64_t host, uint64_t len)
+		    uint64_t host, uint64_t len, bool shared)
 {
 	if (!r->have) {
 		r->have = true;
 		r->st = st;
 		r->host_valid = host_valid;
+		r->shared = shared;
 		r->host = host;
 		r->len = len;
 		return true;
 	}
-	if (r->st != st || r->host_valid != host_valid || st == IMG_COMPRESSED)
+	if (r->st != st || r->host_valid != host_valid || r->shared != shared ||
+	    st == IMG_COMPRESSED)
 		return false;
 	if (host_valid && r->host + r->len != host)
 		return false;
@@ -466,7 +469,8 @@ static int block_status(struct img *img, uint64_t off, uint64_t len,
 			if (l1_idx >= s->l1_size)
 				span_end = end;
 			span_end = sx_min(span_end, end);
-			if (!run_add(&r, IMG_UNALLOC, false, 0, span_end - cur))
+			if (!run_add(&r, IMG_UNALLOC, false, 0, span_end - cur,
+				     false))
 				break;
 			cur = span_end;
 			continue;
@@ -507,7 +511,8 @@ static int block_status(struct img *img, uint64_t off, uint64_t len,
 				if (hv)
 					host += cur - (cl_start +
 						       sc * s->subcluster_size);
-				if (!run_add(&r, st, hv, host, n)) {
+				if (!run_add(&r, st, hv, host, n,
+					     st == IMG_DATA && !e.copied)) {
 					stop = true;
 					break;
 				}
@@ -538,6 +543,7 @@ fail:
 	ext->status = r.st;
 	ext->len = r.len;
 	ext->host_valid = r.host_valid;
+	ext->shared = r.shared;
 	if (r.host_valid) {
 		ext->host_off = r.host;
 		ext->file = s->data_file ? s->data_file : img->file;
@@ -635,7 +641,60 @@ void qcow2_l1_mark_dirty(struct qcow2 *s, uint64_t i)
 	w->l1_dirty_hi = sx_max(w->l1_dirty_hi, i + 1);
 }
 
-/* The L2 table of L1 entry l1_idx, ready to be written; created if absent. */
+/*
+ * L1 entry l1_idx points at a table shared with a snapshot (refcount > 1):
+ * give the active layer its own copy. The copy is written to a new
+ * cluster before the L1 entry changes in memory (l2_unsynced: the next
+ * flush syncs it before writing L1), and the old table loses one
+ * reference through the deferred-free queue, so the decrease is durable
+ * only after the new L1 entry is. Data clusters keep their refcounts: the
+ * copy references them for the active layer as the old table did, and
+ * their COPIED flags stay clear, so writes to them copy too.
+ */
+static int copy_shared_l2(struct img *img, struct qcow2 *s, uint64_t l1_idx,
+			  uint64_t old, uint64_t *l2_off)
+{
+	uint64_t host, got;
+	uint8_t *buf;
+	int ret;
+
+	buf = sio_buf_alloc(s->cluster_size);
+	if (!buf)
+		return -ENOMEM;
+	/* Never written while shared: the file holds the latest bytes. */
+	ret = sio_pread(img->file, buf, s->cluster_size, old);
+	if (ret) {
+		sx_error(ret,
+			 "%s: cannot read the shared L2 table at 0x%llx: %s",
+			 img->path, (unsigned long long)old, strerror(-ret));
+		goto out;
+	}
+	ret = qcow2_alloc_clusters(img, s, 1, &host, &got);
+	if (ret)
+		goto out;
+	qcow2_l2cache_drop(&s->l2cache, host, s->cluster_size);
+	ret = sio_pwrite(img->file, buf, s->cluster_size, host);
+	if (!ret)
+		ret = qcow2_free_deferred(img, s, old, s->cluster_size);
+	if (ret) {
+		qcow2_rc_update(img, s, host >> s->cluster_bits, -1);
+		sx_error(ret, "%s: cannot copy the shared L2 table: %s",
+			 img->path, strerror(-ret));
+		goto out;
+	}
+	s->w.l2_unsynced = true;
+	s->l1[l1_idx] = host | QCOW2_OFLAG_COPIED;
+	qcow2_l1_mark_dirty(s, l1_idx);
+	*l2_off = host;
+out:
+	sio_buf_free(buf);
+	return ret;
+}
+
+/*
+ * The L2 table of L1 entry l1_idx, ready to be written: created if absent,
+ * copied if shared with a snapshot.
+ */
 static int l2_table_for_write(struct img *img, struct qcow2 *s, uint64_t l1_idx,
 			      uint64_t *l2_off)
 {
@@ -667,16 +726,17 @@ static int l2_table_for_write(struct img *img, struct qcow2 *s, uint64_t l1_idx,
 		return sx_error(-EINVAL, "%s: L2 table offset 0x%llx unaligned",
 				img->path, (unsigned long long)off);
 	if (!(e & QCOW2_OFLAG_COPIED)) {
-		/* Without snapshots only a stale flag can be missing. */
 		ret = qcow2_refcount_get(img, s, off >> s->cluster_bits, &rc);
 		if (ret)
 			return ret;
-		if (rc != 1)
+		if (rc == 0)
 			return sx_error(
-				-ENOTSUP,
-				"%s: L2 table at 0x%llx is shared (refcount %llu); shared tables cannot be written",
-				img->path, (unsigned long long)off,
-				(unsigned long long)rc);
+				-EINVAL,
+				"%s: L2 table at 0x%llx has refcount 0 (corrupt image; siphon check -r all)",
+				img->path, (unsigned long long)off);
+		if (rc > 1)
+			return copy_shared_l2(img, s, l1_idx, off, l2_off);
+		/* Ours alone (a snapshot was deleted): only the flag is stale. */
 		s->l1[l1_idx] = e | QCOW2_OFLAG_COPIED;
 		qcow2_l1_mark_dirty(s, l1_idx);
 	}

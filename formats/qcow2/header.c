@@ -8,8 +8,8 @@
  * kept in file order with their raw bytes so that a header rewrite can
  * reproduce unknown ones verbatim.
  *
- * For writing it also refuses what the write path does not handle (internal
- * snapshots, external data files, a dirty image), clears the autoclear bits
+ * For writing it also refuses what the write path does not handle (a
+ * damaged snapshot table, external data files), clears the autoclear bits
  * it does not maintain before the first write, and rewrites the backing
  * reference (set_backing) as one write of a rebuilt cluster 0.
  */
@@ -538,11 +538,12 @@ int qcow2_check_writable(struct img *img, struct qcow2 *s)
 {
 	const struct qcow2_header *h = &s->hdr;
 
-	if (h->nb_snapshots)
+	/* Snapshots are kept (copy-on-write), but only a table read whole. */
+	if (s->snap_bad[0])
 		return sx_error(
-			-ENOTSUP,
-			"%s: images with internal snapshots cannot be written (shared clusters); delete them with qemu-img snapshot -d",
-			img->path);
+			-EINVAL,
+			"%s: the snapshot table is damaged (%s); siphon check or qemu-img check -r all can tell more",
+			img->path, s->snap_bad);
 	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
 		return sx_error(
 			-ENOTSUP,

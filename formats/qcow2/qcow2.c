@@ -77,6 +77,7 @@ static void qcow2_close(struct img *img)
 	free(s->l1);
 	s->l1 = NULL;
 	qcow2_refcount_free(s);
+	qcow2_snapshots_free(s);
 	qcow2_header_free(s);
 	sio_file_close(s->data_file);
 	s->data_file = NULL;
@@ -184,6 +185,9 @@ static int qcow2_open(struct img *img)
 		}
 	}
 	ret = qcow2_parse_header(img, s, buf, len, file_size);
+	if (ret)
+		goto out;
+	ret = qcow2_snapshots_load(img, s);
 	if (ret)
 		goto out;
 	if (img->writable) {
@@ -328,6 +332,7 @@ const struct img_driver img_driver_qcow2 = {
 	.block_status = qcow2_block_status,
 	.read_compressed = qcow2_read_compressed,
 	.info = qcow2_info,
+	.snapshots = qcow2_snapshots,
 	.alloc_run = qcow2_alloc_run,
 	.commit_run = qcow2_commit_run,
 	.release_run = qcow2_release_run,

@@ -307,6 +307,15 @@ struct qcow2_l2e {
 	uint32_t zero; /* extended L2: reads-as-zero subclusters */
 };
 
+/* One internal snapshot (snapshot.c). */
+struct qcow2_snapshot {
+	struct img_snapshot pub; /* id and name point at the two below */
+	char *id;
+	char *name;
+	uint64_t l1_offset;
+	uint32_t l1_size;
+};
+
 /* Per-image state: img->priv. */
 struct qcow2 {
 	struct qcow2_header hdr;
@@ -343,6 +352,11 @@ struct qcow2 {
 	bool has_bitmaps;
 	/* Metadata-preallocated, as qemu judges it: 0 unknown, 1 no, 2 yes. */
 	int prealloc;
+	/* The snapshot table as read at open (snapshot.c). */
+	struct qcow2_snapshot *snaps;
+	uint32_t n_snaps;
+	uint64_t snap_table_bytes; /* the entries read, from its offset */
+	char snap_bad[160]; /* why the table could not be read whole, or "" */
 	struct qcow2_refcount rc;
 	struct qcow2_l2cache l2cache;
 	struct qcow2_wstate w;
@@ -381,6 +395,23 @@ const struct qcow2_ext *qcow2_find_ext(const struct qcow2 *s, uint32_t magic);
 
 /* Free what qcow2_parse_header allocated in s (not img's strings). */
 void qcow2_header_free(struct qcow2 *s);
+
+/* ---- snapshot.c ---- */
+
+/*
+ * Read the snapshot table (after qcow2_parse_header and with s->file_size
+ * set). A damaged table is not an error: s->snap_bad says what is wrong.
+ * -EIO or -ENOMEM otherwise, with a message.
+ */
+int qcow2_snapshots_load(struct img *img, struct qcow2 *s);
+void qcow2_snapshots_free(struct qcow2 *s);
+
+/* drv->snapshots. */
+int qcow2_snapshots(struct img *img, struct img_snapshot *out, int n);
+
+/* Whether [off, off + len) overlaps the snapshot table or a snapshot L1. */
+bool qcow2_snapshots_overlap(const struct qcow2 *s, uint64_t off, uint64_t len,
+			     const char **hit);
 
 /* ---- cluster.c ---- */
 

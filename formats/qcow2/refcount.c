@@ -282,6 +282,8 @@ int qcow2_check_overlap(struct img *img, struct qcow2 *s, uint64_t off,
 		hit = "L1 table";
 	else if (overlaps(off, len, rc->table_offset, rc->table_entries * 8))
 		hit = "refcount table";
+	if (!hit)
+		qcow2_snapshots_overlap(s, off, len, &hit);
 	for (i = 0; !hit && i < rc->table_entries; i++) {
 		uint64_t b = rc->table[i] & QCOW2_REFT_OFFSET_MASK;
 

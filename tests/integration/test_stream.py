@@ -82,7 +82,6 @@ SIPHON = ""  # set by main()
 # Corpus entries siphon may refuse to stream into, and a word its message
 # must contain when it does.
 MAY_REFUSE = {
-    "internal-snapshots": ("snapshot",),
     "external-data-file-raw-off": ("data file", "data_file"),
     "external-data-file-raw-on": ("data file", "data_file"),
     "raw-alone": ("raw",),
