@@ -51,6 +51,9 @@
 #define CK_MAX_BITMAP_DIR (64ull << 20)
 /* L2 tables that follow each other in the file are read this much at once. */
 #define CK_L2_BATCH (2ull << 20)
+/* L2 reads ahead of the walk: batches and bytes in flight at most. */
+#define CK_RA_SLOTS 32u
+#define CK_RA_BYTES (8ull << 20)
 
 struct ck_table {
 	uint64_t off;
@@ -100,6 +103,37 @@ struct ck {
 	uint64_t *wmask;
 	uint64_t max_rc;
 	bool wrote; /* repairs written, not yet synced */
+	struct ck_ra *ra; /* L2 read-ahead; NULL: synchronous reads */
+};
+
+/*
+ * L2 read-ahead: the walk of an L1 table reads its L2 tables in L1 order,
+ * so the batches it will want next (the same batches l2_table() would
+ * read: tables adjacent in the file read together) are read on a queue
+ * ahead of it, up to CK_RA_SLOTS batches and CK_RA_BYTES. Batches form a
+ * ring in L1 order; the head is the one being walked. A batch the walk
+ * does not ask for (it cannot happen unless the planning and the walk
+ * disagree) is dropped; with nothing planned the walk reads itself, as
+ * without read-ahead (memory files, no io_uring). Any repair write drops
+ * the batches ahead, as they may hold a table it changed.
+ */
+struct ck_ra_slot {
+	struct sio_req req;
+	uint8_t *buf;
+	uint64_t off, len; /* the bytes read */
+	uint64_t first; /* the L1 entry of the first table in them */
+	bool done;
+	int res;
+};
+
+struct ck_ra {
+	struct sio_queue *q;
+	struct ck_ra_slot slot[CK_RA_SLOTS];
+	unsigned head, count;
+	uint64_t bytes; /* of the batches in the ring */
+	const uint64_t *l1; /* the walk planned for */
+	uint64_t n, next; /* its entries, the next one to plan */
+	bool active;
 };
 
 static void finding(struct ck *k, unsigned kind, uint64_t off, bool repaired,
@@ -203,9 +237,14 @@ static int read_at(struct ck *k, void *buf, uint64_t len, uint64_t off)
 	return 0;
 }
 
+static void ra_drop_ahead(struct ck *k);
+
 static int write_at(struct ck *k, const void *buf, uint64_t len, uint64_t off)
 {
-	int ret = sio_pwrite(k->wf, buf, len, off);
+	int ret;
+
+	ra_drop_ahead(k);
+	ret = sio_pwrite(k->wf, buf, len, off);
 
 	if (ret)
 		return sx_error(ret, "%s: cannot write a repair at 0x%llx: %s",
@@ -538,7 +577,16 @@ static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 					(unsigned long long)guest);
 			continue;
 		}
-		if (qcow2_l2e_decode(s, word, bm, &e, &why)) {
+		if (!s->extended_l2 && (word & QCOW2_L2E_OFFSET_MASK) &&
+		    !(word & ~(QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COPIED))) {
+			/* The common entry, decoded here: a data cluster. */
+			e = (struct qcow2_l2e){
+				.type = QCOW2_C_NORMAL,
+				.copied = word & QCOW2_OFLAG_COPIED,
+				.host_off = word & QCOW2_L2E_OFFSET_MASK,
+				.alloc = UINT32_MAX,
+			};
+		} else if (qcow2_l2e_decode(s, word, bm, &e, &why)) {
 			if ((pass & CK_COUNT) && k->first)
 				finding(k, IMG_CK_BAD_ENTRY,
 					word & QCOW2_L2E_OFFSET_MASK, false,
@@ -626,27 +674,204 @@ static bool wants_l2(const struct ck *k, uint64_t i, bool active)
 }
 
 /*
- * The L2 table of L1 entry i in *l2: from the batch read last, or read
- * now together with the tables the next entries name when they follow it
- * in the file (one request instead of many; metadata written in order
- * lies that way). Changes made through *l2 keep the batch current.
+ * The bytes to read for the L2 table of L1 entry i, with the tables the
+ * next entries name while they follow it in the file (one request instead
+ * of many; metadata written in order lies that way).
  */
-static int l2_table(struct ck *k, const uint64_t *l1, uint64_t n, uint64_t i,
-		    bool active, uint8_t **l2)
+static uint64_t batch_len(const struct ck *k, const uint64_t *l1, uint64_t n,
+			  uint64_t i, bool active)
 {
 	uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK, len = k->cs, j;
-	int ret;
 
-	if (k->l2b_len && off >= k->l2b_off && off - k->l2b_off < k->l2b_len) {
-		*l2 = k->l2b + (off - k->l2b_off);
-		return 0;
-	}
 	for (j = i + 1; j < n && len < k->l2b_cap && wants_l2(k, j, active);
 	     j++)
 		if ((l1[j] & QCOW2_L1E_OFFSET_MASK) != off + len)
 			break;
 		else
 			len += k->cs;
+	return len;
+}
+
+/* Whether walk_l1 reads the L2 table of entry i (its conditions). */
+static bool walk_reads(const struct ck *k, const uint64_t *l1, uint64_t i,
+		       bool active)
+{
+	uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK;
+
+	return off && sx_is_aligned(off, k->cs) && off < k->file_size &&
+	       wants_l2(k, i, active);
+}
+
+static void ra_done(struct sio_req *req, int res)
+{
+	struct ck_ra_slot *sl = req->priv;
+
+	sl->done = true;
+	sl->res = res < 0 ? res : 0;
+}
+
+static void ra_wait(struct ck_ra *ra, struct ck_ra_slot *sl)
+{
+	while (!sl->done)
+		if (sio_queue_run(ra->q, 1) < 0)
+			break;
+	if (!sl->done) {
+		/* The queue failed: nothing will complete it. */
+		sl->done = true;
+		sl->res = -EIO;
+	}
+}
+
+/* Drop the head batch (waiting for its read first). */
+static void ra_pop(struct ck_ra *ra)
+{
+	struct ck_ra_slot *sl = &ra->slot[ra->head];
+
+	ra_wait(ra, sl);
+	sio_buf_free(sl->buf);
+	sl->buf = NULL;
+	ra->bytes -= sl->len;
+	ra->head = (ra->head + 1) % CK_RA_SLOTS;
+	ra->count--;
+}
+
+/* Start reading batches ahead of the walk while there is room. */
+static void ra_plan(struct ck *k)
+{
+	struct ck_ra *ra = k->ra;
+
+	while (ra->next < ra->n && ra->count < CK_RA_SLOTS &&
+	       ra->bytes < CK_RA_BYTES) {
+		uint64_t i = ra->next, off, len;
+		struct ck_ra_slot *sl;
+
+		if (!walk_reads(k, ra->l1, i, ra->active)) {
+			ra->next++;
+			continue;
+		}
+		off = ra->l1[i] & QCOW2_L1E_OFFSET_MASK;
+		len = batch_len(k, ra->l1, ra->n, i, ra->active);
+		/* Past the end reads as zeros: left to read_at(). */
+		if (off + len > k->file_size) {
+			ra->next++;
+			continue;
+		}
+		sl = &ra->slot[(ra->head + ra->count) % CK_RA_SLOTS];
+		*sl = (struct ck_ra_slot){.off = off, .len = len, .first = i};
+		sl->buf = sio_buf_alloc(len);
+		if (!sl->buf)
+			return;
+		sl->req = (struct sio_req){
+			.op = SIO_OP_READ,
+			.file = k->img->file,
+			.buf = sl->buf,
+			.off = off,
+			.len = len,
+			.done = ra_done,
+			.priv = sl,
+		};
+		if (sio_queue_submit(ra->q, &sl->req) < 0) {
+			sio_buf_free(sl->buf);
+			sl->buf = NULL;
+			return;
+		}
+		ra->count++;
+		ra->bytes += len;
+		ra->next += len / k->cs;
+	}
+	sio_queue_run(ra->q, 0);
+}
+
+/* A new walk: nothing read ahead for the last one is kept. */
+static void ra_start(struct ck *k, const uint64_t *l1, uint64_t n, bool active)
+{
+	struct ck_ra *ra = k->ra;
+
+	if (!ra)
+		return;
+	while (ra->count)
+		ra_pop(ra);
+	ra->l1 = l1;
+	ra->n = n;
+	ra->next = 0;
+	ra->active = active;
+}
+
+static void ra_drop_ahead(struct ck *k)
+{
+	struct ck_ra *ra = k->ra;
+	struct ck_ra_slot *sl;
+
+	if (!ra || ra->count <= 1)
+		return;
+	/* Keep the head: the table being walked (and changed). */
+	while (ra->count > 1) {
+		sl = &ra->slot[(ra->head + ra->count - 1) % CK_RA_SLOTS];
+		ra_wait(ra, sl);
+		sio_buf_free(sl->buf);
+		sl->buf = NULL;
+		ra->bytes -= sl->len;
+		ra->count--;
+	}
+	/* Plan again after the head. */
+	sl = &ra->slot[ra->head];
+	ra->next = sl->first + sl->len / k->cs;
+}
+
+/*
+ * The L2 table of entry i from the batches read ahead: 1 when found (*l2
+ * set), 0 when none holds it (not planned: the caller reads it), -errno
+ * when its read failed. Batches before i are done with.
+ */
+static int ra_table(struct ck *k, uint64_t i, uint64_t off, uint8_t **l2)
+{
+	struct ck_ra *ra = k->ra;
+
+	if (!ra)
+		return 0;
+	ra_plan(k);
+	while (ra->count) {
+		struct ck_ra_slot *sl = &ra->slot[ra->head];
+		uint64_t end = sl->first + sl->len / k->cs;
+
+		if (i < sl->first)
+			return 0;
+		if (i < end && off >= sl->off && off - sl->off < sl->len) {
+			ra_wait(ra, sl);
+			if (sl->res)
+				return sx_error(sl->res,
+						"%s: cannot read 0x%llx: %s",
+						k->img->path,
+						(unsigned long long)sl->off,
+						strerror(-sl->res));
+			*l2 = sl->buf + (off - sl->off);
+			return 1;
+		}
+		ra_pop(ra);
+		ra_plan(k);
+	}
+	return 0;
+}
+
+/*
+ * The L2 table of L1 entry i in *l2: from the batch read last (ahead, or
+ * by the last call), or read now with the tables that follow it in the
+ * file. Changes made through *l2 keep the batch current.
+ */
+static int l2_table(struct ck *k, const uint64_t *l1, uint64_t n, uint64_t i,
+		    bool active, uint8_t **l2)
+{
+	uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK, len;
+	int ret;
+
+	if (k->l2b_len && off >= k->l2b_off && off - k->l2b_off < k->l2b_len) {
+		*l2 = k->l2b + (off - k->l2b_off);
+		return 0;
+	}
+	ret = ra_table(k, i, off, l2);
+	if (ret)
+		return ret < 0 ? ret : 0;
+	len = batch_len(k, l1, n, i, active);
 	k->l2b_len = 0;
 	ret = read_at(k, k->l2b, len, off);
 	if (ret)
@@ -666,10 +891,11 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 
 	/* The batch may be stale: repairs wrote refcount blocks since. */
 	k->l2b_len = 0;
+	ra_start(k, l1, n, active);
 	for (i = 0; i < n; i++) {
 		uint64_t e = l1[i], off = e & QCOW2_L1E_OFFSET_MASK;
 		bool changed = false;
-		uint8_t *l2;
+		uint8_t *l2 = NULL;
 
 		if ((pass & CK_COUNT) && k->first && (e & CK_L1_RESERVED))
 			finding(k, IMG_CK_RESERVED, off, false,
@@ -960,6 +1186,38 @@ static int trim_tail(struct ck *k)
 	return 0;
 }
 
+/*
+ * Read-ahead for a local file (memory files and NBD exports read
+ * synchronously); without a queue (no io_uring) too.
+ */
+static void ra_init(struct ck *k)
+{
+	struct sio_file *f = k->img->file;
+	struct ck_ra *ra;
+
+	if (f->mem || sio_file_is_nbd(f))
+		return;
+	ra = calloc(1, sizeof(*ra));
+	if (!ra)
+		return;
+	if (sio_queue_create(CK_RA_SLOTS, &ra->q) < 0) {
+		free(ra);
+		return;
+	}
+	k->ra = ra;
+}
+
+static void ra_fini(struct ck *k)
+{
+	if (!k->ra)
+		return;
+	while (k->ra->count)
+		ra_pop(k->ra);
+	sio_queue_destroy(k->ra->q);
+	free(k->ra);
+	k->ra = NULL;
+}
+
 static int run(struct ck *k, uint64_t window)
 {
 	struct qcow2 *s = k->s;
@@ -1000,6 +1258,7 @@ static int run(struct ck *k, uint64_t window)
 			return -ENOMEM;
 	}
 	k->first = true;
+	ra_init(k);
 	ret = parse_snapshots(k);
 	if (!ret)
 		ret = parse_bitmaps(k);
@@ -1050,6 +1309,7 @@ int qcow2_check_image(struct img *img, struct qcow2 *s, struct sio_file *wfile,
 	int ret;
 
 	ret = run(&k, o->window);
+	ra_fini(&k);
 	free(k.refs);
 	free(k.drc);
 	free(k.meta);
