@@ -446,12 +446,16 @@ static uint64_t rblock(struct ck *k, uint64_t t)
 	return off;
 }
 
-static void count_reftable(struct ck *k)
+/*
+ * The refcount blocks, counted last (as qemu does): a block referenced by
+ * anything counted before it (by another table entry too) is corruption,
+ * as in qemu-img check, whatever its refcount says.
+ */
+static void count_refblocks(struct ck *k)
 {
 	const struct qcow2_refcount *rc = &k->s->rc;
 	uint64_t t;
 
-	inc(k, rc->table_offset, rc->table_entries * 8, true, "refcount table");
 	for (t = 0; t < rc->table_entries; t++) {
 		uint64_t e = rc->table[t];
 		uint64_t off = e & QCOW2_REFT_OFFSET_MASK;
@@ -479,6 +483,12 @@ static void count_reftable(struct ck *k)
 			continue;
 		}
 		inc(k, off, k->cs, true, "refcount block");
+		if (in_window(k, off >> k->cbits) &&
+		    k->refs[(off >> k->cbits) - k->w0] != 1)
+			finding(k, IMG_CK_OVERLAP, off, false,
+				"refcount block %llu at 0x%llx is also referenced elsewhere (%u references)",
+				(unsigned long long)t, (unsigned long long)off,
+				k->refs[(off >> k->cbits) - k->w0]);
 	}
 }
 
@@ -1005,7 +1015,8 @@ static int count_window(struct ck *k)
 		if (ret)
 			return ret;
 	}
-	count_reftable(k);
+	inc(k, k->s->rc.table_offset, k->s->rc.table_entries * 8, true,
+	    "refcount table");
 	inc(k, k->bm_dir_off, k->bm_dir_bytes, true, "bitmap directory");
 	for (i = 0; i < k->nbmts; i++) {
 		uint64_t j;
@@ -1032,6 +1043,7 @@ static int count_window(struct ck *k)
 			inc(k, off, k->cs, true, "bitmap data cluster");
 		}
 	}
+	count_refblocks(k);
 	return 0;
 }
 

@@ -6,7 +6,9 @@
 2. faults injected into a small image written by qemu-io (a refcount
    lowered, a refcount raised, an L2 entry pointing into the refcount table,
    two L2 entries sharing a cluster, an L2 table past the end of the file, a
-   truncated file, an unaligned L2 entry, leaks in a second window): the same
+   truncated file, an unaligned L2 entry, a refcount block named by two
+   refcount table entries (found by fuzzing), an L2 entry pointing at a
+   refcount block, leaks in a second window): the same
    exit code as qemu and the same classification (leaks vs corruptions, and
    the count where both count per cluster); then `siphon check -r leaks` /
    `-r all` on a copy: what qemu-img check says afterwards (exit 0 where the
@@ -227,6 +229,19 @@ def f_unaligned_l2e(p: str) -> None:
     q.put64(a, q.u64(a) + 512)
 
 
+def f_refblock_twice(p: str) -> None:
+    """A second refcount table entry naming the first one's block."""
+    q = Q(p)
+    q.put64(q.rt_off + 8, q.u64(q.rt_off))
+
+
+def f_l2_into_refblock(p: str) -> None:
+    q = Q(p)
+    a = q.l2e_addr(4 * MiB)
+    q.put64(a, (q.u64(a) & ~0x00fffffffffffe00) |
+            (q.u64(q.rt_off) & ~0x1ff))
+
+
 def f_leaks(p: str) -> None:
     leak_at_end(p, 5)
 
@@ -245,6 +260,8 @@ FAULTS = [
     ("l2-table-past-eof", f_l2_past_eof, None, False),
     ("truncated-file", f_truncated, None, False),
     ("unaligned-l2-entry", f_unaligned_l2e, None, False),
+    ("refcount-block-in-two-table-entries", f_refblock_twice, None, True),
+    ("l2-entry-into-refcount-block", f_l2_into_refblock, None, True),
     ("leaked-tail", f_leaks, "leaks", True),
     ("leaked-inside", f_leak_inside, "leaks", True),
 ]
