@@ -222,6 +222,14 @@ struct qcow2_refcount {
 	uint64_t table_offset;
 	uint64_t table_entries;
 	uint64_t *table;
+	/*
+	 * The refcount blocks' offsets, sorted, for the overlap check (a
+	 * search instead of a walk of the table on every write); rebuilt
+	 * when blocks_stale (any change of table[]).
+	 */
+	uint64_t *blocks;
+	uint64_t n_blocks;
+	bool blocks_stale;
 };
 
 /*

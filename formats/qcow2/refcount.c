@@ -83,6 +83,9 @@ void qcow2_refcount_free(struct qcow2 *s)
 {
 	free(s->rc.table);
 	s->rc.table = NULL;
+	free(s->rc.blocks);
+	s->rc.blocks = NULL;
+	s->rc.n_blocks = 0;
 }
 
 int qcow2_refcount_init(struct img *img, struct qcow2 *s)
@@ -130,6 +133,7 @@ int qcow2_refcount_init(struct img *img, struct qcow2 *s)
 			(unsigned long long)s->file_size);
 
 	rc->table_entries = bytes / 8;
+	rc->blocks_stale = true;
 	rc->table = malloc(bytes);
 	if (!rc->table)
 		return -ENOMEM;
@@ -266,11 +270,55 @@ static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
 	return a < b + blen && b < a + alen;
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* Rebuild rc->blocks from the table: 0 or -ENOMEM. */
+static int sort_blocks(struct qcow2_refcount *rc)
+{
+	uint64_t i, n = 0, *b;
+
+	b = realloc(rc->blocks, sx_max(rc->table_entries, 1) * sizeof(*b));
+	if (!b)
+		return -ENOMEM;
+	rc->blocks = b;
+	for (i = 0; i < rc->table_entries; i++)
+		if (rc->table[i] & QCOW2_REFT_OFFSET_MASK)
+			b[n++] = rc->table[i] & QCOW2_REFT_OFFSET_MASK;
+	qsort(b, n, sizeof(*b), cmp_u64);
+	rc->n_blocks = n;
+	rc->blocks_stale = false;
+	return 0;
+}
+
+/* Whether a refcount block (cs bytes at each offset) overlaps the range. */
+static bool hits_block(const struct qcow2_refcount *rc, uint64_t cs,
+		       uint64_t off, uint64_t len)
+{
+	uint64_t lo = 0, hi = rc->n_blocks;
+
+	/* The first block starting at or after off - cs + 1 ... */
+	while (lo < hi) {
+		uint64_t mid = lo + (hi - lo) / 2;
+
+		if (rc->blocks[mid] + cs <= off)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	/* ... overlaps when it starts before the range ends. */
+	return lo < rc->n_blocks && rc->blocks[lo] < off + len;
+}
+
 int qcow2_check_overlap(struct img *img, struct qcow2 *s, uint64_t off,
 			uint64_t len, const char *what)
 {
 	struct qcow2_refcount *rc = &s->rc;
-	uint64_t l1_bytes = 0, i;
+	uint64_t l1_bytes = 0;
 	const char *hit = NULL;
 
 	if (sx_align_up(s->l1_size * 8, s->cluster_size, &l1_bytes))
@@ -284,12 +332,10 @@ int qcow2_check_overlap(struct img *img, struct qcow2 *s, uint64_t off,
 		hit = "refcount table";
 	if (!hit)
 		qcow2_snapshots_overlap(s, off, len, &hit);
-	for (i = 0; !hit && i < rc->table_entries; i++) {
-		uint64_t b = rc->table[i] & QCOW2_REFT_OFFSET_MASK;
-
-		if (b && overlaps(off, len, b, s->cluster_size))
-			hit = "refcount block";
-	}
+	if (!hit && rc->blocks_stale && sort_blocks(rc))
+		return sx_error(-ENOMEM, "%s: out of memory", img->path);
+	if (!hit && hits_block(rc, s->cluster_size, off, len))
+		hit = "refcount block";
 	if (!hit)
 		return 0;
 	return sx_error(
@@ -524,6 +570,7 @@ static int rc_grow_table(struct img *img, struct qcow2 *s, uint64_t t)
 	s->hdr.refcount_table_clusters = (uint32_t)nt;
 	free(rc->table);
 	rc->table = table;
+	rc->blocks_stale = true;
 	table = NULL;
 	rc->table_offset = p * cs;
 	rc->table_entries = new_n;
@@ -569,10 +616,12 @@ static int rc_ensure_block(struct img *img, struct qcow2 *s, uint64_t t)
 	if (ret)
 		return ret;
 	s->rc.table[t] = off;
+	s->rc.blocks_stale = true;
 	rt_mark_dirty(s, t, t + 1);
 	ret = rc_slot(img, s, t, true, &slot);
 	if (ret) {
 		s->rc.table[t] = 0;
+		s->rc.blocks_stale = true;
 		return ret;
 	}
 	qcow2_refcount_entry_set(slot->data, s->rc.order, 0, 1);
@@ -744,16 +793,26 @@ static void grow_ahead(struct img *img, struct qcow2 *s, uint64_t end)
  */
 void qcow2_trim_tail(struct img *img, struct qcow2 *s)
 {
-	uint64_t c, rc;
+	uint64_t E = s->rc.block_entries, c, t;
+	struct qcow2_rcslot *slot;
 
 	if (!s->w.grown_to)
 		return;
-	for (c = s->w.grown_to / s->cluster_size; c > 0; c--) {
-		if (qcow2_refcount_get(img, s, c - 1, &rc) < 0)
+	/* Down from the end, a refcount block at a time. */
+	for (c = s->w.grown_to / s->cluster_size; c > 0;) {
+		t = (c - 1) / E;
+		if (t >= s->rc.table_entries || !s->rc.table[t]) {
+			c = t * E; /* no block: all free */
+			continue;
+		}
+		if (rc_slot(img, s, t, false, &slot) < 0)
 			return;
-		if (rc)
-			break;
+		for (; c > t * E; c--)
+			if (qcow2_refcount_entry_get(slot->data, s->rc.order,
+						     (c - 1) % E))
+				goto found;
 	}
+found:
 	if (sio_file_truncate(img->file,
 			      sx_max(c * s->cluster_size, s->w.open_size)) == 0)
 		s->w.grown_to = 0;

@@ -783,6 +783,43 @@ START_TEST(t_open_checks)
 END_TEST
 
 /*
+ * The overlap check: an L2 entry pointing at a refcount block (the first,
+ * and one of several in an image of 512-byte clusters) must not let a
+ * guest write land on it.
+ */
+START_TEST(t_overlap_refblock)
+{
+	const char *p = tpath("ov.qcow2");
+	struct opts o = {.size = 4 * MiB, .cs = 512, .rbits = 16};
+	uint64_t l1, l2, rt, blk, t;
+	struct img *img = NULL;
+	uint8_t buf[512];
+
+	fill(buf, sizeof(buf), 7);
+	create(p, &o);
+	ck_assert_int_eq(img_open(p, "qcow2", IMG_OPEN_RDWR, &img), 0);
+	/* Enough clusters for several refcount blocks (256 each). */
+	for (t = 0; t < 2 * MiB; t += 4096)
+		ck_assert_int_eq(img_pwrite(img, buf, sizeof(buf), t), 0);
+	img_close(img);
+	l1 = peek64(p, 40);
+	rt = peek64(p, 48);
+	for (t = 0; t < 2; t++) {
+		l2 = peek64(p, l1) & QCOW2_L1E_OFFSET_MASK;
+		blk = peek64(p, rt + 8 * t) & QCOW2_REFT_OFFSET_MASK;
+		ck_assert_uint_ne(blk, 0);
+		poke64(p, (off_t)l2, blk | QCOW2_OFLAG_COPIED);
+		ck_assert_int_eq(img_open(p, "qcow2", IMG_OPEN_RDWR, &img), 0);
+		ck_assert_int_eq(img_pwrite(img, buf, sizeof(buf), 0), -EIO);
+		ck_assert_ptr_nonnull(
+			strstr(sx_last_error(), "overlaps the refcount block"));
+		img_close(img);
+		ck_assert_uint_eq(peek64(p, l2), blk | QCOW2_OFLAG_COPIED);
+	}
+}
+END_TEST
+
+/*
  * Crash simulation: every write from the k-th on fails, as if the process
  * died there (syncs have no effect then). The image must check clean or
  * with leaks only and read either the old or the new content.
@@ -1347,6 +1384,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, t_set_backing);
 	tcase_add_test(tc, t_set_backing_nospace);
 	tcase_add_test(tc, t_open_checks);
+	tcase_add_test(tc, t_overlap_refblock);
 	tcase_add_test(tc, t_flush_order);
 	tcase_add_test(tc, t_block_status_nowait);
 	tcase_add_loop_test(tc, t_fail_one, 0, 2);
