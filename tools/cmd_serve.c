@@ -158,6 +158,12 @@ static void serve_help(FILE *out)
 		"                        BASE (a file of each chain)\n"
 		"  -s, --speed RATE      with --stream: at most RATE bytes/s per\n"
 		"                        disk (K, M, G suffixes; 0 = unlimited)\n"
+		"      --on-error=stop|pause\n"
+		"                        with --stream: on ENOSPC or an I/O error a\n"
+		"                        stream fails (stop, default) or pauses,\n"
+		"                        keeping what it copied, until resumed with\n"
+		"                        `siphon ctl SOCKET resume DISK` (needs\n"
+		"                        --control)\n"
 		"  -f, --format FMT      format of every IMAGE (default: probe)\n"
 		"      --fuse DIR        also show every disk as a file DIR/EXPORT of\n"
 		"                        its virtual size (FUSE): read, write, fsync,\n"
@@ -237,6 +243,7 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 		{"stream", no_argument, NULL, 'S'},
 		{"base", required_argument, NULL, 'b'},
 		{"speed", required_argument, NULL, 's'},
+		{"on-error", required_argument, NULL, 'E'},
 		{"format", required_argument, NULL, 'f'},
 		{"control", required_argument, NULL, 'c'},
 		{"fuse", required_argument, NULL, 'F'},
@@ -263,6 +270,7 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 	siphon_domain *dom = NULL;
 	struct ctl *ctl = NULL;
 	bool ro = false, stream = false, handlers = false, pid_written = false;
+	bool on_error = false;
 	int c, ret = 0, rc = TOOL_ERR;
 	unsigned i;
 
@@ -305,6 +313,18 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 			if (tool_parse_bytes(optarg, &prm.bandwidth) < 0)
 				return tool_usage(cmd, "bad --speed '%s'",
 						  optarg);
+			break;
+		case 'E':
+			if (!strcmp(optarg, "pause"))
+				prm.on_error = SIPHON_ON_ERROR_PAUSE;
+			else if (!strcmp(optarg, "stop"))
+				prm.on_error = SIPHON_ON_ERROR_STOP;
+			else
+				return tool_usage(cmd,
+						  "--on-error takes stop or "
+						  "pause, not '%s'",
+						  optarg);
+			on_error = true;
 			break;
 		case 'f':
 			co.attach.format = optarg;
@@ -354,8 +374,12 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 				       "attach them later)");
 	if (argc - optind > (int)CTL_MAX_DISKS)
 		return tool_usage(cmd, "at most %u images", CTL_MAX_DISKS);
-	if ((prm.base || prm.bandwidth) && !stream)
-		return tool_usage(cmd, "--base and --speed go with --stream");
+	if ((prm.base || prm.bandwidth || on_error) && !stream)
+		return tool_usage(cmd, "--base, --speed and --on-error go with "
+				       "--stream");
+	if (prm.on_error == SIPHON_ON_ERROR_PAUSE && !control)
+		return tool_usage(cmd, "--on-error=pause needs --control (a "
+				       "paused stream is resumed through it)");
 	if (!nlisten)
 		listen[nlisten++] = "unix:siphon.sock";
 

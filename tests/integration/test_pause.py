@@ -19,7 +19,9 @@ leaves only ROOM bytes free on the tmpfs, so the stream hits ENOSPC part way.
   without corruption (exit 0 or leaks only, reported), reads as the chain,
   and a later stream with room completes it;
 - the daemon: `siphon serve --control`, `siphon ctl stream DISK
-  --on-error=pause`: info reports state "paused" with errno ENOSPC, the
+  --on-error=pause` (and `siphon serve --stream --on-error=pause` from the
+  start, the pause then in its log): info reports state "paused" with
+  errno ENOSPC, the
   events connection gets a "paused" event, `siphon ctl resume DISK` once
   the filler is gone leads to "completed" (identical, check clean), and
   resume with no stream is refused with ESRCH.
@@ -350,18 +352,23 @@ def poll_state(siphon: str, csock: str, want: str, on_paused=None) -> dict:
     return st
 
 
-def case_serve(siphon, tmp, mnt, base, rep: harness.Report) -> None:
-    """The daemon: stream with "on_error": "pause" on the control socket,
-    info says paused (ENOSPC), a paused event, resume once there is room,
-    completed; resume with no stream is ESRCH."""
+def case_serve(siphon, tmp, mnt, base, rep: harness.Report,
+               startup: bool = False) -> None:
+    """The daemon: stream with "on_error": "pause" on the control socket
+    (or from the start: serve --stream --on-error=pause), info says paused
+    (ENOSPC), a paused event (in the log when it came before the events
+    connection), resume once there is room, completed; resume with no
+    stream is ESRCH."""
     problems: list[str] = []
     top = make_top(mnt, base, "serve.qcow2")
     filler = fill(mnt, ROOM)
     csock = os.path.join(tmp, "ctl.sock")
-    log = open(os.path.join(tmp, "serve.log"), "wb")
+    logpath = os.path.join(tmp, "serve.log")
+    log = open(logpath, "wb")
+    extra = ["--stream", "--on-error=pause"] if startup else []
     srv = subprocess.Popen([siphon, "serve", "--listen",
                             "unix:" + os.path.join(tmp, "nbd.sock"),
-                            "--control", csock, top + "=d"],
+                            "--control", csock] + extra + [top + "=d"],
                            stdout=log, stderr=subprocess.STDOUT)
     ev = None
     resumed = []
@@ -373,16 +380,22 @@ def case_serve(siphon, tmp, mnt, base, rep: harness.Report) -> None:
         ev = Proc([siphon, "ctl", "--output=json", csock, "events"])
         ev.wait_for(lambda s: b'"ok": true' in s.out or b'"ok":true' in
                     s.out, 10)
-        rc, r = ctl(siphon, csock, "stream", "d", "--on-error=pause")
-        if rc != 0 or not r.get("ok"):
-            problems.append(f"stream --on-error=pause: {rc} {r!r}")
+        if not startup:
+            rc, r = ctl(siphon, csock, "stream", "d", "--on-error=pause")
+            if rc != 0 or not r.get("ok"):
+                problems.append(f"stream --on-error=pause: {rc} {r!r}")
         st = poll_state(siphon, csock, "paused")
         if st.get("state") != "paused" or st.get("errno") != "ENOSPC" or \
                 "paused at offset" not in st.get("message", ""):
             problems.append(f"info while paused: {st!r}")
-        if not ev.wait_for(lambda s: any(j.get("event") == "paused" and
-                                         j.get("errno") == "ENOSPC"
-                                         for j in s.json_lines())):
+        if startup:
+            with open(logpath, "rb") as f:
+                if b"siphon ctl SOCKET resume" not in f.read():
+                    problems.append("the log does not say the stream "
+                                    "paused and how to resume it")
+        elif not ev.wait_for(lambda s: any(j.get("event") == "paused" and
+                                           j.get("errno") == "ENOSPC"
+                                           for j in s.json_lines())):
             problems.append("no paused event: " + ev.describe())
         os.unlink(filler)
 
@@ -419,7 +432,7 @@ def case_serve(siphon, tmp, mnt, base, rep: harness.Report) -> None:
         if r.rc != 0:
             problems.append("qemu-img check must be clean: " + r.describe())
     os.unlink(top)
-    rep.emit("serve_control", problems,
+    rep.emit("serve_startup" if startup else "serve_control", problems,
              info=f"{len(resumed)} resume(s) sent")
 
 
@@ -441,6 +454,7 @@ def main() -> int:
                          case_pause_sigint, case_stop):
                 case(siphon, mnt, base, rep)
             case_serve(siphon, tmp, mnt, base, rep)
+            case_serve(siphon, tmp, mnt, base, rep, startup=True)
         finally:
             umount(mnt)
         return rep.finish()
