@@ -266,28 +266,37 @@ static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
 	return a < b + blen && b < a + alen;
 }
 
-int qcow2_check_overlap(struct img *img, struct qcow2 *s, uint64_t off,
-			uint64_t len, const char *what)
+const char *qcow2_overlap_core(const struct qcow2 *s, uint64_t off,
+			       uint64_t len)
 {
-	struct qcow2_refcount *rc = &s->rc;
+	const struct qcow2_refcount *rc = &s->rc;
 	uint64_t l1_bytes = 0, i;
-	const char *hit = NULL;
 
+	/* An L1 table too large to round up ends the file anyway. */
 	if (sx_align_up(s->l1_size * 8, s->cluster_size, &l1_bytes))
-		return -EOVERFLOW;
+		l1_bytes = UINT64_MAX - s->hdr.l1_table_offset;
 	if (overlaps(off, len, 0, s->cluster_size))
-		hit = "header";
-	else if (s->l1_size &&
-		 overlaps(off, len, s->hdr.l1_table_offset, l1_bytes))
-		hit = "L1 table";
-	else if (overlaps(off, len, rc->table_offset, rc->table_entries * 8))
-		hit = "refcount table";
-	for (i = 0; !hit && i < rc->table_entries; i++) {
+		return "header";
+	if (s->l1_size && overlaps(off, len, s->hdr.l1_table_offset, l1_bytes))
+		return "L1 table";
+	if (overlaps(off, len, rc->table_offset, rc->table_entries * 8))
+		return "refcount table";
+	for (i = 0; i < rc->table_entries; i++) {
 		uint64_t b = rc->table[i] & QCOW2_REFT_OFFSET_MASK;
 
 		if (b && overlaps(off, len, b, s->cluster_size))
-			hit = "refcount block";
+			return "refcount block";
 	}
+	return NULL;
+}
+
+int qcow2_check_overlap(struct img *img, struct qcow2 *s, uint64_t off,
+			uint64_t len, const char *what)
+{
+	const char *hit = qcow2_overlap_core(s, off, len);
+
+	if (!hit)
+		hit = qcow2_bitmaps_overlap(s, off, len);
 	if (!hit)
 		return 0;
 	return sx_error(
