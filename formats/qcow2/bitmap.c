@@ -67,6 +67,7 @@
 #define BM_MIN_GRAN 9u
 #define BM_MAX_GRAN 31u
 #define BM_MAX_DATA (512ull << 20) /* one bitmap's bits in memory */
+#define BM_MAX_DATA_ALL (512ull << 20) /* all tracked bitmaps' bits */
 #define BM_ENTRY_HEAD 24u
 
 /* Bitmap table entries. */
@@ -113,7 +114,7 @@ void qcow2_bitmaps_free(struct qcow2_bitmaps *bm)
 	for (i = 0; bm->bms && i < bm->n; i++) {
 		free(bm->bms[i].name);
 		free(bm->bms[i].table);
-		sio_buf_free(bm->bms[i].data);
+		free(bm->bms[i].data);
 		free(bm->bms[i].changed);
 	}
 	free(bm->bms);
@@ -122,16 +123,24 @@ void qcow2_bitmaps_free(struct qcow2_bitmaps *bm)
 	memset(bm, 0, sizeof(*bm));
 }
 
-/* Data clusters a bitmap of granularity 2^bits needs for the image. */
-static uint64_t table_entries(const struct qcow2 *s, uint64_t size,
-			      unsigned bits)
+/* Bytes of bits a bitmap of granularity 2^bits has for the image. */
+static uint64_t data_bytes(uint64_t size, unsigned bits)
 {
-	uint64_t nbits = 0, bytes = 0, clusters = 0;
+	uint64_t nbits = 0, bytes = 0;
 
 	/* bits <= 63 and size < 2^63: none of these overflows. */
 	sx_div_round_up(size, 1ull << bits, &nbits);
 	sx_div_round_up(nbits, 8, &bytes);
-	sx_div_round_up(bytes, s->cluster_size, &clusters);
+	return bytes;
+}
+
+/* Data clusters a bitmap of granularity 2^bits needs for the image. */
+static uint64_t table_entries(const struct qcow2 *s, uint64_t size,
+			      unsigned bits)
+{
+	uint64_t clusters = 0;
+
+	sx_div_round_up(data_bytes(size, bits), s->cluster_size, &clusters);
 	return clusters;
 }
 
@@ -402,11 +411,11 @@ static int check_owned(struct img *img, struct qcow2 *s,
 
 /* Read and check b's table; with b->tracked also its data. */
 static int load_bitmap(struct img *img, struct qcow2 *s, struct qcow2_bitmap *b,
-		       size_t *cap)
+		       size_t *cap, uint64_t *total)
 {
 	struct qcow2_bitmaps *bm = &s->bm;
 	uint64_t cs = s->cluster_size, tbytes = (uint64_t)b->table_size * 8;
-	uint64_t i, e, off;
+	uint64_t i, e, off, n;
 	int ret;
 
 	if (!b->table_size)
@@ -424,17 +433,22 @@ static int load_bitmap(struct img *img, struct qcow2 *s, struct qcow2_bitmap *b,
 	if (ret)
 		return ret;
 	if (b->tracked) {
-		if ((uint64_t)b->table_size * cs > BM_MAX_DATA)
+		b->data_bytes = data_bytes(s->hdr.size, b->gran_bits);
+		*total += b->data_bytes;
+		if (b->data_bytes > BM_MAX_DATA || *total > BM_MAX_DATA_ALL)
 			return sx_error(
 				-EFBIG,
-				"%s: bitmap '%s' is too large to keep in memory (%llu bytes)",
+				"%s: bitmap '%s' is too large to keep in memory (%llu bytes, %llu with the ones before it; at most %llu, %llu in all)",
 				img->path, b->name,
-				(unsigned long long)b->table_size * cs);
-		b->data = sio_buf_alloc(b->table_size * cs);
+				(unsigned long long)b->data_bytes,
+				(unsigned long long)*total,
+				(unsigned long long)BM_MAX_DATA,
+				(unsigned long long)BM_MAX_DATA_ALL);
+		/* calloc: pages no data cluster fills stay untouched. */
+		b->data = calloc(b->data_bytes, 1);
 		b->changed = calloc(b->table_size, 1);
 		if (!b->data || !b->changed)
 			return -ENOMEM;
-		memset(b->data, 0, b->table_size * cs);
 		ret = check_owned(img, s, b, b->table_off, tbytes);
 		if (ret)
 			return ret;
@@ -452,9 +466,11 @@ static int load_bitmap(struct img *img, struct qcow2 *s, struct qcow2_bitmap *b,
 				"%s: bitmap '%s': table entry %llu (0x%016llx) has reserved bits set, is unaligned or points past the end of the file",
 				img->path, b->name, (unsigned long long)i,
 				(unsigned long long)e);
+		/* The bytes of data cluster i (the last may be short). */
+		n = b->data ? sx_min(cs, b->data_bytes - i * cs) : 0;
 		if (!off) {
 			if (b->data && e == BMT_ALL_ONES)
-				memset(b->data + i * cs, 0xff, cs);
+				memset(b->data + i * cs, 0xff, n);
 			continue;
 		}
 		ret = add_meta(bm, cap, off, cs);
@@ -465,7 +481,7 @@ static int load_bitmap(struct img *img, struct qcow2 *s, struct qcow2_bitmap *b,
 		ret = check_owned(img, s, b, off, cs);
 		if (ret)
 			return ret;
-		ret = sio_pread(img->file, b->data + i * cs, cs, off);
+		ret = sio_pread(img->file, b->data + i * cs, n, off);
 		if (ret)
 			return sx_error(
 				ret,
@@ -479,6 +495,7 @@ static int load_bitmap(struct img *img, struct qcow2 *s, struct qcow2_bitmap *b,
 int qcow2_bitmaps_open(struct img *img, struct qcow2 *s)
 {
 	struct qcow2_bitmaps *bm = &s->bm;
+	uint64_t total = 0;
 	size_t cap = 0;
 	char why[96];
 	uint32_t i;
@@ -506,7 +523,7 @@ int qcow2_bitmaps_open(struct img *img, struct qcow2 *s)
 		       sx_align_down(bm->dir_size + s->cluster_size - 1,
 				     s->cluster_size));
 	for (i = 0; !ret && i < bm->n; i++)
-		ret = load_bitmap(img, s, &bm->bms[i], &cap);
+		ret = load_bitmap(img, s, &bm->bms[i], &cap, &total);
 	if (!ret)
 		ret = meta_finish(img, s, bm);
 	if (ret)
@@ -635,16 +652,22 @@ static int write_cluster(struct img *img, struct qcow2 *s,
 	return 0;
 }
 
-/* Data clusters with new bits: allocate where needed, write them. */
+/*
+ * Data clusters with new bits: allocate where needed, write them (whole
+ * clusters through buf, cs bytes: the unused tail bits stay zero).
+ */
 static int store_data(struct img *img, struct qcow2 *s, struct qcow2_bitmap *b,
-		      bool *table_dirty)
+		      uint8_t *buf, bool *table_dirty)
 {
-	uint64_t cs = s->cluster_size, i, host, got;
+	uint64_t cs = s->cluster_size, i, host, got, n;
 	int ret;
 
 	for (i = 0; i < b->table_size; i++) {
 		if (!b->changed[i])
 			continue;
+		n = sx_min(cs, b->data_bytes - i * cs);
+		memcpy(buf, b->data + i * cs, n);
+		memset(buf + n, 0, cs - n);
 		if (!(b->table[i] & BMT_OFFSET_MASK)) {
 			/* 0 (an all-ones cluster cannot gain bits). */
 			ret = qcow2_alloc_clusters(img, s, 1, &host, &got);
@@ -653,7 +676,7 @@ static int store_data(struct img *img, struct qcow2 *s, struct qcow2_bitmap *b,
 			b->table[i] = host;
 			*table_dirty = true;
 		}
-		ret = write_cluster(img, s, b, b->data + i * cs, cs,
+		ret = write_cluster(img, s, b, buf, cs,
 				    b->table[i] & BMT_OFFSET_MASK,
 				    "data cluster");
 		if (ret)
@@ -683,6 +706,7 @@ int qcow2_bitmaps_store(struct img *img, struct qcow2 *s)
 {
 	struct qcow2_bitmaps *bm = &s->bm;
 	bool *tdirty = NULL, any_table = false, any_data = false;
+	uint8_t *buf = NULL;
 	uint32_t i;
 	uint64_t c;
 	int ret = 0;
@@ -690,8 +714,11 @@ int qcow2_bitmaps_store(struct img *img, struct qcow2 *s)
 	if (!bm->on || !bm->in_use)
 		return 0;
 	tdirty = calloc(bm->n, sizeof(*tdirty));
-	if (!tdirty)
-		return -ENOMEM;
+	buf = sio_buf_alloc(s->cluster_size);
+	if (!tdirty || !buf) {
+		ret = -ENOMEM;
+		goto out;
+	}
 	/* 1. Data clusters (fresh ones refcounted in memory), then synced. */
 	for (i = 0; i < bm->n && !ret; i++) {
 		struct qcow2_bitmap *b = &bm->bms[i];
@@ -700,7 +727,7 @@ int qcow2_bitmaps_store(struct img *img, struct qcow2 *s)
 			continue;
 		for (c = 0; c < b->table_size; c++)
 			any_data |= b->changed[c];
-		ret = store_data(img, s, b, &tdirty[i]);
+		ret = store_data(img, s, b, buf, &tdirty[i]);
 		any_table |= tdirty[i];
 	}
 	if (!ret && any_data) {
@@ -726,7 +753,9 @@ int qcow2_bitmaps_store(struct img *img, struct qcow2 *s)
 	/* 4. Only now are the bitmaps consistent: IN_USE off, synced. */
 	if (!ret)
 		ret = write_dir(img, s, false);
+out:
 	free(tdirty);
+	sio_buf_free(buf);
 	return ret;
 }
 

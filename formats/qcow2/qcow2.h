@@ -320,13 +320,14 @@ struct qcow2_bitmap {
 	uint32_t extra_size;
 	/*
 	 * Tracked: enabled (auto), consistent (not IN_USE when opened) and
-	 * opened read-write. Then table (host-endian) and data (table_size
-	 * clusters of bits) are in memory, changed[i] says data cluster i
-	 * got bits since it was loaded.
+	 * opened read-write. Then table (host-endian) and data (data_bytes:
+	 * every bit of the virtual size, no more) are in memory, changed[i]
+	 * says data cluster i got bits since it was loaded.
 	 */
 	bool tracked;
 	uint64_t *table;
 	uint8_t *data;
+	uint64_t data_bytes;
 	uint8_t *changed;
 };
 
