@@ -495,7 +495,7 @@ static int load_bitmap(struct img *img, struct qcow2 *s, struct qcow2_bitmap *b,
 int qcow2_bitmaps_open(struct img *img, struct qcow2 *s)
 {
 	struct qcow2_bitmaps *bm = &s->bm;
-	uint64_t total = 0;
+	uint64_t total = 0, tables = 0;
 	size_t cap = 0;
 	char why[96];
 	uint32_t i;
@@ -518,6 +518,22 @@ int qcow2_bitmaps_open(struct img *img, struct qcow2 *s)
 			goto out;
 		}
 		b->tracked = (b->flags & BM_AUTO) && !(b->flags & BM_IN_USE);
+		/*
+		 * Tables must not overlap, so together they fit the file:
+		 * a directory whose tables do not is corrupt, and reading
+		 * them all first would cost memory without bound.
+		 */
+		tables += sx_align_down((uint64_t)b->table_size * 8 +
+						s->cluster_size - 1,
+					s->cluster_size);
+		if (tables > s->file_size) {
+			ret = sx_error(
+				-EINVAL,
+				"%s: bitmap directory: the tables up to bitmap '%s' take %llu bytes, more than the file (%llu bytes)",
+				img->path, b->name, (unsigned long long)tables,
+				(unsigned long long)s->file_size);
+			goto out;
+		}
 	}
 	ret = add_meta(bm, &cap, bm->dir_off,
 		       sx_align_down(bm->dir_size + s->cluster_size - 1,

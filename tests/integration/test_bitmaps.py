@@ -20,7 +20,9 @@ such), extra data marked compatible (kept verbatim; qemu 7.2 opens no such
 image, so siphon check judges and qemu judges once it is removed).
 
 Also: `siphon stream` of an overlay with bitmaps leaves them exactly as
-they were (a stream dirties nothing); a bitmap IN_USE already (left by a
+they were (a stream dirties nothing), and so do copy-on-read and the
+stream of `siphon serve --stream` while guest writes over NBD dirty
+exactly what they touch; a bitmap IN_USE already (left by a
 crash) is left as it is; a bitmap with an unknown flag or type, or a
 corrupt directory, makes siphon refuse to write, with a message naming
 it, the image unchanged (read-only use still works; so do extra data not
@@ -470,6 +472,64 @@ def run_stream_case(rep, siphon, tmp):
     rep.emit(name, problems)
 
 
+def run_serve_stream_case(rep, siphon, tmp):
+    """A slow stream in `siphon serve`, guest reads copying on read and a
+    few guest writes through NBD: only the guest's writes dirty."""
+    name = "serve-stream-cor-writes"
+    d = tempfile.mkdtemp(dir=tmp, prefix=name + "-")
+    base = os.path.join(d, "base.qcow2")
+    top = os.path.join(d, "top.qcow2")
+    corpus.create_qcow2(base, SIZE)
+    corpus.qemu_io(base, "qcow2", "write -P 0x41 0 4M")
+    corpus.create_qcow2(top, SIZE, backing=base, relative=True)
+    corpus.qemu_img("bitmap", "--add", top, "v64k")
+    corpus.qemu_img("bitmap", "--add", "-g", "1M", top, "v1m")
+    corpus.qemu_io(top, "qcow2", *PRIOR)
+    corpus.qemu_img("bitmap", "--add", "--disable", top, "vdis")
+    dis_before = bitmap_bytes(top, "vdis")
+    writes = ["write -P 0x42 1088k 4k", "write -z 2560k 8k"]
+    touched = [(1088 * KiB, 1092 * KiB), (2560 * KiB, 2568 * KiB)]
+    sock = os.path.join(d, "srv.sock")
+    log = open(os.path.join(d, "serve.log"), "w")
+    p = subprocess.Popen([siphon, "serve", "--listen", "unix:" + sock,
+                          "--stream", "--speed", "256K", top + "=disk"],
+                         stdout=log, stderr=subprocess.STDOUT)
+    problems = []
+    try:
+        end = time.monotonic() + WAIT
+        while not os.path.exists(sock) and p.poll() is None and \
+                time.monotonic() < end:
+            time.sleep(0.05)
+        uri = f"nbd+unix:///disk?socket={sock}"
+        reads = [f"read -P 0x41 {o * 256 * KiB} 64k" for o in (1, 5, 9, 13)]
+        r = harness.run(["qemu-io", "-f", "raw"] +
+                        [x for c in reads + writes for x in ("-c", c)] +
+                        [uri], timeout=120)
+        if r.rc != 0:
+            problems.append("qemu-io over siphon serve: " + r.describe())
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()
+    if p.returncode != 0:
+        problems.append(f"siphon serve exit {p.returncode}")
+    if problems:
+        rep.emit(name, problems)
+        return
+    problems += check_clean(siphon, top)
+    want = {"v64k": rounded(touched, 64 * KiB, SIZE, PRIOR_RANGES),
+            "v1m": rounded(touched, MiB, SIZE, PRIOR_RANGES), "vdis": []}
+    problems += compare_maps(tmp, top, None, want)
+    if bitmap_bytes(top, "vdis") != dis_before:
+        problems.append("disabled bitmap changed on disk")
+    rep.emit(name, problems)
+
+
 def run_in_use_case(rep, siphon, tmp, seed):
     """A bitmap IN_USE at open (a crash of its writer) stays as it is."""
     name = "in-use-left-alone"
@@ -831,6 +891,8 @@ def main() -> int:
             ("api-serve-nbd", lambda: run_api_case(rep, siphon, tmp, 14)),
             ("stream-dirties-nothing",
              lambda: run_stream_case(rep, siphon, tmp)),
+            ("serve-stream-cor-writes",
+             lambda: run_serve_stream_case(rep, siphon, tmp)),
             ("in-use-left-alone",
              lambda: run_in_use_case(rep, siphon, tmp, 15)),
             ("info-lists-bitmaps", lambda: run_info_case(rep, siphon, tmp)),
