@@ -34,6 +34,11 @@
  *    bitmaps are stored only at close, not on every flush: a flush leaves
  *    them IN_USE and the spec allows the file to lag behind meanwhile.
  *
+ * Memory is bounded by the file: the tables together must fit it (they
+ * cannot overlap), and only tracked bitmaps' bits are kept (at most 512
+ * MiB in all, calloc'd so that what no data cluster fills stays
+ * untouched).
+ *
  * The directory is rewritten in place (flags only) and the tables keep
  * their place (their size is fixed by the virtual size), so the extension
  * in cluster 0 never changes. Every bitmap's directory, table and data

@@ -348,7 +348,7 @@ def run_io_case(rep, siphon, tmp, name, bitmaps, seed, disabled_prior=(),
     problems = []
     r = harness.run([siphon, "io", "-q", "-f", "qcow2", a, *cmds],
                     timeout=120)
-    if r.rc != 0:
+    if r.rc != 0 or r.crashed():
         rep.emit(name, ["siphon io failed", r.describe()])
         return
     corpus.qemu_io(b, "qcow2", *cmds)
@@ -453,7 +453,7 @@ def run_stream_case(rep, siphon, tmp):
     corpus.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", top, ref])
     r = harness.run([siphon, "stream", top], timeout=120)
     problems = []
-    if r.rc != 0:
+    if r.rc != 0 or r.crashed():
         rep.emit(name, ["siphon stream failed", r.describe()])
         return
     if json.loads(harness.run(["qemu-img", "info", "--output=json",
@@ -541,7 +541,7 @@ def run_in_use_case(rep, siphon, tmp, seed):
     cmds, touched = workload(seed, SIZE, 12)
     r = harness.run([siphon, "io", "-q", "-f", "qcow2", a, *cmds])
     problems = []
-    if r.rc != 0:
+    if r.rc != 0 or r.crashed():
         rep.emit(name, ["siphon io failed", r.describe()])
         return
     k = qemu_check(a)
@@ -646,7 +646,7 @@ def run_extra_case(rep, siphon, tmp, seed):
     cmds, touched = workload(seed, SIZE, 12)
     r = harness.run([siphon, "io", "-q", "-f", "qcow2", a, *cmds])
     problems = []
-    if r.rc != 0:
+    if r.rc != 0 or r.crashed():
         rep.emit(name, ["siphon io failed", r.describe()])
         return
     b = bitmap_dir(a)["x"]
@@ -804,7 +804,9 @@ def run_fault_prefixes(rep, siphon, tmp):
         except subprocess.TimeoutExpired:
             problems.append(f"k={k}: siphon io timed out")
             break
-        if p.returncode not in (0, 1):
+        err = p.stderr.decode(errors="replace")
+        if p.returncode not in (0, 1) or \
+                any(m in err for m in harness.SANITIZER_MARKS):
             problems.append(f"k={k}: siphon io exit {p.returncode}: "
                             f"{p.stderr.decode(errors='replace')}")
             break
