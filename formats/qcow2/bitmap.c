@@ -618,7 +618,11 @@ void qcow2_mark_dirty(struct img *img, uint64_t off, uint64_t len)
 	uint64_t last;
 	uint32_t i;
 
-	if (!len || off >= img->size)
+	/*
+	 * ntracked only changes at open and close, with no guest I/O: the
+	 * common case (no bitmaps) costs no lock on the guest path.
+	 */
+	if (!len || off >= img->size || !bm->ntracked)
 		return;
 	last = off + sx_min(len, img->size - off) - 1;
 	pthread_mutex_lock(&s->lock);

@@ -544,9 +544,7 @@ def run_in_use_case(rep, siphon, tmp, seed):
     if r.rc != 0 or r.crashed():
         rep.emit(name, ["siphon io failed", r.describe()])
         return
-    k = qemu_check(a)
-    if k.rc != 0:
-        problems.append("qemu-img check: " + k.describe())
+    problems += check_clean(siphon, a)
     if bitmap_bytes(a, "stale") != before:
         problems.append("the in-use bitmap changed on disk")
     flags = info_bitmaps(a)
