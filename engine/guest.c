@@ -1449,6 +1449,15 @@ static void start(struct guest *g, struct guest_req *req)
 					    g->top->path));
 		return;
 	}
+	/*
+	 * Accepted: what the guest changes dirties the persistent bitmaps
+	 * now, before it can be acknowledged. Only here: the stream and
+	 * copy-on-read write through the same driver calls but copy what
+	 * the guest saw already.
+	 */
+	if (req->len && (req->op == GUEST_WRITE || req->op == GUEST_DISCARD ||
+			 req->op == GUEST_WRITE_ZEROES))
+		img_mark_dirty(g->top, req->off, req->len);
 	switch (req->op) {
 	case GUEST_READ:
 		if (!req->len)

@@ -395,6 +395,16 @@ struct img_driver {
 	int (*check)(struct img *img, struct sio_file *wfile,
 		     const struct img_check_opts *o,
 		     struct img_check_report *r);
+
+	/*
+	 * Optional (NULL: the format keeps no dirty bitmaps, raw). The guest
+	 * wrote, zeroed or discarded [off, off + len) (any alignment; clipped
+	 * to the size): set the bits of the image's enabled persistent dirty
+	 * bitmaps that cover it. Called by the guest entry points only, when
+	 * a request is accepted, never for copies (stream, copy-on-read).
+	 * Memory only, never fails; thread safe.
+	 */
+	void (*mark_dirty)(struct img *img, uint64_t off, uint64_t len);
 };
 
 extern const struct img_driver img_driver_raw;

@@ -1068,6 +1068,12 @@ int img_discard(struct img *img, uint64_t off, uint64_t len)
 	return img->drv->discard ? img->drv->discard(img, off, len) : 0;
 }
 
+void img_mark_dirty(struct img *img, uint64_t off, uint64_t len)
+{
+	if (img->writable && img->drv->mark_dirty)
+		img->drv->mark_dirty(img, off, len);
+}
+
 int img_set_backing(struct img *img, const char *name, const char *fmt)
 {
 	int ret;

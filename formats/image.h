@@ -267,6 +267,15 @@ int img_write_zeroes(struct img *img, uint64_t off, uint64_t len,
 		     unsigned flags);
 /* Advisory: 0 when the format cannot discard. */
 int img_discard(struct img *img, uint64_t off, uint64_t len);
+/*
+ * The guest changed [off, off + len): dirty the image's enabled persistent
+ * bitmaps there (format.h mark_dirty). Call it for every guest write,
+ * write-zeroes and discard when the request is accepted, before it is
+ * acknowledged; never for what a stream or copy-on-read copies (that is
+ * data the guest saw already). A no-op for formats without bitmaps and
+ * for read-only images.
+ */
+void img_mark_dirty(struct img *img, uint64_t off, uint64_t len);
 int img_set_backing(struct img *img, const char *name, const char *fmt);
 /*
  * -EROFS on an image that cannot be written. Waits for a flush started

@@ -109,6 +109,9 @@ static void run(struct img *img, struct op *ops, unsigned n, uint8_t *buf)
 	for (i = 0; i < n; i++) {
 		struct op *o = &ops[i];
 
+		/* As a guest does: the bitmap path runs on fuzzed images too. */
+		if (o->kind != OP_FLUSH)
+			img_mark_dirty(img, o->off, o->len);
 		switch (o->kind) {
 		case OP_WRITE:
 			memset(buf, pattern(i), o->len);

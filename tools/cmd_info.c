@@ -29,7 +29,7 @@
 #include "cmd.h"
 #include "json.h"
 
-#define MAX_INFO_ITEMS 32
+#define MAX_INFO_ITEMS 64
 
 struct layer_info {
 	uint64_t allocated; /* guest bytes mapped to data in this layer */

@@ -303,6 +303,10 @@ static int run_op(struct img *img, const struct io_op *op, uint8_t *buf,
 				"%s: '%s': range past the end of the image "
 				"(%" PRIu64 " bytes)",
 				img->path, op->text, img->size);
+	/* `siphon io` is a guest: its changes dirty persistent bitmaps. */
+	if (op->len && (op->kind == IO_WRITE || op->kind == IO_WRITE_ZEROES ||
+			op->kind == IO_DISCARD))
+		img_mark_dirty(img, op->off, op->len);
 	switch (op->kind) {
 	case IO_WRITE:
 		ret = do_write(img, op, buf);

@@ -16,6 +16,8 @@
  *     refcount blocks they decrease that are not cached are read first,
  *     through the port like every other step (FL_RC_LOAD: a read that
  *     fails only leaves the decrease to read its block itself).
+ * Persistent bitmaps are not part of a flush: they stay IN_USE while the
+ * image is open and are stored once, at a clean close (bitmap.c).
  * A step that wrote nothing skips its fdatasync. Refcount increases may
  * reach the disk at any time (a crash then leaks, never corrupts). Evicting
  * a dirty L2 slice from the cache runs steps 1 and 2 before the slice is
@@ -724,6 +726,10 @@ int qcow2_write_open(struct img *img, struct qcow2 *s)
 	ret = sio_file_size(img->file, &s->w.open_size);
 	if (ret)
 		return ret;
+	/* Before the autoclear bits: whether bit 0 stays depends on it. */
+	ret = qcow2_bitmaps_open(img, s);
+	if (ret)
+		return ret;
 	ret = qcow2_clear_autoclear(img, s);
 	if (ret)
 		return ret;
@@ -739,6 +745,13 @@ int qcow2_write_open(struct img *img, struct qcow2 *s)
 		if (ret)
 			return ret;
 	}
+	/*
+	 * Last, so that nothing after it can fail the open: a tracked
+	 * bitmap is IN_USE on disk before the first guest write.
+	 */
+	ret = qcow2_bitmaps_mark_in_use(img, s);
+	if (ret)
+		return ret;
 	s->w.on = true;
 	return 0;
 }
@@ -755,6 +768,7 @@ void qcow2_write_close(struct img *img, struct qcow2 *s)
 		 */
 		s->w.fl = NULL;
 		s->w.on = false;
+		qcow2_bitmaps_free(&s->bm); /* left IN_USE: inconsistent */
 		return;
 	}
 	if (s->w.on) {
@@ -767,6 +781,13 @@ void qcow2_write_close(struct img *img, struct qcow2 *s)
 		ret = qcow2_flush_locked(img, s);
 		if (!ret && frees)
 			ret = qcow2_flush_locked(img, s);
+		/*
+		 * Bitmaps are stored here only, as qemu does (not on every
+		 * flush: they stay IN_USE until then). After a failure they
+		 * stay IN_USE and the image dirty: inconsistent, never wrong.
+		 */
+		if (!ret)
+			ret = qcow2_bitmaps_store(img, s);
 		qcow2_trim_tail(img, s);
 		/* Everything durable and counted: clean again. */
 		if (!ret && s->dirty)
@@ -775,6 +796,7 @@ void qcow2_write_close(struct img *img, struct qcow2 *s)
 		s->w.on = false;
 	}
 	qcow2_rc_fini_write(s);
+	qcow2_bitmaps_free(&s->bm);
 	if (s->w.fl)
 		sio_buf_free(s->w.fl->rc_buf);
 	free(s->w.fl);

@@ -561,10 +561,12 @@ int qcow2_clear_autoclear(struct img *img, struct qcow2 *s)
 	int ret;
 
 	/*
-	 * Bitmaps are not updated by this writer, and unknown autoclear
-	 * features must be dropped by anyone who does not understand them:
-	 * clear both before the first write.
+	 * Unknown autoclear features must be dropped by anyone who does not
+	 * understand them, and so must the bitmaps bit unless this writer
+	 * keeps the bitmaps (bitmap.c): clear them before the first write.
 	 */
+	if (s->bm.on)
+		keep |= h->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS;
 	if (h->version < 3 || h->autoclear_features == keep)
 		return 0;
 	be = htobe64(keep);

@@ -301,8 +301,8 @@ static int qcow2_info(struct img *img, struct img_info_item *items, int n)
 				 ? " (raw)"
 				 : "");
 	add_item(items, n, &i, "snapshots", "%u", h->nb_snapshots);
-	add_item(items, n, &i, "bitmaps", "%s",
-		 qcow2_find_ext(s, QCOW2_EXT_BITMAPS) ? "present" : "none");
+	if (i < n)
+		i += qcow2_bitmaps_info(img, s, items + i, n - i);
 	add_item(items, n, &i, "l1_size", "%llu",
 		 (unsigned long long)s->l1_size);
 	add_item(items, n, &i, "header_extensions", "%zu", s->n_exts);
@@ -350,4 +350,5 @@ const struct img_driver img_driver_qcow2 = {
 	.prepare_write = qcow2_prepare_write,
 	.prepare_discard = qcow2_prepare_discard,
 	.check = qcow2_check,
+	.mark_dirty = qcow2_mark_dirty,
 };

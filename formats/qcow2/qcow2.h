@@ -8,7 +8,8 @@
  * geometry, reads and updates refcounts and allocates host clusters;
  * write.c holds the guest-facing write operations; flush.c the
  * crash-consistent flush order; header_write.c builds cluster 0; create.c
- * makes new images; qcow2.c is the vtable glue.
+ * makes new images; bitmap.c keeps persistent dirty bitmaps; qcow2.c is
+ * the vtable glue.
  *
  * Invariants kept once qcow2_open() succeeded:
  *  - every header field has been range-checked; the struct qcow2_header holds
@@ -324,6 +325,48 @@ struct qcow2_snapshot {
 	uint32_t l1_size;
 };
 
+/* One entry of the bitmap directory (bitmap.c), host-endian. */
+struct qcow2_bitmap {
+	char *name; /* name_size bytes and a NUL (no NUL inside) */
+	uint64_t entry_pos; /* where its entry starts in the directory */
+	uint64_t table_off;
+	uint32_t table_size; /* entries (data clusters) */
+	uint32_t flags;
+	uint8_t type;
+	uint8_t gran_bits;
+	uint32_t extra_size;
+	/*
+	 * Tracked: enabled (auto), consistent (not IN_USE when opened) and
+	 * opened read-write. Then table (host-endian) and data (data_bytes:
+	 * every bit of the virtual size, no more) are in memory, changed[i]
+	 * says data cluster i got bits since it was loaded.
+	 */
+	bool tracked;
+	uint64_t *table;
+	uint8_t *data;
+	uint64_t data_bytes;
+	uint8_t *changed;
+};
+
+/* A host range of bitmap metadata (the overlap check). */
+struct qcow2_range {
+	uint64_t off;
+	uint64_t len;
+};
+
+/* The bitmaps of a read-write open (bitmap.c). */
+struct qcow2_bitmaps {
+	bool on; /* this writer maintains them: autoclear bit 0 is kept */
+	bool in_use; /* IN_USE of the tracked bitmaps is on disk */
+	uint32_t n;
+	unsigned ntracked;
+	uint64_t dir_off, dir_size;
+	uint8_t *dir; /* the directory as on disk */
+	struct qcow2_bitmap *bms;
+	struct qcow2_range *meta; /* sorted, disjoint */
+	size_t nmeta;
+};
+
 /* Per-image state: img->priv. */
 struct qcow2 {
 	struct qcow2_header hdr;
@@ -368,6 +411,7 @@ struct qcow2 {
 	struct qcow2_refcount rc;
 	struct qcow2_l2cache l2cache;
 	struct qcow2_wstate w;
+	struct qcow2_bitmaps bm;
 	bool lock_init;
 	pthread_mutex_t lock;
 };
@@ -668,10 +712,19 @@ int qcow2_rc_flush(struct img *img, struct qcow2 *s);
 
 /*
  * -EIO with a message when [off, off + len) overlaps the header, the L1
- * table, the refcount table or a refcount block.
+ * table, the refcount table, a refcount block or bitmap metadata (the
+ * directory, tables and data clusters of the bitmaps this writer keeps).
  */
 int qcow2_check_overlap(struct img *img, struct qcow2 *s, uint64_t off,
 			uint64_t len, const char *what);
+
+/*
+ * What of the header, L1 table, refcount table and blocks, snapshot table
+ * and snapshot L1 tables [off, off + len) overlaps ("header", ...), or
+ * NULL; qcow2_check_overlap also checks the bitmaps' metadata. Not const:
+ * it keeps a sorted copy of the refcount blocks' offsets.
+ */
+const char *qcow2_overlap_core(struct qcow2 *s, uint64_t off, uint64_t len);
 
 /* ---- write path (cluster.c) ---- */
 
@@ -694,7 +747,10 @@ int qcow2_l1_flush(struct img *img, struct qcow2 *s);
 /* Refuse images the write path cannot write (-ENOTSUP, -EUCLEAN). */
 int qcow2_check_writable(struct img *img, struct qcow2 *s);
 
-/* Clear unknown autoclear bits and the bitmaps bit on disk (v3). */
+/*
+ * Clear unknown autoclear bits on disk (v3), and the bitmaps bit unless
+ * s->bm.on (this writer keeps the bitmaps).
+ */
 int qcow2_clear_autoclear(struct img *img, struct qcow2 *s);
 
 /* drv->set_backing. */
@@ -755,6 +811,49 @@ int qcow2_pwrite(struct img *img, const void *buf, uint64_t len, uint64_t off);
 int qcow2_write_zeroes(struct img *img, uint64_t off, uint64_t len,
 		       unsigned flags);
 int qcow2_discard(struct img *img, uint64_t off, uint64_t len);
+
+/* ---- bitmap.c ---- */
+
+/*
+ * Parse and validate the bitmap directory (bitmaps extension present)
+ * into bm against the file: the directory and tables aligned and inside
+ * it, table sizes matching the virtual size and granularity, names and
+ * padding. Reads the directory only. -EINVAL (corrupt) with a message,
+ * -ENOMEM, I/O errors. qcow2_bitmaps_free() it either way.
+ */
+int qcow2_bitmaps_parse(struct img *img, const struct qcow2 *s,
+			struct qcow2_bitmaps *bm);
+void qcow2_bitmaps_free(struct qcow2_bitmaps *bm);
+
+/*
+ * Read-write open of a v3 image whose bitmaps are consistent (extension
+ * and autoclear bit 0): parse them, refuse (-ENOTSUP, naming the bitmap)
+ * what cannot be kept right (unknown type or flags, incompatible extra
+ * data, unsupported granularity), load the tables of all and the data of
+ * the tracked ones, and set s->bm.on. No writes. 0 when there is nothing
+ * to do.
+ */
+int qcow2_bitmaps_open(struct img *img, struct qcow2 *s);
+
+/* Write IN_USE into the tracked bitmaps' entries and sync (open). */
+int qcow2_bitmaps_mark_in_use(struct img *img, struct qcow2 *s);
+
+/*
+ * Clean close, after the final flush (s->lock held): write the tracked
+ * bitmaps back and clear their IN_USE (see bitmap.c for the order).
+ */
+int qcow2_bitmaps_store(struct img *img, struct qcow2 *s);
+
+/* drv->mark_dirty: set the bits of [off, off + len) in tracked bitmaps. */
+void qcow2_mark_dirty(struct img *img, uint64_t off, uint64_t len);
+
+/* Which bitmap metadata [off, off + len) overlaps, or NULL. */
+const char *qcow2_bitmaps_overlap(const struct qcow2 *s, uint64_t off,
+				  uint64_t len);
+
+/* `siphon info` lines of the bitmaps; returns how many (at most n). */
+int qcow2_bitmaps_info(struct img *img, const struct qcow2 *s,
+		       struct img_info_item *items, int n);
 
 /* ---- check.c ---- */
 

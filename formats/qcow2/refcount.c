@@ -301,7 +301,7 @@ static bool hits_block(const struct qcow2_refcount *rc, uint64_t cs,
 {
 	uint64_t lo = 0, hi = rc->n_blocks;
 
-	/* The first block starting at or after off - cs + 1 ... */
+	/* The first block that ends after off ... */
 	while (lo < hi) {
 		uint64_t mid = lo + (hi - lo) / 2;
 
@@ -314,28 +314,44 @@ static bool hits_block(const struct qcow2_refcount *rc, uint64_t cs,
 	return lo < rc->n_blocks && rc->blocks[lo] < off + len;
 }
 
+const char *qcow2_overlap_core(struct qcow2 *s, uint64_t off, uint64_t len)
+{
+	struct qcow2_refcount *rc = &s->rc;
+	uint64_t l1_bytes = 0, i;
+	const char *hit = NULL;
+
+	/* An L1 table too large to round up ends the file anyway. */
+	if (sx_align_up(s->l1_size * 8, s->cluster_size, &l1_bytes))
+		l1_bytes = UINT64_MAX - s->hdr.l1_table_offset;
+	if (overlaps(off, len, 0, s->cluster_size))
+		return "header";
+	if (s->l1_size && overlaps(off, len, s->hdr.l1_table_offset, l1_bytes))
+		return "L1 table";
+	if (overlaps(off, len, rc->table_offset, rc->table_entries * 8))
+		return "refcount table";
+	if (qcow2_snapshots_overlap(s, off, len, &hit))
+		return hit;
+	if (!rc->blocks_stale || sort_blocks(rc) == 0)
+		return hits_block(rc, s->cluster_size, off, len)
+			       ? "refcount block"
+			       : NULL;
+	/* No memory for the sorted copy: walk the table. */
+	for (i = 0; i < rc->table_entries; i++) {
+		uint64_t b = rc->table[i] & QCOW2_REFT_OFFSET_MASK;
+
+		if (b && overlaps(off, len, b, s->cluster_size))
+			return "refcount block";
+	}
+	return NULL;
+}
+
 int qcow2_check_overlap(struct img *img, struct qcow2 *s, uint64_t off,
 			uint64_t len, const char *what)
 {
-	struct qcow2_refcount *rc = &s->rc;
-	uint64_t l1_bytes = 0;
-	const char *hit = NULL;
+	const char *hit = qcow2_overlap_core(s, off, len);
 
-	if (sx_align_up(s->l1_size * 8, s->cluster_size, &l1_bytes))
-		return -EOVERFLOW;
-	if (overlaps(off, len, 0, s->cluster_size))
-		hit = "header";
-	else if (s->l1_size &&
-		 overlaps(off, len, s->hdr.l1_table_offset, l1_bytes))
-		hit = "L1 table";
-	else if (overlaps(off, len, rc->table_offset, rc->table_entries * 8))
-		hit = "refcount table";
 	if (!hit)
-		qcow2_snapshots_overlap(s, off, len, &hit);
-	if (!hit && rc->blocks_stale && sort_blocks(rc))
-		return sx_error(-ENOMEM, "%s: out of memory", img->path);
-	if (!hit && hits_block(rc, s->cluster_size, off, len))
-		hit = "refcount block";
+		hit = qcow2_bitmaps_overlap(s, off, len);
 	if (!hit)
 		return 0;
 	return sx_error(

@@ -820,6 +820,86 @@ START_TEST(t_overlap_refblock)
 END_TEST
 
 /*
+ * Persistent bitmaps (bitmap.c, white box): a read-only open maintains
+ * nothing; a read-write one keeps autoclear bit 0, tracks the enabled
+ * bitmap only and has it IN_USE on disk before it returns; img_mark_dirty
+ * sets bits at its granularity (clipped to the size); the overlap check
+ * refuses its directory and table; a clean close stores the bits (a fresh
+ * data cluster: the bitmap had none) and clears IN_USE, and qemu agrees.
+ */
+START_TEST(t_bitmaps)
+{
+	const char *p = tpath("bm.qcow2");
+	struct opts o = {.size = 4 * MiB};
+	const struct qcow2_bitmap *en = NULL, *dis = NULL;
+	struct img *img = NULL;
+	struct qcow2 *s;
+	uint64_t dir, ent, tab, data;
+	uint32_t i;
+
+	if (!have_qemu)
+		return;
+	create(p, &o);
+	mem_save_all();
+	ck_assert_int_eq(sh("qemu-img bitmap --add -g 64k '%s' en && "
+			    "qemu-img bitmap --add --disable '%s' dis",
+			    p, p),
+			 0);
+	mem_load(p);
+
+	ck_assert_int_eq(img_open(p, "qcow2", 0, &img), 0);
+	ck_assert(!((struct qcow2 *)img->priv)->bm.on);
+	img_mark_dirty(img, 0, 4 * MiB); /* read-only: nothing */
+	img_close(img);
+
+	img = open_rw(p);
+	s = img->priv;
+	ck_assert(s->bm.on);
+	ck_assert_uint_eq(s->bm.n, 2);
+	ck_assert_uint_eq(s->bm.ntracked, 1);
+	ck_assert_uint_eq(s->hdr.autoclear_features, QCOW2_AUTOCLEAR_BITMAPS);
+	ck_assert_uint_eq(peek64(p, 88), QCOW2_AUTOCLEAR_BITMAPS);
+	for (i = 0; i < s->bm.n; i++) {
+		if (!strcmp(s->bm.bms[i].name, "en"))
+			en = &s->bm.bms[i];
+		else if (!strcmp(s->bm.bms[i].name, "dis"))
+			dis = &s->bm.bms[i];
+	}
+	ck_assert(en && dis && en->tracked && !dis->tracked && !dis->data);
+	dir = s->bm.dir_off;
+	ent = dir + en->entry_pos;
+	tab = en->table_off;
+	/* flags: the low half of the 8 bytes at entry + 8 */
+	ck_assert_uint_eq(peek64(p, ent + 8) & 0xffffffffu,
+			  3); /* auto, in use */
+	ck_assert_uint_eq(en->table[0], 0);
+
+	img_mark_dirty(img, 3 * 64 * KiB + 512, 512);
+	img_mark_dirty(img, 4 * MiB - 512, 64 * KiB);
+	img_mark_dirty(img, 0, 0);
+	ck_assert_uint_eq(en->data[0], 0x08);
+	ck_assert_uint_eq(en->data[7], 0x80);
+	ck_assert_uint_eq(en->data_bytes, 8);
+
+	ck_assert_int_eq(qcow2_check_overlap(img, s, dir, 512, "x"), -EIO);
+	ck_assert_ptr_nonnull(strstr(sx_last_error(), "bitmap metadata"));
+	ck_assert_int_eq(qcow2_check_overlap(img, s, tab + 8, 8, "x"), -EIO);
+	img_close(img);
+
+	ck_assert_uint_eq(peek64(p, ent + 8) & 0xffffffffu, 2); /* auto */
+	ck_assert_uint_eq(peek64(p, 88), QCOW2_AUTOCLEAR_BITMAPS);
+	data = peek64(p, tab);
+	ck_assert_uint_ne(data, 0);
+	ck_assert_uint_eq(peek64(p, data), 0x0800000000000080ull);
+	ck_assert_int_eq(qcheck(p), 0);
+	ck_assert_int_eq(sh("qemu-img info --output=json '%s' | "
+			    "grep -q in-use",
+			    p),
+			 1);
+}
+END_TEST
+
+/*
  * Crash simulation: every write from the k-th on fails, as if the process
  * died there (syncs have no effect then). The image must check clean or
  * with leaks only and read either the old or the new content.
@@ -1385,6 +1465,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, t_set_backing_nospace);
 	tcase_add_test(tc, t_open_checks);
 	tcase_add_test(tc, t_overlap_refblock);
+	tcase_add_test(tc, t_bitmaps);
 	tcase_add_test(tc, t_flush_order);
 	tcase_add_test(tc, t_block_status_nowait);
 	tcase_add_loop_test(tc, t_fail_one, 0, 2);
