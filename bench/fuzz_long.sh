@@ -11,6 +11,8 @@
 # one.
 # Usage: bench/fuzz_long.sh [SECS [TARGET...]] (needs clang; builds
 # build-fuzz/ or $SIPHON_BUILD_FUZZ; JOBS=1 on a shared machine).
+# FUZZ_FROM=DIR also loads the inputs of DIR/TARGET (an earlier run's
+# corpus: a run that goes on where that one stopped).
 set -euo pipefail
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$src"
@@ -44,6 +46,7 @@ for t in "${targets[@]}"; do
 		"$src/$dir/fuzz/fuzz_$t" -max_total_time="$secs" \
 		-timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
 		-artifact_prefix="$work/" "${par[@]}" "$work/corpus" \
+		${FUZZ_FROM:+"$FUZZ_FROM/$t"} \
 		"$src/fuzz/regress/$t" >"$work/log" 2>&1) || rc=$?
 	cat "$work"/fuzz-*.log >>"$work/log" 2>/dev/null || true
 	execs=$(grep -h '^stat::number_of_executed_units' "$work/log" |
