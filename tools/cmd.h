@@ -86,6 +86,9 @@ char *tool_resolve_backing(const char *image, const char *backing);
 /* Parse --output's argument; false if unknown. */
 bool tool_parse_output(const char *arg, enum tool_output *out);
 
+/* Parse --on-error's argument (stop, pause): enum siphon_on_error. */
+bool tool_parse_on_error(const char *arg, unsigned *out);
+
 /*
  * Parse a byte count: decimal digits, then optionally one binary suffix
  * (k/K, m/M, g/G, t/T) and "B" or "iB". Returns 0 and *out, or -EINVAL

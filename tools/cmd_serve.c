@@ -315,11 +315,7 @@ static int serve_run_cmd(const struct siphon_cmd *cmd, int argc, char **argv)
 						  optarg);
 			break;
 		case 'E':
-			if (!strcmp(optarg, "pause"))
-				prm.on_error = SIPHON_ON_ERROR_PAUSE;
-			else if (!strcmp(optarg, "stop"))
-				prm.on_error = SIPHON_ON_ERROR_STOP;
-			else
+			if (!tool_parse_on_error(optarg, &prm.on_error))
 				return tool_usage(cmd,
 						  "--on-error takes stop or "
 						  "pause, not '%s'",

@@ -20,6 +20,7 @@
 #include "formats/image.h"
 #include "io/io.h"
 #include "io/nbd.h"
+#include "siphon.h"
 #include "cmd.h"
 
 #ifndef SIPHON_VERSION
@@ -127,6 +128,19 @@ bool tool_parse_output(const char *arg, enum tool_output *out)
 	}
 	if (!strcmp(arg, "json")) {
 		*out = TOOL_OUT_JSON;
+		return true;
+	}
+	return false;
+}
+
+bool tool_parse_on_error(const char *arg, unsigned *out)
+{
+	if (!strcmp(arg, "stop")) {
+		*out = SIPHON_ON_ERROR_STOP;
+		return true;
+	}
+	if (!strcmp(arg, "pause")) {
+		*out = SIPHON_ON_ERROR_PAUSE;
 		return true;
 	}
 	return false;

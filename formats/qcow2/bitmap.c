@@ -52,6 +52,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/bytes.h"
 #include "common/checked.h"
 #include "common/error.h"
 #include "formats/image.h"
@@ -81,36 +82,6 @@
 
 /* `siphon info` lists this many bitmaps at most. */
 #define BM_INFO_MAX 16
-
-static uint16_t get_be16(const uint8_t *p)
-{
-	uint16_t v;
-
-	memcpy(&v, p, sizeof(v));
-	return be16toh(v);
-}
-
-static uint32_t get_be32(const uint8_t *p)
-{
-	uint32_t v;
-
-	memcpy(&v, p, sizeof(v));
-	return be32toh(v);
-}
-
-static uint64_t get_be64(const uint8_t *p)
-{
-	uint64_t v;
-
-	memcpy(&v, p, sizeof(v));
-	return be64toh(v);
-}
-
-static void put_be32(uint8_t *p, uint32_t v)
-{
-	v = htobe32(v);
-	memcpy(p, &v, sizeof(v));
-}
 
 void qcow2_bitmaps_free(struct qcow2_bitmaps *bm)
 {
@@ -199,13 +170,13 @@ static int parse_entry(struct img *img, const struct qcow2 *s,
 			img->path, i, (unsigned long long)pos,
 			(unsigned long long)bm->dir_size);
 	b->entry_pos = pos;
-	b->table_off = get_be64(e);
-	b->table_size = get_be32(e + 8);
-	b->flags = get_be32(e + 12);
+	b->table_off = sx_be64(e);
+	b->table_size = sx_be32(e + 8);
+	b->flags = sx_be32(e + 12);
 	b->type = e[16];
 	b->gran_bits = e[17];
-	name_len = get_be16(e + 18);
-	b->extra_size = get_be32(e + 20);
+	name_len = sx_be16(e + 18);
+	b->extra_size = sx_be32(e + 20);
 	raw = BM_ENTRY_HEAD + (uint64_t)b->extra_size + name_len;
 	*len = (raw + 7) & ~7ull;
 	if (*len > left)
@@ -275,10 +246,10 @@ int qcow2_bitmaps_parse(struct img *img, const struct qcow2 *s,
 		return sx_error(-EINVAL,
 				"%s: bitmaps extension too short (%u bytes)",
 				img->path, x->len);
-	bm->n = get_be32(x->data);
-	reserved = get_be32(x->data + 4);
-	bm->dir_size = get_be64(x->data + 8);
-	bm->dir_off = get_be64(x->data + 16);
+	bm->n = sx_be32(x->data);
+	reserved = sx_be32(x->data + 4);
+	bm->dir_size = sx_be64(x->data + 8);
+	bm->dir_off = sx_be64(x->data + 16);
 	if (!bm->n || bm->n > BM_MAX_BITMAPS || reserved)
 		return sx_error(
 			-EINVAL,
@@ -570,8 +541,8 @@ static int write_dir(struct img *img, struct qcow2 *s, bool in_use)
 		if (!bm->bms[i].tracked)
 			continue;
 		p = bm->dir + bm->bms[i].entry_pos + 12;
-		f = get_be32(p);
-		put_be32(p, in_use ? f | BM_IN_USE : f & ~BM_IN_USE);
+		f = sx_be32(p);
+		sx_put_be32(p, in_use ? f | BM_IN_USE : f & ~BM_IN_USE);
 	}
 	ret = sio_pwrite(img->file, bm->dir, bm->dir_size, bm->dir_off);
 	if (!ret)

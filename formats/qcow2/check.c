@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/bytes.h"
 #include "common/checked.h"
 #include "common/error.h"
 #include "formats/image.h"
@@ -492,20 +493,6 @@ static void count_refblocks(struct ck *k)
 	}
 }
 
-static uint64_t get_be(const uint8_t *p)
-{
-	uint64_t v;
-
-	memcpy(&v, p, 8);
-	return be64toh(v);
-}
-
-static void put_be(uint8_t *p, uint64_t v)
-{
-	v = htobe64(v);
-	memcpy(p, &v, 8);
-}
-
 /* The refcount on disk of cluster c of the window, after repairs. */
 static uint64_t disk_rc(const struct ck *k, uint64_t c)
 {
@@ -568,8 +555,8 @@ static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 	k->next_host = 0;
 	for (j = 0; j < s->l2_entries; j++) {
 		uint8_t *p = l2 + j * esz;
-		uint64_t word = get_be(p);
-		uint64_t bm = s->extended_l2 ? get_be(p + 8) : 0;
+		uint64_t word = sx_be64(p);
+		uint64_t bm = s->extended_l2 ? sx_be64(p + 8) : 0;
 		uint64_t guest = ((l1i << s->l2_bits) + j) << s->cluster_bits;
 		struct qcow2_l2e e;
 		const char *why = NULL;
@@ -663,7 +650,8 @@ static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 					(unsigned long long)disk_rc(
 						k, e.host_off >> k->cbits));
 				if (fix) {
-					put_be(p, word ^ QCOW2_OFLAG_COPIED);
+					sx_put_be64(p,
+						    word ^ QCOW2_OFLAG_COPIED);
 					*changed = true;
 				}
 			}
@@ -938,7 +926,7 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 				uint8_t be[8];
 
 				l1[i] = e ^ QCOW2_OFLAG_COPIED;
-				put_be(be, l1[i]);
+				sx_put_be64(be, l1[i]);
 				ret = write_at(k, be, 8, l1_off + i * 8);
 				if (ret)
 					return ret;
@@ -1346,7 +1334,7 @@ int qcow2_set_incompat(struct img *img, struct qcow2 *s, struct sio_file *f,
 		return -ENOTSUP;
 	if (v == s->hdr.incompatible_features)
 		return 0;
-	put_be(be, v);
+	sx_put_be64(be, v);
 	ret = sio_pwrite(f, be, 8, 72);
 	if (!ret)
 		ret = sio_fdatasync(f);

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/bytes.h"
 #include "common/checked.h"
 #include "common/error.h"
 #include "formats/image.h"
@@ -55,14 +56,6 @@ static int log2_exact(uint64_t v)
 	while ((1ull << b) != v)
 		b++;
 	return b;
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-	int i;
-
-	for (i = 7; i >= 0; i--, v >>= 8)
-		p[i] = (uint8_t)v;
 }
 
 int qcow2_create(struct sio_file *f, const struct img_create_opts *o)
@@ -142,7 +135,7 @@ int qcow2_create(struct sio_file *f, const struct img_create_opts *o)
 		return sx_error(ENOMEM, "%s: out of memory", f->path);
 	memset(buf, 0, (rt + rb) * cs);
 	for (i = 0; i < rb; i++)
-		put64(buf + i * 8, rb_off + i * cs);
+		sx_put_be64(buf + i * 8, rb_off + i * cs);
 	for (i = 0; i < meta; i++)
 		qcow2_refcount_entry_set(buf + rt * cs, (unsigned)rbits_order,
 					 i, 1);

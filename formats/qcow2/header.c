@@ -20,27 +20,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/bytes.h"
 #include "common/checked.h"
 #include "common/error.h"
 #include "formats/image.h"
 #include "io/io.h"
 #include "qcow2.h"
-
-static uint32_t get_be32(const uint8_t *p)
-{
-	uint32_t v;
-
-	memcpy(&v, p, sizeof(v));
-	return be32toh(v);
-}
-
-static uint64_t get_be64(const uint8_t *p)
-{
-	uint64_t v;
-
-	memcpy(&v, p, sizeof(v));
-	return be64toh(v);
-}
 
 void qcow2_set_geometry(struct qcow2 *s, unsigned cluster_bits,
 			bool extended_l2)
@@ -153,8 +138,8 @@ static int parse_extensions(struct img *img, struct qcow2 *s,
 	int ret;
 
 	while (off + 8 <= end) {
-		uint32_t magic = get_be32(buf + off);
-		uint32_t len = get_be32(buf + off + 4);
+		uint32_t magic = sx_be32(buf + off);
+		uint32_t len = sx_be32(buf + off + 4);
 		uint64_t padded, next;
 		struct qcow2_ext *n;
 
@@ -223,7 +208,7 @@ static int parse_extensions(struct img *img, struct qcow2 *s,
 					-EINVAL,
 					"%s: bitmaps extension too short (%u bytes)",
 					img->path, e->len);
-			s->has_bitmaps = get_be32(e->data) != 0;
+			s->has_bitmaps = sx_be32(e->data) != 0;
 			break;
 		default:
 			break;
@@ -234,25 +219,25 @@ static int parse_extensions(struct img *img, struct qcow2 *s,
 
 static void parse_fixed(struct qcow2_header *h, const uint8_t *buf)
 {
-	h->magic = get_be32(buf + 0);
-	h->version = get_be32(buf + 4);
-	h->backing_file_offset = get_be64(buf + 8);
-	h->backing_file_size = get_be32(buf + 16);
-	h->cluster_bits = get_be32(buf + 20);
-	h->size = get_be64(buf + 24);
-	h->crypt_method = get_be32(buf + 32);
-	h->l1_size = get_be32(buf + 36);
-	h->l1_table_offset = get_be64(buf + 40);
-	h->refcount_table_offset = get_be64(buf + 48);
-	h->refcount_table_clusters = get_be32(buf + 56);
-	h->nb_snapshots = get_be32(buf + 60);
-	h->snapshots_offset = get_be64(buf + 64);
+	h->magic = sx_be32(buf + 0);
+	h->version = sx_be32(buf + 4);
+	h->backing_file_offset = sx_be64(buf + 8);
+	h->backing_file_size = sx_be32(buf + 16);
+	h->cluster_bits = sx_be32(buf + 20);
+	h->size = sx_be64(buf + 24);
+	h->crypt_method = sx_be32(buf + 32);
+	h->l1_size = sx_be32(buf + 36);
+	h->l1_table_offset = sx_be64(buf + 40);
+	h->refcount_table_offset = sx_be64(buf + 48);
+	h->refcount_table_clusters = sx_be32(buf + 56);
+	h->nb_snapshots = sx_be32(buf + 60);
+	h->snapshots_offset = sx_be64(buf + 64);
 	if (h->version >= 3) {
-		h->incompatible_features = get_be64(buf + 72);
-		h->compatible_features = get_be64(buf + 80);
-		h->autoclear_features = get_be64(buf + 88);
-		h->refcount_order = get_be32(buf + 96);
-		h->header_length = get_be32(buf + 100);
+		h->incompatible_features = sx_be64(buf + 72);
+		h->compatible_features = sx_be64(buf + 80);
+		h->autoclear_features = sx_be64(buf + 88);
+		h->refcount_order = sx_be32(buf + 96);
+		h->header_length = sx_be32(buf + 100);
 	} else {
 		h->refcount_order = 4;
 		h->header_length = QCOW2_V2_HEADER_LEN;
@@ -392,11 +377,11 @@ int qcow2_parse_header(struct img *img, struct qcow2 *s, const uint8_t *buf,
 				"%s: truncated qcow2 header (%llu bytes)",
 				img->path, (unsigned long long)file_size);
 	memset(h, 0, sizeof(*h));
-	h->magic = get_be32(buf);
+	h->magic = sx_be32(buf);
 	if (h->magic != QCOW2_MAGIC)
 		return sx_error(-EINVAL, "%s: not a qcow2 image (bad magic)",
 				img->path);
-	h->version = get_be32(buf + 4);
+	h->version = sx_be32(buf + 4);
 	if (h->version != 2 && h->version != 3)
 		return sx_error(
 			-ENOTSUP,
@@ -673,8 +658,8 @@ int qcow2_set_backing(struct img *img, const char *name, const char *fmt)
 			       img->path, strerror(-ret));
 		goto out;
 	}
-	s->hdr.backing_file_offset = get_be64(buf + 8);
-	s->hdr.backing_file_size = get_be32(buf + 16);
+	s->hdr.backing_file_offset = sx_be64(buf + 8);
+	s->hdr.backing_file_size = sx_be32(buf + 16);
 	memcpy(s->hdr_raw, buf, s->hdr.header_length);
 	free_exts(s->exts, s->n_exts);
 	s->exts = exts;

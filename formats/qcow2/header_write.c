@@ -13,20 +13,9 @@
 #include <errno.h>
 #include <string.h>
 
+#include "common/bytes.h"
 #include "common/error.h"
 #include "qcow2.h"
-
-static void put32(uint8_t *p, uint32_t v)
-{
-	v = htobe32(v);
-	memcpy(p, &v, 4);
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-	v = htobe64(v);
-	memcpy(p, &v, 8);
-}
 
 static size_t pad8(size_t v)
 {
@@ -59,8 +48,8 @@ int qcow2_build_cluster0(const struct qcow2_header *h, const uint8_t *hdr_raw,
 			continue;
 		if (pos + 8 + pad8(exts[i].len) + 8 + blen > cs)
 			goto nospace;
-		put32(buf + pos, exts[i].magic);
-		put32(buf + pos + 4, exts[i].len);
+		sx_put_be32(buf + pos, exts[i].magic);
+		sx_put_be32(buf + pos + 4, exts[i].len);
 		if (exts[i].len)
 			memcpy(buf + pos + 8, exts[i].data, exts[i].len);
 		pos += 8 + pad8(exts[i].len);
@@ -69,27 +58,27 @@ int qcow2_build_cluster0(const struct qcow2_header *h, const uint8_t *hdr_raw,
 		goto nospace;
 	pos += 8; /* end marker: already zero */
 
-	put32(buf + 0, QCOW2_MAGIC);
-	put32(buf + 4, h->version);
-	put64(buf + 8, blen ? pos : 0);
-	put32(buf + 16, (uint32_t)blen);
+	sx_put_be32(buf + 0, QCOW2_MAGIC);
+	sx_put_be32(buf + 4, h->version);
+	sx_put_be64(buf + 8, blen ? pos : 0);
+	sx_put_be32(buf + 16, (uint32_t)blen);
 	if (blen)
 		memcpy(buf + pos, backing, blen);
-	put32(buf + 20, h->cluster_bits);
-	put64(buf + 24, h->size);
-	put32(buf + 32, h->crypt_method);
-	put32(buf + 36, h->l1_size);
-	put64(buf + 40, h->l1_table_offset);
-	put64(buf + 48, h->refcount_table_offset);
-	put32(buf + 56, h->refcount_table_clusters);
-	put32(buf + 60, h->nb_snapshots);
-	put64(buf + 64, h->snapshots_offset);
+	sx_put_be32(buf + 20, h->cluster_bits);
+	sx_put_be64(buf + 24, h->size);
+	sx_put_be32(buf + 32, h->crypt_method);
+	sx_put_be32(buf + 36, h->l1_size);
+	sx_put_be64(buf + 40, h->l1_table_offset);
+	sx_put_be64(buf + 48, h->refcount_table_offset);
+	sx_put_be32(buf + 56, h->refcount_table_clusters);
+	sx_put_be32(buf + 60, h->nb_snapshots);
+	sx_put_be64(buf + 64, h->snapshots_offset);
 	if (h->version >= 3) {
-		put64(buf + 72, h->incompatible_features);
-		put64(buf + 80, h->compatible_features);
-		put64(buf + 88, h->autoclear_features);
-		put32(buf + 96, h->refcount_order);
-		put32(buf + 100, (uint32_t)hlen);
+		sx_put_be64(buf + 72, h->incompatible_features);
+		sx_put_be64(buf + 80, h->compatible_features);
+		sx_put_be64(buf + 88, h->autoclear_features);
+		sx_put_be32(buf + 96, h->refcount_order);
+		sx_put_be32(buf + 100, (uint32_t)hlen);
 		if (hlen > QCOW2_V3_HEADER_LEN)
 			buf[104] = h->compression_type;
 	}

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/bytes.h"
 #include "common/checked.h"
 #include "common/error.h"
 #include "formats/image.h"
@@ -34,16 +35,6 @@
 #define ENTRY_FIXED 40u
 /* qemu writes 24 bytes of extra data and reads at most 1024. */
 #define MAX_EXTRA 1024u
-
-static uint64_t be_n(const uint8_t *p, unsigned n)
-{
-	uint64_t v = 0;
-	unsigned i;
-
-	for (i = 0; i < n; i++)
-		v = v << 8 | p[i];
-	return v;
-}
 
 static void set_bad(struct qcow2 *s, uint32_t i, const char *fmt, uint64_t a)
 {
@@ -84,11 +75,11 @@ static int load_one(struct img *img, struct qcow2 *s, uint32_t i, uint64_t *pos)
 	ret = read_part(img, s, i, e, sizeof(e), *pos);
 	if (ret)
 		return ret;
-	l1_off = be_n(e, 8);
-	l1_size = (uint32_t)be_n(e + 8, 4);
-	id_len = (uint32_t)be_n(e + 12, 2);
-	name_len = (uint32_t)be_n(e + 14, 2);
-	extra = (uint32_t)be_n(e + 36, 4);
+	l1_off = sx_be64(e);
+	l1_size = (uint32_t)sx_be32(e + 8);
+	id_len = (uint32_t)sx_be16(e + 12);
+	name_len = (uint32_t)sx_be16(e + 14);
+	extra = (uint32_t)sx_be32(e + 36);
 	if (extra > MAX_EXTRA) {
 		set_bad(s, i, "%llu bytes of extra data (at most 1024)", extra);
 		return 1;
@@ -112,18 +103,18 @@ static int load_one(struct img *img, struct qcow2 *s, uint32_t i, uint64_t *pos)
 	}
 	sn->l1_offset = l1_off;
 	sn->l1_size = l1_size;
-	sn->pub.date_sec = be_n(e + 16, 4);
-	sn->pub.date_nsec = (uint32_t)be_n(e + 20, 4);
-	sn->pub.vm_clock_nsec = be_n(e + 24, 8);
-	sn->pub.vm_state_size = be_n(e + 32, 4);
+	sn->pub.date_sec = sx_be32(e + 16);
+	sn->pub.date_nsec = (uint32_t)sx_be32(e + 20);
+	sn->pub.vm_clock_nsec = sx_be64(e + 24);
+	sn->pub.vm_state_size = sx_be32(e + 32);
 	sn->pub.disk_size = UINT64_MAX;
 	sn->pub.icount = UINT64_MAX;
 	if (extra >= 8)
-		sn->pub.vm_state_size = be_n(var, 8);
+		sn->pub.vm_state_size = sx_be64(var);
 	if (extra >= 16)
-		sn->pub.disk_size = be_n(var + 8, 8);
+		sn->pub.disk_size = sx_be64(var + 8);
 	if (extra >= 24)
-		sn->pub.icount = be_n(var + 16, 8);
+		sn->pub.icount = sx_be64(var + 16);
 	sn->id = strndup((char *)var + extra, id_len);
 	sn->name = strndup((char *)var + extra + id_len, name_len);
 	if (!sn->id || !sn->name) {

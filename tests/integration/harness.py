@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 SKIP = 77
 TIMEOUT = 60  # seconds per command
@@ -66,6 +68,31 @@ def run(argv: list[str], timeout: int = TIMEOUT, cwd: str | None = None) \
                       (e.stderr or b"").decode(errors="replace"))
     return Result(argv, p.returncode, p.stdout,
                   p.stderr.decode(errors="replace"))
+
+
+def wait_path(path: str, proc: subprocess.Popen, timeout: float = 60) \
+        -> bool:
+    """Poll until path exists (a server's socket), proc exits or the
+    deadline passes; whether path exists."""
+    end = time.monotonic() + timeout
+    while not os.path.exists(path) and proc.poll() is None and \
+            time.monotonic() < end:
+        time.sleep(0.05)
+    return os.path.exists(path)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> int | None:
+    """SIGTERM proc (a server the test started) and wait for it; SIGKILL
+    if it does not exit in time. Its exit code, None when it was
+    killed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
 
 
 def siphon_binary() -> str | None:

@@ -380,6 +380,32 @@ def run_io_case(rep, siphon, tmp, name, bitmaps, seed, disabled_prior=(),
     rep.emit(name, problems, info=f"{len(cmds)} commands")
 
 
+def serve_io(siphon: str, d: str, image: str, args: list[str],
+             cmds: list[str]) -> list[str]:
+    """`siphon serve ARGS IMAGE` on a Unix socket in d, qemu-io running
+    cmds through it as an NBD client, the server stopped whatever
+    happens: the problems seen."""
+    sock = os.path.join(d, "srv.sock")
+    log = open(os.path.join(d, "serve.log"), "w")
+    p = subprocess.Popen([siphon, "serve", "--listen", "unix:" + sock] +
+                         args + [image + "=disk"], stdout=log,
+                         stderr=subprocess.STDOUT)
+    problems = []
+    try:
+        harness.wait_path(sock, p, WAIT)
+        r = harness.run(["qemu-io", "-f", "raw"] +
+                        [x for c in cmds for x in ("-c", c)] +
+                        [f"nbd+unix:///disk?socket={sock}"], timeout=120)
+        if r.rc != 0:
+            problems.append("qemu-io over siphon serve: " + r.describe())
+    finally:
+        harness.stop(p, WAIT)
+        log.close()
+    if p.returncode != 0:
+        problems.append(f"siphon serve exit {p.returncode}")
+    return problems
+
+
 def run_api_case(rep, siphon, tmp, seed):
     """Guest I/O through the API: `siphon serve`, qemu-io as NBD client."""
     name = "api-serve-nbd"
@@ -391,32 +417,7 @@ def run_api_case(rep, siphon, tmp, seed):
     shutil.copyfile(a, b)
     off_before = bitmap_bytes(a, "off")
     cmds, touched = workload(seed, SIZE)
-    sock = os.path.join(d, "srv.sock")
-    log = open(os.path.join(d, "serve.log"), "w")
-    p = subprocess.Popen([siphon, "serve", "--listen", "unix:" + sock,
-                          a + "=disk"], stdout=log, stderr=subprocess.STDOUT)
-    problems = []
-    try:
-        end = time.monotonic() + WAIT
-        while not os.path.exists(sock) and p.poll() is None and \
-                time.monotonic() < end:
-            time.sleep(0.05)
-        r = harness.run(["qemu-io", "-f", "raw"] +
-                        [x for c in cmds for x in ("-c", c)] +
-                        [f"nbd+unix:///disk?socket={sock}"], timeout=120)
-        if r.rc != 0:
-            problems.append("qemu-io over siphon serve: " + r.describe())
-    finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=WAIT)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        log.close()
-    if p.returncode != 0:
-        problems.append(f"siphon serve exit {p.returncode}")
+    problems = serve_io(siphon, d, a, [], cmds)
     if problems:
         rep.emit(name, problems)
         return
@@ -489,35 +490,9 @@ def run_serve_stream_case(rep, siphon, tmp):
     dis_before = bitmap_bytes(top, "vdis")
     writes = ["write -P 0x42 1088k 4k", "write -z 2560k 8k"]
     touched = [(1088 * KiB, 1092 * KiB), (2560 * KiB, 2568 * KiB)]
-    sock = os.path.join(d, "srv.sock")
-    log = open(os.path.join(d, "serve.log"), "w")
-    p = subprocess.Popen([siphon, "serve", "--listen", "unix:" + sock,
-                          "--stream", "--speed", "256K", top + "=disk"],
-                         stdout=log, stderr=subprocess.STDOUT)
-    problems = []
-    try:
-        end = time.monotonic() + WAIT
-        while not os.path.exists(sock) and p.poll() is None and \
-                time.monotonic() < end:
-            time.sleep(0.05)
-        uri = f"nbd+unix:///disk?socket={sock}"
-        reads = [f"read -P 0x41 {o * 256 * KiB} 64k" for o in (1, 5, 9, 13)]
-        r = harness.run(["qemu-io", "-f", "raw"] +
-                        [x for c in reads + writes for x in ("-c", c)] +
-                        [uri], timeout=120)
-        if r.rc != 0:
-            problems.append("qemu-io over siphon serve: " + r.describe())
-    finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=WAIT)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        log.close()
-    if p.returncode != 0:
-        problems.append(f"siphon serve exit {p.returncode}")
+    reads = [f"read -P 0x41 {o * 256 * KiB} 64k" for o in (1, 5, 9, 13)]
+    problems = serve_io(siphon, d, top, ["--stream", "--speed", "256K"],
+                        reads + writes)
     if problems:
         rep.emit(name, problems)
         return

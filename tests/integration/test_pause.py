@@ -414,13 +414,7 @@ def case_serve(siphon, tmp, mnt, base, rep: harness.Report,
     finally:
         if ev:
             ev.kill()
-        if srv.poll() is None:
-            srv.send_signal(signal.SIGTERM)
-            try:
-                srv.wait(timeout=DEADLINE)
-            except subprocess.TimeoutExpired:
-                srv.kill()
-                srv.wait()
+        harness.stop(srv, DEADLINE)
         log.close()
         if os.path.exists(filler):
             os.unlink(filler)

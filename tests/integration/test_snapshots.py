@@ -45,7 +45,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -236,20 +235,11 @@ class Server:
         self.p = subprocess.Popen(
             [siphon, "serve", "--listen", "unix:" + self.sock,
              c.top + "=disk"], stdout=self.log, stderr=subprocess.STDOUT)
-        end = time.monotonic() + WAIT
-        while time.monotonic() < end and self.p.poll() is None and \
-                not os.path.exists(self.sock):
-            time.sleep(0.05)
+        harness.wait_path(self.sock, self.p, WAIT)
 
     def stop(self) -> int | None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
         try:
-            return self.p.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-            return None
+            return harness.stop(self.p, WAIT)
         finally:
             self.log.close()
 
