@@ -134,17 +134,26 @@ out:
 
 int qcow2_snapshots_load(struct img *img, struct qcow2 *s)
 {
-	uint64_t pos = s->hdr.snapshots_offset;
+	uint64_t pos = s->hdr.snapshots_offset, n;
 	uint32_t i;
 	int ret = 0;
 
 	s->snap_bad[0] = '\0';
 	if (!s->hdr.nb_snapshots)
 		return 0;
-	s->snaps = calloc(s->hdr.nb_snapshots, sizeof(*s->snaps));
+	/* No more entries than the file holds (40 bytes each at least). */
+	n = pos < s->file_size ? (s->file_size - pos) / ENTRY_FIXED : 0;
+	n = sx_min(n, s->hdr.nb_snapshots);
+	s->snaps = calloc(sx_max(n, 1), sizeof(*s->snaps));
 	if (!s->snaps)
 		return -ENOMEM;
 	for (i = 0; i < s->hdr.nb_snapshots; i++) {
+		if (i == n) {
+			set_bad(s, i,
+				"entry at 0x%llx runs past the end of the file",
+				pos);
+			break;
+		}
 		ret = load_one(img, s, i, &pos);
 		if (ret)
 			break;
