@@ -100,7 +100,7 @@ static void slot_done(struct slot *sl)
 
 	for (r = 0; r < sl->nruns && ret >= 0; r++)
 		ret = img_commit_run(img, sl->runs[r].off, sl->runs[r].n,
-				     sl->runs[r].host);
+				     sl->runs[r].host, 0);
 	sq->since_flush += sl->len;
 	if (ret >= 0 && sq->flush_every && sq->since_flush >= sq->flush_every) {
 		ret = img_flush(img);

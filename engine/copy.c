@@ -373,6 +373,9 @@ static int op_read(struct copy_op *op)
 		if (ret < 0)
 			goto out;
 		dst = op->buf + (pos - op->off);
+		/* A shared cluster of the top is copied like a missing one. */
+		if (pc.shared && (op->flags & COPY_REPLACE_SHARED))
+			pc.top = false;
 		if (pc.top && (op->flags & COPY_SKIP_TOP)) {
 			/* Never written: not read either, maybe read over. */
 			ret = mark_top(op, pos, pc.len);
@@ -606,7 +609,10 @@ static void op_commit(struct copy_op *op)
 
 	for (r = 0; r < op->nruns && ret >= 0; r++) {
 		ret = img_commit_run(top, op->runs[r].off, op->runs[r].n,
-				     op->runs[r].host);
+				     op->runs[r].host,
+				     op->flags & COPY_REPLACE_SHARED
+					     ? IMG_COMMIT_REPLACE_SHARED
+					     : 0);
 		if (ret >= 0 && (op->flags & COPY_VERIFY))
 			ret = verify_run(op, &op->runs[r]);
 		/* Partly linked at worst: never given back. */

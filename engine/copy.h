@@ -75,6 +75,12 @@ enum copy_flags {
 	 * clusters do not split a large read.
 	 */
 	COPY_SKIP_TOP = 1 << 2,
+	/*
+	 * Clusters the top holds only as data shared with a snapshot count
+	 * as not held: read, written into fresh clusters and committed
+	 * with IMG_COMMIT_REPLACE_SHARED (a guest write's copy-on-write).
+	 */
+	COPY_REPLACE_SHARED = 1 << 3,
 };
 
 /* What a copier sent to the device (for the user: request sizes). */

@@ -1054,7 +1054,7 @@ static int aw_add(struct gio *gio, uint64_t ca, uint64_t cb,
 	aw->gio = gio;
 	aw->cop.off = ca;
 	aw->cop.len = cb - ca;
-	aw->cop.flags = COPY_WRITE_ZEROS | COPY_VERIFY;
+	aw->cop.flags = COPY_WRITE_ZEROS | COPY_VERIFY | COPY_REPLACE_SHARED;
 	aw->cop.cover_off = s0;
 	aw->cop.cover_len = s1 - s0;
 	aw->cop.ready = aw_ready;
@@ -1068,13 +1068,16 @@ static int aw_add(struct gio *gio, uint64_t ca, uint64_t cb,
 /*
  * Allocating writes. The write's clusters [a, b) that the top lacks
  * entirely (every byte unallocated: no zero, compressed or partly
- * allocated cluster) go, one run of them at a time, through an op of the
- * copy pipeline: the rest of a partly written first or last cluster is
- * read from the chain, the guest's data laid over it, every cluster
- * written into fresh host clusters and linked, verified (COPY_VERIFY: the
- * guest's data must be where the L2 points), then the request completes.
- * The clusters stay locked throughout, so nothing else can allocate them
- * meanwhile, and commit_run links only what is still unallocated. Zero
+ * allocated cluster), and those it holds only as data shared with a
+ * snapshot (their copy-on-write), go, one run of them at a time, through
+ * an op of the copy pipeline: the rest of a partly written first or last
+ * cluster is read from the chain (a shared cluster from itself), the
+ * guest's data laid over it, every cluster written into fresh host
+ * clusters and linked, verified (COPY_VERIFY: the guest's data must be
+ * where the L2 points), then the request completes. The clusters stay
+ * locked throughout, so nothing else can allocate them meanwhile, and
+ * commit_run links only what is still unallocated or still shared (the
+ * old cluster then loses its reference: IMG_COMMIT_REPLACE_SHARED). Zero
  * and compressed clusters and partly allocated ones (subclusters) take
  * the driver's synchronous pwrite: relinking them is not what commit_run
  * may do. Fills *list with the ops (not started); 0 or -errno from the
@@ -1098,13 +1101,16 @@ static int aw_plan(struct gio *gio, uint64_t a, uint64_t b,
 		ret = img_block_status(top, pos, lim - pos, &e);
 		if (ret < 0 || !e.len)
 			return ret;
-		if (e.status != IMG_UNALLOC)
+		if (e.status != IMG_UNALLOC &&
+		    !(e.status == IMG_DATA && e.shared))
 			continue;
 		/* Each cluster this extent touches, once. */
 		for (cl = sx_max(pos - pos % cs, next); cl < pos + e.len;
 		     cl += cs) {
 			next = cl + cs;
-			if (!img_lacks_all(top, cl, sx_min(cs, lim - cl)))
+			/* Shared with a snapshot: copied like a missing one. */
+			if (e.status == IMG_UNALLOC &&
+			    !img_lacks_all(top, cl, sx_min(cs, lim - cl)))
 				continue;
 			if (rb == cl) {
 				rb = cl + cs;

@@ -260,12 +260,15 @@ struct img_driver {
 
 	/*
 	 * Link guest clusters [off, off + n clusters) to host clusters
-	 * starting at host_off (from alloc_run, data already written). The
+	 * starting at host_off (from alloc_run, data already written), where
+	 * they are still unallocated, and with IMG_COMMIT_REPLACE_SHARED
+	 * also where they hold data shared with a snapshot (the old cluster
+	 * then loses a reference). Any other cluster is given back. The
 	 * data is made durable before the L2 entries are (batched: the
 	 * driver may defer until flush).
 	 */
 	int (*commit_run)(struct img *img, uint64_t off, uint64_t nclusters,
-			  uint64_t host_off);
+			  uint64_t host_off, unsigned flags);
 
 	/*
 	 * Optional (recommended with alloc_run). Give back host clusters from

@@ -742,6 +742,7 @@ static int chain_piece(struct img *img, uint64_t off, uint64_t len,
 	p->len = e.len;
 	p->depth = depth;
 	p->top = depth == 0 && e.status != IMG_UNALLOC;
+	p->shared = p->top && e.status == IMG_DATA && e.shared;
 	switch (e.status) {
 	case IMG_DATA:
 		p->status = IMG_DATA;
@@ -1033,11 +1034,11 @@ int img_alloc_run(struct img *img, uint64_t off, uint64_t nclusters,
 }
 
 int img_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
-		   uint64_t host_off)
+		   uint64_t host_off, unsigned flags)
 {
 	if (!img_can_alloc(img))
 		return cannot(img, "link clusters");
-	return img->drv->commit_run(img, off, nclusters, host_off);
+	return img->drv->commit_run(img, off, nclusters, host_off, flags);
 }
 
 void img_release_run(struct img *img, uint64_t host_off, uint64_t nclusters)

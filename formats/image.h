@@ -258,8 +258,13 @@ bool img_has_zero_clusters(const struct img *img);
 
 int img_alloc_run(struct img *img, uint64_t off, uint64_t nclusters,
 		  uint64_t *host_off, uint64_t *got);
+/* commit_run's flags (format.h). */
+enum img_commit_flags {
+	/* Also replace data the top shares with a snapshot (its copy). */
+	IMG_COMMIT_REPLACE_SHARED = 1 << 0,
+};
 int img_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
-		   uint64_t host_off);
+		   uint64_t host_off, unsigned flags);
 /* No-op when the driver cannot give clusters back (a leak at worst). */
 void img_release_run(struct img *img, uint64_t host_off, uint64_t nclusters);
 int img_pwrite(struct img *img, const void *buf, uint64_t len, uint64_t off);
@@ -361,6 +366,7 @@ struct img_piece {
 	uint64_t from; /* IMG_COMPRESSED */
 	unsigned depth; /* the layer that decides (0 = img) */
 	bool top; /* img itself holds the piece (depth 0, allocated) */
+	bool shared; /* top, IMG_DATA shared with a snapshot (img_extent) */
 };
 
 /*

@@ -806,7 +806,7 @@ int qcow2_alloc_run(struct img *img, uint64_t off, uint64_t nclusters,
 /* drv->release_run: give back clusters from alloc_run never committed. */
 void qcow2_release_run(struct img *img, uint64_t host_off, uint64_t nclusters);
 int qcow2_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
-		     uint64_t host_off);
+		     uint64_t host_off, unsigned flags);
 int qcow2_pwrite(struct img *img, const void *buf, uint64_t len, uint64_t off);
 int qcow2_write_zeroes(struct img *img, uint64_t off, uint64_t len,
 		       unsigned flags);

@@ -551,7 +551,7 @@ void qcow2_release_run(struct img *img, uint64_t host_off, uint64_t nclusters)
 }
 
 int qcow2_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
-		     uint64_t host_off)
+		     uint64_t host_off, unsigned flags)
 {
 	struct qcow2 *s = img->priv;
 	uint64_t cs = s->cluster_size, i, left;
@@ -583,6 +583,23 @@ int qcow2_commit_run(struct img *img, uint64_t off, uint64_t nclusters,
 		ret = qcow2_get_l2e(img, s, goff, &e);
 		if (ret)
 			break;
+		if ((flags & IMG_COMMIT_REPLACE_SHARED) &&
+		    e.type == QCOW2_C_NORMAL && !e.copied) {
+			/*
+			 * A copy of a cluster shared with a snapshot (the
+			 * caller held the cluster locked since it read it):
+			 * ours from now on, the snapshot's loses a reference
+			 * once the new entry is durable.
+			 */
+			ret = bound_frees(img, s);
+			if (!ret)
+				ret = qcow2_l2_set(
+					img, s, goff, host | QCOW2_OFLAG_COPIED,
+					s->extended_l2 ? ALL_SUBCLUSTERS : 0);
+			if (!ret)
+				ret = free_entry(img, s, &e);
+			continue;
+		}
 		if (e.type != QCOW2_C_UNALLOC || e.alloc || e.zero) {
 			/*
 			 * Written meanwhile (a guest write, write_zeroes):

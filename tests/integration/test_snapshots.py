@@ -13,17 +13,19 @@ clusters with them (COPIED clear). Then:
   compare against a raw file) and the image qemu-io makes of the same
   workload on a copy.
 - serve: more writes by a real NBD client (qemu-io over `siphon serve` on a
-  Unix socket), which go through the engine's guest path (the copy
-  pipeline's alloc/commit), then the same checks.
+  Unix socket), which go through the engine's guest path (shared clusters
+  copied on the copy pipeline, committed replacing them), then the same
+  checks.
 - stream: `siphon stream` over the result: no backing file left, clean,
   the active layer unchanged, and each snapshot reads as it does when qemu
   flattens the same image (`qemu-img rebase -b ''` on a copy: a snapshot's
   unallocated clusters showed the backing file, gone afterwards in both).
 - qemu afterwards: applying, deleting and creating snapshots works and
   leaves a clean image; the applied snapshot reads as it did.
-- crash: SIGKILL of a `siphon io` writer at seeded moments: qemu-img check
-  finds no corruption and the snapshots unchanged; the next writer repairs
-  the leaks (qemu-img check exit 0).
+- crash: SIGKILL of a `siphon io` writer at seeded moments, and of
+  `siphon serve` while an NBD client writes (the engine's asynchronous
+  copy-on-write): qemu-img check finds no corruption and the snapshots
+  unchanged; the next writer repairs the leaks (qemu-img check exit 0).
 - info: `siphon info --output=json` lists the snapshots with qemu-img
   info's fields and values.
 - damaged: a snapshot entry pointing past the end of the file makes a
@@ -376,6 +378,50 @@ def case_crash(rep, siphon: str, c: Case, rng: random.Random) -> None:
     rep.emit(f"{c.name}/crash", problems, info=f"{kills} kills")
 
 
+def case_crash_serve(rep, siphon: str, c: Case, rng: random.Random) -> None:
+    """SIGKILL `siphon serve` while an NBD client writes (the engine's
+    copy-on-write of shared clusters on the copy pipeline): no corruption,
+    the snapshots unchanged, and the next writer leaves the image clean."""
+    problems = []
+    for k in range(2):
+        wl = Workload(rng, c.cs, True, 120)
+        srv = Server(siphon, c)
+        argv = ["qemu-io", "-f", "raw"]
+        for cmd in wl.cmds:
+            argv += ["-c", cmd]
+        cl = subprocess.Popen(argv + [f"nbd+unix:///disk?socket={srv.sock}"],
+                              stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.05, 0.3))
+        srv.p.kill()
+        srv.stop()
+        cl.kill()
+        cl.wait()
+        for _ in range(200):
+            r = sh(["qemu-img", "check", c.top])
+            if r.rc != 1 or "lock" not in r.err:
+                break
+            time.sleep(0.05)
+        if r.rc not in (0, 3):
+            problems.append(f"kill {k}: qemu-img check exit {r.rc}: "
+                            + r.out.decode(errors="replace").strip())
+            break
+        for s, want in c.snaps.items():
+            if convert(c.top, c.tmp("k.raw"), s) != want:
+                problems.append(f"kill {k}: snapshot {s} changed")
+    r = sh([siphon, "io", "-q", c.top, "write -P 0x66 8k 4k"])
+    if r.rc != 0:
+        problems.append("the writer after the kills failed: " + r.describe())
+    if c.v2:
+        r = sh([siphon, "check", "-r", "leaks", c.top])
+    r = sh(["qemu-img", "check", c.top])
+    if r.rc != 0:
+        problems.append(f"after the next writer: qemu-img check exit "
+                        f"{r.rc}: " + r.out.decode(errors="replace").strip())
+    c.model = bytearray(convert(c.top, c.tmp("a.raw")))
+    rep.emit(f"{c.name}/crash-serve", problems)
+
+
 def case_damaged(rep, siphon: str, tmp: str) -> None:
     """A snapshot's L1 offset past the end: writing refused, image kept."""
     p = os.path.join(tmp, "damaged.qcow2")
@@ -417,6 +463,7 @@ def main() -> int:
             case_write(rep, siphon, c, rng)
             case_serve(rep, siphon, c, rng)
             case_crash(rep, siphon, c, rng)
+            case_crash_serve(rep, siphon, c, rng)
             case_stream(rep, siphon, c)
         if wanted("damaged"):
             case_damaged(rep, siphon, tmp)

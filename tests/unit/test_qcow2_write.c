@@ -543,7 +543,7 @@ START_TEST(t_stream_runs)
 		fill(buf, got * 65536, (unsigned)off);
 		ck_assert_int_eq(sio_pwrite(img->file, buf, got * 65536, host),
 				 0);
-		ck_assert_int_eq(img_commit_run(img, off, got, host), 0);
+		ck_assert_int_eq(img_commit_run(img, off, got, host, 0), 0);
 		memcpy(m.b + off, buf, got * 65536);
 		off += got * 65536;
 		total++;
@@ -553,7 +553,7 @@ START_TEST(t_stream_runs)
 	/* A cluster written meanwhile keeps the newer data. */
 	do_write(img, &m, 4 * MiB, 65536, 9);
 	ck_assert_int_eq(img_alloc_run(img, 4 * MiB, 1, &host, &got), 0);
-	ck_assert_int_eq(img_commit_run(img, 4 * MiB, 1, host), 0);
+	ck_assert_int_eq(img_commit_run(img, 4 * MiB, 1, host, 0), 0);
 	ck_assert_int_eq(img_flush(img), 0);
 	verify(img, &m);
 	img_close(img);
