@@ -176,20 +176,11 @@ static bool in_window(const struct ck *k, uint64_t cluster)
  * reaching a cluster or more past the end of the file is not counted: a
  * corruption (qemu's rule, so a last partial cluster is fine).
  */
-static void inc(struct ck *k, uint64_t off, uint64_t len, bool meta,
-		const char *what)
+static __attribute__((noinline)) void
+inc_slow(struct ck *k, uint64_t off, uint64_t len, bool meta, const char *what)
 {
 	uint64_t end, c, c0, c1;
 
-	/* The common case: one whole cluster inside the file. */
-	if (!meta && len == k->cs && !(off & (k->cs - 1)) &&
-	    off < k->file_size) {
-		uint64_t i = (off >> k->cbits) - k->w0;
-
-		if (i < k->wn && k->refs[i] < CK_SAT)
-			k->refs[i]++;
-		return;
-	}
 	if (!len)
 		return;
 	if (sx_add(off, len, &end) ||
@@ -212,6 +203,22 @@ static void inc(struct ck *k, uint64_t off, uint64_t len, bool meta,
 		if (meta)
 			k->meta[i / 8] |= (uint8_t)(1u << (i % 8));
 	}
+}
+
+/* inc() of the common case inlined: one data cluster inside the file. */
+static inline void inc(struct ck *k, uint64_t off, uint64_t len, bool meta,
+		       const char *what)
+{
+	/* The common case: one whole cluster inside the file. */
+	if (!meta && len == k->cs && !(off & (k->cs - 1)) &&
+	    off < k->file_size) {
+		uint64_t i = (off >> k->cbits) - k->w0;
+
+		if (i < k->wn && k->refs[i] < CK_SAT)
+			k->refs[i]++;
+		return;
+	}
+	inc_slow(k, off, len, meta, what);
 }
 
 static bool is_meta(const struct ck *k, uint64_t i)
@@ -519,22 +526,29 @@ static uint64_t window_bit(const struct ck *k, uint64_t cluster)
 }
 
 /* The first window's walk notes what windows an active L2 table reaches. */
-static void note_window(struct ck *k, uint64_t l1i, uint64_t off, uint64_t len)
+static __attribute__((noinline)) void
+note_window_slow(struct ck *k, uint64_t l1i, uint64_t off, uint64_t len)
 {
 	uint64_t c;
 
-	if (!k->wmask || !k->first || !len)
-		return;
-	if (len == k->cs && !(off & (k->cs - 1))) {
-		k->wmask[l1i] |= window_bit(k, off >> k->cbits);
-		return;
-	}
 	for (c = off >> k->cbits;
 	     c <= (off + len - 1) >> k->cbits && c / k->wn < 64;
 	     c += k->wn - c % k->wn)
 		k->wmask[l1i] |= window_bit(k, c);
 	if (c / k->wn >= 64 && c <= (off + len - 1) >> k->cbits)
 		k->wmask[l1i] |= 1ull << 63;
+}
+
+static inline void note_window(struct ck *k, uint64_t l1i, uint64_t off,
+			       uint64_t len)
+{
+	if (!k->wmask || !k->first || !len)
+		return;
+	if (len == k->cs && !(off & (k->cs - 1))) {
+		k->wmask[l1i] |= window_bit(k, off >> k->cbits);
+		return;
+	}
+	note_window_slow(k, l1i, off, len);
 }
 
 /*
