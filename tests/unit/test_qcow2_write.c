@@ -563,6 +563,60 @@ START_TEST(t_stream_runs)
 }
 END_TEST
 
+/*
+ * commit_run over a cluster shared with an internal snapshot: without
+ * IMG_COMMIT_REPLACE_SHARED the cluster keeps its data and the copy goes
+ * back; with it the copy replaces it. qemu-img check is clean and the
+ * snapshot reads as before either way.
+ */
+START_TEST(t_commit_replace)
+{
+	const char *p = tpath("cr.qcow2"), *snap = tpath("snap.raw");
+	const char *after = tpath("snap-after.raw");
+	struct opts o = {.size = 1 * MiB, .cs = 65536};
+	uint8_t *buf = sio_buf_alloc(65536);
+	uint64_t host, got;
+	struct model m;
+	struct img *img;
+
+	if (!have_qemu) {
+		sio_buf_free(buf);
+		return;
+	}
+	create(p, &o);
+	model_init(&m, o.size, NULL);
+	img = open_rw(p);
+	do_write(img, &m, 0, 2 * 65536, 3);
+	img_close(img);
+	mem_save_all();
+	ck_assert_int_eq(sh("qemu-img snapshot -c snap '%s'", p), 0);
+	ck_assert_int_eq(
+		sh("qemu-img convert -O raw -l snap '%s' '%s'", p, snap), 0);
+	mem_load(p);
+	img = open_rw(p);
+	fill(buf, 65536, 11);
+	ck_assert_int_eq(img_alloc_run(img, 0, 1, &host, &got), 0);
+	ck_assert_int_eq(sio_pwrite(img->file, buf, 65536, host), 0);
+	ck_assert_int_eq(img_commit_run(img, 0, 1, host, 0), 0);
+	ck_assert_int_eq(img_alloc_run(img, 65536, 1, &host, &got), 0);
+	ck_assert_int_eq(sio_pwrite(img->file, buf, 65536, host), 0);
+	ck_assert_int_eq(
+		img_commit_run(img, 65536, 1, host, IMG_COMMIT_REPLACE_SHARED),
+		0);
+	memcpy(m.b + 65536, buf, 65536);
+	ck_assert_int_eq(img_flush(img), 0);
+	verify(img, &m);
+	img_close(img);
+	oracle(p, &m);
+	ck_assert_int_eq(sh("qemu-img convert -O raw -l snap '%s' '%s' && "
+			    "cmp -s '%s' '%s'",
+			    p, after, snap, after),
+			 0);
+	free(m.b);
+	sio_buf_free(buf);
+}
+END_TEST
+
 START_TEST(t_l2_eviction)
 {
 	const char *p = tpath("ev.qcow2");
@@ -1465,6 +1519,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, t_set_backing_nospace);
 	tcase_add_test(tc, t_open_checks);
 	tcase_add_test(tc, t_overlap_refblock);
+	tcase_add_test(tc, t_commit_replace);
 	tcase_add_test(tc, t_bitmaps);
 	tcase_add_test(tc, t_flush_order);
 	tcase_add_test(tc, t_block_status_nowait);
