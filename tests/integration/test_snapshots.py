@@ -321,6 +321,46 @@ def case_stream(rep, siphon: str, c: Case) -> None:
     rep.emit(f"{c.name}/qemu-after", problems)
 
 
+def after_kill(c: Case, k: int, problems: list[str]) -> bool:
+    """After kill k: qemu-img check finds no corruption (leaks allowed)
+    and the snapshots read as before; False when the image is corrupt."""
+    # A killed process's io_uring is torn down asynchronously and holds
+    # the file (and its OFD locks) until then: wait for it.
+    for _ in range(200):
+        r = sh(["qemu-img", "check", c.top])
+        if r.rc != 1 or "lock" not in r.err:
+            break
+        time.sleep(0.05)
+    if r.rc not in (0, 3):
+        problems.append(f"kill {k}: qemu-img check exit {r.rc}: "
+                        + r.out.decode(errors="replace").strip())
+        return False
+    for s, want in c.snaps.items():
+        if convert(c.top, c.tmp("k.raw"), s) != want:
+            problems.append(f"kill {k}: snapshot {s} changed")
+    return True
+
+
+def next_writer(siphon: str, c: Case, problems: list[str]) -> None:
+    """The writer after the kills repairs what they left (the dirty bit,
+    v3; a v2 image has no dirty bit: there, as with qemu, leaks stay until
+    a check repairs them), and qemu-img check is clean; what the killed
+    writers left is the new active layer."""
+    r = sh([siphon, "io", "-q", c.top, "write -P 0x55 0 4k"])
+    if r.rc != 0:
+        problems.append("the writer after the kills failed: "
+                        + r.describe())
+    if c.v2:
+        r = sh([siphon, "check", "-r", "leaks", c.top])
+        if r.rc != 0:
+            problems.append("siphon check -r leaks: " + r.describe())
+    r = sh(["qemu-img", "check", c.top])
+    if r.rc != 0:
+        problems.append(f"after the next writer: qemu-img check exit "
+                        f"{r.rc}: " + r.out.decode(errors="replace").strip())
+    c.model = bytearray(convert(c.top, c.tmp("a.raw")))
+
+
 def case_crash(rep, siphon: str, c: Case, rng: random.Random) -> None:
     """SIGKILL a writer; the image must hold no corruption and the
     snapshots; a second writer leaves it clean."""
@@ -344,37 +384,9 @@ def case_crash(rep, siphon: str, c: Case, rng: random.Random) -> None:
             p.kill()
             kills += 1
         p.wait()
-        # A killed process's io_uring is torn down asynchronously and
-        # holds the file (and its OFD locks) until then: wait for it.
-        for _ in range(200):
-            r = sh(["qemu-img", "check", c.top])
-            if r.rc != 1 or "lock" not in r.err:
-                break
-            time.sleep(0.05)
-        if r.rc not in (0, 3):
-            problems.append(f"kill {k}: qemu-img check exit {r.rc}: "
-                            + r.out.decode(errors="replace").strip())
+        if not after_kill(c, k, problems):
             break
-        for s, want in c.snaps.items():
-            if convert(c.top, c.tmp("k.raw"), s) != want:
-                problems.append(f"kill {k}: snapshot {s} changed")
-    # The next writer repairs what the crash left (the dirty bit, v3).
-    # A v2 image has no dirty bit: there, as with qemu, leaks stay until
-    # a check repairs them.
-    r = sh([siphon, "io", "-q", c.top, "write -P 0x55 0 4k"])
-    if r.rc != 0:
-        problems.append("the writer after the crashes failed: "
-                        + r.describe())
-    if c.v2:
-        r = sh([siphon, "check", "-r", "leaks", c.top])
-        if r.rc != 0:
-            problems.append("siphon check -r leaks: " + r.describe())
-    r = sh(["qemu-img", "check", c.top])
-    if r.rc != 0:
-        problems.append(f"after the next writer: qemu-img check exit "
-                        f"{r.rc}: " + r.out.decode(errors="replace").strip())
-    # What the killed writers left is the new active layer.
-    c.model = bytearray(convert(c.top, c.tmp("a.raw")))
+    next_writer(siphon, c, problems)
     rep.emit(f"{c.name}/crash", problems, info=f"{kills} kills")
 
 
@@ -397,28 +409,9 @@ def case_crash_serve(rep, siphon: str, c: Case, rng: random.Random) -> None:
         srv.stop()
         cl.kill()
         cl.wait()
-        for _ in range(200):
-            r = sh(["qemu-img", "check", c.top])
-            if r.rc != 1 or "lock" not in r.err:
-                break
-            time.sleep(0.05)
-        if r.rc not in (0, 3):
-            problems.append(f"kill {k}: qemu-img check exit {r.rc}: "
-                            + r.out.decode(errors="replace").strip())
+        if not after_kill(c, k, problems):
             break
-        for s, want in c.snaps.items():
-            if convert(c.top, c.tmp("k.raw"), s) != want:
-                problems.append(f"kill {k}: snapshot {s} changed")
-    r = sh([siphon, "io", "-q", c.top, "write -P 0x66 8k 4k"])
-    if r.rc != 0:
-        problems.append("the writer after the kills failed: " + r.describe())
-    if c.v2:
-        r = sh([siphon, "check", "-r", "leaks", c.top])
-    r = sh(["qemu-img", "check", c.top])
-    if r.rc != 0:
-        problems.append(f"after the next writer: qemu-img check exit "
-                        f"{r.rc}: " + r.out.decode(errors="replace").strip())
-    c.model = bytearray(convert(c.top, c.tmp("a.raw")))
+    next_writer(siphon, c, problems)
     rep.emit(f"{c.name}/crash-serve", problems)
 
 
