@@ -8,6 +8,10 @@
  *  - the growth of the file ahead of allocation (fallocate);
  *  - a new L2 table for an empty L1 entry (a cluster allocated in memory,
  *    its zeros written, then the L1 entry set in memory);
+ *  - the copy of an L2 table shared with a snapshot (read, a cluster
+ *    allocated, the copy written there, then the L1 entry set in memory
+ *    and the shared table's reference dropped through the deferred-free
+ *    queue), as cluster.c's copy_shared_l2() would do synchronously;
  *  - the L2 slices of the range (read, installed through the read-ahead
  *    path, which refuses bytes gone stale meanwhile).
  * The same for discard and write-zeroes (qcow2_prepare_discard): the L2
@@ -37,7 +41,7 @@
 #include "io/io.h"
 #include "qcow2.h"
 
-enum prep_kind { P_RC, P_GROW, P_NEWL2, P_L2 };
+enum prep_kind { P_RC, P_GROW, P_NEWL2, P_L2, P_COWL2 };
 
 struct prep_waiter {
 	void (*done)(void *opaque, int res);
@@ -49,8 +53,13 @@ struct qcow2_prep {
 	struct img_port_op op;
 	struct img *img;
 	enum prep_kind kind;
-	uint64_t key; /* P_RC: table index; P_NEWL2: L1 index; P_L2: slice */
-	uint64_t host; /* P_NEWL2: the new table; P_GROW: the target size */
+	/* P_RC: table index; P_NEWL2, P_COWL2: L1 index; P_L2: slice */
+	uint64_t key;
+	/* P_NEWL2, P_COWL2 writing: the new table; P_GROW: the target size */
+	uint64_t host;
+	uint64_t
+		old; /* P_COWL2: the shared table (its L1 entry, COPIED clear) */
+	bool writing; /* P_COWL2: its copy is being written (else read) */
 	/* P_L2: the cache's generation at submit; P_RC: s->w.rc_wgen then */
 	uint64_t gen;
 	uint8_t *buf; /* P_RC, P_L2 */
@@ -124,8 +133,63 @@ static int install(struct img *img, struct qcow2 *s, struct qcow2_prep *p,
 			qcow2_l2cache_insert(&s->l2cache, p->key, p->buf,
 					     p->gen);
 		return res;
+	case P_COWL2:
+		if (res || s->l1[p->key] != p->old) {
+			/* Failed, or done meanwhile: nothing points at it. */
+			if (p->writing)
+				qcow2_rc_update(img, s,
+						p->host >> s->cluster_bits, -1);
+			return res;
+		}
+		res = qcow2_free_deferred(img, s, p->old, s->cluster_size);
+		if (res) {
+			qcow2_rc_update(img, s, p->host >> s->cluster_bits, -1);
+			return res;
+		}
+		/* Synced with the L2 writes of the next flush, before L1. */
+		s->w.l2_unsynced = true;
+		s->l1[p->key] = p->host | QCOW2_OFLAG_COPIED;
+		qcow2_l1_mark_dirty(s, p->key);
+		for (t = 0; t < s->cluster_size; t += s->l2cache.slice_size)
+			qcow2_l2cache_insert(&s->l2cache, p->host + t,
+					     p->buf + t, s->l2cache.gen);
+		return 0;
 	}
 	return 0;
+}
+
+/*
+ * The shared table of a P_COWL2 is read: write its copy to a new cluster,
+ * the same prep going on (its waiters wait for the write). true when the
+ * write is under way; false to finish the prep as it is.
+ */
+static bool cow_write(struct img *img, struct qcow2 *s, struct qcow2_prep *p,
+		      int res)
+{
+	struct img_port *port = img_get_port(img);
+	uint64_t host, got;
+
+	if (p->kind != P_COWL2 || p->writing || res || s->l1[p->key] != p->old)
+		return false;
+	s->w.no_grow = true;
+	res = qcow2_alloc_clusters(img, s, 1, &host, &got);
+	s->w.no_grow = false;
+	if (res)
+		return false; /* the write path copies it itself */
+	qcow2_l2cache_drop(&s->l2cache, host, s->cluster_size);
+	p->writing = true;
+	p->host = host;
+	p->op.kind = IMG_PORT_WRITE;
+	p->op.off = host;
+	p->next = s->w.prep;
+	s->w.prep = p;
+	if (port->submit(port, &p->op) < 0) {
+		s->w.prep = p->next;
+		p->writing = false;
+		qcow2_rc_update(img, s, host >> s->cluster_bits, -1);
+		return false;
+	}
+	return true;
 }
 
 static void prep_done(struct img_port_op *op, int res)
@@ -140,13 +204,18 @@ static void prep_done(struct img_port_op *op, int res)
 	for (pp = &s->w.prep; *pp != p; pp = &(*pp)->next)
 		;
 	*pp = p->next;
+	if (cow_write(img, s, p, res)) {
+		pthread_mutex_unlock(&s->lock);
+		return;
+	}
 	ret = install(img, s, p, res);
 	pthread_mutex_unlock(&s->lock);
 	if (ret)
 		sx_error(ret, "%s: cannot prepare metadata: %s", img->path,
 			 strerror(-ret));
 	/* A failed read-ahead is only a hint lost: the write path retries. */
-	if (p->kind == P_RC || p->kind == P_L2 || p->kind == P_GROW)
+	if (p->kind == P_RC || p->kind == P_L2 || p->kind == P_GROW ||
+	    p->kind == P_COWL2)
 		ret = 0;
 	sio_buf_free(p->buf);
 	for (w = p->waiters; w; w = next) {
@@ -282,6 +351,45 @@ static int need_alloc(struct img *img, struct qcow2 *s, uint64_t n,
 }
 
 /*
+ * L1 entry i names a table shared with a snapshot (COPIED clear, refcount
+ * above 1, its refcount block cached or brought in first): copy it (1),
+ * or nothing to do (0; a table whose refcount is 1 only has a stale flag,
+ * which the write path sets).
+ */
+static int need_cow(struct img *img, struct qcow2 *s, uint64_t i,
+		    void (*done)(void *, int), void *opaque)
+{
+	uint64_t e = s->l1[i] & QCOW2_L1E_OFFSET_MASK, c, rc;
+	struct qcow2_prep *p;
+	int ret;
+
+	if (s->l1[i] & QCOW2_OFLAG_COPIED)
+		return 0;
+	p = find(s, P_COWL2, i);
+	if (p)
+		return add_waiter(p, done, opaque);
+	c = e >> s->cluster_bits;
+	ret = need_rc(img, s, c / s->rc.block_entries, done, opaque);
+	if (ret)
+		return ret;
+	if (!qcow2_rc_cached(s, c / s->rc.block_entries) ||
+	    qcow2_refcount_get(img, s, c, &rc) < 0 || rc < 2)
+		return 0;
+	ret = need_alloc(img, s, 1, done, opaque);
+	if (ret)
+		return ret;
+	p = new_prep(P_COWL2, i, s->cluster_size);
+	if (!p)
+		return -ENOMEM;
+	p->old = s->l1[i];
+	p->op.kind = IMG_PORT_READ;
+	p->op.buf = p->buf;
+	p->op.len = s->cluster_size;
+	p->op.off = e;
+	return start(img, s, p, done, opaque);
+}
+
+/*
  * The L2 table of L1 entry i and the slice of cluster cl in it. create:
  * an empty L1 entry gets a new table (else nothing is needed there).
  */
@@ -332,6 +440,9 @@ static int need_l2(struct img *img, struct qcow2 *s, uint64_t cl, bool create,
 	}
 	if (!sx_is_aligned(e, s->cluster_size))
 		return 0; /* the write path reports it */
+	ret = need_cow(img, s, i, done, opaque);
+	if (ret)
+		return ret;
 	key = e +
 	      ((cl & (s->l2_entries - 1)) / per_slice) * s->l2cache.slice_size;
 	if (qcow2_l2cache_has(&s->l2cache, key))
