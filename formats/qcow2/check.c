@@ -551,129 +551,181 @@ static inline void note_window(struct ck *k, uint64_t l1i, uint64_t off,
 	note_window_slow(k, l1i, off, len);
 }
 
+/* A data cluster's COPIED flag disagrees with its refcount (in window). */
+static __attribute__((noinline)) void copied_finding(struct ck *k, uint8_t *p,
+						     uint64_t word,
+						     uint64_t guest,
+						     bool *changed)
+{
+	uint64_t off = word & QCOW2_L2E_OFFSET_MASK;
+	bool fix = copied_fix(k);
+
+	finding(k, IMG_CK_COPIED, off, fix,
+		"COPIED flag of the data cluster at 0x%llx (guest 0x%llx) is %s, refcount %llu",
+		(unsigned long long)off, (unsigned long long)guest,
+		word & QCOW2_OFLAG_COPIED ? "set" : "clear",
+		(unsigned long long)disk_rc(k, off >> k->cbits));
+	if (fix) {
+		sx_put_be64(p, word ^ QCOW2_OFLAG_COPIED);
+		*changed = true;
+	}
+}
+
+/* Entry j (its bytes at p) of the L2 table of L1 entry l1i: any kind. */
+static __attribute__((noinline)) void walk_entry(struct ck *k, uint8_t *p,
+						 uint64_t j, uint64_t l1i,
+						 bool active, unsigned pass,
+						 bool *changed)
+{
+	struct qcow2 *s = k->s;
+	uint64_t word = sx_be64(p);
+	uint64_t bm = s->extended_l2 ? sx_be64(p + 8) : 0;
+	uint64_t guest = ((l1i << s->l2_bits) + j) << s->cluster_bits;
+	struct qcow2_l2e e;
+	const char *why = NULL;
+
+	if (!word && !bm)
+		return;
+	if (!(word & QCOW2_OFLAG_COMPRESSED) &&
+	    !sx_is_aligned(word & QCOW2_L2E_OFFSET_MASK, k->cs)) {
+		if ((pass & CK_COUNT) && k->first)
+			finding(k, IMG_CK_UNALIGNED,
+				word & QCOW2_L2E_OFFSET_MASK, false,
+				"data cluster at 0x%llx (guest 0x%llx) is not cluster aligned",
+				(unsigned long long)(word &
+						     QCOW2_L2E_OFFSET_MASK),
+				(unsigned long long)guest);
+		return;
+	}
+	if (!s->extended_l2 && (word & QCOW2_L2E_OFFSET_MASK) &&
+	    !(word & ~(QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COPIED))) {
+		/* The common entry, decoded here: a data cluster. */
+		e = (struct qcow2_l2e){
+			.type = QCOW2_C_NORMAL,
+			.copied = word & QCOW2_OFLAG_COPIED,
+			.host_off = word & QCOW2_L2E_OFFSET_MASK,
+			.alloc = UINT32_MAX,
+		};
+	} else if (qcow2_l2e_decode(s, word, bm, &e, &why)) {
+		if ((pass & CK_COUNT) && k->first)
+			finding(k, IMG_CK_BAD_ENTRY,
+				word & QCOW2_L2E_OFFSET_MASK, false,
+				"L2 entry of guest 0x%llx: %s",
+				(unsigned long long)guest, why);
+		return;
+	}
+	if ((pass & CK_COUNT) && k->first && e.type != QCOW2_C_COMPRESSED &&
+	    (word & CK_L2_RESERVED))
+		finding(k, IMG_CK_RESERVED, e.host_off, false,
+			"L2 entry of guest 0x%llx has reserved bits set (0x%016llx)",
+			(unsigned long long)guest, (unsigned long long)word);
+	switch (e.type) {
+	case QCOW2_C_COMPRESSED:
+		if (!(pass & CK_COUNT))
+			break;
+		if (has_data_file(k)) {
+			if (k->first)
+				finding(k, IMG_CK_BAD_ENTRY, e.coff, false,
+					"compressed cluster (guest 0x%llx) in an image with an external data file",
+					(unsigned long long)guest);
+			break;
+		}
+		inc(k, e.coff, e.csize, false, "compressed cluster");
+		if (active)
+			note_window(k, l1i, e.coff, e.csize);
+		if (k->first && active) {
+			k->r->allocated_clusters++;
+			k->r->compressed_clusters++;
+			/* fragmented by nature, as qemu counts */
+			k->r->fragmented_clusters++;
+		}
+		break;
+	case QCOW2_C_NORMAL:
+	case QCOW2_C_ZERO_ALLOC:
+		if (pass & CK_COUNT) {
+			if (!has_data_file(k))
+				inc(k, e.host_off, k->cs, false,
+				    "data cluster");
+			if (active && !has_data_file(k))
+				note_window(k, l1i, e.host_off, k->cs);
+			if (k->first && active) {
+				k->r->allocated_clusters++;
+				if (k->next_host && e.host_off != k->next_host)
+					k->r->fragmented_clusters++;
+				k->next_host = e.host_off + k->cs;
+			}
+		}
+		if (!(pass & CK_COPIED) || has_data_file(k) ||
+		    !in_window(k, e.host_off >> k->cbits))
+			break;
+		if ((disk_rc(k, e.host_off >> k->cbits) == 1) != e.copied)
+			copied_finding(k, p, word, guest, changed);
+		break;
+	case QCOW2_C_ZERO_PLAIN:
+	case QCOW2_C_UNALLOC:
+		break;
+	}
+}
+
 /*
  * One L2 table (its bytes at l2) of L1 entry l1i. COUNT: count its
  * references (per-entry findings and statistics in the first window,
  * active table only for the statistics). COPIED: compare the flags of its
  * entries in the window with the refcounts; *changed when a flag was
- * repaired in l2.
+ * repaired in l2. The common entry (a data cluster inside the file, no
+ * flag but COPIED) of a standard table is handled in the loop here; any
+ * other entry by walk_entry().
  */
 static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 		    unsigned pass, bool *changed)
 {
 	struct qcow2 *s = k->s;
-	unsigned esz = s->l2_entry_size;
+	const uint64_t cs = k->cs, w0 = k->w0, wn = k->wn;
+	const uint64_t fsz = k->file_size, base = l1i << s->l2_bits;
+	const unsigned cbits = k->cbits;
+	const bool count = pass & CK_COUNT, copied = pass & CK_COPIED;
+	const bool stats = count && k->first && active;
+	uint64_t *wm =
+		count && active && k->wmask && k->first ? &k->wmask[l1i] : NULL;
 	uint64_t j;
 
 	/* qemu counts fragmentation within each L2 table. */
 	k->next_host = 0;
+	if (s->extended_l2 || has_data_file(k)) {
+		for (j = 0; j < s->l2_entries; j++)
+			walk_entry(k, l2 + j * s->l2_entry_size, j, l1i, active,
+				   pass, changed);
+		return;
+	}
 	for (j = 0; j < s->l2_entries; j++) {
-		uint8_t *p = l2 + j * esz;
-		uint64_t word = sx_be64(p);
-		uint64_t bm = s->extended_l2 ? sx_be64(p + 8) : 0;
-		uint64_t guest = ((l1i << s->l2_bits) + j) << s->cluster_bits;
-		struct qcow2_l2e e;
-		const char *why = NULL;
+		uint8_t *p = l2 + j * 8;
+		uint64_t word = sx_be64(p), off = word & QCOW2_L2E_OFFSET_MASK;
+		uint64_t i;
 
-		if (!word && !bm)
+		if (!word)
 			continue;
-		if (!(word & QCOW2_OFLAG_COMPRESSED) &&
-		    !sx_is_aligned(word & QCOW2_L2E_OFFSET_MASK, k->cs)) {
-			if ((pass & CK_COUNT) && k->first)
-				finding(k, IMG_CK_UNALIGNED,
-					word & QCOW2_L2E_OFFSET_MASK, false,
-					"data cluster at 0x%llx (guest 0x%llx) is not cluster aligned",
-					(unsigned long long)(word &
-							     QCOW2_L2E_OFFSET_MASK),
-					(unsigned long long)guest);
+		if ((word & ~(QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COPIED)) ||
+		    !off || (off & (cs - 1)) || off >= fsz) {
+			walk_entry(k, p, j, l1i, active, pass, changed);
 			continue;
 		}
-		if (!s->extended_l2 && (word & QCOW2_L2E_OFFSET_MASK) &&
-		    !(word & ~(QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COPIED))) {
-			/* The common entry, decoded here: a data cluster. */
-			e = (struct qcow2_l2e){
-				.type = QCOW2_C_NORMAL,
-				.copied = word & QCOW2_OFLAG_COPIED,
-				.host_off = word & QCOW2_L2E_OFFSET_MASK,
-				.alloc = UINT32_MAX,
-			};
-		} else if (qcow2_l2e_decode(s, word, bm, &e, &why)) {
-			if ((pass & CK_COUNT) && k->first)
-				finding(k, IMG_CK_BAD_ENTRY,
-					word & QCOW2_L2E_OFFSET_MASK, false,
-					"L2 entry of guest 0x%llx: %s",
-					(unsigned long long)guest, why);
-			continue;
-		}
-		if ((pass & CK_COUNT) && k->first &&
-		    e.type != QCOW2_C_COMPRESSED && (word & CK_L2_RESERVED))
-			finding(k, IMG_CK_RESERVED, e.host_off, false,
-				"L2 entry of guest 0x%llx has reserved bits set (0x%016llx)",
-				(unsigned long long)guest,
-				(unsigned long long)word);
-		switch (e.type) {
-		case QCOW2_C_COMPRESSED:
-			if (!(pass & CK_COUNT))
-				break;
-			if (has_data_file(k)) {
-				if (k->first)
-					finding(k, IMG_CK_BAD_ENTRY, e.coff,
-						false,
-						"compressed cluster (guest 0x%llx) in an image with an external data file",
-						(unsigned long long)guest);
-				break;
-			}
-			inc(k, e.coff, e.csize, false, "compressed cluster");
-			if (active)
-				note_window(k, l1i, e.coff, e.csize);
-			if (k->first && active) {
+		i = (off >> cbits) - w0;
+		if (count) {
+			if (i < wn && k->refs[i] < CK_SAT)
+				k->refs[i]++;
+			if (wm)
+				*wm |= window_bit(k, off >> cbits);
+			if (stats) {
 				k->r->allocated_clusters++;
-				k->r->compressed_clusters++;
-				/* fragmented by nature, as qemu counts */
-				k->r->fragmented_clusters++;
+				if (k->next_host && off != k->next_host)
+					k->r->fragmented_clusters++;
+				k->next_host = off + cs;
 			}
-			break;
-		case QCOW2_C_NORMAL:
-		case QCOW2_C_ZERO_ALLOC:
-			if (pass & CK_COUNT) {
-				if (!has_data_file(k))
-					inc(k, e.host_off, k->cs, false,
-					    "data cluster");
-				if (active && !has_data_file(k))
-					note_window(k, l1i, e.host_off, k->cs);
-				if (k->first && active) {
-					k->r->allocated_clusters++;
-					if (k->next_host &&
-					    e.host_off != k->next_host)
-						k->r->fragmented_clusters++;
-					k->next_host = e.host_off + k->cs;
-				}
-			}
-			if (!(pass & CK_COPIED) || has_data_file(k) ||
-			    !in_window(k, e.host_off >> k->cbits))
-				break;
-			if ((disk_rc(k, e.host_off >> k->cbits) == 1) !=
-			    e.copied) {
-				bool fix = copied_fix(k);
-
-				finding(k, IMG_CK_COPIED, e.host_off, fix,
-					"COPIED flag of the data cluster at 0x%llx (guest 0x%llx) is %s, refcount %llu",
-					(unsigned long long)e.host_off,
-					(unsigned long long)guest,
-					e.copied ? "set" : "clear",
-					(unsigned long long)disk_rc(
-						k, e.host_off >> k->cbits));
-				if (fix) {
-					sx_put_be64(p,
-						    word ^ QCOW2_OFLAG_COPIED);
-					*changed = true;
-				}
-			}
-			break;
-		case QCOW2_C_ZERO_PLAIN:
-		case QCOW2_C_UNALLOC:
-			break;
 		}
+		if (copied && i < wn &&
+		    (k->drc[i] == 1) != !!(word & QCOW2_OFLAG_COPIED))
+			copied_finding(k, p, word, (base + j) << cbits,
+				       changed);
 	}
 }
 
