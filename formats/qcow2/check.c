@@ -1120,6 +1120,13 @@ static int load_refcounts(struct ck *k)
 		ret = read_at(k, k->buf, k->cs, off);
 		if (ret)
 			return ret;
+		if (rc->order == 4) {
+			/* 16-bit refcounts, the default: copied as they are. */
+			for (c = lo; c < hi; c++)
+				k->drc[c - k->w0] =
+					sx_be16(k->buf + 2 * (c - t * E));
+			continue;
+		}
 		for (c = lo; c < hi; c++) {
 			uint64_t v = qcow2_refcount_entry_get(k->buf, rc->order,
 							      c - t * E);
