@@ -42,6 +42,7 @@ for t in "${targets[@]}"; do
 		par=(-jobs="$jobs" -workers="$jobs")
 	fi
 	rc=0
+	t0=$SECONDS
 	(cd "$work" && UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		"$src/$dir/fuzz/fuzz_$t" -max_total_time="$secs" \
 		-timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
@@ -59,7 +60,9 @@ for t in "${targets[@]}"; do
 		awk '$2 > m {m = $2} END {print m + 0}')
 	found=$(find "$work" -maxdepth 1 \( -name 'crash-*' -o -name 'leak-*' \
 		-o -name 'timeout-*' -o -name 'oom-*' \) | wc -l)
-	line="fuzz_$t: exit $rc, $execs execs ($((execs / secs))/s)"
+	# The time it ran (less than SECS when interrupted).
+	ran=$((SECONDS - t0 > 0 ? SECONDS - t0 : 1))
+	line="fuzz_$t: exit $rc, $execs execs in ${ran}s ($((execs / ran))/s)"
 	line+=", cov ${cov:-?} ft ${ft:-?}, peak RSS ${rss} MB"
 	line+=", $found crash/leak/timeout/oom inputs"
 	echo "$line"

@@ -388,7 +388,9 @@ static int parse_bitmaps(struct ck *k)
 		return 0;
 	}
 	dir = malloc(k->bm_dir_bytes ? k->bm_dir_bytes : 1);
-	k->bmts = calloc(nb, sizeof(*k->bmts));
+	/* No more entries than the directory holds (24 bytes each at least). */
+	k->bmts = calloc(sx_max(sx_min(nb, k->bm_dir_bytes / 24), 1),
+			 sizeof(*k->bmts));
 	if (!dir || !k->bmts) {
 		free(dir);
 		return -ENOMEM;
