@@ -77,7 +77,14 @@ struct ck {
 	unsigned cbits; /* log2(cs) */
 	unsigned wbits; /* log2 of the window with several windows */
 	uint64_t file_size;
-	uint64_t nclusters; /* clusters of the file: the ones compared */
+	uint64_t nclusters; /* clusters of the file */
+	/*
+	 * Clusters counted and compared: the file's and the one after it,
+	 * which a reference may reach by less than a cluster (a compressed
+	 * cluster's tail); qemu counts it then, and so do we (only when
+	 * something references it).
+	 */
+	uint64_t ncount;
 	uint64_t w0, wn; /* the window: clusters [w0, w0 + wn) */
 	uint16_t *refs; /* references counted in the window */
 	uint16_t *drc; /* refcounts on disk (after repair) */
@@ -1150,8 +1157,8 @@ static int compare_window(struct ck *k)
 	for (t = k->w0 / E; t * E < k->w0 + k->wn; t++) {
 		uint64_t off = t < rc->table_entries ? rblock(k, t) : 0;
 		uint64_t lo = sx_max(t * E, k->w0);
-		uint64_t hi = sx_min(sx_min((t + 1) * E, k->w0 + k->wn),
-				     k->nclusters);
+		uint64_t hi =
+			sx_min(sx_min((t + 1) * E, k->w0 + k->wn), k->ncount);
 		bool changed = false;
 
 		if (lo >= hi)
@@ -1164,6 +1171,9 @@ static int compare_window(struct ck *k)
 			unsigned kind;
 			bool fix;
 
+			/* Past the file: only what something references. */
+			if (c >= k->nclusters && !ref)
+				continue;
 			if (ref > k->max_rc) {
 				finding(k, IMG_CK_OVERFLOW, host, false,
 					"cluster at 0x%llx has %llu references, more than %u-bit refcounts hold",
@@ -1218,8 +1228,9 @@ static int compare_window(struct ck *k)
 		}
 	}
 	/* The end of what is in use, after repairs. */
-	for (c = sx_min(k->w0 + k->wn, k->nclusters); c > k->w0; c--)
-		if (k->drc[c - 1 - k->w0] || k->refs[c - 1 - k->w0]) {
+	for (c = sx_min(k->w0 + k->wn, k->ncount); c > k->w0; c--)
+		if ((c - 1 < k->nclusters && k->drc[c - 1 - k->w0]) ||
+		    k->refs[c - 1 - k->w0]) {
 			k->r->image_end_offset =
 				sx_max(k->r->image_end_offset, c * k->cs);
 			break;
@@ -1306,6 +1317,7 @@ static int run(struct ck *k, uint64_t window)
 	if (ret)
 		return ret;
 	k->nclusters = (k->file_size + k->cs - 1) >> k->cbits;
+	k->ncount = k->nclusters + 1;
 	k->r->total_clusters = (k->img->size + k->cs - 1) >> k->cbits;
 	k->r->file_size = k->file_size;
 	if (!window)
@@ -1316,7 +1328,7 @@ static int run(struct ck *k, uint64_t window)
 	 */
 	window = sx_max(1ull << (63 - __builtin_clzll(window)), E);
 	k->wbits = (unsigned)__builtin_ctzll(window);
-	k->wn = sx_min(window, sx_max(k->nclusters, 1));
+	k->wn = sx_min(window, k->ncount);
 	k->refs = calloc(k->wn, sizeof(*k->refs));
 	k->drc = calloc(k->wn, sizeof(*k->drc));
 	k->meta = calloc((k->wn + 7) / 8, 1);
@@ -1327,7 +1339,7 @@ static int run(struct ck *k, uint64_t window)
 	k->l2b = sio_buf_alloc(k->l2b_cap);
 	if (!k->refs || !k->drc || !k->meta || !k->buf || !k->l2b)
 		return -ENOMEM;
-	if (k->nclusters > k->wn && s->l1_size) {
+	if (k->ncount > k->wn && s->l1_size) {
 		k->wmask = calloc(s->l1_size, sizeof(*k->wmask));
 		if (!k->wmask)
 			return -ENOMEM;
@@ -1339,7 +1351,7 @@ static int run(struct ck *k, uint64_t window)
 		ret = parse_bitmaps(k);
 	if (ret)
 		return ret;
-	for (k->w0 = 0; k->w0 < k->nclusters || k->w0 == 0; k->w0 += k->wn) {
+	for (k->w0 = 0; k->w0 < k->ncount; k->w0 += k->wn) {
 		memset(k->refs, 0, k->wn * sizeof(*k->refs));
 		memset(k->meta, 0, (k->wn + 7) / 8);
 		k->r->passes++;
