@@ -96,12 +96,28 @@ static int add_waiter(struct qcow2_prep *p, void (*done)(void *, int),
 	return 1;
 }
 
+/*
+ * L1 entry i names the new table at host from now on (its bytes, written
+ * already, are also cached). Synced with the L2 writes of the next flush,
+ * before L1.
+ */
+static void link_table(struct qcow2 *s, uint64_t i, uint64_t host,
+		       const uint8_t *bytes)
+{
+	uint64_t t;
+
+	s->w.l2_unsynced = true;
+	s->l1[i] = host | QCOW2_OFLAG_COPIED;
+	qcow2_l1_mark_dirty(s, i);
+	for (t = 0; t < s->cluster_size; t += s->l2cache.slice_size)
+		qcow2_l2cache_insert(&s->l2cache, host + t, bytes + t,
+				     s->l2cache.gen);
+}
+
 /* The I/O of p ended: install what it brought, under the lock. */
 static int install(struct img *img, struct qcow2 *s, struct qcow2_prep *p,
 		   int res)
 {
-	uint64_t t;
-
 	switch (p->kind) {
 	case P_RC:
 		/* A block written back since the read may be newer. */
@@ -120,13 +136,7 @@ static int install(struct img *img, struct qcow2 *s, struct qcow2_prep *p,
 			qcow2_rc_update(img, s, p->host >> s->cluster_bits, -1);
 			return res;
 		}
-		/* Synced with the L2 writes of the next flush, before L1. */
-		s->w.l2_unsynced = true;
-		s->l1[p->key] = p->host | QCOW2_OFLAG_COPIED;
-		qcow2_l1_mark_dirty(s, p->key);
-		for (t = 0; t < s->cluster_size; t += s->l2cache.slice_size)
-			qcow2_l2cache_insert(&s->l2cache, p->host + t,
-					     s->w.zero_cluster, s->l2cache.gen);
+		link_table(s, p->key, p->host, s->w.zero_cluster);
 		return 0;
 	case P_L2:
 		if (!res)
@@ -146,13 +156,7 @@ static int install(struct img *img, struct qcow2 *s, struct qcow2_prep *p,
 			qcow2_rc_update(img, s, p->host >> s->cluster_bits, -1);
 			return res;
 		}
-		/* Synced with the L2 writes of the next flush, before L1. */
-		s->w.l2_unsynced = true;
-		s->l1[p->key] = p->host | QCOW2_OFLAG_COPIED;
-		qcow2_l1_mark_dirty(s, p->key);
-		for (t = 0; t < s->cluster_size; t += s->l2cache.slice_size)
-			qcow2_l2cache_insert(&s->l2cache, p->host + t,
-					     p->buf + t, s->l2cache.gen);
+		link_table(s, p->key, p->host, p->buf);
 		return 0;
 	}
 	return 0;
