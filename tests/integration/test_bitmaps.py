@@ -186,9 +186,16 @@ def dirty_map(path: str, name: str, tmp: str) -> list[tuple[int, int]] | str:
                     if p.poll() is not None else "timeout"
                 return f"qemu-nbd -B {name} did not start: {err.strip()}"
             time.sleep(0.02)
-        r = harness.run(["nbdinfo", "--json",
-                         f"--map=qemu:dirty-bitmap:{name}",
-                         f"nbd+unix:///?socket={sock}"])
+        # The socket exists from bind(), before listen(): a connection
+        # refused just then means "not yet".
+        while True:
+            r = harness.run(["nbdinfo", "--json",
+                             f"--map=qemu:dirty-bitmap:{name}",
+                             f"nbd+unix:///?socket={sock}"])
+            if r.rc == 0 or "Connection refused" not in r.err or \
+                    p.poll() is not None or time.monotonic() > end:
+                break
+            time.sleep(0.05)
         if r.rc != 0:
             return f"nbdinfo failed: {r.describe()}"
         ranges: list[tuple[int, int]] = []
