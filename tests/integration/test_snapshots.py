@@ -404,11 +404,13 @@ def case_crash_serve(rep, siphon: str, c: Case, rng: random.Random) -> None:
         cl = subprocess.Popen(argv + [f"nbd+unix:///disk?socket={srv.sock}"],
                               stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.05, 0.3))
-        srv.p.kill()
-        srv.stop()
-        cl.kill()
-        cl.wait()
+        try:
+            time.sleep(rng.uniform(0.05, 0.3))
+            srv.p.kill()
+        finally:
+            srv.stop()
+            cl.kill()
+            cl.wait()
         if not after_kill(c, k, problems):
             break
     next_writer(siphon, c, problems)
