@@ -12,7 +12,9 @@
 # Usage: bench/fuzz_long.sh [SECS [TARGET...]] (needs clang; builds
 # build-fuzz/ or $SIPHON_BUILD_FUZZ; JOBS=1 on a shared machine).
 # FUZZ_FROM=DIR also loads the inputs of DIR/TARGET (an earlier run's
-# corpus: a run that goes on where that one stopped).
+# corpus: a run that goes on where that one stopped). FUZZ_KEEP=1 keeps
+# every work directory (its corpus/ for a later FUZZ_FROM), not only those
+# of targets that found something.
 set -euo pipefail
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$src"
@@ -70,6 +72,8 @@ for t in "${targets[@]}"; do
 	if ((rc != 0 || found != 0)); then
 		bad=1
 		echo "fuzz_$t: inputs kept in $work"
+	elif [[ ${FUZZ_KEEP:-0} == 1 ]]; then
+		echo "fuzz_$t: corpus kept in $work/corpus"
 	else
 		rm -rf "$work"
 	fi
