@@ -17,6 +17,12 @@ timed run, medians reported):
       nbdcopy     nbdcopy --flush URI OUT.raw: the whole export to a
                   local file (its ratio is scaled to the bytes the stream
                   must move)
+      fio-both    fio reading the bytes that must move from the base file
+                  and writing them to a new local file, together (O_DIRECT,
+                  1 MiB, QD 32, io_uring, fsync): what the disk under both
+                  the server and the overlay moves without a network; the
+                  ceiling of every row (qsd-stream's time over fio-both's
+                  bounds what any stream can gain on qemu here)
   delay-1ms     `nbdkit -r -U SOCK --filter=delay file BASE rdelay=1ms`,
   delay-10ms    base of --delay-size: siphon and qsd-stream as above
 
@@ -55,11 +61,13 @@ from benchlib import (MiB, bytes_to_move, human, make_overlay, make_raw_base,
 import stream_bench
 from stream_bench import fresh_top
 
-ROWS = ("siphon", "qsd-stream", "nbdcopy")
+ROWS = ("siphon", "qsd-stream", "nbdcopy", "fio-both")
+FIO_DEPTH = 32
 CLUSTER = 65536
 
 # (peer, target for the peer's time / siphon's time) per kind of chain
-TARGETS = {"qemu-nbd": (("qsd-stream", 2.0), ("nbdcopy", 0.9)),
+TARGETS = {"qemu-nbd": (("qsd-stream", 2.0), ("nbdcopy", 0.9),
+                        ("fio-both", None)),
            "delay-1ms": (("qsd-stream", None),),
            "delay-10ms": (("qsd-stream", 4.0),),
            "dense": (),
@@ -223,13 +231,16 @@ class Chain:
                          "mib_s": self.moves(r) / MiB / med[r]}
                      for r, v in self.times.items()},
             "ratios": self.ratios(),
+            "qsd_ceiling": (med["qsd-stream"] / med["fio-both"]
+                            if "qsd-stream" in med and "fio-both" in med
+                            else None),
             "targets": {p: t for p, t in TARGETS[self.kind]},
             "siphon_peak_rss_kib": self.rss,
             "siphon_summaries": self.siphon,
         }
 
 
-def bench_chain(a, d, ch, server, want):
+def bench_chain(a, d, ch, server, want, base=None):
     """All repetitions of the wanted rows on one chain, server running."""
     sock = server.sock
     pristine = os.path.join(d, "top.pristine.qcow2")
@@ -259,6 +270,10 @@ def bench_chain(a, d, ch, server, want):
             el, _ = timed(["nbdcopy", "--flush", uri(sock), out])
             ch.record("nbdcopy", el, os.path.getsize(out) == ch.size)
             os.unlink(out)
+        if want("fio-both") and base and ch.kind == "qemu-nbd":
+            # fio_copy checks that fio moved exactly these bytes
+            el, _ = stream_bench.fio_copy(d, base, ch.moved, FIO_DEPTH, True)
+            ch.record("fio-both", el)
     for f in ("top.qcow2", "top.pristine.qcow2"):
         if os.path.exists(os.path.join(d, f)):
             os.unlink(os.path.join(d, f))
@@ -284,6 +299,9 @@ def print_chain(ch, a):
             "  (scaled to the bytes moved)" if peer == "nbdcopy" else "",
             "" if target is None else "  (target >= %.1fx%s)" %
             (target, "" if rat[peer] >= target else ": missed")))
+    if "fio-both" in med and "qsd-stream" in med:
+        print("the device allows at most %.2fx qsd-stream (its time over "
+              "fio-both's)" % (med["qsd-stream"] / med["fio-both"]))
     if ch.rss:
         print("siphon peak RSS: %.1f MiB" % (ch.rss / 1024))
     if ch.siphon:
@@ -418,7 +436,7 @@ def bench(a, d, chains, want, guest):
             srv = serve(qemu_nbd(base, sock), sock)
             ch = Chain("qemu-nbd", a.size)
             chains.append(ch)
-            bench_chain(a, d, ch, srv, want)
+            bench_chain(a, d, ch, srv, want, base)
             srv.stop()
             os.unlink(base)
         delays = [x for x in a.delays.split(",") if x]

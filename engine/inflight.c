@@ -2,7 +2,7 @@
  * The in-flight controller (see inflight.h for the contract).
  *
  * What it steers: W, the bytes a stream keeps in flight (a window, bounded
- * by [one extent, the memory bound]), and S, the request size (a power of
+ * by [one extent or the owner's floor, the memory bound]), and S, the request size (a power of
  * two in [min_extent, max_extent]). Both fixed by the owner's overrides, or
  * found here.
  *
@@ -85,7 +85,8 @@
  * high base latency, steps of bandwidth and latency, jitter.
  *
  * Invariants: base_target and target are multiples of their extent sizes
- * (adaptive depth), within [extent, max_bytes]; extents are powers of two in
+ * (adaptive depth), within [max(extent, min_bytes rounded up to it),
+ * max_bytes]; extents are powers of two in
  * [min_extent, max_extent] (adaptive size); inflight_* count what was
  * started and has not completed or been cancelled.
  */
@@ -164,10 +165,19 @@ static uint64_t cap_for(const struct ifc *c, uint64_t s)
 	return round_down(c->max_bytes, s);
 }
 
+/* The smallest window of extents of size s (adaptive depth). */
+static uint64_t floor_for(const struct ifc *c, uint64_t s)
+{
+	uint64_t w = round_down(c->min_bytes + s - 1, s);
+
+	return max_u64(s, min_u64(w, cap_for(c, s)));
+}
+
 /* The window of a configuration with extents of s and target w. */
 static uint64_t window_of(const struct ifc *c, uint64_t w, uint64_t s)
 {
-	return c->fixed_depth ? (uint64_t)c->fixed_depth * s : w;
+	return c->fixed_depth ? (uint64_t)c->fixed_depth * s
+			      : max_u64(w, floor_for(c, s));
 }
 
 /* Start measuring anew at now: only extents started from now on open it. */
@@ -214,7 +224,7 @@ static bool probe_config(const struct ifc *c, int p, uint64_t *w, uint64_t *s)
 			     round_down(max_u64(bw + bw / 4, bw + bs), bs));
 		return true;
 	case IFC_W_DOWN:
-		if (c->fixed_depth || bw <= bs)
+		if (c->fixed_depth || bw <= floor_for(c, bs))
 			return false;
 		*w = max_u64(bs, round_down(min_u64(bw - bw / 5, bw - bs), bs));
 		return true;
@@ -496,6 +506,7 @@ int ifc_init(struct ifc *c, const struct ifc_opts *o, uint64_t now)
 	c->fixed_extent = o->fixed_extent;
 	c->min_extent = min_e;
 	c->max_extent = max_e;
+	c->min_bytes = o->fixed_depth ? 0 : min_u64(o->min_bytes, o->max_bytes);
 	c->phase = fixed ? IFC_FIXED : IFC_STARTUP;
 	apply(c, s, s, now);
 	c->base_target = c->target;

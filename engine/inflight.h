@@ -16,7 +16,9 @@
  * flight"); a fixed extent size is returned unchanged. Both fixed: the
  * controller measures and reports but decides nothing.
  *
- * Invariants: with adaptive depth, bytes in flight never exceed max_bytes as
+ * Invariants: with adaptive depth, the window is never below min_bytes
+ * (rounded up to whole extents, within max_bytes); bytes in flight never
+ * exceed max_bytes as
  * long as each extent is at most ifc_extent_bytes() (which never exceeds
  * it); whatever the state, an extent may always start when nothing is in
  * flight, so a stream never starves.
@@ -42,6 +44,14 @@ struct ifc_opts {
 	uint64_t fixed_extent; /* bytes per extent; 0: adaptive */
 	uint64_t min_extent; /* power of two; 0: IFC_MIN_EXTENT */
 	uint64_t max_extent; /* power of two; 0: IFC_MAX_EXTENT */
+	/*
+	 * Adaptive depth: the window never goes below this many bytes (rounded
+	 * up to whole extents, at most the memory bound), and starts there.
+	 * 0: one extent. A remote layer's owner sets it (see stream.c): what a
+	 * network path needs in flight is not what the measured knee of one
+	 * window says when the server's latency swings.
+	 */
+	uint64_t min_bytes;
 };
 
 /* What a user should see (siphon stream --output=json). */
@@ -79,6 +89,7 @@ struct ifc {
 	uint64_t fixed_extent;
 	uint64_t min_extent;
 	uint64_t max_extent;
+	uint64_t min_bytes;
 
 	/* Accounting. */
 	uint64_t inflight_bytes;
@@ -119,7 +130,8 @@ struct ifc {
 
 /*
  * Set c up at now. The window starts at one extent of IFC_START_EXTENT
- * (clamped into [min_extent, max_extent], or the fixed size). max_extent is
+ * (clamped into [min_extent, max_extent], or the fixed size), or at
+ * min_bytes when that is more. max_extent is
  * lowered to the largest power of two that the memory bound holds.
  * Returns 0, or -EINVAL: o NULL; max_bytes 0 while the depth is adaptive;
  * min_extent or max_extent not a power of two, or min above max; the memory

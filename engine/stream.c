@@ -176,6 +176,35 @@ static uint64_t whole_clusters(const struct stream *s, uint64_t bytes)
 }
 
 /*
+ * The window's floor for the chain between top and the stream's base: four
+ * extents of the start size per connection of each NBD layer (at most half
+ * the budget), so that each connection keeps requests queued at the server
+ * while answers travel back, and the server's own disk sees depth (qemu-nbd
+ * serves up to 16 requests per connection at once). Measured on qemu-nbd
+ * over a Unix socket (bench/README.md, issue 12): left to the knee of single
+ * windows, the stream settled anywhere from 4 to 10 MiB in flight and took
+ * 4.2-6.2 s, where fixed shapes of 32 MiB in flight took 3.9-4.4 s; the
+ * controller's windows cannot see what depth buys a server whose latency
+ * swings with its own disk. With two extents per connection (8 MiB) 4.2-5.1
+ * s, with four (16 MiB) 3.7-4.3 s. Above the floor the controller steers
+ * as everywhere. Local chains: no floor.
+ */
+static uint64_t remote_floor(const struct stream *s, uint64_t budget)
+{
+	struct sio_nbd_info ni;
+	uint64_t floor = 0, want;
+	const struct img *l;
+
+	for (l = s->top->backing; l && l != s->base; l = l->backing) {
+		if (!l->file || sio_nbd_get_info(l->file, &ni) < 0)
+			continue;
+		want = 4ull * sx_max(ni.connections, 1u) * IFC_START_EXTENT;
+		floor = sx_max(floor, want);
+	}
+	return sx_min(floor, budget / 2);
+}
+
+/*
  * The controller over the pool's budget (a pool of our own when the owner
  * has none: max_inflight buffers of extent_bytes when both are fixed, as
  * before the controller, else the default budget).
@@ -197,6 +226,7 @@ static int controller_init(struct stream *s, const struct stream_opts *o)
 	io.max_bytes = ps.budget;
 	io.fixed_depth = o->max_inflight;
 	io.fixed_extent = fixed_extent;
+	io.min_bytes = remote_floor(s, ps.budget);
 	/* Extents of whole clusters: a cluster may be larger than 256 KiB. */
 	io.min_extent = IFC_MIN_EXTENT;
 	while (io.min_extent < s->cs)

@@ -681,6 +681,49 @@ START_TEST(test_short_extents)
 }
 END_TEST
 
+/*
+ * The owner's floor (a remote layer's, stream.c): the window starts there
+ * and never goes below it, even on a device whose knee is one extent (the
+ * single-slot disk); it is rounded up to whole extents, held within the
+ * memory bound, and a fixed depth ignores it.
+ */
+START_TEST(test_floor)
+{
+	struct ifc_opts o = {.max_bytes = 64 * MIB, .min_bytes = 16 * MIB};
+	struct ifc_stats st;
+	struct ifc c;
+	unsigned i;
+
+	sim_init(&sim, &disk, &o);
+	ifc_stats(&sim.c, &st);
+	ck_assert_uint_eq(st.target_bytes, 16 * MIB);
+	for (i = 1; i <= 100; i++) {
+		sim_run(&sim, i * 0.2);
+		ifc_stats(&sim.c, &st);
+		ck_assert_msg(st.target_bytes >= 16 * MIB,
+			      "window %llu KiB at %.1f s",
+			      (unsigned long long)st.target_bytes / KIB, sim.t);
+		ck_assert_uint_eq(st.target_bytes % st.extent_bytes, 0);
+		ck_assert_uint_le(sim.max_inflight, 64 * MIB);
+	}
+	/* The controller still steered: windows measured, probes run. */
+	ck_assert_uint_ge(st.windows, 8);
+	/* Not a multiple of the extent: rounded up. */
+	o.min_bytes = 3 * MIB + 1;
+	ck_assert_int_eq(ifc_init(&c, &o, 0), 0);
+	ck_assert_uint_eq(c.target, 4 * MIB);
+	/* Above the bound: the bound. */
+	o.max_bytes = 8 * MIB;
+	o.min_bytes = 32 * MIB;
+	ck_assert_int_eq(ifc_init(&c, &o, 0), 0);
+	ck_assert_uint_eq(c.target, 8 * MIB);
+	/* A fixed depth counts extents; the floor does not apply. */
+	o.fixed_depth = 2;
+	ck_assert_int_eq(ifc_init(&c, &o, 0), 0);
+	ck_assert_uint_eq(c.target, 2 * c.extent);
+}
+END_TEST
+
 /* Never starve: nothing in flight always allows one extent. */
 START_TEST(test_never_starves)
 {
@@ -723,6 +766,7 @@ static Suite *inflight_suite(void)
 	tcase_add_test(tc, test_fixed_depth_only);
 	tcase_add_test(tc, test_noise);
 	tcase_add_test(tc, test_never_starves);
+	tcase_add_test(tc, test_floor);
 	tcase_add_test(tc, test_short_extents);
 	suite_add_tcase(s, tc);
 	return s;
