@@ -145,9 +145,18 @@ enum img_check_kind {
 	IMG_CK_PAST_EOF, /* a reference past the end of the file */
 	IMG_CK_RESERVED, /* reserved bits set in a table entry */
 	IMG_CK_BAD_ENTRY, /* an L2 entry that cannot be valid */
-	IMG_CK_COPIED, /* a COPIED flag that disagrees with the refcount */
+	IMG_CK_COPIED, /* a COPIED flag set on a shared cluster (refcount > 1) */
 	IMG_CK_OVERFLOW, /* more references than the refcount width holds */
 	IMG_CK_BAD_TABLE, /* a snapshot table or bitmap directory unreadable */
+	/*
+	 * A COPIED flag clear on a cluster of refcount 1. Counted as
+	 * corruption, as qemu-img check does, but harmless: the writer copies
+	 * that cluster before its next write instead of writing in place.
+	 * What a writer leaves when a reference to a cluster that two entries
+	 * share goes away (qemu's as well as siphon's: neither looks for the
+	 * other referrer).
+	 */
+	IMG_CK_COPIED_CLEAR,
 	IMG_CK_NKINDS
 };
 

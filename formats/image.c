@@ -1274,6 +1274,7 @@ const char *img_check_kind_name(unsigned kind)
 		[IMG_CK_COPIED] = "copied_flag",
 		[IMG_CK_OVERFLOW] = "refcount_overflow",
 		[IMG_CK_BAD_TABLE] = "bad_table",
+		[IMG_CK_COPIED_CLEAR] = "copied_flag_clear",
 	};
 
 	return kind < IMG_CK_NKINDS ? names[kind] : "unknown";

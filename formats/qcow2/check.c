@@ -569,7 +569,9 @@ static __attribute__((noinline)) void copied_finding(struct ck *k, uint8_t *p,
 	uint64_t off = word & QCOW2_L2E_OFFSET_MASK;
 	bool fix = copied_fix(k);
 
-	finding(k, IMG_CK_COPIED, off, fix,
+	finding(k,
+		word & QCOW2_OFLAG_COPIED ? IMG_CK_COPIED : IMG_CK_COPIED_CLEAR,
+		off, fix,
 		"COPIED flag of the data cluster at 0x%llx (guest 0x%llx) is %s, refcount %llu",
 		(unsigned long long)off, (unsigned long long)guest,
 		word & QCOW2_OFLAG_COPIED ? "set" : "clear",
@@ -991,7 +993,10 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 			    !!(e & QCOW2_OFLAG_COPIED)) {
 			bool fix = copied_fix(k);
 
-			finding(k, IMG_CK_COPIED, off, fix,
+			finding(k,
+				e & QCOW2_OFLAG_COPIED ? IMG_CK_COPIED
+						       : IMG_CK_COPIED_CLEAR,
+				off, fix,
 				"COPIED flag of the L2 table at 0x%llx (L1 entry %llu) is %s, refcount %llu",
 				(unsigned long long)off, (unsigned long long)i,
 				e & QCOW2_OFLAG_COPIED ? "set" : "clear",

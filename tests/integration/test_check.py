@@ -252,6 +252,24 @@ def f_leak_inside(p: str) -> None:
     q.put64(q.l2e_addr(6 * MiB), 0)
 
 
+def f_copied_cleared(p: str) -> None:
+    """A data cluster of refcount 1 whose COPIED flag is clear (what a
+    writer leaves when another reference to a shared cluster goes away)."""
+    q = Q(p)
+    a = q.l2e_addr(4 * KiB)
+    q.put64(a, q.u64(a) & ~(1 << 63))
+
+
+def f_copied_on_shared(p: str) -> None:
+    """A data cluster with COPIED set that a second L2 entry also names,
+    refcount 2: written in place, it would change both."""
+    q = Q(p)
+    a = q.l2e_addr(6 * MiB)
+    host = q.data_off(4 * MiB)
+    q.put64(a, (q.u64(a) & ~0x00fffffffffffe00) | host)
+    q.set_rc(host, 2)
+
+
 FAULTS = [
     ("refcount-lowered", f_rc_lowered, "all", True),
     ("refcount-raised", f_rc_raised, "leaks", True),
@@ -264,7 +282,14 @@ FAULTS = [
     ("l2-entry-into-refcount-block", f_l2_into_refblock, None, True),
     ("leaked-tail", f_leaks, "leaks", True),
     ("leaked-inside", f_leak_inside, "leaks", True),
+    ("copied-flag-cleared", f_copied_cleared, "all", True),
+    ("copied-flag-on-shared-cluster", f_copied_on_shared, None, True),
 ]
+
+# The kind each of these faults must be reported as (siphon check's JSON
+# "kinds"): the two COPIED cases are told apart (one is harmless).
+KINDS = {"copied-flag-cleared": "copied_flag_clear",
+         "copied-flag-on-shared-cluster": "copied_flag"}
 
 
 def compare_content(a: str, b: str) -> str | None:
@@ -284,6 +309,12 @@ def case_fault(siphon: str, tmp: str, name: str, patch, repair, counts,
     shutil.copy(good, bad)
     patch(bad)
     probs = agree(siphon, bad, counts)
+    if name in KINDS:
+        _, js, _ = siphon_check(siphon, bad)
+        got = js.get("kinds", {}).get(KINDS[name], 0)
+        if got < 1:
+            probs.append(f"reported as {js.get('kinds')}, not as "
+                         f"{KINDS[name]}")
     qrc, _ = qemu_check(bad)
     if qrc == 0:
         probs.append("the fault is not a fault: qemu-img check exits 0")
