@@ -21,10 +21,15 @@
  * clusters) takes one pass; per-entry findings are reported by the first.
  *
  * Repairs (wfile set) are the safe ones: leaked refcounts are lowered
- * (REPAIR_LEAKS), refcounts too low are raised where their refcount block
- * exists and COPIED flags are set right (REPAIR_ALL); both only ever move
- * an on-disk value to what the metadata says, so any order is crash safe.
- * What cannot be repaired that way is left alone and reported.
+ * (REPAIR_LEAKS), refcounts too low are raised and COPIED flags are set
+ * right (REPAIR_ALL); both only ever move an on-disk value to what the
+ * metadata says, so any order is crash safe. Where the refcount table has
+ * no block for clusters in use, REPAIR_ALL writes one into a free cluster
+ * of the range it covers (describing itself, so no other block changes),
+ * makes it durable, then links it (new_block()). What cannot be repaired
+ * that way (no free cluster in the range, a range past the end of the
+ * refcount table, a table entry that points somewhere bad) is left alone
+ * and reported.
  */
 #define _GNU_SOURCE
 #include <endian.h>
@@ -1152,6 +1157,76 @@ static int load_refcounts(struct ck *k)
 }
 
 /* Compare the window's counts with the refcounts; repair what may be. */
+static int sync_repairs(struct ck *k);
+
+/*
+ * -r all, refcount-table entry t empty while clusters of its range
+ * [lo, hi) (the window's part of it) are referenced: a new refcount block
+ * in a free cluster of that range (no reference, and no refcount since no
+ * block covers it: the old block's cluster when the entry was cleared, or
+ * the cluster just past the file), describing itself, so that no other
+ * block changes. Its offset into *off and its bytes (all zero but its own
+ * refcount 1) into k->buf; the caller raises the others and writes the
+ * block, then link_new_block() links it. 0 and *off 0 when there is
+ * nothing to do or no free cluster (the image is then marked corrupt).
+ */
+static int new_block(struct ck *k, uint64_t t, uint64_t lo, uint64_t hi,
+		     uint64_t *off)
+{
+	const struct qcow2_refcount *rc = &k->s->rc;
+	uint64_t c, free_c = UINT64_MAX;
+	bool used = false;
+
+	*off = 0;
+	if (!k->wf || k->repair < IMG_CHECK_REPAIR_ALL ||
+	    t >= rc->table_entries || rc->table[t])
+		return 0;
+	for (c = lo; c < hi; c++) {
+		if (k->refs[c - k->w0])
+			used = true;
+		else if (free_c == UINT64_MAX && c)
+			free_c = c;
+	}
+	if (!used || free_c == UINT64_MAX)
+		return 0;
+	memset(k->buf, 0, k->cs);
+	qcow2_refcount_entry_set(k->buf, rc->order,
+				 free_c - t * rc->block_entries, 1);
+	k->refs[free_c - k->w0] = 1;
+	k->drc[free_c - k->w0] = 1;
+	k->meta[(free_c - k->w0) / 8] |=
+		(uint8_t)(1u << ((free_c - k->w0) % 8));
+	*off = free_c << k->cbits;
+	return 0;
+}
+
+/*
+ * Point refcount-table entry t at the block just written at off: the
+ * block made durable first, so that no crash leaves the table naming a
+ * block that is not there.
+ */
+static int link_new_block(struct ck *k, uint64_t t, uint64_t off)
+{
+	struct qcow2_refcount *rc = &k->s->rc;
+	uint8_t be[8];
+	int ret;
+
+	ret = sync_repairs(k);
+	if (ret)
+		return ret;
+	sx_put_be64(be, off);
+	ret = write_at(k, be, 8, rc->table_offset + t * 8);
+	if (ret)
+		return ret;
+	rc->table[t] = off;
+	rc->blocks_stale = true;
+	if (off >> k->cbits >= k->nclusters) {
+		k->nclusters = (off >> k->cbits) + 1;
+		k->file_size = k->nclusters << k->cbits;
+	}
+	return 0;
+}
+
 static int compare_window(struct ck *k)
 {
 	const struct qcow2_refcount *rc = &k->s->rc;
@@ -1164,10 +1239,16 @@ static int compare_window(struct ck *k)
 		uint64_t lo = sx_max(t * E, k->w0);
 		uint64_t hi =
 			sx_min(sx_min((t + 1) * E, k->w0 + k->wn), k->ncount);
-		bool changed = false;
+		bool changed = false, created = false;
 
 		if (lo >= hi)
 			break;
+		if (!off) {
+			ret = new_block(k, t, lo, hi, &off);
+			if (ret)
+				return ret;
+			created = changed = off != 0;
+		}
 		for (c = lo; c < hi; c++) {
 			uint64_t i = c - k->w0;
 			uint64_t ref = k->refs[i];
@@ -1228,6 +1309,11 @@ static int compare_window(struct ck *k)
 		}
 		if (changed) {
 			ret = write_at(k, k->buf, k->cs, off);
+			if (ret)
+				return ret;
+		}
+		if (created) {
+			ret = link_new_block(k, t, off);
 			if (ret)
 				return ret;
 		}

@@ -252,6 +252,25 @@ def f_leak_inside(p: str) -> None:
     q.put64(q.l2e_addr(6 * MiB), 0)
 
 
+def f_refblock_missing(p: str) -> None:
+    """The refcount table's second entry cleared while the clusters it
+    covered (the file past 8 MiB, 4 KiB clusters) are in use: -r all
+    must write a new refcount block for them."""
+    corpus.qemu_io(p, "qcow2", "write -P 0x55 0 8M")
+    q = Q(p)
+    if os.path.getsize(p) <= 2048 * q.cs or not q.u64(q.rt_off + 8):
+        raise RuntimeError("the image does not reach a second refcount "
+                           "block")
+    q.put64(q.rt_off + 8, 0)
+
+
+def f_first_refblock_missing(p: str) -> None:
+    """The first refcount block gone: header, tables and data all at
+    refcount 0."""
+    q = Q(p)
+    q.put64(q.rt_off, 0)
+
+
 def f_copied_cleared(p: str) -> None:
     """A data cluster of refcount 1 whose COPIED flag is clear (what a
     writer leaves when another reference to a shared cluster goes away)."""
@@ -282,6 +301,8 @@ FAULTS = [
     ("l2-entry-into-refcount-block", f_l2_into_refblock, None, True),
     ("leaked-tail", f_leaks, "leaks", True),
     ("leaked-inside", f_leak_inside, "leaks", True),
+    ("refcount-block-missing", f_refblock_missing, "all", True),
+    ("first-refcount-block-missing", f_first_refblock_missing, "all", True),
     ("copied-flag-cleared", f_copied_cleared, "all", True),
     ("copied-flag-on-shared-cluster", f_copied_on_shared, None, True),
 ]
