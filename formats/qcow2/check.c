@@ -1156,7 +1156,6 @@ static int load_refcounts(struct ck *k)
 	return 0;
 }
 
-/* Compare the window's counts with the refcounts; repair what may be. */
 static int sync_repairs(struct ck *k);
 
 /*
@@ -1227,6 +1226,7 @@ static int link_new_block(struct ck *k, uint64_t t, uint64_t off)
 	return 0;
 }
 
+/* Compare the window's counts with the refcounts; repair what may be. */
 static int compare_window(struct ck *k)
 {
 	const struct qcow2_refcount *rc = &k->s->rc;
