@@ -22,7 +22,9 @@ clusters with them (COPIED clear). Then:
   unallocated clusters showed the backing file, gone afterwards in both).
 - qemu afterwards: applying, deleting and creating snapshots works and
   leaves a clean image; the applied snapshot reads as it did.
-- crash: SIGKILL of a `siphon io` writer at seeded moments, and of
+- crash: SIGKILL of a `siphon io` writer after a seeded number (1-9) of
+  its commands have completed (each kill checked to land while it still
+  runs, on the next command), and of
   `siphon serve` while an NBD client writes (the engine's asynchronous
   copy-on-write): qemu-img check finds no corruption and the snapshots
   unchanged; the next writer repairs the leaks (qemu-img check exit 0).
@@ -46,6 +48,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import shutil
 import struct
 import subprocess
@@ -376,17 +379,42 @@ def case_crash(rep, siphon: str, c: Case, rng: random.Random) -> None:
                     f.write("flush\n")
                 if i % 10 == 9:
                     f.write("sleep 2\n")
-        p = subprocess.Popen([siphon, "io", "-q", "-s", script, c.top],
-                             stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.005, 0.06))
-        if p.poll() is None:
-            p.kill()
-            kills += 1
-        p.wait()
+        # Each command's line is printed (and flushed) once it is done:
+        # the kill comes after a seeded number of them, inside the first
+        # ten (before the first sleep), so it lands while the writer is
+        # on the next command, never before the first write or after
+        # the last.
+        after = rng.randint(1, 9)
+        p = subprocess.Popen([siphon, "io", "-s", script, c.top],
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+        seen = 0
+        try:
+            deadline = time.monotonic() + 60
+            while seen < after and time.monotonic() < deadline:
+                ready, _, _ = select.select([p.stdout], [], [], 1.0)
+                if ready:
+                    if not p.stdout.readline():
+                        break  # the writer ended early
+                    seen += 1
+            if p.poll() is None and seen == after:
+                p.kill()
+                kills += 1
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            p.stdout.close()
+        if seen != after:
+            problems.append(f"kill {k}: the writer printed {seen} lines, "
+                            f"not the {after} the kill waits for "
+                            f"(exit {p.returncode})")
+            break
         if not after_kill(c, k, problems):
             break
     next_writer(siphon, c, problems)
+    if kills != 4 and not problems:
+        problems.append(f"{kills} of 4 kills landed while the writer ran")
     rep.emit(f"{c.name}/crash", problems, info=f"{kills} kills")
 
 
