@@ -1162,9 +1162,9 @@ static int sync_repairs(struct ck *k);
  * -r all, refcount-table entry t empty while clusters of its range
  * [lo, hi) (the window's part of it) are referenced: a new refcount block
  * in a free cluster of that range (no reference, and no refcount since no
- * block covers it: the old block's cluster when the entry was cleared, or
- * the cluster just past the file), describing itself, so that no other
- * block changes. Its offset into *off and its bytes (all zero but its own
+ * block covers it): the cluster just past the file when the range reaches
+ * it, else the first free one inside (the old block's, when its entry was
+ * cleared). It describes itself, so that no other block changes. Its offset into *off and its bytes (all zero but its own
  * refcount 1) into k->buf; the caller raises the others and writes the
  * block, then link_new_block() links it. 0 and *off 0 when there is
  * nothing to do or no free cluster (the image is then marked corrupt).
@@ -1186,6 +1186,14 @@ static int new_block(struct ck *k, uint64_t t, uint64_t lo, uint64_t hi,
 		else if (free_c == UINT64_MAX && c)
 			free_c = c;
 	}
+	/*
+	 * Past the file when the range reaches there (as qemu's rebuild
+	 * writes at the end): never anyone's bytes, where a free cluster
+	 * inside may be what a bad pointer (reported, not counted) names.
+	 */
+	if (k->nclusters >= lo && k->nclusters < hi &&
+	    !k->refs[k->nclusters - k->w0])
+		free_c = k->nclusters;
 	if (!used || free_c == UINT64_MAX)
 		return 0;
 	memset(k->buf, 0, k->cs);
