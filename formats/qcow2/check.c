@@ -72,6 +72,17 @@ enum ck_walk {
 	CK_COPIED = 2, /* compare COPIED flags with the window's refcounts */
 };
 
+/* Entries j..j+n-1 of an L2 table: clusters host..host+n-1, one flag. */
+struct ck_run {
+	uint64_t host; /* cluster index */
+	uint32_t j;
+	uint32_t n : 31;
+	uint32_t copied : 1;
+};
+
+#define CK_RUNS_MAX (256u << 10) /* 4 MiB of runs */
+#define CK_NO_RUNS UINT32_MAX
+
 struct ck {
 	struct img *img;
 	struct qcow2 *s;
@@ -114,6 +125,23 @@ struct ck {
 	 * a single window.
 	 */
 	uint64_t *wmask;
+	/*
+	 * Later windows of a report-only check count an active L2 table
+	 * from runs recorded by the first window's walk, instead of reading
+	 * and walking it again: a table is recorded when every entry it has
+	 * is the common kind (a standard data cluster inside the file, no
+	 * flag but COPIED), as runs of consecutive clusters with one COPIED
+	 * flag, CK_RUNS_MAX runs in all. The first walk reads every table;
+	 * without the runs each later window read again every table that
+	 * reaches it (a 1 TiB image, five windows: 1.75x the L2 bytes).
+	 * run_first[i] is the first run of L1 entry i (CK_NO_RUNS: not
+	 * recorded, read it), run_n[i] their count. NULL: not recording.
+	 */
+	struct ck_run *runs;
+	uint64_t nruns;
+	uint32_t *run_first, *run_n;
+	uint32_t rec_first; /* the table being recorded: its first run */
+	bool rec_ok; /* it can still be recorded */
 	uint64_t max_rc;
 	bool wrote; /* repairs written, not yet synced */
 	struct ck_ra *ra; /* L2 read-ahead; NULL: synchronous reads */
@@ -683,6 +711,71 @@ static __attribute__((noinline)) void walk_entry(struct ck *k, uint8_t *p,
 	}
 }
 
+/* Entry j of the table being recorded names cluster c: extend or add a run. */
+static void record(struct ck *k, uint64_t c, uint64_t j, uint64_t copied)
+{
+	struct ck_run *r =
+		k->nruns > k->rec_first ? &k->runs[k->nruns - 1] : NULL;
+
+	if (r && r->host + r->n == c && r->j + r->n == j &&
+	    r->copied == !!copied && r->n < (1u << 30)) {
+		r->n++;
+		return;
+	}
+	if (k->nruns >= CK_RUNS_MAX) {
+		k->rec_ok = false;
+		return;
+	}
+	k->runs[k->nruns++] = (struct ck_run){
+		.host = c, .j = (uint32_t)j, .n = 1, .copied = !!copied};
+}
+
+/* Whether a later window counts the table of L1 entry i from its runs. */
+static bool replays(const struct ck *k, uint64_t i, bool active)
+{
+	return active && !k->first && k->run_first &&
+	       k->run_first[i] != CK_NO_RUNS;
+}
+
+/*
+ * The window's part of the table of L1 entry i from its runs: what
+ * walk_l2() does in a later window (references counted, COPIED flags
+ * compared; never a repair: recorded only without a file to repair).
+ */
+static void replay(struct ck *k, uint64_t l1i, unsigned pass)
+{
+	const uint64_t w0 = k->w0, wn = k->wn;
+	const uint64_t base = l1i << k->s->l2_bits;
+	uint64_t r, c;
+
+	for (r = k->run_first[l1i]; r < k->run_first[l1i] + k->run_n[l1i];
+	     r++) {
+		const struct ck_run *run = &k->runs[r];
+		uint64_t lo = sx_max(run->host, w0);
+		uint64_t hi = sx_min(run->host + run->n, w0 + wn);
+
+		for (c = lo; c < hi; c++) {
+			uint64_t i = c - w0;
+			uint64_t word;
+			uint8_t be[8];
+			bool changed = false;
+
+			if ((pass & CK_COUNT) && k->refs[i] < CK_SAT)
+				k->refs[i]++;
+			if (!(pass & CK_COPIED) ||
+			    (k->drc[i] == 1) == (bool)run->copied)
+				continue;
+			word = (c << k->cbits) |
+			       (run->copied ? QCOW2_OFLAG_COPIED : 0);
+			sx_put_be64(be, word);
+			copied_finding(k, be, word,
+				       (base + run->j + (c - run->host))
+					       << k->cbits,
+				       &changed);
+		}
+	}
+}
+
 /*
  * One L2 table (its bytes at l2) of L1 entry l1i. COUNT: count its
  * references (per-entry findings and statistics in the first window,
@@ -707,7 +800,10 @@ static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 
 	/* qemu counts fragmentation within each L2 table. */
 	k->next_host = 0;
+	k->rec_ok = wm && k->runs;
+	k->rec_first = (uint32_t)k->nruns;
 	if (s->extended_l2 || has_data_file(k)) {
+		k->rec_ok = false;
 		for (j = 0; j < s->l2_entries; j++)
 			walk_entry(k, l2 + j * s->l2_entry_size, j, l1i, active,
 				   pass, changed);
@@ -722,9 +818,12 @@ static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 			continue;
 		if ((word & ~(QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COPIED)) ||
 		    !off || (off & (cs - 1)) || off >= fsz) {
+			k->rec_ok = false;
 			walk_entry(k, p, j, l1i, active, pass, changed);
 			continue;
 		}
+		if (k->rec_ok)
+			record(k, off >> cbits, j, word & QCOW2_OFLAG_COPIED);
 		i = (off >> cbits) - w0;
 		if (count) {
 			if (i < wn && k->refs[i] < CK_SAT)
@@ -742,6 +841,14 @@ static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 		    (k->drc[i] == 1) != !!(word & QCOW2_OFLAG_COPIED))
 			copied_finding(k, p, word, (base + j) << cbits,
 				       changed);
+	}
+	if (wm && k->runs) {
+		if (k->rec_ok) {
+			k->run_first[l1i] = k->rec_first;
+			k->run_n[l1i] = (uint32_t)(k->nruns - k->rec_first);
+		} else {
+			k->nruns = k->rec_first; /* dropped: read it again */
+		}
 	}
 }
 
@@ -763,7 +870,8 @@ static uint64_t batch_len(const struct ck *k, const uint64_t *l1, uint64_t n,
 {
 	uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK, len = k->cs, j;
 
-	for (j = i + 1; j < n && len < k->l2b_cap && wants_l2(k, j, active);
+	for (j = i + 1; j < n && len < k->l2b_cap && wants_l2(k, j, active) &&
+			!replays(k, j, active);
 	     j++)
 		if ((l1[j] & QCOW2_L1E_OFFSET_MASK) != off + len)
 			break;
@@ -779,7 +887,7 @@ static bool walk_reads(const struct ck *k, const uint64_t *l1, uint64_t i,
 	uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK;
 
 	return off && sx_is_aligned(off, k->cs) && off < k->file_size &&
-	       wants_l2(k, i, active);
+	       wants_l2(k, i, active) && !replays(k, i, active);
 }
 
 static void ra_done(struct sio_req *req, int res)
@@ -1021,6 +1129,10 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 			continue; /* reads as zeros: nothing to count */
 		if (!wants_l2(k, i, active))
 			continue;
+		if (replays(k, i, active)) {
+			replay(k, i, pass);
+			continue;
+		}
 		ret = l2_table(k, l1, n, i, active, &l2);
 		if (ret)
 			return ret;
@@ -1443,6 +1555,22 @@ static int run(struct ck *k, uint64_t window)
 		if (!k->wmask)
 			return -ENOMEM;
 	}
+	/* Runs for the later windows (report only; without memory: reads). */
+	if (k->wmask && !k->wf) {
+		k->runs = malloc(CK_RUNS_MAX * sizeof(*k->runs));
+		k->run_first = malloc(s->l1_size * sizeof(*k->run_first));
+		k->run_n = calloc(s->l1_size, sizeof(*k->run_n));
+		if (!k->runs || !k->run_first || !k->run_n) {
+			free(k->runs);
+			free(k->run_first);
+			free(k->run_n);
+			k->runs = NULL;
+			k->run_first = k->run_n = NULL;
+		} else {
+			memset(k->run_first, 0xff,
+			       s->l1_size * sizeof(*k->run_first));
+		}
+	}
 	k->first = true;
 	ra_init(k);
 	ret = parse_snapshots(k);
@@ -1500,6 +1628,9 @@ int qcow2_check_image(struct img *img, struct qcow2 *s, struct sio_file *wfile,
 	free(k.drc);
 	free(k.meta);
 	free(k.wmask);
+	free(k.runs);
+	free(k.run_first);
+	free(k.run_n);
 	sio_buf_free(k.buf);
 	sio_buf_free(k.l2b);
 	sio_buf_free(k.tbl);

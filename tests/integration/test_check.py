@@ -400,6 +400,14 @@ def case_window(siphon: str, tmp: str, rep: harness.Report) -> None:
     f_leak_inside(p)
     leak_at_end(p, 3)
     f_rc_lowered(p)
+    # COPIED flags wrong in the first window and in later ones (a later
+    # window counts most L2 tables from the runs the first one recorded,
+    # not from the tables: these must be found there too).
+    q = Q(p)
+    for g in (4 * KiB, 2 * MiB + 512, 4 * MiB):
+        a = q.l2e_addr(g)
+        q.put64(a, q.u64(a) & ~(1 << 63))
+    q.set_rc(q.data_off(2 * MiB), 2)
     probs = []
     _, one, err1 = siphon_check(siphon, p)
     n, many, err2 = siphon_check(siphon, p, "--window", "256")
@@ -408,10 +416,13 @@ def case_window(siphon: str, tmp: str, rep: harness.Report) -> None:
     elif many.get("passes", 0) < 2:
         probs.append(f"--window 256 took {many.get('passes')} passes")
     for key in ("leaks", "corruptions", "image-end-offset",
-                "allocated-clusters"):
+                "allocated-clusters", "fragmented-clusters", "kinds"):
         if one.get(key) != many.get(key):
             probs.append(f"{key}: {one.get(key)} in one pass, "
                          f"{many.get(key)} in {many.get('passes')}")
+    if not one.get("kinds", {}).get("copied_flag_clear") or \
+            not one.get("kinds", {}).get("copied_flag"):
+        probs.append(f"the COPIED faults were not found: {one.get('kinds')}")
     probs += agree(siphon, p)
     rep.emit("several windows", probs,
              info=f"{many.get('passes')} passes")
