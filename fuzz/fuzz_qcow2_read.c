@@ -8,6 +8,8 @@
  * number of extents) and at points spread over the virtual size, the
  * metadata read-ahead (meta_want, meta_fill, nowait status), reads of a few
  * bounded ranges, and a decompression of the compressed clusters met.
+ * Then the consistency check, in one pass and in the smallest windows
+ * (the two must agree), and its repairs.
  * Any return value is fine; a crash, a leak, undefined behaviour, a hang
  * or an extent that breaks block_status's contract (format.h) is a bug.
  *
@@ -184,6 +186,32 @@ static void backing_name(const struct img *img)
 }
 
 /*
+ * The same check in the smallest windows (one refcount block's clusters
+ * each: several passes for any image past that): the memory-bounded way a
+ * large file is checked, its window masks and the later windows' replay
+ * of recorded L2 tables (check.c). It must find what one pass finds.
+ */
+static void check_windows(const struct img_check_report *one)
+{
+	struct img_check_opts o = {.repair = IMG_CHECK_NO_REPAIR, .window = 1};
+	struct img_check_report r;
+	unsigned i;
+
+	if (img_check(PATH, "qcow2", &o, &r) < 0)
+		contract("the check failed in small windows only", 0);
+	if (r.passes < 2)
+		return;
+	if (r.found_leaks != one->found_leaks ||
+	    r.found_corruptions != one->found_corruptions ||
+	    r.image_end_offset != one->image_end_offset ||
+	    r.allocated_clusters != one->allocated_clusters)
+		contract("small windows found other counts", r.passes);
+	for (i = 0; i < IMG_CK_NKINDS; i++)
+		if (r.kinds[i] != one->kinds[i])
+			contract("small windows found other kinds", i);
+}
+
+/*
  * The consistency check reads the same untrusted bytes. Where it found
  * only leaks, -r leaks must leave none and make no corruption; anything
  * else gets -r all, which must not crash either.
@@ -195,6 +223,7 @@ static void check_image(void)
 
 	if (img_check(PATH, "qcow2", &o, &r) < 0)
 		return;
+	check_windows(&r);
 	if (r.found_corruptions || !r.found_leaks) {
 		/* Whatever it repairs or marks, it must not crash. */
 		o.repair = IMG_CHECK_REPAIR_ALL;
