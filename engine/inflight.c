@@ -2,9 +2,9 @@
  * The in-flight controller (see inflight.h for the contract).
  *
  * What it steers: W, the bytes a stream keeps in flight (a window, bounded
- * by [one extent or the owner's floor, the memory bound]), and S, the request size (a power of
- * two in [min_extent, max_extent]). Both fixed by the owner's overrides, or
- * found here.
+ * by [one extent or the owner's floor, the memory bound]), and S, the
+ * request size (a power of two in [min_extent, max_extent]). Both fixed by
+ * the owner's overrides, or found here.
  *
  * Why a measured hill-climb and not a model: a device's throughput as a
  * function of (W, S) has a knee, but where it sits depends on things no
@@ -86,9 +86,9 @@
  *
  * Invariants: base_target and target are multiples of their extent sizes
  * (adaptive depth), within [max(extent, min_bytes rounded up to it),
- * max_bytes]; extents are powers of two in
- * [min_extent, max_extent] (adaptive size); inflight_* count what was
- * started and has not completed or been cancelled.
+ * max_bytes]; extents are powers of two in [min_extent, max_extent]
+ * (adaptive size); inflight_* count what was started and has not completed
+ * or been cancelled.
  */
 #include <errno.h>
 #include <string.h>
