@@ -179,11 +179,12 @@ static uint64_t whole_clusters(const struct stream *s, uint64_t bytes)
  * The window's floor for the chain between top and the stream's base: four
  * extents of the start size per connection of each NBD layer (at most half
  * the budget), so that each connection keeps requests queued at the server
- * while answers travel back, and the server's own disk sees depth (qemu-nbd
- * serves up to 16 requests per connection at once). Measured on qemu-nbd
- * over a Unix socket (bench/README.md, issue 12): left to the knee of single
- * windows, the stream settled anywhere from 4 to 10 MiB in flight and took
- * 4.2-6.2 s, where fixed shapes of 32 MiB in flight took 3.9-4.4 s; the
+ * while answers travel back, and the server's own disk sees depth (a
+ * server works on several requests of a connection at once). Measured on
+ * qemu-nbd over a Unix socket (bench/README.md, issue 12): left to the knee
+ * of single windows, the stream settled anywhere from 4 to 10 MiB in flight
+ * and took 4.2-6.2 s, where the best fixed shapes (8 x 4 MiB, 16 x 2 MiB in
+ * flight) took 3.9-4.4 s; the
  * controller's windows cannot see what depth buys a server whose latency
  * swings with its own disk. With two extents per connection (8 MiB) 4.2-5.1
  * s, with four (16 MiB) 3.7-4.3 s. Above the floor the controller steers
