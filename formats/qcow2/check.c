@@ -57,9 +57,25 @@
 #define CK_MAX_BITMAP_DIR (64ull << 20)
 /* L2 tables that follow each other in the file are read this much at once. */
 #define CK_L2_BATCH (2ull << 20)
-/* L2 reads ahead of the walk: batches and bytes in flight at most. */
-#define CK_RA_SLOTS 32u
+/*
+ * L2 reads ahead of the walk: batches and bytes in flight at most, and
+ * the free slots that start a refill (submitted in one call). Scattered
+ * tables are read one cluster at a time, so the depth is what keeps the
+ * device busy: a 1 TiB preallocated image (2048 tables of 64 KiB, 512 MiB
+ * apart) was walked in 116 ms with 32 slots, 72 ms with 128, where fio
+ * reading the same clusters 32 deep took 85 ms for them and the blocks.
+ */
+#define CK_RA_SLOTS 128u
 #define CK_RA_BYTES (8ull << 20)
+#define CK_RA_REFILL 32u
+/* Refcount blocks read together (load_refcounts()): bytes of buffers. */
+#define CK_RB_BYTES (4ull << 20)
+/*
+ * Clusters whose counts agree with their refcounts are passed over this
+ * many at a time (an agreeing count is never a finding: a count too high
+ * for the refcount width differs from any refcount on disk).
+ */
+#define CK_SKIP 512u
 
 struct ck_table {
 	uint64_t off;
@@ -174,6 +190,9 @@ struct ck_ra {
 	const uint64_t *l1; /* the walk planned for */
 	uint64_t n, next; /* its entries, the next one to plan */
 	bool active;
+	/* Refcount blocks read together (load_refcounts()): nrb buffers. */
+	struct ck_ra_slot rb[CK_RA_SLOTS];
+	unsigned nrb;
 };
 
 static void finding(struct ck *k, unsigned kind, uint64_t off, bool repaired,
@@ -574,6 +593,15 @@ static uint64_t window_bit(const struct ck *k, uint64_t cluster)
 	return 1ull << sx_min(cluster >> k->wbits, 63);
 }
 
+/* The window bits of clusters c..c+n-1 (n >= 1). */
+static uint64_t window_bits(const struct ck *k, uint64_t c, uint64_t n)
+{
+	uint64_t a = sx_min(c >> k->wbits, 63);
+	uint64_t b = sx_min((c + n - 1) >> k->wbits, 63);
+
+	return (~0ull >> (63 - (b - a))) << a;
+}
+
 /* The first window's walk notes what windows an active L2 table reaches. */
 static __attribute__((noinline)) void
 note_window_slow(struct ck *k, uint64_t l1i, uint64_t off, uint64_t len)
@@ -719,23 +747,26 @@ static __attribute__((noinline)) void walk_entry(struct ck *k, uint8_t *p,
 }
 
 /*
- * Entry j of the table being recorded (its runs from first on) names
- * cluster c: extend its last run or add one. False when the runs are full.
+ * Entries j..j+n-1 of the table being recorded (its runs from first on)
+ * name clusters c..c+n-1 with one COPIED flag: extend its last run or add
+ * one. False when the runs are full.
  */
 static bool record(struct ck *k, uint64_t first, uint64_t c, uint64_t j,
-		   uint64_t copied)
+		   uint64_t n, uint64_t copied)
 {
 	struct ck_run *r = k->nruns > first ? &k->runs[k->nruns - 1] : NULL;
 
 	if (r && r->host + r->n == c && r->j + r->n == j &&
-	    r->copied == !!copied && r->n < (1u << 30)) {
-		r->n++;
+	    r->copied == !!copied && r->n + n < (1u << 30)) {
+		r->n += (uint32_t)n;
 		return true;
 	}
 	if (k->nruns >= CK_RUNS_MAX)
 		return false;
-	k->runs[k->nruns++] = (struct ck_run){
-		.host = c, .j = (uint32_t)j, .n = 1, .copied = !!copied};
+	k->runs[k->nruns++] = (struct ck_run){.host = c,
+					      .j = (uint32_t)j,
+					      .n = (uint32_t)n,
+					      .copied = !!copied};
 	return true;
 }
 
@@ -786,13 +817,29 @@ static void replay(struct ck *k, uint64_t l1i, unsigned pass)
 }
 
 /*
+ * How many entries from j on (of n, at most max) continue the run word
+ * starts: each names the cluster after the one before it, with the same
+ * flags (1 at least).
+ */
+static uint64_t run_len(const uint8_t *l2, uint64_t j, uint64_t n,
+			uint64_t word, uint64_t cs, uint64_t max)
+{
+	uint64_t m = 1, end = sx_min(n - j, max);
+
+	while (m < end && sx_be64(l2 + (j + m) * 8) == word + m * cs)
+		m++;
+	return m;
+}
+
+/*
  * One L2 table (its bytes at l2) of L1 entry l1i. COUNT: count its
  * references (per-entry findings and statistics in the first window,
  * active table only for the statistics). COPIED: compare the flags of its
  * entries in the window with the refcounts; *changed when a flag was
  * repaired in l2. The common entry (a data cluster inside the file, no
- * flag but COPIED) of a standard table is handled in the loop here; any
- * other entry by walk_entry().
+ * flag but COPIED) of a standard table is handled in the loop here, a run
+ * of them (the clusters that follow each other in the file, as written in
+ * order) at a time; any other entry by walk_entry().
  */
 static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 		    unsigned pass, bool *changed)
@@ -803,12 +850,15 @@ static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 	const unsigned cbits = k->cbits;
 	const bool count = pass & CK_COUNT, copied = pass & CK_COPIED;
 	const bool stats = count && k->first && active;
+	/* A run ends before the file does and before its offsets carry. */
+	const uint64_t room = sx_min(fsz, 1ull << 56);
+	uint16_t *const refs = k->refs;
 	uint64_t *wm =
 		count && active && k->wmask && k->first ? &k->wmask[l1i] : NULL;
 	/* This table's runs, recorded from rec_first while rec stays true. */
 	const uint64_t rec_first = k->nruns;
 	bool rec = wm && k->runs;
-	uint64_t j;
+	uint64_t j, n;
 
 	/* qemu counts fragmentation within each L2 table. */
 	k->next_host = 0;
@@ -820,11 +870,12 @@ static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 				   pass, changed);
 		return;
 	}
-	for (j = 0; j < s->l2_entries; j++) {
+	for (j = 0; j < s->l2_entries; j += n) {
 		uint8_t *p = l2 + j * 8;
 		uint64_t word = sx_be64(p), off = word & QCOW2_L2E_OFFSET_MASK;
-		uint64_t i;
+		uint64_t c, lo, hi, i;
 
+		n = 1;
 		if (!word)
 			continue;
 		if ((word & ~(QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COPIED)) ||
@@ -833,26 +884,37 @@ static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 			walk_entry(k, p, j, l1i, active, pass, changed);
 			continue;
 		}
+		c = off >> cbits;
+		n = run_len(l2, j, s->l2_entries, word, cs,
+			    ((room - off - 1) >> cbits) + 1);
 		if (rec)
-			rec = record(k, rec_first, off >> cbits, j,
+			rec = record(k, rec_first, c, j, n,
 				     word & QCOW2_OFLAG_COPIED);
-		i = (off >> cbits) - w0;
+		/* The run's part of the window: window clusters lo..hi-1. */
+		lo = sx_max(c, w0) - w0;
+		hi = sx_max(sx_min(c + n, w0 + wn), w0) - w0;
 		if (count) {
-			if (i < wn && k->refs[i] < CK_SAT)
-				k->refs[i]++;
+			for (i = lo; i < hi; i++)
+				refs[i] += refs[i] < CK_SAT;
 			if (wm)
-				*wm |= window_bit(k, off >> cbits);
+				*wm |= window_bits(k, c, n);
 			if (stats) {
-				k->r->allocated_clusters++;
+				k->r->allocated_clusters += n;
 				if (k->next_host && off != k->next_host)
 					k->r->fragmented_clusters++;
-				k->next_host = off + cs;
+				k->next_host = off + n * cs;
 			}
 		}
-		if (copied && i < wn &&
-		    (k->drc[i] == 1) != !!(word & QCOW2_OFLAG_COPIED))
-			copied_finding(k, p, word, (base + j) << cbits,
-				       changed);
+		if (!copied)
+			continue;
+		for (i = lo; i < hi; i++)
+			if ((k->drc[i] == 1) != !!(word & QCOW2_OFLAG_COPIED)) {
+				uint64_t m = i + w0 - c;
+
+				copied_finding(k, p + m * 8, word + m * cs,
+					       (base + j + m) << cbits,
+					       changed);
+			}
 	}
 	if (wm && k->runs) {
 		if (rec) {
@@ -935,11 +997,17 @@ static void ra_pop(struct ck_ra *ra)
 	ra->count--;
 }
 
-/* Start reading batches ahead of the walk while there is room. */
+/*
+ * Start reading batches ahead of the walk while there is room, once
+ * CK_RA_REFILL slots are free (or none is in use): submitted together,
+ * they cost one system call and one doorbell of the device, not one each.
+ */
 static void ra_plan(struct ck *k)
 {
 	struct ck_ra *ra = k->ra;
 
+	if (ra->count && ra->count + CK_RA_REFILL > CK_RA_SLOTS)
+		return;
 	while (ra->next < ra->n && ra->count < CK_RA_SLOTS &&
 	       ra->bytes < CK_RA_BYTES) {
 		uint64_t i = ra->next, off, len;
@@ -1244,38 +1312,92 @@ static int count_window(struct ck *k)
 	return 0;
 }
 
-/* Load the on-disk refcounts of the window into k->drc. */
+/* Refcount block t (its bytes at p) into the window's k->drc. */
+static void load_block(struct ck *k, uint64_t t, const uint8_t *p)
+{
+	const struct qcow2_refcount *rc = &k->s->rc;
+	uint64_t E = rc->block_entries, c;
+	uint64_t lo = sx_max(t * E, k->w0);
+	uint64_t hi = sx_min((t + 1) * E, k->w0 + k->wn);
+
+	if (rc->order == 4) {
+		/* 16-bit refcounts, the default: copied as they are. */
+		for (c = lo; c < hi; c++)
+			k->drc[c - k->w0] = sx_be16(p + 2 * (c - t * E));
+		return;
+	}
+	for (c = lo; c < hi; c++) {
+		uint64_t v = qcow2_refcount_entry_get(p, rc->order, c - t * E);
+
+		k->drc[c - k->w0] = (uint16_t)sx_min(v, CK_SAT);
+	}
+}
+
+/*
+ * Load the on-disk refcounts of the window into k->drc: the blocks read
+ * together on the read-ahead queue (as many as its nrb buffers, up to
+ * CK_RB_BYTES), else one by one.
+ */
 static int load_refcounts(struct ck *k)
 {
 	const struct qcow2_refcount *rc = &k->s->rc;
-	uint64_t E = rc->block_entries, t, c;
-	int ret;
+	uint64_t E = rc->block_entries, t = k->w0 / E;
+	uint64_t tend = sx_min((k->w0 + k->wn + E - 1) / E, rc->table_entries);
+	unsigned max = k->ra && k->ra->nrb ? k->ra->nrb : 1;
+	struct ck_ra_slot *sl = k->ra && k->ra->nrb ? k->ra->rb : NULL;
+	int ret = 0;
 
 	memset(k->drc, 0, k->wn * sizeof(*k->drc));
-	for (t = k->w0 / E; t * E < k->w0 + k->wn && t < rc->table_entries;
-	     t++) {
-		uint64_t off = rblock(k, t);
-		uint64_t lo = sx_max(t * E, k->w0);
-		uint64_t hi = sx_min((t + 1) * E, k->w0 + k->wn);
+	while (t < tend) {
+		unsigned n = 0, m;
 
-		if (!off)
-			continue;
-		ret = read_at(k, k->buf, k->cs, off);
+		/* Up to max blocks in flight, then each in the window. */
+		for (; t < tend && n < max; t++) {
+			uint64_t off = rblock(k, t);
+
+			if (!off)
+				continue;
+			if (!sl) {
+				ret = read_at(k, k->buf, k->cs, off);
+				if (ret)
+					return ret;
+				load_block(k, t, k->buf);
+				continue;
+			}
+			sl[n] = (struct ck_ra_slot){.buf = sl[n].buf,
+						    .off = off,
+						    .len = k->cs,
+						    .first = t};
+			sl[n].req = (struct sio_req){
+				.op = SIO_OP_READ,
+				.file = k->img->file,
+				.buf = sl[n].buf,
+				.off = off,
+				.len = k->cs,
+				.done = ra_done,
+				.priv = &sl[n],
+			};
+			if (sio_queue_submit(k->ra->q, &sl[n].req) < 0) {
+				sl[n].done = true;
+				sl[n].res = -EIO;
+			}
+			n++;
+		}
+		if (n)
+			sio_queue_run(k->ra->q, 0);
+		for (m = 0; m < n; m++) {
+			ra_wait(k->ra, &sl[m]);
+			if (sl[m].res && !ret)
+				ret = sx_error(sl[m].res,
+					       "%s: cannot read 0x%llx: %s",
+					       k->img->path,
+					       (unsigned long long)sl[m].off,
+					       strerror(-sl[m].res));
+			if (!ret)
+				load_block(k, sl[m].first, sl[m].buf);
+		}
 		if (ret)
 			return ret;
-		if (rc->order == 4) {
-			/* 16-bit refcounts, the default: copied as they are. */
-			for (c = lo; c < hi; c++)
-				k->drc[c - k->w0] =
-					sx_be16(k->buf + 2 * (c - t * E));
-			continue;
-		}
-		for (c = lo; c < hi; c++) {
-			uint64_t v = qcow2_refcount_entry_get(k->buf, rc->order,
-							      c - t * E);
-
-			k->drc[c - k->w0] = (uint16_t)sx_min(v, CK_SAT);
-		}
 	}
 	return 0;
 }
@@ -1383,11 +1505,20 @@ static int compare_window(struct ck *k)
 		}
 		for (c = lo; c < hi; c++) {
 			uint64_t i = c - k->w0;
-			uint64_t ref = k->refs[i];
-			uint64_t have = k->drc[i];
-			uint64_t host = c * k->cs;
+			uint64_t ref, have, host;
 			unsigned kind;
 			bool fix;
+
+			/* Clusters that agree, skipped CK_SKIP at a time. */
+			if (!(i % CK_SKIP) && hi - c >= CK_SKIP &&
+			    !memcmp(&k->refs[i], &k->drc[i],
+				    CK_SKIP * sizeof(*k->refs))) {
+				c += CK_SKIP - 1;
+				continue;
+			}
+			ref = k->refs[i];
+			have = k->drc[i];
+			host = c * k->cs;
 
 			/* Past the file: only what something references. */
 			if (c >= k->nclusters && !ref)
@@ -1513,6 +1644,10 @@ static void ra_init(struct ck *k)
 		free(ra);
 		return;
 	}
+	/* Without buffers for them, refcount blocks are read one by one. */
+	while (ra->nrb < sx_min(CK_RA_SLOTS, sx_max(CK_RB_BYTES / k->cs, 1)) &&
+	       (ra->rb[ra->nrb].buf = sio_buf_alloc(k->cs)))
+		ra->nrb++;
 	k->ra = ra;
 }
 
@@ -1522,6 +1657,8 @@ static void ra_fini(struct ck *k)
 		return;
 	while (k->ra->count)
 		ra_pop(k->ra);
+	while (k->ra->nrb)
+		sio_buf_free(k->ra->rb[--k->ra->nrb].buf);
 	sio_queue_destroy(k->ra->q);
 	free(k->ra);
 	k->ra = NULL;
