@@ -26,7 +26,9 @@ clusters with them (COPIED clear). Then:
   its commands have completed (each kill checked to land while it still
   runs, on the next command), and of
   `siphon serve` while an NBD client writes (the engine's asynchronous
-  copy-on-write): qemu-img check finds no corruption and the snapshots
+  copy-on-write), after a seeded number (1-9) of the client's requests
+  have been answered (checked to land while both run): qemu-img check
+  finds no corruption and the snapshots
   unchanged; the next writer repairs the leaks (qemu-img check exit 0).
 - info: `siphon info --output=json` lists the snapshots with qemu-img
   info's fields and values.
@@ -47,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pty
 import random
 import select
 import shutil
@@ -236,6 +239,10 @@ class Server:
 
     def __init__(self, siphon: str, c: Case):
         self.sock = c.tmp("serve.sock")
+        # A server killed before leaves its socket: waiting for the path
+        # would not wait for this one.
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
         self.log = open(c.tmp("serve.log"), "w")
         self.p = subprocess.Popen(
             [siphon, "serve", "--listen", "unix:" + self.sock,
@@ -420,29 +427,64 @@ def case_crash(rep, siphon: str, c: Case, rng: random.Random) -> None:
 
 def case_crash_serve(rep, siphon: str, c: Case, rng: random.Random) -> None:
     """SIGKILL `siphon serve` while an NBD client writes (the engine's
-    copy-on-write of shared clusters on the copy pipeline): no corruption,
-    the snapshots unchanged, and the next writer leaves the image clean."""
+    copy-on-write of shared clusters on the copy pipeline), after a seeded
+    number (1-9) of the client's requests have been answered, checked to
+    land while both still run: no corruption, the snapshots unchanged, and
+    the next writer leaves the image clean."""
     problems = []
+    kills = 0
     for k in range(2):
         wl = Workload(rng, c.cs, True, 120)
         srv = Server(siphon, c)
         argv = ["qemu-io", "-f", "raw"]
-        for cmd in wl.cmds:
+        for i, cmd in enumerate(wl.cmds):
             argv += ["-c", cmd]
-        cl = subprocess.Popen(argv + [f"nbd+unix:///disk?socket={srv.sock}"],
-                              stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+            if i % 10 == 9:
+                argv += ["-c", "sleep 2000"]
+        # qemu-io line-buffers a terminal only: its output goes to a pty,
+        # one "... bytes at offset ..." line per request answered.
+        after = rng.randint(1, 9)
+        master, slave = pty.openpty()
+        cl = subprocess.Popen(
+            argv + [f"nbd+unix:///disk?socket={srv.sock}"],
+            stdout=slave, stderr=slave, stdin=subprocess.DEVNULL)
+        os.close(slave)
+        seen = 0
         try:
-            time.sleep(rng.uniform(0.05, 0.3))
-            srv.p.kill()
+            buf = b""
+            deadline = time.monotonic() + 60
+            while seen < after and time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 1.0)
+                if not ready:
+                    continue
+                try:
+                    data = os.read(master, 4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    break  # the client ended early
+                buf += data
+                seen = buf.count(b" bytes at offset ")
+            if seen >= after and cl.poll() is None and srv.p.poll() is None:
+                srv.p.kill()
+                kills += 1
         finally:
             srv.stop()
             cl.kill()
             cl.wait()
+            os.close(master)
+        if seen < after:
+            problems.append(f"kill {k}: the client reported {seen} "
+                            f"requests, not the {after} the kill waits for "
+                            f"(exit {cl.returncode})")
+            break
         if not after_kill(c, k, problems):
             break
     next_writer(siphon, c, problems)
-    rep.emit(f"{c.name}/crash-serve", problems)
+    if kills != 2 and not problems:
+        problems.append(f"{kills} of 2 kills landed while the server and "
+                        f"the client ran")
+    rep.emit(f"{c.name}/crash-serve", problems, info=f"{kills} kills")
 
 
 def case_damaged(rep, siphon: str, tmp: str) -> None:
