@@ -158,6 +158,9 @@ struct ck {
 	uint64_t nruns;
 	uint32_t *run_first, *run_n;
 	uint64_t max_rc;
+	/* far_refcount(): a refcount block, and its index + 1 (0: none) */
+	uint8_t *far_buf;
+	uint64_t far_t;
 	bool wrote; /* repairs written, not yet synced */
 	struct ck_ra *ra; /* L2 read-ahead; NULL: synchronous reads */
 };
@@ -536,12 +539,18 @@ static void count_refblocks(struct ck *k)
 		uint64_t e = rc->table[t];
 		uint64_t off = e & QCOW2_REFT_OFFSET_MASK;
 
-		if (!off)
-			continue;
+		/*
+		 * Reserved bits are a corruption in an empty entry too (as
+		 * qemu counts them). qemu then leaves the block uncounted, and
+		 * reports its cluster leaked: it is counted here, as what it
+		 * is, so that -r leaks never frees a refcount block in use.
+		 */
 		if (k->first && (e & CK_REFT_RESERVED))
 			finding(k, IMG_CK_RESERVED, off, false,
 				"refcount table entry %llu has reserved bits set (0x%llx)",
 				(unsigned long long)t, (unsigned long long)e);
+		if (!off)
+			continue;
 		if (!sx_is_aligned(off, k->cs)) {
 			if (k->first)
 				finding(k, IMG_CK_UNALIGNED, off, false,
@@ -559,8 +568,13 @@ static void count_refblocks(struct ck *k)
 			continue;
 		}
 		inc(k, off, k->cs, true, "refcount block");
+		/*
+		 * References past what the refcount width holds are counted
+		 * as overflows (compare_window()), not here: qemu's count
+		 * stops at the width.
+		 */
 		if (in_window(k, off >> k->cbits) &&
-		    k->refs[(off >> k->cbits) - k->w0] != 1)
+		    sx_min(k->refs[(off >> k->cbits) - k->w0], k->max_rc) != 1)
 			finding(k, IMG_CK_OVERLAP, off, false,
 				"refcount block %llu at 0x%llx is also referenced elsewhere (%u references)",
 				(unsigned long long)t, (unsigned long long)off,
@@ -628,11 +642,59 @@ static inline void note_window(struct ck *k, uint64_t l1i, uint64_t off,
 	note_window_slow(k, l1i, off, len);
 }
 
+/*
+ * The refcount on disk of cluster c, which lies past every window (past
+ * the clusters counted): 0 where no refcount block covers it, as qemu
+ * reads it, else the block's entry (a block may describe clusters past
+ * the file). False when the entry cannot be read (qemu skips the flag
+ * then too). The block read last is kept.
+ */
+static bool far_refcount(struct ck *k, uint64_t c, uint64_t *rc)
+{
+	const struct qcow2_refcount *rc_ = &k->s->rc;
+	uint64_t t = c / rc_->block_entries, off;
+
+	*rc = 0;
+	if (t >= rc_->table_entries)
+		return true;
+	off = rc_->table[t] & QCOW2_REFT_OFFSET_MASK;
+	if (!off)
+		return true;
+	if (!sx_is_aligned(off, k->cs))
+		return false;
+	if (k->far_t != t + 1) {
+		if (!k->far_buf && !(k->far_buf = sio_buf_alloc(k->cs)))
+			return false;
+		k->far_t = 0;
+		if (read_at(k, k->far_buf, k->cs, off))
+			return false;
+		k->far_t = t + 1;
+	}
+	*rc = qcow2_refcount_entry_get(k->far_buf, rc_->order,
+				       c % rc_->block_entries);
+	return true;
+}
+
+/*
+ * Whether this walk compares the COPIED flag of an entry naming cluster c,
+ * and the refcount it compares with (*rc): the window's for a cluster in
+ * it; for one past every window, the first window compares it, as qemu
+ * does, against what the refcount blocks say (0, mostly).
+ */
+static bool copied_rc(struct ck *k, uint64_t c, uint64_t *rc)
+{
+	if (in_window(k, c)) {
+		*rc = disk_rc(k, c);
+		return true;
+	}
+	return c >= k->ncount && k->first && far_refcount(k, c, rc);
+}
+
 /* A data cluster's COPIED flag disagrees with its refcount (in window). */
 static __attribute__((noinline)) void copied_finding(struct ck *k, uint8_t *p,
 						     uint64_t word,
 						     uint64_t guest,
-						     bool *changed)
+						     uint64_t rc, bool *changed)
 {
 	uint64_t off = word & QCOW2_L2E_OFFSET_MASK;
 	bool fix = copied_fix(k);
@@ -643,7 +705,7 @@ static __attribute__((noinline)) void copied_finding(struct ck *k, uint8_t *p,
 		"COPIED flag of the data cluster at 0x%llx (guest 0x%llx) is %s, refcount %llu",
 		(unsigned long long)off, (unsigned long long)guest,
 		word & QCOW2_OFLAG_COPIED ? "set" : "clear",
-		(unsigned long long)disk_rc(k, off >> k->cbits));
+		(unsigned long long)rc);
 	if (fix) {
 		sx_put_be64(p, word ^ QCOW2_OFLAG_COPIED);
 		*changed = true;
@@ -662,6 +724,7 @@ static __attribute__((noinline)) void walk_entry(struct ck *k, uint8_t *p,
 	uint64_t guest = ((l1i << s->l2_bits) + j) << s->cluster_bits;
 	struct qcow2_l2e e;
 	const char *why = NULL;
+	uint64_t rc;
 
 	if (!word && !bm)
 		return;
@@ -674,10 +737,20 @@ static __attribute__((noinline)) void walk_entry(struct ck *k, uint8_t *p,
 				(unsigned long long)(word &
 						     QCOW2_L2E_OFFSET_MASK),
 				(unsigned long long)guest);
-		return;
-	}
-	if (!s->extended_l2 && (word & QCOW2_L2E_OFFSET_MASK) &&
-	    !(word & ~(QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COPIED))) {
+		/*
+		 * Counted all the same, as qemu counts it: a cluster's worth
+		 * of references from that offset (the two clusters it
+		 * touches, which -r leaks then never frees), its COPIED flag
+		 * against the refcount of the first.
+		 */
+		e = (struct qcow2_l2e){
+			.type = QCOW2_C_NORMAL,
+			.copied = word & QCOW2_OFLAG_COPIED,
+			.host_off = word & QCOW2_L2E_OFFSET_MASK,
+			.alloc = UINT32_MAX,
+		};
+	} else if (!s->extended_l2 && (word & QCOW2_L2E_OFFSET_MASK) &&
+		   !(word & ~(QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COPIED))) {
 		/* The common entry, decoded here: a data cluster. */
 		e = (struct qcow2_l2e){
 			.type = QCOW2_C_NORMAL,
@@ -685,7 +758,19 @@ static __attribute__((noinline)) void walk_entry(struct ck *k, uint8_t *p,
 			.host_off = word & QCOW2_L2E_OFFSET_MASK,
 			.alloc = UINT32_MAX,
 		};
+	} else if ((word & QCOW2_OFLAG_COMPRESSED) &&
+		   (word & QCOW2_OFLAG_COPIED)) {
+		/* A corruption, then counted without the flag (as qemu). */
+		if ((pass & CK_COUNT) && k->first)
+			finding(k, IMG_CK_BAD_ENTRY,
+				word & QCOW2_L2E_OFFSET_MASK, false,
+				"L2 entry of guest 0x%llx: compressed cluster entry has the COPIED flag",
+				(unsigned long long)guest);
+		if (qcow2_l2e_decode(s, word & ~QCOW2_OFLAG_COPIED, bm, &e,
+				     &why))
+			goto bad;
 	} else if (qcow2_l2e_decode(s, word, bm, &e, &why)) {
+	bad:
 		if ((pass & CK_COUNT) && k->first)
 			finding(k, IMG_CK_BAD_ENTRY,
 				word & QCOW2_L2E_OFFSET_MASK, false,
@@ -735,10 +820,10 @@ static __attribute__((noinline)) void walk_entry(struct ck *k, uint8_t *p,
 			}
 		}
 		if (!(pass & CK_COPIED) || has_data_file(k) ||
-		    !in_window(k, e.host_off >> k->cbits))
+		    !copied_rc(k, e.host_off >> k->cbits, &rc))
 			break;
-		if ((disk_rc(k, e.host_off >> k->cbits) == 1) != e.copied)
-			copied_finding(k, p, word, guest, changed);
+		if ((rc == 1) != e.copied)
+			copied_finding(k, p, word, guest, rc, changed);
 		break;
 	case QCOW2_C_ZERO_PLAIN:
 	case QCOW2_C_UNALLOC:
@@ -811,7 +896,7 @@ static void replay(struct ck *k, uint64_t l1i, unsigned pass)
 			copied_finding(k, be, word,
 				       (base + run->j + (c - run->host))
 					       << k->cbits,
-				       &changed);
+				       k->drc[i], &changed);
 		}
 	}
 }
@@ -913,7 +998,7 @@ static void walk_l2(struct ck *k, uint8_t *l2, uint64_t l1i, bool active,
 
 				copied_finding(k, p + m * 8, word + m * cs,
 					       (base + j + m) << cbits,
-					       changed);
+					       k->drc[i], changed);
 			}
 	}
 	if (wm && k->runs) {
@@ -1161,7 +1246,7 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 	k->l2b_len = 0;
 	ra_start(k, l1, n, active);
 	for (i = 0; i < n; i++) {
-		uint64_t e = l1[i], off = e & QCOW2_L1E_OFFSET_MASK;
+		uint64_t e = l1[i], off = e & QCOW2_L1E_OFFSET_MASK, rc;
 		bool changed = false;
 		uint8_t *l2 = NULL;
 
@@ -1181,9 +1266,8 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 		}
 		if (pass & CK_COUNT)
 			inc(k, off, k->cs, true, "L2 table");
-		if ((pass & CK_COPIED) && in_window(k, off >> k->cbits) &&
-		    (disk_rc(k, off >> k->cbits) == 1) !=
-			    !!(e & QCOW2_OFLAG_COPIED)) {
+		if ((pass & CK_COPIED) && copied_rc(k, off >> k->cbits, &rc) &&
+		    (rc == 1) != !!(e & QCOW2_OFLAG_COPIED)) {
 			bool fix = copied_fix(k);
 
 			finding(k,
@@ -1193,8 +1277,7 @@ static int walk_l1(struct ck *k, uint64_t *l1, uint64_t n, uint64_t l1_off,
 				"COPIED flag of the L2 table at 0x%llx (L1 entry %llu) is %s, refcount %llu",
 				(unsigned long long)off, (unsigned long long)i,
 				e & QCOW2_OFLAG_COPIED ? "set" : "clear",
-				(unsigned long long)disk_rc(k,
-							    off >> k->cbits));
+				(unsigned long long)rc);
 			if (fix) {
 				uint8_t be[8];
 
@@ -1524,11 +1607,22 @@ static int compare_window(struct ck *k)
 			if (c >= k->nclusters && !ref)
 				continue;
 			if (ref > k->max_rc) {
+				/*
+				 * Each reference past the width is an overflow
+				 * (qemu's count stops there, reporting each),
+				 * and the refcount is then compared with the
+				 * most it can hold.
+				 */
 				finding(k, IMG_CK_OVERFLOW, host, false,
-					"cluster at 0x%llx has %llu references, more than %u-bit refcounts hold",
+					"cluster at 0x%llx has %llu references, %llu more than %u-bit refcounts hold",
 					(unsigned long long)host,
-					(unsigned long long)ref, rc->bits);
-				continue;
+					(unsigned long long)ref,
+					(unsigned long long)(ref - k->max_rc),
+					rc->bits);
+				k->r->kinds[IMG_CK_OVERFLOW] +=
+					ref - k->max_rc - 1;
+				k->r->found_corruptions += ref - k->max_rc - 1;
+				ref = k->max_rc;
 			}
 			if (have == ref || (have == CK_SAT && ref == CK_SAT))
 				continue;
@@ -1781,6 +1875,7 @@ int qcow2_check_image(struct img *img, struct qcow2 *s, struct sio_file *wfile,
 	free(k.run_first);
 	free(k.run_n);
 	sio_buf_free(k.buf);
+	sio_buf_free(k.far_buf);
 	sio_buf_free(k.l2b);
 	sio_buf_free(k.tbl);
 	free(k.snaps);
