@@ -204,6 +204,8 @@ struct img_check_report {
 	uint64_t trimmed_bytes; /* free tail cut by a repair */
 	unsigned passes; /* windows of the host file counted (memory bound) */
 	bool marked_corrupt; /* -r all left corruption: corrupt bit set */
+	/* -r all left corruption in a version 2 image: no bit to set */
+	bool unmarkable;
 	bool cleared_dirty; /* the dirty bit was cleared after a repair */
 	unsigned n_findings; /* first findings (of the first check) */
 	struct img_check_finding findings[IMG_CHECK_MAX_FINDINGS];

@@ -46,7 +46,8 @@ static void check_help(FILE *out)
 		"             refcount block where the table has none for clusters in\n"
 		"             use) and set COPIED flags right; if a corruption is left\n"
 		"             that cannot be repaired this way, the image is marked\n"
-		"             corrupt so no writer trusts it\n"
+		"             corrupt so no writer trusts it (a version 2 image has\n"
+		"             no such mark: the output says so instead)\n"
 		"A repaired image is checked again; the exit code tells what is left.\n"
 		"\n"
 		"Options:\n"
@@ -124,6 +125,7 @@ static void print_json(const char *path, const char *fmt,
 		 r->found_leaks + r->found_corruptions - r->n_findings);
 	json_u64(&j, "trimmed-bytes", r->trimmed_bytes);
 	json_bool(&j, "marked-corrupt", r->marked_corrupt);
+	json_bool(&j, "corrupt-unmarkable", r->unmarkable);
 	json_u64(&j, "passes", r->passes);
 	json_u64(&j, "exit-code", (uint64_t)code);
 	json_end_object(&j);
@@ -153,6 +155,9 @@ static void print_human(const char *path, const struct img_check_report *r,
 		       r->trimmed_bytes ? ", trimmed the free tail" : "");
 	if (r->marked_corrupt)
 		printf("%s: corruption left that cannot be repaired: the image is now marked corrupt\n",
+		       path);
+	if (r->unmarkable)
+		printf("%s: corruption left that cannot be repaired, and a version 2 image has no bit to mark it corrupt with: do not write to it (copy its data out with qemu-img convert)\n",
 		       path);
 	if (!r->leaks && !r->corruptions)
 		printf("%s: no errors were found\n", path);

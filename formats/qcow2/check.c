@@ -1920,9 +1920,11 @@ int qcow2_check(struct img *img, struct sio_file *wfile,
 		return ret;
 	if (r->found_corruptions > r->corruptions_fixed) {
 		/* Left unrepaired: no writer may trust the image. */
-		if (o->repair >= IMG_CHECK_REPAIR_ALL && !s->corrupt &&
-		    !qcow2_set_incompat(img, s, wfile, QCOW2_INCOMPAT_CORRUPT,
-					0))
+		if (o->repair >= IMG_CHECK_REPAIR_ALL && s->hdr.version < 3)
+			r->unmarkable = true;
+		else if (o->repair >= IMG_CHECK_REPAIR_ALL && !s->corrupt &&
+			 !qcow2_set_incompat(img, s, wfile,
+					     QCOW2_INCOMPAT_CORRUPT, 0))
 			r->marked_corrupt = true;
 		return 0;
 	}

@@ -8,7 +8,10 @@
    two L2 entries sharing a cluster, an L2 table past the end of the file, a
    truncated file, an unaligned L2 entry, a refcount block named by two
    refcount table entries (found by fuzzing), an L2 entry pointing at a
-   refcount block, leaks in a second window): the same
+   refcount block, leaks in a second window; from a differential run of
+   bit flips against qemu: reserved bits in an empty refcount table entry,
+   COPIED set on an entry past the end, a compressed entry with COPIED):
+   the same
    exit code as qemu and the same classification (leaks vs corruptions, and
    the count where both count per cluster); then `siphon check -r leaks` /
    `-r all` on a copy: what qemu-img check says afterwards (exit 0 where the
@@ -22,7 +25,9 @@
 5. a crashed writer's image (leaks, dirty bit): a restarted `siphon stream`
    leaves it clean (qemu-img check exit 0), dirty bit cleared, content
    that of the chain.
-6. raw: exit 63, as qemu-img check.
+6. -r all leaving corruption in a version 2 image (no corrupt bit): said
+   in the JSON and the text, exit 2, the header untouched.
+7. raw: exit 63, as qemu-img check.
 
 Exit 0 all passed, 1 any failure, 77 skipped. Env: SIPHON, SIPHON_SRC.
 """
@@ -289,6 +294,32 @@ def f_copied_on_shared(p: str) -> None:
     q.set_rc(host, 2)
 
 
+def f_reftable_reserved_empty(p: str) -> None:
+    """Reserved bits in an empty refcount table entry (found by a
+    differential run of bit flips against qemu-img check)."""
+    q = Q(p)
+    q.put64(q.rt_off + 8 * 7, 0x100)
+
+
+def f_copied_past_eof(p: str) -> None:
+    """An L2 entry with COPIED set naming a cluster far past the end of
+    the file: no refcount block covers it (refcount 0), so the flag is
+    wrong as well as the pointer."""
+    q = Q(p)
+    a = q.l2e_addr(6 * MiB)
+    q.put64(a, (1 << 63) | (os.path.getsize(p) + 4096 * q.cs) &
+            ~(q.cs - 1))
+
+
+def f_compressed_copied(p: str) -> None:
+    """A compressed cluster's entry with COPIED set: a corruption, the
+    cluster still referenced."""
+    corpus.qemu_io(p, "qcow2", "write -c -P 0x66 7M 4k")
+    q = Q(p)
+    a = q.l2e_addr(7 * MiB)
+    q.put64(a, q.u64(a) | (1 << 63))
+
+
 FAULTS = [
     ("refcount-lowered", f_rc_lowered, "all", True),
     ("refcount-raised", f_rc_raised, "leaks", True),
@@ -296,7 +327,7 @@ FAULTS = [
     ("two-l2-entries-share-a-cluster", f_shared_cluster, None, True),
     ("l2-table-past-eof", f_l2_past_eof, None, False),
     ("truncated-file", f_truncated, None, False),
-    ("unaligned-l2-entry", f_unaligned_l2e, None, False),
+    ("unaligned-l2-entry", f_unaligned_l2e, None, True),
     ("refcount-block-in-two-table-entries", f_refblock_twice, None, True),
     ("l2-entry-into-refcount-block", f_l2_into_refblock, None, True),
     ("leaked-tail", f_leaks, "leaks", True),
@@ -305,6 +336,10 @@ FAULTS = [
     ("first-refcount-block-missing", f_first_refblock_missing, "all", True),
     ("copied-flag-cleared", f_copied_cleared, "all", True),
     ("copied-flag-on-shared-cluster", f_copied_on_shared, None, True),
+    ("reserved-bits-in-empty-refcount-table-entry",
+     f_reftable_reserved_empty, None, True),
+    ("copied-flag-past-eof", f_copied_past_eof, None, True),
+    ("compressed-entry-with-copied", f_compressed_copied, None, True),
 ]
 
 # The kind each of these faults must be reported as (siphon check's JSON
@@ -514,6 +549,37 @@ def case_restart_reclaims(siphon: str, tmp: str, rep: harness.Report) -> None:
     rep.emit("restart reclaims a crash's leaks", probs)
 
 
+def case_v2_unmarkable(siphon: str, tmp: str, rep: harness.Report) -> None:
+    """-r all leaving corruption in a version 2 image, which has no corrupt
+    bit: siphon says so (JSON and text), exit 2, the header untouched."""
+    p = os.path.join(tmp, "v2.qcow2")
+    corpus.create_qcow2(p, 8 * MiB, "compat=0.10,cluster_size=4096")
+    corpus.qemu_io(p, "qcow2", "write -P 0x11 0 256k")
+    with open(p, "rb") as f:
+        h = f.read(72)
+    rt_off = struct.unpack_from(">Q", h, 48)[0]
+    with open(p, "r+b") as f:
+        f.seek(rt_off + 8 * 3)  # a refcount block far past the end
+        f.write(struct.pack(">Q", 1 << 34))
+    before = open(p, "rb").read(72)
+    probs = agree(siphon, p)
+    src, js, _ = siphon_check(siphon, p, "-r", "all")
+    if src != 2:
+        probs.append(f"-r all exits {src}, not 2: {findings(js)}")
+    if not js.get("corrupt-unmarkable") or js.get("marked-corrupt"):
+        probs.append(f"corrupt-unmarkable {js.get('corrupt-unmarkable')}, "
+                     f"marked-corrupt {js.get('marked-corrupt')}")
+    r = run([siphon, "check", "-r", "all", "-f", "qcow2", p])
+    if b"version 2 image has no bit" not in r.out:
+        probs.append(f"the text output does not say it: {r.out!r}")
+    if open(p, "rb").read(72) != before:
+        probs.append("the header changed")
+    qrc, _ = qemu_check(p)
+    if qrc != 2:
+        probs.append(f"qemu-img check exits {qrc} afterwards, not 2")
+    rep.emit("version 2 image left corrupt", probs)
+
+
 def case_raw(siphon: str, tmp: str, rep: harness.Report) -> None:
     p = os.path.join(tmp, "x.raw")
     with open(p, "wb") as f:
@@ -536,6 +602,7 @@ def main() -> int:
         case_window(siphon, tmp, rep)
         case_in_use(siphon, tmp, rep)
         case_restart_reclaims(siphon, tmp, rep)
+        case_v2_unmarkable(siphon, tmp, rep)
         case_raw(siphon, tmp, rep)
         case_corpus(siphon, tmp, rep)
     return rep.finish()
