@@ -25,9 +25,12 @@
 5. a crashed writer's image (leaks, dirty bit): a restarted `siphon stream`
    leaves it clean (qemu-img check exit 0), dirty bit cleared, content
    that of the chain.
-6. -r all leaving corruption in a version 2 image (no corrupt bit): said
+6. random bit flips in the metadata of images qemu wrote (seeded): the
+   same exit code and counts as qemu-img check, but for two documented
+   differences (case_flips()).
+7. -r all leaving corruption in a version 2 image (no corrupt bit): said
    in the JSON and the text, exit 2, the header untouched.
-7. raw: exit 63, as qemu-img check.
+8. raw: exit 63, as qemu-img check.
 
 Exit 0 all passed, 1 any failure, 77 skipped. Env: SIPHON, SIPHON_SRC.
 """
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import shutil
 import struct
@@ -549,6 +553,101 @@ def case_restart_reclaims(siphon: str, tmp: str, rep: harness.Report) -> None:
     rep.emit("restart reclaims a crash's leaks", probs)
 
 
+# Images qemu writes, for the bit flips: (name, create options, qemu-io
+# commands, snapshot taken then more written).
+FLIP_IMAGES = [
+    ("v3-4k-snap", "cluster_size=4096", 8 * MiB,
+     ["write -P 1 0 1M", "write -P 2 4M 512k"], True),
+    ("512-rc1", "cluster_size=512,refcount_bits=1", 2 * MiB,
+     ["write -P 1 0 256k", "write -z 512k 64k"], False),
+    ("4k-rc64-compressed", "cluster_size=4096,refcount_bits=64", 4 * MiB,
+     ["write -P 3 0 512k", "write -c -P 4 1M 64k"], True),
+    ("16k-extended-l2", "cluster_size=16384,extended_l2=on", 4 * MiB,
+     ["write -P 3 0 300k", "write -z 1M 64k"], False),
+    ("1k-rc8-compressed", "cluster_size=1024,refcount_bits=8", 2 * MiB,
+     ["write -P 3 0 100k", "write -c -P 4 512k 32k", "write -P 5 1M 2k"],
+     True),
+    ("v2-4k", "compat=0.10,cluster_size=4096", 4 * MiB,
+     ["write -P 3 0 300k", "write -c -P 4 1M 64k"], True),
+]
+
+
+def case_flips(siphon: str, tmp: str, rep: harness.Report) -> None:
+    """Random bit flips in the metadata of images qemu wrote (seeded:
+    SIPHON_FLIP_SEED, SIPHON_FLIPS of them): siphon check and qemu-img check
+    must exit alike and count alike (leaks, corruptions), with two known
+    differences: where qemu refuses to open the image (an end-of-extensions
+    marker with a length, a reserved field of the bitmaps extension set)
+    siphon checks it; and for an L1 entry of reserved bits only (offset 0)
+    qemu reads the header cluster as its L2 table and reports what it finds
+    there (more corruptions, the same exit code)."""
+    seed = int(os.environ.get("SIPHON_FLIP_SEED", "20261204"))
+    n = int(os.environ.get("SIPHON_FLIPS", "240"))
+    rng = random.Random(seed)
+    d = os.path.join(tmp, "flips")
+    os.mkdir(d)
+    images = []
+    for name, opts, size, cmds, snap in FLIP_IMAGES:
+        p = os.path.join(d, name + ".qcow2")
+        corpus.create_qcow2(p, size, opts)
+        corpus.qemu_io(p, "qcow2", *cmds)
+        if snap:
+            subprocess.run(["qemu-img", "snapshot", "-c", "s1", p],
+                           check=True, timeout=60)
+            corpus.qemu_io(p, "qcow2", "write -P 9 0 128k")
+        with open(p, "rb") as f:
+            images.append((name, f.read()))
+    probs = []
+    flipped = os.path.join(d, "flipped.qcow2")
+    found = 0
+    for it in range(n):
+        name, data = images[rng.randrange(len(images))]
+        b = bytearray(data)
+        flips = []
+        for _ in range(rng.randint(1, 2)):
+            # Mostly where these small images keep their metadata.
+            end = min(len(b), 0x8000) if rng.random() < 0.7 else len(b)
+            off = rng.randrange(0x68, end)
+            bit = rng.randrange(8)
+            b[off] ^= 1 << bit
+            flips.append(f"0x{off:x}.{bit}")
+        with open(flipped, "wb") as f:
+            f.write(b)
+        qrc, q = qemu_check(flipped)
+        src, s, err = siphon_check(siphon, flipped)
+        what = f"{name} flipped at {' '.join(flips)}"
+        if src == -1000:
+            probs.append(f"{what}: {err}")
+            continue
+        found += qrc != 0
+        if qrc == 1 and src == 0:
+            continue  # qemu refused to open it; siphon checked it
+        l1_quirk = any(
+            e & 0x00fffffffffffe00 == 0 and e & ~0x80fffffffffffe00
+            for e in l1_entries(b))
+        if src != qrc:
+            probs.append(f"{what}: exit {src}, qemu-img check {qrc}: "
+                         f"siphon {summary(s)} qemu {summary(q)}: "
+                         f"{findings(s)}")
+        elif not l1_quirk and (s.get("leaks", 0), s.get("corruptions", 0)) \
+                != (q.get("leaks", 0), q.get("corruptions", 0)):
+            probs.append(f"{what}: siphon {summary(s)}, qemu {summary(q)}: "
+                         f"{findings(s)}")
+        if len(probs) >= 10:
+            break
+    rep.emit("bit flips against qemu", probs,
+             info=f"{n} images, {found} faulty to qemu, seed {seed}")
+
+
+def l1_entries(b: bytes) -> list[int]:
+    """The active L1 table of a qcow2 image's bytes (empty if it does not
+    lie within them)."""
+    l1_size, l1_off = struct.unpack_from(">IQ", b, 36)
+    if l1_off + 8 * l1_size > len(b):
+        return []
+    return list(struct.unpack_from(f">{l1_size}Q", b, l1_off))
+
+
 def case_v2_unmarkable(siphon: str, tmp: str, rep: harness.Report) -> None:
     """-r all leaving corruption in a version 2 image, which has no corrupt
     bit: siphon says so (JSON and text), exit 2, the header untouched."""
@@ -602,6 +701,7 @@ def main() -> int:
         case_window(siphon, tmp, rep)
         case_in_use(siphon, tmp, rep)
         case_restart_reclaims(siphon, tmp, rep)
+        case_flips(siphon, tmp, rep)
         case_v2_unmarkable(siphon, tmp, rep)
         case_raw(siphon, tmp, rep)
         case_corpus(siphon, tmp, rep)
