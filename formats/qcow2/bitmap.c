@@ -231,33 +231,53 @@ static int parse_entry(struct img *img, const struct qcow2 *s,
 	return 0;
 }
 
+int qcow2_bitmaps_ext_check(struct img *img, const struct qcow2 *s,
+			    const struct qcow2_ext *x)
+{
+	uint32_t n, reserved;
+	uint64_t dir_size, dir_off;
+
+	if (x->len != 24)
+		return sx_error(-EINVAL,
+				"%s: bitmaps extension has %u bytes, not 24",
+				img->path, x->len);
+	n = sx_be32(x->data);
+	reserved = sx_be32(x->data + 4);
+	dir_size = sx_be64(x->data + 8);
+	dir_off = sx_be64(x->data + 16);
+	if (!n || n > BM_MAX_BITMAPS || reserved)
+		return sx_error(
+			-EINVAL,
+			"%s: bitmaps extension: %u bitmaps (1..%u), reserved field 0x%x (must be 0)",
+			img->path, n, BM_MAX_BITMAPS, reserved);
+	if (dir_size > BM_MAX_DIR || !sx_is_aligned(dir_off, s->cluster_size))
+		return sx_error(
+			-EINVAL,
+			"%s: bitmaps extension: directory at 0x%llx (%llu bytes) is unaligned or larger than %llu bytes",
+			img->path, (unsigned long long)dir_off,
+			(unsigned long long)dir_size,
+			(unsigned long long)BM_MAX_DIR);
+	return 0;
+}
+
 int qcow2_bitmaps_parse(struct img *img, const struct qcow2 *s,
 			struct qcow2_bitmaps *bm)
 {
 	const struct qcow2_ext *x = qcow2_find_ext(s, QCOW2_EXT_BITMAPS);
 	uint64_t pos = 0, len = 0;
-	uint32_t i, reserved;
+	uint32_t i;
 	int ret;
 
 	memset(bm, 0, sizeof(*bm));
 	if (!x)
 		return 0;
-	if (x->len < 24)
-		return sx_error(-EINVAL,
-				"%s: bitmaps extension too short (%u bytes)",
-				img->path, x->len);
+	ret = qcow2_bitmaps_ext_check(img, s, x);
+	if (ret)
+		return ret;
 	bm->n = sx_be32(x->data);
-	reserved = sx_be32(x->data + 4);
 	bm->dir_size = sx_be64(x->data + 8);
 	bm->dir_off = sx_be64(x->data + 16);
-	if (!bm->n || bm->n > BM_MAX_BITMAPS || reserved)
-		return sx_error(
-			-EINVAL,
-			"%s: bitmaps extension: %u bitmaps (1..%u), reserved field 0x%x (must be 0)",
-			img->path, bm->n, BM_MAX_BITMAPS, reserved);
-	if (bm->dir_size < (uint64_t)bm->n * BM_ENTRY_HEAD ||
-	    bm->dir_size > BM_MAX_DIR || !bm->dir_off ||
-	    !sx_is_aligned(bm->dir_off, s->cluster_size) ||
+	if (bm->dir_size < (uint64_t)bm->n * BM_ENTRY_HEAD || !bm->dir_off ||
 	    !sx_range_within(bm->dir_off, bm->dir_size, s->file_size))
 		return sx_error(
 			-EINVAL,

@@ -130,6 +130,8 @@ static int parse_feature_table(struct qcow2 *s, const struct qcow2_ext *e)
  * Walk the extension area [start, end) of cluster 0. Extensions are 8-byte
  * aligned records of (magic, len, payload padded to 8); magic 0 ends the list
  * and so does running into `end` (qemu accepts a list without terminator).
+ * As in qemu, every record's header and length must fit in the area, the
+ * end marker's too; the padding of the last may reach past it.
  */
 static int parse_extensions(struct img *img, struct qcow2 *s,
 			    const uint8_t *buf, uint64_t start, uint64_t end)
@@ -137,21 +139,28 @@ static int parse_extensions(struct img *img, struct qcow2 *s,
 	uint64_t off = start;
 	int ret;
 
-	while (off + 8 <= end) {
-		uint32_t magic = sx_be32(buf + off);
-		uint32_t len = sx_be32(buf + off + 4);
-		uint64_t padded, next;
+	while (off < end) {
+		uint32_t magic, len;
+		uint64_t next;
 		struct qcow2_ext *n;
 
-		if (magic == QCOW2_EXT_END)
-			break;
-		if (sx_align_up(len, 8, &padded) ||
-		    sx_add(off + 8, padded, &next) || next > end)
+		if (end - off < 8)
+			return sx_error(
+				-EINVAL,
+				"%s: header extension at offset %llu: its 8-byte header runs past the extension area (ends at %llu)",
+				img->path, (unsigned long long)off,
+				(unsigned long long)end);
+		magic = sx_be32(buf + off);
+		len = sx_be32(buf + off + 4);
+		if (len > end - off - 8)
 			return sx_error(
 				-EINVAL,
 				"%s: header extension 0x%08x at offset %llu (length %u) runs past the extension area (ends at %llu)",
 				img->path, magic, (unsigned long long)off, len,
 				(unsigned long long)end);
+		if (magic == QCOW2_EXT_END)
+			break;
+		next = off + 8 + (((uint64_t)len + 7) & ~7ull);
 		n = realloc(s->exts, (s->n_exts + 1) * sizeof(*n));
 		if (!n)
 			return -ENOMEM;
@@ -202,13 +211,24 @@ static int parse_extensions(struct img *img, struct qcow2 *s,
 				return ret;
 			break;
 		case QCOW2_EXT_BITMAPS:
-			/* nb_bitmaps, reserved, dir size, dir offset */
-			if (e->len < 24)
+			/*
+			 * nb_bitmaps, reserved, dir size, dir offset: any
+			 * other length is refused, and while the bitmaps are
+			 * marked consistent (the autoclear bit) so are fields
+			 * no bitmap directory can have (as qemu opens it).
+			 */
+			if (e->len != 24)
 				return sx_error(
 					-EINVAL,
-					"%s: bitmaps extension too short (%u bytes)",
+					"%s: bitmaps extension has %u bytes, not 24",
 					img->path, e->len);
 			s->has_bitmaps = sx_be32(e->data) != 0;
+			if (s->hdr.autoclear_features &
+			    QCOW2_AUTOCLEAR_BITMAPS) {
+				ret = qcow2_bitmaps_ext_check(img, s, e);
+				if (ret)
+					return ret;
+			}
 			break;
 		default:
 			break;

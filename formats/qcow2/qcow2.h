@@ -821,6 +821,13 @@ int qcow2_discard(struct img *img, uint64_t off, uint64_t len);
  * padding. Reads the directory only. -EINVAL (corrupt) with a message,
  * -ENOMEM, I/O errors. qcow2_bitmaps_free() it either way.
  */
+/*
+ * The bitmaps extension's own fields (length, count, reserved field,
+ * directory size and alignment), as qemu checks them on open while the
+ * bitmaps are marked consistent: 0 or -EINVAL (message set).
+ */
+int qcow2_bitmaps_ext_check(struct img *img, const struct qcow2 *s,
+			    const struct qcow2_ext *x);
 int qcow2_bitmaps_parse(struct img *img, const struct qcow2 *s,
 			struct qcow2_bitmaps *bm);
 void qcow2_bitmaps_free(struct qcow2_bitmaps *bm);

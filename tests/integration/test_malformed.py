@@ -299,6 +299,25 @@ def make_cases(d: str, skipped: list[tuple[str, str]]) -> list[Case]:
     wr(path, H_BF_OFF, "Q", 1 << 40)
     add("backing-name-beyond-eof", path, ["backing"])
 
+    # Header extensions (qemu refuses both on open; found by bit flips).
+    path = copy_of("extension-end-marker-long.qcow2")
+    off = rd(path, H_HDR_LEN, "I")
+    while rd(path, off, "I") != 0:  # to the end-of-extensions marker
+        off += 8 + (rd(path, off + 4, "I") + 7) // 8 * 8
+    wr(path, off + 4, "I", 2 * MiB)
+    add("extension-end-marker-length-past-cluster", path,
+        ["extension", "past"])
+
+    path = p("bitmaps-reserved.qcow2")
+    good_image(path)
+    corpus.qemu_img("bitmap", "--add", "-f", "qcow2", path, "b0")
+    off = rd(path, H_HDR_LEN, "I")
+    while rd(path, off, "I") not in (0, 0x23852875):  # bitmaps extension
+        off += 8 + (rd(path, off + 4, "I") + 7) // 8 * 8
+    assert rd(path, off, "I") == 0x23852875, "no bitmaps extension"
+    wr(path, off + 8 + 4, "I", 1)
+    add("bitmaps-extension-reserved-field", path, ["bitmaps", "reserved"])
+
     return cases
 
 
